@@ -1,0 +1,282 @@
+//! Types shared by the XDP/TC programs and the agent. Everything here is `#[repr(C)]` with
+//! explicit padding, so the kernel and user space agree on every byte.
+//!
+//! Addresses are 16 bytes with a family tag everywhere, so IPv6 is an addition, not a
+//! rewrite. An IPv4 address sits in `addr[0]`, the other words are zero. Words and ports are
+//! kept in network byte order, exactly as they appear on the wire.
+#![no_std]
+
+pub mod hash;
+pub mod sizes;
+
+pub use hash::flow_hash;
+
+/// Address family tags (not the libc values: these are ours and stable).
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// IP protocol numbers.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Forwarding modes (`Service::mode`).
+pub const MODE_NAT: u8 = 0;
+pub const MODE_FULLNAT: u8 = 1;
+pub const MODE_DSR: u8 = 2;
+
+/// Key of the VIP map: where clients send traffic.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VipKey {
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+/// Value of the VIP map. The agent replaces the whole value to switch a service to a new
+/// ring: a hash map update is atomic for readers, so a packet sees the old ring or the new
+/// one, never a mix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    pub id: u32,
+    /// Index of this service's active ring in `RINGS`.
+    pub ring_offset: u32,
+    /// Number of ring slots in use; 0 means no backend can take new flows.
+    pub table_size: u32,
+    pub mode: u8,
+    pub flags: u8,
+    pub _pad: [u8; 2],
+}
+
+/// `Backend::flags`: the slot holds a backend.
+pub const BACKEND_IN_USE: u8 = 1;
+/// `Backend::flags`: established flows may stay on this backend. Cleared when the backend is
+/// removed or fails health checks; such flows are re-hashed. A drained backend (weight 0)
+/// keeps this flag: it is only left out of the ring.
+pub const BACKEND_ALIVE: u8 = 2;
+
+/// A backend of one service (an entry of the `BACKENDS` array, indexed by backend id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    pub family: u8,
+    pub flags: u8,
+    pub service_id: u32,
+}
+
+impl Backend {
+    pub const fn is_alive(&self) -> bool {
+        self.flags & BACKEND_ALIVE != 0
+    }
+}
+
+/// A directional 5-tuple: the conntrack key (client -> VIP) and the reverse NAT key
+/// (backend -> client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Conntrack value: the backend a flow is pinned to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// bpf_ktime_get_ns() when the flow was last refreshed (at most once a second).
+    pub last_seen_ns: u64,
+}
+
+/// Reverse NAT value: what a reply's source is rewritten back to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RevNat {
+    pub vip: [u32; 4],
+    /// Network byte order.
+    pub vip_port: u16,
+    pub family: u8,
+    pub _pad: u8,
+    pub service_id: u32,
+}
+
+/// Key of the VIP address set, consulted only for fragments (which carry no ports).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VipAddrKey {
+    pub addr: [u32; 4],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Per-CPU traffic counters of a service or a backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+impl Counters {
+    pub fn add(&mut self, other: &Counters) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+        self.new_flows += other.new_flows;
+    }
+}
+
+/// Why a packet got its verdict: the index of a global per-CPU counter. The documented
+/// action for each is in docs/architecture.md.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// XDP_PASS: not IPv4/IPv6 (ARP, LLDP, ...), or more than one VLAN tag.
+    PassNotIp = 0,
+    /// XDP_PASS: IPv6 (not balanced yet).
+    PassIpv6,
+    /// XDP_PASS: IPv4 that is neither TCP nor UDP (ICMP, ...).
+    PassNotL4,
+    /// XDP_PASS: TCP/UDP not addressed to a VIP.
+    PassNotVip,
+    /// XDP_PASS: a fragment not addressed to a VIP address.
+    PassFragment,
+    /// XDP_DROP: malformed IPv4/TCP/UDP header (bad IHL, lengths, data offset, truncated).
+    DropMalformed,
+    /// XDP_DROP: a fragment addressed to a VIP address (ports unknown, cannot be balanced).
+    DropFragment,
+    /// XDP_DROP: IPv4 options on a packet to a VIP.
+    DropIpOptions,
+    /// XDP_DROP: a VIP with no backend that can take the flow.
+    DropNoBackend,
+    /// XDP_PASS after DNAT: forwarded to a backend by the kernel.
+    Forwarded,
+    /// Conntrack insert failed; the packet is still forwarded by its hash.
+    ConntrackFull,
+    /// A flow pinned to a dead or removed backend was re-hashed.
+    Rehashed,
+    /// TC egress: a reply's source was rewritten back to the VIP.
+    RevNat,
+    /// TC egress: the rewrite of a reply failed (the skb helpers refused).
+    RevNatError,
+}
+
+impl Reason {
+    pub const COUNT: u32 = Reason::RevNatError as u32 + 1;
+    pub const ALL: [Reason; Reason::COUNT as usize] = [
+        Reason::PassNotIp,
+        Reason::PassIpv6,
+        Reason::PassNotL4,
+        Reason::PassNotVip,
+        Reason::PassFragment,
+        Reason::DropMalformed,
+        Reason::DropFragment,
+        Reason::DropIpOptions,
+        Reason::DropNoBackend,
+        Reason::Forwarded,
+        Reason::ConntrackFull,
+        Reason::Rehashed,
+        Reason::RevNat,
+        Reason::RevNatError,
+    ];
+
+    /// Stable name used in metrics and status output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::PassNotIp => "pass_not_ip",
+            Reason::PassIpv6 => "pass_ipv6",
+            Reason::PassNotL4 => "pass_not_l4",
+            Reason::PassNotVip => "pass_not_vip",
+            Reason::PassFragment => "pass_fragment",
+            Reason::DropMalformed => "drop_malformed",
+            Reason::DropFragment => "drop_fragment",
+            Reason::DropIpOptions => "drop_ip_options",
+            Reason::DropNoBackend => "drop_no_backend",
+            Reason::Forwarded => "forwarded",
+            Reason::ConntrackFull => "conntrack_full",
+            Reason::Rehashed => "rehashed",
+            Reason::RevNat => "rev_nat",
+            Reason::RevNatError => "rev_nat_error",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for Service {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for RevNat {}
+    unsafe impl aya::Pod for VipAddrKey {}
+    unsafe impl aya::Pod for Counters {}
+
+    /// Splits an address into the (family, words) form the maps use.
+    pub fn addr_words(ip: IpAddr) -> (u8, [u32; 4]) {
+        match ip {
+            IpAddr::V4(v4) => (FAMILY_V4, [u32::from_ne_bytes(v4.octets()), 0, 0, 0]),
+            IpAddr::V6(v6) => {
+                let o = v6.octets();
+                let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+                (FAMILY_V6, [word(0), word(4), word(8), word(12)])
+            }
+        }
+    }
+
+    /// The inverse of [`addr_words`].
+    pub fn words_addr(family: u8, words: [u32; 4]) -> IpAddr {
+        if family == FAMILY_V6 {
+            let mut o = [0u8; 16];
+            for (i, w) in words.iter().enumerate() {
+                o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+            }
+            IpAddr::V6(Ipv6Addr::from(o))
+        } else {
+            IpAddr::V4(Ipv4Addr::from(words[0].to_ne_bytes()))
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+pub use user::{addr_words, words_addr};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<VipKey>(), 20);
+        assert_eq!(size_of::<Service>(), 16);
+        assert_eq!(size_of::<Backend>(), 24);
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<Flow>(), 16);
+        assert_eq!(size_of::<RevNat>(), 24);
+        assert_eq!(size_of::<VipAddrKey>(), 20);
+        assert_eq!(size_of::<Counters>(), 24);
+    }
+
+    #[test]
+    fn reasons_are_dense() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+    }
+}

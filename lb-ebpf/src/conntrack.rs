@@ -1,0 +1,71 @@
+//! Flow table: pins a flow to its backend while the backend set changes.
+use lb_common::{
+    Backend, FAMILY_V4, Flow, FlowKey, PROTO_UDP, Reason, RevNat, Service,
+    sizes::{FLOW_REFRESH_NS, UDP_IDLE_TIMEOUT_NS},
+};
+
+use crate::{
+    maps::{BACKENDS, CONNTRACK, REV_NAT},
+    stats,
+};
+
+/// The backend a known flow is pinned to, if that pinning still holds. A flow whose backend
+/// was removed or died is re-hashed (None); a drained backend keeps its flows. A UDP flow
+/// idle past its timeout starts over.
+#[inline(always)]
+pub fn pinned_backend(key: &FlowKey, svc: &Service, now: u64) -> Option<(u32, &'static Backend)> {
+    let flow = CONNTRACK.get_ptr_mut(key)?;
+    let flow = unsafe { &mut *flow };
+    let idle = now.saturating_sub(flow.last_seen_ns);
+    if key.proto == PROTO_UDP && idle > UDP_IDLE_TIMEOUT_NS {
+        return None;
+    }
+    let backend = BACKENDS.get(flow.backend_id)?;
+    if flow.service_id != svc.id || !backend.is_alive() || backend.service_id != svc.id {
+        stats::count(Reason::Rehashed);
+        return None;
+    }
+    if idle > FLOW_REFRESH_NS {
+        flow.last_seen_ns = now;
+        // Keep the reply mapping as fresh as the flow, so LRU never evicts it first.
+        insert_rev_nat(key, backend, svc.id);
+    }
+    Some((flow.backend_id, backend))
+}
+
+/// Records a new flow (or a re-hashed one) and its reply mapping.
+#[inline(always)]
+pub fn insert(key: &FlowKey, svc: &Service, backend_id: u32, backend: &Backend, now: u64) {
+    let flow = Flow {
+        backend_id,
+        service_id: svc.id,
+        last_seen_ns: now,
+    };
+    if CONNTRACK.insert(key, &flow, 0).is_err() {
+        stats::count(Reason::ConntrackFull);
+    }
+    insert_rev_nat(key, backend, svc.id);
+}
+
+#[inline(always)]
+fn insert_rev_nat(key: &FlowKey, backend: &Backend, service_id: u32) {
+    let reply = FlowKey {
+        src: backend.addr,
+        dst: key.src,
+        src_port: backend.port,
+        dst_port: key.src_port,
+        proto: key.proto,
+        family: FAMILY_V4,
+        _pad: [0; 2],
+    };
+    let rev = RevNat {
+        vip: key.dst,
+        vip_port: key.dst_port,
+        family: key.family,
+        _pad: 0,
+        service_id,
+    };
+    if REV_NAT.insert(&reply, &rev, 0).is_err() {
+        stats::count(Reason::ConntrackFull);
+    }
+}

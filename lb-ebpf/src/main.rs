@@ -1,0 +1,139 @@
+//! Entry points of the data path: XDP ingress (balance + DNAT) and TC egress (reverse NAT).
+//! The pipeline lives in the modules; these functions only dispatch and count verdicts.
+#![no_std]
+#![no_main]
+
+mod conntrack;
+mod csum;
+mod maglev;
+mod maps;
+mod nat;
+mod parse;
+mod stats;
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    helpers::bpf_ktime_get_ns,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use lb_common::{FAMILY_V4, FlowKey, Reason, VipAddrKey, VipKey};
+
+use crate::{
+    maps::{REV_NAT, VIP_ADDRS, VIPS},
+    parse::{PacketBuf, Parsed, parse},
+};
+
+/// tcx "next" / cls_act "unspec": let the packet continue to other programs and the stack.
+const TC_ACT_NEXT: i32 = -1;
+
+#[xdp]
+pub fn xlb_xdp(ctx: XdpContext) -> u32 {
+    let (action, reason) = balance(&ctx);
+    stats::count(reason);
+    action
+}
+
+#[inline(always)]
+fn balance(ctx: &XdpContext) -> (u32, Reason) {
+    let pkt = match parse(ctx) {
+        Parsed::L4(pkt) => pkt,
+        Parsed::Pass(reason) => return (XDP_PASS, reason),
+        Parsed::Drop(reason) => return (XDP_DROP, reason),
+        Parsed::Fragment(daddr) => {
+            let key = VipAddrKey {
+                addr: [daddr, 0, 0, 0],
+                family: FAMILY_V4,
+                _pad: [0; 3],
+            };
+            return if unsafe { VIP_ADDRS.get(&key) }.is_some() {
+                (XDP_DROP, Reason::DropFragment)
+            } else {
+                (XDP_PASS, Reason::PassFragment)
+            };
+        }
+    };
+
+    let vip = VipKey {
+        addr: [pkt.daddr, 0, 0, 0],
+        port: pkt.dport,
+        proto: pkt.proto,
+        family: FAMILY_V4,
+    };
+    let Some(svc) = (unsafe { VIPS.get(&vip) }) else {
+        return (XDP_PASS, Reason::PassNotVip);
+    };
+    if pkt.has_ip_options {
+        return (XDP_DROP, Reason::DropIpOptions);
+    }
+
+    let flow = FlowKey {
+        src: [pkt.saddr, 0, 0, 0],
+        dst: [pkt.daddr, 0, 0, 0],
+        src_port: pkt.sport,
+        dst_port: pkt.dport,
+        proto: pkt.proto,
+        family: FAMILY_V4,
+        _pad: [0; 2],
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let (backend_id, backend, new_flow) = match conntrack::pinned_backend(&flow, svc, now) {
+        Some((id, backend)) => (id, backend, false),
+        None => {
+            let Some((id, backend)) = maglev::pick(svc, &flow) else {
+                return (XDP_DROP, Reason::DropNoBackend);
+            };
+            conntrack::insert(&flow, svc, id, backend, now);
+            (id, backend, true)
+        }
+    };
+
+    if nat::dnat_v4(ctx, &pkt, backend.addr[0], backend.port).is_none() {
+        return (XDP_DROP, Reason::DropMalformed);
+    }
+    stats::count_traffic(svc.id, backend_id, ctx.len() as u64, new_flow);
+    (XDP_PASS, Reason::Forwarded)
+}
+
+/// Eth + VLAN + IPv4 with options + TCP: all the headers the reverse NAT reads.
+const MAX_HEADERS: usize = parse::ETH_HLEN + 4 + 60 + 20;
+
+#[classifier]
+pub fn xlb_tc_egress(ctx: TcContext) -> i32 {
+    // Headers of a local or GRO'd skb may sit partly outside the linear buffer.
+    let linear = ctx.data_end() - ctx.data();
+    if linear < MAX_HEADERS && (ctx.len() as usize) > linear {
+        let _ = ctx.pull_data(ctx.len().min(MAX_HEADERS as u32));
+    }
+    let Parsed::L4(pkt) = parse(&ctx) else {
+        return TC_ACT_NEXT;
+    };
+    let reply = FlowKey {
+        src: [pkt.saddr, 0, 0, 0],
+        dst: [pkt.daddr, 0, 0, 0],
+        src_port: pkt.sport,
+        dst_port: pkt.dport,
+        proto: pkt.proto,
+        family: FAMILY_V4,
+        _pad: [0; 2],
+    };
+    let Some(rev) = (unsafe { REV_NAT.get(&reply) }) else {
+        return TC_ACT_NEXT;
+    };
+    let (vip, vip_port) = (rev.vip[0], rev.vip_port);
+    match nat::snat_reply_v4(&ctx, &pkt, vip, vip_port) {
+        Ok(()) => stats::count(Reason::RevNat),
+        Err(_) => stats::count(Reason::RevNatError),
+    }
+    TC_ACT_NEXT
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

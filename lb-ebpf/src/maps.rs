@@ -1,0 +1,52 @@
+//! Every map of the data path. Sizes come from `lb_common::sizes`. Maps are pinned by name
+//! under the agent's pin path, so forwarding survives an agent restart. The `_V1` suffix is
+//! the layout version: a changed key/value layout gets a new suffix, so an old pinned map is
+//! never reused with the wrong layout.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    Backend, Counters, Flow, FlowKey, Reason, RevNat, Service, VipAddrKey, VipKey, sizes::*,
+};
+
+/// BPF_F_MMAPABLE: the agent writes rings through a memory mapping instead of 65537 syscalls.
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// VIP:port:proto -> service and its active ring. Replacing a value flips the ring.
+#[map(name = "XLB_VIPS_V1")]
+pub static VIPS: HashMap<VipKey, Service> = HashMap::pinned(MAX_SERVICES, 0);
+
+/// VIP addresses, for the fragment check only.
+#[map(name = "XLB_VIP_ADDRS_V1")]
+pub static VIP_ADDRS: HashMap<VipAddrKey, u32> = HashMap::pinned(MAX_VIP_ADDRS, 0);
+
+/// Backend id -> address, port and liveness.
+#[map(name = "XLB_BACKENDS_V1")]
+pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
+
+/// Maglev rings: two halves of RING_STRIDE slots per service, each slot a backend id, stored
+/// RING_CHUNK slots to an element.
+#[map(name = "XLB_RINGS_V2")]
+pub static RINGS: Array<[u32; RING_CHUNK as usize]> = Array::pinned(RING_CHUNKS, BPF_F_MMAPABLE);
+
+/// Client -> VIP 5-tuple -> backend. Shared by all CPUs so a flow keeps its backend
+/// whichever queue its packets arrive on.
+#[map(name = "XLB_CONNTRACK_V1")]
+pub static CONNTRACK: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(CONNTRACK_SIZE, 0);
+
+/// Backend -> client 5-tuple -> the VIP to put back as the reply's source.
+#[map(name = "XLB_REV_NAT_V1")]
+pub static REV_NAT: LruHashMap<FlowKey, RevNat> = LruHashMap::pinned(REV_NAT_SIZE, 0);
+
+/// Per-CPU traffic counters per service id.
+#[map(name = "XLB_SVC_STATS_V1")]
+pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_SERVICES, 0);
+
+/// Per-CPU traffic counters per backend id.
+#[map(name = "XLB_BE_STATS_V1")]
+pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_BACKENDS, 0);
+
+/// Per-CPU verdict counters, indexed by `lb_common::Reason`.
+#[map(name = "XLB_REASONS_V1")]
+pub static REASONS: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);

@@ -1,0 +1,221 @@
+//! Bounds-checked header parsing shared by the XDP and TC programs. Every read is preceded by
+//! a check against `data_end` that the verifier can follow; nothing here writes.
+use core::mem::size_of;
+
+use aya_ebpf::programs::{TcContext, XdpContext};
+use lb_common::{PROTO_TCP, PROTO_UDP, Reason};
+
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const VLAN_HLEN: usize = 4;
+/// More-fragments flag and fragment offset, in host order.
+const IP_MF_OFFSET: u16 = 0x3fff;
+
+/// Offset of the L4 checksum within the TCP and UDP headers.
+pub const TCP_CSUM_OFF: usize = 16;
+pub const UDP_CSUM_OFF: usize = 6;
+
+#[repr(C)]
+#[allow(dead_code)] // full layout, only some fields are read
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub tot_len: u16,
+    pub id: u16,
+    pub frag_off: u16,
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: u16,
+    pub saddr: u32,
+    pub daddr: u32,
+}
+
+/// The first 20 bytes of TCP and 8 of UDP share the port layout; we read only what we need.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ports {
+    src: u16,
+    dst: u16,
+}
+
+#[repr(C)]
+#[allow(dead_code)] // full layout, only some fields are read
+struct TcpHdr {
+    ports: Ports,
+    seq: u32,
+    ack: u32,
+    doff_flags: u16,
+    window: u16,
+    check: u16,
+    urg: u16,
+}
+
+#[repr(C)]
+struct UdpHdr {
+    ports: Ports,
+    len: u16,
+    check: u16,
+}
+
+/// Packet access common to XDP and TC contexts.
+pub trait PacketBuf {
+    fn start(&self) -> usize;
+    fn end(&self) -> usize;
+
+    /// A pointer to a `T` at `offset`, if the whole `T` lies within the packet.
+    #[inline(always)]
+    fn ptr_at<T>(&self, offset: usize) -> Option<*mut T> {
+        let start = self.start();
+        if start + offset + size_of::<T>() > self.end() {
+            return None;
+        }
+        Some((start + offset) as *mut T)
+    }
+
+    /// Length of the whole packet, including any part not in the linear buffer.
+    fn len(&self) -> usize;
+}
+
+impl PacketBuf for XdpContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.data_end() - self.data()
+    }
+}
+
+impl PacketBuf for TcContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+    /// skb->len: locally generated TCP keeps its payload in page fragments.
+    #[inline(always)]
+    fn len(&self) -> usize {
+        TcContext::len(self) as usize
+    }
+}
+
+/// Reads a possibly unaligned header field (packet data is only 2-byte aligned after
+/// Ethernet).
+#[inline(always)]
+pub fn load<T: Copy>(p: *const T) -> T {
+    unsafe { core::ptr::read_unaligned(p) }
+}
+
+/// An IPv4 TCP/UDP packet with the fields the balancer needs. Addresses and ports are in
+/// network byte order.
+pub struct L4Packet {
+    pub l3_off: usize,
+    pub l4_off: usize,
+    /// Offset of the L4 checksum field.
+    pub csum_off: usize,
+    pub proto: u8,
+    pub has_ip_options: bool,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+pub enum Parsed {
+    L4(L4Packet),
+    /// An IPv4 fragment (no ports to hash), with its destination address.
+    Fragment(u32),
+    Pass(Reason),
+    Drop(Reason),
+}
+
+/// Parses Ethernet (+ one VLAN tag), IPv4 and the TCP/UDP ports.
+#[inline(always)]
+pub fn parse<B: PacketBuf>(buf: &B) -> Parsed {
+    let Some(eth_type) = buf.ptr_at::<u16>(12) else {
+        return Parsed::Pass(Reason::PassNotIp);
+    };
+    let mut eth_type = u16::from_be(load(eth_type));
+    let mut l3_off = ETH_HLEN;
+    if eth_type == ETH_P_8021Q || eth_type == ETH_P_8021AD {
+        let Some(inner) = buf.ptr_at::<u16>(ETH_HLEN + 2) else {
+            return Parsed::Pass(Reason::PassNotIp);
+        };
+        eth_type = u16::from_be(load(inner));
+        l3_off += VLAN_HLEN;
+    }
+    if eth_type == ETH_P_IPV6 {
+        return Parsed::Pass(Reason::PassIpv6);
+    }
+    if eth_type != ETH_P_IP {
+        return Parsed::Pass(Reason::PassNotIp);
+    }
+
+    let Some(ip) = buf.ptr_at::<Ipv4Hdr>(l3_off) else {
+        return Parsed::Drop(Reason::DropMalformed);
+    };
+    let version_ihl = load(unsafe { &raw const (*ip).version_ihl });
+    let ihl = (version_ihl & 0x0f) as usize * 4;
+    let tot_len = u16::from_be(load(unsafe { &raw const (*ip).tot_len })) as usize;
+    if version_ihl >> 4 != 4 || ihl < size_of::<Ipv4Hdr>() || tot_len < ihl {
+        return Parsed::Drop(Reason::DropMalformed);
+    }
+    // Trailing Ethernet padding is allowed; a total length past the packet is not.
+    if l3_off + tot_len > buf.len() {
+        return Parsed::Drop(Reason::DropMalformed);
+    }
+    let proto = load(unsafe { &raw const (*ip).proto });
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Parsed::Pass(Reason::PassNotL4);
+    }
+    let daddr = load(unsafe { &raw const (*ip).daddr });
+    if u16::from_be(load(unsafe { &raw const (*ip).frag_off })) & IP_MF_OFFSET != 0 {
+        return Parsed::Fragment(daddr);
+    }
+    let saddr = load(unsafe { &raw const (*ip).saddr });
+
+    let l4_off = l3_off + ihl;
+    let l4_len = tot_len - ihl;
+    let (ports, csum_off) = if proto == PROTO_TCP {
+        let Some(tcp) = buf.ptr_at::<TcpHdr>(l4_off) else {
+            return Parsed::Drop(Reason::DropMalformed);
+        };
+        let doff = (u16::from_be(load(unsafe { &raw const (*tcp).doff_flags })) >> 12) as usize * 4;
+        if doff < size_of::<TcpHdr>() || doff > l4_len {
+            return Parsed::Drop(Reason::DropMalformed);
+        }
+        (load(unsafe { &raw const (*tcp).ports }), TCP_CSUM_OFF)
+    } else {
+        let Some(udp) = buf.ptr_at::<UdpHdr>(l4_off) else {
+            return Parsed::Drop(Reason::DropMalformed);
+        };
+        let udp_len = u16::from_be(load(unsafe { &raw const (*udp).len })) as usize;
+        if udp_len < size_of::<UdpHdr>() || udp_len > l4_len {
+            return Parsed::Drop(Reason::DropMalformed);
+        }
+        (load(unsafe { &raw const (*udp).ports }), UDP_CSUM_OFF)
+    };
+
+    Parsed::L4(L4Packet {
+        l3_off,
+        l4_off,
+        csum_off: l4_off + csum_off,
+        proto,
+        has_ip_options: ihl > size_of::<Ipv4Hdr>(),
+        saddr,
+        daddr,
+        sport: ports.src,
+        dport: ports.dst,
+    })
+}

@@ -1,0 +1,27 @@
+//! Per-CPU counters: plain adds, no atomics, summed by the agent.
+use lb_common::{Counters, Reason};
+
+use crate::maps::{BACKEND_STATS, REASONS, SERVICE_STATS};
+
+#[inline(always)]
+pub fn count(reason: Reason) {
+    if let Some(slot) = REASONS.get_ptr_mut(reason as u32) {
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+fn add(slot: Option<*mut Counters>, bytes: u64, new_flow: bool) {
+    if let Some(c) = slot {
+        let c = unsafe { &mut *c };
+        c.packets += 1;
+        c.bytes += bytes;
+        c.new_flows += new_flow as u64;
+    }
+}
+
+#[inline(always)]
+pub fn count_traffic(service_id: u32, backend_id: u32, bytes: u64, new_flow: bool) {
+    add(SERVICE_STATS.get_ptr_mut(service_id), bytes, new_flow);
+    add(BACKEND_STATS.get_ptr_mut(backend_id), bytes, new_flow);
+}

@@ -1,0 +1,485 @@
+//! The TOML config (`xlb.toml`): typed sections, defaults, and validation whose errors name
+//! the file, the line and the field. Nothing downstream sees an unvalidated config.
+use std::{
+    collections::HashSet,
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use lb_common::sizes::{MAX_BACKENDS, MAX_RING_SIZE, MAX_SERVICES};
+use serde::{Deserialize, Serialize};
+
+mod locate;
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub agent: AgentConfig,
+    pub docker: Option<DockerConfig>,
+    #[serde(default, rename = "service")]
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Front NICs the XDP program attaches to.
+    pub interfaces: Vec<String>,
+    pub xdp_mode: XdpMode,
+    /// `IP:PORT`, or `unix:/path/to.sock`.
+    pub api: String,
+    pub pin_path: PathBuf,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            interfaces: Vec::new(),
+            xdp_mode: XdpMode::Auto,
+            api: "127.0.0.1:9900".into(),
+            pin_path: "/sys/fs/bpf/xlb".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Driver mode, falling back to skb mode with a warning.
+    Auto,
+    Driver,
+    Skb,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DockerConfig {
+    pub endpoint: String,
+    pub label_prefix: String,
+    #[serde(with = "humantime_serde")]
+    pub resync_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub swarm_poll_interval: Duration,
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: "unix:///var/run/docker.sock".into(),
+            label_prefix: "xlb".into(),
+            resync_interval: Duration::from_secs(30),
+            swarm_poll_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub vip: IpAddr,
+    pub port: u16,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default = "default_table_size")]
+    pub table_size: u32,
+    /// fullnat: LB source addresses.
+    #[serde(default)]
+    pub snat: Vec<IpAddr>,
+    /// dsr: encapsulation.
+    pub encap: Option<Encap>,
+    #[serde(default)]
+    pub health: HealthConfig,
+    #[serde(default, rename = "backend")]
+    pub backends: Vec<BackendConfig>,
+}
+
+fn default_table_size() -> u32 {
+    MAX_RING_SIZE
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub const fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::PROTO_TCP,
+            Protocol::Udp => lb_common::PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Nat,
+    Fullnat,
+    Dsr,
+}
+
+impl Mode {
+    pub const fn number(self) -> u8 {
+        match self {
+            Mode::Nat => lb_common::MODE_NAT,
+            Mode::Fullnat => lb_common::MODE_FULLNAT,
+            Mode::Dsr => lb_common::MODE_DSR,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encap {
+    Ipip,
+    Gue,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    #[serde(rename = "type")]
+    pub kind: HealthKind,
+    /// HTTP path.
+    pub path: String,
+    /// HTTP status that counts as healthy.
+    pub expect_status: u16,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive successes that bring a backend up.
+    pub rise: u32,
+    /// Consecutive failures that take a backend down.
+    pub fall: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            kind: HealthKind::Tcp,
+            path: "/".into(),
+            expect_status: 200,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            rise: 2,
+            fall: 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    Tcp,
+    Http,
+    Udp,
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub address: IpAddr,
+    pub port: u16,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    100
+}
+
+/// Where the API listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiListen {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl ApiListen {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if !path.starts_with('/') {
+                return Err(format!("`{s}`: a unix socket path must be absolute"));
+            }
+            return Ok(ApiListen::Unix(path.into()));
+        }
+        s.parse()
+            .map(ApiListen::Tcp)
+            .map_err(|_| format!("`{s}` is neither IP:PORT nor unix:/path"))
+    }
+}
+
+/// One problem in a config file, located.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    /// Dotted path of the field, e.g. `service[1].table_size`.
+    pub field: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if !self.field.is_empty() {
+            write!(f, ": {}", self.field)?;
+        }
+        write!(f, ": {}", self.reason)
+    }
+}
+
+/// Every problem found in a config file (never just the first).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: path.into(),
+                line: None,
+                field: String::new(),
+                reason: format!("cannot read: {e}"),
+            }])
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates config text; `file` is only used in error messages.
+    pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let offset = e.span().map(|s| s.start);
+            ConfigErrors(vec![ConfigError {
+                file: file.into(),
+                line: offset.map(|o| locate::line_of(text, o)),
+                field: offset
+                    .map(|o| locate::field_at(text, o))
+                    .unwrap_or_default(),
+                reason: e.message().trim().to_string(),
+            }])
+        })?;
+        let problems = config.problems();
+        if problems.is_empty() {
+            return Ok(config);
+        }
+        Err(ConfigErrors(
+            problems
+                .into_iter()
+                .map(|(field, reason)| ConfigError {
+                    file: file.into(),
+                    line: locate::line_of_field(text, &field),
+                    field,
+                    reason,
+                })
+                .collect(),
+        ))
+    }
+
+    pub fn api_listen(&self) -> ApiListen {
+        ApiListen::parse(&self.agent.api).expect("validated")
+    }
+
+    /// Semantic checks: (field path, reason) for each problem.
+    fn problems(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let agent = &self.agent;
+        if agent.interfaces.is_empty() {
+            out.push((
+                "agent.interfaces".into(),
+                "at least one interface is required".into(),
+            ));
+        }
+        for (i, name) in agent.interfaces.iter().enumerate() {
+            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+                out.push((
+                    format!("agent.interfaces[{i}]"),
+                    format!("`{name}` is not an interface name"),
+                ));
+            }
+        }
+        if let Err(e) = ApiListen::parse(&agent.api) {
+            out.push(("agent.api".into(), e));
+        }
+        if !agent.pin_path.is_absolute() {
+            out.push(("agent.pin_path".into(), "must be an absolute path".into()));
+        }
+        if let Some(docker) = &self.docker {
+            for (field, d) in [
+                ("docker.resync_interval", docker.resync_interval),
+                ("docker.swarm_poll_interval", docker.swarm_poll_interval),
+            ] {
+                if d.is_zero() {
+                    out.push((field.into(), "must be longer than 0s".into()));
+                }
+            }
+        }
+        if self.services.len() > MAX_SERVICES as usize {
+            out.push((
+                "service".into(),
+                format!("at most {MAX_SERVICES} services are supported"),
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut vips = HashSet::new();
+        let mut backends = 0;
+        for (i, svc) in self.services.iter().enumerate() {
+            let at = |field: &str| format!("service[{i}].{field}");
+            if !valid_name(&svc.name) {
+                out.push((
+                    at("name"),
+                    format!("`{}`: use 1-63 of a-z, 0-9, '-', '_'", svc.name),
+                ));
+            }
+            if !names.insert(svc.name.as_str()) {
+                out.push((
+                    at("name"),
+                    format!("`{}` is used by another service", svc.name),
+                ));
+            }
+            if !vips.insert((svc.vip, svc.port, svc.protocol)) {
+                out.push((
+                    at("vip"),
+                    format!(
+                        "{}:{}/{} is used by another service",
+                        svc.vip, svc.port, svc.protocol
+                    ),
+                ));
+            }
+            if svc.vip.is_ipv6() {
+                out.push((at("vip"), "IPv6 VIPs are not supported yet".into()));
+            }
+            if svc.port == 0 {
+                out.push((at("port"), "must be 1-65535".into()));
+            }
+            if svc.mode != Mode::Nat {
+                out.push((
+                    at("mode"),
+                    format!("{:?} is not implemented yet; use \"nat\"", svc.mode).to_lowercase(),
+                ));
+            }
+            if !(3..=MAX_RING_SIZE).contains(&svc.table_size) || !is_prime(svc.table_size) {
+                out.push((
+                    at("table_size"),
+                    format!("{} must be a prime in 3..={MAX_RING_SIZE}", svc.table_size),
+                ));
+            }
+            out.extend(
+                health_problems(&svc.health)
+                    .into_iter()
+                    .map(|(f, r)| (at(&format!("health.{f}")), r)),
+            );
+            let mut seen = HashSet::new();
+            for (j, be) in svc.backends.iter().enumerate() {
+                let at = |field: &str| format!("service[{i}].backend[{j}].{field}");
+                if be.address.is_ipv4() != svc.vip.is_ipv4() {
+                    out.push((
+                        at("address"),
+                        "must be of the same IP family as the VIP".into(),
+                    ));
+                }
+                if be.port == 0 {
+                    out.push((at("port"), "must be 1-65535".into()));
+                }
+                if be.weight > u16::MAX as u32 {
+                    out.push((
+                        at("weight"),
+                        format!("{} is above the maximum 65535", be.weight),
+                    ));
+                }
+                if !seen.insert((be.address, be.port)) {
+                    out.push((
+                        at("address"),
+                        format!("{}:{} is listed twice", be.address, be.port),
+                    ));
+                }
+            }
+            backends += svc.backends.len();
+        }
+        if backends > MAX_BACKENDS as usize {
+            out.push((
+                "service".into(),
+                format!("{backends} backends in all; at most {MAX_BACKENDS}"),
+            ));
+        }
+        out
+    }
+}
+
+fn health_problems(h: &HealthConfig) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    if h.interval.is_zero() {
+        out.push(("interval", "must be longer than 0s".into()));
+    }
+    if h.timeout.is_zero() {
+        out.push(("timeout", "must be longer than 0s".into()));
+    }
+    if h.rise == 0 {
+        out.push(("rise", "must be at least 1".into()));
+    }
+    if h.fall == 0 {
+        out.push(("fall", "must be at least 1".into()));
+    }
+    if h.kind == HealthKind::Http && !h.path.starts_with('/') {
+        out.push(("path", format!("`{}` must start with '/'", h.path)));
+    }
+    if !(100..=599).contains(&h.expect_status) {
+        out.push((
+            "expect_status",
+            format!("{} is not an HTTP status", h.expect_status),
+        ));
+    }
+    out
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+pub fn is_prime(n: u32) -> bool {
+    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+}
+
+#[cfg(test)]
+mod tests;

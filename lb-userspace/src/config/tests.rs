@@ -1,0 +1,165 @@
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigErrors> {
+    Config::parse(Path::new("xlb.toml"), text)
+}
+
+fn errors(text: &str) -> Vec<String> {
+    parse(text)
+        .unwrap_err()
+        .0
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+const MINIMAL: &str = r#"
+[agent]
+interfaces = ["eth0"]
+
+[[service]]
+name = "web"
+vip = "10.99.100.1"
+port = 80
+"#;
+
+#[test]
+fn example_config_is_valid() {
+    let text = include_str!("../../../examples/xlb.toml");
+    let config = parse(text).unwrap();
+    assert_eq!(config.services.len(), 1);
+    let web = &config.services[0];
+    assert_eq!(web.backends.len(), 3);
+    assert_eq!(web.backends[1].weight, 100, "weight defaults to 100");
+    assert_eq!(web.health.kind, HealthKind::Http);
+    assert_eq!(web.health.timeout, Duration::from_millis(500));
+    assert_eq!(
+        config.api_listen(),
+        ApiListen::Tcp("127.0.0.1:9900".parse().unwrap())
+    );
+}
+
+#[test]
+fn defaults_fill_a_minimal_config() {
+    let config = parse(MINIMAL).unwrap();
+    assert_eq!(config.agent.pin_path, PathBuf::from("/sys/fs/bpf/xlb"));
+    assert_eq!(config.agent.xdp_mode, XdpMode::Auto);
+    let web = &config.services[0];
+    assert_eq!(
+        (web.protocol, web.mode, web.table_size),
+        (Protocol::Tcp, Mode::Nat, 65537)
+    );
+}
+
+#[test]
+fn unknown_field_names_line_and_field() {
+    let text = format!("{MINIMAL}tabel_size = 7\n");
+    let errs = errors(&text);
+    assert_eq!(errs.len(), 1);
+    assert!(
+        errs[0].starts_with("xlb.toml:9: service[0].tabel_size: unknown field `tabel_size`"),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn wrong_type_names_line_and_field() {
+    let text = MINIMAL.replace("port = 80", "port = \"http\"");
+    let errs = errors(&text);
+    assert!(
+        errs[0].starts_with("xlb.toml:8: service[0].port: "),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn bad_enum_value_is_rejected() {
+    let text = format!("{MINIMAL}protocol = \"sctp\"\n");
+    let errs = errors(&text);
+    assert!(
+        errs[0].starts_with("xlb.toml:9: service[0].protocol: unknown variant `sctp`"),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn table_size_must_be_prime() {
+    let text = format!("{MINIMAL}table_size = 65536\n");
+    assert_eq!(
+        errors(&text),
+        ["xlb.toml:9: service[0].table_size: 65536 must be a prime in 3..=65537"]
+    );
+    let text = format!("{MINIMAL}table_size = 65539\n");
+    assert!(errors(&text)[0].contains("65539 must be a prime in 3..=65537"));
+}
+
+#[test]
+fn every_problem_is_listed_with_its_line() {
+    let text = r#"
+[agent]
+interfaces = []
+api = "localhost"
+
+[[service]]
+name = "Web!"
+vip = "10.99.100.1"
+port = 80
+mode = "dsr"
+
+  [service.health]
+  rise = 0
+
+  [[service.backend]]
+  address = "10.99.2.11"
+  port = 8080
+  weight = 70000
+
+  [[service.backend]]
+  address = "10.99.2.11"
+  port = 8080
+
+[[service]]
+name = "web2"
+vip = "10.99.100.1"
+port = 80
+"#;
+    let errs = errors(text);
+    let expected = [
+        "xlb.toml:3: agent.interfaces: at least one interface is required",
+        "xlb.toml:4: agent.api: `localhost` is neither IP:PORT nor unix:/path",
+        "xlb.toml:7: service[0].name: `Web!`: use 1-63 of a-z, 0-9, '-', '_'",
+        "xlb.toml:10: service[0].mode: dsr is not implemented yet; use \"nat\"",
+        "xlb.toml:13: service[0].health.rise: must be at least 1",
+        "xlb.toml:18: service[0].backend[0].weight: 70000 is above the maximum 65535",
+        "xlb.toml:21: service[0].backend[1].address: 10.99.2.11:8080 is listed twice",
+        "xlb.toml:26: service[1].vip: 10.99.100.1:80/tcp is used by another service",
+    ];
+    assert_eq!(errs, expected);
+}
+
+#[test]
+fn missing_required_field_points_at_its_table() {
+    let text = MINIMAL.replace("port = 80\n", "");
+    let errs = errors(&text);
+    assert!(
+        errs[0].starts_with("xlb.toml:5: service[0]: missing field `port`"),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn unix_api_socket_is_accepted() {
+    let text = MINIMAL.replace(
+        "interfaces = [\"eth0\"]",
+        "interfaces = [\"eth0\"]\napi = \"unix:/run/xlb.sock\"",
+    );
+    let config = parse(&text).unwrap();
+    assert_eq!(config.api_listen(), ApiListen::Unix("/run/xlb.sock".into()));
+}
+
+#[test]
+fn primes() {
+    let primes: Vec<u32> = (0..30).filter(|&n| is_prime(n)).collect();
+    assert_eq!(primes, [2, 3, 5, 7, 11, 13, 17, 19, 23, 29]);
+    assert!(is_prime(65537));
+}

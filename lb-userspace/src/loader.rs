@@ -1,0 +1,311 @@
+//! Loads the embedded BPF object, attaches it, and pins programs, maps and links under the
+//! pin path, so forwarding goes on while the agent is stopped. A new agent adopts what is
+//! pinned: maps are reused as they are (conntrack included) and each pinned link gets the
+//! new program by an atomic link update. `detach` removes everything.
+use std::{
+    fs,
+    io::ErrorKind,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode,
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+        tc::TcAttachOptions,
+        xdp::XdpLink,
+    },
+};
+use tracing::{info, warn};
+
+use crate::{config::XdpMode, datapath::Datapath};
+
+/// The BPF object built from lb-ebpf by build.rs.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+pub const XDP_PROGRAM: &str = "xlb_xdp";
+pub const TC_EGRESS_PROGRAM: &str = "xlb_tc_egress";
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Where each kind of object is pinned below the pin path.
+pub struct PinLayout {
+    pub root: PathBuf,
+}
+
+impl PinLayout {
+    pub fn new(root: &Path) -> Self {
+        Self { root: root.into() }
+    }
+    fn programs(&self) -> PathBuf {
+        self.root.join("programs")
+    }
+    fn links(&self) -> PathBuf {
+        self.root.join("links")
+    }
+    fn xdp_link(&self, interface: &str) -> PathBuf {
+        self.links().join(format!("xdp_{interface}"))
+    }
+    fn tc_link(&self, interface: &str) -> PathBuf {
+        self.links().join(format!("tc_egress_{interface}"))
+    }
+}
+
+/// How the XDP program ended up attached to one interface.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Attachment {
+    pub interface: String,
+    /// "driver", "skb", or "unchanged" for an adopted link.
+    pub xdp_mode: String,
+    /// True when an existing pinned link was taken over (agent restart or upgrade).
+    pub adopted: bool,
+}
+
+/// Loads the object with every map pinned under (or reused from) the pin path, and pins the
+/// programs. Nothing is attached yet.
+pub fn load(pin_path: &Path) -> Result<Ebpf> {
+    ensure_bpffs(pin_path)?;
+    let layout = PinLayout::new(pin_path);
+    fs::create_dir_all(layout.programs()).context("creating the pin directory")?;
+    fs::create_dir_all(layout.links()).context("creating the pin directory")?;
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pin_path)
+        .load(EBPF_OBJECT)
+        .context("loading the BPF object (are you root?)")?;
+
+    let xdp: &mut Xdp = program(&mut ebpf, XDP_PROGRAM)?.try_into()?;
+    xdp.load().context("verifying the XDP program")?;
+    repin(layout.programs().join(XDP_PROGRAM), |p| xdp.pin(p))?;
+    let tc: &mut SchedClassifier = program(&mut ebpf, TC_EGRESS_PROGRAM)?.try_into()?;
+    tc.load().context("verifying the TC egress program")?;
+    repin(layout.programs().join(TC_EGRESS_PROGRAM), |p| tc.pin(p))?;
+    Ok(ebpf)
+}
+
+/// Takes the maps out of a loaded object.
+pub fn datapath(ebpf: &mut Ebpf) -> Result<Datapath> {
+    Datapath::from_maps(|name| {
+        ebpf.take_map(name)
+            .ok_or_else(|| anyhow!("the BPF object has no map {name}"))
+    })
+}
+
+/// Attaches XDP ingress and TC egress to every interface, taking over pinned links, and
+/// detaches pinned links of interfaces that are no longer configured.
+pub fn attach(
+    ebpf: &mut Ebpf,
+    pin_path: &Path,
+    interfaces: &[String],
+    mode: XdpMode,
+) -> Result<Vec<Attachment>> {
+    let layout = PinLayout::new(pin_path);
+    let mut out = Vec::new();
+    for interface in interfaces {
+        let xdp: &mut Xdp = program(ebpf, XDP_PROGRAM)?.try_into()?;
+        let (xdp_mode, adopted) = attach_xdp(xdp, &layout.xdp_link(interface), interface, mode)
+            .with_context(|| format!("attaching XDP to {interface}"))?;
+        let tc: &mut SchedClassifier = program(ebpf, TC_EGRESS_PROGRAM)?.try_into()?;
+        attach_tc_egress(tc, &layout.tc_link(interface), interface)
+            .with_context(|| format!("attaching TC egress to {interface}"))?;
+        out.push(Attachment {
+            interface: interface.clone(),
+            xdp_mode: xdp_mode.into(),
+            adopted,
+        });
+    }
+    for stale in pinned_links(&layout)? {
+        let keep = interfaces
+            .iter()
+            .any(|i| stale == layout.xdp_link(i) || stale == layout.tc_link(i));
+        if !keep {
+            info!(link = %stale.display(), "detaching link of an interface no longer configured");
+            unpin_link(&stale)?;
+        }
+    }
+    Ok(out)
+}
+
+fn attach_xdp(
+    prog: &mut Xdp,
+    link_path: &Path,
+    interface: &str,
+    mode: XdpMode,
+) -> Result<(&'static str, bool)> {
+    if let Some(link) = open_pinned_link(link_path)? {
+        match prog.attach_to_link(XdpLink::try_from(link)?) {
+            Ok(id) => {
+                drop(prog.take_link(id)?);
+                // The link keeps the mode it was created with; the kernel reports it
+                // only through netlink, so it is not re-read here.
+                return Ok(("unchanged", true));
+            }
+            Err(e) => {
+                warn!(%interface, error = %e, "pinned XDP link is stale; attaching anew");
+                fs::remove_file(link_path)?;
+            }
+        }
+    }
+    let (id, mode_name) = match mode {
+        XdpMode::Driver => (prog.attach(interface, AyaXdpMode::Driver)?, "driver"),
+        XdpMode::Skb => (prog.attach(interface, AyaXdpMode::Skb)?, "skb"),
+        XdpMode::Auto => match prog.attach(interface, AyaXdpMode::Driver) {
+            Ok(id) => (id, "driver"),
+            Err(e) => {
+                warn!(%interface, error = %e, "XDP driver mode unavailable; falling back to skb mode (slower)");
+                (prog.attach(interface, AyaXdpMode::Skb)?, "skb")
+            }
+        },
+    };
+    let link = FdLink::try_from(prog.take_link(id)?)?;
+    link.pin(link_path)?;
+    Ok((mode_name, false))
+}
+
+fn attach_tc_egress(prog: &mut SchedClassifier, link_path: &Path, interface: &str) -> Result<()> {
+    if let Some(link) = open_pinned_link(link_path)? {
+        match prog.attach_to_link(SchedClassifierLink::try_from(link)?) {
+            Ok(id) => {
+                drop(prog.take_link(id)?);
+                return Ok(());
+            }
+            Err(e) => {
+                warn!(%interface, error = %e, "pinned TC link is stale; attaching anew");
+                fs::remove_file(link_path)?;
+            }
+        }
+    }
+    let id = prog.attach_with_options(
+        interface,
+        TcAttachType::Egress,
+        TcAttachOptions::TcxOrder(LinkOrder::default()),
+    )?;
+    let link = FdLink::try_from(prog.take_link(id)?)?;
+    link.pin(link_path)?;
+    Ok(())
+}
+
+fn open_pinned_link(path: &Path) -> Result<Option<FdLink>> {
+    match PinnedLink::from_pin(path) {
+        Ok(link) => Ok(Some(link.into())),
+        Err(_) if !path.exists() => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("opening pinned link {}", path.display())),
+    }
+}
+
+fn pinned_links(layout: &PinLayout) -> Result<Vec<PathBuf>> {
+    match fs::read_dir(layout.links()) {
+        Ok(dir) => Ok(dir.filter_map(|e| e.ok().map(|e| e.path())).collect()),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Removing the last reference to a link detaches it.
+fn unpin_link(path: &Path) -> Result<()> {
+    match PinnedLink::from_pin(path) {
+        Ok(link) => drop(link.unpin()?),
+        // A link whose interface vanished can still be unlinked as a file.
+        Err(_) => fs::remove_file(path)?,
+    }
+    Ok(())
+}
+
+/// What `detach` removed.
+#[derive(Debug, Default)]
+pub struct Detached {
+    pub links: usize,
+    pub pins: usize,
+}
+
+/// Detaches every pinned link and removes every pin below the pin path, then the directory.
+pub fn detach(pin_path: &Path) -> Result<Detached> {
+    let layout = PinLayout::new(pin_path);
+    let mut report = Detached::default();
+    if !pin_path.exists() {
+        return Ok(report);
+    }
+    for link in pinned_links(&layout)? {
+        unpin_link(&link)?;
+        report.links += 1;
+    }
+    for dir in [layout.links(), layout.programs(), layout.root.clone()] {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry?.path();
+            if path.is_file() || fs::symlink_metadata(&path)?.file_type().is_file() {
+                fs::remove_file(&path)?;
+                report.pins += 1;
+            }
+        }
+        fs::remove_dir(&dir).or_else(|e| {
+            if e.kind() == ErrorKind::NotFound {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })?;
+    }
+    Ok(report)
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| anyhow!("the BPF object has no program {name}"))
+}
+
+/// Pins a program, replacing an older pin (a new agent version brings a new program).
+fn repin(path: PathBuf, pin: impl FnOnce(&Path) -> Result<(), aya::pin::PinError>) -> Result<()> {
+    match fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    pin(&path).with_context(|| format!("pinning {}", path.display()))
+}
+
+/// Makes sure the pin path lies on a BPF filesystem, mounting one on its parent if not: a
+/// new machine has none at /sys/fs/bpf.
+pub fn ensure_bpffs(pin_path: &Path) -> Result<()> {
+    let parent = pin_path
+        .parent()
+        .ok_or_else(|| anyhow!("pin path {} has no parent", pin_path.display()))?;
+    fs::create_dir_all(parent)?;
+    if is_bpffs(parent)? {
+        return Ok(());
+    }
+    let target = std::ffi::CString::new(parent.as_os_str().as_encoded_bytes())?;
+    // SAFETY: plain mount(2) with valid C strings.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "mounting bpffs on {}: {}",
+            parent.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    info!(path = %parent.display(), "mounted a BPF filesystem");
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> Result<bool> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs into a zeroed struct.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(st.f_type == BPF_FS_MAGIC)
+}

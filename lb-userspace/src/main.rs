@@ -1,0 +1,146 @@
+//! The `xlb` command line.
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+use xlb::{
+    api,
+    config::{ApiListen, Config},
+    loader,
+    status::Status,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "xlb",
+    version,
+    about = "XDP L4 load balancer for Docker and Swarm hosts"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load, attach and run the agent.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file and exit.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Show services, backends and counters of the running agent.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Make the running agent re-read its config.
+    Reload {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Detach all programs and remove all pinned state.
+    Detach {
+        /// The pin path to clean (default: agent.pin_path of --config, else /sys/fs/bpf/xlb).
+        #[arg(long)]
+        pin_path: Option<PathBuf>,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct ApiArgs {
+    /// The agent's API: IP:PORT or unix:/path (default: agent.api of --config, else 127.0.0.1:9900).
+    #[arg(long)]
+    api: Option<String>,
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+impl ApiArgs {
+    fn listen(&self) -> Result<ApiListen> {
+        let text = match (&self.api, &self.config) {
+            (Some(api), _) => api.clone(),
+            (None, Some(path)) => Config::load(path)?.agent.api,
+            (None, None) => "127.0.0.1:9900".into(),
+        };
+        ApiListen::parse(&text).map_err(anyhow::Error::msg)
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::Run { config } => runtime.block_on(xlb::agent::run(&config))?,
+        Command::Check { config } => {
+            let cfg = Config::load(&config)?;
+            let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
+            println!(
+                "{}: OK ({} services, {} static backends)",
+                config.display(),
+                cfg.services.len(),
+                backends
+            );
+        }
+        Command::Status { json, api } => {
+            let (code, body) = runtime.block_on(api::request(&api.listen()?, "GET", "/status"))?;
+            if code != 200 {
+                anyhow::bail!("the agent answered {code}: {body}");
+            }
+            if json {
+                println!("{body}");
+            } else {
+                let status: Status = serde_json::from_str(&body).context("parsing the status")?;
+                print!("{}", status.render());
+            }
+        }
+        Command::Reload { api } => {
+            let (code, body) = runtime.block_on(api::request(&api.listen()?, "POST", "/reload"))?;
+            print!("{body}");
+            if code != 200 {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Detach { pin_path, config } => {
+            let pin_path = match (pin_path, config) {
+                (Some(p), _) => p,
+                (None, Some(c)) => Config::load(&c)?.agent.pin_path,
+                (None, None) => "/sys/fs/bpf/xlb".into(),
+            };
+            let done = loader::detach(&pin_path)?;
+            println!(
+                "detached {} links, removed {} pins under {}",
+                done.links,
+                done.pins,
+                pin_path.display()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,395 @@
+//! Desired state + health -> map writes. Per service, the new ring is written into the idle
+//! half and the VIP is flipped to it in one map update, so a packet never sees a half-written
+//! ring. Unchanged services are not touched. Backend ids are kept for as long as a backend
+//! exists (conntrack refers to them), also across agent restarts (`adopt`).
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use anyhow::{Context as _, Result};
+use lb_common::{
+    BACKEND_ALIVE, BACKEND_IN_USE, Backend, Service, VipAddrKey, VipKey, addr_words,
+    sizes::{MAX_BACKENDS, MAX_SERVICES, ring_half, ring_offset},
+};
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::{
+    maglev::{self, MaglevBackend},
+    state::{DesiredState, Endpoint, ServiceSpec},
+};
+
+/// The map operations reconcile needs; implemented by `Datapath` and by a fake in tests.
+pub trait Maps {
+    fn vips(&self) -> Result<Vec<(VipKey, Service)>>;
+    fn set_vip(&mut self, key: &VipKey, service: &Service) -> Result<()>;
+    fn remove_vip(&mut self, key: &VipKey) -> Result<()>;
+    fn vip_addrs(&self) -> Result<Vec<VipAddrKey>>;
+    fn set_vip_addr(&mut self, key: &VipAddrKey) -> Result<()>;
+    fn remove_vip_addr(&mut self, key: &VipAddrKey) -> Result<()>;
+    fn backends_in_use(&self) -> Result<Vec<(u32, Backend)>>;
+    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()>;
+    fn ring(&self, offset: u32, len: u32) -> Vec<u32>;
+    fn write_ring(&mut self, offset: u32, slots: &[u32]);
+    fn reset_service_counters(&mut self, id: u32) -> Result<()>;
+    fn reset_backend_counters(&mut self, id: u32) -> Result<()>;
+}
+
+/// Tells whether a backend may take traffic (health checks; always true without them).
+pub trait Liveness {
+    fn is_alive(&self, service: &str, endpoint: &Endpoint) -> bool;
+}
+
+/// Every backend is alive.
+pub struct AllAlive;
+
+impl Liveness for AllAlive {
+    fn is_alive(&self, _: &str, _: &Endpoint) -> bool {
+        true
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AppliedBackend {
+    pub id: u32,
+    pub weight: u32,
+    pub alive: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct AppliedService {
+    /// Empty for a service adopted from pinned maps until the config claims it.
+    name: String,
+    value: Service,
+    /// False until `value` has been written to the VIP map.
+    published: bool,
+    backends: BTreeMap<Endpoint, AppliedBackend>,
+}
+
+/// What one `apply` changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Changes {
+    pub services_added: usize,
+    pub services_removed: usize,
+    pub rings_written: usize,
+    pub backends_added: usize,
+    pub backends_removed: usize,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        *self == Changes::default()
+    }
+}
+
+pub struct Reconciler {
+    services: BTreeMap<VipKey, AppliedService>,
+    /// Pinned backends whose service is gone; cleared by the next apply.
+    orphans: Vec<u32>,
+    vip_addrs: BTreeSet<VipAddrKey>,
+    service_ids: IdPool,
+    backend_ids: IdPool,
+}
+
+impl Reconciler {
+    /// Rebuilds the bookkeeping from what the maps hold: an empty state on a new pin path,
+    /// or a running data path left by a previous agent.
+    pub fn adopt(maps: &impl Maps) -> Result<Self> {
+        let mut services: BTreeMap<VipKey, AppliedService> = BTreeMap::new();
+        for (key, value) in maps.vips().context("reading pinned VIPs")? {
+            let applied = AppliedService {
+                name: String::new(),
+                value,
+                published: true,
+                backends: BTreeMap::new(),
+            };
+            services.insert(key, applied);
+        }
+        let mut backend_ids = Vec::new();
+        let mut orphans = Vec::new();
+        for (id, backend) in maps.backends_in_use().context("reading pinned backends")? {
+            let owner = services
+                .values_mut()
+                .find(|s| s.value.id == backend.service_id);
+            let endpoint = Endpoint {
+                addr: lb_common::words_addr(backend.family, backend.addr),
+                port: u16::from_be(backend.port),
+            };
+            match owner {
+                Some(svc) => {
+                    let applied = AppliedBackend {
+                        id,
+                        // Unknown until the config says; a weight change only touches the ring.
+                        weight: u32::MAX,
+                        alive: backend.is_alive(),
+                    };
+                    svc.backends.insert(endpoint, applied);
+                    backend_ids.push(id);
+                }
+                None => orphans.push(id),
+            }
+        }
+        let service_ids: Vec<u32> = services.values().map(|s| s.value.id).collect();
+        Ok(Self {
+            vip_addrs: maps.vip_addrs()?.into_iter().collect(),
+            service_ids: IdPool::new(MAX_SERVICES, &service_ids),
+            backend_ids: IdPool::new(MAX_BACKENDS, &backend_ids),
+            services,
+            orphans,
+        })
+    }
+
+    /// Makes the maps serve `desired`, with only live backends in the rings.
+    pub fn apply(
+        &mut self,
+        maps: &mut impl Maps,
+        desired: &DesiredState,
+        live: &impl Liveness,
+    ) -> Result<Changes> {
+        let mut changes = Changes::default();
+        for id in std::mem::take(&mut self.orphans) {
+            maps.set_backend(id, &Backend::default())?;
+            self.backend_ids.give_back(id);
+        }
+        let wanted: BTreeMap<VipKey, &ServiceSpec> =
+            desired.services.values().map(|s| (vip_key(s), s)).collect();
+
+        let gone: Vec<VipKey> = self
+            .services
+            .keys()
+            .filter(|k| !wanted.contains_key(k))
+            .copied()
+            .collect();
+        for key in gone {
+            self.remove_service(maps, &key)?;
+            changes.services_removed += 1;
+        }
+        for (key, spec) in wanted {
+            if !self.services.contains_key(&key) {
+                let id = self.service_ids.take().context("no free service id")?;
+                maps.reset_service_counters(id)?;
+                let value = Service {
+                    id,
+                    ring_offset: ring_offset(id, 0),
+                    table_size: 0,
+                    mode: spec.mode.number(),
+                    flags: 0,
+                    _pad: [0; 2],
+                };
+                let applied = AppliedService {
+                    name: spec.name.clone(),
+                    value,
+                    published: false,
+                    backends: BTreeMap::new(),
+                };
+                self.services.insert(key, applied);
+                changes.services_added += 1;
+                info!(service = %spec.name, vip = %spec.vip, port = spec.port, "service added");
+            }
+            self.sync_service(maps, &key, spec, live, &mut changes)?;
+        }
+        self.sync_vip_addrs(maps)?;
+        Ok(changes)
+    }
+
+    fn sync_service(
+        &mut self,
+        maps: &mut impl Maps,
+        key: &VipKey,
+        spec: &ServiceSpec,
+        live: &impl Liveness,
+        changes: &mut Changes,
+    ) -> Result<()> {
+        let svc = self.services.get_mut(key).expect("inserted by apply");
+        svc.name.clone_from(&spec.name);
+        let service_id = svc.value.id;
+
+        // New and revived backends go into BACKENDS before any ring can point at them.
+        let mut died = Vec::new();
+        for (endpoint, backend_spec) in &spec.backends {
+            let alive = live.is_alive(&spec.name, endpoint);
+            match svc.backends.get_mut(endpoint) {
+                Some(applied) => {
+                    applied.weight = backend_spec.weight;
+                    if alive && !applied.alive {
+                        maps.set_backend(applied.id, &backend_value(endpoint, service_id, true))?;
+                    } else if !alive && applied.alive {
+                        died.push(applied.id);
+                    }
+                    applied.alive = alive;
+                }
+                None => {
+                    let id = self.backend_ids.take().context("no free backend id")?;
+                    maps.reset_backend_counters(id)?;
+                    maps.set_backend(id, &backend_value(endpoint, service_id, alive))?;
+                    let applied = AppliedBackend {
+                        id,
+                        weight: backend_spec.weight,
+                        alive,
+                    };
+                    svc.backends.insert(*endpoint, applied);
+                    changes.backends_added += 1;
+                }
+            }
+        }
+        let removed: Vec<(Endpoint, u32)> = svc
+            .backends
+            .iter()
+            .filter(|(e, _)| !spec.backends.contains_key(e))
+            .map(|(e, b)| (*e, b.id))
+            .collect();
+        for (endpoint, _) in &removed {
+            svc.backends.remove(endpoint);
+        }
+
+        let ring = build_ring(&svc.backends, spec.table_size);
+        let mut value = svc.value;
+        value.mode = spec.mode.number();
+        let current = maps.ring(svc.value.ring_offset, svc.value.table_size);
+        if ring != current {
+            let idle_half = 1 - ring_half(service_id, svc.value.ring_offset);
+            value.ring_offset = ring_offset(service_id, idle_half);
+            value.table_size = ring.len() as u32;
+            maps.write_ring(value.ring_offset, &ring);
+            changes.rings_written += 1;
+            if ring.is_empty() {
+                warn!(service = %spec.name, "no backend can take new flows");
+            }
+        }
+        if value != svc.value || !svc.published {
+            maps.set_vip(key, &value)?;
+            svc.value = value;
+            svc.published = true;
+        }
+
+        // Only now that no ring points at them: dead backends lose ALIVE (their flows
+        // re-hash), removed ones lose their slot.
+        for id in died {
+            let endpoint = svc
+                .backends
+                .iter()
+                .find(|(_, b)| b.id == id)
+                .map(|(e, _)| *e)
+                .expect("known");
+            maps.set_backend(id, &backend_value(&endpoint, service_id, false))?;
+        }
+        for (_, id) in removed {
+            maps.set_backend(id, &Backend::default())?;
+            self.backend_ids.give_back(id);
+            changes.backends_removed += 1;
+        }
+        Ok(())
+    }
+
+    fn remove_service(&mut self, maps: &mut impl Maps, key: &VipKey) -> Result<()> {
+        let svc = self.services.remove(key).expect("listed by caller");
+        maps.remove_vip(key)?;
+        for backend in svc.backends.values() {
+            maps.set_backend(backend.id, &Backend::default())?;
+            self.backend_ids.give_back(backend.id);
+        }
+        self.service_ids.give_back(svc.value.id);
+        info!(service = %svc.name, "service removed");
+        Ok(())
+    }
+
+    fn sync_vip_addrs(&mut self, maps: &mut impl Maps) -> Result<()> {
+        let wanted: BTreeSet<VipAddrKey> = self
+            .services
+            .keys()
+            .map(|k| VipAddrKey {
+                addr: k.addr,
+                family: k.family,
+                _pad: [0; 3],
+            })
+            .collect();
+        for key in wanted.difference(&self.vip_addrs) {
+            maps.set_vip_addr(key)?;
+        }
+        for key in self.vip_addrs.difference(&wanted) {
+            maps.remove_vip_addr(key)?;
+        }
+        self.vip_addrs = wanted;
+        Ok(())
+    }
+
+    /// Service name -> (service id, table size, backends) as applied.
+    pub fn applied(&self) -> Vec<AppliedView> {
+        self.services
+            .values()
+            .map(|s| AppliedView {
+                name: s.name.clone(),
+                id: s.value.id,
+                table_size: s.value.table_size,
+                backends: s.backends.iter().map(|(e, b)| (*e, b.clone())).collect(),
+            })
+            .collect()
+    }
+}
+
+/// A read-only view of one applied service (for status and metrics).
+#[derive(Debug, Clone, Serialize)]
+pub struct AppliedView {
+    pub name: String,
+    pub id: u32,
+    pub table_size: u32,
+    pub backends: BTreeMap<Endpoint, AppliedBackend>,
+}
+
+/// Ring of backend ids over the backends that may take new flows (alive, weight > 0).
+fn build_ring(backends: &BTreeMap<Endpoint, AppliedBackend>, table_size: u32) -> Vec<u32> {
+    let eligible: Vec<(String, &AppliedBackend)> = backends
+        .iter()
+        .filter(|(_, b)| b.alive && b.weight > 0)
+        .map(|(e, b)| (e.to_string(), b))
+        .collect();
+    let input: Vec<MaglevBackend> = eligible
+        .iter()
+        .map(|(key, b)| MaglevBackend {
+            key,
+            weight: b.weight,
+        })
+        .collect();
+    maglev::build_table(&input, table_size)
+        .into_iter()
+        .map(|i| eligible[i as usize].1.id)
+        .collect()
+}
+
+pub fn vip_key(spec: &ServiceSpec) -> VipKey {
+    let (family, addr) = addr_words(spec.vip);
+    VipKey {
+        addr,
+        port: spec.port.to_be(),
+        proto: spec.protocol.number(),
+        family,
+    }
+}
+
+fn backend_value(endpoint: &Endpoint, service_id: u32, alive: bool) -> Backend {
+    let (family, addr) = addr_words(endpoint.addr);
+    Backend {
+        addr,
+        port: endpoint.port.to_be(),
+        family,
+        flags: BACKEND_IN_USE | if alive { BACKEND_ALIVE } else { 0 },
+        service_id,
+    }
+}
+
+/// Free ids, handed out first-in first-out so a freed id is reused as late as possible
+/// (a stale conntrack entry then finds an empty slot, not a stranger).
+struct IdPool(VecDeque<u32>);
+
+impl IdPool {
+    fn new(max: u32, used: &[u32]) -> Self {
+        Self((0..max).filter(|id| !used.contains(id)).collect())
+    }
+    fn take(&mut self) -> Option<u32> {
+        self.0.pop_front()
+    }
+    fn give_back(&mut self, id: u32) {
+        self.0.push_back(id);
+    }
+}
+
+#[cfg(test)]
+mod tests;

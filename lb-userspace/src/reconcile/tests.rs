@@ -1,0 +1,379 @@
+use std::{collections::HashMap, net::IpAddr};
+
+use lb_common::sizes::RING_SLOTS;
+
+use super::*;
+use crate::{
+    config::{HealthConfig, Mode, Protocol},
+    state::{BackendSpec, Source},
+};
+
+/// Maps in memory, with a log of writes so tests can check their order.
+#[derive(Default)]
+struct FakeMaps {
+    vips: BTreeMap<VipKey, Service>,
+    vip_addrs: BTreeSet<VipAddrKey>,
+    backends: HashMap<u32, Backend>,
+    rings: HashMap<u32, u32>,
+    log: Vec<String>,
+}
+
+impl Maps for FakeMaps {
+    fn vips(&self) -> Result<Vec<(VipKey, Service)>> {
+        Ok(self.vips.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn set_vip(&mut self, key: &VipKey, service: &Service) -> Result<()> {
+        self.log.push(format!(
+            "vip {} -> ring {}",
+            service.id, service.ring_offset
+        ));
+        self.vips.insert(*key, *service);
+        Ok(())
+    }
+    fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+        self.log.push("remove vip".into());
+        self.vips.remove(key);
+        Ok(())
+    }
+    fn vip_addrs(&self) -> Result<Vec<VipAddrKey>> {
+        Ok(self.vip_addrs.iter().copied().collect())
+    }
+    fn set_vip_addr(&mut self, key: &VipAddrKey) -> Result<()> {
+        self.vip_addrs.insert(*key);
+        Ok(())
+    }
+    fn remove_vip_addr(&mut self, key: &VipAddrKey) -> Result<()> {
+        self.vip_addrs.remove(key);
+        Ok(())
+    }
+    fn backends_in_use(&self) -> Result<Vec<(u32, Backend)>> {
+        let mut v: Vec<_> = self
+            .backends
+            .iter()
+            .filter(|(_, b)| b.flags & BACKEND_IN_USE != 0)
+            .map(|(i, b)| (*i, *b))
+            .collect();
+        v.sort_by_key(|(i, _)| *i);
+        Ok(v)
+    }
+    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
+        self.log
+            .push(format!("backend {id} flags {}", backend.flags));
+        self.backends.insert(id, *backend);
+        Ok(())
+    }
+    fn ring(&self, offset: u32, len: u32) -> Vec<u32> {
+        (offset..offset + len)
+            .map(|i| self.rings.get(&i).copied().unwrap_or(0))
+            .collect()
+    }
+    fn write_ring(&mut self, offset: u32, slots: &[u32]) {
+        assert!(offset + slots.len() as u32 <= RING_SLOTS);
+        self.log.push(format!("ring {offset}"));
+        for (i, s) in slots.iter().enumerate() {
+            self.rings.insert(offset + i as u32, *s);
+        }
+    }
+    fn reset_service_counters(&mut self, _: u32) -> Result<()> {
+        Ok(())
+    }
+    fn reset_backend_counters(&mut self, _: u32) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl FakeMaps {
+    /// Backend id of every slot of the service's active ring.
+    fn active_ring(&self, key: &VipKey) -> Vec<u32> {
+        let s = self.vips[key];
+        self.ring(s.ring_offset, s.table_size)
+    }
+}
+
+struct Dead(Vec<Endpoint>);
+
+impl Liveness for Dead {
+    fn is_alive(&self, _: &str, endpoint: &Endpoint) -> bool {
+        !self.0.contains(endpoint)
+    }
+}
+
+fn ep(last: u8) -> Endpoint {
+    Endpoint {
+        addr: IpAddr::from([10, 99, 2, last]),
+        port: 8080,
+    }
+}
+
+fn service(name: &str, vip_last: u8, backends: &[(u8, u32)]) -> ServiceSpec {
+    ServiceSpec {
+        name: name.into(),
+        vip: IpAddr::from([10, 99, 100, vip_last]),
+        port: 80,
+        protocol: Protocol::Tcp,
+        mode: Mode::Nat,
+        table_size: 101,
+        health: HealthConfig::default(),
+        backends: backends
+            .iter()
+            .map(|&(last, weight)| {
+                let spec = BackendSpec {
+                    weight,
+                    source: Source::Static,
+                };
+                (ep(last), spec)
+            })
+            .collect(),
+    }
+}
+
+fn state(services: Vec<ServiceSpec>) -> DesiredState {
+    DesiredState {
+        services: services.into_iter().map(|s| (s.name.clone(), s)).collect(),
+    }
+}
+
+fn ids_in(ring: &[u32]) -> BTreeSet<u32> {
+    ring.iter().copied().collect()
+}
+
+#[test]
+fn new_service_gets_a_full_ring_and_a_vip() {
+    let mut maps = FakeMaps::default();
+    let mut rec = Reconciler::adopt(&maps).unwrap();
+    let web = service("web", 1, &[(11, 100), (12, 100), (13, 100)]);
+    let changes = rec
+        .apply(&mut maps, &state(vec![web.clone()]), &AllAlive)
+        .unwrap();
+    assert_eq!(
+        (
+            changes.services_added,
+            changes.backends_added,
+            changes.rings_written
+        ),
+        (1, 3, 1)
+    );
+    let key = vip_key(&web);
+    assert_eq!(maps.vips[&key].table_size, 101);
+    assert_eq!(ids_in(&maps.active_ring(&key)), BTreeSet::from([0, 1, 2]));
+    assert_eq!(maps.vip_addrs.len(), 1);
+    // Backends are written before the ring, and the ring before the VIP flip.
+    let ring_at = maps.log.iter().position(|l| l.starts_with("ring")).unwrap();
+    let vip_at = maps.log.iter().position(|l| l.starts_with("vip")).unwrap();
+    assert!(
+        maps.log[..ring_at]
+            .iter()
+            .filter(|l| l.starts_with("backend"))
+            .count()
+            == 3
+    );
+    assert!(ring_at < vip_at);
+}
+
+#[test]
+fn unchanged_state_writes_nothing() {
+    let mut maps = FakeMaps::default();
+    let mut rec = Reconciler::adopt(&maps).unwrap();
+    let desired = state(vec![service("web", 1, &[(11, 100), (12, 100)])]);
+    rec.apply(&mut maps, &desired, &AllAlive).unwrap();
+    maps.log.clear();
+    let changes = rec.apply(&mut maps, &desired, &AllAlive).unwrap();
+    assert!(changes.is_empty(), "{changes:?}");
+    assert!(maps.log.is_empty(), "{:?}", maps.log);
+}
+
+#[test]
+fn a_new_ring_goes_to_the_idle_half_then_the_vip_flips() {
+    let mut maps = FakeMaps::default();
+    let mut rec = Reconciler::adopt(&maps).unwrap();
+    let key = vip_key(&service("web", 1, &[]));
+    rec.apply(
+        &mut maps,
+        &state(vec![service("web", 1, &[(11, 100)])]),
+        &AllAlive,
+    )
+    .unwrap();
+    let first = maps.vips[&key].ring_offset;
+    rec.apply(
+        &mut maps,
+        &state(vec![service("web", 1, &[(11, 100), (12, 100)])]),
+        &AllAlive,
+    )
+    .unwrap();
+    let second = maps.vips[&key].ring_offset;
+    assert_ne!(first, second);
+    assert_eq!(first.abs_diff(second), lb_common::sizes::RING_STRIDE);
+    // The old half still holds the old ring: a packet that read the old VIP value is fine.
+    assert_eq!(ids_in(&maps.ring(first, 101)), BTreeSet::from([0]));
+    assert_eq!(ids_in(&maps.active_ring(&key)), BTreeSet::from([0, 1]));
+}
+
+#[test]
+fn removed_backend_leaves_the_ring_before_its_slot_is_cleared() {
+    let mut maps = FakeMaps::default();
+    let mut rec = Reconciler::adopt(&maps).unwrap();
+    rec.apply(
+        &mut maps,
+        &state(vec![service("web", 1, &[(11, 100), (12, 100)])]),
+        &AllAlive,
+    )
+    .unwrap();
+    maps.log.clear();
+    let changes = rec
+        .apply(
+            &mut maps,
+            &state(vec![service("web", 1, &[(11, 100)])]),
+            &AllAlive,
+        )
+        .unwrap();
+    assert_eq!(changes.backends_removed, 1);
+    assert_eq!(maps.log, ["ring 0", "vip 0 -> ring 0", "backend 1 flags 0"]);
+    // The freed id is handed out last, not next.
+    rec.apply(
+        &mut maps,
+        &state(vec![service("web", 1, &[(11, 100), (13, 100)])]),
+        &AllAlive,
+    )
+    .unwrap();
+    let id_13 = rec.applied()[0].backends[&ep(13)].id;
+    assert_eq!(id_13, 2);
+}
+
+#[test]
+fn drained_backend_is_out_of_the_ring_but_keeps_its_flows() {
+    let mut maps = FakeMaps::default();
+    let mut rec = Reconciler::adopt(&maps).unwrap();
+    let key = vip_key(&service("web", 1, &[]));
+    rec.apply(
+        &mut maps,
+        &state(vec![service("web", 1, &[(11, 100), (12, 100)])]),
+        &AllAlive,
+    )
+    .unwrap();
+    rec.apply(
+        &mut maps,
+        &state(vec![service("web", 1, &[(11, 100), (12, 0)])]),
+        &AllAlive,
+    )
+    .unwrap();
+    assert_eq!(ids_in(&maps.active_ring(&key)), BTreeSet::from([0]));
+    assert_eq!(maps.backends[&1].flags, BACKEND_IN_USE | BACKEND_ALIVE);
+}
+
+#[test]
+fn dead_backend_loses_alive_after_the_flip_and_comes_back() {
+    let mut maps = FakeMaps::default();
+    let mut rec = Reconciler::adopt(&maps).unwrap();
+    let key = vip_key(&service("web", 1, &[]));
+    let desired = state(vec![service("web", 1, &[(11, 100), (12, 100)])]);
+    rec.apply(&mut maps, &desired, &AllAlive).unwrap();
+    maps.log.clear();
+    rec.apply(&mut maps, &desired, &Dead(vec![ep(12)])).unwrap();
+    assert_eq!(maps.log, ["ring 0", "vip 0 -> ring 0", "backend 1 flags 1"]);
+    assert_eq!(ids_in(&maps.active_ring(&key)), BTreeSet::from([0]));
+    maps.log.clear();
+    rec.apply(&mut maps, &desired, &AllAlive).unwrap();
+    assert_eq!(
+        maps.log[0], "backend 1 flags 3",
+        "revived before the ring points at it"
+    );
+    assert_eq!(ids_in(&maps.active_ring(&key)), BTreeSet::from([0, 1]));
+}
+
+#[test]
+fn all_backends_down_leaves_an_empty_ring() {
+    let mut maps = FakeMaps::default();
+    let mut rec = Reconciler::adopt(&maps).unwrap();
+    let key = vip_key(&service("web", 1, &[]));
+    let desired = state(vec![service("web", 1, &[(11, 100)])]);
+    rec.apply(&mut maps, &desired, &Dead(vec![ep(11)])).unwrap();
+    assert_eq!(maps.vips[&key].table_size, 0);
+}
+
+#[test]
+fn restarted_agent_adopts_ids_and_changes_nothing() {
+    let mut maps = FakeMaps::default();
+    let desired = state(vec![
+        service("web", 1, &[(11, 100), (12, 100), (13, 50)]),
+        service("api", 2, &[(21, 100)]),
+    ]);
+    let mut first = Reconciler::adopt(&maps).unwrap();
+    first.apply(&mut maps, &desired, &AllAlive).unwrap();
+    let before = first.applied();
+    maps.log.clear();
+
+    let mut second = Reconciler::adopt(&maps).unwrap();
+    let changes = second.apply(&mut maps, &desired, &AllAlive).unwrap();
+    assert!(changes.is_empty(), "{changes:?}");
+    assert!(maps.log.is_empty(), "{:?}", maps.log);
+    let after = second.applied();
+    for (b, a) in before.iter().zip(&after) {
+        assert_eq!((b.id, &b.name), (a.id, &a.name));
+        let ids = |v: &AppliedView| {
+            v.backends
+                .iter()
+                .map(|(e, x)| (*e, x.id))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(b), ids(a));
+    }
+}
+
+#[test]
+fn adopted_state_without_config_is_removed() {
+    let mut maps = FakeMaps::default();
+    let mut first = Reconciler::adopt(&maps).unwrap();
+    first
+        .apply(
+            &mut maps,
+            &state(vec![service("web", 1, &[(11, 100)])]),
+            &AllAlive,
+        )
+        .unwrap();
+    let mut second = Reconciler::adopt(&maps).unwrap();
+    let changes = second.apply(&mut maps, &state(vec![]), &AllAlive).unwrap();
+    assert_eq!(changes.services_removed, 1);
+    assert!(maps.vips.is_empty() && maps.vip_addrs.is_empty());
+    assert!(maps.backends_in_use().unwrap().is_empty());
+}
+
+#[test]
+fn changed_vip_replaces_only_that_service() {
+    let mut maps = FakeMaps::default();
+    let mut rec = Reconciler::adopt(&maps).unwrap();
+    let api = service("api", 2, &[(21, 100)]);
+    rec.apply(
+        &mut maps,
+        &state(vec![service("web", 1, &[(11, 100)]), api.clone()]),
+        &AllAlive,
+    )
+    .unwrap();
+    let api_before = maps.vips[&vip_key(&api)];
+    rec.apply(
+        &mut maps,
+        &state(vec![service("web", 3, &[(11, 100)]), api.clone()]),
+        &AllAlive,
+    )
+    .unwrap();
+    assert_eq!(
+        maps.vips[&vip_key(&api)],
+        api_before,
+        "other services untouched"
+    );
+    assert!(!maps.vips.contains_key(&vip_key(&service("web", 1, &[]))));
+    assert!(maps.vips.contains_key(&vip_key(&service("web", 3, &[]))));
+    assert_eq!(maps.vip_addrs.len(), 2);
+}
+
+#[test]
+fn changed_table_size_rebuilds_the_ring() {
+    let mut maps = FakeMaps::default();
+    let mut rec = Reconciler::adopt(&maps).unwrap();
+    let mut web = service("web", 1, &[(11, 100), (12, 100)]);
+    rec.apply(&mut maps, &state(vec![web.clone()]), &AllAlive)
+        .unwrap();
+    web.table_size = 13;
+    rec.apply(&mut maps, &state(vec![web.clone()]), &AllAlive)
+        .unwrap();
+    assert_eq!(maps.active_ring(&vip_key(&web)).len(), 13);
+}

@@ -1,0 +1,109 @@
+//! Desired state: which services exist and which backends each should have, merged from all
+//! sources (static config now; Docker and Swarm later). Pure data, no I/O.
+use std::{collections::BTreeMap, fmt, net::IpAddr};
+
+use serde::Serialize;
+
+use crate::config::{Config, HealthConfig, Mode, Protocol, ServiceConfig};
+
+/// Where a backend listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Endpoint {
+    pub addr: IpAddr,
+    pub port: u16,
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.addr {
+            IpAddr::V4(a) => write!(f, "{a}:{}", self.port),
+            IpAddr::V6(a) => write!(f, "[{a}]:{}", self.port),
+        }
+    }
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let addr: std::net::SocketAddr = s
+            .parse()
+            .map_err(|_| format!("`{s}` is not ADDRESS:PORT"))?;
+        Ok(Endpoint {
+            addr: addr.ip(),
+            port: addr.port(),
+        })
+    }
+}
+
+/// Which source declared a backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Static,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BackendSpec {
+    /// 0 drains the backend: no new flows, established flows stay.
+    pub weight: u32,
+    pub source: Source,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub mode: Mode,
+    pub table_size: u32,
+    pub health: HealthConfig,
+    pub backends: BTreeMap<Endpoint, BackendSpec>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct DesiredState {
+    pub services: BTreeMap<String, ServiceSpec>,
+}
+
+impl DesiredState {
+    /// The services of a (validated) config with their static backends.
+    pub fn from_config(config: &Config) -> Self {
+        let services = config
+            .services
+            .iter()
+            .map(|svc| (svc.name.clone(), ServiceSpec::from_config(svc)))
+            .collect();
+        Self { services }
+    }
+}
+
+impl ServiceSpec {
+    fn from_config(svc: &ServiceConfig) -> Self {
+        let backends = svc
+            .backends
+            .iter()
+            .map(|b| {
+                let endpoint = Endpoint {
+                    addr: b.address,
+                    port: b.port,
+                };
+                let spec = BackendSpec {
+                    weight: b.weight,
+                    source: Source::Static,
+                };
+                (endpoint, spec)
+            })
+            .collect();
+        Self {
+            name: svc.name.clone(),
+            vip: svc.vip,
+            port: svc.port,
+            protocol: svc.protocol,
+            mode: svc.mode,
+            table_size: svc.table_size,
+            health: svc.health.clone(),
+            backends,
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! The status model served by `GET /status` and printed by `xlb status`: what the agent
+//! applied, joined with the data path's counters.
+use std::fmt::Write as _;
+
+use anyhow::Result;
+use lb_common::Counters;
+use serde::{Deserialize, Serialize};
+
+use crate::{datapath::Datapath, loader::Attachment, reconcile::AppliedView, state::DesiredState};
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub interfaces: Vec<InterfaceStatus>,
+    pub services: Vec<ServiceStatus>,
+    /// Global verdict counters by reason name.
+    pub reasons: Vec<(String, u64)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InterfaceStatus {
+    pub interface: String,
+    pub xdp_mode: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub vip: String,
+    pub port: u16,
+    pub protocol: String,
+    pub mode: String,
+    /// Slots of the active ring; 0 when no backend can take new flows.
+    pub table_size: u32,
+    pub counters: CounterStatus,
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendStatus {
+    pub address: String,
+    pub id: u32,
+    pub weight: u32,
+    /// "up", "down" or "drain".
+    pub state: String,
+    pub counters: CounterStatus,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterStatus {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+impl From<Counters> for CounterStatus {
+    fn from(c: Counters) -> Self {
+        Self {
+            packets: c.packets,
+            bytes: c.bytes,
+            new_flows: c.new_flows,
+        }
+    }
+}
+
+/// What the agent last applied: enough to build a `Status` with live counters.
+#[derive(Debug, Clone, Default)]
+pub struct Applied {
+    pub desired: DesiredState,
+    pub services: Vec<AppliedView>,
+    pub attachments: Vec<Attachment>,
+}
+
+impl Status {
+    pub fn collect(applied: &Applied, datapath: &Datapath) -> Result<Status> {
+        let mut services = Vec::new();
+        for view in &applied.services {
+            let Some(spec) = applied.desired.services.get(&view.name) else {
+                continue;
+            };
+            let mut backends = Vec::new();
+            for (endpoint, b) in &view.backends {
+                let state = match (b.alive, b.weight) {
+                    (false, _) => "down",
+                    (true, 0) => "drain",
+                    (true, _) => "up",
+                };
+                backends.push(BackendStatus {
+                    address: endpoint.to_string(),
+                    id: b.id,
+                    weight: b.weight,
+                    state: state.into(),
+                    counters: datapath.backend_counters(b.id)?.into(),
+                });
+            }
+            services.push(ServiceStatus {
+                name: view.name.clone(),
+                vip: spec.vip.to_string(),
+                port: spec.port,
+                protocol: spec.protocol.to_string(),
+                mode: format!("{:?}", spec.mode).to_lowercase(),
+                table_size: view.table_size,
+                counters: datapath.service_counters(view.id)?.into(),
+                backends,
+            });
+        }
+        services.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            interfaces: applied
+                .attachments
+                .iter()
+                .map(|a| InterfaceStatus {
+                    interface: a.interface.clone(),
+                    xdp_mode: a.xdp_mode.clone(),
+                })
+                .collect(),
+            services,
+            reasons: datapath
+                .reasons()?
+                .into_iter()
+                .map(|(r, n)| (r.name().to_string(), n))
+                .collect(),
+        })
+    }
+
+    /// A table for humans (`xlb status`).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let ifaces: Vec<String> = self
+            .interfaces
+            .iter()
+            .map(|i| format!("{} ({})", i.interface, i.xdp_mode))
+            .collect();
+        let _ = writeln!(
+            out,
+            "xlb {}  interfaces: {}",
+            self.version,
+            ifaces.join(", ")
+        );
+        for svc in &self.services {
+            let up = svc.backends.iter().filter(|b| b.state == "up").count();
+            let _ = writeln!(
+                out,
+                "\nSERVICE {}  {}:{}/{}  mode {}  backends {}/{} up  packets {}  bytes {}  new flows {}",
+                svc.name,
+                svc.vip,
+                svc.port,
+                svc.protocol,
+                svc.mode,
+                up,
+                svc.backends.len(),
+                svc.counters.packets,
+                svc.counters.bytes,
+                svc.counters.new_flows
+            );
+            if svc.table_size == 0 {
+                let _ = writeln!(out, "  no backend can take new flows");
+            }
+            let _ = writeln!(
+                out,
+                "  {:<24} {:>6} {:>6} {:>12} {:>14} {:>10}",
+                "BACKEND", "WEIGHT", "STATE", "PACKETS", "BYTES", "NEW FLOWS"
+            );
+            for b in &svc.backends {
+                let _ = writeln!(
+                    out,
+                    "  {:<24} {:>6} {:>6} {:>12} {:>14} {:>10}",
+                    b.address,
+                    b.weight,
+                    b.state,
+                    b.counters.packets,
+                    b.counters.bytes,
+                    b.counters.new_flows
+                );
+            }
+        }
+        let nonzero: Vec<String> = self
+            .reasons
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(r, n)| format!("{r}={n}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "\nverdicts: {}",
+            if nonzero.is_empty() {
+                "none yet".into()
+            } else {
+                nonzero.join(" ")
+            }
+        );
+        out
+    }
+}

@@ -1,0 +1,115 @@
+//! An `xlb run` agent inside a topology's lb namespace, with its own pin path. Drop stops it
+//! and removes everything it pinned.
+use std::{path::PathBuf, time::Duration};
+
+use crate::{
+    process::{Proc, binary, wait_for},
+    topology::Topology,
+};
+
+pub struct Agent {
+    pub pin_path: PathBuf,
+    pub config_path: PathBuf,
+    pub proc: Option<Proc>,
+    ns_path: String,
+    log: PathBuf,
+}
+
+impl Agent {
+    pub fn pin_path_for(topo: &Topology) -> String {
+        format!("/sys/fs/bpf/xlb-test-{}", topo.prefix)
+    }
+
+    /// Writes `config` and starts the agent; returns once its API answers.
+    pub fn start(topo: &Topology, config: &str) -> Agent {
+        let config_path = topo.dir.join("xlb.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let mut agent = Agent {
+            pin_path: Agent::pin_path_for(topo).into(),
+            config_path,
+            proc: None,
+            ns_path: topo.lb.path(),
+            log: topo.dir.join("xlb.log"),
+        };
+        agent.launch(topo);
+        agent
+    }
+
+    /// Starts (or restarts) the process on the current config.
+    pub fn launch(&mut self, topo: &Topology) {
+        let mut cmd = topo.lb.command(binary("xlb").to_str().expect("utf-8"));
+        cmd.args(["run", "--config"])
+            .arg(&self.config_path)
+            .env("RUST_LOG", "info");
+        let mut proc = Proc::spawn("xlb", cmd, self.log.clone());
+        let up = wait_for(Duration::from_secs(10), || {
+            if !proc.is_running() {
+                panic!("xlb exited:\n{}", proc.log_text());
+            }
+            proc.log_text().contains("xlb is running").then_some(())
+        });
+        up.unwrap_or_else(|| panic!("xlb did not come up:\n{}", proc.log_text()));
+        self.proc = Some(proc);
+    }
+
+    /// SIGTERM: the agent exits and leaves the data path pinned.
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            let status = p.stop(Duration::from_secs(5));
+            assert!(
+                status.is_some_and(|s| s.success()),
+                "xlb did not exit cleanly:\n{}",
+                p.log_text()
+            );
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs an `xlb` subcommand in the lb namespace; returns (success, stdout + stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String) {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", self.ns_path))
+            .arg("--")
+            .arg(binary("xlb"))
+            .args(args)
+            .output()
+            .expect("run xlb");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let (ok, out) = self.cli(&["status", "--json"]);
+        assert!(ok, "xlb status failed: {out}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("bad status JSON ({e}): {out}"))
+    }
+
+    /// Rewrites the config file and asks the agent to reload it.
+    pub fn reload(&self, config: &str) -> (bool, String) {
+        std::fs::write(&self.config_path, config).expect("write config");
+        self.cli(&["reload"])
+    }
+
+    pub fn detach(&self) -> String {
+        let (ok, out) = self.cli(&[
+            "detach",
+            "--pin-path",
+            self.pin_path.to_str().expect("utf-8"),
+        ]);
+        assert!(ok, "xlb detach failed: {out}");
+        out
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.stop(Duration::from_secs(5));
+        }
+        let _ = xlb::loader::detach(&self.pin_path);
+    }
+}

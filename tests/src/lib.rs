@@ -1,0 +1,7 @@
+//! Test harness: namespaces, processes, the netns topology, the agent, and client helpers.
+//! Everything a test creates is removed when its guard drops, also on panic.
+pub mod agent;
+pub mod client;
+pub mod netns;
+pub mod process;
+pub mod topology;

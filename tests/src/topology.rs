@@ -1,0 +1,185 @@
+//! The netns topology of DESIGN.md:
+//!
+//! ```text
+//! client ns (10.99.1.2) --veth-- lb ns (10.99.1.1, "front": XDP) --br0 10.99.2.1-- beN ns (10.99.2.1N)
+//! ```
+//! Backends route replies through the lb ns. Each topology has its own namespaces (unique
+//! prefix), so tests can run in parallel with the same addresses.
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use crate::{
+    netns::{Netns, unique_prefix},
+    process::{Proc, binary, wait_for},
+};
+
+pub const VIP: &str = "10.99.100.1";
+pub const FRONT: &str = "front";
+
+pub struct Backend {
+    pub name: String,
+    pub ns: Netns,
+    pub addr: String,
+    pub proc: Option<Proc>,
+}
+
+pub struct Topology {
+    pub prefix: String,
+    /// Scratch directory for configs and logs.
+    pub dir: PathBuf,
+    // Processes must end before their namespaces go: fields drop in this order.
+    pub backends: Vec<Backend>,
+    pub client: Netns,
+    pub lb: Netns,
+}
+
+impl Topology {
+    pub fn new(backends: usize) -> Topology {
+        let prefix = unique_prefix();
+        let dir = std::env::temp_dir().join(format!("xlb-test-{prefix}"));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let client = Netns::new(&format!("{prefix}-cl"));
+        let lb = Netns::new(&format!("{prefix}-lb"));
+        let mut topo = Topology {
+            prefix,
+            dir,
+            backends: Vec::new(),
+            client,
+            lb,
+        };
+        topo.wire_client_and_lb();
+        for _ in 0..backends {
+            topo.add_backend();
+        }
+        topo
+    }
+
+    fn wire_client_and_lb(&self) {
+        let (cl, lb) = (&self.client, &self.lb);
+        crate::netns::sh(&[
+            "ip", "link", "add", "eth0", "netns", &cl.name, "type", "veth", "peer", "name", FRONT,
+            "netns", &lb.name,
+        ]);
+        cl.ip(&["addr", "add", "10.99.1.2/24", "dev", "eth0"]);
+        cl.ip(&["link", "set", "eth0", "up"]);
+        cl.ip(&["route", "add", "default", "via", "10.99.1.1"]);
+        cl.no_tx_offload("eth0");
+        lb.ip(&["addr", "add", "10.99.1.1/24", "dev", FRONT]);
+        lb.ip(&["link", "set", FRONT, "up"]);
+        lb.ip(&["link", "add", "br0", "type", "bridge"]);
+        lb.ip(&["addr", "add", "10.99.2.1/24", "dev", "br0"]);
+        lb.ip(&["link", "set", "br0", "up"]);
+        lb.sysctl("net.ipv4.ip_forward", "1");
+    }
+
+    /// Adds backend N+1 at 10.99.2.(11+N) and starts its server (TCP and UDP on 8080,
+    /// HTTP on 8081).
+    pub fn add_backend(&mut self) -> &Backend {
+        let i = self.backends.len() + 1;
+        let name = format!("be{i}");
+        let ns = Netns::new(&format!("{}-{name}", self.prefix));
+        let addr = format!("10.99.2.{}", 10 + i);
+        crate::netns::sh(&[
+            "ip",
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            &ns.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &name,
+            "netns",
+            &self.lb.name,
+        ]);
+        self.lb.ip(&["link", "set", &name, "master", "br0"]);
+        self.lb.ip(&["link", "set", &name, "up"]);
+        ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        ns.ip(&["route", "add", "default", "via", "10.99.2.1"]);
+        ns.no_tx_offload("eth0");
+        let mut backend = Backend {
+            name,
+            ns,
+            addr,
+            proc: None,
+        };
+        backend.proc = Some(self.start_server(&backend));
+        self.backends.push(backend);
+        self.backends.last().expect("pushed")
+    }
+
+    fn start_server(&self, backend: &Backend) -> Proc {
+        let ready = self.dir.join(format!("{}.ready", backend.name));
+        let _ = std::fs::remove_file(&ready);
+        let mut cmd = backend
+            .ns
+            .command(binary("xlb-test-backend").to_str().expect("utf-8"));
+        cmd.args([
+            "--name",
+            &backend.name,
+            "--tcp",
+            "0.0.0.0:8080",
+            "--udp",
+            "0.0.0.0:8080",
+        ])
+        .args(["--http", "0.0.0.0:8081", "--log", "--ready-file"])
+        .arg(&ready);
+        let log = self.dir.join(format!("{}.log", backend.name));
+        let proc = Proc::spawn(&backend.name, cmd, log);
+        wait_for(Duration::from_secs(5), || ready.exists().then_some(()))
+            .unwrap_or_else(|| panic!("{} did not start: {}", backend.name, proc.log_text()));
+        proc
+    }
+
+    /// Stops a backend's server (its namespace stays).
+    pub fn kill_backend(&mut self, index: usize) {
+        if let Some(mut p) = self.backends[index].proc.take() {
+            p.stop(Duration::from_secs(3));
+        }
+    }
+
+    pub fn restart_backend(&mut self, index: usize) {
+        let proc = self.start_server(&self.backends[index]);
+        self.backends[index].proc = Some(proc);
+    }
+
+    pub fn vip(&self, port: u16) -> SocketAddr {
+        format!("{VIP}:{port}").parse().expect("addr")
+    }
+
+    /// A config for these backends in mode nat: one TCP service on VIP:80 and one UDP
+    /// service on VIP:53, both to port 8080 of every backend.
+    pub fn config(&self, pin_path: &str, backends: &[&Backend]) -> String {
+        let mut text = format!(
+            "[agent]\ninterfaces = [\"{FRONT}\"]\npin_path = \"{pin_path}\"\n\n\
+             [[service]]\nname = \"web\"\nvip = \"{VIP}\"\nport = 80\nprotocol = \"tcp\"\n"
+        );
+        for b in backends {
+            text += &format!(
+                "  [[service.backend]]\n  address = \"{}\"\n  port = 8080\n",
+                b.addr
+            );
+        }
+        text += &format!(
+            "\n[[service]]\nname = \"dns\"\nvip = \"{VIP}\"\nport = 53\nprotocol = \"udp\"\n"
+        );
+        for b in backends {
+            text += &format!(
+                "  [[service.backend]]\n  address = \"{}\"\n  port = 8080\n",
+                b.addr
+            );
+        }
+        text
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for b in &mut self.backends {
+            b.proc.take();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,198 @@
+//! Mode `nat` end to end in network namespaces: client -> lb (xlb attached) -> bridge -> 3
+//! backends running the workspace's test backend. Real TCP/UDP stacks verify checksums (TX
+//! offload is off on every endpoint). Run as root.
+use std::{
+    collections::BTreeMap,
+    net::{SocketAddr, UdpSocket},
+};
+
+use xlb_tests::{
+    agent::Agent,
+    client::{LineConn, tcp_name, udp_name},
+    topology::{FRONT, Topology},
+};
+
+fn count_names(names: &[String]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for n in names {
+        *counts.entry(n.clone()).or_insert(0) += 1;
+    }
+    counts
+}
+
+fn start(backends: usize) -> (Topology, Agent) {
+    let topo = Topology::new(backends);
+    let all: Vec<_> = topo.backends.iter().collect();
+    let config = topo.config(&Agent::pin_path_for(&topo), &all);
+    let agent = Agent::start(&topo, &config);
+    (topo, agent)
+}
+
+#[test]
+fn new_connections_spread_over_all_backends() {
+    let (topo, agent) = start(3);
+    let vip = topo.vip(80);
+    let names: Vec<String> = topo.client.run(move || {
+        (0..600)
+            .map(|i| tcp_name(vip).unwrap_or_else(|e| panic!("connection {i}: {e}")))
+            .collect()
+    });
+    let counts = count_names(&names);
+    assert_eq!(counts.len(), 3, "every backend answers: {counts:?}");
+    for (name, n) in &counts {
+        let share = *n as f64 / 600.0;
+        assert!(
+            (0.25..=0.42).contains(&share),
+            "{name} got {share:.3} of 600: {counts:?}"
+        );
+    }
+
+    // The data path counted each connection once, per service and per backend.
+    let status = agent.status();
+    let web = status["services"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "web"))
+        .expect("service web");
+    assert_eq!(web["counters"]["new_flows"], 600, "{status}");
+    let per_backend: u64 = web["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .map(|b| b["counters"]["new_flows"].as_u64().expect("count"))
+        .sum();
+    assert_eq!(per_backend, 600);
+}
+
+#[test]
+fn long_lived_connection_stays_while_a_backend_is_added() {
+    let (mut topo, agent) = start(3);
+    let vip = topo.vip(80);
+    let (conn, first) = topo.client.run(move || {
+        let mut c = LineConn::connect(vip).expect("connect");
+        let name = c.ask().expect("first answer");
+        (c, name)
+    });
+
+    topo.add_backend();
+    let all: Vec<_> = topo.backends.iter().collect();
+    let (ok, out) = agent.reload(&topo.config(&Agent::pin_path_for(&topo), &all));
+    assert!(ok, "reload failed: {out}");
+
+    // The same connection keeps talking to the same backend.
+    let (names, new_names) = topo.client.run(move || {
+        let mut c = conn;
+        let same: Vec<String> = (0..20)
+            .map(|_| c.ask().expect("answer on the old connection"))
+            .collect();
+        let fresh: Vec<String> = (0..200)
+            .map(|_| tcp_name(vip).expect("new connection"))
+            .collect();
+        (same, fresh)
+    });
+    assert!(
+        names.iter().all(|n| *n == first),
+        "moved from {first}: {names:?}"
+    );
+    // New connections reach the new backend too (about 1/4 of them).
+    let counts = count_names(&new_names);
+    let be4 = counts.get("be4").copied().unwrap_or(0);
+    assert!(
+        (20..=90).contains(&be4),
+        "be4 got {be4} of 200 new connections: {counts:?}"
+    );
+}
+
+#[test]
+fn udp_flow_sticks_to_one_backend_and_source_ports_spread() {
+    let (topo, _agent) = start(3);
+    let vip = topo.vip(53);
+    let (sticky, spread) = topo.client.run(move || {
+        let socket = UdpSocket::bind("10.99.1.2:40000").expect("bind");
+        let sticky: Vec<String> = (0..30)
+            .map(|_| udp_name(&socket, vip).expect("udp answer"))
+            .collect();
+        let spread: Vec<String> = (0..90)
+            .map(|i| {
+                let s =
+                    UdpSocket::bind(SocketAddr::from(([10, 99, 1, 2], 41000 + i))).expect("bind");
+                udp_name(&s, vip).expect("udp answer")
+            })
+            .collect();
+        (sticky, spread)
+    });
+    assert!(
+        sticky.iter().all(|n| *n == sticky[0]),
+        "one source port, one backend: {sticky:?}"
+    );
+    let counts = count_names(&spread);
+    assert_eq!(
+        counts.len(),
+        3,
+        "source ports spread over all backends: {counts:?}"
+    );
+}
+
+#[test]
+fn traffic_not_for_a_vip_still_routes() {
+    let (topo, agent) = start(3);
+    let direct: SocketAddr = "10.99.2.12:8080".parse().expect("addr");
+    let (tcp, udp) = topo.client.run(move || {
+        let tcp = tcp_name(direct).expect("direct TCP to a backend");
+        let socket = UdpSocket::bind("10.99.1.2:0").expect("bind");
+        let udp = udp_name(&socket, direct).expect("direct UDP to a backend");
+        (tcp, udp)
+    });
+    assert_eq!((tcp.as_str(), udp.as_str()), ("be2", "be2"));
+    let status = agent.status();
+    let reasons: BTreeMap<String, u64> = serde_json::from_value(status["reasons"].clone())
+        .map(|v: Vec<(String, u64)>| v.into_iter().collect())
+        .expect("reasons");
+    assert!(reasons["pass_not_vip"] >= 2, "{reasons:?}");
+    assert_eq!(reasons["forwarded"], 0, "{reasons:?}");
+}
+
+#[test]
+fn client_address_reaches_the_backend() {
+    let (topo, _agent) = start(1);
+    let vip = topo.vip(80);
+    topo.client.run(move || tcp_name(vip).expect("connect"));
+    let log = topo.backends[0].proc.as_ref().expect("running").log_text();
+    assert!(
+        log.contains("be1 tcp from 10.99.1.2:"),
+        "backend log: {log}"
+    );
+}
+
+#[test]
+fn detach_leaves_nothing_attached_or_pinned() {
+    let (topo, mut agent) = start(2);
+    let vip = topo.vip(80);
+    topo.client
+        .run(move || tcp_name(vip).expect("served before detach"));
+
+    // Stopping the agent leaves forwarding in place.
+    agent.stop();
+    assert!(
+        agent
+            .pin_path
+            .join("links")
+            .read_dir()
+            .expect("links")
+            .count()
+            == 2
+    );
+    let name = topo
+        .client
+        .run(move || tcp_name(vip).expect("served with the agent stopped"));
+    assert!(name.starts_with("be"));
+
+    agent.detach();
+    assert!(!agent.pin_path.exists(), "pin path removed");
+    let link = topo.lb.ip(&["-d", "link", "show", FRONT]);
+    assert!(!link.contains("xdp"), "XDP still attached: {link}");
+    let tc = topo.lb.exec(&["bpftool", "net", "show", "dev", FRONT]);
+    assert!(!tc.contains("xlb"), "a program is still attached: {tc}");
+    // Without the LB, the VIP is not served any more (and nothing else answers for it).
+    let gone = topo.client.run(move || tcp_name(vip));
+    assert!(gone.is_err(), "VIP still answered after detach: {gone:?}");
+}
