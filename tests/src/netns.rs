@@ -104,16 +104,22 @@ impl Netns {
 
     /// Runs `f` on a thread inside this namespace: sockets it creates live there.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let ns = File::open(self.path()).expect("open netns");
+        let path = self.path();
         std::thread::spawn(move || {
-            // SAFETY: changes only this new thread's namespace.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                panic!("setns: {}", std::io::Error::last_os_error());
-            }
+            enter(&path);
             f()
         })
         .join()
         .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+}
+
+/// Moves the calling thread into the namespace at `path` (only this thread).
+pub fn enter(path: &str) {
+    let ns = File::open(path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+    // SAFETY: setns on a valid namespace fd; affects the calling thread only.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        panic!("setns {path}: {}", std::io::Error::last_os_error());
     }
 }
 

@@ -1,22 +1,22 @@
 //! Child processes a test started: ended by PID on drop (SIGTERM, then SIGKILL).
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-/// Path of a workspace binary (built by `cargo build`, which `cargo xtask test` runs first).
+/// Path of a workspace binary next to the running one (a test runs from
+/// target/<profile>/deps, the demo from target/<profile>). `cargo xtask test` builds them.
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test>-<hash> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --workspace --exclude lb-ebpf` first (cargo xtask test does)",
-        path.display()
-    );
-    path
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join(name))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!("{name} is missing: run `cargo build --workspace --exclude lb-ebpf --bins` first (cargo xtask test does)")
+        })
 }
 
 pub struct Proc {

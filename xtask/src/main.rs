@@ -1,1 +1,151 @@
-fn main() {}
+//! `cargo xtask setup|build|run|test|demo`: the project's one-command workflows. This crate
+//! depends on nothing that needs BPF tooling, so it builds on a fresh machine and installs
+//! that tooling itself.
+mod setup;
+
+use std::{
+    path::PathBuf,
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "xlb developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the nightly toolchain, bpf-linker and the Debian packages (idempotent).
+    Setup,
+    /// Set up, then build everything.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up, build, and run the agent as root: `cargo xtask run -- --config F`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and run every test (unit, BPF, netns) as root.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and show xlb balancing a netns sandbox live.
+    Demo {
+        /// Seconds of traffic before the demo ends by itself.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    match run_task(Cli::parse().task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_task(task: Task) -> Result<()> {
+    match task {
+        Task::Setup => setup::setup(setup::TEST_PACKAGES),
+        Task::Build { release } => {
+            setup::setup(setup::TEST_PACKAGES)?;
+            build(release)
+        }
+        Task::Run { args } => {
+            setup::setup(setup::TEST_PACKAGES)?;
+            build(false)?;
+            let status = Command::new(target_dir()?.join("debug/xlb"))
+                .arg("run")
+                .args(args)
+                .status()?;
+            if !status.success() {
+                bail!("xlb exited with {status}");
+            }
+            Ok(())
+        }
+        Task::Test { args } => {
+            setup::setup(setup::TEST_PACKAGES)?;
+            build(false)?;
+            step("running all tests");
+            run(cargo()
+                .args(["test", "--workspace", "--exclude", "lb-ebpf"])
+                .args(args))
+        }
+        Task::Demo { seconds } => {
+            setup::setup(setup::TEST_PACKAGES)?;
+            build(false)?;
+            step("starting the demo (Ctrl-C ends it and removes everything)");
+            run(Command::new(target_dir()?.join("debug/xlb-demo"))
+                .args(["--seconds", &seconds.to_string()]))
+        }
+    }
+}
+
+/// Builds every crate the tests and the demo run (the BPF object through build.rs).
+fn build(release: bool) -> Result<()> {
+    step("building");
+    let mut cmd = cargo();
+    cmd.args(["build", "--workspace", "--exclude", "lb-ebpf", "--bins"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn target_dir() -> Result<PathBuf> {
+    Ok(std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target")))
+}
+
+/// Prints a progress line.
+pub fn step(msg: &str) {
+    eprintln!("==> {msg}");
+}
+
+/// Runs a command, failing on a non-zero exit.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+/// Runs a command and returns its stdout.
+pub fn capture(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
