@@ -1,12 +1,14 @@
-//! `xlb run`: loads and attaches the data path, applies the config, serves the API, and
-//! reloads on SIGHUP or `xlb reload`. On SIGTERM/SIGINT it exits and leaves everything pinned,
-//! so forwarding goes on until a new agent adopts it (or `xlb detach` removes it).
+//! `xlb run`: loads and attaches the data path, applies the config, health-checks backends,
+//! serves the API, and reloads on SIGHUP or `xlb reload`. On SIGTERM/SIGINT it exits and
+//! leaves everything pinned, so forwarding goes on until a new agent adopts it (or
+//! `xlb detach` removes it). This loop is the only writer of the maps.
 use std::{
+    collections::BTreeSet,
     path::{Path, PathBuf},
     sync::Arc,
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use aya::Ebpf;
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -18,9 +20,10 @@ use crate::{
     api::{self, Command},
     config::Config,
     datapath::Datapath,
+    health::{HealthMonitor, Key, NetProber, State},
     loader,
-    reconcile::{AllAlive, Reconciler},
-    state::DesiredState,
+    reconcile::Reconciler,
+    state::{DesiredState, Endpoint},
     status::Applied,
 };
 
@@ -30,6 +33,10 @@ struct Agent {
     ebpf: Ebpf,
     datapath: Datapath,
     reconciler: Reconciler,
+    health: HealthMonitor,
+    desired: DesiredState,
+    /// Backends drained through the API; kept across reloads.
+    drained: BTreeSet<Key>,
     applied: watch::Sender<Arc<Applied>>,
     attachments: Vec<loader::Attachment>,
 }
@@ -38,41 +45,46 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let config = Config::load(config_path)?;
     let pin_path = config.agent.pin_path.clone();
     let mut ebpf = loader::load(&pin_path)?;
-    let mut datapath = loader::datapath(&mut ebpf)?;
-    let mut reconciler = Reconciler::adopt(&datapath)?;
-    // Maps first, then links: a new data path is complete before it sees a packet.
-    let desired = DesiredState::from_config(&config);
-    let changes = reconciler.apply(&mut datapath, &desired, &AllAlive)?;
-    info!(?changes, "applied the config");
-    let attachments = loader::attach(
-        &mut ebpf,
-        &pin_path,
-        &config.agent.interfaces,
-        config.agent.xdp_mode,
-    )?;
-    for a in &attachments {
-        info!(interface = %a.interface, xdp_mode = %a.xdp_mode, adopted = a.adopted, "attached");
-    }
-
+    let datapath = loader::datapath(&mut ebpf)?;
+    let reconciler = Reconciler::adopt(&datapath)?;
+    let (health_tx, mut health_changes) = mpsc::unbounded_channel();
     let (applied_tx, applied_rx) = watch::channel(Arc::new(Applied::default()));
-    let (commands_tx, mut commands) = mpsc::channel(8);
     let mut agent = Agent {
         config_path: config_path.into(),
+        desired: DesiredState::from_config(&config),
         config,
         ebpf,
         datapath,
         reconciler,
+        health: HealthMonitor::new(Arc::new(NetProber), health_tx),
+        drained: BTreeSet::new(),
         applied: applied_tx,
-        attachments,
+        attachments: Vec::new(),
     };
-    agent.publish(desired);
-    let _api = api::serve(
-        &agent.config.api_listen(),
-        pin_path,
-        applied_rx,
-        commands_tx,
-    )
-    .await?;
+    // Backends start where the pinned data path left them; on a first start, up.
+    agent.sync_health(State::Up);
+    // Maps first, then links: a new data path is complete before it sees a packet.
+    agent.apply()?;
+    agent.attachments = loader::attach(
+        &mut agent.ebpf,
+        &pin_path,
+        &agent.config.agent.interfaces,
+        agent.config.agent.xdp_mode,
+    )?;
+    for a in &agent.attachments {
+        info!(interface = %a.interface, xdp_mode = %a.xdp_mode, adopted = a.adopted, "attached");
+    }
+    agent.publish();
+
+    let (commands_tx, mut commands) = mpsc::channel(8);
+    let api = api::Api {
+        applied: applied_rx,
+        datapath: Arc::new(Datapath::open_pinned(&pin_path)?),
+        commands: commands_tx,
+        probe_latency: agent.health.latency(),
+        health: agent.health.reader(),
+    };
+    let _server = api::serve(&agent.config.api_listen(), api).await?;
 
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -85,15 +97,15 @@ pub async fn run(config_path: &Path) -> Result<()> {
                     error!("reload rejected, the running state is kept:\n{e:#}");
                 }
             }
-            Some(cmd) = commands.recv() => match cmd {
-                Command::Reload(reply) => {
-                    let result = agent.reload().map_err(|e| format!("{e:#}"));
-                    if let Err(e) = &result {
-                        error!("reload rejected, the running state is kept:\n{e}");
-                    }
-                    let _ = reply.send(result);
+            Some(_) = health_changes.recv() => {
+                // Several backends may change at once: one apply for all of them.
+                while health_changes.try_recv().is_ok() {}
+                if let Err(e) = agent.apply() {
+                    error!("applying health changes: {e:#}");
                 }
-            },
+                agent.publish();
+            }
+            Some(cmd) = commands.recv() => agent.command(cmd),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -103,41 +115,126 @@ pub async fn run(config_path: &Path) -> Result<()> {
 }
 
 impl Agent {
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Reload(reply) => {
+                let result = self.reload().map_err(|e| format!("{e:#}"));
+                if let Err(e) = &result {
+                    error!("reload rejected, the running state is kept:\n{e}");
+                }
+                let _ = reply.send(result);
+            }
+            Command::Drain {
+                service,
+                backend,
+                drain,
+                reply,
+            } => {
+                let _ = reply.send(
+                    self.drain(service, backend, drain)
+                        .map_err(|e| format!("{e:#}")),
+                );
+            }
+        }
+    }
+
     /// Re-reads the config; an invalid one changes nothing.
     fn reload(&mut self) -> Result<String> {
         let config = Config::load(&self.config_path)?;
-        if config.agent.pin_path != self.config.agent.pin_path
-            || config.agent.api != self.config.agent.api
-        {
+        let agent = &config.agent;
+        if agent.pin_path != self.config.agent.pin_path || agent.api != self.config.agent.api {
             warn!("agent.pin_path and agent.api changes take effect on restart only");
         }
-        if config.agent.interfaces != self.config.agent.interfaces
-            || config.agent.xdp_mode != self.config.agent.xdp_mode
+        if agent.interfaces != self.config.agent.interfaces
+            || agent.xdp_mode != self.config.agent.xdp_mode
         {
             self.attachments = loader::attach(
                 &mut self.ebpf,
                 &self.config.agent.pin_path,
-                &config.agent.interfaces,
-                config.agent.xdp_mode,
+                &agent.interfaces,
+                agent.xdp_mode,
             )
             .context("attaching to the new interfaces")?;
         }
-        let desired = DesiredState::from_config(&config);
-        let changes = self
-            .reconciler
-            .apply(&mut self.datapath, &desired, &AllAlive)?;
+        self.desired = DesiredState::from_config(&config);
         self.config = config;
-        self.publish(desired);
+        self.drained.retain(|(svc, ep)| {
+            self.desired
+                .services
+                .get(svc)
+                .is_some_and(|s| s.backends.contains_key(ep))
+        });
+        // A backend new to this agent takes traffic after its first good probe.
+        self.sync_health(State::Pending);
+        let changes = self.apply()?;
+        self.publish();
         let msg = format!("reloaded {}: {changes:?}", self.config_path.display());
         info!("{msg}");
         Ok(msg)
     }
 
-    fn publish(&self, desired: DesiredState) {
+    fn drain(&mut self, service: String, backend: String, drain: bool) -> Result<String> {
+        let endpoint: Endpoint = backend.parse().map_err(anyhow::Error::msg)?;
+        let Some(svc) = self.desired.services.get(&service) else {
+            bail!("no service `{service}`");
+        };
+        if !svc.backends.contains_key(&endpoint) {
+            bail!("service `{service}` has no backend {endpoint}");
+        }
+        let key = (service, endpoint);
+        let verb = if drain { "drained" } else { "undrained" };
+        let changed = if drain {
+            self.drained.insert(key.clone())
+        } else {
+            self.drained.remove(&key)
+        };
+        if changed {
+            self.apply()?;
+            self.publish();
+            info!(service = %key.0, backend = %key.1, "backend {verb}");
+        }
+        Ok(format!("{} {} {verb}", key.0, key.1))
+    }
+
+    fn sync_health(&mut self, unknown: State) {
+        let reconciler = &self.reconciler;
+        let desired = &self.desired;
+        self.health.sync(desired, |(svc, endpoint)| {
+            match reconciler.pinned_alive(&desired.services[svc], endpoint) {
+                Some(true) => State::Up,
+                Some(false) => State::Down,
+                None => unknown,
+            }
+        });
+    }
+
+    /// The desired state with drained backends at weight 0, applied with current health.
+    fn apply(&mut self) -> Result<crate::reconcile::Changes> {
+        let mut effective = self.desired.clone();
+        for (svc, endpoint) in &self.drained {
+            if let Some(b) = effective
+                .services
+                .get_mut(svc)
+                .and_then(|s| s.backends.get_mut(endpoint))
+            {
+                b.weight = 0;
+            }
+        }
+        let changes = self
+            .reconciler
+            .apply(&mut self.datapath, &effective, &self.health.view())?;
+        if !changes.is_empty() {
+            info!(?changes, "applied");
+        }
+        Ok(changes)
+    }
+
+    fn publish(&self) {
         self.applied.send_replace(Arc::new(Applied {
-            desired,
+            desired: self.desired.clone(),
             services: self.reconciler.applied(),
             attachments: self.attachments.clone(),
+            drained: self.drained.clone(),
         }));
     }
 }

@@ -1,13 +1,14 @@
-//! The operations API: `GET /status` (JSON) and `POST /reload`, on 127.0.0.1:9900 by default
-//! or a unix socket. Handlers only read (a status snapshot and the pinned maps); changes go to
-//! the agent loop as commands, so the agent stays the only writer.
-use std::{path::PathBuf, sync::Arc};
+//! The operations API on 127.0.0.1:9900 by default (or a unix socket): `GET /status` (JSON),
+//! `GET /metrics` (Prometheus text), `POST /reload`, and
+//! `POST /backends/{service}/{backend}/drain` (or `/undrain`). Handlers only read; changes go
+//! to the agent loop as commands, so the agent stays the only writer.
+use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
 use axum::{
     Json, Router,
-    extract::State,
-    http::StatusCode,
+    extract::{Path, State},
+    http::{StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -19,37 +20,62 @@ use tracing::info;
 use crate::{
     config::ApiListen,
     datapath::Datapath,
+    health::HealthReader,
+    metrics::{self, ProbeLatency},
     status::{Applied, Status},
 };
 
+type Reply = oneshot::Sender<Result<String, String>>;
+
 /// A change requested through the API, answered by the agent loop.
 pub enum Command {
-    Reload(oneshot::Sender<Result<String, String>>),
+    Reload(Reply),
+    Drain {
+        service: String,
+        backend: String,
+        drain: bool,
+        reply: Reply,
+    },
 }
 
+/// What the handlers can see.
 #[derive(Clone)]
-struct ApiState {
-    applied: watch::Receiver<Arc<Applied>>,
-    datapath: Arc<Datapath>,
-    commands: mpsc::Sender<Command>,
+pub struct Api {
+    pub applied: watch::Receiver<Arc<Applied>>,
+    pub datapath: Arc<Datapath>,
+    pub commands: mpsc::Sender<Command>,
+    pub probe_latency: ProbeLatency,
+    pub health: HealthReader,
+}
+
+impl Api {
+    fn status(&self) -> Result<Status> {
+        let applied = self.applied.borrow().clone();
+        Status::collect(&applied, &self.health.snapshot(), &self.datapath)
+    }
+
+    async fn ask(&self, command: impl FnOnce(Reply) -> Command) -> Response {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(command(tx)).await.is_err() {
+            return (StatusCode::SERVICE_UNAVAILABLE, "agent is shutting down\n").into_response();
+        }
+        match rx.await {
+            Ok(Ok(msg)) => (StatusCode::OK, format!("{msg}\n")).into_response(),
+            Ok(Err(msg)) => (StatusCode::UNPROCESSABLE_ENTITY, format!("{msg}\n")).into_response(),
+            Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "agent is shutting down\n").into_response(),
+        }
+    }
 }
 
 /// Binds the API listener and serves it until the process ends.
-pub async fn serve(
-    listen: &ApiListen,
-    pin_path: PathBuf,
-    applied: watch::Receiver<Arc<Applied>>,
-    commands: mpsc::Sender<Command>,
-) -> Result<tokio::task::JoinHandle<()>> {
-    let datapath = Arc::new(Datapath::open_pinned(&pin_path)?);
+pub async fn serve(listen: &ApiListen, api: Api) -> Result<tokio::task::JoinHandle<()>> {
     let router = Router::new()
         .route("/status", get(status))
+        .route("/metrics", get(metrics))
         .route("/reload", post(reload))
-        .with_state(ApiState {
-            applied,
-            datapath,
-            commands,
-        });
+        .route("/backends/{service}/{backend}/drain", post(drain))
+        .route("/backends/{service}/{backend}/undrain", post(undrain))
+        .with_state(api);
     let task = match listen {
         ApiListen::Tcp(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -73,50 +99,81 @@ pub async fn serve(
     Ok(task)
 }
 
-async fn status(State(state): State<ApiState>) -> Response {
-    let applied = state.applied.borrow().clone();
-    match Status::collect(&applied, &state.datapath) {
+fn internal(e: anyhow::Error) -> Response {
+    (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")).into_response()
+}
+
+async fn status(State(api): State<Api>) -> Response {
+    match api.status() {
         Ok(status) => Json(status).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")).into_response(),
+        Err(e) => internal(e),
     }
 }
 
-async fn reload(State(state): State<ApiState>) -> Response {
-    let (tx, rx) = oneshot::channel();
-    if state.commands.send(Command::Reload(tx)).await.is_err() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "agent is shutting down\n").into_response();
-    }
-    match rx.await {
-        Ok(Ok(msg)) => (StatusCode::OK, format!("{msg}\n")).into_response(),
-        Ok(Err(msg)) => (StatusCode::UNPROCESSABLE_ENTITY, format!("{msg}\n")).into_response(),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "agent is shutting down\n").into_response(),
+async fn metrics(State(api): State<Api>) -> Response {
+    match api.status() {
+        Ok(status) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            metrics::render(&status, &api.probe_latency),
+        )
+            .into_response(),
+        Err(e) => internal(e),
     }
 }
 
-/// A minimal client for the CLI: one request, the body as text.
+async fn reload(State(api): State<Api>) -> Response {
+    api.ask(Command::Reload).await
+}
+
+async fn drain(
+    State(api): State<Api>,
+    Path((service, backend)): Path<(String, String)>,
+) -> Response {
+    api.ask(|reply| Command::Drain {
+        service,
+        backend,
+        drain: true,
+        reply,
+    })
+    .await
+}
+
+async fn undrain(
+    State(api): State<Api>,
+    Path((service, backend)): Path<(String, String)>,
+) -> Response {
+    api.ask(|reply| Command::Drain {
+        service,
+        backend,
+        drain: false,
+        reply,
+    })
+    .await
+}
+
+/// A minimal client for the CLI: one request, the status code and the body as text.
 pub async fn request(listen: &ApiListen, method: &str, path: &str) -> Result<(u16, String)> {
     let req = hyper::Request::builder()
         .method(method)
         .uri(path)
         .header("host", "xlb")
         .body(Empty::<Bytes>::new())?;
+    let hint = "is `xlb run` up?";
     let response = match listen {
         ApiListen::Tcp(addr) => {
             let stream = tokio::net::TcpStream::connect(addr)
                 .await
-                .with_context(|| {
-                    format!("connecting to the xlb API at {addr} (is `xlb run` up?)")
-                })?;
+                .with_context(|| format!("connecting to the xlb API at {addr} ({hint})"))?;
             send(stream, req).await?
         }
         ApiListen::Unix(path) => {
             let stream = tokio::net::UnixStream::connect(path)
                 .await
                 .with_context(|| {
-                    format!(
-                        "connecting to the xlb API at {} (is `xlb run` up?)",
-                        path.display()
-                    )
+                    format!("connecting to the xlb API at {} ({hint})", path.display())
                 })?;
             send(stream, req).await?
         }
@@ -133,8 +190,8 @@ async fn send<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
     tokio::spawn(conn);
     Ok(sender.send_request(req).await?)
 }

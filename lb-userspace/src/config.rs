@@ -172,6 +172,13 @@ pub struct HealthConfig {
     pub rise: u32,
     /// Consecutive failures that take a backend down.
     pub fall: u32,
+    /// Interval while a backend is changing state (up with failures, or down with
+    /// successes), as HAProxy's `fastinter`. Default: `interval`.
+    #[serde(with = "humantime_serde")]
+    pub fastinter: Option<Duration>,
+    /// Interval while a backend is down, as HAProxy's `downinter`. Default: `interval`.
+    #[serde(with = "humantime_serde")]
+    pub downinter: Option<Duration>,
 }
 
 impl Default for HealthConfig {
@@ -184,6 +191,45 @@ impl Default for HealthConfig {
             timeout: Duration::from_millis(500),
             rise: 2,
             fall: 2,
+            fastinter: None,
+            downinter: None,
+        }
+    }
+}
+
+/// Per-backend changes to the service's health check; unset fields keep the service's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthOverride {
+    #[serde(rename = "type")]
+    pub kind: Option<HealthKind>,
+    pub path: Option<String>,
+    pub expect_status: Option<u16>,
+    #[serde(with = "humantime_serde")]
+    pub interval: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    pub rise: Option<u32>,
+    pub fall: Option<u32>,
+    #[serde(with = "humantime_serde")]
+    pub fastinter: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub downinter: Option<Duration>,
+}
+
+impl HealthConfig {
+    /// This check with a backend's overrides applied.
+    pub fn with(&self, o: &HealthOverride) -> HealthConfig {
+        HealthConfig {
+            kind: o.kind.unwrap_or(self.kind),
+            path: o.path.clone().unwrap_or_else(|| self.path.clone()),
+            expect_status: o.expect_status.unwrap_or(self.expect_status),
+            interval: o.interval.unwrap_or(self.interval),
+            timeout: o.timeout.unwrap_or(self.timeout),
+            rise: o.rise.unwrap_or(self.rise),
+            fall: o.fall.unwrap_or(self.fall),
+            fastinter: o.fastinter.or(self.fastinter),
+            downinter: o.downinter.or(self.downinter),
         }
     }
 }
@@ -204,6 +250,8 @@ pub struct BackendConfig {
     pub port: u16,
     #[serde(default = "default_weight")]
     pub weight: u32,
+    #[serde(default)]
+    pub health: HealthOverride,
 }
 
 fn default_weight() -> u32 {
@@ -425,6 +473,13 @@ impl Config {
                         format!("{} is above the maximum 65535", be.weight),
                     ));
                 }
+                let health = svc.health.with(&be.health);
+                out.extend(
+                    health_problems(&health)
+                        .into_iter()
+                        .filter(|(f, _)| !health_problems(&svc.health).iter().any(|(g, _)| g == f))
+                        .map(|(f, r)| (at(&format!("health.{f}")), r)),
+                );
                 if !seen.insert((be.address, be.port)) {
                     out.push((
                         at("address"),
@@ -446,8 +501,14 @@ impl Config {
 
 fn health_problems(h: &HealthConfig) -> Vec<(&'static str, String)> {
     let mut out = Vec::new();
-    if h.interval.is_zero() {
-        out.push(("interval", "must be longer than 0s".into()));
+    for (field, d) in [
+        ("interval", Some(h.interval)),
+        ("fastinter", h.fastinter),
+        ("downinter", h.downinter),
+    ] {
+        if d.is_some_and(|d| d < Duration::from_millis(10)) {
+            out.push((field, "must be at least 10ms".into()));
+        }
     }
     if h.timeout.is_zero() {
         out.push(("timeout", "must be longer than 0s".into()));
@@ -478,7 +539,10 @@ fn valid_name(name: &str) -> bool {
 }
 
 pub fn is_prime(n: u32) -> bool {
-    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d))
+    n >= 2
+        && (2..)
+            .take_while(|d| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
 }
 
 #[cfg(test)]

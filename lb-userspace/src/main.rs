@@ -45,6 +45,21 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Stop sending new flows to a backend; its established flows go on.
+    Drain {
+        service: String,
+        /// ADDRESS:PORT, as `xlb status` shows it.
+        backend: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Undo `xlb drain`.
+    Undrain {
+        service: String,
+        backend: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Detach all programs and remove all pinned state.
     Detach {
         /// The pin path to clean (default: agent.pin_path of --config, else /sys/fs/bpf/xlb).
@@ -121,11 +136,29 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Reload { api } => {
-            let (code, body) = runtime.block_on(api::request(&api.listen()?, "POST", "/reload"))?;
-            print!("{body}");
-            if code != 200 {
-                return Ok(ExitCode::FAILURE);
-            }
+            return post(&runtime, &api, "/reload");
+        }
+        Command::Drain {
+            service,
+            backend,
+            api,
+        } => {
+            return post(
+                &runtime,
+                &api,
+                &format!("/backends/{service}/{backend}/drain"),
+            );
+        }
+        Command::Undrain {
+            service,
+            backend,
+            api,
+        } => {
+            return post(
+                &runtime,
+                &api,
+                &format!("/backends/{service}/{backend}/undrain"),
+            );
         }
         Command::Detach { pin_path, config } => {
             let pin_path = match (pin_path, config) {
@@ -143,4 +176,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// POSTs to the agent and prints its answer; fails when the agent refused.
+fn post(runtime: &tokio::runtime::Runtime, api: &ApiArgs, path: &str) -> Result<ExitCode> {
+    let (code, body) = runtime.block_on(api::request(&api.listen()?, "POST", path))?;
+    if code == 200 {
+        print!("{body}");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprint!("error: {body}");
+        Ok(ExitCode::FAILURE)
+    }
 }

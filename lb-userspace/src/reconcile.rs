@@ -61,6 +61,8 @@ struct AppliedService {
     value: Service,
     /// False until `value` has been written to the VIP map.
     published: bool,
+    /// Rings written for this service by this agent.
+    ring_rebuilds: u64,
     backends: BTreeMap<Endpoint, AppliedBackend>,
 }
 
@@ -99,6 +101,7 @@ impl Reconciler {
                 name: String::new(),
                 value,
                 published: true,
+                ring_rebuilds: 0,
                 backends: BTreeMap::new(),
             };
             services.insert(key, applied);
@@ -178,6 +181,7 @@ impl Reconciler {
                     name: spec.name.clone(),
                     value,
                     published: false,
+                    ring_rebuilds: 0,
                     backends: BTreeMap::new(),
                 };
                 self.services.insert(key, applied);
@@ -250,6 +254,7 @@ impl Reconciler {
             value.table_size = ring.len() as u32;
             maps.write_ring(value.ring_offset, &ring);
             changes.rings_written += 1;
+            svc.ring_rebuilds += 1;
             if ring.is_empty() {
                 warn!(service = %spec.name, "no backend can take new flows");
             }
@@ -311,7 +316,14 @@ impl Reconciler {
         Ok(())
     }
 
-    /// Service name -> (service id, table size, backends) as applied.
+    /// Whether the pinned data path had this backend alive (None: not known to it). Used to
+    /// start health checks where the previous agent left off.
+    pub fn pinned_alive(&self, spec: &ServiceSpec, endpoint: &Endpoint) -> Option<bool> {
+        let svc = self.services.get(&vip_key(spec))?;
+        svc.backends.get(endpoint).map(|b| b.alive)
+    }
+
+    /// Each service as applied: ids, table size, backends.
     pub fn applied(&self) -> Vec<AppliedView> {
         self.services
             .values()
@@ -319,6 +331,7 @@ impl Reconciler {
                 name: s.name.clone(),
                 id: s.value.id,
                 table_size: s.value.table_size,
+                ring_rebuilds: s.ring_rebuilds,
                 backends: s.backends.iter().map(|(e, b)| (*e, b.clone())).collect(),
             })
             .collect()
@@ -331,6 +344,7 @@ pub struct AppliedView {
     pub name: String,
     pub id: u32,
     pub table_size: u32,
+    pub ring_rebuilds: u64,
     pub backends: BTreeMap<Endpoint, AppliedBackend>,
 }
 

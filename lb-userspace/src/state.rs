@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 use serde::Serialize;
 
-use crate::config::{Config, HealthConfig, Mode, Protocol, ServiceConfig};
+use crate::config::{Config, HealthConfig, HealthOverride, Mode, Protocol, ServiceConfig};
 
 /// Where a backend listens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -47,6 +47,8 @@ pub struct BackendSpec {
     /// 0 drains the backend: no new flows, established flows stay.
     pub weight: u32,
     pub source: Source,
+    /// Changes to the service's health check for this backend.
+    pub health: HealthOverride,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -91,6 +93,7 @@ impl ServiceSpec {
                 let spec = BackendSpec {
                     weight: b.weight,
                     source: Source::Static,
+                    health: b.health.clone(),
                 };
                 (endpoint, spec)
             })

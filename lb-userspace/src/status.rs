@@ -1,12 +1,21 @@
 //! The status model served by `GET /status` and printed by `xlb status`: what the agent
 //! applied, joined with the data path's counters.
-use std::fmt::Write as _;
+use std::{
+    collections::{BTreeSet, HashMap},
+    fmt::Write as _,
+};
 
 use anyhow::Result;
 use lb_common::Counters;
 use serde::{Deserialize, Serialize};
 
-use crate::{datapath::Datapath, loader::Attachment, reconcile::AppliedView, state::DesiredState};
+use crate::{
+    datapath::Datapath,
+    health::{BackendHealth, Key, State},
+    loader::Attachment,
+    reconcile::AppliedView,
+    state::DesiredState,
+};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Status {
@@ -32,6 +41,9 @@ pub struct ServiceStatus {
     pub mode: String,
     /// Slots of the active ring; 0 when no backend can take new flows.
     pub table_size: u32,
+    /// Why the service serves nothing, when it does not.
+    pub problem: Option<String>,
+    pub ring_rebuilds: u64,
     pub counters: CounterStatus,
     pub backends: Vec<BackendStatus>,
 }
@@ -40,10 +52,20 @@ pub struct ServiceStatus {
 pub struct BackendStatus {
     pub address: String,
     pub id: u32,
+    /// The weight in use (0 while drained).
     pub weight: u32,
-    /// "up", "down" or "drain".
+    /// "up", "down", "pending" (not probed yet) or "drain".
     pub state: String,
+    pub drained: bool,
+    pub last_probe: Option<ProbeStatus>,
     pub counters: CounterStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeStatus {
+    pub ok: bool,
+    pub detail: String,
+    pub latency_ms: f64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,10 +91,15 @@ pub struct Applied {
     pub desired: DesiredState,
     pub services: Vec<AppliedView>,
     pub attachments: Vec<Attachment>,
+    pub drained: BTreeSet<Key>,
 }
 
 impl Status {
-    pub fn collect(applied: &Applied, datapath: &Datapath) -> Result<Status> {
+    pub fn collect(
+        applied: &Applied,
+        health: &HashMap<Key, BackendHealth>,
+        datapath: &Datapath,
+    ) -> Result<Status> {
         let mut services = Vec::new();
         for view in &applied.services {
             let Some(spec) = applied.desired.services.get(&view.name) else {
@@ -80,19 +107,38 @@ impl Status {
             };
             let mut backends = Vec::new();
             for (endpoint, b) in &view.backends {
-                let state = match (b.alive, b.weight) {
-                    (false, _) => "down",
-                    (true, 0) => "drain",
-                    (true, _) => "up",
+                let key = (view.name.clone(), *endpoint);
+                let health = health.get(&key);
+                let state = match (health.map(|h| h.state), b.alive, b.weight) {
+                    (Some(State::Pending), false, _) => "pending",
+                    (_, false, _) => "down",
+                    (_, true, 0) => "drain",
+                    (_, true, _) => "up",
                 };
                 backends.push(BackendStatus {
                     address: endpoint.to_string(),
                     id: b.id,
                     weight: b.weight,
                     state: state.into(),
+                    drained: applied.drained.contains(&key),
+                    last_probe: health.and_then(|h| h.last.as_ref()).map(|p| ProbeStatus {
+                        ok: p.ok,
+                        detail: p.detail.clone(),
+                        latency_ms: p.latency.as_secs_f64() * 1000.0,
+                    }),
                     counters: datapath.backend_counters(b.id)?.into(),
                 });
             }
+            let problem = (view.table_size == 0).then(|| {
+                let count = |s: &str| backends.iter().filter(|b| b.state == s).count();
+                format!(
+                    "no backend can take new flows ({} backends: {} down, {} pending, {} drained)",
+                    backends.len(),
+                    count("down"),
+                    count("pending"),
+                    count("drain")
+                )
+            });
             services.push(ServiceStatus {
                 name: view.name.clone(),
                 vip: spec.vip.to_string(),
@@ -100,6 +146,8 @@ impl Status {
                 protocol: spec.protocol.to_string(),
                 mode: format!("{:?}", spec.mode).to_lowercase(),
                 table_size: view.table_size,
+                problem,
+                ring_rebuilds: view.ring_rebuilds,
                 counters: datapath.service_counters(view.id)?.into(),
                 backends,
             });

@@ -120,6 +120,7 @@ fn service(name: &str, vip_last: u8, backends: &[(u8, u32)]) -> ServiceSpec {
                 let spec = BackendSpec {
                     weight,
                     source: Source::Static,
+                    health: Default::default(),
                 };
                 (ep(last), spec)
             })

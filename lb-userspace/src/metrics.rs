@@ -1,0 +1,161 @@
+//! `GET /metrics`: Prometheus text, encoded by prometheus-client. Traffic counters live in
+//! the BPF maps, so each scrape builds fresh families from a `Status`; probe latencies are
+//! histograms the health checker fills as it goes.
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+use crate::status::{CounterStatus, Status};
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Probe latency per backend, shared by the health checker (writer) and the API.
+#[derive(Clone, Debug)]
+pub struct ProbeLatency(Family<Labels, Histogram, fn() -> Histogram>);
+
+impl Default for ProbeLatency {
+    fn default() -> Self {
+        // 0.1 ms .. ~1.6 s
+        Self(Family::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 2.0, 15))
+        }))
+    }
+}
+
+impl ProbeLatency {
+    pub fn observe(&self, service: &str, backend: &str, seconds: f64) {
+        self.0
+            .get_or_create(&vec![
+                ("service", service.to_string()),
+                ("backend", backend.to_string()),
+            ])
+            .observe(seconds);
+    }
+
+    pub fn forget(&self, service: &str, backend: &str) {
+        self.0.remove(&vec![
+            ("service", service.to_string()),
+            ("backend", backend.to_string()),
+        ]);
+    }
+}
+
+struct Traffic {
+    packets: Family<Labels, Counter>,
+    bytes: Family<Labels, Counter>,
+    new_flows: Family<Labels, Counter>,
+}
+
+impl Traffic {
+    fn new() -> Self {
+        Self {
+            packets: Family::default(),
+            bytes: Family::default(),
+            new_flows: Family::default(),
+        }
+    }
+
+    fn set(&self, labels: &Labels, c: &CounterStatus) {
+        self.packets.get_or_create(labels).inc_by(c.packets);
+        self.bytes.get_or_create(labels).inc_by(c.bytes);
+        self.new_flows.get_or_create(labels).inc_by(c.new_flows);
+    }
+
+    fn register(self, registry: &mut Registry, what: &str) {
+        registry.register(
+            format!("xlb_{what}_packets"),
+            format!("Packets forwarded per {what}"),
+            self.packets,
+        );
+        registry.register(
+            format!("xlb_{what}_bytes"),
+            format!("Bytes forwarded per {what} (L2 frame length)"),
+            self.bytes,
+        );
+        registry.register(
+            format!("xlb_{what}_new_flows"),
+            format!("Flows started per {what}"),
+            self.new_flows,
+        );
+    }
+}
+
+pub fn render(status: &Status, probes: &ProbeLatency) -> String {
+    let service_traffic = Traffic::new();
+    let backend_traffic = Traffic::new();
+    let backend_up = Family::<Labels, Gauge>::default();
+    let backend_weight = Family::<Labels, Gauge>::default();
+    let service_up = Family::<Labels, Gauge>::default();
+    let rebuilds = Family::<Labels, Counter>::default();
+    let verdicts = Family::<Labels, Counter>::default();
+
+    for svc in &status.services {
+        let labels = vec![("service", svc.name.clone())];
+        service_traffic.set(&labels, &svc.counters);
+        rebuilds.get_or_create(&labels).inc_by(svc.ring_rebuilds);
+        let up = svc.backends.iter().filter(|b| b.state == "up").count();
+        service_up.get_or_create(&labels).set(up as i64);
+        for b in &svc.backends {
+            let labels = vec![
+                ("service", svc.name.clone()),
+                ("backend", b.address.clone()),
+            ];
+            backend_traffic.set(&labels, &b.counters);
+            backend_up
+                .get_or_create(&labels)
+                .set(i64::from(b.state == "up"));
+            backend_weight
+                .get_or_create(&labels)
+                .set(i64::from(b.weight));
+        }
+    }
+    for (reason, n) in &status.reasons {
+        verdicts
+            .get_or_create(&vec![("reason", reason.clone())])
+            .inc_by(*n);
+    }
+
+    let mut registry = Registry::default();
+    service_traffic.register(&mut registry, "service");
+    backend_traffic.register(&mut registry, "backend");
+    registry.register(
+        "xlb_service_backends_up",
+        "Backends of a service that take new flows",
+        service_up,
+    );
+    registry.register(
+        "xlb_backend_up",
+        "1 if the backend passes its health checks and is not drained",
+        backend_up,
+    );
+    registry.register(
+        "xlb_backend_weight",
+        "Weight in use (0 while drained)",
+        backend_weight,
+    );
+    registry.register(
+        "xlb_probe_duration_seconds",
+        "Health probe latency",
+        probes.0.clone(),
+    );
+    registry.register(
+        "xlb_verdicts",
+        "Packets by data path verdict (pass/drop reason)",
+        verdicts,
+    );
+    registry.register(
+        "xlb_ring_rebuilds",
+        "Maglev rings written per service",
+        rebuilds,
+    );
+    let mut out = String::new();
+    encode(&mut out, &registry).expect("writing to a String cannot fail");
+    out
+}
