@@ -202,18 +202,23 @@ impl Status {
                 svc.counters.bytes,
                 svc.counters.new_flows
             );
-            if svc.table_size == 0 {
-                let _ = writeln!(out, "  no backend can take new flows");
+            if let Some(problem) = &svc.problem {
+                let _ = writeln!(out, "  !! {problem}");
             }
             let _ = writeln!(
                 out,
-                "  {:<24} {:>6} {:>6} {:>12} {:>14} {:>10}",
+                "  {:<24} {:>6} {:>7} {:>12} {:>14} {:>10}  LAST PROBE",
                 "BACKEND", "WEIGHT", "STATE", "PACKETS", "BYTES", "NEW FLOWS"
             );
             for b in &svc.backends {
+                let probe = match &b.last_probe {
+                    Some(p) if p.ok => format!("ok {:.1}ms", p.latency_ms),
+                    Some(p) => p.detail.clone(),
+                    None => "-".into(),
+                };
                 let _ = writeln!(
                     out,
-                    "  {:<24} {:>6} {:>6} {:>12} {:>14} {:>10}",
+                    "  {:<24} {:>6} {:>7} {:>12} {:>14} {:>10}  {probe}",
                     b.address,
                     b.weight,
                     b.state,

@@ -52,3 +52,67 @@ pub fn udp_name(socket: &UdpSocket, addr: SocketAddr) -> io::Result<String> {
     }
     Ok(String::from_utf8_lossy(&buf[..n]).trim_end().to_string())
 }
+
+/// One request's outcome in a load loop.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub at: std::time::Instant,
+    pub answer: Result<String, String>,
+}
+
+/// New connections at a steady pace from a client-namespace thread, until stopped.
+pub struct LoadLoop {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<Vec<Sample>>,
+}
+
+impl LoadLoop {
+    /// At most `max` requests, one every `every`, each bounded by `TIMEOUT`.
+    pub fn start(client_ns: &str, addr: SocketAddr, every: Duration, max: usize) -> LoadLoop {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let ns = client_ns.to_string();
+        let handle = std::thread::spawn(move || {
+            crate::netns::enter(&ns);
+            let mut samples = Vec::new();
+            while !flag.load(Ordering::SeqCst) && samples.len() < max {
+                let at = std::time::Instant::now();
+                let answer = tcp_name(addr).map_err(|e| e.to_string());
+                samples.push(Sample { at, answer });
+                std::thread::sleep(every.saturating_sub(at.elapsed()));
+            }
+            samples
+        });
+        LoadLoop { stop, handle }
+    }
+
+    pub fn stop(self) -> Vec<Sample> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.handle.join().expect("load loop")
+    }
+}
+
+/// Failed samples, for assertion messages.
+pub fn failures(samples: &[Sample]) -> Vec<&Sample> {
+    samples.iter().filter(|s| s.answer.is_err()).collect()
+}
+
+/// A plain HTTP/1.0 GET (for the agent's /metrics from inside its namespace).
+pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<String> {
+    use std::io::Read as _;
+    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: xlb\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| io::Error::other("no HTTP header end"))?;
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        return Err(io::Error::other(
+            head.lines().next().unwrap_or("").to_string(),
+        ));
+    }
+    Ok(body.to_string())
+}

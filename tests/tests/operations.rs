@@ -1,0 +1,403 @@
+//! The agent in operation: health checks, drain, restarts and reloads under a request loop,
+//! and the metrics. Same netns topology as nat.rs; health checks probe every 200 ms with
+//! fall 2 / rise 2. Run as root.
+use std::{
+    collections::BTreeMap,
+    net::{SocketAddr, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use xlb_tests::{
+    agent::Agent,
+    client::{LineConn, LoadLoop, Sample, failures, http_get, tcp_name, udp_name},
+    process::wait_for,
+    topology::Topology,
+};
+
+/// One new connection every 20 ms.
+const PACE: Duration = Duration::from_millis(20);
+
+fn start(backends: usize) -> (Topology, Agent) {
+    let topo = Topology::new(backends);
+    let all: Vec<_> = topo.backends.iter().collect();
+    let agent = Agent::start(&topo, &topo.config(&Agent::pin_path_for(&topo), &all));
+    (topo, agent)
+}
+
+fn backend_state(agent: &Agent, service: &str, address: &str) -> String {
+    let status = agent.status();
+    let svc = status["services"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == service))
+        .unwrap_or_else(|| panic!("no service {service}: {status}"));
+    let backend = svc["backends"]
+        .as_array()
+        .and_then(|b| b.iter().find(|b| b["address"] == address))
+        .unwrap_or_else(|| panic!("no backend {address}: {status}"));
+    backend["state"].as_str().expect("state").to_string()
+}
+
+fn wait_state(agent: &Agent, address: &str, state: &str, within: Duration) {
+    wait_for(within, || {
+        (backend_state(agent, "web", address) == state).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{address} not {state} within {within:?}: {}",
+            agent.status()
+        )
+    });
+}
+
+fn answered_by<'a>(samples: &'a [Sample], name: &str) -> Vec<&'a Sample> {
+    samples
+        .iter()
+        .filter(|s| s.answer.as_deref() == Ok(name))
+        .collect()
+}
+
+#[test]
+fn dead_backend_leaves_after_fall_probes_and_returns_after_rise() {
+    let (mut topo, agent) = start(3);
+    let dns = topo.vip(53);
+    // A UDP flow pinned to be2 must move when be2 dies.
+    let (sticky, first) = topo.client.run(move || {
+        (41000..41100)
+            .find_map(|port| {
+                let socket = UdpSocket::bind(SocketAddr::from(([10, 99, 1, 2], port))).ok()?;
+                let name = udp_name(&socket, dns).ok()?;
+                (name == "be2").then_some((socket, name))
+            })
+            .expect("a source port that hashes to be2")
+    });
+    assert_eq!(first, "be2");
+
+    let load = LoadLoop::start(&topo.client.path(), topo.vip(80), PACE, 400);
+    std::thread::sleep(Duration::from_millis(500));
+    let killed = Instant::now();
+    topo.kill_backend(1);
+    wait_state(&agent, "10.99.2.12:8080", "down", Duration::from_secs(2));
+    let detected = killed.elapsed();
+    std::thread::sleep(Duration::from_millis(1500));
+    let samples = load.stop();
+
+    // After the detection window nothing fails and nothing goes to be2.
+    let late: Vec<Sample> = samples
+        .iter()
+        .filter(|s| s.at > killed + detected)
+        .cloned()
+        .collect();
+    assert!(
+        late.len() > 50,
+        "the loop kept running: {} samples",
+        late.len()
+    );
+    assert!(
+        failures(&late).is_empty(),
+        "failures after detection ({detected:?}): {:?}",
+        failures(&late)
+    );
+    let early_failures = failures(&samples).len();
+    assert!(
+        early_failures <= 40,
+        "{early_failures} failures while detecting"
+    );
+    assert!(
+        detected < Duration::from_millis(1200),
+        "detected after {detected:?}"
+    );
+
+    // The UDP flow pinned to be2 re-hashed to a live backend.
+    let moved = topo
+        .client
+        .run(move || udp_name(&sticky, dns).expect("re-hashed flow answered"));
+    assert_ne!(moved, "be2");
+
+    // be2 comes back after `rise` good probes and takes new flows again.
+    topo.restart_backend(1);
+    wait_state(&agent, "10.99.2.12:8080", "up", Duration::from_secs(2));
+    let vip = topo.vip(80);
+    let names: Vec<String> = topo
+        .client
+        .run(move || (0..150).map(|_| tcp_name(vip).expect("served")).collect());
+    assert!(
+        names.iter().any(|n| n == "be2"),
+        "be2 takes flows again: {names:?}"
+    );
+}
+
+#[test]
+fn drain_keeps_established_flows_and_stops_new_ones() {
+    let (topo, agent) = start(3);
+    let vip = topo.vip(80);
+    let (conn, name) = topo.client.run(move || {
+        let mut c = LineConn::connect(vip).expect("connect");
+        let name = c.ask().expect("answer");
+        (c, name)
+    });
+    let address = &topo
+        .backends
+        .iter()
+        .find(|b| b.name == name)
+        .expect("backend")
+        .addr;
+    let endpoint = format!("{address}:8080");
+
+    let (ok, out) = agent.cli(&["drain", "web", &endpoint]);
+    assert!(ok, "drain: {out}");
+    assert_eq!(backend_state(&agent, "web", &endpoint), "drain");
+    let (conn, same, fresh) = topo.client.run(move || {
+        let mut c = conn;
+        let same: Vec<String> = (0..10).map(|_| c.ask().expect("old connection")).collect();
+        let fresh: Vec<String> = (0..150).map(|_| tcp_name(vip).expect("new")).collect();
+        (c, same, fresh)
+    });
+    assert!(
+        same.iter().all(|n| *n == name),
+        "established flow kept on {name}: {same:?}"
+    );
+    assert!(!fresh.contains(&name), "no new flows to the drained {name}");
+
+    let (ok, out) = agent.cli(&["undrain", "web", &endpoint]);
+    assert!(ok, "undrain: {out}");
+    let fresh: Vec<String> = topo
+        .client
+        .run(move || (0..150).map(|_| tcp_name(vip).expect("new")).collect());
+    assert!(
+        fresh.contains(&name),
+        "{name} takes new flows after undrain"
+    );
+    drop(conn);
+
+    let (ok, out) = agent.cli(&["drain", "web", "10.99.2.99:8080"]);
+    assert!(
+        !ok && out.contains("has no backend 10.99.2.99:8080"),
+        "{out}"
+    );
+}
+
+#[test]
+fn agent_restart_and_reload_under_load_fail_nothing() {
+    let (mut topo, mut agent) = start(3);
+    let vip = topo.vip(80);
+    let (conn, name) = topo.client.run(move || {
+        let mut c = LineConn::connect(vip).expect("connect");
+        let name = c.ask().expect("answer");
+        (c, name)
+    });
+    let load = LoadLoop::start(&topo.client.path(), vip, PACE, 500);
+    std::thread::sleep(Duration::from_millis(300));
+    agent.stop();
+    std::thread::sleep(Duration::from_millis(300));
+    agent.launch(&topo);
+    assert!(
+        agent.log_text().contains("adopted=true"),
+        "{}",
+        agent.log_text()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+
+    topo.add_backend();
+    let all: Vec<_> = topo.backends.iter().collect();
+    let (ok, out) = agent.reload(&topo.config(&Agent::pin_path_for(&topo), &all));
+    assert!(ok, "reload: {out}");
+    std::thread::sleep(Duration::from_millis(600));
+    let samples = load.stop();
+
+    assert!(samples.len() > 50, "{} samples", samples.len());
+    assert!(
+        failures(&samples).is_empty(),
+        "failed requests: {:?}",
+        failures(&samples)
+    );
+    assert!(
+        !answered_by(&samples, "be4").is_empty(),
+        "the new backend takes new flows"
+    );
+    let same = topo.client.run(move || {
+        let mut c = conn;
+        c.ask()
+            .expect("the established connection survived restart and reload")
+    });
+    assert_eq!(same, name);
+}
+
+/// What a reload may change: services, rings and backends (not counters or probe times).
+fn shape(agent: &Agent) -> Vec<String> {
+    let status = agent.status();
+    let mut out = Vec::new();
+    for svc in status["services"].as_array().expect("services") {
+        out.push(format!(
+            "{} {}:{} ring {}",
+            svc["name"], svc["vip"], svc["port"], svc["table_size"]
+        ));
+        for b in svc["backends"].as_array().expect("backends") {
+            out.push(format!(
+                "  {} id {} weight {} {}",
+                b["address"], b["id"], b["weight"], b["state"]
+            ));
+        }
+    }
+    out
+}
+
+#[test]
+fn invalid_reload_keeps_the_running_state() {
+    let (topo, agent) = start(2);
+    let before = shape(&agent);
+    let all: Vec<_> = topo.backends.iter().collect();
+    let bad = topo.config(&Agent::pin_path_for(&topo), &all).replacen(
+        "port = 80\n",
+        "port = 80\ntable_size = 65536\n",
+        1,
+    );
+    let (ok, out) = agent.reload(&bad);
+    assert!(!ok, "an invalid config must be rejected");
+    assert!(
+        out.contains("xlb.toml:9: service[0].table_size: 65536 must be a prime"),
+        "{out}"
+    );
+    assert_eq!(shape(&agent), before);
+    let vip = topo.vip(80);
+    topo.client
+        .run(move || tcp_name(vip).expect("still served"));
+
+    // SIGHUP with the same bad file: logged, state kept.
+    agent.proc.as_ref().expect("running").signal(libc::SIGHUP);
+    wait_for(Duration::from_secs(2), || {
+        agent
+            .log_text()
+            .contains("reload rejected, the running state is kept")
+            .then_some(())
+    })
+    .expect("the rejection is logged");
+    assert_eq!(shape(&agent), before);
+}
+
+#[test]
+fn all_backends_down_answers_nothing_and_says_why() {
+    let (mut topo, agent) = start(2);
+    topo.kill_backend(0);
+    topo.kill_backend(1);
+    wait_state(&agent, "10.99.2.11:8080", "down", Duration::from_secs(2));
+    wait_state(&agent, "10.99.2.12:8080", "down", Duration::from_secs(2));
+    let vip = topo.vip(80);
+    let result = topo.client.run(move || tcp_name(vip));
+    assert!(result.is_err(), "nothing answers: {result:?}");
+    let status = agent.status();
+    let web = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "web")
+        .unwrap();
+    let problem = web["problem"].as_str().unwrap_or_default();
+    assert!(
+        problem.contains("no backend can take new flows (2 backends: 2 down"),
+        "{status}"
+    );
+    let (_, table) = agent.cli(&["status"]);
+    assert!(
+        table.contains("!! no backend can take new flows"),
+        "{table}"
+    );
+    let api: SocketAddr = "127.0.0.1:9900".parse().unwrap();
+    let metrics = topo
+        .lb
+        .run(move || http_get(api, "/metrics").expect("metrics"));
+    assert!(
+        metrics.contains("xlb_service_backends_up{service=\"web\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("xlb_verdicts_total{reason=\"drop_no_backend\"} 0\n"),
+        "{metrics}"
+    );
+}
+
+/// Parses Prometheus text strictly enough to catch format errors: every sample line is
+/// `name{labels} value`, every family has HELP and TYPE first.
+fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
+    let mut samples = BTreeMap::new();
+    let mut typed = std::collections::HashSet::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            typed.insert(rest.split(' ').next().expect("name").to_string());
+            continue;
+        }
+        if line.starts_with("# HELP ") || line == "# EOF" {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad line {line:?}"));
+        let name = series.split('{').next().expect("name");
+        let family = ["_total", "_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        assert!(
+            typed.contains(family) || typed.contains(name),
+            "no TYPE for {name}"
+        );
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        samples.insert(series.to_string(), value);
+    }
+    samples
+}
+
+#[test]
+fn metrics_parse_and_match_the_traffic_sent() {
+    let (topo, agent) = start(3);
+    let vip = topo.vip(80);
+    let names: Vec<String> = topo
+        .client
+        .run(move || (0..300).map(|_| tcp_name(vip).expect("served")).collect());
+    let api: SocketAddr = "127.0.0.1:9900".parse().unwrap();
+    let text = topo
+        .lb
+        .run(move || http_get(api, "/metrics").expect("metrics"));
+    let m = parse_metrics(&text);
+
+    let new_flows = m[r#"xlb_service_new_flows_total{service="web"}"#];
+    assert!(
+        (new_flows - 300.0).abs() <= 3.0,
+        "new flows {new_flows} for 300 connections"
+    );
+    for b in &topo.backends {
+        let sent = names.iter().filter(|n| **n == b.name).count() as f64;
+        let key = format!(
+            r#"xlb_backend_new_flows_total{{service="web",backend="{}:8080"}}"#,
+            b.addr
+        );
+        let counted = m[&key];
+        assert!(
+            (counted - sent).abs() <= (sent * 0.01).max(1.0),
+            "{key}: {counted} vs {sent} sent"
+        );
+        let up = format!(
+            r#"xlb_backend_up{{service="web",backend="{}:8080"}}"#,
+            b.addr
+        );
+        assert_eq!(m[&up], 1.0);
+    }
+    // Each connection: SYN, ACK, request, ACK of the answer, FIN, last ACK: at least 5
+    // client packets, and the status agrees with the metrics.
+    let packets = m[r#"xlb_service_packets_total{service="web"}"#];
+    assert!(packets >= 1500.0, "{packets} packets");
+    let status = agent.status();
+    let web = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "web")
+        .unwrap();
+    assert!(web["counters"]["packets"].as_f64().unwrap() >= packets);
+    assert!(m[r#"xlb_verdicts_total{reason="forwarded"}"#] >= packets);
+    assert!(
+        m[r#"xlb_probe_duration_seconds_count{service="web",backend="10.99.2.11:8080"}"#] >= 1.0
+    );
+    assert!(m[r#"xlb_ring_rebuilds_total{service="web"}"#] >= 1.0);
+}
