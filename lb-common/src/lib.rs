@@ -153,7 +153,10 @@ pub enum Reason {
     PassNotVip,
     /// XDP_PASS: a fragment not addressed to a VIP address.
     PassFragment,
-    /// XDP_DROP: malformed IPv4/TCP/UDP header (bad IHL, lengths, data offset, truncated).
+    /// XDP_PASS: a malformed header (as below) not addressed to a VIP address: not ours.
+    PassMalformed,
+    /// XDP_DROP: malformed IPv4/TCP/UDP header (bad IHL, lengths, data offset, truncated)
+    /// addressed to a VIP address.
     DropMalformed,
     /// XDP_DROP: a fragment addressed to a VIP address (ports unknown, cannot be balanced).
     DropFragment,
@@ -181,6 +184,7 @@ impl Reason {
         Reason::PassNotL4,
         Reason::PassNotVip,
         Reason::PassFragment,
+        Reason::PassMalformed,
         Reason::DropMalformed,
         Reason::DropFragment,
         Reason::DropIpOptions,
@@ -200,6 +204,7 @@ impl Reason {
             Reason::PassNotL4 => "pass_not_l4",
             Reason::PassNotVip => "pass_not_vip",
             Reason::PassFragment => "pass_fragment",
+            Reason::PassMalformed => "pass_malformed",
             Reason::DropMalformed => "drop_malformed",
             Reason::DropFragment => "drop_fragment",
             Reason::DropIpOptions => "drop_ip_options",

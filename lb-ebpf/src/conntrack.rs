@@ -41,7 +41,7 @@ pub fn insert(key: &FlowKey, svc: &Service, backend_id: u32, backend: &Backend, 
         service_id: svc.id,
         last_seen_ns: now,
     };
-    if CONNTRACK.insert(key, &flow, 0).is_err() {
+    if CONNTRACK.insert(key, flow, 0).is_err() {
         stats::count(Reason::ConntrackFull);
     }
     insert_rev_nat(key, backend, svc.id);
@@ -65,7 +65,7 @@ fn insert_rev_nat(key: &FlowKey, backend: &Backend, service_id: u32) {
         _pad: 0,
         service_id,
     };
-    if REV_NAT.insert(&reply, &rev, 0).is_err() {
+    if REV_NAT.insert(reply, rev, 0).is_err() {
         stats::count(Reason::ConntrackFull);
     }
 }

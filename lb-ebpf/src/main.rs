@@ -39,19 +39,13 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
     let pkt = match parse(ctx) {
         Parsed::L4(pkt) => pkt,
         Parsed::Pass(reason) => return (XDP_PASS, reason),
-        Parsed::Drop(reason) => return (XDP_DROP, reason),
-        Parsed::Fragment(daddr) => {
-            let key = VipAddrKey {
-                addr: [daddr, 0, 0, 0],
-                family: FAMILY_V4,
-                _pad: [0; 3],
-            };
-            return if unsafe { VIP_ADDRS.get(&key) }.is_some() {
-                (XDP_DROP, Reason::DropFragment)
-            } else {
-                (XDP_PASS, Reason::PassFragment)
-            };
+        // Odd packets are ours to drop only when they are addressed to a VIP.
+        Parsed::Fragment(daddr) if is_vip_addr(daddr) => return (XDP_DROP, Reason::DropFragment),
+        Parsed::Fragment(_) => return (XDP_PASS, Reason::PassFragment),
+        Parsed::Malformed(Some(daddr)) if is_vip_addr(daddr) => {
+            return (XDP_DROP, Reason::DropMalformed);
         }
+        Parsed::Malformed(_) => return (XDP_PASS, Reason::PassMalformed),
     };
 
     let vip = VipKey {
@@ -60,7 +54,7 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
         proto: pkt.proto,
         family: FAMILY_V4,
     };
-    let Some(svc) = (unsafe { VIPS.get(&vip) }) else {
+    let Some(svc) = (unsafe { VIPS.get(vip) }) else {
         return (XDP_PASS, Reason::PassNotVip);
     };
     if pkt.has_ip_options {
@@ -98,6 +92,16 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
 /// Eth + VLAN + IPv4 with options + TCP: all the headers the reverse NAT reads.
 const MAX_HEADERS: usize = parse::ETH_HLEN + 4 + 60 + 20;
 
+#[inline(always)]
+fn is_vip_addr(daddr: u32) -> bool {
+    let key = VipAddrKey {
+        addr: [daddr, 0, 0, 0],
+        family: FAMILY_V4,
+        _pad: [0; 3],
+    };
+    unsafe { VIP_ADDRS.get(key) }.is_some()
+}
+
 #[classifier]
 pub fn xlb_tc_egress(ctx: TcContext) -> i32 {
     // Headers of a local or GRO'd skb may sit partly outside the linear buffer.
@@ -117,7 +121,7 @@ pub fn xlb_tc_egress(ctx: TcContext) -> i32 {
         family: FAMILY_V4,
         _pad: [0; 2],
     };
-    let Some(rev) = (unsafe { REV_NAT.get(&reply) }) else {
+    let Some(rev) = (unsafe { REV_NAT.get(reply) }) else {
         return TC_ACT_NEXT;
     };
     let (vip, vip_port) = (rev.vip[0], rev.vip_port);

@@ -136,8 +136,9 @@ pub enum Parsed {
     L4(L4Packet),
     /// An IPv4 fragment (no ports to hash), with its destination address.
     Fragment(u32),
+    /// A broken IPv4/TCP/UDP header, with the destination address if it could be read.
+    Malformed(Option<u32>),
     Pass(Reason),
-    Drop(Reason),
 }
 
 /// Parses Ethernet (+ one VLAN tag), IPv4 and the TCP/UDP ports.
@@ -163,23 +164,23 @@ pub fn parse<B: PacketBuf>(buf: &B) -> Parsed {
     }
 
     let Some(ip) = buf.ptr_at::<Ipv4Hdr>(l3_off) else {
-        return Parsed::Drop(Reason::DropMalformed);
+        return Parsed::Malformed(None);
     };
+    let daddr = load(unsafe { &raw const (*ip).daddr });
     let version_ihl = load(unsafe { &raw const (*ip).version_ihl });
     let ihl = (version_ihl & 0x0f) as usize * 4;
     let tot_len = u16::from_be(load(unsafe { &raw const (*ip).tot_len })) as usize;
     if version_ihl >> 4 != 4 || ihl < size_of::<Ipv4Hdr>() || tot_len < ihl {
-        return Parsed::Drop(Reason::DropMalformed);
+        return Parsed::Malformed(Some(daddr));
     }
     // Trailing Ethernet padding is allowed; a total length past the packet is not.
     if l3_off + tot_len > buf.len() {
-        return Parsed::Drop(Reason::DropMalformed);
+        return Parsed::Malformed(Some(daddr));
     }
     let proto = load(unsafe { &raw const (*ip).proto });
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Parsed::Pass(Reason::PassNotL4);
     }
-    let daddr = load(unsafe { &raw const (*ip).daddr });
     if u16::from_be(load(unsafe { &raw const (*ip).frag_off })) & IP_MF_OFFSET != 0 {
         return Parsed::Fragment(daddr);
     }
@@ -189,20 +190,20 @@ pub fn parse<B: PacketBuf>(buf: &B) -> Parsed {
     let l4_len = tot_len - ihl;
     let (ports, csum_off) = if proto == PROTO_TCP {
         let Some(tcp) = buf.ptr_at::<TcpHdr>(l4_off) else {
-            return Parsed::Drop(Reason::DropMalformed);
+            return Parsed::Malformed(Some(daddr));
         };
         let doff = (u16::from_be(load(unsafe { &raw const (*tcp).doff_flags })) >> 12) as usize * 4;
         if doff < size_of::<TcpHdr>() || doff > l4_len {
-            return Parsed::Drop(Reason::DropMalformed);
+            return Parsed::Malformed(Some(daddr));
         }
         (load(unsafe { &raw const (*tcp).ports }), TCP_CSUM_OFF)
     } else {
         let Some(udp) = buf.ptr_at::<UdpHdr>(l4_off) else {
-            return Parsed::Drop(Reason::DropMalformed);
+            return Parsed::Malformed(Some(daddr));
         };
         let udp_len = u16::from_be(load(unsafe { &raw const (*udp).len })) as usize;
         if udp_len < size_of::<UdpHdr>() || udp_len > l4_len {
-            return Parsed::Drop(Reason::DropMalformed);
+            return Parsed::Malformed(Some(daddr));
         }
         (load(unsafe { &raw const (*udp).ports }), UDP_CSUM_OFF)
     };

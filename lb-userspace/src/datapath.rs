@@ -18,7 +18,7 @@ pub const CONNTRACK: &str = "XLB_CONNTRACK_V1";
 pub const REV_NAT: &str = "XLB_REV_NAT_V1";
 pub const SERVICE_STATS: &str = "XLB_SVC_STATS_V1";
 pub const BACKEND_STATS: &str = "XLB_BE_STATS_V1";
-pub const REASONS: &str = "XLB_REASONS_V1";
+pub const REASONS: &str = "XLB_REASONS_V2";
 
 /// Every map, in the order they are pinned.
 pub const ALL_MAPS: [&str; 9] = [

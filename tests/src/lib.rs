@@ -1,7 +1,9 @@
-//! Test harness: namespaces, processes, the netns topology, the agent, and client helpers.
+//! Test harness: namespaces, processes, the netns topology, the agent, client helpers, and
+//! BPF_PROG_TEST_RUN fixtures.
 //! Everything a test creates is removed when its guard drops, also on panic.
 pub mod agent;
 pub mod client;
 pub mod netns;
 pub mod process;
+pub mod testrun;
 pub mod topology;
