@@ -172,6 +172,8 @@ pub struct HealthConfig {
     pub rise: u32,
     /// Consecutive failures that take a backend down.
     pub fall: u32,
+    /// Port to probe, when the health endpoint is not the service port.
+    pub port: Option<u16>,
     /// Interval while a backend is changing state (up with failures, or down with
     /// successes), as HAProxy's `fastinter`. Default: `interval`.
     #[serde(with = "humantime_serde")]
@@ -191,6 +193,7 @@ impl Default for HealthConfig {
             timeout: Duration::from_millis(500),
             rise: 2,
             fall: 2,
+            port: None,
             fastinter: None,
             downinter: None,
         }
@@ -211,6 +214,7 @@ pub struct HealthOverride {
     pub timeout: Option<Duration>,
     pub rise: Option<u32>,
     pub fall: Option<u32>,
+    pub port: Option<u16>,
     #[serde(with = "humantime_serde")]
     pub fastinter: Option<Duration>,
     #[serde(with = "humantime_serde")]
@@ -228,6 +232,7 @@ impl HealthConfig {
             timeout: o.timeout.unwrap_or(self.timeout),
             rise: o.rise.unwrap_or(self.rise),
             fall: o.fall.unwrap_or(self.fall),
+            port: o.port.or(self.port),
             fastinter: o.fastinter.or(self.fastinter),
             downinter: o.downinter.or(self.downinter),
         }
@@ -521,6 +526,9 @@ fn health_problems(h: &HealthConfig) -> Vec<(&'static str, String)> {
     }
     if h.kind == HealthKind::Http && !h.path.starts_with('/') {
         out.push(("path", format!("`{}` must start with '/'", h.path)));
+    }
+    if h.port == Some(0) {
+        out.push(("port", "must be 1-65535".into()));
     }
     if !(100..=599).contains(&h.expect_status) {
         out.push((

@@ -401,3 +401,64 @@ fn metrics_parse_and_match_the_traffic_sent() {
     );
     assert!(m[r#"xlb_ring_rebuilds_total{service="web"}"#] >= 1.0);
 }
+
+#[test]
+fn http_and_udp_probes_judge_backends() {
+    let topo = Topology::new(2);
+    let all: Vec<_> = topo.backends.iter().collect();
+    let base = topo.config(&Agent::pin_path_for(&topo), &all);
+    // web: HTTP on the backends' port 8081; dns: a UDP round trip on the service port.
+    let http = |path: &str| {
+        base.replacen(
+            "type = \"tcp\"",
+            &format!("type = \"http\"\n  port = 8081\n  path = \"{path}\""),
+            1,
+        )
+        .replacen("type = \"tcp\"", "type = \"udp\"", 1)
+    };
+    let agent = Agent::start(&topo, &http("/status/503"));
+    wait_state(&agent, "10.99.2.11:8080", "down", Duration::from_secs(2));
+    let status = agent.status();
+    let web = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "web")
+        .unwrap();
+    assert_eq!(
+        web["backends"][0]["last_probe"]["detail"], "HTTP 503 (expected 200)",
+        "{status}"
+    );
+
+    let (ok, out) = agent.reload(&http("/"));
+    assert!(ok, "reload: {out}");
+    wait_state(&agent, "10.99.2.11:8080", "up", Duration::from_secs(2));
+    let vip = topo.vip(80);
+    assert!(topo.client.run(move || tcp_name(vip)).is_ok());
+
+    let dns_state = |agent: &Agent| {
+        let status = agent.status();
+        let dns = status["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == "dns")
+            .unwrap();
+        (
+            dns["backends"][1]["state"].clone(),
+            dns["backends"][1]["last_probe"]["detail"].clone(),
+        )
+    };
+    assert_eq!(dns_state(&agent).0, "up");
+    let mut topo = topo;
+    topo.kill_backend(1);
+    let down = wait_for(Duration::from_secs(2), || {
+        let (state, detail) = dns_state(&agent);
+        (state == "down").then_some(detail)
+    })
+    .expect("the UDP probe notices the dead backend");
+    assert!(
+        down.as_str().unwrap_or_default().contains("refused"),
+        "{down}"
+    );
+}

@@ -163,3 +163,35 @@ fn primes() {
     assert_eq!(primes, [2, 3, 5, 7, 11, 13, 17, 19, 23, 29]);
     assert!(is_prime(65537));
 }
+
+#[test]
+fn backend_health_overrides_merge_and_are_validated() {
+    let text = format!(
+        "{MINIMAL}  [service.health]\n  type = \"http\"\n  path = \"/healthz\"\n  port = 8081\n\
+         \n  [[service.backend]]\n  address = \"10.99.2.11\"\n  port = 8080\n\
+         \n  [[service.backend]]\n  address = \"10.99.2.12\"\n  port = 8080\n\
+         \n    [service.backend.health]\n    type = \"tcp\"\n    port = 9000\n    fall = 5\n"
+    );
+    let config = parse(&text).unwrap();
+    let svc = &config.services[0];
+    let plain = svc.health.with(&svc.backends[0].health);
+    assert_eq!(
+        (plain.kind, plain.path.as_str(), plain.port),
+        (HealthKind::Http, "/healthz", Some(8081))
+    );
+    let special = svc.health.with(&svc.backends[1].health);
+    assert_eq!(
+        (special.kind, special.port, special.fall),
+        (HealthKind::Tcp, Some(9000), 5)
+    );
+    assert_eq!(special.path, "/healthz", "unset fields keep the service's");
+
+    let bad = text.replace("fall = 5", "fall = 0\n    interval = \"1ms\"");
+    assert_eq!(
+        errors(&bad),
+        [
+            "xlb.toml:26: service[0].backend[1].health.interval: must be at least 10ms",
+            "xlb.toml:25: service[0].backend[1].health.fall: must be at least 1",
+        ]
+    );
+}

@@ -13,7 +13,7 @@ use crate::{
 
 /// Probes one backend over the network. The caller bounds it by the check's timeout.
 pub async fn probe(endpoint: Endpoint, check: HealthConfig) -> Result<(), String> {
-    let addr = SocketAddr::new(endpoint.addr, endpoint.port);
+    let addr = SocketAddr::new(endpoint.addr, check.port.unwrap_or(endpoint.port));
     match check.kind {
         HealthKind::Tcp => tcp(addr).await,
         HealthKind::Http => http(addr, &check).await,
