@@ -462,3 +462,21 @@ fn http_and_udp_probes_judge_backends() {
         "{down}"
     );
 }
+
+#[test]
+fn the_api_can_listen_on_a_unix_socket() {
+    let topo = Topology::new(1);
+    let all: Vec<_> = topo.backends.iter().collect();
+    let socket = topo.dir.join("xlb.sock");
+    let config = topo.config(&Agent::pin_path_for(&topo), &all).replacen(
+        "[agent]\n",
+        &format!("[agent]\napi = \"unix:{}\"\n", socket.display()),
+        1,
+    );
+    let agent = Agent::start(&topo, &config);
+    let api = format!("unix:{}", socket.display());
+    let (ok, out) = agent.cli(&["status", "--api", &api]);
+    assert!(ok && out.contains("SERVICE web"), "{out}");
+    let (ok, _) = agent.cli(&["status"]);
+    assert!(!ok, "nothing listens on TCP 9900");
+}
