@@ -24,7 +24,7 @@ use tokio::signal::unix::{SignalKind, signal};
     version,
     about = "Test backend that answers with its name"
 )]
-#[command(group(ArgGroup::new("listeners").required(true).multiple(true).args(["tcp", "http", "udp"])))]
+#[command(group(ArgGroup::new("listeners").multiple(true).args(["tcp", "http", "udp"])))]
 struct Args {
     /// Name to answer with [default: the hostname]
     #[arg(long)]
@@ -47,6 +47,13 @@ struct Args {
     /// Print one line per connection / request / datagram to stdout
     #[arg(long)]
     log: bool,
+    /// Wait this long before binding the listeners (a slow-starting server)
+    #[arg(long, value_name = "DURATION_MS", default_value_t = 0)]
+    start_delay: u64,
+    /// Health probe for a Docker HEALTHCHECK (scratch images have no shell or curl): connect
+    /// to ADDR over TCP and exit 0 if that works, 1 if not
+    #[arg(long, value_name = "ADDR", conflicts_with = "listeners")]
+    probe: Option<SocketAddr>,
 }
 
 struct Ctx {
@@ -78,6 +85,15 @@ fn hostname() -> String {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(addr) = args.probe {
+        let ok = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        std::process::exit(if ok { 0 } else { 1 });
+    }
+    if args.tcp.is_empty() && args.http.is_empty() && args.udp.is_empty() {
+        anyhow::bail!("give at least one of --tcp, --http, --udp (or --probe)");
+    }
     let name = args.name.clone().unwrap_or_else(hostname);
     let ctx = Arc::new(Ctx {
         reply: Bytes::from(format!("{name}\n")),
@@ -89,6 +105,9 @@ async fn main() -> Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
 
+    if args.start_delay > 0 {
+        tokio::time::sleep(Duration::from_millis(args.start_delay)).await;
+    }
     // Ready is reported only after every bind succeeded; a bad address fails the process.
     for addr in &args.tcp {
         let l = TcpListener::bind(addr)
