@@ -68,6 +68,9 @@ pub struct Backend {
     pub family: u8,
     pub flags: u8,
     pub service_id: u32,
+    /// A local container's bridge: packets go there by TC redirect, never through the
+    /// host's netfilter (Docker's FORWARD policy would drop them). 0: kernel routing.
+    pub deliver_ifindex: u32,
 }
 
 impl Backend {
@@ -110,6 +113,21 @@ pub struct RevNat {
     pub family: u8,
     pub _pad: u8,
     pub service_id: u32,
+    /// The interface the flow came in on: replies of locally delivered flows are redirected
+    /// out of it.
+    pub ifindex: u32,
+}
+
+/// Marks XDP metadata that asks the TC ingress program to deliver a packet to a local
+/// container's bridge (`DeliverMeta::ifindex`).
+pub const DELIVER_MAGIC: u32 = 0x786c_6264; // "xlbd"
+
+/// Metadata the XDP program puts in front of a packet for the TC ingress program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeliverMeta {
+    pub magic: u32,
+    pub ifindex: u32,
 }
 
 /// Key of the VIP address set, consulted only for fragments (which carry no ports).
@@ -174,10 +192,13 @@ pub enum Reason {
     RevNat,
     /// TC egress: the rewrite of a reply failed (the skb helpers refused).
     RevNatError,
+    /// A packet for a local container could not be marked for delivery (no metadata room
+    /// in this driver); the kernel routes it instead.
+    DeliverError,
 }
 
 impl Reason {
-    pub const COUNT: u32 = Reason::RevNatError as u32 + 1;
+    pub const COUNT: u32 = Reason::DeliverError as u32 + 1;
     pub const ALL: [Reason; Reason::COUNT as usize] = [
         Reason::PassNotIp,
         Reason::PassIpv6,
@@ -194,6 +215,7 @@ impl Reason {
         Reason::Rehashed,
         Reason::RevNat,
         Reason::RevNatError,
+        Reason::DeliverError,
     ];
 
     /// Stable name used in metrics and status output.
@@ -214,6 +236,7 @@ impl Reason {
             Reason::Rehashed => "rehashed",
             Reason::RevNat => "rev_nat",
             Reason::RevNatError => "rev_nat_error",
+            Reason::DeliverError => "deliver_error",
         }
     }
 }
@@ -270,10 +293,10 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<VipKey>(), 20);
         assert_eq!(size_of::<Service>(), 16);
-        assert_eq!(size_of::<Backend>(), 24);
+        assert_eq!(size_of::<Backend>(), 28);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<Flow>(), 16);
-        assert_eq!(size_of::<RevNat>(), 24);
+        assert_eq!(size_of::<RevNat>(), 28);
         assert_eq!(size_of::<VipAddrKey>(), 20);
         assert_eq!(size_of::<Counters>(), 24);
     }

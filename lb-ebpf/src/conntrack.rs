@@ -13,7 +13,12 @@ use crate::{
 /// was removed or died is re-hashed (None); a drained backend keeps its flows. A UDP flow
 /// idle past its timeout starts over.
 #[inline(always)]
-pub fn pinned_backend(key: &FlowKey, svc: &Service, now: u64) -> Option<(u32, &'static Backend)> {
+pub fn pinned_backend(
+    key: &FlowKey,
+    svc: &Service,
+    now: u64,
+    ifindex: u32,
+) -> Option<(u32, &'static Backend)> {
     let flow = CONNTRACK.get_ptr_mut(key)?;
     let flow = unsafe { &mut *flow };
     let idle = now.saturating_sub(flow.last_seen_ns);
@@ -28,14 +33,22 @@ pub fn pinned_backend(key: &FlowKey, svc: &Service, now: u64) -> Option<(u32, &'
     if idle > FLOW_REFRESH_NS {
         flow.last_seen_ns = now;
         // Keep the reply mapping as fresh as the flow, so LRU never evicts it first.
-        insert_rev_nat(key, backend, svc.id);
+        insert_rev_nat(key, backend, svc.id, ifindex);
     }
     Some((flow.backend_id, backend))
 }
 
-/// Records a new flow (or a re-hashed one) and its reply mapping.
+/// Records a new flow (or a re-hashed one) and its reply mapping; `ifindex` is where the
+/// flow came in.
 #[inline(always)]
-pub fn insert(key: &FlowKey, svc: &Service, backend_id: u32, backend: &Backend, now: u64) {
+pub fn insert(
+    key: &FlowKey,
+    svc: &Service,
+    backend_id: u32,
+    backend: &Backend,
+    now: u64,
+    ifindex: u32,
+) {
     let flow = Flow {
         backend_id,
         service_id: svc.id,
@@ -44,11 +57,11 @@ pub fn insert(key: &FlowKey, svc: &Service, backend_id: u32, backend: &Backend, 
     if CONNTRACK.insert(key, flow, 0).is_err() {
         stats::count(Reason::ConntrackFull);
     }
-    insert_rev_nat(key, backend, svc.id);
+    insert_rev_nat(key, backend, svc.id, ifindex);
 }
 
 #[inline(always)]
-fn insert_rev_nat(key: &FlowKey, backend: &Backend, service_id: u32) {
+fn insert_rev_nat(key: &FlowKey, backend: &Backend, service_id: u32, ifindex: u32) {
     let reply = FlowKey {
         src: backend.addr,
         dst: key.src,
@@ -64,6 +77,7 @@ fn insert_rev_nat(key: &FlowKey, backend: &Backend, service_id: u32) {
         family: key.family,
         _pad: 0,
         service_id,
+        ifindex,
     };
     if REV_NAT.insert(reply, rev, 0).is_err() {
         stats::count(Reason::ConntrackFull);

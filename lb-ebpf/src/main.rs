@@ -5,6 +5,7 @@
 
 mod conntrack;
 mod csum;
+mod deliver;
 mod maglev;
 mod maps;
 mod nat;
@@ -71,26 +72,29 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
         _pad: [0; 2],
     };
     let now = unsafe { bpf_ktime_get_ns() };
-    let (backend_id, backend, new_flow) = match conntrack::pinned_backend(&flow, svc, now) {
+    let ifindex = ctx.ingress_ifindex() as u32;
+    let (backend_id, backend, new_flow) = match conntrack::pinned_backend(&flow, svc, now, ifindex)
+    {
         Some((id, backend)) => (id, backend, false),
         None => {
             let Some((id, backend)) = maglev::pick(svc, &flow) else {
                 return (XDP_DROP, Reason::DropNoBackend);
             };
-            conntrack::insert(&flow, svc, id, backend, now);
+            conntrack::insert(&flow, svc, id, backend, now, ifindex);
             (id, backend, true)
         }
     };
 
-    if nat::dnat_v4(ctx, &pkt, backend.addr[0], backend.port).is_none() {
+    let (daddr, dport, deliver_to) = (backend.addr[0], backend.port, backend.deliver_ifindex);
+    if nat::dnat_v4(ctx, &pkt, daddr, dport).is_none() {
         return (XDP_DROP, Reason::DropMalformed);
     }
     stats::count_traffic(svc.id, backend_id, ctx.len() as u64, new_flow);
+    if deliver_to != 0 && !deliver::mark(ctx, deliver_to) {
+        stats::count(Reason::DeliverError);
+    }
     (XDP_PASS, Reason::Forwarded)
 }
-
-/// Eth + VLAN + IPv4 with options + TCP: all the headers the reverse NAT reads.
-const MAX_HEADERS: usize = parse::ETH_HLEN + 4 + 60 + 20;
 
 #[inline(always)]
 fn is_vip_addr(daddr: u32) -> bool {
@@ -102,15 +106,28 @@ fn is_vip_addr(daddr: u32) -> bool {
     unsafe { VIP_ADDRS.get(key) }.is_some()
 }
 
+/// TC ingress of a front NIC: hands packets XDP marked for a local container to its bridge.
 #[classifier]
-pub fn xlb_tc_egress(ctx: TcContext) -> i32 {
+pub fn xlb_tc_ingress(ctx: TcContext) -> i32 {
+    match deliver::marked(&ctx) {
+        Some(ifindex) => deliver::redirect(ifindex),
+        None => TC_ACT_NEXT,
+    }
+}
+
+/// Eth + VLAN + IPv4 with options + TCP: all the headers the reverse NAT reads.
+const MAX_HEADERS: usize = parse::ETH_HLEN + 4 + 60 + 20;
+
+/// Rewrites a reply of a NATed flow back to its VIP; returns the flow's ingress interface.
+#[inline(always)]
+fn reverse_nat(ctx: &TcContext) -> Option<u32> {
     // Headers of a local or GRO'd skb may sit partly outside the linear buffer.
     let linear = ctx.data_end() - ctx.data();
     if linear < MAX_HEADERS && (ctx.len() as usize) > linear {
         let _ = ctx.pull_data(ctx.len().min(MAX_HEADERS as u32));
     }
-    let Parsed::L4(pkt) = parse(&ctx) else {
-        return TC_ACT_NEXT;
+    let Parsed::L4(pkt) = parse(ctx) else {
+        return None;
     };
     let reply = FlowKey {
         src: [pkt.saddr, 0, 0, 0],
@@ -121,15 +138,30 @@ pub fn xlb_tc_egress(ctx: TcContext) -> i32 {
         family: FAMILY_V4,
         _pad: [0; 2],
     };
-    let Some(rev) = (unsafe { REV_NAT.get(reply) }) else {
-        return TC_ACT_NEXT;
-    };
-    let (vip, vip_port) = (rev.vip[0], rev.vip_port);
-    match nat::snat_reply_v4(&ctx, &pkt, vip, vip_port) {
+    let rev = unsafe { REV_NAT.get(reply) }?;
+    let (vip, vip_port, ifindex) = (rev.vip[0], rev.vip_port, rev.ifindex);
+    match nat::snat_reply_v4(ctx, &pkt, vip, vip_port) {
         Ok(()) => stats::count(Reason::RevNat),
         Err(_) => stats::count(Reason::RevNatError),
     }
+    Some(ifindex)
+}
+
+/// TC egress of a front NIC: replies routed by the kernel get the VIP back as source.
+#[classifier]
+pub fn xlb_tc_egress(ctx: TcContext) -> i32 {
+    let _ = reverse_nat(&ctx);
     TC_ACT_NEXT
+}
+
+/// TC ingress of a local container bridge: replies get the VIP back and leave by the NIC
+/// their flow came in on, without passing the host's netfilter.
+#[classifier]
+pub fn xlb_tc_reply(ctx: TcContext) -> i32 {
+    match reverse_nat(&ctx) {
+        Some(ifindex) if ifindex != 0 => deliver::redirect(ifindex),
+        _ => TC_ACT_NEXT,
+    }
 }
 
 #[cfg(not(test))]

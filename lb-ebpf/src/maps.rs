@@ -22,7 +22,7 @@ pub static VIPS: HashMap<VipKey, Service> = HashMap::pinned(MAX_SERVICES, 0);
 pub static VIP_ADDRS: HashMap<VipAddrKey, u32> = HashMap::pinned(MAX_VIP_ADDRS, 0);
 
 /// Backend id -> address, port and liveness.
-#[map(name = "XLB_BACKENDS_V1")]
+#[map(name = "XLB_BACKENDS_V2")]
 pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
 
 /// Maglev rings: two halves of RING_STRIDE slots per service, each slot a backend id, stored
@@ -36,7 +36,7 @@ pub static RINGS: Array<[u32; RING_CHUNK as usize]> = Array::pinned(RING_CHUNKS,
 pub static CONNTRACK: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(CONNTRACK_SIZE, 0);
 
 /// Backend -> client 5-tuple -> the VIP to put back as the reply's source.
-#[map(name = "XLB_REV_NAT_V1")]
+#[map(name = "XLB_REV_NAT_V2")]
 pub static REV_NAT: LruHashMap<FlowKey, RevNat> = LruHashMap::pinned(REV_NAT_SIZE, 0);
 
 /// Per-CPU traffic counters per service id.
@@ -48,5 +48,5 @@ pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_SERVIC
 pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_BACKENDS, 0);
 
 /// Per-CPU verdict counters, indexed by `lb_common::Reason`.
-#[map(name = "XLB_REASONS_V2")]
+#[map(name = "XLB_REASONS_V3")]
 pub static REASONS: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);

@@ -37,6 +37,8 @@ struct Agent {
     desired: DesiredState,
     /// Backends drained through the API; kept across reloads.
     drained: BTreeSet<Key>,
+    /// Bridges the reply program is attached to.
+    bridges: BTreeSet<String>,
     applied: watch::Sender<Arc<Applied>>,
     attachments: Vec<loader::Attachment>,
 }
@@ -58,6 +60,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         reconciler,
         health: HealthMonitor::new(Arc::new(NetProber), health_tx),
         drained: BTreeSet::new(),
+        bridges: BTreeSet::new(),
         applied: applied_tx,
         attachments: Vec::new(),
     };
@@ -209,20 +212,38 @@ impl Agent {
     }
 
     /// The desired state with drained backends at weight 0, applied with current health.
+    /// Local bridges resolved to ifindexes. The reply program is attached to a bridge
+    /// before any backend is delivered there, and detached only after none is.
     fn apply(&mut self) -> Result<crate::reconcile::Changes> {
         let mut effective = self.desired.clone();
-        for (svc, endpoint) in &self.drained {
-            if let Some(b) = effective
-                .services
-                .get_mut(svc)
-                .and_then(|s| s.backends.get_mut(endpoint))
-            {
-                b.weight = 0;
+        let mut bridges = BTreeSet::new();
+        for (name, svc) in &mut effective.services {
+            for (endpoint, b) in &mut svc.backends {
+                if self.drained.contains(&(name.clone(), *endpoint)) {
+                    b.weight = 0;
+                }
+                let Some(bridge) = &b.bridge else { continue };
+                b.deliver_ifindex = ifindex(bridge);
+                if b.deliver_ifindex == 0 {
+                    warn!(service = %name, backend = %endpoint, %bridge, "no such bridge; the kernel routes to this backend");
+                } else {
+                    bridges.insert(bridge.clone());
+                }
             }
+        }
+        let pin_path = self.config.agent.pin_path.clone();
+        let during: Vec<String> = bridges.union(&self.bridges).cloned().collect();
+        if during.len() != self.bridges.len() {
+            loader::attach_bridges(&mut self.ebpf, &pin_path, &during)?;
         }
         let changes = self
             .reconciler
             .apply(&mut self.datapath, &effective, &self.health.view())?;
+        if bridges != self.bridges || during.len() != bridges.len() {
+            let after: Vec<String> = bridges.iter().cloned().collect();
+            loader::attach_bridges(&mut self.ebpf, &pin_path, &after)?;
+            self.bridges = bridges;
+        }
         if !changes.is_empty() {
             info!(?changes, "applied");
         }
@@ -237,4 +258,12 @@ impl Agent {
             drained: self.drained.clone(),
         }));
     }
+}
+
+fn ifindex(interface: &str) -> u32 {
+    let Ok(name) = std::ffi::CString::new(interface) else {
+        return 0;
+    };
+    // SAFETY: a valid C string; if_nametoindex has no other preconditions.
+    unsafe { libc::if_nametoindex(name.as_ptr()) }
 }

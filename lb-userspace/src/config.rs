@@ -257,6 +257,9 @@ pub struct BackendConfig {
     pub weight: u32,
     #[serde(default)]
     pub health: HealthOverride,
+    /// A bridge on this host the backend sits on (like a container's): packets are handed
+    /// to it directly, never through the host's netfilter.
+    pub bridge: Option<String>,
 }
 
 fn default_weight() -> u32 {
@@ -382,7 +385,7 @@ impl Config {
             ));
         }
         for (i, name) in agent.interfaces.iter().enumerate() {
-            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+            if !valid_interface(name) {
                 out.push((
                     format!("agent.interfaces[{i}]"),
                     format!("`{name}` is not an interface name"),
@@ -472,6 +475,11 @@ impl Config {
                 if be.port == 0 {
                     out.push((at("port"), "must be 1-65535".into()));
                 }
+                if let Some(bridge) = &be.bridge
+                    && !valid_interface(bridge)
+                {
+                    out.push((at("bridge"), format!("`{bridge}` is not an interface name")));
+                }
                 if be.weight > u16::MAX as u32 {
                     out.push((
                         at("weight"),
@@ -537,6 +545,10 @@ fn health_problems(h: &HealthConfig) -> Vec<(&'static str, String)> {
         ));
     }
     out
+}
+
+fn valid_interface(name: &str) -> bool {
+    (1..=15).contains(&name.len()) && !name.contains(['/', ' ', ':'])
 }
 
 fn valid_name(name: &str) -> bool {

@@ -12,13 +12,13 @@ use lb_common::{
 
 pub const VIPS: &str = "XLB_VIPS_V1";
 pub const VIP_ADDRS: &str = "XLB_VIP_ADDRS_V1";
-pub const BACKENDS: &str = "XLB_BACKENDS_V1";
+pub const BACKENDS: &str = "XLB_BACKENDS_V2";
 pub const RINGS: &str = "XLB_RINGS_V2";
 pub const CONNTRACK: &str = "XLB_CONNTRACK_V1";
-pub const REV_NAT: &str = "XLB_REV_NAT_V1";
+pub const REV_NAT: &str = "XLB_REV_NAT_V2";
 pub const SERVICE_STATS: &str = "XLB_SVC_STATS_V1";
 pub const BACKEND_STATS: &str = "XLB_BE_STATS_V1";
-pub const REASONS: &str = "XLB_REASONS_V2";
+pub const REASONS: &str = "XLB_REASONS_V3";
 
 /// Every map, in the order they are pinned.
 pub const ALL_MAPS: [&str; 9] = [

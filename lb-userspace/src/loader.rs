@@ -27,7 +27,13 @@ use crate::{config::XdpMode, datapath::Datapath};
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
 pub const XDP_PROGRAM: &str = "xlb_xdp";
+/// Front NIC egress: reverse NAT of replies the kernel routed.
 pub const TC_EGRESS_PROGRAM: &str = "xlb_tc_egress";
+/// Front NIC ingress: delivers packets XDP marked for a local container to its bridge.
+pub const TC_INGRESS_PROGRAM: &str = "xlb_tc_ingress";
+/// Container bridge ingress: reverse NAT of replies and redirect out of the front NIC.
+pub const TC_REPLY_PROGRAM: &str = "xlb_tc_reply";
+const TC_PROGRAMS: [&str; 3] = [TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM, TC_REPLY_PROGRAM];
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -49,10 +55,25 @@ impl PinLayout {
     fn xdp_link(&self, interface: &str) -> PathBuf {
         self.links().join(format!("xdp_{interface}"))
     }
-    fn tc_link(&self, interface: &str) -> PathBuf {
+    fn tc_egress_link(&self, interface: &str) -> PathBuf {
         self.links().join(format!("tc_egress_{interface}"))
     }
+    fn tc_ingress_link(&self, interface: &str) -> PathBuf {
+        self.links().join(format!("tc_ingress_{interface}"))
+    }
+    fn tc_reply_link(&self, bridge: &str) -> PathBuf {
+        self.links().join(format!("{BRIDGE_LINK_PREFIX}{bridge}"))
+    }
+    fn front_links(&self, interface: &str) -> [PathBuf; 3] {
+        [
+            self.xdp_link(interface),
+            self.tc_egress_link(interface),
+            self.tc_ingress_link(interface),
+        ]
+    }
 }
+
+const BRIDGE_LINK_PREFIX: &str = "tc_reply_";
 
 /// How the XDP program ended up attached to one interface.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -79,9 +100,11 @@ pub fn load(pin_path: &Path) -> Result<Ebpf> {
     let xdp: &mut Xdp = program(&mut ebpf, XDP_PROGRAM)?.try_into()?;
     xdp.load().context("verifying the XDP program")?;
     repin(layout.programs().join(XDP_PROGRAM), |p| xdp.pin(p))?;
-    let tc: &mut SchedClassifier = program(&mut ebpf, TC_EGRESS_PROGRAM)?.try_into()?;
-    tc.load().context("verifying the TC egress program")?;
-    repin(layout.programs().join(TC_EGRESS_PROGRAM), |p| tc.pin(p))?;
+    for name in TC_PROGRAMS {
+        let tc: &mut SchedClassifier = program(&mut ebpf, name)?.try_into()?;
+        tc.load().with_context(|| format!("verifying {name}"))?;
+        repin(layout.programs().join(name), |p| tc.pin(p))?;
+    }
     Ok(ebpf)
 }
 
@@ -93,8 +116,8 @@ pub fn datapath(ebpf: &mut Ebpf) -> Result<Datapath> {
     })
 }
 
-/// Attaches XDP ingress and TC egress to every interface, taking over pinned links, and
-/// detaches pinned links of interfaces that are no longer configured.
+/// Attaches XDP and TC ingress and egress to every front interface, taking over pinned
+/// links, and detaches pinned links of front interfaces that are no longer configured.
 pub fn attach(
     ebpf: &mut Ebpf,
     pin_path: &Path,
@@ -107,9 +130,21 @@ pub fn attach(
         let xdp: &mut Xdp = program(ebpf, XDP_PROGRAM)?.try_into()?;
         let (xdp_mode, adopted) = attach_xdp(xdp, &layout.xdp_link(interface), interface, mode)
             .with_context(|| format!("attaching XDP to {interface}"))?;
-        let tc: &mut SchedClassifier = program(ebpf, TC_EGRESS_PROGRAM)?.try_into()?;
-        attach_tc_egress(tc, &layout.tc_link(interface), interface)
-            .with_context(|| format!("attaching TC egress to {interface}"))?;
+        let [_, egress, ingress] = layout.front_links(interface);
+        attach_tc(
+            ebpf,
+            TC_EGRESS_PROGRAM,
+            &egress,
+            interface,
+            TcAttachType::Egress,
+        )?;
+        attach_tc(
+            ebpf,
+            TC_INGRESS_PROGRAM,
+            &ingress,
+            interface,
+            TcAttachType::Ingress,
+        )?;
         out.push(Attachment {
             interface: interface.clone(),
             xdp_mode: xdp_mode.into(),
@@ -117,15 +152,42 @@ pub fn attach(
         });
     }
     for stale in pinned_links(&layout)? {
-        let keep = interfaces
-            .iter()
-            .any(|i| stale == layout.xdp_link(i) || stale == layout.tc_link(i));
+        let bridge = stale
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with(BRIDGE_LINK_PREFIX));
+        let keep = bridge
+            || interfaces
+                .iter()
+                .any(|i| layout.front_links(i).contains(&stale));
         if !keep {
             info!(link = %stale.display(), "detaching link of an interface no longer configured");
             unpin_link(&stale)?;
         }
     }
     Ok(out)
+}
+
+/// Attaches the reply program to exactly these container bridges (by name), detaching it
+/// from bridges no longer in use.
+pub fn attach_bridges(ebpf: &mut Ebpf, pin_path: &Path, bridges: &[String]) -> Result<()> {
+    let layout = PinLayout::new(pin_path);
+    for bridge in bridges {
+        let link = layout.tc_reply_link(bridge);
+        attach_tc(ebpf, TC_REPLY_PROGRAM, &link, bridge, TcAttachType::Ingress)?;
+    }
+    for stale in pinned_links(&layout)? {
+        let name = stale
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if let Some(bridge) = name.strip_prefix(BRIDGE_LINK_PREFIX)
+            && !bridges.iter().any(|b| b == bridge)
+        {
+            info!(%bridge, "detaching from a bridge with no local backend left");
+            unpin_link(&stale)?;
+        }
+    }
+    Ok(())
 }
 
 fn attach_xdp(
@@ -164,7 +226,24 @@ fn attach_xdp(
     Ok((mode_name, false))
 }
 
-fn attach_tc_egress(prog: &mut SchedClassifier, link_path: &Path, interface: &str) -> Result<()> {
+fn attach_tc(
+    ebpf: &mut Ebpf,
+    name: &str,
+    link_path: &Path,
+    interface: &str,
+    direction: TcAttachType,
+) -> Result<()> {
+    let prog: &mut SchedClassifier = program(ebpf, name)?.try_into()?;
+    attach_tc_program(prog, link_path, interface, direction)
+        .with_context(|| format!("attaching {name} to {interface}"))
+}
+
+fn attach_tc_program(
+    prog: &mut SchedClassifier,
+    link_path: &Path,
+    interface: &str,
+    direction: TcAttachType,
+) -> Result<()> {
     if let Some(link) = open_pinned_link(link_path)? {
         match prog.attach_to_link(SchedClassifierLink::try_from(link)?) {
             Ok(id) => {
@@ -179,7 +258,7 @@ fn attach_tc_egress(prog: &mut SchedClassifier, link_path: &Path, interface: &st
     }
     let id = prog.attach_with_options(
         interface,
-        TcAttachType::Egress,
+        direction,
         TcAttachOptions::TcxOrder(LinkOrder::default()),
     )?;
     let link = FdLink::try_from(prog.take_link(id)?)?;

@@ -52,6 +52,8 @@ pub struct AppliedBackend {
     pub id: u32,
     pub weight: u32,
     pub alive: bool,
+    /// Local delivery target (a container's bridge), 0 for kernel routing.
+    pub deliver_ifindex: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,6 +125,7 @@ impl Reconciler {
                         // Unknown until the config says; a weight change only touches the ring.
                         weight: u32::MAX,
                         alive: backend.is_alive(),
+                        deliver_ifindex: backend.deliver_ifindex,
                     };
                     svc.backends.insert(endpoint, applied);
                     backend_ids.push(id);
@@ -210,24 +213,30 @@ impl Reconciler {
         let mut died = Vec::new();
         for (endpoint, backend_spec) in &spec.backends {
             let alive = live.is_alive(&spec.name, endpoint);
+            let deliver_ifindex = backend_spec.deliver_ifindex;
             match svc.backends.get_mut(endpoint) {
                 Some(applied) => {
                     applied.weight = backend_spec.weight;
-                    if alive && !applied.alive {
-                        maps.set_backend(applied.id, &backend_value(endpoint, service_id, true))?;
-                    } else if !alive && applied.alive {
+                    let moved = applied.deliver_ifindex != deliver_ifindex;
+                    applied.deliver_ifindex = deliver_ifindex;
+                    if !alive && applied.alive {
                         died.push(applied.id);
+                    } else if moved || (alive && !applied.alive) {
+                        let value = backend_value(endpoint, service_id, alive, deliver_ifindex);
+                        maps.set_backend(applied.id, &value)?;
                     }
                     applied.alive = alive;
                 }
                 None => {
                     let id = self.backend_ids.take().context("no free backend id")?;
                     maps.reset_backend_counters(id)?;
-                    maps.set_backend(id, &backend_value(endpoint, service_id, alive))?;
+                    let value = backend_value(endpoint, service_id, alive, deliver_ifindex);
+                    maps.set_backend(id, &value)?;
                     let applied = AppliedBackend {
                         id,
                         weight: backend_spec.weight,
                         alive,
+                        deliver_ifindex,
                     };
                     svc.backends.insert(*endpoint, applied);
                     changes.backends_added += 1;
@@ -268,13 +277,15 @@ impl Reconciler {
         // Only now that no ring points at them: dead backends lose ALIVE (their flows
         // re-hash), removed ones lose their slot.
         for id in died {
-            let endpoint = svc
+            let (endpoint, b) = svc
                 .backends
                 .iter()
                 .find(|(_, b)| b.id == id)
-                .map(|(e, _)| *e)
                 .expect("known");
-            maps.set_backend(id, &backend_value(&endpoint, service_id, false))?;
+            maps.set_backend(
+                id,
+                &backend_value(endpoint, service_id, false, b.deliver_ifindex),
+            )?;
         }
         for (_, id) in removed {
             maps.set_backend(id, &Backend::default())?;
@@ -378,7 +389,12 @@ pub fn vip_key(spec: &ServiceSpec) -> VipKey {
     }
 }
 
-fn backend_value(endpoint: &Endpoint, service_id: u32, alive: bool) -> Backend {
+fn backend_value(
+    endpoint: &Endpoint,
+    service_id: u32,
+    alive: bool,
+    deliver_ifindex: u32,
+) -> Backend {
     let (family, addr) = addr_words(endpoint.addr);
     Backend {
         addr,
@@ -386,6 +402,7 @@ fn backend_value(endpoint: &Endpoint, service_id: u32, alive: bool) -> Backend {
         family,
         flags: BACKEND_IN_USE | if alive { BACKEND_ALIVE } else { 0 },
         service_id,
+        deliver_ifindex,
     }
 }
 

@@ -49,6 +49,11 @@ pub struct BackendSpec {
     pub source: Source,
     /// Changes to the service's health check for this backend.
     pub health: HealthOverride,
+    /// A bridge on this host the backend sits on (a local container's): the data path
+    /// hands packets to it directly.
+    pub bridge: Option<String>,
+    /// `bridge` resolved to its ifindex by the agent; 0: the kernel routes the packets.
+    pub deliver_ifindex: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -94,6 +99,8 @@ impl ServiceSpec {
                     weight: b.weight,
                     source: Source::Static,
                     health: b.health.clone(),
+                    bridge: b.bridge.clone(),
+                    deliver_ifindex: 0,
                 };
                 (endpoint, spec)
             })

@@ -170,17 +170,15 @@ fn detach_leaves_nothing_attached_or_pinned() {
     topo.client
         .run(move || tcp_name(vip).expect("served before detach"));
 
-    // Stopping the agent leaves forwarding in place.
+    // Stopping the agent leaves forwarding in place (XDP, TC ingress and egress links).
     agent.stop();
-    assert!(
-        agent
-            .pin_path
-            .join("links")
-            .read_dir()
-            .expect("links")
-            .count()
-            == 2
-    );
+    let links = agent
+        .pin_path
+        .join("links")
+        .read_dir()
+        .expect("links")
+        .count();
+    assert_eq!(links, 3);
     let name = topo
         .client
         .run(move || tcp_name(vip).expect("served with the agent stopped"));
@@ -195,4 +193,55 @@ fn detach_leaves_nothing_attached_or_pinned() {
     // Without the LB, the VIP is not served any more (and nothing else answers for it).
     let gone = topo.client.run(move || tcp_name(vip));
     assert!(gone.is_err(), "VIP still answered after detach: {gone:?}");
+}
+
+#[test]
+fn local_bridge_delivery_bypasses_a_forward_drop_policy() {
+    let topo = Topology::new(3);
+    let all: Vec<_> = topo.backends.iter().collect();
+    let config = topo
+        .config(&Agent::pin_path_for(&topo), &all)
+        .replace("  port = 8080\n", "  port = 8080\n  bridge = \"br0\"\n");
+    // What Docker does to a host: nothing is forwarded unless a rule allows it.
+    topo.lb.exec(&[
+        "nft",
+        "add table inet filter; add chain inet filter forward { type filter hook forward priority 0; policy drop; }",
+    ]);
+    let direct: SocketAddr = "10.99.2.11:8080".parse().expect("addr");
+    assert!(
+        topo.client.run(move || tcp_name(direct)).is_err(),
+        "the policy drops routed traffic"
+    );
+
+    let agent = Agent::start(&topo, &config);
+    let links: Vec<String> = agent
+        .pin_path
+        .join("links")
+        .read_dir()
+        .expect("links")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(links.contains(&"tc_reply_br0".to_string()), "{links:?}");
+    let (vip, dns) = (topo.vip(80), topo.vip(53));
+    let (tcp, udp) = topo.client.run(move || {
+        let tcp: Vec<String> = (0..60)
+            .map(|_| tcp_name(vip).expect("delivered past the policy"))
+            .collect();
+        let socket = UdpSocket::bind("10.99.1.2:0").expect("bind");
+        let udp = udp_name(&socket, dns).expect("UDP delivered past the policy");
+        (tcp, udp)
+    });
+    assert_eq!(count_names(&tcp).len(), 3, "{:?}", count_names(&tcp));
+    assert!(udp.starts_with("be"));
+    let log = topo.backends[0].proc.as_ref().expect("running").log_text();
+    assert!(
+        log.contains("be1 tcp from 10.99.1.2:"),
+        "client address kept: {log}"
+    );
+
+    // Removing the bridge from the config detaches the reply program.
+    let plain = topo.config(&Agent::pin_path_for(&topo), &all);
+    let (ok, out) = agent.reload(&plain);
+    assert!(ok, "{out}");
+    assert!(!agent.pin_path.join("links/tc_reply_br0").exists());
 }

@@ -60,6 +60,8 @@ fn desired(check: HealthConfig) -> DesiredState {
         weight: 100,
         source: Source::Static,
         health: HealthOverride::default(),
+        bridge: None,
+        deliver_ifindex: 0,
     };
     let svc = ServiceSpec {
         name: "web".into(),

@@ -121,6 +121,8 @@ fn service(name: &str, vip_last: u8, backends: &[(u8, u32)]) -> ServiceSpec {
                     weight,
                     source: Source::Static,
                     health: Default::default(),
+                    bridge: None,
+                    deliver_ifindex: 0,
                 };
                 (ep(last), spec)
             })
