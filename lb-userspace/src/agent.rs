@@ -20,6 +20,7 @@ use crate::{
     api::{self, Command},
     config::Config,
     datapath::Datapath,
+    discovery::{Sources, labels::LabelError},
     health::{HealthMonitor, Key, NetProber, State},
     loader,
     reconcile::Reconciler,
@@ -39,6 +40,8 @@ struct Agent {
     drained: BTreeSet<Key>,
     /// Bridges the reply program is attached to.
     bridges: BTreeSet<String>,
+    /// Label errors already logged (each is logged once, while it lasts).
+    label_errors: BTreeSet<LabelError>,
     applied: watch::Sender<Arc<Applied>>,
     attachments: Vec<loader::Attachment>,
 }
@@ -51,6 +54,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let reconciler = Reconciler::adopt(&datapath)?;
     let (health_tx, mut health_changes) = mpsc::unbounded_channel();
     let (applied_tx, applied_rx) = watch::channel(Arc::new(Applied::default()));
+    let mut sources = Sources::default();
+    sources.configure(&config);
     let mut agent = Agent {
         config_path: config_path.into(),
         desired: DesiredState::from_config(&config),
@@ -61,9 +66,25 @@ pub async fn run(config_path: &Path) -> Result<()> {
         health: HealthMonitor::new(Arc::new(NetProber), health_tx),
         drained: BTreeSet::new(),
         bridges: BTreeSet::new(),
+        label_errors: BTreeSet::new(),
         applied: applied_tx,
         attachments: Vec::new(),
     };
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    // Fail static: a running data path is not touched until every source has answered,
+    // or the backends it alone knows would be dropped.
+    if !agent.reconciler.applied().is_empty() && !sources.ready() {
+        info!("waiting for Docker before changing the pinned data path; forwarding goes on");
+        while !sources.ready() {
+            tokio::select! {
+                _ = sources.changed() => {}
+                _ = term.recv() => return Ok(()),
+                _ = int.recv() => return Ok(()),
+            }
+        }
+    }
+    agent.rebuild(&sources);
     // Backends start where the pinned data path left them; on a first start, up.
     agent.sync_health(State::Up);
     // Maps first, then links: a new data path is complete before it sees a packet.
@@ -90,15 +111,21 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let _server = api::serve(&agent.config.api_listen(), api).await?;
 
     let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     info!("xlb is running");
     loop {
         tokio::select! {
             _ = hup.recv() => {
-                if let Err(e) = agent.reload() {
+                if let Err(e) = agent.reload(&mut sources) {
                     error!("reload rejected, the running state is kept:\n{e:#}");
                 }
+            }
+            _ = sources.changed() => {
+                agent.rebuild(&sources);
+                agent.sync_health(State::Pending);
+                if let Err(e) = agent.apply() {
+                    error!("applying discovered backends: {e:#}");
+                }
+                agent.publish();
             }
             Some(_) = health_changes.recv() => {
                 // Several backends may change at once: one apply for all of them.
@@ -108,7 +135,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
                 }
                 agent.publish();
             }
-            Some(cmd) = commands.recv() => agent.command(cmd),
+            Some(cmd) = commands.recv() => agent.command(cmd, &mut sources),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -118,10 +145,10 @@ pub async fn run(config_path: &Path) -> Result<()> {
 }
 
 impl Agent {
-    fn command(&mut self, cmd: Command) {
+    fn command(&mut self, cmd: Command, sources: &mut Sources) {
         match cmd {
             Command::Reload(reply) => {
-                let result = self.reload().map_err(|e| format!("{e:#}"));
+                let result = self.reload(sources).map_err(|e| format!("{e:#}"));
                 if let Err(e) = &result {
                     error!("reload rejected, the running state is kept:\n{e}");
                 }
@@ -141,8 +168,19 @@ impl Agent {
         }
     }
 
+    /// The desired state from the config and the sources; logs new label errors.
+    fn rebuild(&mut self, sources: &Sources) {
+        let (desired, errors) = sources.desired(&self.config);
+        let errors: BTreeSet<LabelError> = errors.into_iter().collect();
+        for e in errors.difference(&self.label_errors) {
+            error!("{e}; this container is skipped");
+        }
+        self.label_errors = errors;
+        self.desired = desired;
+    }
+
     /// Re-reads the config; an invalid one changes nothing.
-    fn reload(&mut self) -> Result<String> {
+    fn reload(&mut self, sources: &mut Sources) -> Result<String> {
         let config = Config::load(&self.config_path)?;
         let agent = &config.agent;
         if agent.pin_path != self.config.agent.pin_path || agent.api != self.config.agent.api {
@@ -159,8 +197,9 @@ impl Agent {
             )
             .context("attaching to the new interfaces")?;
         }
-        self.desired = DesiredState::from_config(&config);
         self.config = config;
+        sources.configure(&self.config);
+        self.rebuild(sources);
         self.drained.retain(|(svc, ep)| {
             self.desired
                 .services

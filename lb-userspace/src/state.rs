@@ -4,7 +4,10 @@ use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 use serde::Serialize;
 
-use crate::config::{Config, HealthConfig, HealthOverride, Mode, Protocol, ServiceConfig};
+use crate::{
+    config::{Config, HealthConfig, HealthOverride, Mode, Protocol, ServiceConfig},
+    discovery::labels::{self, ContainerInfo, LabelError},
+};
 
 /// Where a backend listens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -40,6 +43,8 @@ impl std::str::FromStr for Endpoint {
 #[serde(rename_all = "lowercase")]
 pub enum Source {
     Static,
+    /// A container on this host (its name).
+    Docker(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -85,6 +90,68 @@ impl DesiredState {
     }
 }
 
+impl DesiredState {
+    /// Adds the labelled containers to the services they name. A container with a bad
+    /// label (or naming a service the config lacks) is skipped and its error returned;
+    /// nothing else is affected. A container with a Docker HEALTHCHECK joins when healthy.
+    pub fn add_containers(
+        &mut self,
+        containers: &[ContainerInfo],
+        prefix: &str,
+    ) -> Vec<LabelError> {
+        let mut errors = Vec::new();
+        for c in containers {
+            let spec = match labels::parse(&c.owner(), &c.labels, prefix) {
+                Ok(Some(spec)) => spec,
+                Ok(None) => continue,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
+            let Some(service) = self.services.get_mut(&spec.service) else {
+                errors.push(LabelError {
+                    owner: c.owner(),
+                    label: format!("{prefix}.service"),
+                    reason: format!("`{}` is not a service in the config", spec.service),
+                });
+                continue;
+            };
+            if c.health.as_deref().is_some_and(|h| h != "healthy") {
+                continue;
+            }
+            let target = match c.target(&spec, prefix, service.protocol) {
+                Ok(t) => t,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
+            if target.ip.is_ipv4() != service.vip.is_ipv4() {
+                errors.push(LabelError {
+                    owner: c.owner(),
+                    label: format!("{prefix}.network"),
+                    reason: format!("{} is not of the VIP's IP family", target.ip),
+                });
+                continue;
+            }
+            let endpoint = Endpoint {
+                addr: target.ip,
+                port: target.port,
+            };
+            let backend = BackendSpec {
+                weight: spec.weight.unwrap_or(100),
+                source: Source::Docker(c.name.clone()),
+                health: spec.health,
+                bridge: target.bridge,
+                deliver_ifindex: 0,
+            };
+            service.backends.insert(endpoint, backend);
+        }
+        errors
+    }
+}
+
 impl ServiceSpec {
     fn from_config(svc: &ServiceConfig) -> Self {
         let backends = svc
@@ -117,3 +184,6 @@ impl ServiceSpec {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
