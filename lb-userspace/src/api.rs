@@ -183,7 +183,7 @@ pub async fn request(listen: &ApiListen, method: &str, path: &str) -> Result<(u1
     Ok((code, String::from_utf8_lossy(&body).into_owned()))
 }
 
-async fn send<S>(
+pub(crate) async fn send<S>(
     stream: S,
     req: hyper::Request<Empty<Bytes>>,
 ) -> Result<hyper::Response<hyper::body::Incoming>>

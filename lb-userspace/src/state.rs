@@ -6,7 +6,10 @@ use serde::Serialize;
 
 use crate::{
     config::{Config, HealthConfig, HealthOverride, Mode, Protocol, ServiceConfig},
-    discovery::labels::{self, ContainerInfo, LabelError},
+    discovery::{
+        labels::{self, ContainerInfo, LabelError, LabelSpec},
+        swarm::SwarmTask,
+    },
 };
 
 /// Where a backend listens.
@@ -45,6 +48,8 @@ pub enum Source {
     Static,
     /// A container on this host (its name).
     Docker(String),
+    /// A Swarm task (its id).
+    Swarm(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -150,6 +155,112 @@ impl DesiredState {
         }
         errors
     }
+}
+
+impl DesiredState {
+    /// Adds the Swarm tasks of services whose labels name a configured service: at
+    /// `node address : published port` when the service publishes in host mode, else at
+    /// the task's address on its (named) network.
+    pub fn add_tasks(&mut self, tasks: &[SwarmTask], prefix: &str) -> Vec<LabelError> {
+        let mut errors = Vec::new();
+        for task in tasks {
+            let owner = format!("swarm service {}", task.service);
+            let spec = match labels::parse(&owner, &task.labels, prefix) {
+                Ok(Some(spec)) => spec,
+                Ok(None) => continue,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
+            let bad = |label: &str, reason: String| LabelError {
+                owner: owner.clone(),
+                label: format!("{prefix}.{label}"),
+                reason,
+            };
+            let Some(service) = self.services.get_mut(&spec.service) else {
+                let reason = format!("`{}` is not a service in the config", spec.service);
+                errors.push(bad("service", reason));
+                continue;
+            };
+            let endpoint = match task_endpoint(task, &spec, service.protocol) {
+                Ok(Some(e)) => e,
+                Ok(None) => continue,
+                Err((label, reason)) => {
+                    errors.push(bad(label, reason));
+                    continue;
+                }
+            };
+            let backend = BackendSpec {
+                weight: spec.weight.unwrap_or(100),
+                source: Source::Swarm(task.id.clone()),
+                health: spec.health,
+                bridge: None,
+                deliver_ifindex: 0,
+            };
+            service.backends.insert(endpoint, backend);
+        }
+        errors
+    }
+}
+
+/// Where a task is reached; Ok(None) for a task on a node without an address yet.
+fn task_endpoint(
+    task: &SwarmTask,
+    spec: &LabelSpec,
+    protocol: Protocol,
+) -> Result<Option<Endpoint>, (&'static str, String)> {
+    let published: Vec<&(u16, u16, String)> = task
+        .published
+        .iter()
+        .filter(|(_, _, p)| *p == protocol.to_string())
+        .collect();
+    if !published.is_empty() {
+        let chosen = match (spec.port, published.as_slice()) {
+            (Some(port), _) => published.iter().find(|(target, _, _)| *target == port),
+            (None, [one]) => Some(one),
+            (None, _) => {
+                let list: Vec<String> = published.iter().map(|(t, _, _)| t.to_string()).collect();
+                return Err((
+                    "port",
+                    format!("required: ports {} are published", list.join(", ")),
+                ));
+            }
+        };
+        let Some((_, published_port, _)) = chosen else {
+            return Err((
+                "port",
+                format!("{} is not a published port", spec.port.unwrap_or(0)),
+            ));
+        };
+        return Ok(task.node_addr.map(|addr| Endpoint {
+            addr,
+            port: *published_port,
+        }));
+    }
+    let Some(port) = spec.port else {
+        return Err((
+            "port",
+            "required: the service publishes no port in host mode".into(),
+        ));
+    };
+    let ip = match (&spec.network, task.networks.as_slice()) {
+        (Some(name), nets) => nets
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, ip)| *ip)
+            .ok_or_else(|| ("network", format!("the task is not attached to `{name}`")))?,
+        (None, [(_, ip)]) => *ip,
+        (None, []) => return Ok(None),
+        (None, nets) => {
+            let names: Vec<&str> = nets.iter().map(|(n, _)| n.as_str()).collect();
+            return Err((
+                "network",
+                format!("required: the task is on {}", names.join(", ")),
+            ));
+        }
+    };
+    Ok(Some(Endpoint { addr: ip, port }))
 }
 
 impl ServiceSpec {

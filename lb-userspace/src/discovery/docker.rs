@@ -24,7 +24,7 @@ use super::labels::{ContainerInfo, NetworkInfo};
 use crate::config::{DockerConfig, Protocol};
 
 /// The running labelled containers, or None until the first list succeeded.
-pub type Containers = Option<Vec<ContainerInfo>>;
+type Containers = Option<Vec<ContainerInfo>>;
 
 /// Connects to the daemon at `endpoint` (unix:///path or tcp://host:port) and negotiates
 /// the API version: never pinned.

@@ -1,7 +1,7 @@
 use std::path::Path;
 
 use super::*;
-use crate::discovery::labels::NetworkInfo;
+use crate::discovery::{labels::NetworkInfo, swarm::SwarmTask};
 
 fn config() -> Config {
     let text = r#"
@@ -109,4 +109,79 @@ fn a_container_with_a_healthcheck_joins_only_when_healthy() {
             "{health:?}"
         );
     }
+}
+
+fn task(
+    id: &str,
+    labels: &[(&str, &str)],
+    published: &[(u16, u16)],
+    networks: &[(&str, &str)],
+) -> SwarmTask {
+    SwarmTask {
+        id: id.into(),
+        service: "websvc".into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        node_addr: Some("10.98.0.2".parse().unwrap()),
+        published: published
+            .iter()
+            .map(|(t, p)| (*t, *p, "tcp".to_string()))
+            .collect(),
+        networks: networks
+            .iter()
+            .map(|(n, ip)| (n.to_string(), ip.parse().unwrap()))
+            .collect(),
+    }
+}
+
+#[test]
+fn swarm_tasks_join_by_published_port_or_network_address() {
+    let mut desired = DesiredState::from_config(&config());
+    let errors = desired.add_tasks(
+        &[
+            task("t1", &[("xlb.service", "web")], &[(8080, 30001)], &[]),
+            task(
+                "t2",
+                &[
+                    ("xlb.service", "web"),
+                    ("xlb.port", "8080"),
+                    ("xlb.network", "app"),
+                ],
+                &[],
+                &[("app", "10.0.1.7"), ("db", "10.0.2.7")],
+            ),
+            task("t3", &[("xlb.service", "web")], &[], &[("app", "10.0.1.8")]),
+            task(
+                "t4",
+                &[("xlb.service", "web")],
+                &[(8080, 30002), (9000, 30003)],
+                &[],
+            ),
+        ],
+        "xlb",
+    );
+    let web = &desired.services["web"];
+    assert!(
+        web.backends
+            .contains_key(&"10.98.0.2:30001".parse().unwrap()),
+        "node address : published port"
+    );
+    assert!(
+        web.backends.contains_key(&"10.0.1.7:8080".parse().unwrap()),
+        "task address on the named network"
+    );
+    assert_eq!(
+        web.backends[&"10.98.0.2:30001".parse().unwrap()].source,
+        Source::Swarm("t1".into())
+    );
+    let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        messages,
+        [
+            "swarm service websvc: label xlb.port: required: the service publishes no port in host mode",
+            "swarm service websvc: label xlb.port: required: ports 8080, 9000 are published",
+        ]
+    );
 }
