@@ -18,7 +18,7 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use lb_common::{FAMILY_V4, FlowKey, Reason, VipAddrKey, VipKey};
+use lb_common::{FAMILY_V4, Reason, VipAddrKey, VipKey};
 
 use crate::{
     maps::{REV_NAT, VIP_ADDRS, VIPS},
@@ -62,15 +62,7 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
         return (XDP_DROP, Reason::DropIpOptions);
     }
 
-    let flow = FlowKey {
-        src: [pkt.saddr, 0, 0, 0],
-        dst: [pkt.daddr, 0, 0, 0],
-        src_port: pkt.sport,
-        dst_port: pkt.dport,
-        proto: pkt.proto,
-        family: FAMILY_V4,
-        _pad: [0; 2],
-    };
+    let flow = pkt.flow_key();
     let now = unsafe { bpf_ktime_get_ns() };
     let ifindex = ctx.ingress_ifindex() as u32;
     let (backend_id, backend, new_flow) = match conntrack::pinned_backend(&flow, svc, now, ifindex)
@@ -129,16 +121,7 @@ fn reverse_nat(ctx: &TcContext) -> Option<u32> {
     let Parsed::L4(pkt) = parse(ctx) else {
         return None;
     };
-    let reply = FlowKey {
-        src: [pkt.saddr, 0, 0, 0],
-        dst: [pkt.daddr, 0, 0, 0],
-        src_port: pkt.sport,
-        dst_port: pkt.dport,
-        proto: pkt.proto,
-        family: FAMILY_V4,
-        _pad: [0; 2],
-    };
-    let rev = unsafe { REV_NAT.get(reply) }?;
+    let rev = unsafe { REV_NAT.get(pkt.flow_key()) }?;
     let (vip, vip_port, ifindex) = (rev.vip[0], rev.vip_port, rev.ifindex);
     match nat::snat_reply_v4(ctx, &pkt, vip, vip_port) {
         Ok(()) => stats::count(Reason::RevNat),

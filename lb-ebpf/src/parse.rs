@@ -3,7 +3,7 @@
 use core::mem::size_of;
 
 use aya_ebpf::programs::{TcContext, XdpContext};
-use lb_common::{PROTO_TCP, PROTO_UDP, Reason};
+use lb_common::{FAMILY_V4, FlowKey, PROTO_TCP, PROTO_UDP, Reason};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -130,6 +130,22 @@ pub struct L4Packet {
     pub daddr: u32,
     pub sport: u16,
     pub dport: u16,
+}
+
+impl L4Packet {
+    /// The packet's 5-tuple, source first.
+    #[inline(always)]
+    pub fn flow_key(&self) -> FlowKey {
+        FlowKey {
+            src: [self.saddr, 0, 0, 0],
+            dst: [self.daddr, 0, 0, 0],
+            src_port: self.sport,
+            dst_port: self.dport,
+            proto: self.proto,
+            family: FAMILY_V4,
+            _pad: [0; 2],
+        }
+    }
 }
 
 pub enum Parsed {

@@ -73,8 +73,7 @@ pub async fn serve(listen: &ApiListen, api: Api) -> Result<tokio::task::JoinHand
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/reload", post(reload))
-        .route("/backends/{service}/{backend}/drain", post(drain))
-        .route("/backends/{service}/{backend}/undrain", post(undrain))
+        .route("/backends/{service}/{backend}/{action}", post(drain))
         .with_state(api);
     let task = match listen {
         ApiListen::Tcp(addr) => {
@@ -128,27 +127,20 @@ async fn reload(State(api): State<Api>) -> Response {
     api.ask(Command::Reload).await
 }
 
+/// POST /backends/{service}/{backend}/drain or /undrain.
 async fn drain(
     State(api): State<Api>,
-    Path((service, backend)): Path<(String, String)>,
+    Path((service, backend, action)): Path<(String, String, String)>,
 ) -> Response {
+    let drain = match action.as_str() {
+        "drain" => true,
+        "undrain" => false,
+        _ => return (StatusCode::NOT_FOUND, "use drain or undrain\n").into_response(),
+    };
     api.ask(|reply| Command::Drain {
         service,
         backend,
-        drain: true,
-        reply,
-    })
-    .await
-}
-
-async fn undrain(
-    State(api): State<Api>,
-    Path((service, backend)): Path<(String, String)>,
-) -> Response {
-    api.ask(|reply| Command::Drain {
-        service,
-        backend,
-        drain: false,
+        drain,
         reply,
     })
     .await

@@ -566,4 +566,6 @@ pub fn is_prime(n: u32) -> bool {
 }
 
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod tests;

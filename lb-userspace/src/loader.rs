@@ -386,5 +386,7 @@ fn is_bpffs(path: &Path) -> Result<bool> {
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
         return Err(std::io::Error::last_os_error().into());
     }
-    Ok(st.f_type == BPF_FS_MAGIC)
+    // f_type is i64 on glibc and u64 on musl.
+    #[allow(clippy::unnecessary_cast)]
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
 }

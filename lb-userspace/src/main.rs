@@ -46,20 +46,9 @@ enum Command {
         api: ApiArgs,
     },
     /// Stop sending new flows to a backend; its established flows go on.
-    Drain {
-        service: String,
-        /// ADDRESS:PORT, as `xlb status` shows it.
-        backend: String,
-        #[command(flatten)]
-        api: ApiArgs,
-    },
+    Drain(BackendArgs),
     /// Undo `xlb drain`.
-    Undrain {
-        service: String,
-        backend: String,
-        #[command(flatten)]
-        api: ApiArgs,
-    },
+    Undrain(BackendArgs),
     /// Detach all programs and remove all pinned state.
     Detach {
         /// The pin path to clean (default: agent.pin_path of --config, else /sys/fs/bpf/xlb).
@@ -68,6 +57,22 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+}
+
+#[derive(clap::Args)]
+struct BackendArgs {
+    service: String,
+    /// ADDRESS:PORT, as `xlb status` shows it.
+    backend: String,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+impl BackendArgs {
+    fn post(&self, runtime: &tokio::runtime::Runtime, action: &str) -> Result<ExitCode> {
+        let path = format!("/backends/{}/{}/{action}", self.service, self.backend);
+        post(runtime, &self.api, &path)
+    }
 }
 
 #[derive(clap::Args)]
@@ -139,28 +144,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Reload { api } => {
             return post(&runtime, &api, "/reload");
         }
-        Command::Drain {
-            service,
-            backend,
-            api,
-        } => {
-            return post(
-                &runtime,
-                &api,
-                &format!("/backends/{service}/{backend}/drain"),
-            );
-        }
-        Command::Undrain {
-            service,
-            backend,
-            api,
-        } => {
-            return post(
-                &runtime,
-                &api,
-                &format!("/backends/{service}/{backend}/undrain"),
-            );
-        }
+        Command::Drain(target) => return target.post(&runtime, "drain"),
+        Command::Undrain(target) => return target.post(&runtime, "undrain"),
         Command::Detach { pin_path, config } => {
             let pin_path = match (pin_path, config) {
                 (Some(p), _) => p,
