@@ -107,6 +107,11 @@ async fn session(config: &DockerConfig, out: &watch::Sender<Containers>) -> Resu
                             Err(_) => { containers.remove(&id); }
                         }
                     }
+                    // `docker stop` signals first: new flows go elsewhere while it lingers.
+                    "kill" => match containers.get_mut(&id) {
+                        Some(c) if !c.stopping => c.stopping = true,
+                        _ => continue,
+                    },
                     "die" | "stop" | "pause" | "destroy" | "oom" => {
                         containers.remove(&id);
                     }
@@ -221,6 +226,7 @@ async fn container_info(
         networks: attached,
         exposed,
         health,
+        stopping: false,
     }))
 }
 

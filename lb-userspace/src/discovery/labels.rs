@@ -17,6 +17,9 @@ pub struct ContainerInfo {
     pub exposed: Vec<(u16, Protocol)>,
     /// Docker's HEALTHCHECK status ("starting", "healthy", "unhealthy"), if it has one.
     pub health: Option<String>,
+    /// Signalled to stop (`docker stop` sends SIGTERM first): it takes no new flows, and
+    /// its flows finish while it lingers.
+    pub stopping: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

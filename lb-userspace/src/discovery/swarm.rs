@@ -1,9 +1,9 @@
 //! Swarm tasks as backends. The API has no task events, so the manager is polled every
-//! `swarm_poll_interval`, and at once on service and node events. A task serves while it
-//! and its node are up and it is meant to run: a task told to shut down (rolling update,
-//! node drain, scale down) leaves before it stops. Backends are `node address : published
-//! port` for host-mode publishing, else the task's address on the network `xlb.network`
-//! names (or its only one).
+//! `swarm_poll_interval`, and at once on service and node events. A running task on a ready
+//! and active node serves; one told to shut down (rolling update, node drain, scale down)
+//! is drained while it still runs (no new flows, its flows finish) and leaves when it stops.
+//! Backends are `node address : published port` for host-mode publishing, else the task's
+//! address on the network `xlb.network` names (or its only one).
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
@@ -40,6 +40,8 @@ pub struct SwarmTask {
     pub published: Vec<(u16, u16, String)>,
     /// Network name -> the task's address on it.
     pub networks: Vec<(String, IpAddr)>,
+    /// Still running but told to shut down.
+    pub draining: bool,
 }
 
 pub async fn watch_swarm(config: DockerConfig, out: watch::Sender<Swarm>) {
@@ -140,8 +142,7 @@ async fn poll_tasks(docker: &Docker, endpoint: &str) -> Result<Vec<SwarmTask>> {
     Ok(tasks(raw, &labels, &nodes))
 }
 
-/// Keeps the tasks that serve: running, meant to run, of a known service, on a node that
-/// is ready and active.
+/// Keeps the running tasks of known services on nodes that are ready and active.
 fn tasks(
     raw: Vec<RawTask>,
     services: &HashMap<String, (String, BTreeMap<String, String>)>,
@@ -149,7 +150,7 @@ fn tasks(
 ) -> Vec<SwarmTask> {
     let mut out: Vec<SwarmTask> = raw
         .into_iter()
-        .filter(|t| t.desired_state == "running" && t.status.state == "running")
+        .filter(|t| t.status.state == "running")
         .filter_map(|t| {
             let (service, labels) = services.get(&t.service_id)?.clone();
             let node_addr = *nodes.get(&t.node_id)?;
@@ -177,6 +178,7 @@ fn tasks(
                 .filter(|(name, _)| name != "ingress")
                 .collect();
             Some(SwarmTask {
+                draining: t.desired_state != "running",
                 id: t.id,
                 service,
                 labels,

@@ -39,6 +39,7 @@ fn container(name: &str, labels: &[(&str, &str)], health: Option<&str>) -> Conta
         }],
         exposed: vec![(8080, Protocol::Tcp), (5353, Protocol::Udp)],
         health: health.map(str::to_string),
+        stopping: false,
     }
 }
 
@@ -125,6 +126,7 @@ fn task(
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         node_addr: Some("10.98.0.2".parse().unwrap()),
+        draining: false,
         published: published
             .iter()
             .map(|(t, p)| (*t, *p, "tcp".to_string()))
@@ -184,4 +186,22 @@ fn swarm_tasks_join_by_published_port_or_network_address() {
             "swarm service websvc: label xlb.port: required: ports 8080, 9000 are published",
         ]
     );
+}
+
+#[test]
+fn stopping_containers_and_shutting_down_tasks_drain() {
+    let mut desired = DesiredState::from_config(&config());
+    let mut stopping = container("a", &[("xlb.service", "web")], None);
+    stopping.stopping = true;
+    let mut draining = task("t1", &[("xlb.service", "web")], &[(8080, 30001)], &[]);
+    draining.draining = true;
+    desired.add_containers(&[stopping], "xlb");
+    desired.add_tasks(&[draining], "xlb");
+    let weight = |source: Source| {
+        let backends = &desired.services["web"].backends;
+        backends.values().find(|b| b.source == source).map(|b| b.weight)
+    };
+    assert_eq!(weight(Source::Static), Some(100));
+    assert_eq!(weight(Source::Docker("a".into())), Some(0));
+    assert_eq!(weight(Source::Swarm("t1".into())), Some(0));
 }

@@ -26,6 +26,7 @@ fn container(
             .collect(),
         exposed: exposed.iter().map(|p| (*p, Protocol::Tcp)).collect(),
         health: None,
+        stopping: false,
     }
 }
 
