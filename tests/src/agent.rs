@@ -1,8 +1,13 @@
-//! An `xlb run` agent inside a topology's lb namespace, with its own pin path. Drop stops it
+//! An `xlb run` agent inside a test's LB namespace, with its own pin path. Drop stops it
 //! and removes everything it pinned.
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
 use crate::{
+    netns::Netns,
     process::{Proc, binary, wait_for},
     topology::Topology,
 };
@@ -17,28 +22,44 @@ pub struct Agent {
 
 impl Agent {
     pub fn pin_path_for(topo: &Topology) -> String {
-        format!("/sys/fs/bpf/xlb-test-{}", topo.prefix)
+        Agent::pin_path_of(&topo.prefix)
     }
 
-    /// Writes `config` and starts the agent; returns once its API answers.
+    /// The pin path of the agent of a test with this namespace prefix.
+    pub fn pin_path_of(prefix: &str) -> String {
+        format!("/sys/fs/bpf/xlb-test-{prefix}")
+    }
+
+    /// Writes `config` and starts the agent in the topology's lb namespace; returns once
+    /// its API answers.
     pub fn start(topo: &Topology, config: &str) -> Agent {
-        let config_path = topo.dir.join("xlb.toml");
+        Agent::start_in(&topo.lb, &topo.dir, &topo.prefix, config)
+    }
+
+    /// Writes `config` to `dir` and starts the agent in `ns`, pinning under
+    /// `pin_path_of(prefix)`.
+    pub fn start_in(ns: &Netns, dir: &Path, prefix: &str, config: &str) -> Agent {
+        let config_path = dir.join("xlb.toml");
         std::fs::write(&config_path, config).expect("write config");
         let mut agent = Agent {
-            pin_path: Agent::pin_path_for(topo).into(),
+            pin_path: Agent::pin_path_of(prefix).into(),
             config_path,
             proc: None,
-            ns_path: topo.lb.path(),
-            log: topo.dir.join("xlb.log"),
+            ns_path: ns.path(),
+            log: dir.join("xlb.log"),
         };
-        agent.launch(topo);
+        agent.launch();
         agent
     }
 
     /// Starts (or restarts) the process on the current config.
-    pub fn launch(&mut self, topo: &Topology) {
-        let mut cmd = topo.lb.command(binary("xlb").to_str().expect("utf-8"));
-        cmd.args(["run", "--config"])
+    pub fn launch(&mut self) {
+        // nsenter execs the agent, so the PID we hold is the agent's.
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.ns_path))
+            .arg("--")
+            .arg(binary("xlb"))
+            .args(["run", "--config"])
             .arg(&self.config_path)
             .env("RUST_LOG", "info");
         let mut proc = Proc::spawn("xlb", cmd, self.log.clone());

@@ -3,7 +3,9 @@
 //! Everything a test creates is removed when its guard drops, also on panic.
 pub mod agent;
 pub mod client;
+pub mod docker;
 pub mod netns;
 pub mod process;
+pub mod swarm;
 pub mod testrun;
 pub mod topology;

@@ -189,7 +189,7 @@ fn agent_restart_and_reload_under_load_fail_nothing() {
     std::thread::sleep(Duration::from_millis(300));
     agent.stop();
     std::thread::sleep(Duration::from_millis(300));
-    agent.launch(&topo);
+    agent.launch();
     assert!(
         agent.log_text().contains("adopted=true"),
         "{}",

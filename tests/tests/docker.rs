@@ -1,0 +1,296 @@
+//! Docker discovery against a real dockerd: a Docker host namespace with its own daemon,
+//! xlb attached to its front NIC, and labelled containers behind it on docker0. The VIP
+//! reaches them only through xlb's bridge delivery: Docker's FORWARD policy drops routed
+//! traffic to unpublished ports. Run as root.
+use std::{
+    collections::BTreeSet,
+    time::{Duration, Instant},
+};
+
+use xlb_tests::{
+    agent::Agent,
+    client::{LoadLoop, failures, tcp_name},
+    docker::{DaemonOptions, DockerHost, HEALTH_IMAGE, IMAGE, TCP_PORT},
+    process::wait_for,
+};
+
+const VIP: &str = "10.99.100.1";
+const PACE: Duration = Duration::from_millis(20);
+
+fn config(host: &DockerHost) -> String {
+    format!(
+        r#"[agent]
+interfaces = ["front"]
+pin_path = "{pin}"
+
+[docker]
+endpoint = "{endpoint}"
+resync_interval = "3s"
+
+[[service]]
+name = "web"
+vip = "{VIP}"
+port = 80
+  [service.health]
+  interval = "200ms"
+  timeout = "100ms"
+  fall = 2
+  rise = 2
+
+[[service]]
+name = "api"
+vip = "{VIP}"
+port = 81
+"#,
+        pin = Agent::pin_path_of(&host.prefix),
+        endpoint = host.endpoint(),
+    )
+}
+
+/// A Docker host as Docker leaves a machine that had IP forwarding off: FORWARD policy DROP,
+/// so only xlb's bridge delivery (which skips netfilter) reaches unpublished ports.
+fn docker_host(options: DaemonOptions) -> DockerHost {
+    let host = DockerHost::with_options(options);
+    host.host.exec(&["iptables", "-w", "-P", "FORWARD", "DROP"]);
+    host
+}
+
+fn web_labels() -> Vec<(&'static str, &'static str)> {
+    vec![("xlb.service", "web"), ("xlb.port", "9000")]
+}
+
+/// The backends of `service` in the agent's status, by address.
+fn backends(agent: &Agent, service: &str) -> Vec<(String, String)> {
+    let status = agent.status();
+    let svc = status["services"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == service))
+        .cloned()
+        .unwrap_or_default();
+    svc["backends"]
+        .as_array()
+        .map(|b| {
+            b.iter()
+                .map(|b| {
+                    (
+                        b["address"].as_str().unwrap_or_default().to_string(),
+                        b["state"].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn up_count(agent: &Agent) -> usize {
+    backends(agent, "web")
+        .iter()
+        .filter(|(_, s)| s == "up")
+        .count()
+}
+
+fn wait_up(agent: &Agent, n: usize, within: Duration) {
+    wait_for(within, || (up_count(agent) == n).then_some(())).unwrap_or_else(|| {
+        panic!(
+            "{n} backends not up within {within:?}: {:?}\n{}",
+            backends(agent, "web"),
+            agent.log_text()
+        )
+    });
+}
+
+/// The 12-character id a container answers with (its hostname).
+fn short(id: &str) -> String {
+    id[..12].to_string()
+}
+
+fn names(host: &DockerHost, n: usize) -> Vec<String> {
+    let vip = format!("{VIP}:80").parse().expect("addr");
+    host_client(host, move || {
+        (0..n)
+            .map(|i| tcp_name(vip).unwrap_or_else(|e| panic!("request {i}: {e}")))
+            .collect()
+    })
+}
+
+fn host_client<T: Send + 'static>(host: &DockerHost, f: impl FnOnce() -> T + Send + 'static) -> T {
+    host.client.run(f)
+}
+
+#[test]
+fn labelled_containers_join_leave_on_stop_and_new_ones_serve_at_once() {
+    let host = docker_host(DaemonOptions::default());
+    let ids: Vec<String> = (1..=5)
+        .map(|i| host.run_backend(&format!("web{i}"), &web_labels(), &[]))
+        .collect();
+    let agent = Agent::start_in(&host.host, &host.dir, &host.prefix, &config(&host));
+    wait_up(&agent, 5, Duration::from_secs(5));
+    assert!(
+        agent.pin_path.join("links/tc_reply_docker0").exists(),
+        "replies are caught on docker0"
+    );
+    let direct = format!("{}:{TCP_PORT}", host.inspect_ip(&ids[0], "bridge"))
+        .parse()
+        .expect("addr");
+    assert!(
+        host_client(&host, move || tcp_name(direct)).is_err(),
+        "routed traffic is dropped"
+    );
+
+    // Every container answers through the VIP (checked by name, never "it connected").
+    let answered: BTreeSet<String> = names(&host, 100).into_iter().collect();
+    let expected: BTreeSet<String> = ids.iter().map(|id| short(id)).collect();
+    assert_eq!(answered, expected);
+
+    // `docker stop` one under a request loop: at most one failure, none after the stop.
+    let vip = format!("{VIP}:80").parse().expect("addr");
+    let load = LoadLoop::start(&host.client.path(), vip, PACE, 400);
+    std::thread::sleep(Duration::from_millis(500));
+    host.stop(&ids[2]);
+    let stopped = Instant::now();
+    std::thread::sleep(Duration::from_millis(1500));
+    let samples = load.stop();
+    let failed = failures(&samples);
+    assert!(failed.len() <= 1, "failures around the stop: {failed:?}");
+    assert!(
+        failed.iter().all(|s| s.at < stopped),
+        "a failure after the die event: {failed:?}"
+    );
+    assert!(
+        !samples
+            .iter()
+            .any(|s| s.at > stopped && s.answer.as_deref() == Ok(short(&ids[2]).as_str()))
+    );
+    wait_up(&agent, 4, Duration::from_secs(2));
+
+    // `docker run` one more: it serves within a second.
+    let fresh = host.run_image("web6", &web_labels(), &[], IMAGE, &["--log"]);
+    let ran = Instant::now();
+    let new_name = short(&fresh);
+    let served = wait_for(Duration::from_secs(3), || {
+        names(&host, 20).contains(&new_name).then(|| ran.elapsed())
+    })
+    .expect("the new container serves");
+    assert!(served < Duration::from_secs(1), "served after {served:?}");
+
+    // The client's address reaches the container (mode nat keeps it).
+    let logs = host.docker(&["logs", &fresh]);
+    assert!(
+        logs.contains(&format!("{new_name} tcp from 10.99.1.2:")),
+        "{logs}"
+    );
+}
+
+#[test]
+fn bad_labels_are_skipped_with_a_clear_error_and_the_rest_serve() {
+    let host = docker_host(DaemonOptions::default());
+    let good = host.run_backend("good", &web_labels(), &[]);
+    host.run_backend("typo", &[("xlb.service", "web"), ("xlb.prot", "9000")], &[]);
+    host.run_backend(
+        "claim",
+        &[("xlb.service", "admin"), ("xlb.port", "9000")],
+        &[],
+    );
+    host.run_backend("noport", &[("xlb.service", "web")], &[]);
+    let agent = Agent::start_in(&host.host, &host.dir, &host.prefix, &config(&host));
+    wait_up(&agent, 1, Duration::from_secs(5));
+    let log = agent.log_text();
+    for expected in [
+        "container typo (",
+        "label xlb.prot: unknown label (a typo?)",
+        "container claim (",
+        "label xlb.service: `admin` is not a service in the config",
+        "container noport (",
+        "label xlb.port: required: no tcp port exposed",
+    ] {
+        assert!(log.contains(expected), "missing `{expected}` in:\n{log}");
+    }
+    assert_eq!(
+        log.matches("label xlb.prot").count(),
+        1,
+        "each error is logged once"
+    );
+    let answered: BTreeSet<String> = names(&host, 20).into_iter().collect();
+    assert_eq!(answered, BTreeSet::from([short(&good)]));
+}
+
+#[test]
+fn a_container_with_a_healthcheck_joins_when_healthy_and_leaves_when_unhealthy() {
+    let host = docker_host(DaemonOptions::default());
+    let plain = host.run_backend("plain", &web_labels(), &[]);
+    let agent = Agent::start_in(&host.host, &host.dir, &host.prefix, &config(&host));
+    wait_up(&agent, 1, Duration::from_secs(5));
+    let checked = host.run_image("checked", &web_labels(), &[], HEALTH_IMAGE, &[]);
+    // Not while Docker says "starting".
+    assert_eq!(host.health(&checked), "starting");
+    assert_eq!(backends(&agent, "web").len(), 1);
+    wait_for(Duration::from_secs(10), || {
+        (host.health(&checked) == "healthy").then_some(())
+    })
+    .expect("healthy");
+    wait_up(&agent, 2, Duration::from_secs(3));
+    let answered: BTreeSet<String> = names(&host, 40).into_iter().collect();
+    assert_eq!(answered, BTreeSet::from([short(&plain), short(&checked)]));
+
+    host.block_health_probe(&checked, true);
+    wait_for(Duration::from_secs(10), || {
+        (host.health(&checked) == "unhealthy").then_some(())
+    })
+    .expect("unhealthy");
+    wait_for(Duration::from_secs(3), || {
+        (backends(&agent, "web").len() == 1).then_some(())
+    })
+    .expect("left");
+    let answered: BTreeSet<String> = names(&host, 20).into_iter().collect();
+    assert_eq!(answered, BTreeSet::from([short(&plain)]));
+}
+
+#[test]
+fn dockerd_restart_under_load_fails_nothing_and_resyncs_exactly() {
+    let mut host = docker_host(DaemonOptions {
+        live_restore: true,
+        ..Default::default()
+    });
+    let ids: Vec<String> = (1..=3)
+        .map(|i| host.run_backend(&format!("web{i}"), &web_labels(), &[]))
+        .collect();
+    let agent = Agent::start_in(&host.host, &host.dir, &host.prefix, &config(&host));
+    wait_up(&agent, 3, Duration::from_secs(5));
+
+    let vip = format!("{VIP}:80").parse().expect("addr");
+    let load = LoadLoop::start(&host.client.path(), vip, PACE, 600);
+    std::thread::sleep(Duration::from_millis(300));
+    host.restart_daemon();
+    // While it was down the agent kept forwarding; now a change must arrive.
+    let fourth = host.run_backend("web4", &web_labels(), &[]);
+    wait_up(&agent, 4, Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(300));
+    let samples = load.stop();
+    assert!(samples.len() > 50, "{} samples", samples.len());
+    assert!(
+        failures(&samples).is_empty(),
+        "failed requests: {:?}",
+        failures(&samples)
+    );
+
+    // Exactly the running containers, by address.
+    let mut expected: Vec<String> = ids
+        .iter()
+        .chain([&fourth])
+        .map(|id| format!("{}:{TCP_PORT}", host.inspect_ip(id, "bridge")))
+        .collect();
+    expected.sort();
+    let mut seen: Vec<String> = backends(&agent, "web")
+        .into_iter()
+        .map(|(a, _)| a)
+        .collect();
+    seen.sort();
+    assert_eq!(seen, expected);
+    assert!(
+        agent
+            .log_text()
+            .contains("Docker unreachable; keeping the last known backends"),
+        "{}",
+        agent.log_text()
+    );
+}
