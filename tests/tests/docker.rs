@@ -294,3 +294,110 @@ fn dockerd_restart_under_load_fails_nothing_and_resyncs_exactly() {
         agent.log_text()
     );
 }
+
+/// The static xlb binary for the agent image (`cargo xtask build` makes it).
+fn musl_xlb() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("exe");
+    let target = exe.ancestors().nth(3).expect("target dir");
+    let bin = target.join("x86_64-unknown-linux-musl/release/xlb");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo xtask build`",
+        bin.display()
+    );
+    bin
+}
+
+/// Seed 001 with xlb instead of HAProxy: deploy/docker-compose.yml runs the agent image
+/// (FROM scratch, --privileged, host network) and `web` scaled to 5; a request loop prints
+/// every container's hostname; a stopped container is not missed.
+#[test]
+fn compose_example_runs_seed_001_through_the_agent_image() {
+    let host = docker_host(DaemonOptions::default());
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let context = host.dir.join("xlb-image");
+    std::fs::create_dir_all(&context).expect("context");
+    std::fs::copy(root.join("deploy/Dockerfile"), context.join("Dockerfile")).expect("Dockerfile");
+    std::fs::copy(musl_xlb(), context.join("xlb")).expect("binary");
+    host.docker(&[
+        "build",
+        "-q",
+        "-t",
+        "xlb:latest",
+        context.to_str().expect("utf-8"),
+    ]);
+
+    let compose =
+        std::fs::read_to_string(root.join("deploy/docker-compose.yml")).expect("compose file");
+    let socket = host.socket().display().to_string();
+    host.write_compose_file(&compose.replace(
+        "/var/run/docker.sock:/var/run/docker.sock",
+        &format!("{socket}:/var/run/docker.sock"),
+    ));
+    let example = std::fs::read_to_string(root.join("deploy/xlb.toml")).expect("xlb.toml");
+    let config = example
+        .replace("interfaces = [\"eth0\"]", "interfaces = [\"front\"]")
+        .replace("192.168.99.104", VIP);
+    std::fs::write(host.dir.join("compose/xlb.toml"), config).expect("xlb.toml");
+    host.compose(&["up", "-d", "--scale", "web=5"]);
+
+    let api: std::net::SocketAddr = "127.0.0.1:9900".parse().expect("addr");
+    let status = || {
+        host.host
+            .run(move || xlb_tests::client::http_get(api, "/status"))
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+    };
+    wait_for(Duration::from_secs(20), || {
+        let s = status()?;
+        let up = s["services"][0]["backends"]
+            .as_array()?
+            .iter()
+            .filter(|b| b["state"] == "up")
+            .count();
+        (up == 5).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "5 containers not up: {:?}\n{}",
+            status(),
+            host.compose(&["logs", "xlb"])
+        )
+    });
+
+    let http = |n: usize| {
+        let vip: std::net::SocketAddr = format!("{VIP}:80").parse().expect("addr");
+        host.client.run(move || {
+            (0..n)
+                .map(|_| {
+                    xlb_tests::client::http_get(vip, "/")
+                        .expect("HTTP through xlb")
+                        .trim()
+                        .to_string()
+                })
+                .collect::<BTreeSet<String>>()
+        })
+    };
+    let ids: BTreeSet<String> = host
+        .compose(&["ps", "-q", "web"])
+        .lines()
+        .map(short)
+        .collect();
+    assert_eq!(ids.len(), 5);
+    assert_eq!(
+        http(100),
+        ids,
+        "every container answers (seed 001's `make test`)"
+    );
+
+    let stopped = short(
+        host.compose(&["ps", "-q", "web"])
+            .lines()
+            .next()
+            .expect("a web container"),
+    );
+    host.docker(&["stop", &stopped]);
+    let rest: BTreeSet<String> = ids.iter().filter(|i| **i != stopped).cloned().collect();
+    assert_eq!(http(60), rest, "the others still serve");
+    host.compose(&["down", "-t", "1"]);
+}
