@@ -297,6 +297,31 @@ pub struct ConfigError {
     pub reason: String,
 }
 
+impl ConfigError {
+    /// Control characters from the user's text (a key or value quoted in the reason) are
+    /// escaped, so every error stays on one line.
+    fn new(file: &Path, line: Option<usize>, field: String, reason: String) -> Self {
+        Self {
+            file: file.into(),
+            line,
+            field: escape_controls(&field),
+            reason: escape_controls(&reason),
+        }
+    }
+}
+
+fn escape_controls(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.file.display())?;
@@ -330,12 +355,12 @@ impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                file: path.into(),
-                line: None,
-                field: String::new(),
-                reason: format!("cannot read: {e}"),
-            }])
+            ConfigErrors(vec![ConfigError::new(
+                path,
+                None,
+                String::new(),
+                format!("cannot read: {e}"),
+            )])
         })?;
         Self::parse(path, &text)
     }
@@ -344,14 +369,14 @@ impl Config {
     pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
         let config: Config = toml::from_str(text).map_err(|e| {
             let offset = e.span().map(|s| s.start);
-            ConfigErrors(vec![ConfigError {
-                file: file.into(),
-                line: offset.map(|o| locate::line_of(text, o)),
-                field: offset
+            ConfigErrors(vec![ConfigError::new(
+                file,
+                offset.map(|o| locate::line_of(text, o)),
+                offset
                     .map(|o| locate::field_at(text, o))
                     .unwrap_or_default(),
-                reason: e.message().trim().to_string(),
-            }])
+                e.message().trim().to_string(),
+            )])
         })?;
         let problems = config.problems();
         if problems.is_empty() {
@@ -360,11 +385,9 @@ impl Config {
         Err(ConfigErrors(
             problems
                 .into_iter()
-                .map(|(field, reason)| ConfigError {
-                    file: file.into(),
-                    line: locate::line_of_field(text, &field),
-                    field,
-                    reason,
+                .map(|(field, reason)| {
+                    let line = locate::line_of_field(text, &field);
+                    ConfigError::new(file, line, field, reason)
                 })
                 .collect(),
         ))

@@ -145,7 +145,11 @@ impl DesiredState {
                 port: target.port,
             };
             let backend = BackendSpec {
-                weight: if c.stopping { 0 } else { spec.weight.unwrap_or(100) },
+                weight: if c.stopping {
+                    0
+                } else {
+                    spec.weight.unwrap_or(100)
+                },
                 source: Source::Docker(c.name.clone()),
                 health: spec.health,
                 bridge: target.bridge,
@@ -192,7 +196,11 @@ impl DesiredState {
                 }
             };
             let backend = BackendSpec {
-                weight: if task.draining { 0 } else { spec.weight.unwrap_or(100) },
+                weight: if task.draining {
+                    0
+                } else {
+                    spec.weight.unwrap_or(100)
+                },
                 source: Source::Swarm(task.id.clone()),
                 health: spec.health,
                 bridge: None,

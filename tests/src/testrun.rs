@@ -284,6 +284,18 @@ impl LoadedDatapath {
             .expect("xlb_tc_egress is a classifier");
         run(input, loader::TC_EGRESS_PROGRAM, |opts| prog.test_run(opts))
     }
+
+    /// Like [`LoadedDatapath::tc_egress`], but hands back the kernel's refusal of the run
+    /// (it rejects some short frames before the program sees them) instead of panicking.
+    pub fn try_tc_egress(&self, input: &[u8]) -> Result<RunResult, ProgramError> {
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(loader::TC_EGRESS_PROGRAM)
+            .expect("the object has the TC program")
+            .try_into()
+            .expect("xlb_tc_egress is a classifier");
+        try_run(input, loader::TC_EGRESS_PROGRAM, |opts| prog.test_run(opts))
+    }
 }
 
 fn run(
@@ -291,29 +303,36 @@ fn run(
     name: &str,
     test_run: impl for<'a> FnOnce(TestRunOptions<'a>) -> Result<TestRunResult, ProgramError>,
 ) -> RunResult {
+    try_run(input, name, test_run).unwrap_or_else(|e| {
+        panic!(
+            "BPF_PROG_TEST_RUN of {name} with {} bytes: {e:?}",
+            input.len()
+        )
+    })
+}
+
+fn try_run(
+    input: &[u8],
+    name: &str,
+    test_run: impl for<'a> FnOnce(TestRunOptions<'a>) -> Result<TestRunResult, ProgramError>,
+) -> Result<RunResult, ProgramError> {
     let mut out = vec![0u8; input.len() + OUT_SLACK];
     let result = test_run(TestRunOptions {
         data_in: Some(input),
         data_out: Some(&mut out),
         repeat: 1,
         ..Default::default()
-    })
-    .unwrap_or_else(|e| {
-        panic!(
-            "BPF_PROG_TEST_RUN of {name} with {} bytes: {e:?}",
-            input.len()
-        )
-    });
+    })?;
     let size = result.data_size_out as usize;
     assert!(
         size <= out.len(),
         "{name}: data_size_out {size} exceeds the buffer"
     );
     out.truncate(size);
-    RunResult {
+    Ok(RunResult {
         action: result.return_value,
         data: out,
-    }
+    })
 }
 
 fn endpoint_v4(e: &Endpoint) -> SocketAddrV4 {

@@ -72,9 +72,19 @@ fn visit(table: &Table, prefix: &str, offset: usize, best: &mut Option<(String, 
     {
         *best = Some((prefix.to_string(), false));
     }
-    for (key, item) in table.iter() {
-        let path = if prefix.is_empty() {
+    for (raw, item) in table.iter() {
+        let key = raw;
+        // A key that is not bare is shown quoted, so the path stays unambiguous.
+        let bare = key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        let key = if bare && !key.is_empty() {
             key.to_string()
+        } else {
+            format!("{key:?}")
+        };
+        let path = if prefix.is_empty() {
+            key.clone()
         } else {
             format!("{prefix}.{key}")
         };
@@ -86,7 +96,7 @@ fn visit(table: &Table, prefix: &str, offset: usize, best: &mut Option<(String, 
                 }
             }
             Item::Value(v) => {
-                let start = table.key(key).and_then(|k| k.span()).map(|s| s.start);
+                let start = table.key(raw).and_then(|k| k.span()).map(|s| s.start);
                 let end = v.span().map(|s| s.end);
                 if let (Some(start), Some(end)) = (start, end)
                     && (start..end).contains(&offset)

@@ -199,7 +199,10 @@ fn stopping_containers_and_shutting_down_tasks_drain() {
     desired.add_tasks(&[draining], "xlb");
     let weight = |source: Source| {
         let backends = &desired.services["web"].backends;
-        backends.values().find(|b| b.source == source).map(|b| b.weight)
+        backends
+            .values()
+            .find(|b| b.source == source)
+            .map(|b| b.weight)
     };
     assert_eq!(weight(Source::Static), Some(100));
     assert_eq!(weight(Source::Docker("a".into())), Some(0));
