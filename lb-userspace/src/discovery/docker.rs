@@ -96,36 +96,77 @@ async fn session(config: &DockerConfig, out: &watch::Sender<Containers>) -> Resu
                 let event = event.context("reading Docker events")?;
                 let id = event.actor.and_then(|a| a.id).unwrap_or_default();
                 let action = event.action.unwrap_or_default();
-                // "health_status: healthy" carries its status after the colon.
-                match action.split(':').next().unwrap_or_default() {
-                    "start" | "unpause" | "health_status" | "rename" | "update" => {
+                match Effect::of(&action) {
+                    Effect::Refresh => {
+                        let stopping = containers.get(&id).is_some_and(|c| c.stopping);
                         match docker.inspect_container(&id, None).await {
                             Ok(c) => match container_info(c, &mut networks, &docker).await? {
-                                Some(info) => { containers.insert(id, info); }
+                                Some(info) => {
+                                    containers.insert(id, ContainerInfo { stopping, ..info });
+                                }
                                 None => { containers.remove(&id); }
                             },
                             Err(_) => { containers.remove(&id); }
                         }
                     }
-                    // `docker stop` signals first: new flows go elsewhere while it lingers.
-                    "kill" => match containers.get_mut(&id) {
+                    Effect::Stopping => match containers.get_mut(&id) {
                         Some(c) if !c.stopping => c.stopping = true,
                         _ => continue,
                     },
-                    "die" | "stop" | "pause" | "destroy" | "oom" => {
+                    Effect::Remove => {
                         containers.remove(&id);
                     }
-                    _ => continue,
+                    Effect::Ignore => continue,
                 }
                 publish(out, &containers);
             }
             _ = resync.tick() => {
-                containers = list(&docker, &label, &mut networks).await?;
+                let listed = list(&docker, &label, &mut networks).await?;
+                containers = resynced(&containers, listed);
                 publish(out, &containers);
             }
             _ = out.closed() => return Ok(()),
         }
     }
+}
+
+/// What a container event means for its backend.
+#[derive(Debug, PartialEq, Eq)]
+enum Effect {
+    /// Inspect it again (it started, changed health, was renamed...).
+    Refresh,
+    /// `docker stop` signals before it kills: new flows go elsewhere while it lingers.
+    Stopping,
+    /// Gone at once: it died, stopped, paused or was removed.
+    Remove,
+    Ignore,
+}
+
+impl Effect {
+    fn of(action: &str) -> Effect {
+        // "health_status: healthy" carries its status after the colon.
+        match action.split(':').next().unwrap_or_default() {
+            "start" | "unpause" | "health_status" | "rename" | "update" => Effect::Refresh,
+            "kill" => Effect::Stopping,
+            "die" | "stop" | "pause" | "destroy" | "oom" => Effect::Remove,
+            _ => Effect::Ignore,
+        }
+    }
+}
+
+/// A fresh list replaces what events built, except that a container still running after
+/// `docker stop` signalled it stays draining (the list cannot know it was signalled).
+fn resynced(
+    current: &BTreeMap<String, ContainerInfo>,
+    listed: BTreeMap<String, ContainerInfo>,
+) -> BTreeMap<String, ContainerInfo> {
+    listed
+        .into_iter()
+        .map(|(id, info)| {
+            let stopping = current.get(&id).is_some_and(|c| c.stopping);
+            (id, ContainerInfo { stopping, ..info })
+        })
+        .collect()
 }
 
 fn publish(out: &watch::Sender<Containers>, containers: &BTreeMap<String, ContainerInfo>) {
@@ -252,5 +293,60 @@ impl NetworkCache {
         });
         self.0.insert(id.to_string(), bridge.clone());
         bridge
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn container(id: &str, stopping: bool) -> (String, ContainerInfo) {
+        let info = ContainerInfo {
+            id: id.into(),
+            name: id.into(),
+            labels: BTreeMap::new(),
+            networks: Vec::new(),
+            exposed: Vec::new(),
+            health: None,
+            stopping,
+        };
+        (id.to_string(), info)
+    }
+
+    #[test]
+    fn events_map_to_what_they_mean_for_a_backend() {
+        for (action, effect) in [
+            ("start", Effect::Refresh),
+            ("health_status: healthy", Effect::Refresh),
+            ("health_status: unhealthy", Effect::Refresh),
+            ("kill", Effect::Stopping),
+            ("die", Effect::Remove),
+            ("destroy", Effect::Remove),
+            ("pause", Effect::Remove),
+            ("exec_start: sh", Effect::Ignore),
+            ("attach", Effect::Ignore),
+        ] {
+            assert_eq!(Effect::of(action), effect, "{action}");
+        }
+    }
+
+    #[test]
+    fn a_resync_keeps_stopping_containers_draining_and_drops_vanished_ones() {
+        let current = BTreeMap::from([
+            container("a", true),
+            container("b", false),
+            container("gone", false),
+        ]);
+        let listed = BTreeMap::from([
+            container("a", false),
+            container("b", false),
+            container("new", false),
+        ]);
+        let after = resynced(&current, listed);
+        let summary: Vec<(&str, bool)> = after
+            .values()
+            .map(|c| (c.id.as_str(), c.stopping))
+            .collect();
+        assert_eq!(summary, [("a", true), ("b", false), ("new", false)]);
     }
 }
