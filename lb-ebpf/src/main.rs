@@ -113,13 +113,18 @@ const MAX_HEADERS: usize = parse::ETH_HLEN + 4 + 60 + 20;
 /// Rewrites a reply of a NATed flow back to its VIP; returns the flow's ingress interface.
 #[inline(always)]
 fn reverse_nat(ctx: &TcContext) -> Option<u32> {
-    // Headers of a local or GRO'd skb may sit partly outside the linear buffer.
-    let linear = ctx.data_end() - ctx.data();
-    if linear < MAX_HEADERS && (ctx.len() as usize) > linear {
-        let _ = ctx.pull_data(ctx.len().min(MAX_HEADERS as u32));
-    }
-    let Parsed::L4(pkt) = parse(ctx) else {
-        return None;
+    let pkt = match parse(ctx) {
+        Parsed::L4(pkt) => pkt,
+        // Headers partly outside the linear buffer: pull them in and look again. Only
+        // then, since pulling can copy the skb head.
+        Parsed::Malformed(_) if ctx.data_end() - ctx.data() < ctx.len() as usize => {
+            ctx.pull_data(ctx.len().min(MAX_HEADERS as u32)).ok()?;
+            match parse(ctx) {
+                Parsed::L4(pkt) => pkt,
+                _ => return None,
+            }
+        }
+        _ => return None,
     };
     let rev = unsafe { REV_NAT.get(pkt.flow_key()) }?;
     let (vip, vip_port, ifindex) = (rev.vip[0], rev.vip_port, rev.ifindex);
