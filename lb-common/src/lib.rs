@@ -48,7 +48,7 @@ pub struct Service {
     pub table_size: u32,
     pub mode: u8,
     pub flags: u8,
-    pub _pad: [u8; 2],
+    pub _pad: u16,
 }
 
 /// `Backend::flags`: the slot holds a backend.
@@ -90,7 +90,7 @@ pub struct FlowKey {
     pub dst_port: u16,
     pub proto: u8,
     pub family: u8,
-    pub _pad: [u8; 2],
+    pub _pad: u16,
 }
 
 /// Conntrack value: the backend a flow is pinned to.
@@ -136,7 +136,8 @@ pub struct DeliverMeta {
 pub struct VipAddrKey {
     pub addr: [u32; 4],
     pub family: u8,
-    pub _pad: [u8; 3],
+    pub _pad0: u8,
+    pub _pad1: u16,
 }
 
 /// Per-CPU traffic counters of a service or a backend.

@@ -69,7 +69,7 @@ fn insert_rev_nat(key: &FlowKey, backend: &Backend, service_id: u32, ifindex: u3
         dst_port: key.src_port,
         proto: key.proto,
         family: FAMILY_V4,
-        _pad: [0; 2],
+        _pad: 0,
     };
     let rev = RevNat {
         vip: key.dst,

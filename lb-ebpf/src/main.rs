@@ -14,7 +14,7 @@ mod stats;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
-    helpers::bpf_ktime_get_ns,
+    helpers::bpf_ktime_get_coarse_ns,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -63,7 +63,8 @@ fn balance(ctx: &XdpContext) -> (u32, Reason) {
     }
 
     let flow = pkt.flow_key();
-    let now = unsafe { bpf_ktime_get_ns() };
+    // Coarse (jiffies) time is plenty for idle timeouts, and cheaper.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let ifindex = ctx.ingress_ifindex() as u32;
     let (backend_id, backend, new_flow) = match conntrack::pinned_backend(&flow, svc, now, ifindex)
     {
@@ -93,7 +94,8 @@ fn is_vip_addr(daddr: u32) -> bool {
     let key = VipAddrKey {
         addr: [daddr, 0, 0, 0],
         family: FAMILY_V4,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     };
     unsafe { VIP_ADDRS.get(key) }.is_some()
 }

@@ -14,9 +14,10 @@ use crate::{
 const IP_CSUM_OFF: usize = 10;
 const IP_SADDR_OFF: usize = 12;
 
+/// Writes a header field (see `parse::load` on alignment).
 #[inline(always)]
 fn store<T>(p: *mut T, v: T) {
-    unsafe { core::ptr::write_unaligned(p, v) }
+    unsafe { core::ptr::write(p, v) }
 }
 
 /// DNAT in XDP: destination address and port become the backend's.

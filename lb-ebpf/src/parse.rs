@@ -110,11 +110,12 @@ impl PacketBuf for TcContext {
     }
 }
 
-/// Reads a possibly unaligned header field (packet data is only 2-byte aligned after
-/// Ethernet).
+/// Reads a header field. Packet data is only 2-byte aligned after Ethernet, but BPF on the
+/// kernel's JITs (and its verifier, without strict alignment) takes unaligned loads; an
+/// unaligned read here would make LLVM split every field into byte loads.
 #[inline(always)]
 pub fn load<T: Copy>(p: *const T) -> T {
-    unsafe { core::ptr::read_unaligned(p) }
+    unsafe { core::ptr::read(p) }
 }
 
 /// An IPv4 TCP/UDP packet with the fields the balancer needs. Addresses and ports are in
@@ -143,7 +144,7 @@ impl L4Packet {
             dst_port: self.dport,
             proto: self.proto,
             family: FAMILY_V4,
-            _pad: [0; 2],
+            _pad: 0,
         }
     }
 }

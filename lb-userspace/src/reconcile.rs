@@ -178,7 +178,7 @@ impl Reconciler {
                     table_size: 0,
                     mode: spec.mode.number(),
                     flags: 0,
-                    _pad: [0; 2],
+                    _pad: 0,
                 };
                 let applied = AppliedService {
                     name: spec.name.clone(),
@@ -314,7 +314,8 @@ impl Reconciler {
             .map(|k| VipAddrKey {
                 addr: k.addr,
                 family: k.family,
-                _pad: [0; 3],
+                _pad0: 0,
+                _pad1: 0,
             })
             .collect();
         for key in wanted.difference(&self.vip_addrs) {

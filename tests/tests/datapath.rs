@@ -247,7 +247,7 @@ fn flow_key(pkt: &Packet) -> FlowKey {
         dst_port: pkt.dst_sock().port().to_be(),
         proto: pkt.proto(),
         family,
-        _pad: [0; 2],
+        _pad: 0,
     }
 }
 

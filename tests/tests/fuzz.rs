@@ -1562,7 +1562,7 @@ fn check_flow_maps(dp: &LoadedDatapath, model: &Model, run: &Run, track: &Tracke
         dst_port: dport.to_be(),
         proto: *proto,
         family: FAMILY_V4,
-        _pad: [0; 2],
+        _pad: 0,
     };
     let want: HashMap<FlowKey, (u32, u32)> = track
         .flows
