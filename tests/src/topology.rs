@@ -34,12 +34,32 @@ pub struct Topology {
 
 impl Topology {
     pub fn new(backends: usize) -> Topology {
+        let mut topo = Topology::without_backends();
+        for _ in 0..backends {
+            topo.add_backend();
+        }
+        topo
+    }
+
+    /// The same wiring with `backends` backend namespaces (addresses and routes as in
+    /// [`Topology::new`]) but no server started in them: for callers that run their own
+    /// servers there (the benchmarks run nginx).
+    pub fn without_servers(backends: usize) -> Topology {
+        let mut topo = Topology::without_backends();
+        for _ in 0..backends {
+            topo.add_backend_namespace();
+        }
+        topo
+    }
+
+    /// Client and lb namespaces, wired, with no backend yet.
+    fn without_backends() -> Topology {
         let prefix = unique_prefix();
         let dir = std::env::temp_dir().join(format!("xlb-test-{prefix}"));
         std::fs::create_dir_all(&dir).expect("scratch dir");
         let client = Netns::new(&format!("{prefix}-cl"));
         let lb = Netns::new(&format!("{prefix}-lb"));
-        let mut topo = Topology {
+        let topo = Topology {
             prefix,
             dir,
             backends: Vec::new(),
@@ -47,9 +67,6 @@ impl Topology {
             lb,
         };
         topo.wire_client_and_lb();
-        for _ in 0..backends {
-            topo.add_backend();
-        }
         topo
     }
 
@@ -74,6 +91,15 @@ impl Topology {
     /// Adds backend N+1 at 10.99.2.(11+N) and starts its server (TCP and UDP on 8080,
     /// HTTP on 8081).
     pub fn add_backend(&mut self) -> &Backend {
+        self.add_backend_namespace();
+        let proc = self.start_server(self.backends.last().expect("just added"));
+        let backend = self.backends.last_mut().expect("just added");
+        backend.proc = Some(proc);
+        backend
+    }
+
+    /// Adds backend N+1's namespace at 10.99.2.(11+N), wired to br0, with no server in it.
+    pub fn add_backend_namespace(&mut self) -> &Backend {
         let i = self.backends.len() + 1;
         let name = format!("be{i}");
         let ns = Netns::new(&format!("{}-{name}", self.prefix));
@@ -99,14 +125,12 @@ impl Topology {
         ns.ip(&["link", "set", "eth0", "up"]);
         ns.ip(&["route", "add", "default", "via", "10.99.2.1"]);
         ns.no_tx_offload("eth0");
-        let mut backend = Backend {
+        self.backends.push(Backend {
             name,
             ns,
             addr,
             proc: None,
-        };
-        backend.proc = Some(self.start_server(&backend));
-        self.backends.push(backend);
+        });
         self.backends.last().expect("pushed")
     }
 

@@ -1,4 +1,4 @@
-//! `cargo xtask setup|build|run|test|demo`: the project's one-command workflows. This crate
+//! `cargo xtask setup|build|run|test|demo|bench`: the project's one-command workflows. This crate
 //! depends on nothing that needs BPF tooling, so it builds on a fresh machine and installs
 //! that tooling itself.
 mod setup;
@@ -43,6 +43,16 @@ enum Task {
         /// Seconds of traffic before the demo ends by itself.
         #[arg(long, default_value_t = 30)]
         seconds: u64,
+    },
+    /// Set up (with wrk, nginx, HAProxy, nftables), build in release, and benchmark xlb
+    /// against direct routing, nft DNAT and HAProxy; writes target/bench/.
+    Bench {
+        /// Smoke run: every mode and load for 1 s (for CI; not for comparison).
+        #[arg(long)]
+        quick: bool,
+        /// Extra arguments for xlb-bench (see `target/release/xlb-bench --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -90,7 +100,36 @@ fn run_task(task: Task) -> Result<()> {
             run(Command::new(target_dir()?.join("debug/xlb-demo"))
                 .args(["--seconds", &seconds.to_string()]))
         }
+        Task::Bench { quick, args } => bench(quick, &args),
     }
+}
+
+/// `cargo xtask bench`: criterion's Maglev benches, then xlb-bench (netns loads and the XDP
+/// microbenchmark), both from a release build.
+fn bench(quick: bool, args: &[String]) -> Result<()> {
+    let packages = [setup::TEST_PACKAGES, setup::BENCH_PACKAGES].concat();
+    setup::setup(&packages)?;
+    build(true)?;
+    step("Maglev table build (criterion)");
+    let mut criterion = cargo();
+    criterion.args(["bench", "-p", "lb-userspace", "--bench", "maglev", "--"]);
+    if quick {
+        criterion.args(["--warm-up-time", "0.2", "--measurement-time", "0.5"]);
+    }
+    run(criterion.env("CARGO_TARGET_DIR", target_dir()?))?;
+    step("xlb-bench (Ctrl-C stops it and removes everything it made)");
+    let mut cmd = Command::new(target_dir()?.join("release/xlb-bench"));
+    if quick {
+        cmd.arg("--quick");
+    }
+    cmd.args(args);
+    // Ctrl-C reaches xlb-bench too; wait for it to clean up instead of dying first.
+    // SAFETY: setting a signal disposition; restored below.
+    let old = unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+    let outcome = run(&mut cmd);
+    // SAFETY: as above.
+    unsafe { libc::signal(libc::SIGINT, old) };
+    outcome
 }
 
 /// Builds every crate the tests and the demo run (the BPF object through build.rs).

@@ -9,13 +9,33 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{capture, run, step};
 
-/// Debian packages the tests and the demo use.
-pub const TEST_PACKAGES: &[&str] = &["iproute2", "ethtool", "bpftool", "util-linux", "procps"];
+/// Debian packages the tests and the demo use. The Docker and Swarm tests
+/// (tests/src/docker.rs, swarm.rs) run their own containerd and dockerd per network namespace:
+/// docker.io brings dockerd, the CLI, containerd, runc and tini; iptables is what dockerd
+/// programs (and the health-probe stopgap uses); docker-compose is v1; util-linux has nsenter,
+/// unshare and mountpoint.
+pub const TEST_PACKAGES: &[&str] = &[
+    "iproute2",
+    "ethtool",
+    "bpftool",
+    "util-linux",
+    "procps",
+    "docker.io",
+    "docker-compose",
+    "containerd",
+    "runc",
+    "iptables",
+];
+
+/// What `cargo xtask bench` adds: the load generator, the backends' server and the two
+/// peers xlb is compared with.
+pub const BENCH_PACKAGES: &[&str] = &["wrk", "nginx", "haproxy", "nftables"];
 
 pub fn setup(packages: &[&str]) -> Result<()> {
     require_root()?;
     nightly()?;
     bpf_linker()?;
+    musl_target()?;
     apt(packages)?;
     step("setup complete");
     Ok(())
@@ -62,6 +82,22 @@ fn nightly() -> Result<()> {
             "--toolchain",
             "nightly",
         ]))?;
+    }
+    Ok(())
+}
+
+/// The test image for the Docker tests is built FROM scratch around a static test backend:
+/// `cargo build --release -p test-backend --target x86_64-unknown-linux-musl`.
+const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
+
+/// The musl target of the default toolchain (for the static test backend).
+fn musl_target() -> Result<()> {
+    let targets = capture(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    if targets.lines().any(|l| l.trim() == MUSL_TARGET) {
+        step(&format!("{MUSL_TARGET} target: present"));
+    } else {
+        step(&format!("{MUSL_TARGET} target: installing"));
+        run(Command::new("rustup").args(["target", "add", MUSL_TARGET]))?;
     }
     Ok(())
 }

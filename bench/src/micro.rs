@@ -1,0 +1,489 @@
+//! Microbenchmarks: the XDP program under BPF_PROG_TEST_RUN, and Maglev (table build time
+//! from criterion's estimates, fraction of slots moved when one backend leaves).
+//!
+//! How the XDP numbers are taken (BPF_PROG_TEST_RUN rewrites its one copy of the packet in
+//! place, so with `repeat` every run after the first would see the *rewritten* packet):
+//!
+//! - established, `repeat`: a service whose only backend is its own VIP:port, so the DNAT
+//!   writes the same values back (the same loads, stores and checksum arithmetic) and every
+//!   repetition takes the conntrack-hit path. The kernel reports the mean time per run; the
+//!   verdict and flow counters confirm that all N runs were forwarded and none was new.
+//! - new flow: a flow cannot be new twice, so K distinct SYNs each run once (repeat = 1).
+//!   The kernel's reported time of a single run includes one clock read; it is measured the
+//!   same way for a two-instruction XDP program (`return XDP_PASS`) and subtracted. Medians
+//!   over K runs. Taken on empty maps, and again once conntrack is full (LRU eviction on
+//!   every insert, the steady state of a busy LB).
+//! - established, per packet: the same K packets again (now conntrack hits), measured the
+//!   same way as new flows, as a cross-check of the `repeat` figure.
+//! - reply: the looped flow's reply through the TC egress program (reverse NAT), `repeat`,
+//!   with the same idempotent rewrite; the RevNat counter confirms every run rewrote.
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::programs::{SchedClassifier, Xdp};
+use lb_common::Reason;
+use serde::Serialize;
+use xlb::{
+    datapath::Datapath,
+    loader,
+    maglev::{MaglevBackend, build_table},
+    reconcile::{AllAlive, Reconciler},
+};
+use xlb_tests::testrun::{Packet, TCP_SYN, XDP_PASS, desired_state, service_toml};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 100, 1);
+/// The service whose backend is itself (see the module doc).
+const LOOP_VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 100, 2);
+/// XLB_CONNTRACK_V1's capacity (lb-common sizes).
+const CONNTRACK_ENTRIES: usize = 262_144;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct XdpResult {
+    /// Runs per BPF_PROG_TEST_RUN call in the `repeat` measurement, and calls made.
+    pub repeat: u32,
+    pub repeat_calls: u32,
+    /// Established flow, mean per run as the kernel reports it with `repeat` (median of the
+    /// calls).
+    pub established_repeat_ns: f64,
+    /// The empty program under the same `repeat`: the test loop's own cost per run.
+    pub empty_repeat_ns: f64,
+    /// Distinct packets run once each, per phase.
+    pub flows: usize,
+    /// The empty program's single-run time (clock read included): subtracted below.
+    pub empty_single_ns: f64,
+    /// New flow on empty maps, median single-run time minus the empty program's.
+    pub new_flow_ns: f64,
+    /// New flow while conntrack is full (every insert evicts).
+    pub new_flow_full_ns: f64,
+    /// The same packets once their flows exist, measured like new flows.
+    pub established_single_ns: f64,
+    /// Means, for the record (the medians above resist interrupts).
+    pub new_flow_mean_ns: f64,
+    pub established_single_mean_ns: f64,
+    /// TC egress reverse NAT of a reply (an established flow), `repeat`, same trick.
+    pub tc_reply_repeat_ns: f64,
+    /// The empty classifier under the same `repeat`.
+    pub tc_empty_repeat_ns: f64,
+}
+
+/// Pinned maps and programs of this benchmark, removed on drop.
+struct Pins(PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        if let Err(e) = loader::detach(&self.0) {
+            eprintln!("removing {}: {e:#}", self.0.display());
+        }
+    }
+}
+
+pub fn xdp(quick: bool, cpu: usize) -> Result<XdpResult> {
+    crate::cpu::pin_thread(cpu)?;
+    let pins = Pins(PathBuf::from(format!(
+        "/sys/fs/bpf/xlb-bench-{}",
+        std::process::id()
+    )));
+    if pins.0.exists() {
+        loader::detach(&pins.0)?;
+    }
+    let mut ebpf = loader::load(&pins.0)?;
+    let mut datapath = loader::datapath(&mut ebpf)?;
+    let mut reconciler = Reconciler::adopt(&datapath)?;
+    let backends: Vec<(SocketAddrV4, u32)> = (11..=13)
+        .map(|i| (SocketAddrV4::new(Ipv4Addr::new(10, 99, 2, i), 80), 100))
+        .collect();
+    let web = SocketAddrV4::new(VIP, 80);
+    let looped = SocketAddrV4::new(LOOP_VIP, 80);
+    let services = service_toml("web", web, "tcp", &backends)
+        + &service_toml("loop", looped, "tcp", &[(looped, 100)]);
+    reconciler.apply(&mut datapath, &desired_state(&services), &AllAlive)?;
+    let ids: Vec<(String, u32)> = reconciler
+        .applied()
+        .into_iter()
+        .map(|s| (s.name, s.id))
+        .collect();
+    let id = |name: &str| {
+        ids.iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, id)| *id)
+            .expect("applied")
+    };
+    let (web_id, loop_id) = (id("web"), id("loop"));
+
+    let prog: &Xdp = ebpf
+        .program(loader::XDP_PROGRAM)
+        .context("no XDP program in the object")?
+        .try_into()?;
+    let xlb_fd = prog.fd()?.as_fd().as_raw_fd();
+    let empty = load_empty(BPF_PROG_TYPE_XDP, XDP_PASS as i32)?;
+    let empty_fd = empty.as_raw_fd();
+    let tc: &SchedClassifier = ebpf
+        .program(loader::TC_EGRESS_PROGRAM)
+        .context("no TC egress program in the object")?
+        .try_into()?;
+    let tc_fd = tc.fd()?.as_fd().as_raw_fd();
+    let tc_empty = load_empty(BPF_PROG_TYPE_SCHED_CLS, -1)?;
+
+    let (repeat, calls, flows) = if quick {
+        (100_000, 3, 20_000)
+    } else {
+        (1_000_000, 7, 100_000)
+    };
+
+    // Established, with repeat.
+    let client = SocketAddrV4::new(Ipv4Addr::new(10, 99, 1, 2), 40000);
+    let pkt = Packet::tcp(client, looped).build();
+    let (ret, _) = test_run(xlb_fd, &pkt, 1)?;
+    check_pass(ret)?;
+    let before = (forwarded(&datapath)?, datapath.service_counters(loop_id)?);
+    let mut times = Vec::new();
+    for _ in 0..calls {
+        let (ret, ns) = test_run(xlb_fd, &pkt, repeat)?;
+        check_pass(ret)?;
+        times.push(ns as f64);
+    }
+    let after = (forwarded(&datapath)?, datapath.service_counters(loop_id)?);
+    let runs = u64::from(repeat) * u64::from(calls);
+    if after.0 - before.0 != runs
+        || after.1.packets - before.1.packets != runs
+        || after.1.new_flows != before.1.new_flows
+    {
+        bail!(
+            "the repeat runs did not all take the established path: forwarded +{}, \
+             packets +{}, new flows +{} (expected +{runs}, +{runs}, +0)",
+            after.0 - before.0,
+            after.1.packets - before.1.packets,
+            after.1.new_flows - before.1.new_flows
+        );
+    }
+    let established_repeat_ns = median(&mut times);
+    let mut empty_times = Vec::new();
+    for _ in 0..calls {
+        empty_times.push(test_run(empty_fd, &pkt, repeat)?.1 as f64);
+    }
+    let empty_repeat_ns = median(&mut empty_times);
+
+    // The reply of that flow through TC egress (reverse NAT from "backend" VIP:80 to VIP:80:
+    // the same idempotent rewrite).
+    let reply = Packet::tcp(looped, client).build();
+    let rev_before = reason(&datapath, Reason::RevNat)?;
+    let mut tc_times = Vec::new();
+    let mut tc_empty_times = Vec::new();
+    for _ in 0..calls {
+        let (ret, ns) = test_run(tc_fd, &reply, repeat)?;
+        if ret != TC_ACT_UNSPEC {
+            bail!("TC egress returned {ret} for a reply");
+        }
+        tc_times.push(ns as f64);
+        tc_empty_times.push(test_run(tc_empty.as_raw_fd(), &reply, repeat)?.1 as f64);
+    }
+    let rev_moved = reason(&datapath, Reason::RevNat)? - rev_before;
+    if rev_moved != runs {
+        bail!("TC egress rewrote {rev_moved} of {runs} replies");
+    }
+
+    // New flows, then the same flows established, one run each.
+    let packets: Vec<Vec<u8>> = (0..flows).map(|i| syn(i, web)).collect();
+    let empty_single = single_runs(empty_fd, &packets, None)?;
+    let new_before = datapath.service_counters(web_id)?;
+    let new = single_runs(xlb_fd, &packets, Some(&datapath))?;
+    let new_after = datapath.service_counters(web_id)?;
+    if new_after.new_flows - new_before.new_flows != flows as u64 {
+        bail!(
+            "{flows} distinct SYNs made {} new flows",
+            new_after.new_flows - new_before.new_flows
+        );
+    }
+    let est = single_runs(xlb_fd, &packets, Some(&datapath))?;
+    if datapath.service_counters(web_id)?.new_flows != new_after.new_flows {
+        bail!("known flows were counted as new");
+    }
+
+    // Fill conntrack past its capacity, then new flows again: every insert evicts.
+    let fill: Vec<Vec<u8>> = (flows..flows + CONNTRACK_ENTRIES)
+        .map(|i| syn(i, web))
+        .collect();
+    single_runs(xlb_fd, &fill, None)?;
+    drop(fill);
+    let more: Vec<Vec<u8>> = (flows + CONNTRACK_ENTRIES..2 * flows + CONNTRACK_ENTRIES)
+        .map(|i| syn(i, web))
+        .collect();
+    let full = single_runs(xlb_fd, &more, Some(&datapath))?;
+
+    let base = empty_single.median;
+    Ok(XdpResult {
+        repeat,
+        repeat_calls: calls,
+        established_repeat_ns,
+        empty_repeat_ns,
+        flows,
+        empty_single_ns: base,
+        new_flow_ns: new.median - base,
+        new_flow_full_ns: full.median - base,
+        established_single_ns: est.median - base,
+        new_flow_mean_ns: new.mean - empty_single.mean,
+        established_single_mean_ns: est.mean - empty_single.mean,
+        tc_reply_repeat_ns: median(&mut tc_times),
+        tc_empty_repeat_ns: median(&mut tc_empty_times),
+    })
+}
+
+/// Flow i: a SYN from a distinct (address, port) to `dst`.
+fn syn(i: usize, dst: SocketAddrV4) -> Vec<u8> {
+    let addr = u32::from(Ipv4Addr::new(10, 100, 0, 0)) + (i / 50_000) as u32;
+    let src = SocketAddrV4::new(Ipv4Addr::from(addr), 10_000 + (i % 50_000) as u16);
+    Packet::tcp(src, dst).with_tcp_flags(TCP_SYN).build()
+}
+
+struct Single {
+    median: f64,
+    mean: f64,
+}
+
+/// Runs each packet once; with `datapath`, checks that every one was forwarded.
+fn single_runs(fd: i32, packets: &[Vec<u8>], datapath: Option<&Datapath>) -> Result<Single> {
+    let before = datapath.map(forwarded).transpose()?;
+    let mut times = Vec::with_capacity(packets.len());
+    for p in packets {
+        let (ret, ns) = test_run(fd, p, 1)?;
+        check_pass(ret)?;
+        times.push(ns as f64);
+    }
+    if let (Some(dp), Some(before)) = (datapath, before) {
+        let moved = forwarded(dp)? - before;
+        if moved != packets.len() as u64 {
+            bail!("{} packets, {moved} counted as forwarded", packets.len());
+        }
+    }
+    let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
+    Ok(Single {
+        median: median(&mut times),
+        mean,
+    })
+}
+
+fn forwarded(dp: &Datapath) -> Result<u64> {
+    reason(dp, Reason::Forwarded)
+}
+
+fn reason(dp: &Datapath, which: Reason) -> Result<u64> {
+    Ok(dp
+        .reasons()?
+        .into_iter()
+        .find(|(r, _)| *r == which)
+        .map_or(0, |(_, n)| n))
+}
+
+fn check_pass(ret: u32) -> Result<()> {
+    if ret != XDP_PASS {
+        bail!("the XDP program returned {ret}, not XDP_PASS");
+    }
+    Ok(())
+}
+
+pub fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+const BPF_PROG_TYPE_XDP: u32 = 6;
+/// TC "unspec" (-1) as BPF_PROG_TEST_RUN reports it.
+const TC_ACT_UNSPEC: u32 = u32::MAX;
+
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<i64> {
+    // SAFETY: attr is a bpf_attr prefix of the size we pass; the kernel zero-extends it.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T as *mut libc::c_void,
+            size_of::<T>() as libc::c_uint,
+        )
+    };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// `r0 = ret; exit`: a baseline whose time is the test harness's own.
+fn load_empty(prog_type: u32, ret: i32) -> Result<OwnedFd> {
+    // mov64 r0, imm (BPF_ALU64 | BPF_MOV | BPF_K); exit (BPF_JMP | BPF_EXIT).
+    let [a, b, c, d] = ret.to_le_bytes();
+    let insns: [u64; 2] = [
+        u64::from_le_bytes([0xb7, 0, 0, 0, a, b, c, d]),
+        u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
+    ];
+    let license = c"GPL";
+    let mut attr = ProgLoadAttr {
+        prog_type,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_PROG_LOAD, &mut attr).context("loading an empty program")?;
+    // SAFETY: a new fd that we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// One BPF_PROG_TEST_RUN: (return value, mean ns per run as the kernel measured it).
+fn test_run(prog_fd: i32, data: &[u8], repeat: u32) -> Result<(u32, u32)> {
+    let mut attr = TestRunAttr {
+        prog_fd: prog_fd as u32,
+        data_size_in: data.len() as u32,
+        data_in: data.as_ptr() as u64,
+        repeat,
+        ..Default::default()
+    };
+    bpf(BPF_PROG_TEST_RUN, &mut attr).context("BPF_PROG_TEST_RUN")?;
+    Ok((attr.retval, attr.duration))
+}
+
+/// What criterion measured for one benchmark (ns).
+#[derive(Debug, Clone, Serialize)]
+pub struct CriterionEstimate {
+    pub median_ns: f64,
+    pub mean_ns: f64,
+    pub mean_low_ns: f64,
+    pub mean_high_ns: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MaglevResult {
+    pub table_size: u32,
+    pub backends: usize,
+    /// From `cargo bench -p lb-userspace --bench maglev` (None if it has not run).
+    pub build: Option<CriterionEstimate>,
+    /// A quick in-process timing of the same build (median of a few), as a cross-check.
+    pub build_inline_ns: f64,
+    /// Fraction of the table's slots that changed backend when one backend was removed
+    /// (mean and worst over the removals tried); 1/N is the minimum possible.
+    pub removals_tried: usize,
+    pub moved_mean: f64,
+    pub moved_max: f64,
+}
+
+pub const MAGLEV_M: u32 = 65537;
+pub const MAGLEV_NS: [usize; 3] = [10, 100, 1000];
+
+/// The backend keys the criterion bench uses too.
+pub fn maglev_keys(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("10.99.{}.{}:8080", i / 250, i % 250 + 1))
+        .collect()
+}
+
+pub fn maglev(criterion_dir: &Path, quick: bool) -> Result<Vec<MaglevResult>> {
+    let mut out = Vec::new();
+    for n in MAGLEV_NS {
+        let keys = maglev_keys(n);
+        let backends: Vec<MaglevBackend<'_>> = keys
+            .iter()
+            .map(|k| MaglevBackend {
+                key: k,
+                weight: 100,
+            })
+            .collect();
+        let mut times = Vec::new();
+        let mut full = Vec::new();
+        for _ in 0..if quick { 3 } else { 11 } {
+            let t = Instant::now();
+            full = build_table(&backends, MAGLEV_M);
+            times.push(t.elapsed().as_nanos() as f64);
+        }
+        let tries = n.min(if quick { 3 } else { 10 });
+        let mut fractions = Vec::new();
+        for t in 0..tries {
+            let removed = t * n / tries;
+            let rest: Vec<MaglevBackend<'_>> = backends
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != removed)
+                .map(|(_, b)| *b)
+                .collect();
+            let table = build_table(&rest, MAGLEV_M);
+            let moved = full
+                .iter()
+                .zip(&table)
+                .filter(|(a, b)| backends[**a as usize].key != rest[**b as usize].key)
+                .count();
+            fractions.push(moved as f64 / f64::from(MAGLEV_M));
+        }
+        out.push(MaglevResult {
+            table_size: MAGLEV_M,
+            backends: n,
+            build: read_criterion(criterion_dir, n),
+            build_inline_ns: median(&mut times),
+            removals_tried: tries,
+            moved_mean: fractions.iter().sum::<f64>() / tries as f64,
+            moved_max: fractions.iter().copied().fold(0.0, f64::max),
+        });
+    }
+    Ok(out)
+}
+
+fn read_criterion(dir: &Path, n: usize) -> Option<CriterionEstimate> {
+    let path = dir.join(format!("maglev_build/{n}/new/estimates.json"));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    let get = |k: &str| json[k]["point_estimate"].as_f64();
+    Some(CriterionEstimate {
+        median_ns: get("median")?,
+        mean_ns: get("mean")?,
+        mean_low_ns: json["mean"]["confidence_interval"]["lower_bound"].as_f64()?,
+        mean_high_ns: json["mean"]["confidence_interval"]["upper_bound"].as_f64()?,
+    })
+}

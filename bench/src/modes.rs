@@ -1,0 +1,296 @@
+//! The four ways the same load reaches the three nginx backends. A mode is set up in the lb
+//! namespace and torn down when its guard drops (the XDP program detached and its pins gone,
+//! HAProxy stopped, the nft table deleted, the VIP removed from lo).
+use std::{net::SocketAddrV4, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Serialize;
+use xlb_tests::{agent::Agent, process::Proc, topology::VIP};
+
+use crate::testbed::{HTTP_PORT, Testbed, UDP_PORT, nft};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// The client drives the three backends directly, routed through the lb namespace.
+    Direct,
+    /// Kernel nft DNAT in the lb namespace, `numgen inc mod 3`.
+    Nft,
+    /// HAProxy `mode tcp` in the lb namespace, round robin.
+    Haproxy,
+    /// xlb's XDP program on the lb namespace's front interface.
+    Xlb,
+    /// Diagnostic: xlb attached as in `Xlb`, but the client drives the backends directly as
+    /// in `Direct`, so every packet takes XDP_PASS (not a VIP) and TC finds no reverse NAT.
+    /// Its gap to direct is the cost of having the programs on the interface at all.
+    XdpPass,
+}
+
+pub const ALL: [Mode; 5] = [
+    Mode::Direct,
+    Mode::Nft,
+    Mode::Haproxy,
+    Mode::Xlb,
+    Mode::XdpPass,
+];
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::Nft => "nft DNAT",
+            Mode::Haproxy => "HAProxy",
+            Mode::Xlb => "xlb",
+            Mode::XdpPass => "direct, xlb attached",
+        }
+    }
+
+    /// The client address this mode's load comes from. Each mode has its own, so a
+    /// backend's TIME_WAIT sockets left by one mode never meet another mode's SYNs: TCP
+    /// timestamps have a per-address-pair offset, and client → VIP differs from client →
+    /// backend, so PAWS would reject such a SYN and stall it for a retransmit.
+    pub fn client_addr(self) -> &'static str {
+        match self {
+            Mode::Direct => "10.99.1.2",
+            Mode::Nft => "10.99.1.3",
+            Mode::Haproxy => "10.99.1.4",
+            Mode::Xlb => "10.99.1.5",
+            Mode::XdpPass => "10.99.1.6",
+        }
+    }
+
+    /// HAProxy has no UDP mode.
+    pub fn does_udp(self) -> bool {
+        self != Mode::Haproxy
+    }
+}
+
+const NFT_TABLE: &str = "xlbbench_nat";
+/// New connections that check a mode before its load: with a hash, 60 of them miss one of
+/// three backends with a probability of 3 · (2/3)^60 ≈ 10⁻¹⁰.
+const PROBES: usize = 60;
+
+/// A mode while it is set up.
+pub struct Active<'a> {
+    pub mode: Mode,
+    bed: &'a Testbed,
+    proxy: Option<Proc>,
+    agent: Option<Agent>,
+    /// How xlb attached (driver or skb), from its status.
+    pub xdp_mode: Option<String>,
+}
+
+impl<'a> Active<'a> {
+    pub fn start(bed: &'a Testbed, mode: Mode) -> Result<Active<'a>> {
+        let mut active = Active {
+            mode,
+            bed,
+            proxy: None,
+            agent: None,
+            xdp_mode: None,
+        };
+        let backends = bed.backend_addrs();
+        let lb = &bed.topo.lb;
+        bed.topo.client.ip(&[
+            "route",
+            "replace",
+            "default",
+            "via",
+            "10.99.1.1",
+            "src",
+            mode.client_addr(),
+        ]);
+        match mode {
+            Mode::Direct => {}
+            Mode::Nft => {
+                let map: Vec<String> = backends
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| format!("{i} : {a}"))
+                    .collect();
+                let map = map.join(", ");
+                let n = backends.len();
+                nft(
+                    lb,
+                    &format!(
+                        "table ip {NFT_TABLE} {{\n\
+                         \x20 chain prerouting {{\n\
+                         \x20   type nat hook prerouting priority dstnat; policy accept;\n\
+                         \x20   ip daddr {VIP} tcp dport {HTTP_PORT} dnat to numgen inc mod {n} map {{ {map} }}\n\
+                         \x20   ip daddr {VIP} udp dport {UDP_PORT} dnat to numgen inc mod {n} map {{ {map} }}\n\
+                         \x20 }}\n\
+                         }}\n"
+                    ),
+                )?;
+            }
+            Mode::Haproxy => {
+                lb.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"]);
+                let mut cfg = format!(
+                    "global\n  nbthread 1\n  maxconn 8000\n\n\
+                     defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  \
+                     timeout server 60s\n\n\
+                     frontend web\n  bind {VIP}:{HTTP_PORT}\n  default_backend nginx\n\n\
+                     backend nginx\n  balance roundrobin\n"
+                );
+                for (name, addr) in bed.backend_names().iter().zip(&backends) {
+                    cfg += &format!("  server {name} {addr}:{HTTP_PORT}\n");
+                }
+                let path = bed.scratch().join("haproxy.cfg");
+                std::fs::write(&path, cfg)?;
+                let mut cmd = lb.command("taskset");
+                cmd.args(["-c", &bed.server_cpu.to_string(), "haproxy", "-db", "-f"])
+                    .arg(&path);
+                active.proxy = Some(Proc::spawn(
+                    "haproxy",
+                    cmd,
+                    bed.scratch().join("haproxy.log"),
+                ));
+            }
+            Mode::Xlb | Mode::XdpPass => {
+                let pin_path = Agent::pin_path_for(&bed.topo);
+                let mut config = format!(
+                    "[agent]\ninterfaces = [\"{}\"]\npin_path = \"{pin_path}\"\n",
+                    xlb_tests::topology::FRONT
+                );
+                for (name, port, proto) in [("web", HTTP_PORT, "tcp"), ("udp", UDP_PORT, "udp")] {
+                    config += &format!(
+                        "\n[[service]]\nname = \"{name}\"\nvip = \"{VIP}\"\nport = {port}\n\
+                         protocol = \"{proto}\"\nmode = \"nat\"\ntable_size = 65537\n\
+                         [service.health]\ntype = \"none\"\n"
+                    );
+                    for addr in &backends {
+                        config +=
+                            &format!("[[service.backend]]\naddress = \"{addr}\"\nport = {port}\n");
+                    }
+                }
+                let agent = Agent::start(&bed.topo, &config);
+                if let Some(pid) = agent.proc.as_ref().map(Proc::pid) {
+                    crate::cpu::pin_process(pid, bed.server_cpu)?;
+                }
+                let (ok, status) = agent.cli(&["status"]);
+                if !ok {
+                    bail!("xlb status failed: {status}");
+                }
+                active.xdp_mode = status
+                    .lines()
+                    .next()
+                    .and_then(|l| l.split_once('(').map(|(_, m)| m.trim_end_matches(')')))
+                    .map(str::to_string);
+                active.agent = Some(agent);
+            }
+        }
+        active.check()?;
+        Ok(active)
+    }
+
+    /// The HTTP targets of the load: the VIP, or in direct mode every backend.
+    pub fn http_targets(&self) -> Vec<SocketAddrV4> {
+        self.targets(HTTP_PORT)
+    }
+
+    pub fn udp_targets(&self) -> Vec<SocketAddrV4> {
+        self.targets(UDP_PORT)
+    }
+
+    fn targets(&self, port: u16) -> Vec<SocketAddrV4> {
+        match self.mode {
+            Mode::Direct | Mode::XdpPass => self
+                .bed
+                .backend_addrs()
+                .into_iter()
+                .map(|a| SocketAddrV4::new(a, port))
+                .collect(),
+            _ => vec![SocketAddrV4::new(VIP.parse().expect("VIP"), port)],
+        }
+    }
+
+    /// xlb's pin directory while an agent runs.
+    pub fn xlb_pins(&self) -> Option<&std::path::Path> {
+        self.agent.as_ref().map(|a| a.pin_path.as_path())
+    }
+
+    /// The proxy process whose CPU time is reported (HAProxy, or xlb's agent).
+    pub fn proxy_pid(&self) -> Option<u32> {
+        self.proxy
+            .as_ref()
+            .or(self.agent.as_ref().and_then(|a| a.proc.as_ref()))
+            .map(Proc::pid)
+    }
+
+    /// Checks that the mode answers from every backend before any load runs.
+    fn check(&mut self) -> Result<()> {
+        let targets = self.http_targets();
+        let mut names = Vec::new();
+        // HAProxy needs a moment to bind; the others answer at once.
+        for attempt in 0.. {
+            match self.bed.probe_http(&targets, PROBES) {
+                Ok(answers) => {
+                    names = answers;
+                    break;
+                }
+                Err(_) if attempt < 50 => {
+                    if let Some(p) = self.proxy.as_mut()
+                        && !p.is_running()
+                    {
+                        bail!("{} exited: {}", p.name, p.log_text());
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("{} does not answer", self.mode.name()));
+                }
+            }
+        }
+        for want in self.bed.backend_names() {
+            if !names.contains(&want) {
+                bail!(
+                    "{}: {want} never answered {PROBES} new connections (answers: {names:?})",
+                    self.mode.name()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        let lb = &self.bed.topo.lb;
+        match self.mode {
+            Mode::Direct => {}
+            Mode::Nft => {
+                let _ = lb
+                    .command("nft")
+                    .args(["delete", "table", "ip", NFT_TABLE])
+                    .output();
+            }
+            Mode::Haproxy => {
+                self.proxy.take();
+                let _ = lb
+                    .command("ip")
+                    .args(["addr", "del", &format!("{VIP}/32"), "dev", "lo"])
+                    .output();
+            }
+            Mode::Xlb | Mode::XdpPass => {
+                // Stops the agent, unpins the links (detaching XDP and TC) and removes the pins.
+                self.agent.take();
+            }
+        }
+    }
+}
+
+/// Fails if anything of xlb is still attached in the lb namespace.
+pub fn check_detached(bed: &Testbed) -> Result<()> {
+    let link = bed
+        .topo
+        .lb
+        .ip(&["-d", "link", "show", xlb_tests::topology::FRONT]);
+    if link.contains("prog/xdp") || link.contains(" xdp") {
+        bail!("an XDP program is still attached to front: {link}");
+    }
+    let pins = Agent::pin_path_for(&bed.topo);
+    if std::path::Path::new(&pins).exists() {
+        bail!("{pins} still exists");
+    }
+    Ok(())
+}

@@ -1,0 +1,740 @@
+//! Results: per-run records, their summary (median, min–max, ratio to direct), the goals,
+//! and the outputs: report.md, results.json and ratios.svg.
+use std::{fmt::Write as _, path::Path};
+
+use anyhow::Result;
+use plotters::prelude::*;
+use serde::Serialize;
+
+use crate::{
+    load::{self, Load},
+    micro::{self, MaglevResult, XdpResult},
+    modes::{self, Mode},
+};
+
+/// One measured run of one load through one mode.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    pub rep: u32,
+    pub load: Load,
+    pub mode: Mode,
+    /// req/s, conn/s or delivered packets/s.
+    pub rate: f64,
+    pub seconds: f64,
+    /// Requests completed, or packets delivered.
+    pub count: u64,
+    /// wrk's latency percentiles (None for UDP).
+    pub p50_us: Option<f64>,
+    pub p99_us: Option<f64>,
+    /// Busy CPU time of the whole machine during the run, µs.
+    pub cpu_busy_us: f64,
+    /// Busy share of each CPU.
+    pub cpu_util: Vec<f64>,
+    /// CPU time used meanwhile by user processes that are not ours (other work on the
+    /// machine), µs. Subtracted from cpu_busy_us for the CPU cost per unit.
+    pub foreign_cpu_us: f64,
+    /// CPU time of the proxy process (HAProxy, or xlb's agent), µs.
+    pub proxy_cpu_us: Option<f64>,
+    /// Requests (nginx stub_status) or packets (nft counter) per backend.
+    pub per_backend: Vec<u64>,
+    /// wrk's socket errors + non-2xx answers; for UDP, datagrams sent but not delivered.
+    pub errors: u64,
+    /// UDP only: datagrams the generator sent.
+    pub sent: Option<u64>,
+}
+
+impl Run {
+    /// CPU per unit: µs per request/connection, ns per packet.
+    pub fn cpu_per_unit(&self) -> f64 {
+        let per = (self.cpu_busy_us - self.foreign_cpu_us).max(0.0) / self.count.max(1) as f64;
+        if self.load == Load::Udp {
+            per * 1000.0
+        } else {
+            per
+        }
+    }
+
+    /// CPUs that other people's processes used during the run.
+    pub fn other_load(&self) -> f64 {
+        self.foreign_cpu_us / 1e6 / self.seconds.max(1e-3)
+    }
+
+    fn proxy_per_unit(&self) -> Option<f64> {
+        let per = self.proxy_cpu_us? / self.count.max(1) as f64;
+        Some(if self.load == Load::Udp {
+            per * 1000.0
+        } else {
+            per
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub load: Load,
+    pub mode: Mode,
+    pub unit: &'static str,
+    pub reps: usize,
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    /// Median over repetitions of (this mode / direct in the same repetition).
+    pub ratio: f64,
+    pub ratio_min: f64,
+    pub ratio_max: f64,
+    pub p50_us: Option<f64>,
+    pub p99_us: Option<f64>,
+    /// Median CPU per unit (µs/req, µs/conn or ns/pkt) of the whole machine.
+    pub cpu_per_unit: f64,
+    /// Median over repetitions of (direct's CPU per unit / this mode's) in the same
+    /// repetition: the throughput ratio a CPU-bound machine would show, and much less
+    /// sensitive to other load than the throughput itself.
+    pub cpu_ratio: f64,
+    pub proxy_cpu_per_unit: Option<f64>,
+    /// Median busy share of each CPU.
+    pub cpu_util: Vec<f64>,
+    /// Median CPU (in CPUs) that other people's processes used during the runs.
+    pub foreign_cpus: f64,
+    /// Share of each backend over all repetitions.
+    pub split: Vec<f64>,
+    pub errors: u64,
+}
+
+pub fn summarize(runs: &[Run]) -> Vec<Summary> {
+    let mut out = Vec::new();
+    for load in load::ALL {
+        for mode in modes::ALL {
+            let mine: Vec<&Run> = runs
+                .iter()
+                .filter(|r| r.load == load && r.mode == mode)
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let mut rates: Vec<f64> = mine.iter().map(|r| r.rate).collect();
+            let mut ratios: Vec<f64> = mine
+                .iter()
+                .filter_map(|r| {
+                    let direct = runs
+                        .iter()
+                        .find(|d| d.rep == r.rep && d.load == load && d.mode == Mode::Direct)?;
+                    Some(r.rate / direct.rate)
+                })
+                .collect();
+            let mut cpu_ratios: Vec<f64> = mine
+                .iter()
+                .filter_map(|r| {
+                    let direct = runs
+                        .iter()
+                        .find(|d| d.rep == r.rep && d.load == load && d.mode == Mode::Direct)?;
+                    Some(direct.cpu_per_unit() / r.cpu_per_unit())
+                })
+                .collect();
+            let med = |f: &dyn Fn(&Run) -> Option<f64>| {
+                let mut v: Vec<f64> = mine.iter().filter_map(|r| f(r)).collect();
+                (!v.is_empty()).then(|| micro::median(&mut v))
+            };
+            let backends = mine.iter().map(|r| r.per_backend.len()).max().unwrap_or(0);
+            let totals: Vec<u64> = (0..backends)
+                .map(|i| mine.iter().filter_map(|r| r.per_backend.get(i)).sum())
+                .collect();
+            let all: u64 = totals.iter().sum();
+            let cpus = mine[0].cpu_util.len();
+            out.push(Summary {
+                load,
+                mode,
+                unit: load.unit(),
+                reps: mine.len(),
+                median: micro::median(&mut rates),
+                min: rates.iter().copied().fold(f64::INFINITY, f64::min),
+                max: rates.iter().copied().fold(0.0, f64::max),
+                ratio: micro::median(&mut ratios),
+                ratio_min: ratios.iter().copied().fold(f64::INFINITY, f64::min),
+                ratio_max: ratios.iter().copied().fold(0.0, f64::max),
+                p50_us: med(&|r| r.p50_us),
+                p99_us: med(&|r| r.p99_us),
+                cpu_per_unit: med(&|r| Some(r.cpu_per_unit())).unwrap_or(f64::NAN),
+                cpu_ratio: micro::median(&mut cpu_ratios),
+                proxy_cpu_per_unit: med(&|r| r.proxy_per_unit()),
+                cpu_util: (0..cpus)
+                    .map(|c| med(&|r| r.cpu_util.get(c).copied()).unwrap_or(0.0))
+                    .collect(),
+                foreign_cpus: med(&|r| Some(r.other_load())).unwrap_or(0.0),
+                split: totals
+                    .iter()
+                    .map(|t| *t as f64 / all.max(1) as f64)
+                    .collect(),
+                errors: mine.iter().map(|r| r.errors).sum(),
+            });
+        }
+    }
+    out
+}
+
+/// One goal of issue 6 and where this run stands.
+#[derive(Debug, Clone, Serialize)]
+pub struct Goal {
+    pub what: String,
+    pub target: String,
+    pub measured: String,
+    pub met: Option<bool>,
+    pub note: String,
+}
+
+/// Median CPU (in CPUs) that other people's processes used during the wrk runs, which
+/// keep both CPUs busy (the UDP load leaves the server CPU idle for anyone to take).
+pub fn other_load(runs: &[Run]) -> f64 {
+    let mut v: Vec<f64> = runs
+        .iter()
+        .filter(|r| r.load != Load::Udp)
+        .map(Run::other_load)
+        .collect();
+    if v.is_empty() {
+        0.0
+    } else {
+        micro::median(&mut v)
+    }
+}
+
+/// Above this much other load (in CPUs, median over the runs) the throughput ratios say
+/// more about the neighbours than about the modes.
+pub const CONTENDED: f64 = 0.15;
+
+pub fn goals(
+    summary: &[Summary],
+    xdp: Option<&XdpResult>,
+    maglev: &[MaglevResult],
+    other_load: f64,
+) -> Vec<Goal> {
+    let mut out = Vec::new();
+    let contended = other_load > CONTENDED;
+    let find = |load: Load, mode: Mode| summary.iter().find(|s| s.load == load && s.mode == mode);
+    let ratio = |load: Load, mode: Mode| find(load, mode).map(|s| s.ratio);
+    for (load, what, min, peers) in [
+        (
+            Load::Close,
+            "new connections/s vs direct",
+            0.95,
+            "elsewhere: nft 0.84, HAProxy 0.56",
+        ),
+        (
+            Load::KeepAlive,
+            "keep-alive req/s vs direct",
+            0.98,
+            "elsewhere: nft 1.00, HAProxy 0.60",
+        ),
+        (
+            Load::Udp,
+            "UDP pps delivered vs routed",
+            1.0,
+            "elsewhere: nft 0.85",
+        ),
+    ] {
+        let mine = ratio(load, Mode::Xlb);
+        let here: Vec<String> = [Mode::Nft, Mode::Haproxy]
+            .into_iter()
+            .filter_map(|m| Some(format!("{} {:.2}", m.name(), ratio(load, m)?)))
+            .collect();
+        out.push(Goal {
+            what: what.into(),
+            target: format!("≥ {min:.2}"),
+            measured: mine.map_or("not run".into(), |r| format!("{r:.3}")),
+            met: if contended {
+                None
+            } else {
+                mine.map(|r| r >= min)
+            },
+            note: format!(
+                "CPU ratio {}; this run: {}; {peers}{}",
+                find(load, Mode::Xlb).map_or("–".into(), |s| format!("{:.3}", s.cpu_ratio)),
+                here.join(", "),
+                if contended {
+                    format!("; not judged: other processes used {other_load:.2} CPU")
+                } else {
+                    String::new()
+                }
+            ),
+        });
+    }
+    if let Some(x) = xdp {
+        out.push(Goal {
+            what: "XDP established flow".into(),
+            target: "≤ 60 ns/packet".into(),
+            measured: format!("{:.1} ns", x.established_repeat_ns),
+            met: Some(x.established_repeat_ns <= 60.0),
+            note: format!(
+                "BPF_PROG_TEST_RUN repeat={}, harness loop {:.1} ns included; one run per packet: {:.1} ns",
+                x.repeat, x.empty_repeat_ns, x.established_single_ns
+            ),
+        });
+        out.push(Goal {
+            what: "XDP new flow".into(),
+            target: "≤ 150 ns/packet".into(),
+            measured: format!("{:.1} ns", x.new_flow_ns),
+            met: Some(x.new_flow_ns <= 150.0),
+            note: format!(
+                "one run per distinct SYN, empty-program time subtracted; with conntrack full (LRU eviction): {:.1} ns",
+                x.new_flow_full_ns
+            ),
+        });
+    }
+    if let Some(m) = maglev.iter().find(|m| m.backends == 1000) {
+        let (ns, how) = match &m.build {
+            Some(c) => (c.median_ns, "criterion median"),
+            None => (
+                m.build_inline_ns,
+                "in-process timing (criterion did not run)",
+            ),
+        };
+        out.push(Goal {
+            what: format!("Maglev build, M={} and 1000 backends", m.table_size),
+            target: "≤ 2 ms".into(),
+            measured: format!("{:.3} ms", ns / 1e6),
+            met: Some(ns <= 2e6),
+            note: how.into(),
+        });
+    }
+    if !maglev.is_empty() {
+        let worst = maglev
+            .iter()
+            .map(|m| m.moved_max * m.backends as f64)
+            .fold(0.0, f64::max);
+        let each: Vec<String> = maglev
+            .iter()
+            .map(|m| format!("N={}: {:.3}/N", m.backends, m.moved_max * m.backends as f64))
+            .collect();
+        out.push(Goal {
+            what: "Maglev: entries moved when 1 of N is removed".into(),
+            target: "≤ 1.1/N".into(),
+            measured: format!("{worst:.3}/N (worst)"),
+            met: Some(worst <= 1.1),
+            note: each.join(", "),
+        });
+    }
+    out
+}
+
+/// The machine and the settings, for the report's header.
+#[derive(Debug, Clone, Serialize)]
+pub struct Context {
+    pub date: String,
+    /// `git describe --always --dirty` of the tree that was measured.
+    pub revision: String,
+    /// /proc/loadavg when the run started.
+    pub loadavg: String,
+    pub kernel: String,
+    pub cpus: usize,
+    pub cpu_model: String,
+    pub tools: Vec<String>,
+    pub quick: bool,
+    pub reps: u32,
+    pub seconds: u64,
+    pub wrk_threads: u32,
+    pub wrk_connections: u32,
+    pub udp_flows: usize,
+    pub pinning: Vec<String>,
+    pub settings: Vec<String>,
+    pub xdp_mode: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Results {
+    pub context: Context,
+    pub goals: Vec<Goal>,
+    pub summary: Vec<Summary>,
+    pub runs: Vec<Run>,
+    pub xdp: Option<XdpResult>,
+    pub maglev: Vec<MaglevResult>,
+    /// xlb's programs in real traffic (an extra run with BPF stats on).
+    pub profile: Vec<crate::profile::ProgramCost>,
+}
+
+fn fmt_rate(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{:.2} M", v / 1e6)
+    } else if v >= 1e4 {
+        format!("{:.1} k", v / 1e3)
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+fn fmt_us(v: Option<f64>) -> String {
+    match v {
+        None => "–".into(),
+        Some(v) if v >= 1000.0 => format!("{:.2} ms", v / 1000.0),
+        Some(v) => format!("{v:.0} µs"),
+    }
+}
+
+/// The goals table (also used for the README).
+pub fn goals_table(goals: &[Goal]) -> String {
+    let mut s = String::from("| goal | target | xlb | met | notes |\n|---|---|---|---|---|\n");
+    for g in goals {
+        let met = match g.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "–",
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {met} | {} |",
+            g.what, g.target, g.measured, g.note
+        );
+    }
+    s
+}
+
+/// The throughput table (also used for the README).
+pub fn throughput_table(summary: &[Summary]) -> String {
+    let mut s = String::from(
+        "| load | mode | median | min–max | vs direct (min–max) | p50 | p99 | CPU/unit (proxy) | CPU ratio | CPU busy load/server | other load | split be1/be2/be3 | errors |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|\n",
+    );
+    for x in summary {
+        let ratio = if x.mode == Mode::Direct {
+            "1 (ceiling)".into()
+        } else {
+            format!("**{:.3}** ({:.2}–{:.2})", x.ratio, x.ratio_min, x.ratio_max)
+        };
+        let cpu = match x.proxy_cpu_per_unit {
+            Some(p) => format!("{:.2} ({:.2}) {}", x.cpu_per_unit, p, x.load.per()),
+            None => format!("{:.2} {}", x.cpu_per_unit, x.load.per()),
+        };
+        let util: Vec<String> = x
+            .cpu_util
+            .iter()
+            .map(|u| format!("{:.0}%", u * 100.0))
+            .collect();
+        let split: Vec<String> = x
+            .split
+            .iter()
+            .map(|f| format!("{:.0}", f * 100.0))
+            .collect();
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} {} | {}–{} | {ratio} | {} | {} | {cpu} | {:.3} | {} | {:.2} CPU | {}% | {} |",
+            x.load.title(),
+            x.mode.name(),
+            fmt_rate(x.median),
+            x.unit,
+            fmt_rate(x.min),
+            fmt_rate(x.max),
+            fmt_us(x.p50_us),
+            fmt_us(x.p99_us),
+            x.cpu_ratio,
+            util.join("/"),
+            x.foreign_cpus,
+            split.join("/"),
+            x.errors
+        );
+    }
+    s
+}
+
+pub fn xdp_table(x: &XdpResult) -> String {
+    let mut s = String::from("| case | ns/packet | how |\n|---|---:|---|\n");
+    let rows = [
+        (
+            "established flow",
+            x.established_repeat_ns,
+            format!(
+                "repeat={} ×{} calls, median of the kernel's mean (the test loop's own {:.1} ns included)",
+                x.repeat, x.repeat_calls, x.empty_repeat_ns
+            ),
+        ),
+        (
+            "established flow, one run per packet",
+            x.established_single_ns,
+            format!(
+                "{} packets, median minus the empty program's {:.1} ns (mean {:.1})",
+                x.flows, x.empty_single_ns, x.established_single_mean_ns
+            ),
+        ),
+        (
+            "new flow (SYN), empty maps",
+            x.new_flow_ns,
+            format!(
+                "{} distinct SYNs, median minus the empty program's (mean {:.1})",
+                x.flows, x.new_flow_mean_ns
+            ),
+        ),
+        (
+            "reply, TC egress reverse NAT",
+            x.tc_reply_repeat_ns,
+            format!(
+                "repeat={} ×{} calls (the empty classifier's {:.1} ns included)",
+                x.repeat, x.repeat_calls, x.tc_empty_repeat_ns
+            ),
+        ),
+        (
+            "new flow (SYN), conntrack full",
+            x.new_flow_full_ns,
+            format!(
+                "{} more SYNs after filling conntrack: every insert evicts (LRU)",
+                x.flows
+            ),
+        ),
+    ];
+    for (case, ns, how) in rows {
+        let _ = writeln!(s, "| {case} | {ns:.1} | {how} |");
+    }
+    s
+}
+
+pub fn profile_table(p: &[crate::profile::ProgramCost]) -> String {
+    let mut s =
+        String::from("| load | program | runs per unit | ns per run |\n|---|---|---:|---:|\n");
+    for c in p {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.2} per {} | {:.1} |",
+            c.load.title(),
+            c.program,
+            c.runs_per_unit,
+            c.load.noun(),
+            c.ns_per_run
+        );
+    }
+    s
+}
+
+pub fn maglev_table(m: &[MaglevResult]) -> String {
+    let mut s = String::from(
+        "| backends N | build (criterion median) | build (in-process) | moved when 1 of N leaves (mean / worst) | worst × N |\n\
+         |---:|---:|---:|---:|---:|\n",
+    );
+    for r in m {
+        let crit = r.build.as_ref().map_or("not run".into(), |c| {
+            format!(
+                "{:.3} ms ({:.3}–{:.3})",
+                c.median_ns / 1e6,
+                c.mean_low_ns / 1e6,
+                c.mean_high_ns / 1e6
+            )
+        });
+        let _ = writeln!(
+            s,
+            "| {} | {crit} | {:.3} ms | {:.4} / {:.4} (1/N = {:.4}) | {:.3} |",
+            r.backends,
+            r.build_inline_ns / 1e6,
+            r.moved_mean,
+            r.moved_max,
+            1.0 / r.backends as f64,
+            r.moved_max * r.backends as f64
+        );
+    }
+    s
+}
+
+pub fn markdown(r: &Results) -> String {
+    let c = &r.context;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "# xlb benchmark{}\n",
+        if c.quick {
+            " (--quick smoke run: not for comparison)"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(
+        s,
+        "Taken {} on Linux {}, {} CPUs ({}), tree {}, load average at the start {}. \
+         {} repetition(s) × {} s per load and mode, modes interleaved.\n",
+        c.date, c.kernel, c.cpus, c.cpu_model, c.revision, c.loadavg, c.reps, c.seconds
+    );
+    let other = other_load(&r.runs);
+    if other > CONTENDED {
+        let _ = writeln!(
+            s,
+            "> **Contended run**: other users' processes used a median {other:.2} CPU of {} \
+             during the wrk runs (see \"other load\"). The throughput ratios are not reliable; the \
+             goals based on them are not judged.\n",
+            c.cpus
+        );
+    }
+    let _ = writeln!(s, "## Goals (issue 6)\n\n{}", goals_table(&r.goals));
+    let _ = writeln!(
+        s,
+        "## Throughput\n\nwrk: {} threads, {} connections in every mode; UDP: {} flows (source ports). \
+         CPU/unit is the whole machine's busy CPU time (/proc/stat) divided by requests, connections \
+         or delivered packets, less what other users' processes used meanwhile (the \"other load\" \
+         column, in CPUs; the machine is shared); \"CPU ratio\" is direct's CPU/unit over this \
+         mode's (paired per repetition): the throughput ratio a CPU-bound machine would show, and \
+         far less sensitive to other load than throughput; in brackets the proxy process's own (HAProxy; for \
+         xlb its agent, which is not on the packet path). \"CPU busy\" is the load CPU's and the \
+         server CPU's busy share. The split is nginx's request count (stub_status) or the \
+         backends' nft counters; UDP errors are datagrams sent but not delivered. \
+         \"direct, xlb attached\" is a diagnostic: the direct load with xlb's programs on the \
+         interface (every packet passes: not for a VIP).\n\n{}",
+        c.wrk_threads,
+        c.wrk_connections,
+        c.udp_flows,
+        throughput_table(&r.summary)
+    );
+    if let Some(x) = &r.xdp {
+        let _ = writeln!(s, "## XDP program (BPF_PROG_TEST_RUN)\n\n{}", xdp_table(x));
+    }
+    if !r.profile.is_empty() {
+        let _ = writeln!(
+            s,
+            "## xlb's programs in this traffic\n\nAn extra run of each load through xlb with the \
+             kernel's BPF run-time stats on (BPF_ENABLE_STATS; not part of the numbers above): \
+             program runs per request, connection or delivered datagram, and the mean time per \
+             run.\n\n{}",
+            profile_table(&r.profile)
+        );
+    }
+    if !r.maglev.is_empty() {
+        let _ = writeln!(
+            s,
+            "## Maglev (M = {})\n\n{}",
+            micro::MAGLEV_M,
+            maglev_table(&r.maglev)
+        );
+    }
+    let _ = writeln!(s, "## Setup\n");
+    for p in &c.pinning {
+        let _ = writeln!(s, "- pinning: {p}");
+    }
+    for p in &c.settings {
+        let _ = writeln!(s, "- {p}");
+    }
+    if let Some(m) = &c.xdp_mode {
+        let _ = writeln!(s, "- xlb attached its XDP program in {m} mode");
+    }
+    let _ = writeln!(s, "- tools: {}", c.tools.join("; "));
+    s
+}
+
+pub fn write_all(dir: &Path, r: &Results) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(r)?)?;
+    std::fs::write(dir.join("report.md"), markdown(r))?;
+    plot(&dir.join("ratios.svg"), &r.summary)?;
+    Ok(())
+}
+
+fn color(mode: Mode) -> RGBColor {
+    match mode {
+        Mode::Direct => RGBColor(150, 150, 150),
+        Mode::Nft => RGBColor(70, 120, 200),
+        Mode::Haproxy => RGBColor(230, 140, 40),
+        Mode::Xlb => RGBColor(40, 160, 80),
+        Mode::XdpPass => RGBColor(170, 215, 170),
+    }
+}
+
+/// Grouped bars: each load's throughput relative to direct, per mode, with min–max
+/// whiskers and xlb's goal as a red mark.
+pub fn plot(path: &Path, summary: &[Summary]) -> Result<()> {
+    let loads: Vec<Load> = load::ALL
+        .into_iter()
+        .filter(|l| summary.iter().any(|s| s.load == *l))
+        .collect();
+    let top = summary
+        .iter()
+        .map(|s| s.ratio_max)
+        .filter(|r| r.is_finite())
+        .fold(1.0, f64::max)
+        .max(1.0)
+        * 1.45;
+    let root = SVGBackend::new(path, (900, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Throughput relative to direct (same run); whiskers: min–max over repetitions",
+            ("sans-serif", 18),
+        )
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(55)
+        .build_cartesian_2d(0f64..loads.len().max(1) as f64, 0f64..top)
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(0)
+        .y_desc("ratio to direct")
+        .draw()
+        .map_err(plot_err)?;
+    let width = 0.8 / modes::ALL.len() as f64;
+    for (m, mode) in modes::ALL.into_iter().enumerate() {
+        let bars: Vec<(f64, &Summary)> = loads
+            .iter()
+            .enumerate()
+            .filter_map(|(g, l)| {
+                let s = summary.iter().find(|s| s.load == *l && s.mode == mode)?;
+                Some((g as f64 + 0.1 + m as f64 * width, s))
+            })
+            .collect();
+        let c = color(mode);
+        chart
+            .draw_series(
+                bars.iter().map(|(x, s)| {
+                    Rectangle::new([(*x, 0.0), (x + width * 0.9, s.ratio)], c.filled())
+                }),
+            )
+            .map_err(plot_err)?
+            .label(mode.name())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], c.filled()));
+        chart
+            .draw_series(bars.iter().map(|(x, s)| {
+                let mid = x + width * 0.45;
+                PathElement::new(vec![(mid, s.ratio_min), (mid, s.ratio_max)], BLACK)
+            }))
+            .map_err(plot_err)?;
+        chart
+            .draw_series(bars.iter().map(|(x, s)| {
+                Text::new(
+                    format!("{:.2}", s.ratio),
+                    (*x, s.ratio_max.max(s.ratio) + top * 0.01),
+                    ("sans-serif", 12)
+                        .into_font()
+                        .transform(FontTransform::None),
+                )
+            }))
+            .map_err(plot_err)?;
+        if mode == Mode::Xlb {
+            chart
+                .draw_series(bars.iter().map(|(x, s)| {
+                    let goal = match s.load {
+                        Load::KeepAlive => 0.98,
+                        Load::Close => 0.95,
+                        Load::Udp => 1.0,
+                    };
+                    PathElement::new(
+                        vec![(x - width * 0.1, goal), (x + width, goal)],
+                        RED.stroke_width(2),
+                    )
+                }))
+                .map_err(plot_err)?
+                .label("xlb goal")
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 12, y)], RED.stroke_width(2)));
+        }
+    }
+    for (g, l) in loads.iter().enumerate() {
+        let (px, py) = chart.backend_coord(&(g as f64 + 0.5, 0.0));
+        root.draw(&Text::new(
+            format!("{} ({})", l.title(), l.unit()),
+            (px - 90, py + 12),
+            ("sans-serif", 14),
+        ))
+        .map_err(plot_err)?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+    anyhow::anyhow!("drawing the plot: {e:?}")
+}
