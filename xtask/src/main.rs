@@ -1,4 +1,4 @@
-//! `cargo xtask setup|build|run|test|demo|bench`: the project's one-command workflows. This crate
+//! `cargo xtask setup|build|run|test|demo|bench|image`: the project's one-command workflows. This crate
 //! depends on nothing that needs BPF tooling, so it builds on a fresh machine and installs
 //! that tooling itself.
 mod setup;
@@ -44,6 +44,9 @@ enum Task {
         #[arg(long, default_value_t = 30)]
         seconds: u64,
     },
+    /// Build the container images xlb:latest and xlb-test-backend:latest (FROM scratch,
+    /// static binaries) in the local Docker daemon.
+    Image,
     /// Set up (with wrk, nginx, HAProxy, nftables), build in release, and benchmark xlb
     /// against direct routing, nft DNAT and HAProxy; writes target/bench/.
     Bench {
@@ -88,6 +91,7 @@ fn run_task(task: Task) -> Result<()> {
         Task::Test { args } => {
             setup::setup(setup::TEST_PACKAGES)?;
             build(false)?;
+            build_static()?;
             step("running all tests");
             run(cargo()
                 .args(["test", "--workspace", "--exclude", "lb-ebpf"])
@@ -101,7 +105,57 @@ fn run_task(task: Task) -> Result<()> {
                 .args(["--seconds", &seconds.to_string()]))
         }
         Task::Bench { quick, args } => bench(quick, &args),
+        Task::Image => {
+            setup::setup(setup::TEST_PACKAGES)?;
+            build_static()?;
+            image()
+        }
     }
+}
+
+const MUSL: &str = "x86_64-unknown-linux-musl";
+
+/// The static binaries that go into the images (the Docker tests build images from them).
+fn build_static() -> Result<()> {
+    step("building the static (musl) xlb and test backend");
+    run(cargo().args([
+        "build",
+        "--release",
+        "--target",
+        MUSL,
+        "-p",
+        "lb-userspace",
+        "-p",
+        "test-backend",
+    ]))
+}
+
+/// `docker build` of both images from deploy/ and the static binaries.
+fn image() -> Result<()> {
+    let bin = target_dir()?.join(MUSL).join("release");
+    let context = target_dir()?.join("image-context");
+    for (tag, dockerfile, binary) in [
+        ("xlb:latest", "Dockerfile", "xlb"),
+        (
+            "xlb-test-backend:latest",
+            "test-backend.Dockerfile",
+            "xlb-test-backend",
+        ),
+    ] {
+        step(&format!("docker build {tag}"));
+        let _ = std::fs::remove_dir_all(&context);
+        std::fs::create_dir_all(&context)?;
+        std::fs::copy(bin.join(binary), context.join(binary))?;
+        std::fs::copy(
+            workspace_root().join("deploy").join(dockerfile),
+            context.join("Dockerfile"),
+        )?;
+        run(Command::new("docker")
+            .args(["build", "-t", tag])
+            .arg(&context)
+            .env("DOCKER_BUILDKIT", "0"))?;
+    }
+    Ok(())
 }
 
 /// `cargo xtask bench`: criterion's Maglev benches, then xlb-bench (netns loads and the XDP
