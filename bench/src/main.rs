@@ -375,7 +375,7 @@ fn throughput(
                 profile_xlb(args, &wrk, bed, &active, seconds.min(2), profile)?;
             }
             drop(active);
-            if matches!(mode, Mode::Xlb | Mode::XdpPass) {
+            if matches!(mode, Mode::Xlb | Mode::XlbTc | Mode::XdpPass) {
                 modes::check_detached(bed)?;
             }
         }

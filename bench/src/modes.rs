@@ -20,17 +20,21 @@ pub enum Mode {
     Haproxy,
     /// xlb's XDP program on the lb namespace's front interface.
     Xlb,
+    /// xlb with `xdp_mode = "tc"`: the balancer at TC ingress, and the backends on br0
+    /// delivered by redirect (`bridge = "br0"`), so neither direction is routed.
+    XlbTc,
     /// Diagnostic: xlb attached as in `Xlb`, but the client drives the backends directly as
     /// in `Direct`, so every packet takes XDP_PASS (not a VIP) and TC finds no reverse NAT.
     /// Its gap to direct is the cost of having the programs on the interface at all.
     XdpPass,
 }
 
-pub const ALL: [Mode; 5] = [
+pub const ALL: [Mode; 6] = [
     Mode::Direct,
     Mode::Nft,
     Mode::Haproxy,
     Mode::Xlb,
+    Mode::XlbTc,
     Mode::XdpPass,
 ];
 
@@ -41,6 +45,7 @@ impl Mode {
             Mode::Nft => "nft DNAT",
             Mode::Haproxy => "HAProxy",
             Mode::Xlb => "xlb",
+            Mode::XlbTc => "xlb, mode tc",
             Mode::XdpPass => "direct, xlb attached",
         }
     }
@@ -56,6 +61,7 @@ impl Mode {
             Mode::Haproxy => "10.99.1.4",
             Mode::Xlb => "10.99.1.5",
             Mode::XdpPass => "10.99.1.6",
+            Mode::XlbTc => "10.99.1.7",
         }
     }
 
@@ -146,12 +152,18 @@ impl<'a> Active<'a> {
                     bed.scratch().join("haproxy.log"),
                 ));
             }
-            Mode::Xlb | Mode::XdpPass => {
+            Mode::Xlb | Mode::XlbTc | Mode::XdpPass => {
                 let pin_path = Agent::pin_path_for(&bed.topo);
                 let mut config = format!(
                     "[agent]\ninterfaces = [\"{}\"]\npin_path = \"{pin_path}\"\n",
                     xlb_tests::topology::FRONT
                 );
+                let bridge = if mode == Mode::XlbTc {
+                    config += "xdp_mode = \"tc\"\n";
+                    "bridge = \"br0\"\n"
+                } else {
+                    ""
+                };
                 for (name, port, proto) in [("web", HTTP_PORT, "tcp"), ("udp", UDP_PORT, "udp")] {
                     config += &format!(
                         "\n[[service]]\nname = \"{name}\"\nvip = \"{VIP}\"\nport = {port}\n\
@@ -159,8 +171,9 @@ impl<'a> Active<'a> {
                          [service.health]\ntype = \"none\"\n"
                     );
                     for addr in &backends {
-                        config +=
-                            &format!("[[service.backend]]\naddress = \"{addr}\"\nport = {port}\n");
+                        config += &format!(
+                            "[[service.backend]]\naddress = \"{addr}\"\nport = {port}\n{bridge}"
+                        );
                     }
                 }
                 let agent = Agent::start(&bed.topo, &config);
@@ -271,7 +284,7 @@ impl Drop for Active<'_> {
                     .args(["addr", "del", &format!("{VIP}/32"), "dev", "lo"])
                     .output();
             }
-            Mode::Xlb | Mode::XdpPass => {
+            Mode::Xlb | Mode::XlbTc | Mode::XdpPass => {
                 // Stops the agent, unpins the links (detaching XDP and TC) and removes the pins.
                 self.agent.take();
             }

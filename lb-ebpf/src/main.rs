@@ -1,8 +1,10 @@
-//! Entry points of the data path: XDP ingress (balance + DNAT) and TC egress (reverse NAT).
-//! The pipeline lives in the modules; these functions only dispatch and count verdicts.
+//! Entry points of the data path: the balancer (XDP, or TC ingress), delivery to local
+//! bridges, and reverse NAT (TC). The pipeline lives in the modules; these functions only
+//! dispatch and count verdicts.
 #![no_std]
 #![no_main]
 
+mod balance;
 mod conntrack;
 mod csum;
 mod deliver;
@@ -13,16 +15,20 @@ mod parse;
 mod stats;
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_DROP, XDP_PASS},
-    helpers::bpf_ktime_get_coarse_ns,
+    bindings::{
+        TC_ACT_SHOT,
+        xdp_action::{XDP_DROP, XDP_PASS},
+    },
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use lb_common::{FAMILY_V4, Reason, VipAddrKey, VipKey};
+use lb_common::Reason;
 
 use crate::{
-    maps::{REV_NAT, VIP_ADDRS, VIPS},
-    parse::{PacketBuf, Parsed, parse},
+    balance::Verdict,
+    maps::REV_NAT,
+    nat::End,
+    parse::{Parsed, parse},
 };
 
 /// tcx "next" / cls_act "unspec": let the packet continue to other programs and the stack.
@@ -30,74 +36,33 @@ const TC_ACT_NEXT: i32 = -1;
 
 #[xdp]
 pub fn xlb_xdp(ctx: XdpContext) -> u32 {
-    let (action, reason) = balance(&ctx);
+    let (action, reason) = match balance::balance(&ctx) {
+        Verdict::Pass(reason) => (XDP_PASS, reason),
+        Verdict::Drop(reason) => (XDP_DROP, reason),
+        Verdict::Forward { deliver_to } => {
+            if deliver_to != 0 && !deliver::mark(&ctx, deliver_to) {
+                stats::count(Reason::DeliverError);
+            }
+            (XDP_PASS, Reason::Forwarded)
+        }
+    };
     stats::count(reason);
     action
 }
 
-#[inline(always)]
-fn balance(ctx: &XdpContext) -> (u32, Reason) {
-    let pkt = match parse(ctx) {
-        Parsed::L4(pkt) => pkt,
-        Parsed::Pass(reason) => return (XDP_PASS, reason),
-        // Odd packets are ours to drop only when they are addressed to a VIP.
-        Parsed::Fragment(daddr) if is_vip_addr(daddr) => return (XDP_DROP, Reason::DropFragment),
-        Parsed::Fragment(_) => return (XDP_PASS, Reason::PassFragment),
-        Parsed::Malformed(Some(daddr)) if is_vip_addr(daddr) => {
-            return (XDP_DROP, Reason::DropMalformed);
-        }
-        Parsed::Malformed(_) => return (XDP_PASS, Reason::PassMalformed),
+/// The balancer at TC ingress instead of XDP (`xdp_mode = "tc"`): on a veth front, XDP
+/// copies many skbs and defers them to NAPI, which costs more than the balancing. A packet
+/// for a local bridge is redirected there at once.
+#[classifier]
+pub fn xlb_tc_balance(ctx: TcContext) -> i32 {
+    let (action, reason) = match balance::balance(&ctx) {
+        Verdict::Pass(reason) => (TC_ACT_NEXT, reason),
+        Verdict::Drop(reason) => (TC_ACT_SHOT, reason),
+        Verdict::Forward { deliver_to: 0 } => (TC_ACT_NEXT, Reason::Forwarded),
+        Verdict::Forward { deliver_to } => (deliver::redirect(deliver_to), Reason::Forwarded),
     };
-
-    let vip = VipKey {
-        addr: [pkt.daddr, 0, 0, 0],
-        port: pkt.dport,
-        proto: pkt.proto,
-        family: FAMILY_V4,
-    };
-    let Some(svc) = (unsafe { VIPS.get(vip) }) else {
-        return (XDP_PASS, Reason::PassNotVip);
-    };
-    if pkt.has_ip_options {
-        return (XDP_DROP, Reason::DropIpOptions);
-    }
-
-    let flow = pkt.flow_key();
-    // Coarse (jiffies) time is plenty for idle timeouts, and cheaper.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let ifindex = ctx.ingress_ifindex() as u32;
-    let (backend_id, backend, new_flow) = match conntrack::pinned_backend(&flow, svc, now, ifindex)
-    {
-        Some((id, backend)) => (id, backend, false),
-        None => {
-            let Some((id, backend)) = maglev::pick(svc, &flow) else {
-                return (XDP_DROP, Reason::DropNoBackend);
-            };
-            conntrack::insert(&flow, svc, id, backend, now, ifindex);
-            (id, backend, true)
-        }
-    };
-
-    let (daddr, dport, deliver_to) = (backend.addr[0], backend.port, backend.deliver_ifindex);
-    if nat::dnat_v4(ctx, &pkt, daddr, dport).is_none() {
-        return (XDP_DROP, Reason::DropMalformed);
-    }
-    stats::count_traffic(svc.id, backend_id, ctx.len() as u64, new_flow);
-    if deliver_to != 0 && !deliver::mark(ctx, deliver_to) {
-        stats::count(Reason::DeliverError);
-    }
-    (XDP_PASS, Reason::Forwarded)
-}
-
-#[inline(always)]
-fn is_vip_addr(daddr: u32) -> bool {
-    let key = VipAddrKey {
-        addr: [daddr, 0, 0, 0],
-        family: FAMILY_V4,
-        _pad0: 0,
-        _pad1: 0,
-    };
-    unsafe { VIP_ADDRS.get(key) }.is_some()
+    stats::count(reason);
+    action
 }
 
 /// TC ingress of a front NIC: hands packets XDP marked for a local container to its bridge.
@@ -130,7 +95,7 @@ fn reverse_nat(ctx: &TcContext) -> Option<u32> {
     };
     let rev = unsafe { REV_NAT.get(pkt.flow_key()) }?;
     let (vip, vip_port, ifindex) = (rev.vip[0], rev.vip_port, rev.ifindex);
-    match nat::snat_reply_v4(ctx, &pkt, vip, vip_port) {
+    match nat::rewrite_tc(ctx, &pkt, End::Source, vip, vip_port) {
         Ok(()) => stats::count(Reason::RevNat),
         Err(_) => stats::count(Reason::RevNatError),
     }

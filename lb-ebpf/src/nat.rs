@@ -10,9 +10,10 @@ use crate::{
     parse::{Ipv4Hdr, L4Packet, PacketBuf, load},
 };
 
-/// Offsets of the IPv4 checksum and source address within the header.
+/// Offsets of the IPv4 checksum and addresses within the header.
 const IP_CSUM_OFF: usize = 10;
 const IP_SADDR_OFF: usize = 12;
+const IP_DADDR_OFF: usize = 16;
 
 /// Writes a header field (see `parse::load` on alignment).
 #[inline(always)]
@@ -51,10 +52,28 @@ pub fn dnat_v4(ctx: &XdpContext, pkt: &L4Packet, daddr: u32, dport: u16) -> Opti
     Some(())
 }
 
-/// Reverse NAT in TC: the reply's source address and port become the VIP's. Uses the skb
-/// checksum helpers, which also handle CHECKSUM_PARTIAL packets from local senders.
+/// Which end of a packet a TC rewrite changes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    Source,
+    Destination,
+}
+
+/// Rewrites one end's address and port in TC (DNAT of a request, or the reverse NAT of a
+/// reply). Uses the skb checksum helpers, which also handle CHECKSUM_PARTIAL packets from
+/// local senders and keep CHECKSUM_COMPLETE consistent.
 #[inline(always)]
-pub fn snat_reply_v4(ctx: &TcContext, pkt: &L4Packet, saddr: u32, sport: u16) -> Result<(), i64> {
+pub fn rewrite_tc(
+    ctx: &TcContext,
+    pkt: &L4Packet,
+    end: End,
+    addr: u32,
+    port: u16,
+) -> Result<(), i64> {
+    let (old_addr, addr_off, old_port, port_off) = match end {
+        End::Source => (pkt.saddr, IP_SADDR_OFF, pkt.sport, 0),
+        End::Destination => (pkt.daddr, IP_DADDR_OFF, pkt.dport, 2),
+    };
     let udp_flag = if pkt.proto == PROTO_UDP {
         BPF_F_MARK_MANGLED_0 as u64
     } else {
@@ -62,13 +81,13 @@ pub fn snat_reply_v4(ctx: &TcContext, pkt: &L4Packet, saddr: u32, sport: u16) ->
     };
     ctx.l4_csum_replace(
         pkt.csum_off,
-        pkt.saddr as u64,
-        saddr as u64,
+        old_addr as u64,
+        addr as u64,
         BPF_F_PSEUDO_HDR as u64 | udp_flag | 4,
     )?;
-    ctx.l4_csum_replace(pkt.csum_off, pkt.sport as u64, sport as u64, udp_flag | 2)?;
-    ctx.l3_csum_replace(pkt.l3_off + IP_CSUM_OFF, pkt.saddr as u64, saddr as u64, 4)?;
-    ctx.store(pkt.l3_off + IP_SADDR_OFF, &saddr, 0)?;
-    ctx.store(pkt.l4_off, &sport, 0)?;
+    ctx.l4_csum_replace(pkt.csum_off, old_port as u64, port as u64, udp_flag | 2)?;
+    ctx.l3_csum_replace(pkt.l3_off + IP_CSUM_OFF, old_addr as u64, addr as u64, 4)?;
+    ctx.store(pkt.l3_off + addr_off, &addr, 0)?;
+    ctx.store(pkt.l4_off + port_off, &port, 0)?;
     Ok(())
 }

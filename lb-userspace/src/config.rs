@@ -52,6 +52,9 @@ pub enum XdpMode {
     Auto,
     Driver,
     Skb,
+    /// The balancer at TC ingress instead of XDP: faster on veth fronts, where XDP copies
+    /// many skbs and defers them to NAPI.
+    Tc,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]

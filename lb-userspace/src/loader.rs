@@ -33,7 +33,14 @@ pub const TC_EGRESS_PROGRAM: &str = "xlb_tc_egress";
 pub const TC_INGRESS_PROGRAM: &str = "xlb_tc_ingress";
 /// Container bridge ingress: reverse NAT of replies and redirect out of the front NIC.
 pub const TC_REPLY_PROGRAM: &str = "xlb_tc_reply";
-const TC_PROGRAMS: [&str; 3] = [TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM, TC_REPLY_PROGRAM];
+/// Front NIC ingress, instead of XDP (`xdp_mode = "tc"`): the balancer itself.
+pub const TC_BALANCE_PROGRAM: &str = "xlb_tc_balance";
+const TC_PROGRAMS: [&str; 4] = [
+    TC_EGRESS_PROGRAM,
+    TC_INGRESS_PROGRAM,
+    TC_REPLY_PROGRAM,
+    TC_BALANCE_PROGRAM,
+];
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -64,12 +71,22 @@ impl PinLayout {
     fn tc_reply_link(&self, bridge: &str) -> PathBuf {
         self.links().join(format!("{BRIDGE_LINK_PREFIX}{bridge}"))
     }
-    fn front_links(&self, interface: &str) -> [PathBuf; 3] {
-        [
-            self.xdp_link(interface),
-            self.tc_egress_link(interface),
-            self.tc_ingress_link(interface),
-        ]
+    fn tc_balance_link(&self, interface: &str) -> PathBuf {
+        self.links().join(format!("tc_balance_{interface}"))
+    }
+    /// The links a front interface has in this mode.
+    fn front_links(&self, interface: &str, mode: XdpMode) -> Vec<PathBuf> {
+        match mode {
+            XdpMode::Tc => vec![
+                self.tc_balance_link(interface),
+                self.tc_egress_link(interface),
+            ],
+            _ => vec![
+                self.xdp_link(interface),
+                self.tc_egress_link(interface),
+                self.tc_ingress_link(interface),
+            ],
+        }
     }
 }
 
@@ -79,7 +96,8 @@ const BRIDGE_LINK_PREFIX: &str = "tc_reply_";
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Attachment {
     pub interface: String,
-    /// "driver", "skb", or "unchanged" for an adopted link.
+    /// "driver", "skb", "tc" (the balancer at TC ingress), or "unchanged" for an adopted
+    /// XDP link.
     pub xdp_mode: String,
     /// True when an existing pinned link was taken over (agent restart or upgrade).
     pub adopted: bool,
@@ -127,10 +145,19 @@ pub fn attach(
     let layout = PinLayout::new(pin_path);
     let mut out = Vec::new();
     for interface in interfaces {
-        let xdp: &mut Xdp = program(ebpf, XDP_PROGRAM)?.try_into()?;
-        let (xdp_mode, adopted) = attach_xdp(xdp, &layout.xdp_link(interface), interface, mode)
-            .with_context(|| format!("attaching XDP to {interface}"))?;
-        let [_, egress, ingress] = layout.front_links(interface);
+        // Links of the other mode go first: a packet must not be balanced twice.
+        let wanted = layout.front_links(interface, mode);
+        let balancers = [
+            layout.xdp_link(interface),
+            layout.tc_ingress_link(interface),
+            layout.tc_balance_link(interface),
+        ];
+        for stale in pinned_links(&layout)? {
+            if balancers.contains(&stale) && !wanted.contains(&stale) {
+                unpin_link(&stale)?;
+            }
+        }
+        let egress = layout.tc_egress_link(interface);
         attach_tc(
             ebpf,
             TC_EGRESS_PROGRAM,
@@ -138,13 +165,30 @@ pub fn attach(
             interface,
             TcAttachType::Egress,
         )?;
-        attach_tc(
-            ebpf,
-            TC_INGRESS_PROGRAM,
-            &ingress,
-            interface,
-            TcAttachType::Ingress,
-        )?;
+        let (xdp_mode, adopted) = if mode == XdpMode::Tc {
+            let link = layout.tc_balance_link(interface);
+            let adopted = link.exists();
+            attach_tc(
+                ebpf,
+                TC_BALANCE_PROGRAM,
+                &link,
+                interface,
+                TcAttachType::Ingress,
+            )?;
+            ("tc", adopted)
+        } else {
+            let ingress = layout.tc_ingress_link(interface);
+            attach_tc(
+                ebpf,
+                TC_INGRESS_PROGRAM,
+                &ingress,
+                interface,
+                TcAttachType::Ingress,
+            )?;
+            let xdp: &mut Xdp = program(ebpf, XDP_PROGRAM)?.try_into()?;
+            attach_xdp(xdp, &layout.xdp_link(interface), interface, mode)
+                .with_context(|| format!("attaching XDP to {interface}"))?
+        };
         out.push(Attachment {
             interface: interface.clone(),
             xdp_mode: xdp_mode.into(),
@@ -158,7 +202,7 @@ pub fn attach(
         let keep = bridge
             || interfaces
                 .iter()
-                .any(|i| layout.front_links(i).contains(&stale));
+                .any(|i| layout.front_links(i, mode).contains(&stale));
         if !keep {
             info!(link = %stale.display(), "detaching link of an interface no longer configured");
             unpin_link(&stale)?;
@@ -213,6 +257,7 @@ fn attach_xdp(
     let (id, mode_name) = match mode {
         XdpMode::Driver => (prog.attach(interface, AyaXdpMode::Driver)?, "driver"),
         XdpMode::Skb => (prog.attach(interface, AyaXdpMode::Skb)?, "skb"),
+        XdpMode::Tc => unreachable!("the TC balancer is attached instead"),
         XdpMode::Auto => match prog.attach(interface, AyaXdpMode::Driver) {
             Ok(id) => (id, "driver"),
             Err(e) => {

@@ -276,25 +276,34 @@ impl LoadedDatapath {
 
     /// Runs `input` (an Ethernet frame) through the TC egress program once.
     pub fn tc_egress(&self, input: &[u8]) -> RunResult {
-        let prog: &SchedClassifier = self
-            .ebpf
-            .program(loader::TC_EGRESS_PROGRAM)
-            .expect("the object has the TC program")
-            .try_into()
-            .expect("xlb_tc_egress is a classifier");
-        run(input, loader::TC_EGRESS_PROGRAM, |opts| prog.test_run(opts))
+        self.tc(loader::TC_EGRESS_PROGRAM, input)
     }
 
     /// Like [`LoadedDatapath::tc_egress`], but hands back the kernel's refusal of the run
     /// (it rejects some short frames before the program sees them) instead of panicking.
     pub fn try_tc_egress(&self, input: &[u8]) -> Result<RunResult, ProgramError> {
-        let prog: &SchedClassifier = self
-            .ebpf
-            .program(loader::TC_EGRESS_PROGRAM)
-            .expect("the object has the TC program")
+        self.try_tc(loader::TC_EGRESS_PROGRAM, input)
+    }
+
+    /// Runs `input` through the balancer at TC ingress (`xdp_mode = "tc"`) once.
+    pub fn tc_balance(&self, input: &[u8]) -> RunResult {
+        self.tc(loader::TC_BALANCE_PROGRAM, input)
+    }
+
+    fn tc(&self, name: &str, input: &[u8]) -> RunResult {
+        run(input, name, |opts| self.classifier(name).test_run(opts))
+    }
+
+    fn try_tc(&self, name: &str, input: &[u8]) -> Result<RunResult, ProgramError> {
+        try_run(input, name, |opts| self.classifier(name).test_run(opts))
+    }
+
+    fn classifier(&self, name: &str) -> &SchedClassifier {
+        self.ebpf
+            .program(name)
+            .unwrap_or_else(|| panic!("the object has no program {name}"))
             .try_into()
-            .expect("xlb_tc_egress is a classifier");
-        try_run(input, loader::TC_EGRESS_PROGRAM, |opts| prog.test_run(opts))
+            .unwrap_or_else(|e| panic!("{name} is not a classifier: {e}"))
     }
 }
 

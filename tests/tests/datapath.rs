@@ -1495,3 +1495,65 @@ fn checksums_stay_valid_for_every_input_checksum() {
         "UDP",
     );
 }
+
+/// `xdp_mode = "tc"` runs the same pipeline at TC ingress: every packet gets the same
+/// verdict, the same rewrite and the same counters as under XDP (XDP_PASS is TC "next" (-1),
+/// XDP_DROP is TC_ACT_SHOT).
+#[test]
+fn the_tc_balancer_matches_the_xdp_balancer() {
+    let xdp = LoadedDatapath::new(&web_and_dns());
+    let tc = LoadedDatapath::new(&web_and_dns());
+    let mut cases: Vec<(String, Vec<u8>)> = Vec::new();
+    for port in 42000..42040 {
+        let syn = Packet::tcp(client(port), WEB).with_tcp_flags(TCP_SYN);
+        cases.push((format!("SYN from {port}"), syn.build()));
+        let data = Packet::tcp(client(port), WEB).with_payload(*b"GET / HTTP/1.1\r\n\r\n");
+        cases.push((format!("data from {port}"), data.build()));
+        let udp = Packet::udp(client(port), DNS).with_payload(*b"who");
+        cases.push((format!("UDP from {port}"), udp.build()));
+    }
+    let no_csum = Packet::udp(client(43000), DNS)
+        .without_udp_checksum()
+        .with_payload(*b"x");
+    cases.push(("UDP without a checksum".into(), no_csum.build()));
+    let tagged = Packet::tcp(client(43001), WEB)
+        .with_vlan(ETH_P_8021Q, 7)
+        .with_payload(*b"v");
+    cases.push(("802.1Q TCP".into(), tagged.build()));
+    let elsewhere = Packet::tcp(client(43002), SocketAddrV4::new(OTHER, 80));
+    cases.push(("not a VIP".into(), elsewhere.build()));
+    let options = Packet::tcp(client(43003), WEB).with_options([1, 1, 1, 1]);
+    cases.push(("IP options to a VIP".into(), options.build()));
+    let fragment = Packet::udp(client(43004), DNS).with_frag(0x2000);
+    cases.push(("fragment to a VIP".into(), fragment.build()));
+    let mut cut = Packet::tcp(client(43005), WEB).build();
+    cut.truncate(cut.len() - 10);
+    cases.push(("cut TCP header to a VIP".into(), cut));
+    cases.push(("ICMP".into(), Packet::icmp_echo(CLIENT, VIP).build()));
+    cases.push(("ARP".into(), arp_request(CLIENT, VIP)));
+
+    for (what, frame) in &cases {
+        let (before_x, before_t) = (xdp.reasons(), tc.reasons());
+        let x = xdp.xdp(frame);
+        let t = tc.tc_balance(frame);
+        let expected_tc = match x.action {
+            XDP_PASS => u32::MAX,
+            XDP_DROP => 2,
+            other => panic!("{what}: XDP returned {other}"),
+        };
+        assert_eq!(t.action, expected_tc, "{what}");
+        assert_frame_eq(&x.data, &t.data, what);
+        let moved = |after: ReasonCounts, before: ReasonCounts| -> Vec<u64> {
+            after.0.iter().zip(before.0).map(|(a, b)| a - b).collect()
+        };
+        assert_eq!(
+            moved(tc.reasons(), before_t),
+            moved(xdp.reasons(), before_x),
+            "{what}"
+        );
+    }
+    for svc in ["web", "dns"] {
+        let (x, t) = (xdp.service_id(svc), tc.service_id(svc));
+        assert_eq!(xdp.service_counters(x), tc.service_counters(t), "{svc}");
+    }
+}

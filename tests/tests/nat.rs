@@ -245,3 +245,62 @@ fn local_bridge_delivery_bypasses_a_forward_drop_policy() {
     assert!(ok, "{out}");
     assert!(!agent.pin_path.join("links/tc_reply_br0").exists());
 }
+
+#[test]
+fn the_balancer_runs_at_tc_ingress_in_mode_tc_and_modes_switch_on_reload() {
+    let topo = Topology::new(3);
+    let all: Vec<_> = topo.backends.iter().collect();
+    let xdp_config = topo.config(&Agent::pin_path_for(&topo), &all);
+    let agent = Agent::start(&topo, &xdp_config);
+    let tc_config = xdp_config
+        .replacen("[agent]\n", "[agent]\nxdp_mode = \"tc\"\n", 1)
+        .replace("  port = 8080\n", "  port = 8080\n  bridge = \"br0\"\n");
+    let (ok, out) = agent.reload(&tc_config);
+    assert!(ok, "{out}");
+    let links: Vec<String> = agent
+        .pin_path
+        .join("links")
+        .read_dir()
+        .expect("links")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(links.contains(&format!("tc_balance_{FRONT}")), "{links:?}");
+    assert!(
+        !links.iter().any(|l| l.starts_with("xdp_")),
+        "XDP detached: {links:?}"
+    );
+    assert!(!topo.lb.ip(&["-d", "link", "show", FRONT]).contains("xdp"));
+    assert_eq!(agent.status()["interfaces"][0]["xdp_mode"], "tc");
+
+    // Delivery straight to the bridge: nothing is routed (a drop policy proves it).
+    topo.lb.exec(&[
+        "nft",
+        "add table inet filter; add chain inet filter forward { type filter hook forward priority 0; policy drop; }",
+    ]);
+    let (vip, dns) = (topo.vip(80), topo.vip(53));
+    let (tcp, udp) = topo.client.run(move || {
+        let tcp: Vec<String> = (0..150)
+            .map(|_| tcp_name(vip).expect("served in mode tc"))
+            .collect();
+        let socket = UdpSocket::bind("10.99.1.2:0").expect("bind");
+        (tcp, udp_name(&socket, dns).expect("UDP in mode tc"))
+    });
+    assert_eq!(count_names(&tcp).len(), 3, "{:?}", count_names(&tcp));
+    assert!(udp.starts_with("be"));
+    let log = topo.backends[1].proc.as_ref().expect("running").log_text();
+    assert!(
+        log.contains("be2 tcp from 10.99.1.2:"),
+        "client address kept: {log}"
+    );
+
+    // And back to XDP.
+    let (ok, out) = agent.reload(&xdp_config);
+    assert!(ok, "{out}");
+    assert!(topo.lb.ip(&["-d", "link", "show", FRONT]).contains("xdp"));
+    assert!(
+        !agent
+            .pin_path
+            .join(format!("links/tc_balance_{FRONT}"))
+            .exists()
+    );
+}
