@@ -269,14 +269,17 @@ pub fn goals(
         });
     }
     if let Some(x) = xdp {
+        // The program's own time, as for new flows: the kernel's mean per run less the
+        // same mean for an empty program (the test loop itself).
+        let established = x.established_repeat_ns - x.empty_repeat_ns;
         out.push(Goal {
             what: "XDP established flow".into(),
             target: "≤ 60 ns/packet".into(),
-            measured: format!("{:.1} ns", x.established_repeat_ns),
-            met: Some(x.established_repeat_ns <= 60.0),
+            measured: format!("{established:.1} ns"),
+            met: Some(established <= 60.0),
             note: format!(
-                "BPF_PROG_TEST_RUN repeat={}, harness loop {:.1} ns included; one run per packet: {:.1} ns",
-                x.repeat, x.empty_repeat_ns, x.established_single_ns
+                "BPF_PROG_TEST_RUN repeat={}: {:.1} ns per run less the empty program's {:.1} ns; one cold run per packet: {:.1} ns",
+                x.repeat, x.established_repeat_ns, x.empty_repeat_ns, x.established_single_ns
             ),
         });
         out.push(Goal {

@@ -24,6 +24,8 @@ pub const RING_CHUNKS: u32 = RING_SLOTS / RING_CHUNK;
 pub const CONNTRACK_SIZE: u32 = 262_144;
 /// Reverse NAT entries (LRU), one per NATed flow.
 pub const REV_NAT_SIZE: u32 = 262_144;
+/// Slots of the per-CPU flow cache in front of conntrack (a power of two).
+pub const FLOW_CACHE_SLOTS: u32 = 4096;
 /// Distinct VIP addresses (for the fragment check).
 pub const MAX_VIP_ADDRS: u32 = MAX_SERVICES;
 

@@ -4,10 +4,10 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_coarse_ns,
     programs::{TcContext, XdpContext},
 };
-use lb_common::{FAMILY_V4, Reason, VipAddrKey, VipKey};
+use lb_common::{Backend, FAMILY_V4, Reason, VipAddrKey, VipKey, flow_hash};
 
 use crate::{
-    conntrack, maglev,
+    conntrack, flowcache, maglev,
     maps::{VIP_ADDRS, VIPS},
     nat::{self, End},
     parse::{L4Packet, PacketBuf, Parsed, parse},
@@ -68,6 +68,19 @@ pub fn balance<H: Hook>(ctx: &H) -> Verdict {
         Parsed::Malformed(_) => return Verdict::Pass(Reason::PassMalformed),
     };
 
+    let flow = pkt.flow_key();
+    let hash = flow_hash(&flow);
+    // Coarse (jiffies) time is plenty for idle timeouts, and cheaper.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // Options to a VIP are dropped below, so such a packet skips the cache, as does a SYN,
+    // which starts a flow.
+    if !pkt.has_ip_options
+        && !pkt.syn
+        && let Some((service_id, backend_id, backend)) = flowcache::lookup(&flow, hash, now)
+    {
+        return forward(ctx, &pkt, service_id, backend_id, backend, false);
+    }
+
     let vip = VipKey {
         addr: [pkt.daddr, 0, 0, 0],
         port: pkt.dport,
@@ -81,27 +94,40 @@ pub fn balance<H: Hook>(ctx: &H) -> Verdict {
         return Verdict::Drop(Reason::DropIpOptions);
     }
 
-    let flow = pkt.flow_key();
-    // Coarse (jiffies) time is plenty for idle timeouts, and cheaper.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let ifindex = ctx.ingress_ifindex();
     let (backend_id, backend, new_flow) = match conntrack::pinned_backend(&flow, svc, now, ifindex)
     {
         Some((id, backend)) => (id, backend, false),
         None => {
-            let Some((id, backend)) = maglev::pick(svc, &flow) else {
+            let Some((id, backend)) = maglev::pick(svc, hash) else {
                 return Verdict::Drop(Reason::DropNoBackend);
             };
             conntrack::insert(&flow, svc, id, backend, now, ifindex);
             (id, backend, true)
         }
     };
+    // Only flows seen again are cached: one-packet flows (a SYN flood, UDP one-shots) would
+    // only push out the flows worth keeping.
+    if !new_flow {
+        flowcache::remember(&flow, hash, svc.id, backend_id, now);
+    }
+    forward(ctx, &pkt, svc.id, backend_id, backend, new_flow)
+}
 
+#[inline(always)]
+fn forward<H: Hook>(
+    ctx: &H,
+    pkt: &L4Packet,
+    service_id: u32,
+    backend_id: u32,
+    backend: &Backend,
+    new_flow: bool,
+) -> Verdict {
     let (daddr, dport, deliver_to) = (backend.addr[0], backend.port, backend.deliver_ifindex);
-    if !ctx.dnat(&pkt, daddr, dport) {
+    if !ctx.dnat(pkt, daddr, dport) {
         return Verdict::Drop(Reason::DropMalformed);
     }
-    stats::count_traffic(svc.id, backend_id, ctx.len() as u64, new_flow);
+    stats::count_traffic(service_id, backend_id, ctx.len() as u64, new_flow);
     Verdict::Forward { deliver_to }
 }
 

@@ -1,15 +1,15 @@
 //! Maglev ring lookup. The ring itself is built by the agent (lb-userspace/src/maglev.rs).
-use lb_common::{BACKEND_IN_USE, Backend, FlowKey, Service, flow_hash, sizes::RING_CHUNK};
+use lb_common::{BACKEND_IN_USE, Backend, Service, sizes::RING_CHUNK};
 
 use crate::maps::{BACKENDS, RINGS};
 
-/// The backend the service's active ring assigns to this flow.
+/// The backend the service's active ring assigns to a flow of this `flow_hash`.
 #[inline(always)]
-pub fn pick(svc: &Service, key: &FlowKey) -> Option<(u32, &'static Backend)> {
+pub fn pick(svc: &Service, hash: u32) -> Option<(u32, &'static Backend)> {
     if svc.table_size == 0 {
         return None;
     }
-    let slot = svc.ring_offset + flow_hash(key) % svc.table_size;
+    let slot = svc.ring_offset + hash % svc.table_size;
     let chunk = RINGS.get(slot / RING_CHUNK)?;
     let backend_id = chunk[(slot % RING_CHUNK) as usize];
     let backend = BACKENDS.get(backend_id)?;

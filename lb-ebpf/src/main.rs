@@ -8,6 +8,7 @@ mod balance;
 mod conntrack;
 mod csum;
 mod deliver;
+mod flowcache;
 mod maglev;
 mod maps;
 mod nat;

@@ -2,6 +2,7 @@
 //! under the agent's pin path, so forwarding survives an agent restart. The `_V1` suffix is
 //! the layout version: a changed key/value layout gets a new suffix, so an old pinned map is
 //! never reused with the wrong layout.
+use crate::flowcache::CachedFlow;
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -34,6 +35,11 @@ pub static RINGS: Array<[u32; RING_CHUNK as usize]> = Array::pinned(RING_CHUNKS,
 /// whichever queue its packets arrive on.
 #[map(name = "XLB_CONNTRACK_V1")]
 pub static CONNTRACK: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(CONNTRACK_SIZE, 0);
+
+/// Per-CPU cache of recent conntrack decisions (flowcache.rs). Not pinned: it is only a
+/// cache, and a new program starts with an empty one.
+#[map(name = "XLB_FLOW_CACHE")]
+pub static FLOW_CACHE: PerCpuArray<CachedFlow> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
 
 /// Backend -> client 5-tuple -> the VIP to put back as the reply's source.
 #[map(name = "XLB_REV_NAT_V2")]

@@ -14,6 +14,10 @@ const VLAN_HLEN: usize = 4;
 /// More-fragments flag and fragment offset, in host order.
 const IP_MF_OFFSET: u16 = 0x3fff;
 
+/// TCP flags (low bits of the data offset/flags word, host order).
+const TCP_SYN: u16 = 0x02;
+const TCP_ACK: u16 = 0x10;
+
 /// Offset of the L4 checksum within the TCP and UDP headers.
 pub const TCP_CSUM_OFF: usize = 16;
 pub const UDP_CSUM_OFF: usize = 6;
@@ -127,6 +131,8 @@ pub struct L4Packet {
     pub csum_off: usize,
     pub proto: u8,
     pub has_ip_options: bool,
+    /// A TCP SYN without ACK: the first packet of a connection.
+    pub syn: bool,
     pub saddr: u32,
     pub daddr: u32,
     pub sport: u16,
@@ -205,14 +211,17 @@ pub fn parse<B: PacketBuf>(buf: &B) -> Parsed {
 
     let l4_off = l3_off + ihl;
     let l4_len = tot_len - ihl;
+    let mut syn = false;
     let (ports, csum_off) = if proto == PROTO_TCP {
         let Some(tcp) = buf.ptr_at::<TcpHdr>(l4_off) else {
             return Parsed::Malformed(Some(daddr));
         };
-        let doff = (u16::from_be(load(unsafe { &raw const (*tcp).doff_flags })) >> 12) as usize * 4;
+        let doff_flags = u16::from_be(load(unsafe { &raw const (*tcp).doff_flags }));
+        let doff = (doff_flags >> 12) as usize * 4;
         if doff < size_of::<TcpHdr>() || doff > l4_len {
             return Parsed::Malformed(Some(daddr));
         }
+        syn = doff_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         (load(unsafe { &raw const (*tcp).ports }), TCP_CSUM_OFF)
     } else {
         let Some(udp) = buf.ptr_at::<UdpHdr>(l4_off) else {
@@ -231,6 +240,7 @@ pub fn parse<B: PacketBuf>(buf: &B) -> Parsed {
         csum_off: l4_off + csum_off,
         proto,
         has_ip_options: ihl > size_of::<Ipv4Hdr>(),
+        syn,
         saddr,
         daddr,
         sport: ports.src,
