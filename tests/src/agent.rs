@@ -103,6 +103,64 @@ impl Agent {
         (out.status.success(), text)
     }
 
+    /// (address, state) of each backend of `service`, as `xlb status --json` shows them.
+    pub fn backends(&self, service: &str) -> Vec<(String, String)> {
+        let status = self.status();
+        let services = status["services"].as_array().cloned().unwrap_or_default();
+        let Some(svc) = services.iter().find(|s| s["name"] == service) else {
+            return Vec::new();
+        };
+        let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+        svc["backends"]
+            .as_array()
+            .map(|b| {
+                b.iter()
+                    .map(|b| (text(&b["address"]), text(&b["state"])))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Waits (bounded) until exactly `n` backends of `service` are up.
+    pub fn wait_up(&self, service: &str, n: usize, within: Duration) {
+        let up = || {
+            self.backends(service)
+                .iter()
+                .filter(|(_, s)| s == "up")
+                .count()
+        };
+        wait_for(within, || (up() == n).then_some(())).unwrap_or_else(|| {
+            panic!(
+                "{n} backends of {service} not up within {within:?}: {:?}\n{}",
+                self.backends(service),
+                self.log_text()
+            )
+        });
+    }
+
+    /// Waits (bounded) until `address` of `service` is in `state`.
+    pub fn wait_state(&self, service: &str, address: &str, state: &str, within: Duration) {
+        let is = || {
+            self.backends(service)
+                .iter()
+                .any(|(a, s)| a == address && s == state)
+        };
+        wait_for(within, || is().then_some(())).unwrap_or_else(|| {
+            panic!("{address} not {state} within {within:?}: {}", self.status())
+        });
+    }
+
+    /// The names of the links pinned under the pin path.
+    pub fn links(&self) -> Vec<String> {
+        std::fs::read_dir(self.pin_path.join("links"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     pub fn status(&self) -> serde_json::Value {
         let (ok, out) = self.cli(&["status", "--json"]);
         assert!(ok, "xlb status failed: {out}");

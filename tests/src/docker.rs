@@ -65,9 +65,7 @@ pub const TCP_PORT: u16 = 9000;
 pub const UDP_PORT: u16 = 8080;
 
 /// The Docker host's interface towards the client (XDP attaches here), as in the topology.
-pub const FRONT: &str = "front";
-pub const FRONT_ADDR: &str = "10.99.1.1";
-pub const CLIENT_ADDR: &str = "10.99.1.2";
+pub use crate::topology::{CLIENT_ADDR, FRONT, FRONT_ADDR};
 
 /// Upper bound of one docker CLI call.
 pub const CLI_TIMEOUT: Duration = Duration::from_secs(120);
@@ -1021,27 +1019,7 @@ impl DockerHost {
         let scratch = Scratch::new(&format!("xlb-docker-{prefix}"));
         let client = Netns::new(&format!("{prefix}-cl"));
         let host = Netns::new(&format!("{prefix}-dh"));
-        sh(&[
-            "ip",
-            "link",
-            "add",
-            "eth0",
-            "netns",
-            &client.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            FRONT,
-            "netns",
-            &host.name,
-        ]);
-        client.ip(&["addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "eth0"]);
-        client.ip(&["link", "set", "eth0", "up"]);
-        client.ip(&["route", "add", "default", "via", FRONT_ADDR]);
-        client.no_tx_offload("eth0");
-        host.ip(&["addr", "add", &format!("{FRONT_ADDR}/24"), "dev", FRONT]);
-        host.ip(&["link", "set", FRONT, "up"]);
+        crate::topology::wire_client(&client, &host);
         host.sysctl("net.ipv4.ip_forward", "1");
         let daemon = Daemon::start(
             &host,

@@ -29,7 +29,7 @@ use std::{
 };
 
 use crate::{
-    docker::{CLIENT_ADDR, Daemon, DaemonOptions, FRONT, FRONT_ADDR, IMAGE, Scratch, run_bounded},
+    docker::{Daemon, DaemonOptions, IMAGE, Scratch, run_bounded},
     netns::{Netns, sh, unique_prefix},
     process::wait_for,
 };
@@ -149,27 +149,7 @@ impl Swarm {
 
         let client = Netns::new(&format!("{prefix}-cl"));
         let lb = Netns::new(&format!("{prefix}-lb"));
-        sh(&[
-            "ip",
-            "link",
-            "add",
-            "eth0",
-            "netns",
-            &client.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            FRONT,
-            "netns",
-            &lb.name,
-        ]);
-        client.ip(&["addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "eth0"]);
-        client.ip(&["link", "set", "eth0", "up"]);
-        client.ip(&["route", "add", "default", "via", FRONT_ADDR]);
-        client.no_tx_offload("eth0");
-        lb.ip(&["addr", "add", &format!("{FRONT_ADDR}/24"), "dev", FRONT]);
-        lb.ip(&["link", "set", FRONT, "up"]);
+        crate::topology::wire_client(&client, &lb);
         sh(&[
             "ip",
             "link",

@@ -13,7 +13,37 @@ use crate::{
 };
 
 pub const VIP: &str = "10.99.100.1";
+/// The LB's client-facing interface, and the addresses on that link.
 pub const FRONT: &str = "front";
+pub const FRONT_ADDR: &str = "10.99.1.1";
+pub const CLIENT_ADDR: &str = "10.99.1.2";
+
+/// Links a client namespace ("eth0", CLIENT_ADDR, default route via the front) to the
+/// namespace that takes its traffic ("front", FRONT_ADDR). TX offload is off on the client,
+/// so receivers verify its checksums.
+pub fn wire_client(client: &Netns, front: &Netns) {
+    crate::netns::sh(&[
+        "ip",
+        "link",
+        "add",
+        "eth0",
+        "netns",
+        &client.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        FRONT,
+        "netns",
+        &front.name,
+    ]);
+    client.ip(&["addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "eth0"]);
+    client.ip(&["link", "set", "eth0", "up"]);
+    client.ip(&["route", "add", "default", "via", FRONT_ADDR]);
+    client.no_tx_offload("eth0");
+    front.ip(&["addr", "add", &format!("{FRONT_ADDR}/24"), "dev", FRONT]);
+    front.ip(&["link", "set", FRONT, "up"]);
+}
 
 pub struct Backend {
     pub name: String,
@@ -71,17 +101,8 @@ impl Topology {
     }
 
     fn wire_client_and_lb(&self) {
-        let (cl, lb) = (&self.client, &self.lb);
-        crate::netns::sh(&[
-            "ip", "link", "add", "eth0", "netns", &cl.name, "type", "veth", "peer", "name", FRONT,
-            "netns", &lb.name,
-        ]);
-        cl.ip(&["addr", "add", "10.99.1.2/24", "dev", "eth0"]);
-        cl.ip(&["link", "set", "eth0", "up"]);
-        cl.ip(&["route", "add", "default", "via", "10.99.1.1"]);
-        cl.no_tx_offload("eth0");
-        lb.ip(&["addr", "add", "10.99.1.1/24", "dev", FRONT]);
-        lb.ip(&["link", "set", FRONT, "up"]);
+        let lb = &self.lb;
+        wire_client(&self.client, lb);
         lb.ip(&["link", "add", "br0", "type", "bridge"]);
         lb.ip(&["addr", "add", "10.99.2.1/24", "dev", "br0"]);
         lb.ip(&["link", "set", "br0", "up"]);

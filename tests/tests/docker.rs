@@ -59,46 +59,6 @@ fn web_labels() -> Vec<(&'static str, &'static str)> {
     vec![("xlb.service", "web"), ("xlb.port", "9000")]
 }
 
-/// The backends of `service` in the agent's status, by address.
-fn backends(agent: &Agent, service: &str) -> Vec<(String, String)> {
-    let status = agent.status();
-    let svc = status["services"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["name"] == service))
-        .cloned()
-        .unwrap_or_default();
-    svc["backends"]
-        .as_array()
-        .map(|b| {
-            b.iter()
-                .map(|b| {
-                    (
-                        b["address"].as_str().unwrap_or_default().to_string(),
-                        b["state"].as_str().unwrap_or_default().to_string(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn up_count(agent: &Agent) -> usize {
-    backends(agent, "web")
-        .iter()
-        .filter(|(_, s)| s == "up")
-        .count()
-}
-
-fn wait_up(agent: &Agent, n: usize, within: Duration) {
-    wait_for(within, || (up_count(agent) == n).then_some(())).unwrap_or_else(|| {
-        panic!(
-            "{n} backends not up within {within:?}: {:?}\n{}",
-            backends(agent, "web"),
-            agent.log_text()
-        )
-    });
-}
-
 /// The 12-character id a container answers with (its hostname).
 fn short(id: &str) -> String {
     id[..12].to_string()
@@ -124,7 +84,7 @@ fn labelled_containers_join_leave_on_stop_and_new_ones_serve_at_once() {
         .map(|i| host.run_backend(&format!("web{i}"), &web_labels(), &[]))
         .collect();
     let agent = Agent::start_in(&host.host, &host.dir, &host.prefix, &config(&host));
-    wait_up(&agent, 5, Duration::from_secs(5));
+    agent.wait_up("web", 5, Duration::from_secs(5));
     assert!(
         agent.pin_path.join("links/tc_reply_docker0").exists(),
         "replies are caught on docker0"
@@ -161,7 +121,7 @@ fn labelled_containers_join_leave_on_stop_and_new_ones_serve_at_once() {
             .iter()
             .any(|s| s.at > stopped && s.answer.as_deref() == Ok(short(&ids[2]).as_str()))
     );
-    wait_up(&agent, 4, Duration::from_secs(2));
+    agent.wait_up("web", 4, Duration::from_secs(2));
 
     // `docker run` one more: it serves within a second.
     let fresh = host.run_image("web6", &web_labels(), &[], IMAGE, &["--log"]);
@@ -193,7 +153,7 @@ fn bad_labels_are_skipped_with_a_clear_error_and_the_rest_serve() {
     );
     host.run_backend("noport", &[("xlb.service", "web")], &[]);
     let agent = Agent::start_in(&host.host, &host.dir, &host.prefix, &config(&host));
-    wait_up(&agent, 1, Duration::from_secs(5));
+    agent.wait_up("web", 1, Duration::from_secs(5));
     let log = agent.log_text();
     for expected in [
         "container typo (",
@@ -219,16 +179,16 @@ fn a_container_with_a_healthcheck_joins_when_healthy_and_leaves_when_unhealthy()
     let host = docker_host(DaemonOptions::default());
     let plain = host.run_backend("plain", &web_labels(), &[]);
     let agent = Agent::start_in(&host.host, &host.dir, &host.prefix, &config(&host));
-    wait_up(&agent, 1, Duration::from_secs(5));
+    agent.wait_up("web", 1, Duration::from_secs(5));
     let checked = host.run_image("checked", &web_labels(), &[], HEALTH_IMAGE, &[]);
     // Not while Docker says "starting".
     assert_eq!(host.health(&checked), "starting");
-    assert_eq!(backends(&agent, "web").len(), 1);
+    assert_eq!(agent.backends("web").len(), 1);
     wait_for(Duration::from_secs(10), || {
         (host.health(&checked) == "healthy").then_some(())
     })
     .expect("healthy");
-    wait_up(&agent, 2, Duration::from_secs(3));
+    agent.wait_up("web", 2, Duration::from_secs(3));
     let answered: BTreeSet<String> = names(&host, 40).into_iter().collect();
     assert_eq!(answered, BTreeSet::from([short(&plain), short(&checked)]));
 
@@ -238,7 +198,7 @@ fn a_container_with_a_healthcheck_joins_when_healthy_and_leaves_when_unhealthy()
     })
     .expect("unhealthy");
     wait_for(Duration::from_secs(3), || {
-        (backends(&agent, "web").len() == 1).then_some(())
+        (agent.backends("web").len() == 1).then_some(())
     })
     .expect("left");
     let answered: BTreeSet<String> = names(&host, 20).into_iter().collect();
@@ -255,7 +215,7 @@ fn dockerd_restart_under_load_fails_nothing_and_resyncs_exactly() {
         .map(|i| host.run_backend(&format!("web{i}"), &web_labels(), &[]))
         .collect();
     let agent = Agent::start_in(&host.host, &host.dir, &host.prefix, &config(&host));
-    wait_up(&agent, 3, Duration::from_secs(5));
+    agent.wait_up("web", 3, Duration::from_secs(5));
 
     let vip = format!("{VIP}:80").parse().expect("addr");
     let load = LoadLoop::start(&host.client.path(), vip, PACE, 600);
@@ -263,7 +223,7 @@ fn dockerd_restart_under_load_fails_nothing_and_resyncs_exactly() {
     host.restart_daemon();
     // While it was down the agent kept forwarding; now a change must arrive.
     let fourth = host.run_backend("web4", &web_labels(), &[]);
-    wait_up(&agent, 4, Duration::from_secs(5));
+    agent.wait_up("web", 4, Duration::from_secs(5));
     std::thread::sleep(Duration::from_millis(300));
     let samples = load.stop();
     assert!(samples.len() > 50, "{} samples", samples.len());
@@ -280,10 +240,7 @@ fn dockerd_restart_under_load_fails_nothing_and_resyncs_exactly() {
         .map(|id| format!("{}:{TCP_PORT}", host.inspect_ip(id, "bridge")))
         .collect();
     expected.sort();
-    let mut seen: Vec<String> = backends(&agent, "web")
-        .into_iter()
-        .map(|(a, _)| a)
-        .collect();
+    let mut seen: Vec<String> = agent.backends("web").into_iter().map(|(a, _)| a).collect();
     seen.sort();
     assert_eq!(seen, expected);
     assert!(

@@ -20,6 +20,14 @@ fn count_names(names: &[String]) -> BTreeMap<String, usize> {
     counts
 }
 
+/// What Docker does to a host: the lb namespace forwards nothing unless a rule allows it.
+fn forward_nothing(topo: &Topology) {
+    topo.lb.exec(&[
+        "nft",
+        "add table inet filter; add chain inet filter forward { type filter hook forward priority 0; policy drop; }",
+    ]);
+}
+
 fn start(backends: usize) -> (Topology, Agent) {
     let topo = Topology::new(backends);
     let all: Vec<_> = topo.backends.iter().collect();
@@ -202,11 +210,7 @@ fn local_bridge_delivery_bypasses_a_forward_drop_policy() {
     let config = topo
         .config(&Agent::pin_path_for(&topo), &all)
         .replace("  port = 8080\n", "  port = 8080\n  bridge = \"br0\"\n");
-    // What Docker does to a host: nothing is forwarded unless a rule allows it.
-    topo.lb.exec(&[
-        "nft",
-        "add table inet filter; add chain inet filter forward { type filter hook forward priority 0; policy drop; }",
-    ]);
+    forward_nothing(&topo);
     let direct: SocketAddr = "10.99.2.11:8080".parse().expect("addr");
     assert!(
         topo.client.run(move || tcp_name(direct)).is_err(),
@@ -214,13 +218,7 @@ fn local_bridge_delivery_bypasses_a_forward_drop_policy() {
     );
 
     let agent = Agent::start(&topo, &config);
-    let links: Vec<String> = agent
-        .pin_path
-        .join("links")
-        .read_dir()
-        .expect("links")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect();
+    let links = agent.links();
     assert!(links.contains(&"tc_reply_br0".to_string()), "{links:?}");
     let (vip, dns) = (topo.vip(80), topo.vip(53));
     let (tcp, udp) = topo.client.run(move || {
@@ -257,13 +255,7 @@ fn the_balancer_runs_at_tc_ingress_in_mode_tc_and_modes_switch_on_reload() {
         .replace("  port = 8080\n", "  port = 8080\n  bridge = \"br0\"\n");
     let (ok, out) = agent.reload(&tc_config);
     assert!(ok, "{out}");
-    let links: Vec<String> = agent
-        .pin_path
-        .join("links")
-        .read_dir()
-        .expect("links")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect();
+    let links = agent.links();
     assert!(links.contains(&format!("tc_balance_{FRONT}")), "{links:?}");
     assert!(
         !links.iter().any(|l| l.starts_with("xdp_")),
@@ -273,10 +265,7 @@ fn the_balancer_runs_at_tc_ingress_in_mode_tc_and_modes_switch_on_reload() {
     assert_eq!(agent.status()["interfaces"][0]["xdp_mode"], "tc");
 
     // Delivery straight to the bridge: nothing is routed (a drop policy proves it).
-    topo.lb.exec(&[
-        "nft",
-        "add table inet filter; add chain inet filter forward { type filter hook forward priority 0; policy drop; }",
-    ]);
+    forward_nothing(&topo);
     let (vip, dns) = (topo.vip(80), topo.vip(53));
     let (tcp, udp) = topo.client.run(move || {
         let tcp: Vec<String> = (0..150)

@@ -24,31 +24,6 @@ fn start(backends: usize) -> (Topology, Agent) {
     (topo, agent)
 }
 
-fn backend_state(agent: &Agent, service: &str, address: &str) -> String {
-    let status = agent.status();
-    let svc = status["services"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["name"] == service))
-        .unwrap_or_else(|| panic!("no service {service}: {status}"));
-    let backend = svc["backends"]
-        .as_array()
-        .and_then(|b| b.iter().find(|b| b["address"] == address))
-        .unwrap_or_else(|| panic!("no backend {address}: {status}"));
-    backend["state"].as_str().expect("state").to_string()
-}
-
-fn wait_state(agent: &Agent, address: &str, state: &str, within: Duration) {
-    wait_for(within, || {
-        (backend_state(agent, "web", address) == state).then_some(())
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "{address} not {state} within {within:?}: {}",
-            agent.status()
-        )
-    });
-}
-
 fn answered_by<'a>(samples: &'a [Sample], name: &str) -> Vec<&'a Sample> {
     samples
         .iter()
@@ -76,7 +51,7 @@ fn dead_backend_leaves_after_fall_probes_and_returns_after_rise() {
     std::thread::sleep(Duration::from_millis(500));
     let killed = Instant::now();
     topo.kill_backend(1);
-    wait_state(&agent, "10.99.2.12:8080", "down", Duration::from_secs(2));
+    agent.wait_state("web", "10.99.2.12:8080", "down", Duration::from_secs(2));
     let detected = killed.elapsed();
     std::thread::sleep(Duration::from_millis(1500));
     let samples = load.stop();
@@ -115,7 +90,7 @@ fn dead_backend_leaves_after_fall_probes_and_returns_after_rise() {
 
     // be2 comes back after `rise` good probes and takes new flows again.
     topo.restart_backend(1);
-    wait_state(&agent, "10.99.2.12:8080", "up", Duration::from_secs(2));
+    agent.wait_state("web", "10.99.2.12:8080", "up", Duration::from_secs(2));
     let vip = topo.vip(80);
     let names: Vec<String> = topo
         .client
@@ -145,7 +120,15 @@ fn drain_keeps_established_flows_and_stops_new_ones() {
 
     let (ok, out) = agent.cli(&["drain", "web", &endpoint]);
     assert!(ok, "drain: {out}");
-    assert_eq!(backend_state(&agent, "web", &endpoint), "drain");
+    assert_eq!(
+        agent
+            .backends("web")
+            .into_iter()
+            .find(|(a, _)| *a == endpoint)
+            .map(|(_, s)| s)
+            .unwrap_or_default(),
+        "drain"
+    );
     let (conn, same, fresh) = topo.client.run(move || {
         let mut c = conn;
         let same: Vec<String> = (0..10).map(|_| c.ask().expect("old connection")).collect();
@@ -279,8 +262,8 @@ fn all_backends_down_answers_nothing_and_says_why() {
     let (mut topo, agent) = start(2);
     topo.kill_backend(0);
     topo.kill_backend(1);
-    wait_state(&agent, "10.99.2.11:8080", "down", Duration::from_secs(2));
-    wait_state(&agent, "10.99.2.12:8080", "down", Duration::from_secs(2));
+    agent.wait_state("web", "10.99.2.11:8080", "down", Duration::from_secs(2));
+    agent.wait_state("web", "10.99.2.12:8080", "down", Duration::from_secs(2));
     let vip = topo.vip(80);
     let result = topo.client.run(move || tcp_name(vip));
     assert!(result.is_err(), "nothing answers: {result:?}");
@@ -417,7 +400,7 @@ fn http_and_udp_probes_judge_backends() {
         .replacen("type = \"tcp\"", "type = \"udp\"", 1)
     };
     let agent = Agent::start(&topo, &http("/status/503"));
-    wait_state(&agent, "10.99.2.11:8080", "down", Duration::from_secs(2));
+    agent.wait_state("web", "10.99.2.11:8080", "down", Duration::from_secs(2));
     let status = agent.status();
     let web = status["services"]
         .as_array()
@@ -432,7 +415,7 @@ fn http_and_udp_probes_judge_backends() {
 
     let (ok, out) = agent.reload(&http("/"));
     assert!(ok, "reload: {out}");
-    wait_state(&agent, "10.99.2.11:8080", "up", Duration::from_secs(2));
+    agent.wait_state("web", "10.99.2.11:8080", "up", Duration::from_secs(2));
     let vip = topo.vip(80);
     assert!(topo.client.run(move || tcp_name(vip)).is_ok());
 

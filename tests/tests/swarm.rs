@@ -59,26 +59,8 @@ fn start(replicas: u32) -> (Swarm, Agent) {
     );
     swarm.wait_running("web", replicas as usize, Duration::from_secs(30));
     let agent = Agent::start_in(&swarm.lb, &swarm.dir, &swarm.prefix, &config(&swarm));
-    wait_up(&agent, replicas as usize, Duration::from_secs(5));
+    agent.wait_up("web", replicas as usize, Duration::from_secs(5));
     (swarm, agent)
-}
-
-fn up(agent: &Agent) -> usize {
-    let status = agent.status();
-    status["services"][0]["backends"]
-        .as_array()
-        .map(|b| b.iter().filter(|b| b["state"] == "up").count())
-        .unwrap_or(0)
-}
-
-fn wait_up(agent: &Agent, n: usize, within: Duration) {
-    wait_for(within, || (up(agent) == n).then_some(())).unwrap_or_else(|| {
-        panic!(
-            "{n} backends not up within {within:?}: {}\n{}",
-            agent.status(),
-            agent.log_text()
-        )
-    });
 }
 
 fn names(swarm: &Swarm, n: usize) -> Vec<String> {
@@ -213,7 +195,7 @@ fn a_dead_node_leaves_on_health_checks_while_the_api_says_running() {
     std::thread::sleep(Duration::from_millis(300));
     swarm.kill_node(2);
     let killed = Instant::now();
-    wait_up(&agent, 3 - victims.len(), Duration::from_secs(3));
+    agent.wait_up("web", 3 - victims.len(), Duration::from_secs(3));
     let detected = killed.elapsed();
     // The manager still lists the dead node's tasks as running.
     assert!(
