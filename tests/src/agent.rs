@@ -103,13 +103,19 @@ impl Agent {
         (out.status.success(), text)
     }
 
-    /// (address, state) of each backend of `service`, as `xlb status --json` shows them.
-    pub fn backends(&self, service: &str) -> Vec<(String, String)> {
+    /// `service` in `xlb status --json` (Null if there is none).
+    pub fn service(&self, service: &str) -> serde_json::Value {
         let status = self.status();
         let services = status["services"].as_array().cloned().unwrap_or_default();
-        let Some(svc) = services.iter().find(|s| s["name"] == service) else {
-            return Vec::new();
-        };
+        services
+            .into_iter()
+            .find(|s| s["name"] == service)
+            .unwrap_or_default()
+    }
+
+    /// (address, state) of each backend of `service`, as `xlb status --json` shows them.
+    pub fn backends(&self, service: &str) -> Vec<(String, String)> {
+        let svc = self.service(service);
         let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
         svc["backends"]
             .as_array()

@@ -56,12 +56,8 @@ fn new_connections_spread_over_all_backends() {
     }
 
     // The data path counted each connection once, per service and per backend.
-    let status = agent.status();
-    let web = status["services"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["name"] == "web"))
-        .expect("service web");
-    assert_eq!(web["counters"]["new_flows"], 600, "{status}");
+    let web = agent.service("web");
+    assert_eq!(web["counters"]["new_flows"], 600, "{web}");
     let per_backend: u64 = web["backends"]
         .as_array()
         .expect("backends")

@@ -267,17 +267,11 @@ fn all_backends_down_answers_nothing_and_says_why() {
     let vip = topo.vip(80);
     let result = topo.client.run(move || tcp_name(vip));
     assert!(result.is_err(), "nothing answers: {result:?}");
-    let status = agent.status();
-    let web = status["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "web")
-        .unwrap();
+    let web = agent.service("web");
     let problem = web["problem"].as_str().unwrap_or_default();
     assert!(
         problem.contains("no backend can take new flows (2 backends: 2 down"),
-        "{status}"
+        "{web}"
     );
     let (_, table) = agent.cli(&["status"]);
     assert!(
@@ -370,13 +364,7 @@ fn metrics_parse_and_match_the_traffic_sent() {
     // client packets, and the status agrees with the metrics.
     let packets = m[r#"xlb_service_packets_total{service="web"}"#];
     assert!(packets >= 1500.0, "{packets} packets");
-    let status = agent.status();
-    let web = status["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "web")
-        .unwrap();
+    let web = agent.service("web");
     assert!(web["counters"]["packets"].as_f64().unwrap() >= packets);
     assert!(m[r#"xlb_verdicts_total{reason="forwarded"}"#] >= packets);
     assert!(
@@ -401,16 +389,10 @@ fn http_and_udp_probes_judge_backends() {
     };
     let agent = Agent::start(&topo, &http("/status/503"));
     agent.wait_state("web", "10.99.2.11:8080", "down", Duration::from_secs(2));
-    let status = agent.status();
-    let web = status["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "web")
-        .unwrap();
+    let web = agent.service("web");
     assert_eq!(
         web["backends"][0]["last_probe"]["detail"], "HTTP 503 (expected 200)",
-        "{status}"
+        "{web}"
     );
 
     let (ok, out) = agent.reload(&http("/"));
@@ -420,13 +402,7 @@ fn http_and_udp_probes_judge_backends() {
     assert!(topo.client.run(move || tcp_name(vip)).is_ok());
 
     let dns_state = |agent: &Agent| {
-        let status = agent.status();
-        let dns = status["services"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["name"] == "dns")
-            .unwrap();
+        let dns = agent.service("dns");
         (
             dns["backends"][1]["state"].clone(),
             dns["backends"][1]["last_probe"]["detail"].clone(),
