@@ -252,6 +252,15 @@ fn dockerd_restart_under_load_fails_nothing_and_resyncs_exactly() {
     );
 }
 
+/// Detaches and removes a pin path on drop.
+struct Unpin(std::path::PathBuf);
+
+impl Drop for Unpin {
+    fn drop(&mut self) {
+        let _ = xlb::loader::detach(&self.0);
+    }
+}
+
 /// The static xlb binary for the agent image (`cargo xtask build` makes it).
 fn musl_xlb() -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("exe");
@@ -292,8 +301,17 @@ fn compose_example_runs_seed_001_through_the_agent_image() {
         &format!("{socket}:/var/run/docker.sock"),
     ));
     let example = std::fs::read_to_string(root.join("deploy/xlb.toml")).expect("xlb.toml");
+    // The container pins into the host's bpffs: a path of this test's own, removed at the end
+    // (also on failure) whatever the container left.
+    let pins = Unpin(Agent::pin_path_of(&host.prefix).into());
     let config = example
-        .replace("interfaces = [\"eth0\"]", "interfaces = [\"front\"]")
+        .replace(
+            "interfaces = [\"eth0\"]",
+            &format!(
+                "interfaces = [\"front\"]\npin_path = \"{}\"",
+                pins.0.display()
+            ),
+        )
         .replace("192.168.99.104", VIP);
     std::fs::write(host.dir.join("compose/xlb.toml"), config).expect("xlb.toml");
     host.compose(&["up", "-d", "--scale", "web=5"]);
