@@ -24,6 +24,12 @@ pub const MODE_NAT: u8 = 0;
 pub const MODE_FULLNAT: u8 = 1;
 pub const MODE_DSR: u8 = 2;
 
+/// `Service::flags` (dsr): encapsulate in GUE (IP in UDP) instead of IPIP.
+pub const SERVICE_GUE: u8 = 1;
+/// UDP destination port of GUE-encapsulated packets (the port Katran uses, so its decap
+/// interoperates).
+pub const GUE_PORT: u16 = 9886;
+
 /// Key of the VIP map: where clients send traffic.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -101,6 +107,43 @@ pub struct Flow {
     pub service_id: u32,
     /// bpf_ktime_get_ns() when the flow was last refreshed (at most once a second).
     pub last_seen_ns: u64,
+    /// fullnat: the LB source address and port this flow was given (network order).
+    pub snat: [u32; 4],
+    pub snat_port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// fullnat reverse mapping, keyed by the reply's 5-tuple (backend -> SNAT address:port).
+/// Its existence is what reserves the SNAT port for that backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SnatRev {
+    pub client: [u32; 4],
+    pub vip: [u32; 4],
+    /// Network byte order.
+    pub client_port: u16,
+    pub vip_port: u16,
+    pub service_id: u32,
+    /// When a packet of the flow was last seen (refreshed at most once a second).
+    pub last_seen_ns: u64,
+    /// Set once a FIN or RST was seen: the port may be reused sooner.
+    pub closing: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Most SNAT addresses a fullnat service can have.
+pub const MAX_SNAT_ADDRS: usize = 8;
+
+/// fullnat source addresses of a service (indexed by service id). With `count == 0` the
+/// address the kernel would use towards the backend (its FIB source) is taken.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SnatPool {
+    pub addrs: [[u32; 4]; MAX_SNAT_ADDRS],
+    pub count: u32,
+    /// Ports handed out, inclusive, host order.
+    pub port_min: u16,
+    pub port_max: u16,
 }
 
 /// Reverse NAT value: what a reply's source is rewritten back to.
@@ -196,10 +239,29 @@ pub enum Reason {
     /// A packet for a local container could not be marked for delivery (no metadata room
     /// in this driver); the kernel routes it instead.
     DeliverError,
+    /// XDP_TX: rewritten and sent back out of the NIC it came in on (FIB next hop).
+    Tx,
+    /// XDP_REDIRECT: rewritten and sent out of another front NIC (FIB next hop).
+    Redirected,
+    /// XDP_PASS: the next hop's MAC is not resolved yet; TC resolves it and sends the
+    /// packet (bpf_redirect_neigh).
+    NeighPending,
+    /// fullnat: a reply was translated back to VIP -> client.
+    RevSnat,
+    /// XDP_DROP: fullnat found no free SNAT port for this backend (see xlb_snat_* metrics).
+    DropSnatExhausted,
+    /// XDP_DROP: no route (or no source address) towards the backend for fullnat/dsr.
+    DropNoRoute,
+    /// XDP_DROP: the encapsulated packet would exceed the egress MTU.
+    DropTooBig,
+    /// XDP_PASS: TTL expired on a packet to forward; the kernel answers with ICMP.
+    PassTtl,
+    /// XDP_DROP: fullnat or dsr on a TC balancer (`xdp_mode = "tc"` supports nat only).
+    DropUnsupportedMode,
 }
 
 impl Reason {
-    pub const COUNT: u32 = Reason::DeliverError as u32 + 1;
+    pub const COUNT: u32 = Reason::DropUnsupportedMode as u32 + 1;
     pub const ALL: [Reason; Reason::COUNT as usize] = [
         Reason::PassNotIp,
         Reason::PassIpv6,
@@ -217,6 +279,15 @@ impl Reason {
         Reason::RevNat,
         Reason::RevNatError,
         Reason::DeliverError,
+        Reason::Tx,
+        Reason::Redirected,
+        Reason::NeighPending,
+        Reason::RevSnat,
+        Reason::DropSnatExhausted,
+        Reason::DropNoRoute,
+        Reason::DropTooBig,
+        Reason::PassTtl,
+        Reason::DropUnsupportedMode,
     ];
 
     /// Stable name used in metrics and status output.
@@ -238,6 +309,48 @@ impl Reason {
             Reason::RevNat => "rev_nat",
             Reason::RevNatError => "rev_nat_error",
             Reason::DeliverError => "deliver_error",
+            Reason::Tx => "tx",
+            Reason::Redirected => "redirected",
+            Reason::NeighPending => "neigh_pending",
+            Reason::RevSnat => "rev_snat",
+            Reason::DropSnatExhausted => "drop_snat_exhausted",
+            Reason::DropNoRoute => "drop_no_route",
+            Reason::DropTooBig => "drop_too_big",
+            Reason::PassTtl => "pass_ttl",
+            Reason::DropUnsupportedMode => "drop_unsupported_mode",
+        }
+    }
+}
+
+/// Counters of the dsr decapsulation program (`xlb decap`), by index.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecapCounter {
+    /// An IPIP/GUE packet to a served VIP, decapsulated.
+    Decapsulated = 0,
+    /// Encapsulated, but to an address that is not a served VIP: passed on untouched.
+    UnknownVip,
+    /// Encapsulated, but the inner packet is not IPv4: passed on untouched.
+    NotIpv4,
+    /// The driver refused to move the packet start: passed on untouched.
+    Error,
+}
+
+impl DecapCounter {
+    pub const COUNT: u32 = DecapCounter::Error as u32 + 1;
+    pub const ALL: [DecapCounter; DecapCounter::COUNT as usize] = [
+        DecapCounter::Decapsulated,
+        DecapCounter::UnknownVip,
+        DecapCounter::NotIpv4,
+        DecapCounter::Error,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            DecapCounter::Decapsulated => "decapsulated",
+            DecapCounter::UnknownVip => "unknown_vip",
+            DecapCounter::NotIpv4 => "not_ipv4",
+            DecapCounter::Error => "error",
         }
     }
 }
@@ -255,6 +368,8 @@ mod user {
     unsafe impl aya::Pod for RevNat {}
     unsafe impl aya::Pod for VipAddrKey {}
     unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for SnatRev {}
+    unsafe impl aya::Pod for SnatPool {}
 
     /// Splits an address into the (family, words) form the maps use.
     pub fn addr_words(ip: IpAddr) -> (u8, [u32; 4]) {
@@ -296,7 +411,9 @@ mod tests {
         assert_eq!(size_of::<Service>(), 16);
         assert_eq!(size_of::<Backend>(), 28);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<Flow>(), 16);
+        assert_eq!(size_of::<Flow>(), 40);
+        assert_eq!(size_of::<SnatRev>(), 56);
+        assert_eq!(size_of::<SnatPool>(), 136);
         assert_eq!(size_of::<RevNat>(), 28);
         assert_eq!(size_of::<VipAddrKey>(), 20);
         assert_eq!(size_of::<Counters>(), 24);

@@ -26,11 +26,22 @@ pub const CONNTRACK_SIZE: u32 = 262_144;
 pub const REV_NAT_SIZE: u32 = 262_144;
 /// Slots of the per-CPU flow cache in front of conntrack (a power of two).
 pub const FLOW_CACHE_SLOTS: u32 = 4096;
+/// fullnat reverse mappings (LRU), one per fullnat flow.
+pub const SNAT_REV_SIZE: u32 = 262_144;
+/// Interfaces XDP may redirect to (the front NICs).
+pub const MAX_TX_PORTS: u32 = 64;
 /// Distinct VIP addresses (for the fragment check).
 pub const MAX_VIP_ADDRS: u32 = MAX_SERVICES;
 
 /// A UDP flow idle this long is forgotten and re-hashed on its next packet.
 pub const UDP_IDLE_TIMEOUT_NS: u64 = 30_000_000_000;
+/// A fullnat port whose flow saw FIN or RST may go to a new flow after this long (the
+/// backend's TIME_WAIT is 60 s).
+pub const SNAT_CLOSED_REUSE_NS: u64 = 60_000_000_000;
+/// A fullnat TCP port idle this long may go to a new flow (IPVS's TCP timeout).
+pub const SNAT_TCP_IDLE_REUSE_NS: u64 = 900_000_000_000;
+/// SNAT ports tried per new flow before giving up (each try is one map insert).
+pub const SNAT_PORT_TRIES: u32 = 16;
 /// Conntrack timestamps are refreshed at most this often, to keep writes off the hot path.
 pub const FLOW_REFRESH_NS: u64 = 1_000_000_000;
 

@@ -1,17 +1,14 @@
 //! The balancing pipeline, the same at XDP and at TC ingress: parse, VIP, conntrack or
-//! Maglev, DNAT, counters. The hook decides what a verdict means for the packet.
-use aya_ebpf::{
-    helpers::bpf_ktime_get_coarse_ns,
-    programs::{TcContext, XdpContext},
-};
-use lb_common::{Backend, FAMILY_V4, Reason, VipAddrKey, VipKey, flow_hash};
+//! Maglev, counters. The hook (hooks.rs) rewrites and sends the packet in the service's mode.
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use lb_common::{Backend, FAMILY_V4, MODE_FULLNAT, Reason, VipAddrKey, VipKey, flow_hash};
 
 use crate::{
     conntrack, flowcache, maglev,
     maps::{VIP_ADDRS, VIPS},
-    nat::{self, End},
+    nat::Endpoint,
     parse::{L4Packet, PacketBuf, Parsed, parse},
-    stats,
+    snat, stats,
 };
 
 pub enum Verdict {
@@ -21,35 +18,31 @@ pub enum Verdict {
     Forward {
         deliver_to: u32,
     },
+    /// Rewritten and sent by the hook itself: its action (XDP only).
+    Sent(u32, Reason),
+}
+
+/// Where a flow goes: decided once per flow, then kept by conntrack and the flow cache.
+#[derive(Clone, Copy)]
+pub struct Target {
+    pub service_id: u32,
+    pub mode: u8,
+    pub flags: u8,
+    pub backend_id: u32,
+    pub backend: &'static Backend,
+    /// fullnat: the flow's SNAT address and port.
+    pub snat: Endpoint,
 }
 
 /// What differs between XDP and TC for the balancer.
 pub trait Hook: PacketBuf {
     fn ingress_ifindex(&self) -> u32;
-    /// Rewrites the destination to the backend; false if the packet could not be.
-    fn dnat(&self, pkt: &L4Packet, daddr: u32, dport: u16) -> bool;
-}
-
-impl Hook for XdpContext {
-    #[inline(always)]
-    fn ingress_ifindex(&self) -> u32 {
-        XdpContext::ingress_ifindex(self) as u32
-    }
-    #[inline(always)]
-    fn dnat(&self, pkt: &L4Packet, daddr: u32, dport: u16) -> bool {
-        nat::dnat_v4(self, pkt, daddr, dport).is_some()
-    }
-}
-
-impl Hook for TcContext {
-    #[inline(always)]
-    fn ingress_ifindex(&self) -> u32 {
-        unsafe { (*self.skb.skb).ingress_ifindex }
-    }
-    #[inline(always)]
-    fn dnat(&self, pkt: &L4Packet, daddr: u32, dport: u16) -> bool {
-        nat::rewrite_tc(self, pkt, End::Destination, daddr, dport).is_ok()
-    }
+    /// The address the LB would send from towards `daddr` (fullnat's default source).
+    fn source_towards(&self, daddr: u32) -> Option<u32>;
+    /// Rewrites the packet for its target in the service's mode and sends it.
+    fn send(&self, pkt: &L4Packet, target: &Target, hash: u32) -> Verdict;
+    /// A fullnat reply (backend -> SNAT address) translated back and sent, if it is one.
+    fn reverse(&self, pkt: &L4Packet, now: u64) -> Option<Verdict>;
 }
 
 #[inline(always)]
@@ -73,12 +66,13 @@ pub fn balance<H: Hook>(ctx: &H) -> Verdict {
     // Coarse (jiffies) time is plenty for idle timeouts, and cheaper.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     // Options to a VIP are dropped below, so such a packet skips the cache, as does a SYN,
-    // which starts a flow.
+    // which starts a flow, and a FIN or RST, which the slow path records.
     if !pkt.has_ip_options
         && !pkt.syn
-        && let Some((service_id, backend_id, backend)) = flowcache::lookup(&flow, hash, now)
+        && !pkt.closing
+        && let Some(target) = flowcache::lookup(&flow, hash, now)
     {
-        return forward(ctx, &pkt, service_id, backend_id, backend, false);
+        return forward(ctx, &pkt, &target, hash, false);
     }
 
     let vip = VipKey {
@@ -88,47 +82,82 @@ pub fn balance<H: Hook>(ctx: &H) -> Verdict {
         family: FAMILY_V4,
     };
     let Some(svc) = (unsafe { VIPS.get(vip) }) else {
-        return Verdict::Pass(Reason::PassNotVip);
+        return match ctx.reverse(&pkt, now) {
+            Some(verdict) => verdict,
+            None => Verdict::Pass(Reason::PassNotVip),
+        };
     };
     if pkt.has_ip_options {
         return Verdict::Drop(Reason::DropIpOptions);
     }
 
     let ifindex = ctx.ingress_ifindex();
-    let (backend_id, backend, new_flow) = match conntrack::pinned_backend(&flow, svc, now, ifindex)
-    {
-        Some((id, backend)) => (id, backend, false),
+    let pinned =
+        conntrack::pinned_backend(&flow, svc, now, ifindex).filter(|(_, backend, snat)| {
+            svc.mode != MODE_FULLNAT
+                || snat::still_owned(&flow, backend, snat.addr, snat.port, now, pkt.closing)
+        });
+    let (target, new_flow) = match pinned {
+        Some((backend_id, backend, snat)) => (
+            Target {
+                service_id: svc.id,
+                mode: svc.mode,
+                flags: svc.flags,
+                backend_id,
+                backend,
+                snat,
+            },
+            false,
+        ),
         None => {
-            let Some((id, backend)) = maglev::pick(svc, hash) else {
+            let Some((backend_id, backend)) = maglev::pick(svc, hash) else {
                 return Verdict::Drop(Reason::DropNoBackend);
             };
-            conntrack::insert(&flow, svc, id, backend, now, ifindex);
-            (id, backend, true)
+            let mut snat = Endpoint { addr: 0, port: 0 };
+            if svc.mode == MODE_FULLNAT {
+                let Some(source) = ctx.source_towards(backend.addr[0]) else {
+                    return Verdict::Drop(Reason::DropNoRoute);
+                };
+                let Some((addr, port)) = snat::allocate(&flow, hash, svc.id, backend, source, now)
+                else {
+                    return Verdict::Drop(Reason::DropSnatExhausted);
+                };
+                snat = Endpoint { addr, port };
+            }
+            conntrack::insert(&flow, svc, backend_id, backend, snat, now, ifindex);
+            let target = Target {
+                service_id: svc.id,
+                mode: svc.mode,
+                flags: svc.flags,
+                backend_id,
+                backend,
+                snat,
+            };
+            (target, true)
         }
     };
     // Only flows seen again are cached: one-packet flows (a SYN flood, UDP one-shots) would
     // only push out the flows worth keeping.
     if !new_flow {
-        flowcache::remember(&flow, hash, svc.id, backend_id, now);
+        flowcache::remember(&flow, hash, &target, now);
     }
-    forward(ctx, &pkt, svc.id, backend_id, backend, new_flow)
+    forward(ctx, &pkt, &target, hash, new_flow)
 }
 
 #[inline(always)]
 fn forward<H: Hook>(
     ctx: &H,
     pkt: &L4Packet,
-    service_id: u32,
-    backend_id: u32,
-    backend: &Backend,
+    target: &Target,
+    hash: u32,
     new_flow: bool,
 ) -> Verdict {
-    let (daddr, dport, deliver_to) = (backend.addr[0], backend.port, backend.deliver_ifindex);
-    if !ctx.dnat(pkt, daddr, dport) {
-        return Verdict::Drop(Reason::DropMalformed);
+    let len = ctx.len() as u64;
+    let verdict = ctx.send(pkt, target, hash);
+    if !matches!(verdict, Verdict::Drop(_)) {
+        stats::count_traffic(target.service_id, target.backend_id, len, new_flow);
     }
-    stats::count_traffic(service_id, backend_id, ctx.len() as u64, new_flow);
-    Verdict::Forward { deliver_to }
+    verdict
 }
 
 #[inline(always)]

@@ -4,10 +4,15 @@
 //! removed backend sends the flow to the slow path, which re-hashes it), and it expires
 //! after FLOW_REFRESH_NS, so the slow path still sees each flow about once a second and
 //! keeps conntrack's LRU position, idle timer and reply mapping fresh.
-use lb_common::{Backend, FlowKey, sizes::FLOW_CACHE_SLOTS, sizes::FLOW_REFRESH_NS};
+use lb_common::{FlowKey, sizes::FLOW_CACHE_SLOTS, sizes::FLOW_REFRESH_NS};
 
-use crate::maps::{BACKENDS, FLOW_CACHE};
+use crate::{
+    balance::Target,
+    maps::{BACKENDS, FLOW_CACHE},
+    nat::Endpoint,
+};
 
+/// One cache line.
 #[repr(C)]
 pub struct CachedFlow {
     key: FlowKey,
@@ -15,6 +20,10 @@ pub struct CachedFlow {
     backend_id: u32,
     /// When the slow path last vouched for this flow.
     checked_ns: u64,
+    snat_addr: u32,
+    snat_port: u16,
+    mode: u8,
+    flags: u8,
 }
 
 #[inline(always)]
@@ -22,10 +31,10 @@ fn slot(hash: u32) -> u32 {
     hash & (FLOW_CACHE_SLOTS - 1)
 }
 
-/// (service id, backend id, backend) of a flow the slow path saw less than a second ago,
-/// whose backend still takes it.
+/// The target of a flow the slow path saw less than a second ago, whose backend still
+/// takes it.
 #[inline(always)]
-pub fn lookup(key: &FlowKey, hash: u32, now: u64) -> Option<(u32, u32, &'static Backend)> {
+pub fn lookup(key: &FlowKey, hash: u32, now: u64) -> Option<Target> {
     let entry = FLOW_CACHE.get(slot(hash))?;
     if entry.key != *key || now.wrapping_sub(entry.checked_ns) > FLOW_REFRESH_NS {
         return None;
@@ -34,18 +43,34 @@ pub fn lookup(key: &FlowKey, hash: u32, now: u64) -> Option<(u32, u32, &'static 
     if !backend.is_alive() || backend.service_id != entry.service_id {
         return None;
     }
-    Some((entry.service_id, entry.backend_id, backend))
+    Some(Target {
+        service_id: entry.service_id,
+        mode: entry.mode,
+        flags: entry.flags,
+        backend_id: entry.backend_id,
+        backend,
+        snat: Endpoint {
+            addr: entry.snat_addr,
+            port: entry.snat_port,
+        },
+    })
 }
 
 /// Records what the slow path decided (overwriting whatever flow had the slot).
 #[inline(always)]
-pub fn remember(key: &FlowKey, hash: u32, service_id: u32, backend_id: u32, now: u64) {
+pub fn remember(key: &FlowKey, hash: u32, target: &Target, now: u64) {
     if let Some(entry) = FLOW_CACHE.get_ptr_mut(slot(hash)) {
         unsafe {
-            (*entry).key = *key;
-            (*entry).service_id = service_id;
-            (*entry).backend_id = backend_id;
-            (*entry).checked_ns = now;
+            *entry = CachedFlow {
+                key: *key,
+                service_id: target.service_id,
+                backend_id: target.backend_id,
+                checked_ns: now,
+                snat_addr: target.snat.addr,
+                snat_port: target.snat.port,
+                mode: target.mode,
+                flags: target.flags,
+            };
         }
     }
 }

@@ -8,11 +8,15 @@ mod balance;
 mod conntrack;
 mod csum;
 mod deliver;
+mod encap;
 mod flowcache;
+mod hooks;
 mod maglev;
 mod maps;
 mod nat;
 mod parse;
+mod route;
+mod snat;
 mod stats;
 
 use aya_ebpf::{
@@ -46,6 +50,7 @@ pub fn xlb_xdp(ctx: XdpContext) -> u32 {
             }
             (XDP_PASS, Reason::Forwarded)
         }
+        Verdict::Sent(action, reason) => (action, reason),
     };
     stats::count(reason);
     action
@@ -61,6 +66,8 @@ pub fn xlb_tc_balance(ctx: TcContext) -> i32 {
         Verdict::Drop(reason) => (TC_ACT_SHOT, reason),
         Verdict::Forward { deliver_to: 0 } => (TC_ACT_NEXT, Reason::Forwarded),
         Verdict::Forward { deliver_to } => (deliver::redirect(deliver_to), Reason::Forwarded),
+        // The TC hook never sends by itself.
+        Verdict::Sent(_, reason) => (TC_ACT_NEXT, reason),
     };
     stats::count(reason);
     action

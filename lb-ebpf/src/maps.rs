@@ -5,10 +5,11 @@
 use crate::flowcache::CachedFlow;
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, Counters, Flow, FlowKey, Reason, RevNat, Service, VipAddrKey, VipKey, sizes::*,
+    Backend, Counters, Flow, FlowKey, Reason, RevNat, Service, SnatPool, SnatRev, VipAddrKey,
+    VipKey, sizes::*,
 };
 
 /// BPF_F_MMAPABLE: the agent writes rings through a memory mapping instead of 65537 syscalls.
@@ -33,7 +34,7 @@ pub static RINGS: Array<[u32; RING_CHUNK as usize]> = Array::pinned(RING_CHUNKS,
 
 /// Client -> VIP 5-tuple -> backend. Shared by all CPUs so a flow keeps its backend
 /// whichever queue its packets arrive on.
-#[map(name = "XLB_CONNTRACK_V1")]
+#[map(name = "XLB_CONNTRACK_V2")]
 pub static CONNTRACK: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(CONNTRACK_SIZE, 0);
 
 /// Per-CPU cache of recent conntrack decisions (flowcache.rs). Not pinned: it is only a
@@ -45,6 +46,19 @@ pub static FLOW_CACHE: PerCpuArray<CachedFlow> = PerCpuArray::with_max_entries(F
 #[map(name = "XLB_REV_NAT_V2")]
 pub static REV_NAT: LruHashMap<FlowKey, RevNat> = LruHashMap::pinned(REV_NAT_SIZE, 0);
 
+/// fullnat: reply 5-tuple (backend -> SNAT address:port) -> client and VIP. An entry is
+/// what reserves its SNAT port (snat.rs).
+#[map(name = "XLB_SNAT_REV_V1")]
+pub static SNAT_REV: LruHashMap<FlowKey, SnatRev> = LruHashMap::pinned(SNAT_REV_SIZE, 0);
+
+/// fullnat: source addresses and port range per service id.
+#[map(name = "XLB_SNAT_POOLS_V1")]
+pub static SNAT_POOLS: Array<SnatPool> = Array::pinned(MAX_SERVICES, 0);
+
+/// Front NICs by ifindex: where XDP may redirect a packet the FIB sends out of another NIC.
+#[map(name = "XLB_TX_PORTS_V1")]
+pub static TX_PORTS: DevMapHash = DevMapHash::pinned(MAX_TX_PORTS, 0);
+
 /// Per-CPU traffic counters per service id.
 #[map(name = "XLB_SVC_STATS_V1")]
 pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_SERVICES, 0);
@@ -54,5 +68,5 @@ pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_SERVIC
 pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_BACKENDS, 0);
 
 /// Per-CPU verdict counters, indexed by `lb_common::Reason`.
-#[map(name = "XLB_REASONS_V3")]
+#[map(name = "XLB_REASONS_V4")]
 pub static REASONS: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);

@@ -21,30 +21,58 @@ fn store<T>(p: *mut T, v: T) {
     unsafe { core::ptr::write(p, v) }
 }
 
+/// A new address and port for one end of a packet (network order).
+#[derive(Clone, Copy)]
+pub struct Endpoint {
+    pub addr: u32,
+    pub port: u16,
+}
+
 /// DNAT in XDP: destination address and port become the backend's.
 #[inline(always)]
-pub fn dnat_v4(ctx: &XdpContext, pkt: &L4Packet, daddr: u32, dport: u16) -> Option<()> {
+pub fn dnat_v4(ctx: &XdpContext, pkt: &L4Packet, dst: Endpoint) -> Option<()> {
+    rewrite_v4(ctx, pkt, None, dst)
+}
+
+/// fullnat in XDP: both ends change (client -> VIP becomes SNAT -> backend, and back).
+#[inline(always)]
+pub fn full_nat_v4(ctx: &XdpContext, pkt: &L4Packet, src: Endpoint, dst: Endpoint) -> Option<()> {
+    rewrite_v4(ctx, pkt, Some(src), dst)
+}
+
+#[inline(always)]
+fn rewrite_v4(
+    ctx: &XdpContext,
+    pkt: &L4Packet,
+    src: Option<Endpoint>,
+    dst: Endpoint,
+) -> Option<()> {
     let ip = ctx.ptr_at::<Ipv4Hdr>(pkt.l3_off)?;
     let check = ctx.ptr_at::<u16>(pkt.csum_off)?;
-    let port = ctx.ptr_at::<u16>(pkt.l4_off + 2)?;
+    let ports = ctx.ptr_at::<[u16; 2]>(pkt.l4_off)?;
 
-    unsafe {
-        store(&raw mut (*ip).daddr, daddr);
-        let ip_check = load(&raw const (*ip).check);
-        store(
-            &raw mut (*ip).check,
-            csum::replace4(ip_check, pkt.daddr, daddr),
-        );
-    }
-    store(port, dport);
-
-    let l4_check = load(check);
+    let mut ip_check = load(unsafe { &raw const (*ip).check });
+    let mut l4_check = load(check);
     // A zero UDP checksum means "none": leave it so.
-    if pkt.proto == PROTO_UDP && l4_check == 0 {
+    let l4_none = pkt.proto == PROTO_UDP && l4_check == 0;
+    if let Some(src) = src {
+        store(unsafe { &raw mut (*ip).saddr }, src.addr);
+        store(unsafe { &raw mut (*ports)[0] }, src.port);
+        ip_check = csum::replace4(ip_check, pkt.saddr, src.addr);
+        l4_check = csum::replace4(l4_check, pkt.saddr, src.addr);
+        l4_check = csum::replace2(l4_check, pkt.sport, src.port);
+    }
+    store(unsafe { &raw mut (*ip).daddr }, dst.addr);
+    store(unsafe { &raw mut (*ports)[1] }, dst.port);
+    store(
+        unsafe { &raw mut (*ip).check },
+        csum::replace4(ip_check, pkt.daddr, dst.addr),
+    );
+    if l4_none {
         return Some(());
     }
-    let mut l4_check = csum::replace4(l4_check, pkt.daddr, daddr);
-    l4_check = csum::replace2(l4_check, pkt.dport, dport);
+    l4_check = csum::replace4(l4_check, pkt.daddr, dst.addr);
+    l4_check = csum::replace2(l4_check, pkt.dport, dst.port);
     if pkt.proto == PROTO_UDP && l4_check == 0 {
         l4_check = 0xffff;
     }

@@ -15,7 +15,9 @@ const VLAN_HLEN: usize = 4;
 const IP_MF_OFFSET: u16 = 0x3fff;
 
 /// TCP flags (low bits of the data offset/flags word, host order).
+const TCP_FIN: u16 = 0x01;
 const TCP_SYN: u16 = 0x02;
+const TCP_RST: u16 = 0x04;
 const TCP_ACK: u16 = 0x10;
 
 /// Offset of the L4 checksum within the TCP and UDP headers.
@@ -133,6 +135,8 @@ pub struct L4Packet {
     pub has_ip_options: bool,
     /// A TCP SYN without ACK: the first packet of a connection.
     pub syn: bool,
+    /// A TCP FIN or RST: the connection is ending.
+    pub closing: bool,
     pub saddr: u32,
     pub daddr: u32,
     pub sport: u16,
@@ -212,6 +216,7 @@ pub fn parse<B: PacketBuf>(buf: &B) -> Parsed {
     let l4_off = l3_off + ihl;
     let l4_len = tot_len - ihl;
     let mut syn = false;
+    let mut closing = false;
     let (ports, csum_off) = if proto == PROTO_TCP {
         let Some(tcp) = buf.ptr_at::<TcpHdr>(l4_off) else {
             return Parsed::Malformed(Some(daddr));
@@ -222,6 +227,7 @@ pub fn parse<B: PacketBuf>(buf: &B) -> Parsed {
             return Parsed::Malformed(Some(daddr));
         }
         syn = doff_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        closing = doff_flags & (TCP_FIN | TCP_RST) != 0;
         (load(unsafe { &raw const (*tcp).ports }), TCP_CSUM_OFF)
     } else {
         let Some(udp) = buf.ptr_at::<UdpHdr>(l4_off) else {
@@ -241,6 +247,7 @@ pub fn parse<B: PacketBuf>(buf: &B) -> Parsed {
         proto,
         has_ip_options: ihl > size_of::<Ipv4Hdr>(),
         syn,
+        closing,
         saddr,
         daddr,
         sport: ports.src,

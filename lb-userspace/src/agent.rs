@@ -299,7 +299,8 @@ impl Agent {
     }
 }
 
-fn ifindex(interface: &str) -> u32 {
+/// The interface's index; 0 if there is none of that name.
+pub fn ifindex(interface: &str) -> u32 {
     let Ok(name) = std::ffi::CString::new(interface) else {
         return 0;
     };

@@ -12,6 +12,7 @@ use lb_common::sizes::{MAX_BACKENDS, MAX_RING_SIZE, MAX_SERVICES};
 use serde::{Deserialize, Serialize};
 
 mod locate;
+mod modes;
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -142,6 +143,14 @@ pub enum Mode {
 }
 
 impl Mode {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Mode::Nat => "nat",
+            Mode::Fullnat => "fullnat",
+            Mode::Dsr => "dsr",
+        }
+    }
+
     pub const fn number(self) -> u8 {
         match self {
             Mode::Nat => lb_common::MODE_NAT,
@@ -472,12 +481,11 @@ impl Config {
             if svc.port == 0 {
                 out.push((at("port"), "must be 1-65535".into()));
             }
-            if svc.mode != Mode::Nat {
-                out.push((
-                    at("mode"),
-                    format!("{:?} is not implemented yet; use \"nat\"", svc.mode).to_lowercase(),
-                ));
-            }
+            out.extend(
+                modes::problems(svc, self.agent.xdp_mode)
+                    .into_iter()
+                    .map(|(f, r)| (at(&f), r)),
+            );
             if !(3..=MAX_RING_SIZE).contains(&svc.table_size) || !is_prime(svc.table_size) {
                 out.push((
                     at("table_size"),

@@ -6,7 +6,7 @@ use crate::reconcile::Maps;
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
-    Backend, Counters, FlowKey, Reason, RevNat, Service, VipAddrKey, VipKey,
+    Backend, Counters, FlowKey, Reason, RevNat, Service, SnatPool, SnatRev, VipAddrKey, VipKey,
     sizes::{MAX_BACKENDS, MAX_RING_SIZE, RING_SLOTS},
 };
 
@@ -14,20 +14,27 @@ pub const VIPS: &str = "XLB_VIPS_V1";
 pub const VIP_ADDRS: &str = "XLB_VIP_ADDRS_V1";
 pub const BACKENDS: &str = "XLB_BACKENDS_V2";
 pub const RINGS: &str = "XLB_RINGS_V2";
-pub const CONNTRACK: &str = "XLB_CONNTRACK_V1";
+pub const CONNTRACK: &str = "XLB_CONNTRACK_V2";
 pub const REV_NAT: &str = "XLB_REV_NAT_V2";
+pub const SNAT_REV: &str = "XLB_SNAT_REV_V1";
+pub const SNAT_POOLS: &str = "XLB_SNAT_POOLS_V1";
+/// Filled by the loader (front NICs), not through `Datapath`.
+pub const TX_PORTS: &str = "XLB_TX_PORTS_V1";
 pub const SERVICE_STATS: &str = "XLB_SVC_STATS_V1";
 pub const BACKEND_STATS: &str = "XLB_BE_STATS_V1";
-pub const REASONS: &str = "XLB_REASONS_V3";
+pub const REASONS: &str = "XLB_REASONS_V4";
 
 /// Every map, in the order they are pinned.
-pub const ALL_MAPS: [&str; 9] = [
+pub const ALL_MAPS: [&str; 12] = [
     VIPS,
     VIP_ADDRS,
     BACKENDS,
     RINGS,
     CONNTRACK,
     REV_NAT,
+    SNAT_REV,
+    SNAT_POOLS,
+    TX_PORTS,
     SERVICE_STATS,
     BACKEND_STATS,
     REASONS,
@@ -40,6 +47,8 @@ pub struct Datapath {
     rings: RingMemory,
     conntrack: HashMap<MapData, FlowKey, lb_common::Flow>,
     rev_nat: HashMap<MapData, FlowKey, RevNat>,
+    snat_rev: HashMap<MapData, FlowKey, SnatRev>,
+    snat_pools: Array<MapData, SnatPool>,
     service_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
     reasons: PerCpuArray<MapData, u64>,
@@ -55,6 +64,8 @@ impl Datapath {
             rings: RingMemory::map(take(RINGS)?)?,
             conntrack: HashMap::try_from(take(CONNTRACK)?)?,
             rev_nat: HashMap::try_from(take(REV_NAT)?)?,
+            snat_rev: HashMap::try_from(take(SNAT_REV)?)?,
+            snat_pools: Array::try_from(take(SNAT_POOLS)?)?,
             service_stats: PerCpuArray::try_from(take(SERVICE_STATS)?)?,
             backend_stats: PerCpuArray::try_from(take(BACKEND_STATS)?)?,
             reasons: PerCpuArray::try_from(take(REASONS)?)?,
@@ -94,6 +105,11 @@ impl Datapath {
 
     pub fn rev_nat(&self) -> Result<Vec<(FlowKey, RevNat)>> {
         Ok(self.rev_nat.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// fullnat port reservations (walks the whole map).
+    pub fn snat_rev(&self) -> Result<Vec<(FlowKey, SnatRev)>> {
+        Ok(self.snat_rev.iter().collect::<Result<_, _>>()?)
     }
 }
 
@@ -157,6 +173,10 @@ impl Maps for Datapath {
 
     fn reset_backend_counters(&mut self, backend_id: u32) -> Result<()> {
         reset(&mut self.backend_stats, backend_id)
+    }
+
+    fn set_snat_pool(&mut self, service_id: u32, pool: &SnatPool) -> Result<()> {
+        Ok(self.snat_pools.set(service_id, pool, 0)?)
     }
 }
 

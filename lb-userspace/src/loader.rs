@@ -11,6 +11,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
+    maps::DevMapHash,
     programs::{
         LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode,
         links::{FdLink, PinnedLink},
@@ -21,7 +22,10 @@ use aya::{
 };
 use tracing::{info, warn};
 
-use crate::{config::XdpMode, datapath::Datapath};
+use crate::{
+    config::XdpMode,
+    datapath::{Datapath, TX_PORTS},
+};
 
 /// The BPF object built from lb-ebpf by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -195,6 +199,7 @@ pub fn attach(
             adopted,
         });
     }
+    set_tx_ports(ebpf, interfaces)?;
     for stale in pinned_links(&layout)? {
         let bridge = stale
             .file_name()
@@ -209,6 +214,27 @@ pub fn attach(
         }
     }
     Ok(out)
+}
+
+/// Makes the front NICs, and only them, targets XDP may redirect to.
+fn set_tx_ports(ebpf: &mut Ebpf, interfaces: &[String]) -> Result<()> {
+    let map = ebpf
+        .map_mut(TX_PORTS)
+        .ok_or_else(|| anyhow!("the BPF object has no map {TX_PORTS}"))?;
+    let mut ports: DevMapHash<_> = DevMapHash::try_from(map)?;
+    let wanted: Vec<u32> = interfaces
+        .iter()
+        .map(|i| crate::agent::ifindex(i))
+        .filter(|&i| i != 0)
+        .collect();
+    let present: Vec<u32> = ports.keys().collect::<Result<_, _>>()?;
+    for stale in present.iter().filter(|i| !wanted.contains(i)) {
+        ports.remove(*stale)?;
+    }
+    for &ifindex in &wanted {
+        ports.insert(ifindex, ifindex, None, 0)?;
+    }
+    Ok(())
 }
 
 /// Attaches the reply program to exactly these container bridges (by name), detaching it

@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use anyhow::{Context as _, Result};
 use lb_common::{
-    BACKEND_ALIVE, BACKEND_IN_USE, Backend, Service, VipAddrKey, VipKey, addr_words,
+    BACKEND_ALIVE, BACKEND_IN_USE, Backend, SERVICE_GUE, Service, SnatPool, VipAddrKey, VipKey,
+    addr_words,
     sizes::{MAX_BACKENDS, MAX_SERVICES, ring_half, ring_offset},
 };
 use serde::Serialize;
@@ -31,6 +32,29 @@ pub trait Maps {
     fn write_ring(&mut self, offset: u32, slots: &[u32]);
     fn reset_service_counters(&mut self, id: u32) -> Result<()>;
     fn reset_backend_counters(&mut self, id: u32) -> Result<()>;
+    fn set_snat_pool(&mut self, service_id: u32, pool: &SnatPool) -> Result<()>;
+}
+
+/// fullnat ports on an address of the service's own: all but the well-known ones.
+pub const SNAT_PORTS_OWN: (u16, u16) = (1024, 65535);
+/// fullnat ports on the LB's own address (no `snat` configured): below the kernel's default
+/// ephemeral range (32768-60999), so they never collide with the host's own connections,
+/// such as health checks to the same backend.
+pub const SNAT_PORTS_SHARED: (u16, u16) = (1024, 32767);
+
+/// The SNAT pool the data path uses for a service.
+pub fn snat_pool(spec: &ServiceSpec) -> SnatPool {
+    let mut pool = SnatPool::default();
+    for (slot, addr) in pool.addrs.iter_mut().zip(&spec.snat) {
+        *slot = addr_words(*addr).1;
+    }
+    pool.count = spec.snat.len().min(pool.addrs.len()) as u32;
+    (pool.port_min, pool.port_max) = if pool.count == 0 {
+        SNAT_PORTS_SHARED
+    } else {
+        SNAT_PORTS_OWN
+    };
+    pool
 }
 
 /// Tells whether a backend may take traffic (health checks; always true without them).
@@ -65,6 +89,8 @@ struct AppliedService {
     published: bool,
     /// Rings written for this service by this agent.
     ring_rebuilds: u64,
+    /// The SNAT pool last written (None: not by this agent).
+    snat_pool: Option<SnatPool>,
     backends: BTreeMap<Endpoint, AppliedBackend>,
 }
 
@@ -104,6 +130,7 @@ impl Reconciler {
                 value,
                 published: true,
                 ring_rebuilds: 0,
+                snat_pool: None,
                 backends: BTreeMap::new(),
             };
             services.insert(key, applied);
@@ -185,6 +212,7 @@ impl Reconciler {
                     value,
                     published: false,
                     ring_rebuilds: 0,
+                    snat_pool: None,
                     backends: BTreeMap::new(),
                 };
                 self.services.insert(key, applied);
@@ -256,6 +284,13 @@ impl Reconciler {
         let ring = build_ring(&svc.backends, spec.table_size);
         let mut value = svc.value;
         value.mode = spec.mode.number();
+        value.flags = if spec.gue { SERVICE_GUE } else { 0 };
+        // The pool goes first: the flip below may start fullnat flows.
+        let pool = snat_pool(spec);
+        if svc.snat_pool != Some(pool) {
+            maps.set_snat_pool(service_id, &pool)?;
+            svc.snat_pool = Some(pool);
+        }
         let current = maps.ring(svc.value.ring_offset, svc.value.table_size);
         if ring != current {
             let idle_half = 1 - ring_half(service_id, svc.value.ring_offset);

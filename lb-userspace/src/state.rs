@@ -73,6 +73,10 @@ pub struct ServiceSpec {
     pub port: u16,
     pub protocol: Protocol,
     pub mode: Mode,
+    /// fullnat: LB source addresses (empty: the FIB's source towards each backend).
+    pub snat: Vec<IpAddr>,
+    /// dsr: GUE instead of IPIP.
+    pub gue: bool,
     pub table_size: u32,
     pub health: HealthConfig,
     pub backends: BTreeMap<Endpoint, BackendSpec>,
@@ -297,6 +301,8 @@ impl ServiceSpec {
             port: svc.port,
             protocol: svc.protocol,
             mode: svc.mode,
+            snat: svc.snat.clone(),
+            gue: svc.encap == Some(crate::config::Encap::Gue),
             table_size: svc.table_size,
             health: svc.health.clone(),
             backends,

@@ -453,8 +453,11 @@ fn service() -> impl Strategy<Value = ServiceConfig> {
         1u16..,
         select(&[Protocol::Tcp, Protocol::Udp][..]),
         select(&[3u32, 5, 7, 251, 4099, 65521, 65537][..]),
-        vec(any::<IpAddr>(), 0..3),
-        option::of(select(&[Encap::Ipip, Encap::Gue][..])),
+        (
+            select(&[Mode::Nat, Mode::Fullnat, Mode::Dsr][..]),
+            vec(any::<Ipv4Addr>(), 0..3),
+            option::of(select(&[Encap::Ipip, Encap::Gue][..])),
+        ),
         health(),
         vec(backend(), 0..5).prop_filter("backends listed once", |b| {
             let mut seen = HashSet::new();
@@ -462,13 +465,36 @@ fn service() -> impl Strategy<Value = ServiceConfig> {
         }),
     )
         .prop_map(
-            |(name, vip, port, protocol, table_size, snat, encap, health, backends)| {
+            |(name, vip, port, protocol, table_size, (mode, snat, encap), health, mut backends)| {
+                // Only what the mode uses, as validation demands.
+                let snat = match mode {
+                    Mode::Fullnat => snat
+                        .into_iter()
+                        .filter(|a| {
+                            !(a.is_unspecified()
+                                || a.is_broadcast()
+                                || a.is_multicast()
+                                || a.is_loopback())
+                        })
+                        .map(IpAddr::from)
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                let encap = encap.filter(|_| mode == Mode::Dsr);
+                if mode == Mode::Dsr {
+                    let mut seen = HashSet::new();
+                    backends.retain(|b| seen.insert(b.address));
+                    for b in &mut backends {
+                        b.port = port;
+                        b.bridge = None;
+                    }
+                }
                 ServiceConfig {
                     name,
                     vip: vip.into(),
                     port,
                     protocol,
-                    mode: Mode::Nat,
+                    mode,
                     table_size,
                     snat,
                     encap,

@@ -104,7 +104,7 @@ api = "localhost"
 name = "Web!"
 vip = "10.99.100.1"
 port = 80
-mode = "dsr"
+encap = "gue"
 
   [service.health]
   rise = 0
@@ -128,7 +128,7 @@ port = 80
         "xlb.toml:3: agent.interfaces: at least one interface is required",
         "xlb.toml:4: agent.api: `localhost` is neither IP:PORT nor unix:/path",
         "xlb.toml:7: service[0].name: `Web!`: use 1-63 of a-z, 0-9, '-', '_'",
-        "xlb.toml:10: service[0].mode: dsr is not implemented yet; use \"nat\"",
+        "xlb.toml:10: service[0].encap: only mode \"dsr\" uses encap",
         "xlb.toml:13: service[0].health.rise: must be at least 1",
         "xlb.toml:18: service[0].backend[0].weight: 70000 is above the maximum 65535",
         "xlb.toml:21: service[0].backend[1].address: 10.99.2.11:8080 is listed twice",
@@ -194,4 +194,31 @@ fn backend_health_overrides_merge_and_are_validated() {
             "xlb.toml:25: service[0].backend[1].health.fall: must be at least 1",
         ]
     );
+}
+
+#[test]
+fn mode_settings_are_checked() {
+    let dsr = format!(
+        "{MINIMAL}mode = \"dsr\"\n[[service.backend]]\naddress = \"10.99.4.11\"\nport = 8080\n"
+    );
+    assert_eq!(
+        errors(&dsr),
+        [
+            "xlb.toml:12: service[0].backend[0].port: 8080 differs from the service port 80: dsr does not rewrite ports"
+        ]
+    );
+    let snat = format!("{MINIMAL}snat = [\"10.99.5.9\"]\n");
+    assert_eq!(
+        errors(&snat),
+        ["xlb.toml:9: service[0].snat: only mode \"fullnat\" uses snat"]
+    );
+    let tc = format!("{MINIMAL}mode = \"fullnat\"\n")
+        .replace("[agent]\n", "[agent]\nxdp_mode = \"tc\"\n");
+    assert!(
+        errors(&tc)[0].contains("fullnat needs an XDP attach mode"),
+        "{:?}",
+        errors(&tc)
+    );
+    let ok = format!("{MINIMAL}mode = \"fullnat\"\nsnat = [\"10.99.5.9\", \"10.99.5.10\"]\n");
+    assert!(parse(&ok).is_ok());
 }

@@ -69,6 +69,8 @@ fn desired(check: HealthConfig) -> DesiredState {
         port: 80,
         protocol: Protocol::Tcp,
         mode: Mode::Nat,
+        snat: Vec::new(),
+        gue: false,
         table_size: 101,
         health: check,
         backends: BTreeMap::from([(endpoint(), backend)]),

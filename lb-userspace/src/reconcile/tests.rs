@@ -15,6 +15,7 @@ struct FakeMaps {
     vip_addrs: BTreeSet<VipAddrKey>,
     backends: HashMap<u32, Backend>,
     rings: HashMap<u32, u32>,
+    snat_pools: HashMap<u32, SnatPool>,
     log: Vec<String>,
 }
 
@@ -77,6 +78,10 @@ impl Maps for FakeMaps {
     fn reset_service_counters(&mut self, _: u32) -> Result<()> {
         Ok(())
     }
+    fn set_snat_pool(&mut self, service_id: u32, pool: &SnatPool) -> Result<()> {
+        self.snat_pools.insert(service_id, *pool);
+        Ok(())
+    }
     fn reset_backend_counters(&mut self, _: u32) -> Result<()> {
         Ok(())
     }
@@ -112,6 +117,8 @@ fn service(name: &str, vip_last: u8, backends: &[(u8, u32)]) -> ServiceSpec {
         port: 80,
         protocol: Protocol::Tcp,
         mode: Mode::Nat,
+        snat: Vec::new(),
+        gue: false,
         table_size: 101,
         health: HealthConfig::default(),
         backends: backends

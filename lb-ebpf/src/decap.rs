@@ -1,0 +1,109 @@
+//! `xlb decap`: the backend-host side of mode dsr. Strips the IPIP or GUE header the
+//! balancer added, for packets to a VIP this host serves, so the kernel needs no ipip
+//! module. The host then answers the client directly from the VIP (on lo). A separate
+//! object from the balancer, so a backend host loads only this and two small maps.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::xdp_action::XDP_PASS,
+    helpers::bpf_xdp_adjust_head,
+    macros::{map, xdp},
+    maps::{HashMap, PerCpuArray},
+    programs::XdpContext,
+};
+use lb_common::{DecapCounter, FAMILY_V4, GUE_PORT, PROTO_UDP, VipAddrKey, sizes::MAX_VIP_ADDRS};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const IPV4_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
+const PROTO_IPIP: u8 = 4;
+/// More-fragments flag and fragment offset, in host order.
+const IP_MF_OFFSET: u16 = 0x3fff;
+
+/// The VIPs this host serves: only packets to them are decapsulated.
+#[map(name = "XLB_DECAP_VIPS_V1")]
+static DECAP_VIPS: HashMap<VipAddrKey, u32> = HashMap::pinned(MAX_VIP_ADDRS, 0);
+
+/// Per-CPU counters indexed by `lb_common::DecapCounter`.
+#[map(name = "XLB_DECAP_STATS_V1")]
+static DECAP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(DecapCounter::COUNT, 0);
+
+#[xdp]
+pub fn xlb_decap(ctx: XdpContext) -> u32 {
+    if let Some(counter) = decap(&ctx)
+        && let Some(slot) = DECAP_STATS.get_ptr_mut(counter as u32)
+    {
+        unsafe { *slot += 1 };
+    }
+    XDP_PASS
+}
+
+#[inline(always)]
+fn at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    if start + offset + size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+#[inline(always)]
+fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+    Some(unsafe { core::ptr::read_unaligned(at::<T>(ctx, offset)?) })
+}
+
+/// None: not an encapsulated packet (left alone, uncounted).
+#[inline(always)]
+fn decap(ctx: &XdpContext) -> Option<DecapCounter> {
+    if u16::from_be(read(ctx, 12)?) != ETH_P_IP {
+        return None;
+    }
+    let outer = ETH_HLEN;
+    // Our balancer writes a plain 20-byte header and never fragments.
+    if read::<u8>(ctx, outer)? != 0x45 || u16::from_be(read(ctx, outer + 6)?) & IP_MF_OFFSET != 0 {
+        return None;
+    }
+    let inner = match read::<u8>(ctx, outer + 9)? {
+        PROTO_IPIP => outer + IPV4_HLEN,
+        PROTO_UDP if u16::from_be(read(ctx, outer + IPV4_HLEN + 2)?) == GUE_PORT => {
+            outer + IPV4_HLEN + UDP_HLEN
+        }
+        _ => return None,
+    };
+    if read::<u8>(ctx, inner)? >> 4 != 4 {
+        return Some(DecapCounter::NotIpv4);
+    }
+    let vip = VipAddrKey {
+        addr: [read(ctx, inner + 16)?, 0, 0, 0],
+        family: FAMILY_V4,
+        _pad0: 0,
+        _pad1: 0,
+    };
+    if unsafe { DECAP_VIPS.get(vip) }.is_none() {
+        return Some(DecapCounter::UnknownVip);
+    }
+    // The Ethernet header moves up to sit right before the inner IP header.
+    let macs: [u8; 12] = read(ctx, 0)?;
+    let strip = inner - ETH_HLEN;
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, strip as i32) } != 0 {
+        return Some(DecapCounter::Error);
+    }
+    let eth = at::<[u8; ETH_HLEN]>(ctx, 0)?;
+    let mut header = [0u8; ETH_HLEN];
+    header[..12].copy_from_slice(&macs);
+    header[12..].copy_from_slice(&ETH_P_IP.to_be_bytes());
+    unsafe { core::ptr::write_unaligned(eth, header) };
+    Some(DecapCounter::Decapsulated)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,107 @@
+//! dsr: the client's packet, unchanged, inside an outer IPv4 header to the backend's host
+//! (IPIP, or GUE variant 1: outer IPv4 + UDP, the inner IPv4 right after). The backend
+//! decapsulates it (`xlb decap`) and answers the client directly from the VIP.
+use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
+use lb_common::{GUE_PORT, PROTO_UDP};
+
+use crate::parse::{ETH_HLEN, Ipv4Hdr, L4Packet, PacketBuf, load};
+
+pub const PROTO_IPIP: u8 = 4;
+const ETH_P_IP: u16 = 0x0800;
+const IPV4_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
+const DEFAULT_TTL: u8 = 64;
+
+#[repr(C)]
+struct UdpHdr {
+    sport: u16,
+    dport: u16,
+    len: u16,
+    check: u16,
+}
+
+/// Bytes the encapsulation adds in front of the inner IP header.
+#[inline(always)]
+pub const fn overhead(gue: bool) -> usize {
+    if gue { IPV4_HLEN + UDP_HLEN } else { IPV4_HLEN }
+}
+
+/// Length of the inner IP packet (its total length field).
+#[inline(always)]
+pub fn inner_len(ctx: &XdpContext, pkt: &L4Packet) -> Option<u16> {
+    let ip = ctx.ptr_at::<Ipv4Hdr>(pkt.l3_off)?;
+    Some(u16::from_be(load(unsafe { &raw const (*ip).tot_len })))
+}
+
+/// Puts the outer headers in front of the packet's IP header. A VLAN tag is dropped: the
+/// outer packet is routed, and the FIB picks its interface. The MACs are left to `route`.
+#[inline(always)]
+pub fn encap_v4(
+    ctx: &XdpContext,
+    pkt: &L4Packet,
+    outer_src: u32,
+    outer_dst: u32,
+    gue: bool,
+    hash: u32,
+) -> Option<()> {
+    let ip = ctx.ptr_at::<Ipv4Hdr>(pkt.l3_off)?;
+    let (tos, inner_len) = unsafe {
+        (
+            load(&raw const (*ip).tos),
+            u16::from_be(load(&raw const (*ip).tot_len)),
+        )
+    };
+    let grow = overhead(gue) as i32 - (pkt.l3_off - ETH_HLEN) as i32;
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -grow) } != 0 {
+        return None;
+    }
+    let eth_type = ctx.ptr_at::<u16>(12)?;
+    let outer = ctx.ptr_at::<Ipv4Hdr>(ETH_HLEN)?;
+    unsafe { core::ptr::write(eth_type, ETH_P_IP.to_be()) };
+    let tot_len = inner_len + overhead(gue) as u16;
+    let proto = if gue { PROTO_UDP } else { PROTO_IPIP };
+    let header = Ipv4Hdr {
+        version_ihl: 0x45,
+        tos,
+        tot_len: tot_len.to_be(),
+        id: 0,
+        frag_off: 0,
+        ttl: DEFAULT_TTL,
+        proto,
+        check: 0,
+        saddr: outer_src,
+        daddr: outer_dst,
+    };
+    let check = ipv4_checksum(&header);
+    unsafe {
+        core::ptr::write_unaligned(outer, header);
+        core::ptr::write_unaligned(&raw mut (*outer).check, check);
+    }
+    if gue {
+        let udp = ctx.ptr_at::<UdpHdr>(ETH_HLEN + IPV4_HLEN)?;
+        // The source port carries the flow's entropy, so the backend's NIC spreads flows
+        // over its queues (RSS hashes the outer header).
+        let header = UdpHdr {
+            sport: (0xc000 | (hash as u16 & 0x3fff)).to_be(),
+            dport: GUE_PORT.to_be(),
+            len: (inner_len + UDP_HLEN as u16).to_be(),
+            // Optional in IPv4; the inner packet has its own.
+            check: 0,
+        };
+        unsafe { core::ptr::write_unaligned(udp, header) };
+    }
+    Some(())
+}
+
+/// The header checksum of a 20-byte IPv4 header (its `check` field zero).
+#[inline(always)]
+fn ipv4_checksum(header: &Ipv4Hdr) -> u16 {
+    let words = unsafe { &*(header as *const Ipv4Hdr as *const [u16; IPV4_HLEN / 2]) };
+    let mut sum = 0u32;
+    for word in words {
+        sum += *word as u32;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}

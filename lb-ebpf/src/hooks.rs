@@ -1,0 +1,141 @@
+//! The balancer's hooks: XDP sends packets itself in every mode (nat, fullnat, dsr); TC
+//! ingress (`xdp_mode = "tc"`) rewrites for mode nat and leaves sending to the kernel.
+use aya_ebpf::programs::{TcContext, XdpContext};
+use lb_common::{MODE_DSR, MODE_FULLNAT, MODE_NAT, Reason, SERVICE_GUE};
+
+use crate::{
+    balance::{Hook, Target, Verdict},
+    encap,
+    maps::SNAT_REV,
+    nat::{self, End, Endpoint},
+    parse::{ETH_HLEN, L4Packet},
+    route::{self, Fallback, Query},
+    snat, stats,
+};
+
+impl Hook for XdpContext {
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        XdpContext::ingress_ifindex(self) as u32
+    }
+
+    #[inline(always)]
+    fn source_towards(&self, daddr: u32) -> Option<u32> {
+        route::lookup(self, &query(0, daddr, 0)).source()
+    }
+
+    #[inline(always)]
+    fn send(&self, pkt: &L4Packet, target: &Target, hash: u32) -> Verdict {
+        let backend = Endpoint {
+            addr: target.backend.addr[0],
+            port: target.backend.port,
+        };
+        match target.mode {
+            MODE_NAT => {
+                if nat::dnat_v4(self, pkt, backend).is_none() {
+                    return Verdict::Drop(Reason::DropMalformed);
+                }
+                let deliver_to = target.backend.deliver_ifindex;
+                if deliver_to != 0 {
+                    return Verdict::Forward { deliver_to };
+                }
+                let hop = route::lookup(self, &query(pkt.saddr, backend.addr, pkt.proto));
+                let (action, reason) =
+                    route::transmit(self, &hop, pkt.l3_off, true, Fallback::Kernel);
+                Verdict::Sent(action, reason)
+            }
+            MODE_FULLNAT => {
+                let hop = route::lookup(self, &query(target.snat.addr, backend.addr, pkt.proto));
+                if nat::full_nat_v4(self, pkt, target.snat, backend).is_none() {
+                    return Verdict::Drop(Reason::DropMalformed);
+                }
+                let (action, reason) = route::transmit(self, &hop, pkt.l3_off, true, Fallback::Tc);
+                Verdict::Sent(action, reason)
+            }
+            MODE_DSR => {
+                let gue = target.flags & SERVICE_GUE != 0;
+                let Some(inner_len) = encap::inner_len(self, pkt) else {
+                    return Verdict::Drop(Reason::DropMalformed);
+                };
+                let mut q = query(0, backend.addr, 0);
+                q.tot_len = inner_len + encap::overhead(gue) as u16;
+                let hop = route::lookup(self, &q);
+                if hop.too_big() {
+                    return Verdict::Drop(Reason::DropTooBig);
+                }
+                let Some(source) = hop.source() else {
+                    return Verdict::Drop(Reason::DropNoRoute);
+                };
+                if encap::encap_v4(self, pkt, source, backend.addr, gue, hash).is_none() {
+                    return Verdict::Drop(Reason::DropMalformed);
+                }
+                let (action, reason) = route::transmit(self, &hop, ETH_HLEN, false, Fallback::Tc);
+                Verdict::Sent(action, reason)
+            }
+            _ => Verdict::Drop(Reason::DropUnsupportedMode),
+        }
+    }
+
+    #[inline(always)]
+    fn reverse(&self, pkt: &L4Packet, now: u64) -> Option<Verdict> {
+        let entry = SNAT_REV.get_ptr_mut(&pkt.flow_key())?;
+        let entry = unsafe { &mut *entry };
+        snat::touch(entry, now, pkt.closing);
+        let vip = Endpoint {
+            addr: entry.vip[0],
+            port: entry.vip_port,
+        };
+        let client = Endpoint {
+            addr: entry.client[0],
+            port: entry.client_port,
+        };
+        let hop = route::lookup(self, &query(vip.addr, client.addr, pkt.proto));
+        if nat::full_nat_v4(self, pkt, vip, client).is_none() {
+            return Some(Verdict::Drop(Reason::DropMalformed));
+        }
+        stats::count(Reason::RevSnat);
+        let (action, reason) = route::transmit(self, &hop, pkt.l3_off, true, Fallback::Tc);
+        Some(Verdict::Sent(action, reason))
+    }
+}
+
+#[inline(always)]
+fn query(saddr: u32, daddr: u32, proto: u8) -> Query {
+    Query {
+        proto,
+        saddr,
+        daddr,
+        sport: 0,
+        dport: 0,
+        tot_len: 0,
+    }
+}
+
+impl Hook for TcContext {
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        unsafe { (*self.skb.skb).ingress_ifindex }
+    }
+
+    fn source_towards(&self, _daddr: u32) -> Option<u32> {
+        None
+    }
+
+    #[inline(always)]
+    fn send(&self, pkt: &L4Packet, target: &Target, _hash: u32) -> Verdict {
+        if target.mode != MODE_NAT {
+            return Verdict::Drop(Reason::DropUnsupportedMode);
+        }
+        let (addr, port) = (target.backend.addr[0], target.backend.port);
+        if nat::rewrite_tc(self, pkt, End::Destination, addr, port).is_err() {
+            return Verdict::Drop(Reason::DropMalformed);
+        }
+        Verdict::Forward {
+            deliver_to: target.backend.deliver_ifindex,
+        }
+    }
+
+    fn reverse(&self, _pkt: &L4Packet, _now: u64) -> Option<Verdict> {
+        None
+    }
+}

@@ -1,0 +1,65 @@
+//! Validation of the forwarding mode fields of a service (mode, snat, encap).
+use std::net::IpAddr;
+
+use lb_common::MAX_SNAT_ADDRS;
+
+use super::{Mode, ServiceConfig, XdpMode};
+
+/// (field, reason) for every problem with a service's mode settings.
+pub(super) fn problems(svc: &ServiceConfig, xdp_mode: XdpMode) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    if svc.mode != Mode::Nat && xdp_mode == XdpMode::Tc {
+        out.push((
+            "mode".into(),
+            format!(
+                "{} needs an XDP attach mode (agent.xdp_mode \"tc\" supports nat only)",
+                svc.mode.name()
+            ),
+        ));
+    }
+    if !svc.snat.is_empty() && svc.mode != Mode::Fullnat {
+        out.push(("snat".into(), "only mode \"fullnat\" uses snat".into()));
+    }
+    if svc.snat.len() > MAX_SNAT_ADDRS {
+        out.push(("snat".into(), format!("at most {MAX_SNAT_ADDRS} addresses")));
+    }
+    if let Some(bad) = svc.snat.iter().find(|a| !usable_unicast(a)) {
+        out.push((
+            "snat".into(),
+            format!("{bad} is not a unicast IPv4 address"),
+        ));
+    }
+    if svc.encap.is_some() && svc.mode != Mode::Dsr {
+        out.push(("encap".into(), "only mode \"dsr\" uses encap".into()));
+    }
+    if svc.mode == Mode::Dsr {
+        // The packet reaches the backend unchanged: it must listen on the VIP's port.
+        for (j, be) in svc.backends.iter().enumerate() {
+            if be.port != svc.port {
+                out.push((
+                    format!("backend[{j}].port"),
+                    format!(
+                        "{} differs from the service port {}: dsr does not rewrite ports",
+                        be.port, svc.port
+                    ),
+                ));
+            }
+            if be.bridge.is_some() {
+                out.push((
+                    format!("backend[{j}].bridge"),
+                    "dsr sends to the backend's host; a bridge is for mode nat".into(),
+                ));
+            }
+        }
+    }
+    out
+}
+
+fn usable_unicast(addr: &IpAddr) -> bool {
+    match addr {
+        IpAddr::V4(v4) => {
+            !(v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() || v4.is_loopback())
+        }
+        IpAddr::V6(_) => false,
+    }
+}
