@@ -3,6 +3,7 @@ pub mod agent;
 pub mod api;
 pub mod config;
 pub mod datapath;
+pub mod decap;
 pub mod discovery;
 pub mod health;
 pub mod loader;

@@ -57,13 +57,13 @@ impl PinLayout {
     pub fn new(root: &Path) -> Self {
         Self { root: root.into() }
     }
-    fn programs(&self) -> PathBuf {
+    pub(crate) fn programs(&self) -> PathBuf {
         self.root.join("programs")
     }
-    fn links(&self) -> PathBuf {
+    pub(crate) fn links(&self) -> PathBuf {
         self.root.join("links")
     }
-    fn xdp_link(&self, interface: &str) -> PathBuf {
+    pub(crate) fn xdp_link(&self, interface: &str) -> PathBuf {
         self.links().join(format!("xdp_{interface}"))
     }
     fn tc_egress_link(&self, interface: &str) -> PathBuf {
@@ -260,7 +260,7 @@ pub fn attach_bridges(ebpf: &mut Ebpf, pin_path: &Path, bridges: &[String]) -> R
     Ok(())
 }
 
-fn attach_xdp(
+pub(crate) fn attach_xdp(
     prog: &mut Xdp,
     link_path: &Path,
     interface: &str,
@@ -409,7 +409,10 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::
 }
 
 /// Pins a program, replacing an older pin (a new agent version brings a new program).
-fn repin(path: PathBuf, pin: impl FnOnce(&Path) -> Result<(), aya::pin::PinError>) -> Result<()> {
+pub(crate) fn repin(
+    path: PathBuf,
+    pin: impl FnOnce(&Path) -> Result<(), aya::pin::PinError>,
+) -> Result<()> {
     match fs::remove_file(&path) {
         Ok(()) => {}
         Err(e) if e.kind() == ErrorKind::NotFound => {}

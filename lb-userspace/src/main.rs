@@ -5,7 +5,7 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use xlb::{
     api,
-    config::{ApiListen, Config},
+    config::{ApiListen, Config, XdpMode},
     loader,
     status::Status,
 };
@@ -56,6 +56,24 @@ enum Command {
         pin_path: Option<PathBuf>,
         #[arg(long, short)]
         config: Option<PathBuf>,
+    },
+    /// On a backend host of a dsr service: decapsulate the balancer's IPIP/GUE packets for
+    /// these VIPs and put the VIPs on lo. Stays attached after exit.
+    Decap {
+        /// Interfaces where encapsulated packets arrive (repeat for several).
+        #[arg(long = "interface", short, required_unless_present = "detach")]
+        interfaces: Vec<String>,
+        /// VIPs served by this host (repeat for several).
+        #[arg(long = "vip", required_unless_present = "detach")]
+        vips: Vec<std::net::Ipv4Addr>,
+        /// auto (driver, falling back to skb), driver or skb.
+        #[arg(long, default_value = "auto")]
+        xdp_mode: String,
+        #[arg(long, default_value = xlb::decap::DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
+        /// Remove the program, its pins and the VIPs from lo instead.
+        #[arg(long)]
+        detach: bool,
     },
 }
 
@@ -159,6 +177,33 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 done.pins,
                 pin_path.display()
             );
+        }
+        Command::Decap {
+            interfaces,
+            vips,
+            xdp_mode,
+            pin_path,
+            detach,
+        } => {
+            if detach {
+                xlb::decap::detach(&pin_path)?;
+                println!("decap removed from {}", pin_path.display());
+            } else {
+                let mode = match xdp_mode.as_str() {
+                    "auto" => XdpMode::Auto,
+                    "driver" => XdpMode::Driver,
+                    "skb" => XdpMode::Skb,
+                    other => anyhow::bail!("--xdp-mode {other}: use auto, driver or skb"),
+                };
+                xlb::decap::attach(&pin_path, &interfaces, &vips, mode)?;
+                let vips: Vec<String> = vips.iter().map(|v| v.to_string()).collect();
+                println!(
+                    "decapsulating for {} on {} (pinned under {})",
+                    vips.join(", "),
+                    interfaces.join(", "),
+                    pin_path.display()
+                );
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

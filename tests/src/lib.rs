@@ -6,6 +6,7 @@ pub mod client;
 pub mod docker;
 pub mod netns;
 pub mod process;
+pub mod remote;
 pub mod swarm;
 pub mod testrun;
 pub mod topology;

@@ -1,0 +1,290 @@
+//! A dedicated-LB topology (seeds 002 and 004): backends on other hosts, reached through a
+//! router; the LB nodes hang off the router with one NIC each and are not the hosts' gateway.
+//!
+//! ```text
+//!   client (10.99.1.2) --- rt (10.99.1.1) --- lbN ns "front" (10.99.(4+N).2)
+//!                           |  VIP 10.99.100.1 via lb1 [and lb2: ECMP, L4 hash]
+//!                           +-- br0 10.99.4.1 --- hostN ns "eth0" (10.99.4.(10+N))
+//! ```
+//! Hosts route everything via the router, so replies reach the client directly (dsr) or
+//! the LB only when addressed to it (fullnat). Links behind the router carry 1600-byte
+//! frames, room for the dsr encapsulation of a full 1500-byte client packet.
+use std::{path::PathBuf, time::Duration};
+
+use crate::{
+    agent::Agent,
+    netns::{Netns, sh, unique_prefix},
+    process::{Proc, binary, wait_for},
+    topology::{FRONT, VIP, wire_client},
+};
+
+/// MTU behind the router: 1500 + the largest encapsulation (GUE, 28 bytes), rounded up.
+const INNER_MTU: &str = "1600";
+/// TCP ports every host serves (the dsr services use the VIP's ports, unchanged).
+pub const HOST_PORTS: [u16; 3] = [80, 83, 8080];
+
+pub struct Host {
+    pub name: String,
+    pub ns: Netns,
+    pub addr: String,
+    pub proc: Option<Proc>,
+    pub log: PathBuf,
+}
+
+pub struct LbNode {
+    pub ns: Netns,
+    pub addr: String,
+    /// The router's interface towards this node.
+    pub router_if: String,
+    pub dir: PathBuf,
+    pub prefix: String,
+}
+
+impl LbNode {
+    pub fn start_agent(&self, config: &str) -> Agent {
+        Agent::start_in(&self.ns, &self.dir, &self.prefix, config)
+    }
+
+    pub fn pin_path(&self) -> String {
+        Agent::pin_path_of(&self.prefix)
+    }
+}
+
+pub struct Remote {
+    pub prefix: String,
+    pub dir: PathBuf,
+    /// Pass-through XDP on the router's LB-facing veths (see `xdp_pass`).
+    router_xdp: Option<aya::Ebpf>,
+    // Processes end before namespaces go: fields drop in this order.
+    pub hosts: Vec<Host>,
+    pub lbs: Vec<LbNode>,
+    pub client: Netns,
+    pub router: Netns,
+}
+
+impl Remote {
+    /// `lbs` LB nodes (the VIP is routed over all of them) and `hosts` backend hosts, each
+    /// running the test backend on HOST_PORTS.
+    pub fn new(lbs: usize, hosts: usize) -> Remote {
+        let prefix = unique_prefix();
+        let dir = std::env::temp_dir().join(format!("xlb-test-{prefix}"));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let router = Netns::new(&format!("{prefix}-rt"));
+        let client = Netns::new(&format!("{prefix}-cl"));
+        wire_client(&client, &router);
+        router.sysctl("net.ipv4.ip_forward", "1");
+        // dsr replies come from the VIP, which the router routes towards the LBs.
+        for conf in ["all", "default"] {
+            router.sysctl(&format!("net.ipv4.conf.{conf}.rp_filter"), "0");
+        }
+        router.sysctl("net.ipv4.fib_multipath_hash_policy", "1");
+        router.sysctl("net.ipv4.conf.all.ignore_routes_with_linkdown", "1");
+        router.ip(&["link", "add", "br0", "mtu", INNER_MTU, "type", "bridge"]);
+        router.ip(&["addr", "add", "10.99.4.1/24", "dev", "br0"]);
+        router.ip(&["link", "set", "br0", "up"]);
+        let mut remote = Remote {
+            prefix,
+            dir,
+            router_xdp: None,
+            hosts: Vec::new(),
+            lbs: Vec::new(),
+            client,
+            router,
+        };
+        for _ in 0..lbs {
+            remote.add_lb();
+        }
+        let lb_ifs: Vec<String> = remote.lbs.iter().map(|l| l.router_if.clone()).collect();
+        remote.router_xdp = Some(xdp_pass(&remote.router, &lb_ifs, &remote.router_pin_path()));
+        remote.route_vip();
+        for _ in 0..hosts {
+            remote.add_host();
+        }
+        remote
+    }
+
+    fn add_lb(&mut self) {
+        let n = self.lbs.len() + 1;
+        let prefix = format!("{}-lb{n}", self.prefix);
+        let ns = Netns::new(&prefix);
+        let router_if = format!("lb{n}");
+        veth(&ns, FRONT, &self.router, &router_if);
+        let (addr, gateway) = (format!("10.99.{}.2", 4 + n), format!("10.99.{}.1", 4 + n));
+        self.router
+            .ip(&["addr", "add", &format!("{gateway}/24"), "dev", &router_if]);
+        ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", FRONT]);
+        ns.ip(&["route", "add", "default", "via", &gateway]);
+        ns.sysctl("net.ipv4.ip_forward", "1");
+        let dir = self.dir.join(format!("lb{n}"));
+        std::fs::create_dir_all(&dir).expect("lb dir");
+        self.lbs.push(LbNode {
+            ns,
+            addr,
+            router_if,
+            dir,
+            prefix,
+        });
+    }
+
+    /// The VIP via every LB node that is up (ECMP when there are several).
+    pub fn route_vip(&self) {
+        let mut args = vec!["route", "replace", VIP];
+        let hops: Vec<String> = self.lbs.iter().map(|lb| lb.addr.clone()).collect();
+        if hops.len() == 1 {
+            args.extend(["via", &hops[0]]);
+        } else {
+            for hop in &hops {
+                args.extend(["nexthop", "via", hop]);
+            }
+        }
+        self.router.ip(&args);
+    }
+
+    fn add_host(&mut self) {
+        let n = self.hosts.len() + 1;
+        let name = format!("host{n}");
+        let ns = Netns::new(&format!("{}-{name}", self.prefix));
+        veth(&ns, "eth0", &self.router, &name);
+        self.router.ip(&["link", "set", &name, "master", "br0"]);
+        let addr = format!("10.99.4.{}", 10 + n);
+        ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+        ns.ip(&["route", "add", "default", "via", "10.99.4.1"]);
+        ns.no_tx_offload("eth0");
+        let log = self.dir.join(format!("{name}.log"));
+        let mut host = Host {
+            name,
+            ns,
+            addr,
+            proc: None,
+            log,
+        };
+        host.proc = Some(start_server(&host, &self.dir));
+        self.hosts.push(host);
+    }
+
+    /// Runs `xlb decap` on every host for the VIP (dsr's backend side).
+    pub fn decap_on_hosts(&self) {
+        for host in &self.hosts {
+            let out = host.ns.exec(&[
+                binary("xlb").to_str().expect("utf-8"),
+                "decap",
+                "--interface",
+                "eth0",
+                "--vip",
+                VIP,
+                "--pin-path",
+                &self.decap_pin_path(host),
+            ]);
+            assert!(out.contains("decapsulating for"), "xlb decap: {out}");
+        }
+    }
+
+    fn router_pin_path(&self) -> String {
+        format!("/sys/fs/bpf/xlb-test-{}-rt", self.prefix)
+    }
+
+    pub fn decap_pin_path(&self, host: &Host) -> String {
+        format!("/sys/fs/bpf/xlb-test-{}-{}-decap", self.prefix, host.name)
+    }
+
+    /// Peers the host's server logged, in order ("ADDR:PORT").
+    pub fn peers_seen(host: &Host) -> Vec<String> {
+        let text = std::fs::read_to_string(&host.log).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| l.split(" from ").nth(1))
+            .map(|p| p.split_whitespace().next().unwrap_or("").to_string())
+            .collect()
+    }
+
+    /// A config of TCP services (name, VIP port, backend port, extra lines such as mode,
+    /// snat or encap), each to every host.
+    pub fn config(&self, pin_path: &str, services: &[(&str, u16, u16, &str)]) -> String {
+        let mut text = format!("[agent]\ninterfaces = [\"{FRONT}\"]\npin_path = \"{pin_path}\"\n");
+        for (name, port, backend_port, extra) in services {
+            text += &format!(
+                "\n[[service]]\nname = \"{name}\"\nvip = \"{VIP}\"\nport = {port}\n{extra}\n\
+                 [service.health]\n  type = \"tcp\"\n  interval = \"200ms\"\n  timeout = \"100ms\"\n"
+            );
+            for host in &self.hosts {
+                text += &format!(
+                    "  [[service.backend]]\n  address = \"{}\"\n  port = {backend_port}\n",
+                    host.addr
+                );
+            }
+        }
+        text
+    }
+}
+
+impl Drop for Remote {
+    fn drop(&mut self) {
+        for host in &mut self.hosts {
+            host.proc.take();
+            let pin = format!("/sys/fs/bpf/xlb-test-{}-{}-decap", self.prefix, host.name);
+            // Inside the host's namespace: detaching also takes the VIP off its lo.
+            if std::path::Path::new(&pin).exists() {
+                let _ = std::process::Command::new("nsenter")
+                    .arg(format!("--net={}", host.ns.path()))
+                    .arg("--")
+                    .arg(binary("xlb"))
+                    .args(["decap", "--detach", "--pin-path", &pin])
+                    .output();
+            }
+        }
+        self.router_xdp.take();
+        let _ = std::fs::remove_dir_all(self.router_pin_path());
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// XDP_TX (and redirect) into a veth reaches the peer only when the peer runs an XDP
+/// program (on this kernel enabling GRO is not enough), as a real NIC's driver would take
+/// the frame. The decap program with no VIP configured passes every packet: it serves.
+fn xdp_pass(router: &Netns, interfaces: &[String], pin_path: &str) -> aya::Ebpf {
+    let (interfaces, pin_path) = (interfaces.to_vec(), PathBuf::from(pin_path));
+    router.run(move || {
+        xlb::loader::ensure_bpffs(&pin_path).expect("bpffs");
+        std::fs::create_dir_all(&pin_path).expect("pin dir");
+        let mut ebpf = aya::EbpfLoader::new()
+            .default_map_pin_directory(&pin_path)
+            .load(xlb::decap::DECAP_OBJECT)
+            .expect("load the decap object");
+        let prog: &mut aya::programs::Xdp = ebpf
+            .program_mut("xlb_decap")
+            .expect("program")
+            .try_into()
+            .expect("xdp");
+        prog.load().expect("verify");
+        for interface in &interfaces {
+            prog.attach(interface, aya::programs::XdpMode::Driver)
+                .unwrap_or_else(|e| panic!("XDP on {interface}: {e}"));
+        }
+        ebpf
+    })
+}
+
+/// A veth pair `a_if` in `a` and `b_if` in `b`, both up, with room for encapsulation.
+fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
+    sh(&[
+        "ip", "link", "add", a_if, "netns", &a.name, "mtu", INNER_MTU, "type", "veth", "peer",
+        "name", b_if, "netns", &b.name, "mtu", INNER_MTU,
+    ]);
+    a.ip(&["link", "set", a_if, "up"]);
+    b.ip(&["link", "set", b_if, "up"]);
+}
+
+fn start_server(host: &Host, dir: &std::path::Path) -> Proc {
+    let ready = dir.join(format!("{}.ready", host.name));
+    let mut cmd = host
+        .ns
+        .command(binary("xlb-test-backend").to_str().expect("utf-8"));
+    cmd.args(["--name", &host.name, "--log", "--ready-file"])
+        .arg(&ready);
+    for port in HOST_PORTS {
+        cmd.args(["--tcp", &format!("0.0.0.0:{port}")]);
+    }
+    let proc = Proc::spawn(&host.name, cmd, host.log.clone());
+    wait_for(Duration::from_secs(5), || ready.exists().then_some(()))
+        .unwrap_or_else(|| panic!("{} did not start: {}", host.name, proc.log_text()));
+    proc
+}

@@ -1,0 +1,249 @@
+//! Modes fullnat and dsr with backends on other hosts behind a router, and two LB nodes
+//! behind an ECMP route (tests/src/remote.rs). Real TCP stacks verify every checksum (TX
+//! offload is off on the client and the hosts). Run as root.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    time::Duration,
+};
+
+use xlb_tests::{
+    agent::Agent,
+    client::{LineConn, LoadLoop, failures, tcp_name},
+    remote::Remote,
+    topology::{CLIENT_ADDR, VIP},
+};
+
+fn vip(port: u16) -> SocketAddr {
+    format!("{VIP}:{port}").parse().expect("addr")
+}
+
+/// Names answering `n` new connections to `addr` from the client namespace.
+fn ask_many(remote: &Remote, addr: SocketAddr, n: usize) -> BTreeMap<String, usize> {
+    remote.client.run(move || {
+        let mut counts = BTreeMap::new();
+        for _ in 0..n {
+            let name = tcp_name(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
+            *counts.entry(name).or_insert(0) += 1;
+        }
+        counts
+    })
+}
+
+/// A verdict counter of the agent's data path (`reasons` in `xlb status --json`).
+fn reason(agent: &Agent, name: &str) -> u64 {
+    let status = agent.status();
+    let reasons = status["reasons"].as_array().cloned().unwrap_or_default();
+    reasons
+        .iter()
+        .find(|r| r[0] == name)
+        .and_then(|r| r[1].as_u64())
+        .unwrap_or(0)
+}
+
+#[test]
+fn fullnat_serves_remote_backends_from_the_lb_address() {
+    let remote = Remote::new(1, 3);
+    let lb = &remote.lbs[0];
+    let config = remote.config(&lb.pin_path(), &[("web", 81, 8080, "mode = \"fullnat\"")]);
+    let agent = lb.start_agent(&config);
+    agent.wait_up("web", 3, Duration::from_secs(5));
+
+    let counts = ask_many(&remote, vip(81), 150);
+    assert_eq!(counts.len(), 3, "every host answers: {counts:?}");
+    for (name, n) in &counts {
+        assert!(*n >= 20, "{name} got {n} of 150: {counts:?}");
+    }
+    // The hosts saw the LB's address, never the client's, and replies came back through it.
+    for host in &remote.hosts {
+        let peers = Remote::peers_seen(host);
+        let from_lb = peers
+            .iter()
+            .filter(|p| p.starts_with(&format!("{}:", lb.addr)));
+        assert!(from_lb.count() > 0, "{}: {peers:?}", host.name);
+        assert!(
+            !peers.iter().any(|p| p.starts_with(CLIENT_ADDR)),
+            "{} saw the client address: {peers:?}",
+            host.name
+        );
+    }
+    assert!(reason(&agent, "rev_snat") > 0, "{}", agent.status());
+    // Both directions left by XDP_TX (one-armed LB), except while a neighbour resolved.
+    assert!(reason(&agent, "tx") > 0, "{}", agent.status());
+}
+
+#[test]
+fn fullnat_holds_10k_connections_at_once_without_a_port_collision() {
+    raise_fd_limit(12_000);
+    let remote = Remote::new(1, 3);
+    let lb = &remote.lbs[0];
+    let config = remote.config(&lb.pin_path(), &[("web", 81, 8080, "mode = \"fullnat\"")]);
+    let agent = lb.start_agent(&config);
+    agent.wait_up("web", 3, Duration::from_secs(5));
+
+    const N: usize = 10_000;
+    let (first, second) = remote.client.run(move || {
+        let mut conns = Vec::with_capacity(N);
+        let mut first = Vec::with_capacity(N);
+        for i in 0..N {
+            let mut conn =
+                LineConn::connect(vip(81)).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+            first.push(conn.ask().unwrap_or_else(|e| panic!("connection {i}: {e}")));
+            conns.push(conn);
+        }
+        // All open at once: a port shared by two of them would have broken one.
+        let second: Vec<String> = conns
+            .iter_mut()
+            .enumerate()
+            .map(|(i, c)| {
+                c.ask()
+                    .unwrap_or_else(|e| panic!("connection {i} again: {e}"))
+            })
+            .collect();
+        (first, second)
+    });
+    assert_eq!(first, second, "every connection kept its backend");
+    // Each host saw one distinct LB source port per connection it served.
+    let mut total = 0;
+    for host in &remote.hosts {
+        let peers = Remote::peers_seen(host);
+        let distinct: BTreeSet<&String> = peers.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            peers.len(),
+            "{}: a source port twice",
+            host.name
+        );
+        total += peers.len();
+    }
+    assert!(total >= N, "hosts saw {total} connections");
+    assert_eq!(reason(&agent, "drop_snat_exhausted"), 0);
+}
+
+#[test]
+fn dsr_keeps_the_client_address_and_replies_skip_the_lb() {
+    let remote = Remote::new(1, 3);
+    let lb = &remote.lbs[0];
+    remote.decap_on_hosts();
+    let config = remote.config(
+        &lb.pin_path(),
+        &[
+            ("ipip", 80, 80, "mode = \"dsr\""),
+            ("gue", 83, 83, "mode = \"dsr\"\nencap = \"gue\""),
+        ],
+    );
+    let agent = lb.start_agent(&config);
+    agent.wait_up("ipip", 3, Duration::from_secs(5));
+    agent.wait_up("gue", 3, Duration::from_secs(5));
+    // Anything the LB's stack receives from the VIP would be a reply through the LB.
+    lb.ns.exec(&[
+        "nft",
+        &format!(
+            "add table ip t; add chain ip t pre {{ type filter hook prerouting priority -300; }}; \
+             add rule ip t pre ip saddr {VIP} counter"
+        ),
+    ]);
+
+    for port in [80, 83] {
+        let counts = ask_many(&remote, vip(port), 150);
+        assert_eq!(
+            counts.len(),
+            3,
+            "port {port}: every host answers: {counts:?}"
+        );
+    }
+    for host in &remote.hosts {
+        let peers = Remote::peers_seen(host);
+        let from_client = peers
+            .iter()
+            .filter(|p| p.starts_with(&format!("{CLIENT_ADDR}:")));
+        // Health checks come from the LB; every client connection shows the client.
+        assert!(from_client.count() >= 30, "{}: {peers:?}", host.name);
+    }
+    let counter = lb.ns.exec(&["nft", "list", "table", "ip", "t"]);
+    assert!(
+        counter.contains("packets 0 bytes 0"),
+        "replies passed the LB:\n{counter}"
+    );
+    assert!(reason(&agent, "tx") > 0, "{}", agent.status());
+}
+
+#[test]
+fn established_flows_survive_an_lb_node_failure() {
+    let remote = Remote::new(2, 3);
+    remote.decap_on_hosts();
+    let agents: Vec<Agent> = remote
+        .lbs
+        .iter()
+        .map(|lb| {
+            let config = remote.config(&lb.pin_path(), &[("web", 80, 80, "mode = \"dsr\"")]);
+            let agent = lb.start_agent(&config);
+            agent.wait_up("web", 3, Duration::from_secs(5));
+            agent
+        })
+        .collect();
+
+    // Long-lived connections from many source ports: the router spreads them over both.
+    let mut conns: Vec<(LineConn, String)> = remote.client.run(|| {
+        (0..40)
+            .map(|_| {
+                let mut c = LineConn::connect(vip(80)).expect("connect");
+                let name = c.ask().expect("first answer");
+                (c, name)
+            })
+            .collect()
+    });
+    let through_lb1 = reason(&agents[0], "tx");
+    assert!(
+        through_lb1 > 0 && reason(&agents[1], "tx") > 0,
+        "ECMP used one LB only"
+    );
+
+    let load = LoadLoop::start(
+        &remote.client.path(),
+        vip(80),
+        Duration::from_millis(20),
+        400,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    // LB1 fails: its link goes down and the router drops it from the ECMP route.
+    remote
+        .router
+        .ip(&["link", "set", &remote.lbs[0].router_if, "down"]);
+    std::thread::sleep(Duration::from_secs(2));
+    let lb1_after = reason(&agents[0], "tx");
+
+    for (i, (conn, name)) in conns.iter_mut().enumerate() {
+        let again = conn
+            .ask()
+            .unwrap_or_else(|e| panic!("connection {i} after the failover: {e}"));
+        assert_eq!(&again, name, "connection {i} moved to another backend");
+    }
+    let samples = load.stop();
+    assert!(samples.len() > 50);
+    assert!(
+        failures(&samples).is_empty(),
+        "failed during the failover: {:?}",
+        failures(&samples)
+    );
+    assert_eq!(reason(&agents[0], "tx"), lb1_after, "LB1 still forwarded");
+}
+
+/// Raises the open-file limit to at least `n` (within the hard limit, which this
+/// container's root cannot raise); the backends started later inherit it.
+fn raise_fd_limit(n: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    assert!(
+        limit.rlim_max >= n,
+        "open-file hard limit {} < {n}",
+        limit.rlim_max
+    );
+    limit.rlim_cur = limit.rlim_max;
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    assert_eq!(rc, 0, "setrlimit: {}", std::io::Error::last_os_error());
+}
