@@ -199,7 +199,7 @@ pub fn attach(
             adopted,
         });
     }
-    set_tx_ports(ebpf, interfaces)?;
+    set_tx_ports(ebpf, &out)?;
     for stale in pinned_links(&layout)? {
         let bridge = stale
             .file_name()
@@ -216,18 +216,24 @@ pub fn attach(
     Ok(out)
 }
 
-/// Makes the front NICs, and only them, targets XDP may redirect to.
-fn set_tx_ports(ebpf: &mut Ebpf, interfaces: &[String]) -> Result<()> {
+/// Makes the front NICs with driver-mode XDP, and only them, targets XDP may redirect to:
+/// an interface where XDP fell back to skb mode (a bridge, say) usually cannot transmit
+/// XDP frames, so packets for it go through TC instead (route.rs).
+fn set_tx_ports(ebpf: &mut Ebpf, attached: &[Attachment]) -> Result<()> {
     let map = ebpf
         .map_mut(TX_PORTS)
         .ok_or_else(|| anyhow!("the BPF object has no map {TX_PORTS}"))?;
     let mut ports: DevMapHash<_> = DevMapHash::try_from(map)?;
-    let wanted: Vec<u32> = interfaces
-        .iter()
-        .map(|i| crate::agent::ifindex(i))
-        .filter(|&i| i != 0)
-        .collect();
     let present: Vec<u32> = ports.keys().collect::<Result<_, _>>()?;
+    let wanted: Vec<u32> = attached
+        .iter()
+        .filter_map(|a| {
+            let ifindex = crate::agent::ifindex(&a.interface);
+            // An adopted link keeps its mode, and with it its place in the map.
+            let driver = a.xdp_mode == "driver" || (a.adopted && present.contains(&ifindex));
+            (driver && ifindex != 0).then_some(ifindex)
+        })
+        .collect();
     for stale in present.iter().filter(|i| !wanted.contains(i)) {
         ports.remove(*stale)?;
     }
