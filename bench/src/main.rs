@@ -13,8 +13,10 @@ mod cpu;
 mod load;
 mod micro;
 mod modes;
+mod plot;
 mod profile;
 mod report;
+mod tables;
 mod testbed;
 
 use std::{
