@@ -243,9 +243,9 @@ pub enum Reason {
     Tx,
     /// XDP_REDIRECT: rewritten and sent out of another front NIC (FIB next hop).
     Redirected,
-    /// XDP_PASS: the next hop's MAC is not resolved yet; TC resolves it and sends the
-    /// packet (bpf_redirect_neigh).
-    NeighPending,
+    /// XDP_PASS: TC sends the packet (bpf_redirect_neigh): the next hop's MAC is not
+    /// resolved yet, or XDP cannot transmit on the egress interface.
+    HandedToTc,
     /// fullnat: a reply was translated back to VIP -> client.
     RevSnat,
     /// XDP_DROP: fullnat found no free SNAT port for this backend (see xlb_snat_* metrics).
@@ -281,7 +281,7 @@ impl Reason {
         Reason::DeliverError,
         Reason::Tx,
         Reason::Redirected,
-        Reason::NeighPending,
+        Reason::HandedToTc,
         Reason::RevSnat,
         Reason::DropSnatExhausted,
         Reason::DropNoRoute,
@@ -311,7 +311,7 @@ impl Reason {
             Reason::DeliverError => "deliver_error",
             Reason::Tx => "tx",
             Reason::Redirected => "redirected",
-            Reason::NeighPending => "neigh_pending",
+            Reason::HandedToTc => "handed_to_tc",
             Reason::RevSnat => "rev_snat",
             Reason::DropSnatExhausted => "drop_snat_exhausted",
             Reason::DropNoRoute => "drop_no_route",

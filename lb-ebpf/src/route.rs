@@ -113,16 +113,18 @@ pub fn transmit(
             (XDP_PASS, Reason::DeliverError)
         }
     };
-    match hop.rc {
+    let by_xdp = match hop.rc {
         // A VLAN-tagged frame keeps its tag only through the kernel.
-        BPF_FIB_LKUP_RET_SUCCESS if own_port && l3_off == ETH_HLEN => {}
-        BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH if fallback == Fallback::Tc => {
-            return to_tc(Reason::NeighPending);
-        }
+        BPF_FIB_LKUP_RET_SUCCESS if own_port && l3_off == ETH_HLEN => true,
+        BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH if fallback == Fallback::Tc => false,
+        // The kernel forwards it, and decrements the TTL itself.
         _ => return (XDP_PASS, Reason::Forwarded),
-    }
+    };
     if decrement_ttl && !decrement(ctx, l3_off) {
         return (XDP_PASS, Reason::PassTtl);
+    }
+    if !by_xdp {
+        return to_tc(Reason::HandedToTc);
     }
     let Some(eth) = ctx.ptr_at::<[u8; 12]>(0) else {
         return (XDP_PASS, Reason::Forwarded);
@@ -136,7 +138,7 @@ pub fn transmit(
     }
     match TX_PORTS.redirect(ifindex, 0) {
         Ok(action) => (action, Reason::Redirected),
-        Err(_) => to_tc(Reason::NeighPending),
+        Err(_) => to_tc(Reason::HandedToTc),
     }
 }
 

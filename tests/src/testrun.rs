@@ -307,6 +307,11 @@ impl LoadedDatapath {
     }
 }
 
+/// Runs `input` once through any XDP program (the decap program, say).
+pub fn xdp_once(prog: &Xdp, name: &str, input: &[u8]) -> RunResult {
+    run(input, name, |opts| prog.test_run(opts))
+}
+
 fn run(
     input: &[u8],
     name: &str,

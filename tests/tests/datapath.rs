@@ -10,10 +10,13 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddrV4},
 };
 
-use etherparse::{IpNumber, Ipv4Header, TcpHeader, UdpHeader};
 use lb_common::{Counters, FlowKey, PROTO_TCP, Reason, addr_words};
 use xlb::{reconcile::Liveness, state::Endpoint};
 use xlb_tests::testrun::*;
+
+#[path = "support/checksums.rs"]
+mod checksums;
+use checksums::{checksum_problem, verify_checksums};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 100, 1);
 /// An address that is no VIP.
@@ -178,62 +181,6 @@ fn untouched(dp: &LoadedDatapath, what: &str, input: &[u8], action: u32, reason:
             &format!("{what}: service {name}"),
         );
     }
-}
-
-/// Panics unless the IPv4 header checksum and the TCP/UDP checksum of the IPv4 packet at
-/// `l3` are valid.
-fn verify_checksums(frame: &[u8], l3: usize, what: &str) {
-    if let Err(problem) = checksum_problem(frame, l3) {
-        panic!("{what}: {problem}\nframe:\n{}", hexdump(frame, usize::MAX));
-    }
-}
-
-/// Checks the checksums with etherparse (a UDP checksum of 0 means none and is accepted).
-fn checksum_problem(frame: &[u8], l3: usize) -> Result<(), String> {
-    let (ip, _) =
-        Ipv4Header::from_slice(&frame[l3..]).map_err(|e| format!("bad IPv4 header: {e}"))?;
-    if ip.header_checksum != ip.calc_header_checksum() {
-        return Err(format!(
-            "IPv4 header checksum {:#06x} is wrong, expected {:#06x}",
-            ip.header_checksum,
-            ip.calc_header_checksum()
-        ));
-    }
-    let end = l3 + usize::from(ip.total_len);
-    if end > frame.len() {
-        return Err("IPv4 total length past the frame".into());
-    }
-    let segment = &frame[l3 + ip.header_len()..end];
-    let (got, want, proto) = if ip.protocol == IpNumber::TCP {
-        let (tcp, payload) =
-            TcpHeader::from_slice(segment).map_err(|e| format!("bad TCP header: {e}"))?;
-        let want = tcp
-            .calc_checksum_ipv4(&ip, payload)
-            .map_err(|e| e.to_string())?;
-        (tcp.checksum, want, "TCP")
-    } else if ip.protocol == IpNumber::UDP {
-        let (udp, rest) =
-            UdpHeader::from_slice(segment).map_err(|e| format!("bad UDP header: {e}"))?;
-        if udp.checksum == 0 {
-            return Ok(());
-        }
-        let payload = usize::from(udp.length)
-            .checked_sub(UdpHeader::LEN)
-            .and_then(|n| rest.get(..n))
-            .ok_or("bad UDP length")?;
-        let want = udp
-            .calc_checksum_ipv4(&ip, payload)
-            .map_err(|e| e.to_string())?;
-        (udp.checksum, want, "UDP")
-    } else {
-        return Err(format!("protocol {:?} is neither TCP nor UDP", ip.protocol));
-    };
-    if got != want {
-        return Err(format!(
-            "{proto} checksum {got:#06x} is wrong, expected {want:#06x}"
-        ));
-    }
-    Ok(())
 }
 
 /// The conntrack key of a client -> VIP packet.

@@ -1,0 +1,314 @@
+//! Modes fullnat and dsr, and the dsr decapsulation, under BPF_PROG_TEST_RUN. These paths
+//! ask the kernel's FIB for the next hop, so each test runs in a namespace of its own where
+//! veth pairs stand for the links to the backends (10.99.4.0/24) and to the client
+//! (10.99.1.0/24), with permanent neighbours.
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use aya::{EbpfLoader, maps::HashMap, programs::Xdp};
+use lb_common::{DELIVER_MAGIC, DeliverMeta, GUE_PORT, Reason, VipAddrKey, addr_words};
+use xlb_tests::{
+    netns::{Netns, enter, unique_prefix},
+    testrun::*,
+};
+
+#[path = "support/checksums.rs"]
+mod checksums;
+use checksums::verify_checksums;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 100, 1);
+const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 99, 1, 2), 40000);
+/// The LB's address on the backends' link: the FIB's source towards them.
+const LB_BACK: Ipv4Addr = Ipv4Addr::new(10, 99, 4, 1);
+const HOSTS: [Ipv4Addr; 3] = [
+    Ipv4Addr::new(10, 99, 4, 11),
+    Ipv4Addr::new(10, 99, 4, 12),
+    Ipv4Addr::new(10, 99, 4, 13),
+];
+const IPV4_HLEN: usize = 20;
+const ETH_HLEN: usize = 14;
+
+/// Moves this test's thread into a new namespace with routes to the client and the hosts.
+fn routed_namespace() -> Netns {
+    let ns = Netns::new(&format!("{}-fib", unique_prefix()));
+    for (dev, addr) in [("back", "10.99.4.1/24"), ("cl", "10.99.1.1/24")] {
+        let peer = format!("{dev}-peer");
+        ns.ip(&["link", "add", dev, "type", "veth", "peer", "name", &peer]);
+        ns.ip(&["addr", "add", addr, "dev", dev]);
+        ns.ip(&["link", "set", dev, "up"]);
+        ns.ip(&["link", "set", &peer, "up"]);
+    }
+    for (i, host) in HOSTS.iter().enumerate() {
+        let mac = format!("02:00:00:00:04:{:02x}", 0x11 + i);
+        ns.ip(&[
+            "neigh",
+            "add",
+            &host.to_string(),
+            "lladdr",
+            &mac,
+            "dev",
+            "back",
+            "nud",
+            "permanent",
+        ]);
+    }
+    ns.ip(&[
+        "neigh",
+        "add",
+        "10.99.1.2",
+        "lladdr",
+        "02:00:00:00:01:02",
+        "dev",
+        "cl",
+        "nud",
+        "permanent",
+    ]);
+    // The FIB answers only for an ingress device that forwards.
+    ns.sysctl("net.ipv4.ip_forward", "1");
+    enter(&ns.path());
+    ns
+}
+
+fn service(name: &str, port: u16, extra: &str, backend_port: u16) -> String {
+    let mut s = format!(
+        "[[service]]\nname = \"{name}\"\nvip = \"{VIP}\"\nport = {port}\n{extra}\n\
+         [service.health]\ntype = \"none\"\n"
+    );
+    for host in HOSTS {
+        s += &format!("[[service.backend]]\naddress = \"{host}\"\nport = {backend_port}\n");
+    }
+    s
+}
+
+/// Runs `input` through XDP; the frame comes back without the delivery metadata XDP puts in
+/// front of a packet it hands to TC (BPF_PROG_TEST_RUN returns the metadata too).
+fn xdp(dp: &LoadedDatapath, input: &[u8]) -> RunResult {
+    let mut out = dp.xdp(input);
+    let meta = size_of::<DeliverMeta>();
+    if out.data.len() > meta && out.data[..4] == DELIVER_MAGIC.to_ne_bytes() {
+        out.data.drain(..meta);
+    }
+    out
+}
+
+fn host_of(addr: Ipv4Addr) -> usize {
+    HOSTS
+        .iter()
+        .position(|h| *h == addr)
+        .unwrap_or_else(|| panic!("{addr} is not a host"))
+}
+
+#[test]
+fn fullnat_rewrites_both_ends_and_translates_replies_back() {
+    let _ns = routed_namespace();
+    let dp = LoadedDatapath::new(&service("web", 81, "mode = \"fullnat\"", 8080));
+    let request = Packet::tcp(CLIENT, SocketAddrV4::new(VIP, 81));
+    let before = dp.reasons();
+    let out = xdp(&dp, &request.build());
+    // The neighbour is known but the device is no front NIC: TC sends it.
+    assert_eq!(out.action, XDP_PASS, "{}", xdp_action_name(out.action));
+    dp.reasons()
+        .assert_moved(&before, &[(Reason::HandedToTc, 1)], "fullnat request");
+    let l3 = request.l3_off();
+    verify_checksums(&out.data, l3, "fullnat request");
+    let src = SocketAddrV4::new(
+        ipv4_at(&out.data, l3 + IP_SADDR),
+        be16(&out.data, l3 + IPV4_HLEN),
+    );
+    let dst = SocketAddrV4::new(
+        ipv4_at(&out.data, l3 + IP_DADDR),
+        be16(&out.data, l3 + IPV4_HLEN + 2),
+    );
+    assert_eq!(*src.ip(), LB_BACK, "SNAT to the FIB's source address");
+    assert!(
+        (1024..=32767).contains(&src.port()),
+        "SNAT port {}",
+        src.port()
+    );
+    assert_eq!(dst.port(), 8080);
+    host_of(*dst.ip());
+    // TTL went down by one, as a router's would.
+    assert_eq!(out.data[l3 + 8], request.build()[l3 + 8] - 1);
+
+    // The same flow keeps its SNAT port; the reply goes back to the client from the VIP.
+    let again = xdp(&dp, &request.clone().with_tcp_flags(TCP_ACK).build());
+    assert_eq!(be16(&again.data, l3 + IPV4_HLEN), src.port());
+    let reply = Packet::tcp(dst, src).with_tcp_flags(TCP_SYN | TCP_ACK);
+    let before = dp.reasons();
+    let back = xdp(&dp, &reply.build());
+    dp.reasons().assert_moved(
+        &before,
+        &[(Reason::RevSnat, 1), (Reason::HandedToTc, 1)],
+        "fullnat reply",
+    );
+    verify_checksums(&back.data, l3, "fullnat reply");
+    assert_eq!(ipv4_at(&back.data, l3 + IP_SADDR), VIP);
+    assert_eq!(be16(&back.data, l3 + IPV4_HLEN), 81);
+    assert_eq!(ipv4_at(&back.data, l3 + IP_DADDR), *CLIENT.ip());
+    assert_eq!(be16(&back.data, l3 + IPV4_HLEN + 2), CLIENT.port());
+    // The reservation is what the data path keeps per flow.
+    let reservations = dp.datapath().snat_rev().expect("snat map");
+    assert_eq!(reservations.len(), 1, "{reservations:?}");
+}
+
+#[test]
+fn fullnat_gives_concurrent_flows_distinct_ports() {
+    let _ns = routed_namespace();
+    // One backend, so every flow competes for the same (address, backend) port space.
+    let one = "[[service]]\nname = \"web\"\nvip = \"10.99.100.1\"\nport = 81\nmode = \"fullnat\"\n\
+               [service.health]\ntype = \"none\"\n\
+               [[service.backend]]\naddress = \"10.99.4.11\"\nport = 8080\n";
+    let dp = LoadedDatapath::new(one);
+    let mut ports = std::collections::BTreeSet::new();
+    for i in 0..2000u16 {
+        let client = SocketAddrV4::new(*CLIENT.ip(), 20000 + i);
+        let out = xdp(
+            &dp,
+            &Packet::tcp(client, SocketAddrV4::new(VIP, 81)).build(),
+        );
+        let l3 = ETH_HLEN;
+        assert!(
+            ports.insert(be16(&out.data, l3 + IPV4_HLEN)),
+            "flow {i} got a port in use"
+        );
+    }
+    assert_eq!(dp.reasons().get(Reason::DropSnatExhausted), 0);
+}
+
+/// Runs a dsr service's request and checks the encapsulation; returns the output frame.
+fn encapsulated(gue: bool) -> (Vec<u8>, Vec<u8>) {
+    let extra = if gue {
+        "mode = \"dsr\"\nencap = \"gue\""
+    } else {
+        "mode = \"dsr\""
+    };
+    let dp = LoadedDatapath::new(&service("web", 80, extra, 80));
+    let request = Packet::tcp(CLIENT, SocketAddrV4::new(VIP, 80)).with_payload(&b"GET /\n"[..]);
+    let input = request.build();
+    let out = xdp(&dp, &input);
+    assert_eq!(out.action, XDP_PASS, "{}", xdp_action_name(out.action));
+    let overhead = if gue { IPV4_HLEN + 8 } else { IPV4_HLEN };
+    let inner = &input[ETH_HLEN..];
+    assert_eq!(
+        out.data.len(),
+        ETH_HLEN + overhead + inner.len(),
+        "outer headers added"
+    );
+    assert_eq!(be16(&out.data, 12), ETH_P_IP);
+    let outer = &out.data[ETH_HLEN..];
+    assert_eq!(outer[0], 0x45);
+    assert_eq!(outer[8], 64, "outer TTL");
+    assert_eq!(outer[9], if gue { 17 } else { 4 }, "outer protocol");
+    assert_eq!(
+        be16(outer, 2) as usize,
+        overhead + inner.len(),
+        "outer total length"
+    );
+    assert_eq!(ipv4_at(outer, 12), LB_BACK, "outer source: the LB");
+    host_of(ipv4_at(outer, 16));
+    let header = etherparse::Ipv4Header::from_slice(outer)
+        .expect("outer header")
+        .0;
+    assert_eq!(header.header_checksum, header.calc_header_checksum());
+    if gue {
+        let udp = &outer[IPV4_HLEN..];
+        assert_eq!(be16(udp, 2), GUE_PORT);
+        assert_eq!(be16(udp, 4) as usize, 8 + inner.len(), "UDP length");
+        assert_eq!(be16(udp, 6), 0, "no outer UDP checksum");
+        assert!(be16(udp, 0) >= 0xc000, "source port from the flow hash");
+    }
+    assert_eq!(&outer[overhead..], inner, "the client's packet, unchanged");
+    (input, out.data)
+}
+
+#[test]
+fn dsr_encapsulates_in_ipip_and_gue() {
+    let _ns = routed_namespace();
+    encapsulated(false);
+    encapsulated(true);
+}
+
+#[test]
+fn dsr_drops_what_would_not_fit_the_egress_mtu() {
+    let _ns = routed_namespace();
+    let dp = LoadedDatapath::new(&service("web", 80, "mode = \"dsr\"", 80));
+    // 1500 bytes of IP: 1520 encapsulated, over the link's 1500.
+    let full = Packet::tcp(CLIENT, SocketAddrV4::new(VIP, 80)).with_payload(vec![b'x'; 1460]);
+    let before = dp.reasons();
+    let out = xdp(&dp, &full.build());
+    assert_eq!(out.action, XDP_DROP, "{}", xdp_action_name(out.action));
+    dp.reasons()
+        .assert_moved(&before, &[(Reason::DropTooBig, 1)], "too big");
+}
+
+/// The decap program loaded on its own, serving `vips`.
+struct Decap {
+    ebpf: aya::Ebpf,
+    pin: std::path::PathBuf,
+}
+
+impl Decap {
+    fn new(vips: &[Ipv4Addr]) -> Decap {
+        let pin =
+            std::path::PathBuf::from(format!("/sys/fs/bpf/xlb-test-{}-decap", unique_prefix()));
+        std::fs::create_dir_all(&pin).expect("pin dir");
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&pin)
+            .load(xlb::decap::DECAP_OBJECT)
+            .expect("load decap");
+        let prog: &mut Xdp = ebpf.program_mut("xlb_decap").unwrap().try_into().unwrap();
+        prog.load().expect("verify decap");
+        let mut map: HashMap<_, VipAddrKey, u32> =
+            HashMap::try_from(ebpf.map_mut("XLB_DECAP_VIPS_V1").unwrap()).unwrap();
+        for vip in vips {
+            let (family, addr) = addr_words((*vip).into());
+            let key = VipAddrKey {
+                addr,
+                family,
+                _pad0: 0,
+                _pad1: 0,
+            };
+            map.insert(key, 1, 0).unwrap();
+        }
+        Decap { ebpf, pin }
+    }
+
+    fn run(&self, input: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &Xdp = self.ebpf.program("xlb_decap").unwrap().try_into().unwrap();
+        let out = xdp_once(prog, "xlb_decap", input);
+        (out.action, out.data)
+    }
+}
+
+impl Drop for Decap {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.pin);
+    }
+}
+
+#[test]
+fn decap_restores_the_client_packet_for_served_vips_only() {
+    let _ns = routed_namespace();
+    let decap = Decap::new(&[VIP]);
+    for gue in [false, true] {
+        let (original, encapsulated) = encapsulated(gue);
+        let (action, out) = decap.run(&encapsulated);
+        assert_eq!(action, XDP_PASS);
+        // MACs are the outer frame's (the hop to this host); the rest is the client's.
+        assert_eq!(&out[..12], &encapsulated[..12]);
+        assert_eq!(
+            &out[12..],
+            &original[12..],
+            "gue={gue}: decapsulated packet"
+        );
+        verify_checksums(&out, ETH_HLEN, "decapsulated");
+    }
+    // A host that serves other VIPs leaves the packet alone.
+    let other = Decap::new(&[Ipv4Addr::new(10, 99, 100, 9)]);
+    let (_, encapsulated) = encapsulated(false);
+    let (action, out) = other.run(&encapsulated);
+    assert_eq!(action, XDP_PASS);
+    assert_eq!(out, encapsulated, "not ours: untouched");
+    // Plain traffic too.
+    let plain = Packet::tcp(CLIENT, SocketAddrV4::new(VIP, 80)).build();
+    assert_eq!(decap.run(&plain).1, plain);
+}
