@@ -17,6 +17,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
+    announce::{self, Announcer},
     api::{self, Command},
     config::Config,
     datapath::Datapath,
@@ -44,6 +45,7 @@ struct Agent {
     label_errors: BTreeSet<LabelError>,
     applied: watch::Sender<Arc<Applied>>,
     attachments: Vec<loader::Attachment>,
+    announcer: Option<Announcer>,
 }
 
 pub async fn run(config_path: &Path) -> Result<()> {
@@ -69,6 +71,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         label_errors: BTreeSet::new(),
         applied: applied_tx,
         attachments: Vec::new(),
+        announcer: None,
     };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -98,6 +101,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     for a in &agent.attachments {
         info!(interface = %a.interface, xdp_mode = %a.xdp_mode, adopted = a.adopted, "attached");
     }
+    agent.announcer = agent.config.agent.announce_table.map(Announcer::new);
     agent.publish();
 
     let (commands_tx, mut commands) = mpsc::channel(8);
@@ -139,6 +143,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
+    }
+    if let Some(announcer) = &mut agent.announcer {
+        announcer.withdraw_all();
     }
     info!("stopping; programs, maps and links stay pinned (`xlb detach` removes them)");
     Ok(())
@@ -196,6 +203,12 @@ impl Agent {
                 agent.xdp_mode,
             )
             .context("attaching to the new interfaces")?;
+        }
+        if agent.announce_table != self.config.agent.announce_table {
+            if let Some(old) = &mut self.announcer {
+                old.withdraw_all();
+            }
+            self.announcer = agent.announce_table.map(Announcer::new);
         }
         self.config = config;
         sources.configure(&self.config);
@@ -289,10 +302,15 @@ impl Agent {
         Ok(changes)
     }
 
-    fn publish(&self) {
+    /// Shares the applied state with the API, and announces the VIPs that can serve.
+    fn publish(&mut self) {
+        let services = self.reconciler.applied();
+        if let Some(announcer) = &mut self.announcer {
+            announcer.sync(&announce::serving_vips(&self.desired, &services));
+        }
         self.applied.send_replace(Arc::new(Applied {
             desired: self.desired.clone(),
-            services: self.reconciler.applied(),
+            services,
             attachments: self.attachments.clone(),
             drained: self.drained.clone(),
         }));

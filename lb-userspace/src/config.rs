@@ -33,6 +33,9 @@ pub struct AgentConfig {
     /// `IP:PORT`, or `unix:/path/to.sock`.
     pub api: String,
     pub pin_path: PathBuf,
+    /// Kernel routing table where each VIP with a backend up gets a /32 route, for a
+    /// routing daemon (BIRD, FRR) to announce (announce.rs). None: announce nothing.
+    pub announce_table: Option<u32>,
 }
 
 impl Default for AgentConfig {
@@ -42,6 +45,7 @@ impl Default for AgentConfig {
             xdp_mode: XdpMode::Auto,
             api: "127.0.0.1:9900".into(),
             pin_path: "/sys/fs/bpf/xlb".into(),
+            announce_table: None,
         }
     }
 }
@@ -432,6 +436,13 @@ impl Config {
         }
         if !agent.pin_path.is_absolute() {
             out.push(("agent.pin_path".into(), "must be an absolute path".into()));
+        }
+        // 0 is no table; 253-255 are the kernel's default, main and local tables.
+        if let Some(table @ (0 | 253..=255)) = agent.announce_table {
+            out.push((
+                "agent.announce_table".into(),
+                format!("{table} is reserved; use a table of its own, such as 100"),
+            ));
         }
         if let Some(docker) = &self.docker {
             for (field, d) in [

@@ -1,5 +1,6 @@
 //! The xlb agent: config, discovery, state, reconcile, and the BPF data path loader.
 pub mod agent;
+pub mod announce;
 pub mod api;
 pub mod config;
 pub mod datapath;

@@ -20,6 +20,8 @@ use crate::{
 
 /// MTU behind the router: 1500 + the largest encapsulation (GUE, 28 bytes), rounded up.
 const INNER_MTU: &str = "1600";
+/// The kernel table the agents announce VIPs in, and BIRD on the LB nodes learns from.
+pub const ANNOUNCE_TABLE: u32 = 100;
 /// TCP ports every host serves (the dsr services use the VIP's ports, unchanged).
 pub const HOST_PORTS: [u16; 3] = [80, 83, 8080];
 
@@ -53,6 +55,8 @@ impl LbNode {
 pub struct Remote {
     pub prefix: String,
     pub dir: PathBuf,
+    /// BIRD on the router and on each LB node (`with_bgp`); stopped before the namespaces go.
+    pub birds: Vec<Proc>,
     /// Pass-through XDP on the router's LB-facing veths (see `xdp_pass`).
     router_xdp: Option<aya::Ebpf>,
     // Processes end before namespaces go: fields drop in this order.
@@ -66,6 +70,63 @@ impl Remote {
     /// `lbs` LB nodes (the VIP is routed over all of them) and `hosts` backend hosts, each
     /// running the test backend on HOST_PORTS.
     pub fn new(lbs: usize, hosts: usize) -> Remote {
+        let remote = Remote::unrouted(lbs, hosts);
+        remote.route_vip();
+        remote
+    }
+
+    /// Like `new`, but the VIP route comes from BGP: BIRD on the router (AS 65000, ECMP over
+    /// equal routes) peers with BIRD on each LB node (AS 65001), which announces the routes
+    /// the agent puts in table ANNOUNCE_TABLE (`agent.announce_table`).
+    pub fn with_bgp(lbs: usize, hosts: usize) -> Remote {
+        let mut remote = Remote::unrouted(lbs, hosts);
+        let mut router_conf = String::from(
+            "router id 10.99.1.1;\nprotocol device { scan time 1; }\n\
+             protocol kernel { ipv4 { import none; export all; }; merge paths on; }\n",
+        );
+        for (i, lb) in remote.lbs.iter().enumerate() {
+            let gateway = format!("10.99.{}.1", 5 + i);
+            router_conf += &format!(
+                "protocol bgp {name} {{ local {gateway} as 65000; neighbor {addr} as 65001; \
+                 hold time 3; connect retry time 1; ipv4 {{ import all; export none; }}; }}\n",
+                name = lb.router_if,
+                addr = lb.addr
+            );
+            let lb_conf = format!(
+                "router id {addr};\nprotocol device {{ scan time 1; }}\n\
+                 protocol kernel {{ kernel table {ANNOUNCE_TABLE}; learn; scan time 1; \
+                 ipv4 {{ import all; export none; }}; }}\n\
+                 protocol bgp up {{ local {addr} as 65001; neighbor {gateway} as 65000; \
+                 hold time 3; connect retry time 1; \
+                 ipv4 {{ import none; export all; next hop self; }}; }}\n",
+                addr = lb.addr
+            );
+            let bird = start_bird(&lb.ns, &lb.dir, &lb_conf);
+            remote.birds.push(bird);
+        }
+        let bird = start_bird(&remote.router, &remote.dir, &router_conf);
+        remote.birds.push(bird);
+        remote
+    }
+
+    /// The router's next hops for the VIP (empty: no route).
+    pub fn vip_next_hops(&self) -> Vec<String> {
+        let text = self.router.ip(&["-j", "route", "show", VIP]);
+        let routes: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap_or_default();
+        let mut hops = Vec::new();
+        for route in routes {
+            if let Some(gw) = route["gateway"].as_str() {
+                hops.push(gw.to_string());
+            }
+            for hop in route["nexthops"].as_array().into_iter().flatten() {
+                hops.extend(hop["gateway"].as_str().map(String::from));
+            }
+        }
+        hops.sort();
+        hops
+    }
+
+    fn unrouted(lbs: usize, hosts: usize) -> Remote {
         let prefix = unique_prefix();
         let dir = std::env::temp_dir().join(format!("xlb-test-{prefix}"));
         std::fs::create_dir_all(&dir).expect("scratch dir");
@@ -85,6 +146,7 @@ impl Remote {
         let mut remote = Remote {
             prefix,
             dir,
+            birds: Vec::new(),
             router_xdp: None,
             hosts: Vec::new(),
             lbs: Vec::new(),
@@ -96,7 +158,6 @@ impl Remote {
         }
         let lb_ifs: Vec<String> = remote.lbs.iter().map(|l| l.router_if.clone()).collect();
         remote.router_xdp = Some(xdp_pass(&remote.router, &lb_ifs, &remote.router_pin_path()));
-        remote.route_vip();
         for _ in 0..hosts {
             remote.add_host();
         }
@@ -218,6 +279,7 @@ impl Remote {
 
 impl Drop for Remote {
     fn drop(&mut self) {
+        self.birds.clear();
         for host in &mut self.hosts {
             host.proc.take();
             let pin = format!("/sys/fs/bpf/xlb-test-{}-{}-decap", self.prefix, host.name);
@@ -261,6 +323,19 @@ fn xdp_pass(router: &Netns, interfaces: &[String], pin_path: &str) -> aya::Ebpf 
         }
         ebpf
     })
+}
+
+/// Runs BIRD in the foreground in `ns` with `conf`, its control socket and log in `dir`.
+fn start_bird(ns: &Netns, dir: &std::path::Path, conf: &str) -> Proc {
+    let conf_path = dir.join("bird.conf");
+    std::fs::write(&conf_path, format!("log stderr all;\n{conf}")).expect("bird.conf");
+    let mut cmd = ns.command("bird");
+    cmd.arg("-f")
+        .arg("-c")
+        .arg(&conf_path)
+        .arg("-s")
+        .arg(dir.join("bird.ctl"));
+    Proc::spawn(&format!("bird in {}", ns.name), cmd, dir.join("bird.log"))
 }
 
 /// A veth pair `a_if` in `a` and `b_if` in `b`, both up, with room for encapsulation.

@@ -10,7 +10,8 @@ use std::{
 use xlb_tests::{
     agent::Agent,
     client::{LineConn, LoadLoop, failures, tcp_name},
-    remote::Remote,
+    process::wait_for,
+    remote::{ANNOUNCE_TABLE, Remote},
     topology::{CLIENT_ADDR, VIP},
 };
 
@@ -227,6 +228,83 @@ fn established_flows_survive_an_lb_node_failure() {
         failures(&samples)
     );
     assert_eq!(reason(&agents[0], "tx"), lb1_after, "LB1 still forwarded");
+}
+
+#[test]
+fn bgp_announces_the_vip_from_each_serving_lb_and_withdraws_it() {
+    let mut remote = Remote::with_bgp(2, 3);
+    remote.decap_on_hosts();
+    let mut agents: Vec<Agent> = remote
+        .lbs
+        .iter()
+        .map(|lb| {
+            let config = remote
+                .config(&lb.pin_path(), &[("web", 80, 80, "mode = \"dsr\"")])
+                .replacen(
+                    "[agent]\n",
+                    &format!("[agent]\nannounce_table = {ANNOUNCE_TABLE}\n"),
+                    1,
+                );
+            lb.start_agent(&config)
+        })
+        .collect();
+    let both: Vec<String> = remote.lbs.iter().map(|lb| lb.addr.clone()).collect();
+    let hops = wait_for(Duration::from_secs(20), || {
+        let hops = remote.vip_next_hops();
+        (hops == both).then_some(hops)
+    });
+    assert!(
+        hops.is_some(),
+        "router never learned the VIP from both LBs: {:?}",
+        remote.vip_next_hops()
+    );
+    assert_eq!(
+        ask_many(&remote, vip(80), 60).len(),
+        3,
+        "every host answers"
+    );
+
+    // The agent on LB1 stops: its node withdraws the VIP; the router keeps LB2 only.
+    let load = LoadLoop::start(
+        &remote.client.path(),
+        vip(80),
+        Duration::from_millis(20),
+        500,
+    );
+    agents[0].stop();
+    let only_lb2 = wait_for(Duration::from_secs(10), || {
+        (remote.vip_next_hops() == [both[1].clone()]).then_some(())
+    });
+    assert!(
+        only_lb2.is_some(),
+        "LB1 still announced: {:?}",
+        remote.vip_next_hops()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let samples = load.stop();
+    assert!(
+        failures(&samples).is_empty(),
+        "failed while LB1 withdrew: {:?}",
+        failures(&samples)
+    );
+
+    // No backend up anywhere: the last node withdraws the VIP too.
+    for host in &mut remote.hosts {
+        host.proc.take();
+    }
+    let gone = wait_for(Duration::from_secs(10), || {
+        remote.vip_next_hops().is_empty().then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "VIP still routed with no backend up: {:?}",
+        remote.vip_next_hops()
+    );
+    assert!(
+        agents[1].log_text().contains("VIP withdrawn"),
+        "{}",
+        agents[1].log_text()
+    );
 }
 
 /// Raises the open-file limit to at least `n` (within the hard limit, which this

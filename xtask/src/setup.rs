@@ -13,7 +13,8 @@ use crate::{capture, run, step};
 /// (tests/src/docker.rs, swarm.rs) run their own containerd and dockerd per network namespace:
 /// docker.io brings dockerd, the CLI, containerd, runc and tini; iptables is what dockerd
 /// programs (and the health-probe stopgap uses); docker-compose is v1; util-linux has nsenter,
-/// unshare and mountpoint.
+/// unshare and mountpoint; bird2 is the BGP speaker of the LB-failover test
+/// (tests/src/remote.rs); the tests filter with nft.
 pub const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -25,6 +26,8 @@ pub const TEST_PACKAGES: &[&str] = &[
     "containerd",
     "runc",
     "iptables",
+    "bird2",
+    "nftables",
 ];
 
 /// What `cargo xtask bench` adds: the load generator, the backends' server and the two

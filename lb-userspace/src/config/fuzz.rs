@@ -340,13 +340,17 @@ fn agent() -> impl Strategy<Value = AgentConfig> {
         select(&[XdpMode::Auto, XdpMode::Driver, XdpMode::Skb][..]),
         api,
         "/[a-z0-9/._-]{0,20}",
+        option::of(1u32..253),
     )
-        .prop_map(|(interfaces, xdp_mode, api, pin)| AgentConfig {
-            interfaces,
-            xdp_mode,
-            api,
-            pin_path: PathBuf::from(pin),
-        })
+        .prop_map(
+            |(interfaces, xdp_mode, api, pin, announce_table)| AgentConfig {
+                interfaces,
+                xdp_mode,
+                api,
+                pin_path: PathBuf::from(pin),
+                announce_table,
+            },
+        )
 }
 
 fn docker() -> impl Strategy<Value = DockerConfig> {
