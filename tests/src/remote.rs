@@ -157,7 +157,12 @@ impl Remote {
             remote.add_lb();
         }
         let lb_ifs: Vec<String> = remote.lbs.iter().map(|l| l.router_if.clone()).collect();
-        remote.router_xdp = Some(xdp_pass(&remote.router, &lb_ifs, &remote.router_pin_path()));
+        remote.router_xdp = Some(xdp_pass(
+            &remote.router,
+            None,
+            &lb_ifs,
+            &remote.router_pin_path(),
+        ));
         for _ in 0..hosts {
             remote.add_host();
         }
@@ -185,6 +190,27 @@ impl Remote {
             dir,
             prefix,
         });
+    }
+
+    /// Gives LB node `index` a second NIC, "back", on the hosts' segment (10.99.4.(2+index)):
+    /// the FIB then sends packets for the hosts out of it, a redirect from "front".
+    pub fn add_back_nic(&mut self, index: usize) -> String {
+        let lb = &self.lbs[index];
+        let router_if = format!("{}b", lb.router_if);
+        veth(&lb.ns, "back", &self.router, &router_if);
+        self.router
+            .ip(&["link", "set", &router_if, "master", "br0"]);
+        let addr = format!("10.99.4.{}", 2 + index);
+        lb.ns
+            .ip(&["addr", "add", &format!("{addr}/24"), "dev", "back"]);
+        let loaded = self.router_xdp.take();
+        self.router_xdp = Some(xdp_pass(
+            &self.router,
+            loaded,
+            &[router_if],
+            &self.router_pin_path(),
+        ));
+        addr
     }
 
     /// The VIP via every LB node that is up (ECMP when there are several).
@@ -302,21 +328,35 @@ impl Drop for Remote {
 /// XDP_TX (and redirect) into a veth reaches the peer only when the peer runs an XDP
 /// program (on this kernel enabling GRO is not enough), as a real NIC's driver would take
 /// the frame. The decap program with no VIP configured passes every packet: it serves.
-fn xdp_pass(router: &Netns, interfaces: &[String], pin_path: &str) -> aya::Ebpf {
+/// Loads it (unless `loaded`) and attaches it to `interfaces` of the router.
+fn xdp_pass(
+    router: &Netns,
+    loaded: Option<aya::Ebpf>,
+    interfaces: &[String],
+    pin_path: &str,
+) -> aya::Ebpf {
     let (interfaces, pin_path) = (interfaces.to_vec(), PathBuf::from(pin_path));
     router.run(move || {
-        xlb::loader::ensure_bpffs(&pin_path).expect("bpffs");
-        std::fs::create_dir_all(&pin_path).expect("pin dir");
-        let mut ebpf = aya::EbpfLoader::new()
-            .default_map_pin_directory(&pin_path)
-            .load(xlb::decap::DECAP_OBJECT)
-            .expect("load the decap object");
+        let mut ebpf = loaded.unwrap_or_else(|| {
+            xlb::loader::ensure_bpffs(&pin_path).expect("bpffs");
+            std::fs::create_dir_all(&pin_path).expect("pin dir");
+            let mut ebpf = aya::EbpfLoader::new()
+                .default_map_pin_directory(&pin_path)
+                .load(xlb::decap::DECAP_OBJECT)
+                .expect("load the decap object");
+            let prog: &mut aya::programs::Xdp = ebpf
+                .program_mut("xlb_decap")
+                .expect("program")
+                .try_into()
+                .expect("xdp");
+            prog.load().expect("verify");
+            ebpf
+        });
         let prog: &mut aya::programs::Xdp = ebpf
             .program_mut("xlb_decap")
             .expect("program")
             .try_into()
             .expect("xdp");
-        prog.load().expect("verify");
         for interface in &interfaces {
             prog.attach(interface, aya::programs::XdpMode::Driver)
                 .unwrap_or_else(|e| panic!("XDP on {interface}: {e}"));

@@ -74,6 +74,37 @@ fn fullnat_serves_remote_backends_from_the_lb_address() {
 }
 
 #[test]
+fn two_front_nics_redirect_between_them() {
+    let mut remote = Remote::new(1, 3);
+    let back_addr = remote.add_back_nic(0);
+    let lb = &remote.lbs[0];
+    let config = remote
+        .config(&lb.pin_path(), &[("web", 81, 8080, "mode = \"fullnat\"")])
+        .replace(
+            "interfaces = [\"front\"]",
+            "interfaces = [\"front\", \"back\"]",
+        );
+    let agent = lb.start_agent(&config);
+    agent.wait_up("web", 3, Duration::from_secs(5));
+
+    let counts = ask_many(&remote, vip(81), 90);
+    assert_eq!(counts.len(), 3, "every host answers: {counts:?}");
+    // The hosts saw the LB's address on their segment: requests left by "back"...
+    for host in &remote.hosts {
+        let peers = Remote::peers_seen(host);
+        assert!(
+            peers
+                .iter()
+                .any(|p| p.starts_with(&format!("{back_addr}:"))),
+            "{}: {peers:?}",
+            host.name
+        );
+    }
+    // ...redirected from "front", and the replies redirected back to it.
+    assert!(reason(&agent, "redirected") >= 2 * 90, "{}", agent.status());
+}
+
+#[test]
 fn fullnat_holds_10k_connections_at_once_without_a_port_collision() {
     raise_fd_limit(12_000);
     let remote = Remote::new(1, 3);
