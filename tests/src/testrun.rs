@@ -200,6 +200,11 @@ impl LoadedDatapath {
         &self.datapath
     }
 
+    /// For tests that write a map the reconciler owns (and then must not apply again).
+    pub fn datapath_mut(&mut self) -> &mut Datapath {
+        &mut self.datapath
+    }
+
     pub fn service_id(&self, name: &str) -> u32 {
         self.service_ids()
             .into_iter()

@@ -174,6 +174,68 @@ fn fullnat_gives_concurrent_flows_distinct_ports() {
     assert_eq!(dp.reasons().get(Reason::DropSnatExhausted), 0);
 }
 
+#[test]
+fn fullnat_translates_udp_both_ways() {
+    let _ns = routed_namespace();
+    let dp = LoadedDatapath::new(&service(
+        "dns",
+        53,
+        "protocol = \"udp\"\nmode = \"fullnat\"",
+        5353,
+    ));
+    let query = Packet::udp(CLIENT, SocketAddrV4::new(VIP, 53)).with_payload(&b"query"[..]);
+    let out = xdp(&dp, &query.build());
+    let l3 = query.l3_off();
+    verify_checksums(&out.data, l3, "fullnat UDP request");
+    let src = SocketAddrV4::new(
+        ipv4_at(&out.data, l3 + IP_SADDR),
+        be16(&out.data, l3 + IPV4_HLEN),
+    );
+    let dst = SocketAddrV4::new(
+        ipv4_at(&out.data, l3 + IP_DADDR),
+        be16(&out.data, l3 + IPV4_HLEN + 2),
+    );
+    assert_eq!((*src.ip(), dst.port()), (LB_BACK, 5353));
+    let answer = Packet::udp(dst, src).with_payload(&b"answer"[..]);
+    let back = xdp(&dp, &answer.build());
+    verify_checksums(&back.data, l3, "fullnat UDP reply");
+    assert_eq!(ipv4_at(&back.data, l3 + IP_SADDR), VIP);
+    assert_eq!(be16(&back.data, l3 + IPV4_HLEN), 53);
+    assert_eq!(ipv4_at(&back.data, l3 + IP_DADDR), *CLIENT.ip());
+    assert_eq!(be16(&back.data, l3 + IPV4_HLEN + 2), CLIENT.port());
+}
+
+#[test]
+fn fullnat_out_of_ports_is_counted_not_blackholed() {
+    use xlb::reconcile::Maps as _;
+    let _ns = routed_namespace();
+    let mut dp = LoadedDatapath::new(&service("web", 81, "mode = \"fullnat\"", 8080));
+    // One port on one address: the second concurrent flow to a backend finds none.
+    let id = dp.service_id("web");
+    let pool = lb_common::SnatPool {
+        port_min: 1024,
+        port_max: 1024,
+        ..Default::default()
+    };
+    dp.datapath_mut().set_snat_pool(id, &pool).expect("pool");
+    let mut dropped = 0;
+    for i in 0..20u16 {
+        let client = SocketAddrV4::new(*CLIENT.ip(), 30000 + i);
+        let before = dp.reasons();
+        let out = xdp(
+            &dp,
+            &Packet::tcp(client, SocketAddrV4::new(VIP, 81)).build(),
+        );
+        if out.action == XDP_DROP {
+            dp.reasons()
+                .assert_moved(&before, &[(Reason::DropSnatExhausted, 1)], "no port left");
+            dropped += 1;
+        }
+    }
+    // Three backends, one port each: three flows got one, the others were refused.
+    assert_eq!(dropped, 17);
+}
+
 /// Runs a dsr service's request and checks the encapsulation; returns the output frame.
 fn encapsulated(gue: bool) -> (Vec<u8>, Vec<u8>) {
     let extra = if gue {
