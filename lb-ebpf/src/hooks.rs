@@ -78,7 +78,7 @@ impl Hook for XdpContext {
 
     #[inline(always)]
     fn reverse(&self, pkt: &L4Packet, now: u64) -> Option<Verdict> {
-        let entry = SNAT_REV.get_ptr_mut(&pkt.flow_key())?;
+        let entry = SNAT_REV.get_ptr_mut(pkt.flow_key())?;
         let entry = unsafe { &mut *entry };
         snat::touch(entry, now, pkt.closing);
         let vip = Endpoint {

@@ -84,12 +84,12 @@ pub fn allocate(
         };
         let port = ((port_min + seed % span) as u16).to_be();
         let reply = reply_key(backend, key.proto, addr, port);
-        if SNAT_REV.insert(&reply, &rev, BPF_NOEXIST as u64).is_ok() {
+        if SNAT_REV.insert(reply, rev, BPF_NOEXIST as u64).is_ok() {
             return Some((addr, port));
         }
-        if let Some(old) = unsafe { SNAT_REV.get(&reply) }
+        if let Some(old) = unsafe { SNAT_REV.get(reply) }
             && reusable(old, key.proto, now)
-            && SNAT_REV.insert(&reply, &rev, BPF_EXIST as u64).is_ok()
+            && SNAT_REV.insert(reply, rev, BPF_EXIST as u64).is_ok()
         {
             return Some((addr, port));
         }
@@ -110,7 +110,7 @@ pub fn still_owned(
     closing: bool,
 ) -> bool {
     let reply = reply_key(backend, key.proto, snat, snat_port);
-    let Some(entry) = SNAT_REV.get_ptr_mut(&reply) else {
+    let Some(entry) = SNAT_REV.get_ptr_mut(reply) else {
         return false;
     };
     let entry = unsafe { &mut *entry };
