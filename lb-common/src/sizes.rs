@@ -28,6 +28,10 @@ pub const REV_NAT_SIZE: u32 = 262_144;
 pub const FLOW_CACHE_SLOTS: u32 = 4096;
 /// fullnat reverse mappings (LRU), one per fullnat flow.
 pub const SNAT_REV_SIZE: u32 = 262_144;
+/// Per-CPU next-hop cache: 2^HOP_CACHE_BITS slots (route.rs).
+pub const HOP_CACHE_BITS: u32 = 8;
+/// A cached FIB answer is used this long.
+pub const HOP_CACHE_NS: u64 = 1_000_000_000;
 /// Interfaces XDP may redirect to (the front NICs).
 pub const MAX_TX_PORTS: u32 = 64;
 /// Distinct VIP addresses (for the fragment check).

@@ -38,9 +38,9 @@ pub struct Target {
 pub trait Hook: PacketBuf {
     fn ingress_ifindex(&self) -> u32;
     /// The address the LB would send from towards `daddr` (fullnat's default source).
-    fn source_towards(&self, daddr: u32) -> Option<u32>;
+    fn source_towards(&self, daddr: u32, now: u64) -> Option<u32>;
     /// Rewrites the packet for its target in the service's mode and sends it.
-    fn send(&self, pkt: &L4Packet, target: &Target, hash: u32) -> Verdict;
+    fn send(&self, pkt: &L4Packet, target: &Target, hash: u32, now: u64) -> Verdict;
     /// A fullnat reply (backend -> SNAT address) translated back and sent, if it is one.
     fn reverse(&self, pkt: &L4Packet, now: u64) -> Option<Verdict>;
 }
@@ -72,7 +72,7 @@ pub fn balance<H: Hook>(ctx: &H) -> Verdict {
         && !pkt.closing
         && let Some(target) = flowcache::lookup(&flow, hash, now)
     {
-        return forward(ctx, &pkt, &target, hash, false);
+        return forward(ctx, &pkt, &target, hash, now, false);
     }
 
     let vip = VipKey {
@@ -115,7 +115,7 @@ pub fn balance<H: Hook>(ctx: &H) -> Verdict {
             };
             let mut snat = Endpoint { addr: 0, port: 0 };
             if svc.mode == MODE_FULLNAT {
-                let Some(source) = ctx.source_towards(backend.addr[0]) else {
+                let Some(source) = ctx.source_towards(backend.addr[0], now) else {
                     return Verdict::Drop(Reason::DropNoRoute);
                 };
                 let Some((addr, port)) = snat::allocate(&flow, hash, svc.id, backend, source, now)
@@ -141,7 +141,7 @@ pub fn balance<H: Hook>(ctx: &H) -> Verdict {
     if !new_flow {
         flowcache::remember(&flow, hash, &target, now);
     }
-    forward(ctx, &pkt, &target, hash, new_flow)
+    forward(ctx, &pkt, &target, hash, now, new_flow)
 }
 
 #[inline(always)]
@@ -150,10 +150,11 @@ fn forward<H: Hook>(
     pkt: &L4Packet,
     target: &Target,
     hash: u32,
+    now: u64,
     new_flow: bool,
 ) -> Verdict {
     let len = ctx.len() as u64;
-    let verdict = ctx.send(pkt, target, hash);
+    let verdict = ctx.send(pkt, target, hash, now);
     if !matches!(verdict, Verdict::Drop(_)) {
         stats::count_traffic(target.service_id, target.backend_id, len, new_flow);
     }

@@ -9,7 +9,7 @@ use crate::{
     maps::SNAT_REV,
     nat::{self, End, Endpoint},
     parse::{ETH_HLEN, L4Packet},
-    route::{self, Fallback, Query},
+    route::{self, Fallback},
     snat, stats,
 };
 
@@ -20,12 +20,12 @@ impl Hook for XdpContext {
     }
 
     #[inline(always)]
-    fn source_towards(&self, daddr: u32) -> Option<u32> {
-        route::lookup(self, &query(0, daddr, 0)).source()
+    fn source_towards(&self, daddr: u32, now: u64) -> Option<u32> {
+        route::lookup(self, daddr, 0, now).source()
     }
 
     #[inline(always)]
-    fn send(&self, pkt: &L4Packet, target: &Target, hash: u32) -> Verdict {
+    fn send(&self, pkt: &L4Packet, target: &Target, hash: u32, now: u64) -> Verdict {
         let backend = Endpoint {
             addr: target.backend.addr[0],
             port: target.backend.port,
@@ -39,13 +39,13 @@ impl Hook for XdpContext {
                 if deliver_to != 0 {
                     return Verdict::Forward { deliver_to };
                 }
-                let hop = route::lookup(self, &query(pkt.saddr, backend.addr, pkt.proto));
+                let hop = route::lookup(self, backend.addr, 0, now);
                 let (action, reason) =
                     route::transmit(self, &hop, pkt.l3_off, true, Fallback::Kernel);
                 Verdict::Sent(action, reason)
             }
             MODE_FULLNAT => {
-                let hop = route::lookup(self, &query(target.snat.addr, backend.addr, pkt.proto));
+                let hop = route::lookup(self, backend.addr, 0, now);
                 if nat::full_nat_v4(self, pkt, target.snat, backend).is_none() {
                     return Verdict::Drop(Reason::DropMalformed);
                 }
@@ -57,9 +57,8 @@ impl Hook for XdpContext {
                 let Some(inner_len) = encap::inner_len(self, pkt) else {
                     return Verdict::Drop(Reason::DropMalformed);
                 };
-                let mut q = query(0, backend.addr, 0);
-                q.tot_len = inner_len + encap::overhead(gue) as u16;
-                let hop = route::lookup(self, &q);
+                let outer_len = inner_len + encap::overhead(gue) as u16;
+                let hop = route::lookup(self, backend.addr, outer_len, now);
                 if hop.too_big() {
                     return Verdict::Drop(Reason::DropTooBig);
                 }
@@ -89,7 +88,7 @@ impl Hook for XdpContext {
             addr: entry.client[0],
             port: entry.client_port,
         };
-        let hop = route::lookup(self, &query(vip.addr, client.addr, pkt.proto));
+        let hop = route::lookup(self, client.addr, 0, now);
         if nat::full_nat_v4(self, pkt, vip, client).is_none() {
             return Some(Verdict::Drop(Reason::DropMalformed));
         }
@@ -99,30 +98,18 @@ impl Hook for XdpContext {
     }
 }
 
-#[inline(always)]
-fn query(saddr: u32, daddr: u32, proto: u8) -> Query {
-    Query {
-        proto,
-        saddr,
-        daddr,
-        sport: 0,
-        dport: 0,
-        tot_len: 0,
-    }
-}
-
 impl Hook for TcContext {
     #[inline(always)]
     fn ingress_ifindex(&self) -> u32 {
         unsafe { (*self.skb.skb).ingress_ifindex }
     }
 
-    fn source_towards(&self, _daddr: u32) -> Option<u32> {
+    fn source_towards(&self, _daddr: u32, _now: u64) -> Option<u32> {
         None
     }
 
     #[inline(always)]
-    fn send(&self, pkt: &L4Packet, target: &Target, _hash: u32) -> Verdict {
+    fn send(&self, pkt: &L4Packet, target: &Target, _hash: u32, _now: u64) -> Verdict {
         if target.mode != MODE_NAT {
             return Verdict::Drop(Reason::DropUnsupportedMode);
         }

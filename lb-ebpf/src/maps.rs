@@ -2,7 +2,7 @@
 //! under the agent's pin path, so forwarding survives an agent restart. The `_V1` suffix is
 //! the layout version: a changed key/value layout gets a new suffix, so an old pinned map is
 //! never reused with the wrong layout.
-use crate::flowcache::CachedFlow;
+use crate::{flowcache::CachedFlow, route::CachedHop};
 use aya_ebpf::{
     macros::map,
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
@@ -54,6 +54,11 @@ pub static SNAT_REV: LruHashMap<FlowKey, SnatRev> = LruHashMap::pinned(SNAT_REV_
 /// fullnat: source addresses and port range per service id.
 #[map(name = "XLB_SNAT_POOLS_V1")]
 pub static SNAT_POOLS: Array<SnatPool> = Array::pinned(MAX_SERVICES, 0);
+
+/// Per-CPU cache of FIB answers (route.rs). Not pinned: only a cache.
+#[map(name = "XLB_HOP_CACHE")]
+pub static HOP_CACHE: PerCpuArray<CachedHop> =
+    PerCpuArray::with_max_entries(1 << HOP_CACHE_BITS, 0);
 
 /// Front NICs by ifindex: where XDP may redirect a packet the FIB sends out of another NIC.
 #[map(name = "XLB_TX_PORTS_V1")]

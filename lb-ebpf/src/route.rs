@@ -12,44 +12,43 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup,
     programs::XdpContext,
 };
-use lb_common::Reason;
+use lb_common::{
+    Reason,
+    sizes::{HOP_CACHE_BITS, HOP_CACHE_NS},
+};
 
 use crate::{
     deliver,
-    maps::TX_PORTS,
+    maps::{HOP_CACHE, TX_PORTS},
     parse::{ETH_HLEN, Ipv4Hdr, PacketBuf, load},
 };
 
 const AF_INET: u8 = 2;
 
 /// Where the FIB sends a packet.
+#[repr(C)]
+#[derive(Clone, Copy)]
 pub struct NextHop {
-    params: FibParams,
     rc: u32,
-}
-
-/// What `lookup` is asked for.
-pub struct Query {
-    pub proto: u8,
-    /// 0: ask the FIB for the source address the kernel would use (see `source`).
-    pub saddr: u32,
-    pub daddr: u32,
-    pub sport: u16,
-    pub dport: u16,
-    /// IP length that will be sent, for the MTU check (0: no check).
-    pub tot_len: u16,
+    ifindex: u32,
+    /// The route's preferred source address.
+    src: u32,
+    /// Destination then source MAC, as they go into the Ethernet header.
+    macs: [u8; 12],
+    /// XDP can send out of `ifindex`: it is the ingress NIC or a front NIC in TX_PORTS.
+    own_port: bool,
+    _pad: [u8; 3],
 }
 
 impl NextHop {
-    /// The route's preferred source address (when the query's `saddr` was 0).
+    /// The address the LB sends from on this route.
     #[inline(always)]
     pub fn source(&self) -> Option<u32> {
-        let src = unsafe { self.params.__bindgen_anon_3.ipv4_src };
         (matches!(
             self.rc,
             BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH
-        ) && src != 0)
-            .then_some(src)
+        ) && self.src != 0)
+            .then_some(self.src)
     }
 
     #[inline(always)]
@@ -58,29 +57,82 @@ impl NextHop {
     }
 }
 
+/// A FIB answer kept per CPU for a second: the lookup costs more than the rest of an
+/// established flow's path. Answers to retry soon (no neighbour yet, too big) are not kept.
+#[repr(C)]
+pub struct CachedHop {
+    daddr: u32,
+    ingress: u32,
+    /// The largest IP length the route was checked for (dsr's MTU check).
+    checked_len: u16,
+    _pad: [u8; 6],
+    checked_ns: u64,
+    hop: NextHop,
+}
+
+/// The next hop towards `daddr` for an IP packet of `tot_len` bytes (0: no MTU check).
 #[inline(always)]
-pub fn lookup(ctx: &XdpContext, q: &Query) -> NextHop {
+pub fn lookup(ctx: &XdpContext, daddr: u32, tot_len: u16, now: u64) -> NextHop {
+    let ingress = ctx.ingress_ifindex() as u32;
+    let slot = (daddr ^ ingress).wrapping_mul(0x9e37_79b1) >> (32 - HOP_CACHE_BITS);
+    let cached = HOP_CACHE.get_ptr_mut(slot);
+    if let Some(entry) = cached {
+        let entry = unsafe { &*entry };
+        if entry.daddr == daddr
+            && entry.ingress == ingress
+            && tot_len <= entry.checked_len
+            && now.wrapping_sub(entry.checked_ns) <= HOP_CACHE_NS
+        {
+            return entry.hop;
+        }
+    }
+    let hop = fib(ctx, ingress, daddr, tot_len);
+    if !matches!(
+        hop.rc,
+        BPF_FIB_LKUP_RET_NO_NEIGH | BPF_FIB_LKUP_RET_FRAG_NEEDED
+    ) && let Some(entry) = cached
+    {
+        unsafe {
+            *entry = CachedHop {
+                daddr,
+                ingress,
+                checked_len: tot_len,
+                _pad: [0; 6],
+                checked_ns: now,
+                hop,
+            };
+        }
+    }
+    hop
+}
+
+#[inline(always)]
+fn fib(ctx: &XdpContext, ingress: u32, daddr: u32, tot_len: u16) -> NextHop {
     let mut params: FibParams = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
-    params.l4_protocol = q.proto;
-    params.sport = q.sport;
-    params.dport = q.dport;
-    params.__bindgen_anon_1.tot_len = q.tot_len;
-    params.ifindex = ctx.ingress_ifindex() as u32;
-    params.__bindgen_anon_3.ipv4_src = q.saddr;
-    params.__bindgen_anon_4.ipv4_dst = q.daddr;
-    let flags = if q.saddr == 0 { BPF_FIB_LOOKUP_SRC } else { 0 };
+    params.__bindgen_anon_1.tot_len = tot_len;
+    params.ifindex = ingress;
+    params.__bindgen_anon_4.ipv4_dst = daddr;
+    // The source is asked for always, so one answer serves every use of the route.
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.as_ptr(),
             &mut params,
             size_of::<FibParams>() as i32,
-            flags,
+            BPF_FIB_LOOKUP_SRC,
         )
-    };
+    } as u32;
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&params.dmac);
+    macs[6..].copy_from_slice(&params.smac);
+    let ifindex = params.ifindex;
     NextHop {
-        params,
-        rc: rc as u32,
+        rc,
+        ifindex,
+        src: unsafe { params.__bindgen_anon_3.ipv4_src },
+        macs,
+        own_port: ifindex == ingress || TX_PORTS.get_ifindex(ifindex).is_some(),
+        _pad: [0; 3],
     }
 }
 
@@ -103,9 +155,8 @@ pub fn transmit(
     decrement_ttl: bool,
     fallback: Fallback,
 ) -> (u32, Reason) {
-    let ifindex = hop.params.ifindex;
+    let ifindex = hop.ifindex;
     let ingress = ctx.ingress_ifindex() as u32;
-    let own_port = ifindex == ingress || TX_PORTS.get_ifindex(ifindex).is_some();
     let to_tc = |reason| {
         if deliver::mark(ctx, ifindex) {
             (XDP_PASS, reason)
@@ -115,7 +166,7 @@ pub fn transmit(
     };
     let by_xdp = match hop.rc {
         // A VLAN-tagged frame keeps its tag only through the kernel.
-        BPF_FIB_LKUP_RET_SUCCESS if own_port && l3_off == ETH_HLEN => true,
+        BPF_FIB_LKUP_RET_SUCCESS if hop.own_port && l3_off == ETH_HLEN => true,
         BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH if fallback == Fallback::Tc => false,
         // The kernel forwards it, and decrements the TTL itself.
         _ => return (XDP_PASS, Reason::Forwarded),
@@ -129,10 +180,7 @@ pub fn transmit(
     let Some(eth) = ctx.ptr_at::<[u8; 12]>(0) else {
         return (XDP_PASS, Reason::Forwarded);
     };
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&hop.params.dmac);
-    macs[6..].copy_from_slice(&hop.params.smac);
-    unsafe { core::ptr::write_unaligned(eth, macs) };
+    unsafe { core::ptr::write_unaligned(eth, hop.macs) };
     if ifindex == ingress {
         return (XDP_TX, Reason::Tx);
     }
