@@ -97,18 +97,8 @@ pub fn balance<H: Hook>(ctx: &H) -> Verdict {
             svc.mode != MODE_FULLNAT
                 || snat::still_owned(&flow, backend, snat.addr, snat.port, now, pkt.closing)
         });
-    let (target, new_flow) = match pinned {
-        Some((backend_id, backend, snat)) => (
-            Target {
-                service_id: svc.id,
-                mode: svc.mode,
-                flags: svc.flags,
-                backend_id,
-                backend,
-                snat,
-            },
-            false,
-        ),
+    let (backend_id, backend, snat, new_flow) = match pinned {
+        Some((backend_id, backend, snat)) => (backend_id, backend, snat, false),
         None => {
             let Some((backend_id, backend)) = maglev::pick(svc, hash) else {
                 return Verdict::Drop(Reason::DropNoBackend);
@@ -125,16 +115,16 @@ pub fn balance<H: Hook>(ctx: &H) -> Verdict {
                 snat = Endpoint { addr, port };
             }
             conntrack::insert(&flow, svc, backend_id, backend, snat, now, ifindex);
-            let target = Target {
-                service_id: svc.id,
-                mode: svc.mode,
-                flags: svc.flags,
-                backend_id,
-                backend,
-                snat,
-            };
-            (target, true)
+            (backend_id, backend, snat, true)
         }
+    };
+    let target = Target {
+        service_id: svc.id,
+        mode: svc.mode,
+        flags: svc.flags,
+        backend_id,
+        backend,
+        snat,
     };
     // Only flows seen again are cached: one-packet flows (a SYN flood, UDP one-shots) would
     // only push out the flows worth keeping.

@@ -5,6 +5,8 @@
 #![no_std]
 #![no_main]
 
+mod object;
+
 use aya_ebpf::{
     bindings::xdp_action::XDP_PASS,
     helpers::bpf_xdp_adjust_head,
@@ -97,13 +99,3 @@ fn decap(ctx: &XdpContext) -> Option<DecapCounter> {
     unsafe { core::ptr::write_unaligned(eth, header) };
     Some(DecapCounter::Decapsulated)
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

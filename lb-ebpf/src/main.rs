@@ -14,6 +14,7 @@ mod hooks;
 mod maglev;
 mod maps;
 mod nat;
+mod object;
 mod parse;
 mod route;
 mod snat;
@@ -126,13 +127,3 @@ pub fn xlb_tc_reply(ctx: TcContext) -> i32 {
         _ => TC_ACT_NEXT,
     }
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

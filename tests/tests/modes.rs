@@ -90,6 +90,15 @@ fn xdp(dp: &LoadedDatapath, input: &[u8]) -> RunResult {
     out
 }
 
+/// (source, destination) of the TCP/UDP packet with its IPv4 header at `l3`.
+fn endpoints(frame: &[u8], l3: usize) -> (SocketAddrV4, SocketAddrV4) {
+    let l4 = l3 + IPV4_HLEN;
+    (
+        SocketAddrV4::new(ipv4_at(frame, l3 + IP_SADDR), be16(frame, l4)),
+        SocketAddrV4::new(ipv4_at(frame, l3 + IP_DADDR), be16(frame, l4 + 2)),
+    )
+}
+
 fn host_of(addr: Ipv4Addr) -> usize {
     HOSTS
         .iter()
@@ -110,14 +119,7 @@ fn fullnat_rewrites_both_ends_and_translates_replies_back() {
         .assert_moved(&before, &[(Reason::HandedToTc, 1)], "fullnat request");
     let l3 = request.l3_off();
     verify_checksums(&out.data, l3, "fullnat request");
-    let src = SocketAddrV4::new(
-        ipv4_at(&out.data, l3 + IP_SADDR),
-        be16(&out.data, l3 + IPV4_HLEN),
-    );
-    let dst = SocketAddrV4::new(
-        ipv4_at(&out.data, l3 + IP_DADDR),
-        be16(&out.data, l3 + IPV4_HLEN + 2),
-    );
+    let (src, dst) = endpoints(&out.data, l3);
     assert_eq!(*src.ip(), LB_BACK, "SNAT to the FIB's source address");
     assert!(
         (1024..=32767).contains(&src.port()),
@@ -187,14 +189,7 @@ fn fullnat_translates_udp_both_ways() {
     let out = xdp(&dp, &query.build());
     let l3 = query.l3_off();
     verify_checksums(&out.data, l3, "fullnat UDP request");
-    let src = SocketAddrV4::new(
-        ipv4_at(&out.data, l3 + IP_SADDR),
-        be16(&out.data, l3 + IPV4_HLEN),
-    );
-    let dst = SocketAddrV4::new(
-        ipv4_at(&out.data, l3 + IP_DADDR),
-        be16(&out.data, l3 + IPV4_HLEN + 2),
-    );
+    let (src, dst) = endpoints(&out.data, l3);
     assert_eq!((*src.ip(), dst.port()), (LB_BACK, 5353));
     let answer = Packet::udp(dst, src).with_payload(&b"answer"[..]);
     let back = xdp(&dp, &answer.build());
