@@ -252,16 +252,20 @@ pub enum Reason {
     DropSnatExhausted,
     /// XDP_DROP: no route (or no source address) towards the backend for fullnat/dsr.
     DropNoRoute,
-    /// XDP_DROP: the encapsulated packet would exceed the egress MTU.
+    /// XDP_DROP: the encapsulated packet would exceed the egress MTU, and the packet may be
+    /// fragmented (no DF), which dsr does not do.
     DropTooBig,
     /// XDP_PASS: TTL expired on a packet to forward; the kernel answers with ICMP.
     PassTtl,
     /// XDP_DROP: fullnat or dsr on a TC balancer (`xdp_mode = "tc"` supports nat only).
     DropUnsupportedMode,
+    /// XDP_TX: dsr, the encapsulated packet would exceed the egress MTU: answered with ICMP
+    /// "fragmentation needed" and the MTU that fits, so the client sends smaller packets.
+    FragNeeded,
 }
 
 impl Reason {
-    pub const COUNT: u32 = Reason::DropUnsupportedMode as u32 + 1;
+    pub const COUNT: u32 = Reason::FragNeeded as u32 + 1;
     pub const ALL: [Reason; Reason::COUNT as usize] = [
         Reason::PassNotIp,
         Reason::PassIpv6,
@@ -288,6 +292,7 @@ impl Reason {
         Reason::DropTooBig,
         Reason::PassTtl,
         Reason::DropUnsupportedMode,
+        Reason::FragNeeded,
     ];
 
     /// Stable name used in metrics and status output.
@@ -318,6 +323,7 @@ impl Reason {
             Reason::DropTooBig => "drop_too_big",
             Reason::PassTtl => "pass_ttl",
             Reason::DropUnsupportedMode => "drop_unsupported_mode",
+            Reason::FragNeeded => "frag_needed",
         }
     }
 }

@@ -1,11 +1,14 @@
 //! The balancer's hooks: XDP sends packets itself in every mode (nat, fullnat, dsr); TC
 //! ingress (`xdp_mode = "tc"`) rewrites for mode nat and leaves sending to the kernel.
-use aya_ebpf::programs::{TcContext, XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action::XDP_TX,
+    programs::{TcContext, XdpContext},
+};
 use lb_common::{MODE_DSR, MODE_FULLNAT, MODE_NAT, Reason, SERVICE_GUE};
 
 use crate::{
     balance::{Hook, Target, Verdict},
-    encap,
+    encap, icmp,
     maps::SNAT_REV,
     nat::{self, End, Endpoint},
     parse::{ETH_HLEN, L4Packet},
@@ -60,7 +63,12 @@ impl Hook for XdpContext {
                 let outer_len = inner_len + encap::overhead(gue) as u16;
                 let hop = route::lookup(self, backend.addr, outer_len, now);
                 if hop.too_big() {
-                    return Verdict::Drop(Reason::DropTooBig);
+                    // Tell the client the MTU that fits once encapsulated.
+                    let fits = hop.mtu.saturating_sub(encap::overhead(gue) as u16);
+                    return match icmp::frag_needed(self, pkt, fits) {
+                        Some(()) => Verdict::Sent(XDP_TX, Reason::FragNeeded),
+                        None => Verdict::Drop(Reason::DropTooBig),
+                    };
                 }
                 let Some(source) = hop.source() else {
                     return Verdict::Drop(Reason::DropNoRoute);

@@ -11,6 +11,7 @@ mod deliver;
 mod encap;
 mod flowcache;
 mod hooks;
+mod icmp;
 mod maglev;
 mod maps;
 mod nat;

@@ -37,7 +37,9 @@ pub struct NextHop {
     macs: [u8; 12],
     /// XDP can send out of `ifindex`: it is the ingress NIC or a front NIC in TX_PORTS.
     own_port: bool,
-    _pad: [u8; 3],
+    _pad: u8,
+    /// The route's MTU, when the packet was too big for it.
+    pub mtu: u16,
 }
 
 impl NextHop {
@@ -132,7 +134,8 @@ fn fib(ctx: &XdpContext, ingress: u32, daddr: u32, tot_len: u16) -> NextHop {
         src: unsafe { params.__bindgen_anon_3.ipv4_src },
         macs,
         own_port: ifindex == ingress || TX_PORTS.get_ifindex(ifindex).is_some(),
-        _pad: [0; 3],
+        _pad: 0,
+        mtu: unsafe { params.__bindgen_anon_1.mtu_result },
     }
 }
 

@@ -27,7 +27,12 @@ impl LineConn {
 
     /// Sends one line and returns the backend's name.
     pub fn ask(&mut self) -> io::Result<String> {
-        self.reader.get_mut().write_all(b"who\n")?;
+        self.ask_with(b"who\n")
+    }
+
+    /// Sends `line` (ending in a newline; any size) and returns the backend's name.
+    pub fn ask_with(&mut self, line: &[u8]) -> io::Result<String> {
+        self.reader.get_mut().write_all(line)?;
         let mut line = String::new();
         if self.reader.read_line(&mut line)? == 0 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed"));

@@ -285,16 +285,55 @@ fn dsr_encapsulates_in_ipip_and_gue() {
 }
 
 #[test]
-fn dsr_drops_what_would_not_fit_the_egress_mtu() {
+fn dsr_answers_what_would_not_fit_the_egress_mtu_with_icmp() {
     let _ns = routed_namespace();
     let dp = LoadedDatapath::new(&service("web", 80, "mode = \"dsr\"", 80));
     // 1500 bytes of IP: 1520 encapsulated, over the link's 1500.
     let full = Packet::tcp(CLIENT, SocketAddrV4::new(VIP, 80)).with_payload(vec![b'x'; 1460]);
+    let input = full.build();
     let before = dp.reasons();
-    let out = xdp(&dp, &full.build());
-    assert_eq!(out.action, XDP_DROP, "{}", xdp_action_name(out.action));
+    let out = xdp(&dp, &input);
+    assert_eq!(out.action, XDP_TX, "{}", xdp_action_name(out.action));
     dp.reasons()
-        .assert_moved(&before, &[(Reason::DropTooBig, 1)], "too big");
+        .assert_moved(&before, &[(Reason::FragNeeded, 1)], "too big, DF set");
+    let frame = &out.data;
+    assert_eq!(frame.len(), ETH_HLEN + IPV4_HLEN + 8 + IPV4_HLEN + 8);
+    assert_eq!(
+        (&frame[..6], &frame[6..12]),
+        (&input[6..12], &input[..6]),
+        "MACs swapped"
+    );
+    let ip = &frame[ETH_HLEN..];
+    let header = etherparse::Ipv4Header::from_slice(ip).expect("IP header").0;
+    assert_eq!(header.header_checksum, header.calc_header_checksum());
+    assert_eq!(
+        (ip[9], ipv4_at(ip, 12), ipv4_at(ip, 16)),
+        (1, VIP, *CLIENT.ip())
+    );
+    let icmp = &ip[IPV4_HLEN..];
+    assert_eq!(
+        (icmp[0], icmp[1]),
+        (3, 4),
+        "destination unreachable, fragmentation needed"
+    );
+    assert_eq!(
+        be16(icmp, 6),
+        1500 - 20,
+        "the MTU that fits once encapsulated"
+    );
+    assert_eq!(checksum(&[icmp]), 0, "ICMP checksum");
+    assert_eq!(
+        &icmp[8..],
+        &input[ETH_HLEN..ETH_HLEN + 28],
+        "quotes the client's packet"
+    );
+
+    // Without DF the sender allows fragmenting, which dsr does not do: dropped, counted.
+    let fragmentable = full.with_frag(0).build();
+    let before = dp.reasons();
+    assert_eq!(xdp(&dp, &fragmentable).action, XDP_DROP);
+    dp.reasons()
+        .assert_moved(&before, &[(Reason::DropTooBig, 1)], "too big, no DF");
 }
 
 /// The decap program loaded on its own, serving `vips`.

@@ -201,6 +201,29 @@ fn dsr_keeps_the_client_address_and_replies_skip_the_lb() {
 }
 
 #[test]
+fn dsr_path_mtu_discovery_shrinks_the_clients_segments() {
+    let remote = Remote::new(1, 3);
+    let lb = &remote.lbs[0];
+    // No room for the encapsulation on the LB's link: full-size client segments do not fit.
+    lb.ns.ip(&["link", "set", "front", "mtu", "1500"]);
+    remote.decap_on_hosts();
+    let config = remote.config(&lb.pin_path(), &[("web", 80, 80, "mode = \"dsr\"")]);
+    let agent = lb.start_agent(&config);
+    agent.wait_up("web", 3, Duration::from_secs(5));
+
+    let answer = remote.client.run(|| {
+        let mut conn = LineConn::connect(vip(80))?;
+        let mut line = vec![b'x'; 20_000];
+        line.push(b'\n');
+        conn.ask_with(&line)
+    });
+    let name = answer.expect("a 20 kB request through dsr");
+    assert!(name.starts_with("host"), "{name}");
+    assert!(reason(&agent, "frag_needed") > 0, "{}", agent.status());
+    assert_eq!(reason(&agent, "drop_too_big"), 0);
+}
+
+#[test]
 fn established_flows_survive_an_lb_node_failure() {
     let remote = Remote::new(2, 3);
     remote.decap_on_hosts();
