@@ -61,10 +61,10 @@ enum Command {
     /// these VIPs and put the VIPs on lo. Stays attached after exit.
     Decap {
         /// Interfaces where encapsulated packets arrive (repeat for several).
-        #[arg(long = "interface", short, required_unless_present = "detach")]
+        #[arg(long = "interface", short, required_unless_present_any = ["detach", "status"])]
         interfaces: Vec<String>,
         /// VIPs served by this host (repeat for several).
-        #[arg(long = "vip", required_unless_present = "detach")]
+        #[arg(long = "vip", required_unless_present_any = ["detach", "status"])]
         vips: Vec<std::net::Ipv4Addr>,
         /// auto (driver, falling back to skb), driver or skb.
         #[arg(long, default_value = "auto")]
@@ -72,8 +72,11 @@ enum Command {
         #[arg(long, default_value = xlb::decap::DEFAULT_PIN_PATH)]
         pin_path: PathBuf,
         /// Remove the program, its pins and the VIPs from lo instead.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "status")]
         detach: bool,
+        /// Show the VIPs served and the counters instead.
+        #[arg(long)]
+        status: bool,
     },
 }
 
@@ -184,8 +187,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             xdp_mode,
             pin_path,
             detach,
+            status,
         } => {
-            if detach {
+            if status {
+                let vips: Vec<String> = xlb::decap::served_vips(&pin_path)?
+                    .iter()
+                    .map(|v| v.to_string())
+                    .collect();
+                println!("VIPs: {}", vips.join(", "));
+                for (counter, n) in xlb::decap::counters(&pin_path)? {
+                    println!("{:<13} {n}", counter.name());
+                }
+            } else if detach {
                 xlb::decap::detach(&pin_path)?;
                 println!("decap removed from {}", pin_path.display());
             } else {

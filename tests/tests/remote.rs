@@ -192,6 +192,22 @@ fn dsr_keeps_the_client_address_and_replies_skip_the_lb() {
         // Health checks come from the LB; every client connection shows the client.
         assert!(from_client.count() >= 30, "{}: {peers:?}", host.name);
     }
+    // Each host decapsulated its share (`xlb decap --status`).
+    for host in &remote.hosts {
+        let status = host.ns.exec(&[
+            xlb_tests::process::binary("xlb").to_str().unwrap(),
+            "decap",
+            "--status",
+            "--pin-path",
+            &remote.decap_pin_path(host),
+        ]);
+        let decapsulated: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("decapsulated"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0);
+        assert!(decapsulated > 0, "{}: {status}", host.name);
+    }
     let counter = lb.ns.exec(&["nft", "list", "table", "ip", "t"]);
     assert!(
         counter.contains("packets 0 bytes 0"),
