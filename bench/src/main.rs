@@ -1,11 +1,11 @@
-//! `xlb-bench` (run it with `cargo xtask bench`): the same loads through four modes in a
+//! `xlb-bench` (run it with `cargo xtask bench`): the same loads through every mode in a
 //! netns sandbox, interleaved over repetitions, plus microbenchmarks of the XDP program and
 //! Maglev. Writes report.md, results.json and ratios.svg to target/bench/.
 //!
 //! ```text
 //! client ns 10.99.1.2 ──veth── lb ns (front 10.99.1.1, br0 10.99.2.1) ──br0── beN ns 10.99.2.1N (nginx)
 //!   wrk / UDP generator          direct: routing only      nft: DNAT numgen
-//!   (pinned to the load CPU)     HAProxy mode tcp on VIP   xlb: XDP on front
+//!   (pinned to the load CPU)     HAProxy mode tcp on VIP   xlb: XDP on front (nat, fullnat, dsr)
 //! ```
 //! Everything it creates (namespaces, processes, pins) is removed at the end, also when a
 //! run fails or on Ctrl-C.
@@ -16,14 +16,16 @@ mod modes;
 mod plot;
 mod profile;
 mod report;
+mod runs;
 mod tables;
 mod testbed;
+mod xlbmode;
 
 use std::{
     path::{Path, PathBuf},
     process::{Command, ExitCode},
     sync::atomic::{AtomicBool, Ordering},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -208,7 +210,11 @@ fn run(args: Args) -> Result<()> {
         settings: vec![
             "TX checksum offload off on the client's eth0 and the backends' eth0 (ethtool -K eth0 tx off)".into(),
             "lb ns: net.bridge.bridge-nf-call-{iptables,ip6tables,arptables} = 0 when br_netfilter is loaded (no netfilter detour for br0's bridged traffic)".into(),
-            "each mode's load comes from its own client address (10.99.1.2-6)".into(),
+            format!(
+                "each mode's load comes from its own client address ({})",
+                modes::ALL.map(|m| format!("{}: {}", m.name(), m.client_addr())).join(", ")
+            ),
+            format!("MTU {} on br0, its ports and the backends' eth0: room for dsr's encapsulation of a full-size packet", testbed::INNER_MTU),
         ],
         xdp_mode: None,
     };
@@ -323,7 +329,8 @@ fn throughput(
             stopped()?;
             step(&format!("rep {}/{reps}: {}", rep + 1, mode.name()));
             let active = Active::start(bed, mode)?;
-            if active.xdp_mode.is_some() {
+            // The other xlb modes attach differently (tc; fullnat adds br0 in skb mode).
+            if mode == Mode::Xlb {
                 context.xdp_mode.clone_from(&active.xdp_mode);
             }
             if !args.quick {
@@ -377,7 +384,7 @@ fn throughput(
                 profile_xlb(args, &wrk, bed, &active, seconds.min(2), profile)?;
             }
             drop(active);
-            if matches!(mode, Mode::Xlb | Mode::XlbTc | Mode::XdpPass) {
+            if mode.runs_xlb() {
                 modes::check_detached(bed)?;
             }
         }
@@ -395,8 +402,8 @@ fn one_run(
     seconds: u64,
 ) -> Result<Run> {
     match load {
-        Load::Udp => udp_run(args, bed, active, rep, seconds),
-        _ => wrk_run(wrk, bed, active, rep, load),
+        Load::Udp => runs::udp_run(bed, active, rep, seconds, args.load_cpu, args.udp_flows),
+        _ => runs::wrk_run(wrk, bed, active, rep, load),
     }
 }
 
@@ -434,110 +441,6 @@ fn profile_xlb(
         }
     }
     Ok(())
-}
-
-fn wrk_run(
-    wrk: &load::Wrk<'_>,
-    bed: &Testbed,
-    active: &Active<'_>,
-    rep: u32,
-    load: Load,
-) -> Result<Run> {
-    let targets = active.http_targets();
-    let nginx_before = bed.nginx_requests()?;
-    let proxy = active.proxy_pid();
-    let proxy_before = proxy.and_then(cpu::process_ticks);
-    let procs_before = cpu::processes();
-    let before = cpu::sample()?;
-    let r = wrk.run(&targets, load == Load::Close)?;
-    let after = cpu::sample()?;
-    let procs_after = cpu::processes();
-    let proxy_after = proxy.and_then(cpu::process_ticks);
-    let nginx_after = bed.nginx_requests()?;
-    let usage = cpu::usage(&before, &after);
-    Ok(Run {
-        rep,
-        load,
-        mode: active.mode,
-        rate: r.rate,
-        seconds: r.seconds,
-        count: r.requests,
-        p50_us: Some(r.p50_us),
-        p99_us: Some(r.p99_us),
-        cpu_busy_us: usage.busy_us,
-        cpu_util: usage.per_cpu,
-        foreign_cpu_us: cpu::foreign_us(&procs_before, &procs_after),
-        proxy_cpu_us: proxy_before
-            .zip(proxy_after)
-            .map(|(a, b)| (b - a) as f64 * cpu::tick_us()),
-        per_backend: nginx_after
-            .iter()
-            .zip(&nginx_before)
-            .map(|(a, b)| a - b)
-            .collect(),
-        errors: r.errors,
-        sent: None,
-    })
-}
-
-/// Removes the backends' UDP counters when dropped.
-struct UdpCounters<'a>(&'a Testbed);
-
-impl Drop for UdpCounters<'_> {
-    fn drop(&mut self) {
-        self.0.remove_udp_counters();
-    }
-}
-
-fn udp_run(args: &Args, bed: &Testbed, active: &Active<'_>, rep: u32, seconds: u64) -> Result<Run> {
-    bed.add_udp_counters()?;
-    let _counters = UdpCounters(bed);
-    let targets = active.udp_targets();
-    let counts_before = bed.udp_counts()?;
-    let proxy = active.proxy_pid();
-    let proxy_before = proxy.and_then(cpu::process_ticks);
-    let procs_before = cpu::processes();
-    let before = cpu::sample()?;
-    let sent = load::udp_flood(
-        &bed.topo.client.path(),
-        args.load_cpu,
-        &targets,
-        args.udp_flows,
-        Duration::from_secs(seconds),
-        &STOP,
-    )?;
-    let after = cpu::sample()?;
-    let procs_after = cpu::processes();
-    let proxy_after = proxy.and_then(cpu::process_ticks);
-    // Datagrams still in queues arrive within this.
-    std::thread::sleep(Duration::from_millis(200));
-    let counts_after = bed.udp_counts()?;
-    let per_backend: Vec<u64> = counts_after
-        .iter()
-        .zip(&counts_before)
-        .map(|(a, b)| a - b)
-        .collect();
-    let delivered: u64 = per_backend.iter().sum();
-    let usage = cpu::usage(&before, &after);
-    Ok(Run {
-        rep,
-        load: Load::Udp,
-        mode: active.mode,
-        rate: delivered as f64 / sent.seconds,
-        seconds: sent.seconds,
-        count: delivered,
-        p50_us: None,
-        p99_us: None,
-        cpu_busy_us: usage.busy_us,
-        cpu_util: usage.per_cpu,
-        foreign_cpu_us: cpu::foreign_us(&procs_before, &procs_after),
-        proxy_cpu_us: proxy_before
-            .zip(proxy_after)
-            .map(|(a, b)| (b - a) as f64 * cpu::tick_us()),
-        per_backend,
-        errors: sent.packets.saturating_sub(delivered),
-        sent: Some(sent.packets),
-    })
 }
 
 fn cpu_model() -> String {

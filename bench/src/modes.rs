@@ -1,13 +1,16 @@
-//! The four ways the same load reaches the three nginx backends. A mode is set up in the lb
+//! The ways the same load reaches the three nginx backends. A mode is set up in the lb
 //! namespace and torn down when its guard drops (the XDP program detached and its pins gone,
-//! HAProxy stopped, the nft table deleted, the VIP removed from lo).
+//! HAProxy stopped, the nft table deleted, the VIP removed from lo, dsr's decap detached).
 use std::{net::SocketAddrV4, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 use xlb_tests::{agent::Agent, process::Proc, topology::VIP};
 
-use crate::testbed::{HTTP_PORT, Testbed, UDP_PORT, nft};
+use crate::{
+    testbed::{HTTP_PORT, Testbed, UDP_PORT, nft},
+    xlbmode::{self, Decap},
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -27,15 +30,23 @@ pub enum Mode {
     /// in `Direct`, so every packet takes XDP_PASS (not a VIP) and TC finds no reverse NAT.
     /// Its gap to direct is the cost of having the programs on the interface at all.
     XdpPass,
+    /// xlb in mode fullnat: client → VIP becomes 10.99.2.1:port → backend; the replies come
+    /// back to the lb namespace's br0, where the program is attached too (skb mode).
+    XlbFullnat,
+    /// xlb in mode dsr: IPIP to the backend, which decapsulates (`xlb decap`) and answers
+    /// the client from the VIP directly (routed by the lb namespace, not through xlb).
+    XlbDsr,
 }
 
-pub const ALL: [Mode; 6] = [
+pub const ALL: [Mode; 8] = [
     Mode::Direct,
     Mode::Nft,
     Mode::Haproxy,
     Mode::Xlb,
     Mode::XlbTc,
     Mode::XdpPass,
+    Mode::XlbFullnat,
+    Mode::XlbDsr,
 ];
 
 impl Mode {
@@ -47,6 +58,8 @@ impl Mode {
             Mode::Xlb => "xlb",
             Mode::XlbTc => "xlb, mode tc",
             Mode::XdpPass => "direct, xlb attached",
+            Mode::XlbFullnat => "xlb, fullnat",
+            Mode::XlbDsr => "xlb, dsr",
         }
     }
 
@@ -62,7 +75,17 @@ impl Mode {
             Mode::Xlb => "10.99.1.5",
             Mode::XdpPass => "10.99.1.6",
             Mode::XlbTc => "10.99.1.7",
+            Mode::XlbFullnat => "10.99.1.8",
+            Mode::XlbDsr => "10.99.1.9",
         }
+    }
+
+    /// Modes that run an xlb agent.
+    pub fn runs_xlb(self) -> bool {
+        matches!(
+            self,
+            Mode::Xlb | Mode::XlbTc | Mode::XdpPass | Mode::XlbFullnat | Mode::XlbDsr
+        )
     }
 
     /// HAProxy has no UDP mode.
@@ -82,6 +105,8 @@ pub struct Active<'a> {
     bed: &'a Testbed,
     proxy: Option<Proc>,
     agent: Option<Agent>,
+    /// dsr's decapsulation on the backends (dropped after the agent).
+    decap: Option<Decap>,
     /// How xlb attached (driver or skb), from its status.
     pub xdp_mode: Option<String>,
 }
@@ -93,6 +118,7 @@ impl<'a> Active<'a> {
             bed,
             proxy: None,
             agent: None,
+            decap: None,
             xdp_mode: None,
         };
         let backends = bed.backend_addrs();
@@ -152,30 +178,12 @@ impl<'a> Active<'a> {
                     bed.scratch().join("haproxy.log"),
                 ));
             }
-            Mode::Xlb | Mode::XlbTc | Mode::XdpPass => {
-                let pin_path = Agent::pin_path_for(&bed.topo);
-                let mut config = format!(
-                    "[agent]\ninterfaces = [\"{}\"]\npin_path = \"{pin_path}\"\n",
-                    xlb_tests::topology::FRONT
-                );
-                let bridge = if mode == Mode::XlbTc {
-                    config += "xdp_mode = \"tc\"\n";
-                    "bridge = \"br0\"\n"
-                } else {
-                    ""
-                };
-                for (name, port, proto) in [("web", HTTP_PORT, "tcp"), ("udp", UDP_PORT, "udp")] {
-                    config += &format!(
-                        "\n[[service]]\nname = \"{name}\"\nvip = \"{VIP}\"\nport = {port}\n\
-                         protocol = \"{proto}\"\nmode = \"nat\"\ntable_size = 65537\n\
-                         [service.health]\ntype = \"none\"\n"
-                    );
-                    for addr in &backends {
-                        config += &format!(
-                            "[[service.backend]]\naddress = \"{addr}\"\nport = {port}\n{bridge}"
-                        );
-                    }
+            Mode::Xlb | Mode::XlbTc | Mode::XdpPass | Mode::XlbFullnat | Mode::XlbDsr => {
+                if mode == Mode::XlbDsr {
+                    active.decap = Some(Decap::attach(bed)?);
                 }
+                let pin_path = Agent::pin_path_for(&bed.topo);
+                let config = xlbmode::config(mode, &pin_path, &backends);
                 let agent = Agent::start(&bed.topo, &config);
                 if let Some(pid) = agent.proc.as_ref().map(Proc::pid) {
                     crate::cpu::pin_process(pid, bed.server_cpu)?;
@@ -284,9 +292,10 @@ impl Drop for Active<'_> {
                     .args(["addr", "del", &format!("{VIP}/32"), "dev", "lo"])
                     .output();
             }
-            Mode::Xlb | Mode::XlbTc | Mode::XdpPass => {
+            Mode::Xlb | Mode::XlbTc | Mode::XdpPass | Mode::XlbFullnat | Mode::XlbDsr => {
                 // Stops the agent, unpins the links (detaching XDP and TC) and removes the pins.
                 self.agent.take();
+                self.decap.take();
             }
         }
     }
@@ -294,16 +303,15 @@ impl Drop for Active<'_> {
 
 /// Fails if anything of xlb is still attached in the lb namespace.
 pub fn check_detached(bed: &Testbed) -> Result<()> {
-    let link = bed
-        .topo
-        .lb
-        .ip(&["-d", "link", "show", xlb_tests::topology::FRONT]);
-    if link.contains("prog/xdp") || link.contains(" xdp") {
-        bail!("an XDP program is still attached to front: {link}");
+    for interface in [xlb_tests::topology::FRONT, "br0"] {
+        let link = bed.topo.lb.ip(&["-d", "link", "show", interface]);
+        if link.contains("prog/xdp") || link.contains(" xdp") {
+            bail!("an XDP program is still attached to {interface}: {link}");
+        }
     }
     let pins = Agent::pin_path_for(&bed.topo);
     if std::path::Path::new(&pins).exists() {
         bail!("{pins} still exists");
     }
-    Ok(())
+    xlbmode::check_decap_detached(bed)
 }

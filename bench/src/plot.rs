@@ -18,6 +18,8 @@ fn color(mode: Mode) -> RGBColor {
         Mode::Xlb => RGBColor(40, 160, 80),
         Mode::XlbTc => RGBColor(20, 110, 50),
         Mode::XdpPass => RGBColor(170, 215, 170),
+        Mode::XlbFullnat => RGBColor(130, 80, 170),
+        Mode::XlbDsr => RGBColor(30, 160, 170),
     }
 }
 
@@ -35,7 +37,7 @@ pub fn plot(path: &Path, summary: &[Summary]) -> Result<()> {
         .fold(1.0, f64::max)
         .max(1.0)
         * 1.45;
-    let root = SVGBackend::new(path, (900, 500)).into_drawing_area();
+    let root = SVGBackend::new(path, (1100, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(

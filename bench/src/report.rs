@@ -405,7 +405,11 @@ pub fn markdown(r: &Results) -> String {
          server CPU's busy share. The split is nginx's request count (stub_status) or the \
          backends' nft counters; UDP errors are datagrams sent but not delivered. \
          \"direct, xlb attached\" is a diagnostic: the direct load with xlb's programs on the \
-         interface (every packet passes: not for a VIP).\n\n{}",
+         interface (every packet passes: not for a VIP). \
+         \"xlb, fullnat\" also rewrites the source to the lb namespace's br0 address, so \
+         replies come back through xlb (attached to br0 too, in skb mode); \"xlb, dsr\" \
+         encapsulates in IPIP to the backend, which decapsulates (`xlb decap`) and answers the \
+         client directly.\n\n{}",
         c.wrk_threads,
         c.wrk_connections,
         c.udp_flows,

@@ -24,6 +24,10 @@ const STATUS_PORT: u16 = 8099;
 /// nft table in each backend namespace that counts (and drops) the UDP load.
 const UDP_TABLE: &str = "xlbbench_udp";
 
+/// MTU between the lb namespace and the backends: dsr's IPIP header (20 bytes; GUE 28) on
+/// a full 1500-byte client packet must fit, or the balancer drops it (drop_too_big).
+pub const INNER_MTU: &str = "1600";
+
 /// Present when br_netfilter is loaded (the test runs inside the lb namespace).
 const BRIDGE_NF: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
 
@@ -55,6 +59,11 @@ impl Testbed {
                     .ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
             }
         }
+        for b in &topo.backends {
+            topo.lb.ip(&["link", "set", &b.name, "mtu", INNER_MTU]);
+            b.ns.ip(&["link", "set", "eth0", "mtu", INNER_MTU]);
+        }
+        topo.lb.ip(&["link", "set", "br0", "mtu", INNER_MTU]);
         for (ns, key, value) in SYSCTLS {
             let ns = if *ns == "client" {
                 &topo.client
