@@ -34,7 +34,7 @@ use clap::Parser;
 use crate::{
     load::Load,
     modes::{Active, Mode},
-    report::{Context, Results, Run},
+    report::{Context, Failure, Results, Run},
     testbed::Testbed,
 };
 
@@ -260,6 +260,7 @@ fn run(args: Args) -> Result<()> {
 
     let mut runs = Vec::new();
     let mut profile = Vec::new();
+    let mut failures = Vec::new();
     if !args.no_netns {
         step("building the netns sandbox (client, lb, 3 nginx backends)");
         let bed = Testbed::new(args.server_cpu)?;
@@ -273,7 +274,7 @@ fn run(args: Args) -> Result<()> {
             &mut profile,
         );
         drop(bed);
-        outcome?;
+        failures = outcome?;
     }
 
     let summary = report::summarize(&runs);
@@ -286,6 +287,7 @@ fn run(args: Args) -> Result<()> {
         xdp,
         maglev,
         profile,
+        failures,
     };
     report::write_all(&out, &results)?;
     println!("{}", report::markdown(&results));
@@ -294,6 +296,14 @@ fn run(args: Args) -> Result<()> {
         out.display(),
         started.elapsed().as_secs_f64()
     ));
+    if !results.failures.is_empty() {
+        let which: Vec<String> = results
+            .failures
+            .iter()
+            .map(|f| format!("{} (rep {})", f.mode.name(), f.rep + 1))
+            .collect();
+        bail!("failed their check: {}", which.join(", "));
+    }
     Ok(())
 }
 
@@ -307,7 +317,8 @@ fn throughput(
     runs: &mut Vec<Run>,
     context: &mut Context,
     profile: &mut Vec<profile::ProgramCost>,
-) -> Result<()> {
+) -> Result<Vec<Failure>> {
+    let mut failures = Vec::new();
     let started = Instant::now();
     let retries = args.retries;
     let scratch = bed.scratch();
@@ -328,7 +339,23 @@ fn throughput(
             let mode = modes[(k + rep as usize) % modes.len()];
             stopped()?;
             step(&format!("rep {}/{reps}: {}", rep + 1, mode.name()));
-            let active = Active::start(bed, mode)?;
+            // A mode that cannot be set up or fails its check is reported, and the others
+            // still run: one broken mode should not void the whole run.
+            let active = match Active::start(bed, mode) {
+                Ok(active) => active,
+                Err(e) => {
+                    eprintln!("    FAILED: {e:#}");
+                    failures.push(Failure {
+                        rep,
+                        mode,
+                        error: format!("{e:#}"),
+                    });
+                    if mode.runs_xlb() {
+                        modes::check_detached(bed)?;
+                    }
+                    continue;
+                }
+            };
             // The other xlb modes attach differently (tc; fullnat adds br0 in skb mode).
             if mode == Mode::Xlb {
                 context.xdp_mode.clone_from(&active.xdp_mode);
@@ -389,7 +416,7 @@ fn throughput(
             }
         }
     }
-    Ok(())
+    Ok(failures)
 }
 
 fn one_run(

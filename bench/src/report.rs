@@ -362,6 +362,16 @@ pub struct Results {
     pub maglev: Vec<MaglevResult>,
     /// xlb's programs in real traffic (an extra run with BPF stats on).
     pub profile: Vec<crate::profile::ProgramCost>,
+    /// Mode setups that failed (their loads did not run in that repetition).
+    pub failures: Vec<Failure>,
+}
+
+/// A mode that could not be set up or did not answer from every backend.
+#[derive(Debug, Clone, Serialize)]
+pub struct Failure {
+    pub rep: u32,
+    pub mode: Mode,
+    pub error: String,
 }
 
 pub fn markdown(r: &Results) -> String {
@@ -391,6 +401,23 @@ pub fn markdown(r: &Results) -> String {
              goals based on them are not judged.\n",
             c.cpus
         );
+    }
+    if !r.failures.is_empty() {
+        let _ = writeln!(
+            s,
+            "## Failed setups\n\nThese modes failed their check (every backend must answer new \
+             connections) and ran no load in that repetition:\n"
+        );
+        for f in &r.failures {
+            let _ = writeln!(
+                s,
+                "- {}, repetition {}: {}",
+                f.mode.name(),
+                f.rep + 1,
+                f.error
+            );
+        }
+        s.push('\n');
     }
     let _ = writeln!(s, "## Goals (issue 6)\n\n{}", goals_table(&r.goals));
     let _ = writeln!(
