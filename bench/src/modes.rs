@@ -241,15 +241,13 @@ impl<'a> Active<'a> {
     /// Checks that the mode answers from every backend before any load runs.
     fn check(&mut self) -> Result<()> {
         let targets = self.http_targets();
-        let mut names = Vec::new();
-        // HAProxy needs a moment to bind; the others answer at once.
-        for attempt in 0.. {
+        // HAProxy needs a moment to bind; the others answer at once. Bounded in time: a
+        // probe that times out takes seconds, and a broken mode would stall the whole run.
+        let started = std::time::Instant::now();
+        let names = loop {
             match self.bed.probe_http(&targets, PROBES) {
-                Ok(answers) => {
-                    names = answers;
-                    break;
-                }
-                Err(_) if attempt < 50 => {
+                Ok(answers) => break answers,
+                Err(_) if started.elapsed() < Duration::from_secs(10) => {
                     if let Some(p) = self.proxy.as_mut()
                         && !p.is_running()
                     {
@@ -261,7 +259,7 @@ impl<'a> Active<'a> {
                     return Err(e).with_context(|| format!("{} does not answer", self.mode.name()));
                 }
             }
-        }
+        };
         for want in self.bed.backend_names() {
             if !names.contains(&want) {
                 bail!(
