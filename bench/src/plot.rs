@@ -56,8 +56,13 @@ pub fn plot(path: &Path, summary: &[Summary]) -> Result<()> {
         .y_desc("ratio to direct")
         .draw()
         .map_err(plot_err)?;
-    let width = 0.8 / modes::ALL.len() as f64;
-    for (m, mode) in modes::ALL.into_iter().enumerate() {
+    // Only the modes that ran get a slot: a run of a few modes has no gaps.
+    let shown: Vec<Mode> = modes::ALL
+        .into_iter()
+        .filter(|m| summary.iter().any(|s| s.mode == *m))
+        .collect();
+    let width = 0.8 / shown.len().max(1) as f64;
+    for (m, mode) in shown.into_iter().enumerate() {
         let bars: Vec<(f64, &Summary)> = loads
             .iter()
             .enumerate()
