@@ -34,7 +34,8 @@ pub fn inner_len(ctx: &XdpContext, pkt: &L4Packet) -> Option<u16> {
 }
 
 /// Puts the outer headers in front of the packet's IP header. A VLAN tag is dropped: the
-/// outer packet is routed, and the FIB picks its interface. The MACs are left to `route`.
+/// outer packet is routed, and the FIB picks its interface. The MACs are kept until
+/// `route` writes the next hop's.
 #[inline(always)]
 pub fn encap_v4(
     ctx: &XdpContext,
@@ -51,13 +52,19 @@ pub fn encap_v4(
             u16::from_be(load(&raw const (*ip).tot_len)),
         )
     };
+    // The MACs move with the head: TC's bpf_redirect_neigh sends a frame whose destination
+    // MAC is left from the buffer (or multicast) nowhere.
+    let macs = load(ctx.ptr_at::<[u8; 12]>(0)?);
     let grow = overhead(gue) as i32 - (pkt.l3_off - ETH_HLEN) as i32;
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -grow) } != 0 {
         return None;
     }
-    let eth_type = ctx.ptr_at::<u16>(12)?;
+    let eth = ctx.ptr_at::<[u8; ETH_HLEN]>(0)?;
     let outer = ctx.ptr_at::<Ipv4Hdr>(ETH_HLEN)?;
-    unsafe { core::ptr::write(eth_type, ETH_P_IP.to_be()) };
+    let mut header = [0u8; ETH_HLEN];
+    header[..12].copy_from_slice(&macs);
+    header[12..].copy_from_slice(&ETH_P_IP.to_be_bytes());
+    unsafe { core::ptr::write_unaligned(eth, header) };
     let tot_len = inner_len + overhead(gue) as u16;
     let proto = if gue { PROTO_UDP } else { PROTO_IPIP };
     let header = Ipv4Hdr {

@@ -251,6 +251,8 @@ fn encapsulated(gue: bool) -> (Vec<u8>, Vec<u8>) {
         "outer headers added"
     );
     assert_eq!(be16(&out.data, 12), ETH_P_IP);
+    // Handed to TC, which sends by the neighbour table: the frame keeps sane MACs.
+    assert_eq!(&out.data[..12], &input[..12], "MACs kept");
     let outer = &out.data[ETH_HLEN..];
     assert_eq!(outer[0], 0x45);
     assert_eq!(outer[8], 64, "outer TTL");
