@@ -62,18 +62,7 @@ impl Decap {
             let pins = pin_path(&bed.topo.prefix, &b.name);
             let ns = b.ns.path();
             decap.attached.push((ns.clone(), pins.clone()));
-            let out = xlb_in(
-                &ns,
-                &[
-                    "decap",
-                    "--interface",
-                    "eth0",
-                    "--vip",
-                    VIP,
-                    "--pin-path",
-                    &pins,
-                ],
-            )?;
+            let out = xlb_in(&ns, &xlb_tests::remote::decap_args(&pins))?;
             if !out.contains("decapsulating for") {
                 bail!("xlb decap in {}: {out}", b.name);
             }

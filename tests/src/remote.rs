@@ -252,16 +252,11 @@ impl Remote {
     /// Runs `xlb decap` on every host for the VIP (dsr's backend side).
     pub fn decap_on_hosts(&self) {
         for host in &self.hosts {
-            let out = host.ns.exec(&[
-                binary("xlb").to_str().expect("utf-8"),
-                "decap",
-                "--interface",
-                "eth0",
-                "--vip",
-                VIP,
-                "--pin-path",
-                &self.decap_pin_path(host),
-            ]);
+            let xlb = binary("xlb");
+            let mut args = vec![xlb.to_str().expect("utf-8")];
+            let pins = self.decap_pin_path(host);
+            args.extend(decap_args(&pins));
+            let out = host.ns.exec(&args);
             assert!(out.contains("decapsulating for"), "xlb decap: {out}");
         }
     }
@@ -363,6 +358,19 @@ fn xdp_pass(
         }
         ebpf
     })
+}
+
+/// `xlb decap` arguments for a host whose eth0 receives the dsr traffic for VIP.
+pub fn decap_args(pin_path: &str) -> [&str; 7] {
+    [
+        "decap",
+        "--interface",
+        "eth0",
+        "--vip",
+        VIP,
+        "--pin-path",
+        pin_path,
+    ]
 }
 
 /// Runs BIRD in the foreground in `ns` with `conf`, its control socket and log in `dir`.
