@@ -1,18 +1,20 @@
 //! The TOML config (`xlb.toml`): typed sections, defaults, and validation whose errors name
 //! the file, the line and the field. Nothing downstream sees an unvalidated config.
 use std::{
-    collections::HashSet,
     fmt,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use lb_common::sizes::{MAX_BACKENDS, MAX_RING_SIZE, MAX_SERVICES};
+use lb_common::sizes::MAX_RING_SIZE;
 use serde::{Deserialize, Serialize};
 
 mod locate;
 mod modes;
+mod validate;
+
+pub use validate::is_prime;
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -412,202 +414,6 @@ impl Config {
     pub fn api_listen(&self) -> ApiListen {
         ApiListen::parse(&self.agent.api).expect("validated")
     }
-
-    /// Semantic checks: (field path, reason) for each problem.
-    fn problems(&self) -> Vec<(String, String)> {
-        let mut out = Vec::new();
-        let agent = &self.agent;
-        if agent.interfaces.is_empty() {
-            out.push((
-                "agent.interfaces".into(),
-                "at least one interface is required".into(),
-            ));
-        }
-        for (i, name) in agent.interfaces.iter().enumerate() {
-            if !valid_interface(name) {
-                out.push((
-                    format!("agent.interfaces[{i}]"),
-                    format!("`{name}` is not an interface name"),
-                ));
-            }
-        }
-        if let Err(e) = ApiListen::parse(&agent.api) {
-            out.push(("agent.api".into(), e));
-        }
-        if !agent.pin_path.is_absolute() {
-            out.push(("agent.pin_path".into(), "must be an absolute path".into()));
-        }
-        // 0 is no table; 253-255 are the kernel's default, main and local tables.
-        if let Some(table @ (0 | 253..=255)) = agent.announce_table {
-            out.push((
-                "agent.announce_table".into(),
-                format!("{table} is reserved; use a table of its own, such as 100"),
-            ));
-        }
-        if let Some(docker) = &self.docker {
-            for (field, d) in [
-                ("docker.resync_interval", docker.resync_interval),
-                ("docker.swarm_poll_interval", docker.swarm_poll_interval),
-            ] {
-                if d.is_zero() {
-                    out.push((field.into(), "must be longer than 0s".into()));
-                }
-            }
-        }
-        if self.services.len() > MAX_SERVICES as usize {
-            out.push((
-                "service".into(),
-                format!("at most {MAX_SERVICES} services are supported"),
-            ));
-        }
-        let mut names = HashSet::new();
-        let mut vips = HashSet::new();
-        let mut backends = 0;
-        for (i, svc) in self.services.iter().enumerate() {
-            let at = |field: &str| format!("service[{i}].{field}");
-            if !valid_name(&svc.name) {
-                out.push((
-                    at("name"),
-                    format!("`{}`: use 1-63 of a-z, 0-9, '-', '_'", svc.name),
-                ));
-            }
-            if !names.insert(svc.name.as_str()) {
-                out.push((
-                    at("name"),
-                    format!("`{}` is used by another service", svc.name),
-                ));
-            }
-            if !vips.insert((svc.vip, svc.port, svc.protocol)) {
-                out.push((
-                    at("vip"),
-                    format!(
-                        "{}:{}/{} is used by another service",
-                        svc.vip, svc.port, svc.protocol
-                    ),
-                ));
-            }
-            if svc.vip.is_ipv6() {
-                out.push((at("vip"), "IPv6 VIPs are not supported yet".into()));
-            }
-            if svc.port == 0 {
-                out.push((at("port"), "must be 1-65535".into()));
-            }
-            out.extend(
-                modes::problems(svc, self.agent.xdp_mode)
-                    .into_iter()
-                    .map(|(f, r)| (at(&f), r)),
-            );
-            if !(3..=MAX_RING_SIZE).contains(&svc.table_size) || !is_prime(svc.table_size) {
-                out.push((
-                    at("table_size"),
-                    format!("{} must be a prime in 3..={MAX_RING_SIZE}", svc.table_size),
-                ));
-            }
-            out.extend(
-                health_problems(&svc.health)
-                    .into_iter()
-                    .map(|(f, r)| (at(&format!("health.{f}")), r)),
-            );
-            let mut seen = HashSet::new();
-            for (j, be) in svc.backends.iter().enumerate() {
-                let at = |field: &str| format!("service[{i}].backend[{j}].{field}");
-                if be.address.is_ipv4() != svc.vip.is_ipv4() {
-                    out.push((
-                        at("address"),
-                        "must be of the same IP family as the VIP".into(),
-                    ));
-                }
-                if be.port == 0 {
-                    out.push((at("port"), "must be 1-65535".into()));
-                }
-                if let Some(bridge) = &be.bridge
-                    && !valid_interface(bridge)
-                {
-                    out.push((at("bridge"), format!("`{bridge}` is not an interface name")));
-                }
-                if be.weight > u16::MAX as u32 {
-                    out.push((
-                        at("weight"),
-                        format!("{} is above the maximum 65535", be.weight),
-                    ));
-                }
-                let health = svc.health.with(&be.health);
-                out.extend(
-                    health_problems(&health)
-                        .into_iter()
-                        .filter(|(f, _)| !health_problems(&svc.health).iter().any(|(g, _)| g == f))
-                        .map(|(f, r)| (at(&format!("health.{f}")), r)),
-                );
-                if !seen.insert((be.address, be.port)) {
-                    out.push((
-                        at("address"),
-                        format!("{}:{} is listed twice", be.address, be.port),
-                    ));
-                }
-            }
-            backends += svc.backends.len();
-        }
-        if backends > MAX_BACKENDS as usize {
-            out.push((
-                "service".into(),
-                format!("{backends} backends in all; at most {MAX_BACKENDS}"),
-            ));
-        }
-        out
-    }
-}
-
-fn health_problems(h: &HealthConfig) -> Vec<(&'static str, String)> {
-    let mut out = Vec::new();
-    for (field, d) in [
-        ("interval", Some(h.interval)),
-        ("fastinter", h.fastinter),
-        ("downinter", h.downinter),
-    ] {
-        if d.is_some_and(|d| d < Duration::from_millis(10)) {
-            out.push((field, "must be at least 10ms".into()));
-        }
-    }
-    if h.timeout.is_zero() {
-        out.push(("timeout", "must be longer than 0s".into()));
-    }
-    if h.rise == 0 {
-        out.push(("rise", "must be at least 1".into()));
-    }
-    if h.fall == 0 {
-        out.push(("fall", "must be at least 1".into()));
-    }
-    if h.kind == HealthKind::Http && !h.path.starts_with('/') {
-        out.push(("path", format!("`{}` must start with '/'", h.path)));
-    }
-    if h.port == Some(0) {
-        out.push(("port", "must be 1-65535".into()));
-    }
-    if !(100..=599).contains(&h.expect_status) {
-        out.push((
-            "expect_status",
-            format!("{} is not an HTTP status", h.expect_status),
-        ));
-    }
-    out
-}
-
-fn valid_interface(name: &str) -> bool {
-    (1..=15).contains(&name.len()) && !name.contains(['/', ' ', ':'])
-}
-
-fn valid_name(name: &str) -> bool {
-    (1..=63).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-}
-
-pub fn is_prime(n: u32) -> bool {
-    n >= 2
-        && (2..)
-            .take_while(|d| d * d <= n)
-            .all(|d| !n.is_multiple_of(d))
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! field is known) whose line lies within the text; and a valid config written back as TOML
 //! parses to an equal config. This covers what a cargo-fuzz target of the parser would, and
 //! runs (and shrinks) in `cargo test`.
-use std::net::Ipv4Addr;
+use std::{collections::HashSet, net::Ipv4Addr};
 
 use proptest::{collection::vec, option, prelude::*, sample::select};
 
