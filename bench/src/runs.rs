@@ -12,6 +12,52 @@ use crate::{
     testbed::Testbed,
 };
 
+/// What a run cost in CPU: the machine's busy time, other users' share, the proxy's own.
+struct CpuCost {
+    busy_us: f64,
+    per_cpu: Vec<f64>,
+    foreign_us: f64,
+    proxy_us: Option<f64>,
+}
+
+/// CPU counters taken at the start of a run.
+struct CpuMeter {
+    proxy: Option<u32>,
+    proxy_ticks: Option<u64>,
+    procs: cpu::Processes,
+    sample: cpu::Sample,
+}
+
+impl CpuMeter {
+    fn start(active: &Active<'_>) -> Result<CpuMeter> {
+        let proxy = active.proxy_pid();
+        let proxy_ticks = proxy.and_then(cpu::process_ticks);
+        let procs = cpu::processes();
+        Ok(CpuMeter {
+            proxy,
+            proxy_ticks,
+            procs,
+            sample: cpu::sample()?,
+        })
+    }
+
+    fn stop(self) -> Result<CpuCost> {
+        let after = cpu::sample()?;
+        let procs_after = cpu::processes();
+        let proxy_after = self.proxy.and_then(cpu::process_ticks);
+        let usage = cpu::usage(&self.sample, &after);
+        Ok(CpuCost {
+            busy_us: usage.busy_us,
+            per_cpu: usage.per_cpu,
+            foreign_us: cpu::foreign_us(&self.procs, &procs_after),
+            proxy_us: self
+                .proxy_ticks
+                .zip(proxy_after)
+                .map(|(a, b)| (b - a) as f64 * cpu::tick_us()),
+        })
+    }
+}
+
 pub fn wrk_run(
     wrk: &load::Wrk<'_>,
     bed: &Testbed,
@@ -21,16 +67,10 @@ pub fn wrk_run(
 ) -> Result<Run> {
     let targets = active.http_targets();
     let nginx_before = bed.nginx_requests()?;
-    let proxy = active.proxy_pid();
-    let proxy_before = proxy.and_then(cpu::process_ticks);
-    let procs_before = cpu::processes();
-    let before = cpu::sample()?;
+    let meter = CpuMeter::start(active)?;
     let r = wrk.run(&targets, load == Load::Close)?;
-    let after = cpu::sample()?;
-    let procs_after = cpu::processes();
-    let proxy_after = proxy.and_then(cpu::process_ticks);
+    let cost = meter.stop()?;
     let nginx_after = bed.nginx_requests()?;
-    let usage = cpu::usage(&before, &after);
     Ok(Run {
         rep,
         load,
@@ -40,12 +80,10 @@ pub fn wrk_run(
         count: r.requests,
         p50_us: Some(r.p50_us),
         p99_us: Some(r.p99_us),
-        cpu_busy_us: usage.busy_us,
-        cpu_util: usage.per_cpu,
-        foreign_cpu_us: cpu::foreign_us(&procs_before, &procs_after),
-        proxy_cpu_us: proxy_before
-            .zip(proxy_after)
-            .map(|(a, b)| (b - a) as f64 * cpu::tick_us()),
+        cpu_busy_us: cost.busy_us,
+        cpu_util: cost.per_cpu,
+        foreign_cpu_us: cost.foreign_us,
+        proxy_cpu_us: cost.proxy_us,
         per_backend: nginx_after
             .iter()
             .zip(&nginx_before)
@@ -77,10 +115,7 @@ pub fn udp_run(
     let _counters = UdpCounters(bed);
     let targets = active.udp_targets();
     let counts_before = bed.udp_counts()?;
-    let proxy = active.proxy_pid();
-    let proxy_before = proxy.and_then(cpu::process_ticks);
-    let procs_before = cpu::processes();
-    let before = cpu::sample()?;
+    let meter = CpuMeter::start(active)?;
     let sent = load::udp_flood(
         &bed.topo.client.path(),
         load_cpu,
@@ -89,9 +124,7 @@ pub fn udp_run(
         Duration::from_secs(seconds),
         &crate::STOP,
     )?;
-    let after = cpu::sample()?;
-    let procs_after = cpu::processes();
-    let proxy_after = proxy.and_then(cpu::process_ticks);
+    let cost = meter.stop()?;
     // Datagrams still in queues arrive within this.
     std::thread::sleep(Duration::from_millis(200));
     let counts_after = bed.udp_counts()?;
@@ -101,7 +134,6 @@ pub fn udp_run(
         .map(|(a, b)| a - b)
         .collect();
     let delivered: u64 = per_backend.iter().sum();
-    let usage = cpu::usage(&before, &after);
     Ok(Run {
         rep,
         load: Load::Udp,
@@ -111,12 +143,10 @@ pub fn udp_run(
         count: delivered,
         p50_us: None,
         p99_us: None,
-        cpu_busy_us: usage.busy_us,
-        cpu_util: usage.per_cpu,
-        foreign_cpu_us: cpu::foreign_us(&procs_before, &procs_after),
-        proxy_cpu_us: proxy_before
-            .zip(proxy_after)
-            .map(|(a, b)| (b - a) as f64 * cpu::tick_us()),
+        cpu_busy_us: cost.busy_us,
+        cpu_util: cost.per_cpu,
+        foreign_cpu_us: cost.foreign_us,
+        proxy_cpu_us: cost.proxy_us,
         per_backend,
         errors: sent.packets.saturating_sub(delivered),
         sent: Some(sent.packets),
