@@ -175,6 +175,10 @@ impl Maps for Datapath {
         reset(&mut self.backend_stats, backend_id)
     }
 
+    fn snat_pool(&self, service_id: u32) -> Result<SnatPool> {
+        Ok(self.snat_pools.get(&service_id, 0)?)
+    }
+
     fn set_snat_pool(&mut self, service_id: u32, pool: &SnatPool) -> Result<()> {
         Ok(self.snat_pools.set(service_id, pool, 0)?)
     }

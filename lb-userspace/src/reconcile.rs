@@ -32,6 +32,7 @@ pub trait Maps {
     fn write_ring(&mut self, offset: u32, slots: &[u32]);
     fn reset_service_counters(&mut self, id: u32) -> Result<()>;
     fn reset_backend_counters(&mut self, id: u32) -> Result<()>;
+    fn snat_pool(&self, service_id: u32) -> Result<SnatPool>;
     fn set_snat_pool(&mut self, service_id: u32, pool: &SnatPool) -> Result<()>;
 }
 
@@ -89,7 +90,7 @@ struct AppliedService {
     published: bool,
     /// Rings written for this service by this agent.
     ring_rebuilds: u64,
-    /// The SNAT pool last written (None: not by this agent).
+    /// The SNAT pool in the map (None: not written yet).
     snat_pool: Option<SnatPool>,
     backends: BTreeMap<Endpoint, AppliedBackend>,
 }
@@ -130,7 +131,10 @@ impl Reconciler {
                 value,
                 published: true,
                 ring_rebuilds: 0,
-                snat_pool: None,
+                snat_pool: Some(
+                    maps.snat_pool(value.id)
+                        .context("reading pinned SNAT pools")?,
+                ),
                 backends: BTreeMap::new(),
             };
             services.insert(key, applied);

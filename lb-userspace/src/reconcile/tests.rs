@@ -78,7 +78,15 @@ impl Maps for FakeMaps {
     fn reset_service_counters(&mut self, _: u32) -> Result<()> {
         Ok(())
     }
+    fn snat_pool(&self, service_id: u32) -> Result<SnatPool> {
+        Ok(self
+            .snat_pools
+            .get(&service_id)
+            .copied()
+            .unwrap_or_default())
+    }
     fn set_snat_pool(&mut self, service_id: u32, pool: &SnatPool) -> Result<()> {
+        self.log.push(format!("snat pool {service_id}"));
         self.snat_pools.insert(service_id, *pool);
         Ok(())
     }
@@ -178,6 +186,53 @@ fn new_service_gets_a_full_ring_and_a_vip() {
             == 3
     );
     assert!(ring_at < vip_at);
+}
+
+#[test]
+fn mode_settings_reach_the_maps_before_the_vip() {
+    let mut maps = FakeMaps::default();
+    let mut rec = Reconciler::adopt(&maps).unwrap();
+    let mut fullnat = service("web", 1, &[(11, 100)]);
+    fullnat.mode = Mode::Fullnat;
+    fullnat.snat = vec![IpAddr::from([10, 99, 5, 9])];
+    let mut dsr = service("api", 2, &[(12, 100)]);
+    dsr.mode = Mode::Dsr;
+    dsr.gue = true;
+    let mut shared = service("own", 3, &[(13, 100)]);
+    shared.mode = Mode::Fullnat;
+    rec.apply(
+        &mut maps,
+        &state(vec![fullnat.clone(), dsr.clone(), shared.clone()]),
+        &AllAlive,
+    )
+    .unwrap();
+
+    let web = maps.vips[&vip_key(&fullnat)];
+    assert_eq!(web.mode, lb_common::MODE_FULLNAT);
+    let pool = maps.snat_pools[&web.id];
+    assert_eq!(pool.count, 1);
+    assert_eq!(pool.addrs[0], addr_words(IpAddr::from([10, 99, 5, 9])).1);
+    assert_eq!((pool.port_min, pool.port_max), SNAT_PORTS_OWN);
+    // Without addresses of its own: the LB's address, below the kernel's ephemeral ports.
+    let own = maps.snat_pools[&maps.vips[&vip_key(&shared)].id];
+    assert_eq!((own.count, own.port_min, own.port_max), (0, 1024, 32767));
+    let api = maps.vips[&vip_key(&dsr)];
+    assert_eq!((api.mode, api.flags), (lb_common::MODE_DSR, SERVICE_GUE));
+    // A flow may start the moment the VIP is published: its pool is there first.
+    let pool_at = maps
+        .log
+        .iter()
+        .position(|l| l == &format!("snat pool {}", web.id));
+    let vip_at = maps
+        .log
+        .iter()
+        .position(|l| l.starts_with(&format!("vip {}", web.id)));
+    assert!(pool_at < vip_at, "{:?}", maps.log);
+    // Unchanged settings are not written again.
+    maps.log.clear();
+    rec.apply(&mut maps, &state(vec![fullnat, dsr, shared]), &AllAlive)
+        .unwrap();
+    assert!(maps.log.is_empty(), "{:?}", maps.log);
 }
 
 #[test]
