@@ -74,6 +74,54 @@ fn fullnat_serves_remote_backends_from_the_lb_address() {
 }
 
 #[test]
+fn fullnat_and_dsr_flows_survive_an_agent_restart() {
+    let remote = Remote::new(1, 3);
+    let lb = &remote.lbs[0];
+    remote.decap_on_hosts();
+    let config = remote.config(
+        &lb.pin_path(),
+        &[
+            ("fn", 81, 8080, "mode = \"fullnat\""),
+            ("dsr", 80, 80, "mode = \"dsr\""),
+        ],
+    );
+    let mut agent = lb.start_agent(&config);
+    agent.wait_up("fn", 3, Duration::from_secs(5));
+    agent.wait_up("dsr", 3, Duration::from_secs(5));
+    let mut long: Vec<(LineConn, String)> = remote.client.run(|| {
+        [81, 80]
+            .iter()
+            .map(|&port| {
+                let mut c = LineConn::connect(vip(port)).expect("connect");
+                let name = c.ask().expect("first answer");
+                (c, name)
+            })
+            .collect()
+    });
+    let loads = [81, 80].map(|port| {
+        LoadLoop::start(
+            &remote.client.path(),
+            vip(port),
+            Duration::from_millis(20),
+            300,
+        )
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    agent.stop();
+    std::thread::sleep(Duration::from_millis(400));
+    agent.launch();
+    std::thread::sleep(Duration::from_millis(600));
+    for load in loads {
+        let samples = load.stop();
+        assert!(samples.len() > 40);
+        assert!(failures(&samples).is_empty(), "{:?}", failures(&samples));
+    }
+    for (conn, name) in &mut long {
+        assert_eq!(&conn.ask().expect("after the restart"), name);
+    }
+}
+
+#[test]
 fn two_front_nics_redirect_between_them() {
     let mut remote = Remote::new(1, 3);
     let back_addr = remote.add_back_nic(0);
