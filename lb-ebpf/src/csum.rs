@@ -1,12 +1,32 @@
-//! Incremental Internet checksum updates (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m')).
-//! Words stay in network byte order: one's complement sums are byte-order independent as
-//! long as every term has the same order.
+//! Internet checksums: incremental updates (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m')) and
+//! whole sums of headers XDP writes itself. Words stay in network byte order: one's
+//! complement sums are byte-order independent as long as every term has the same order.
 
+/// The one's complement sum of `words`, not yet folded (add several, then `fold`).
 #[inline(always)]
-fn fold(mut sum: u32) -> u16 {
+pub fn sum(words: &[u16]) -> u32 {
+    let mut total = 0u32;
+    for word in words {
+        total += *word as u32;
+    }
+    total
+}
+
+/// Folds a sum into the checksum field's value.
+#[inline(always)]
+pub fn fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)
+}
+
+/// The checksum of a struct's bytes (a header with its checksum field zero).
+#[inline(always)]
+pub fn of<T, const WORDS: usize>(header: &T) -> u16 {
+    const { assert!(size_of::<T>() == WORDS * 2) };
+    fold(sum(unsafe {
+        &*(header as *const T as *const [u16; WORDS])
+    }))
 }
 
 /// Checksum after a 32-bit field changed from `old` to `new`.

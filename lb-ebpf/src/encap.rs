@@ -4,10 +4,13 @@
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{GUE_PORT, PROTO_UDP};
 
-use crate::parse::{ETH_HLEN, Ipv4Hdr, L4Packet, PacketBuf, load};
+use crate::{
+    csum,
+    parse::{ETH_HLEN, Ipv4Hdr, L4Packet, PacketBuf, load},
+    route,
+};
 
 pub const PROTO_IPIP: u8 = 4;
-const ETH_P_IP: u16 = 0x0800;
 const IPV4_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
 const DEFAULT_TTL: u8 = 64;
@@ -59,12 +62,8 @@ pub fn encap_v4(
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -grow) } != 0 {
         return None;
     }
-    let eth = ctx.ptr_at::<[u8; ETH_HLEN]>(0)?;
+    route::write_eth_ipv4(ctx, macs)?;
     let outer = ctx.ptr_at::<Ipv4Hdr>(ETH_HLEN)?;
-    let mut header = [0u8; ETH_HLEN];
-    header[..12].copy_from_slice(&macs);
-    header[12..].copy_from_slice(&ETH_P_IP.to_be_bytes());
-    unsafe { core::ptr::write_unaligned(eth, header) };
     let tot_len = inner_len + overhead(gue) as u16;
     let proto = if gue { PROTO_UDP } else { PROTO_IPIP };
     let header = Ipv4Hdr {
@@ -79,7 +78,7 @@ pub fn encap_v4(
         saddr: outer_src,
         daddr: outer_dst,
     };
-    let check = ipv4_checksum(&header);
+    let check = csum::of::<_, { IPV4_HLEN / 2 }>(&header);
     unsafe {
         core::ptr::write_unaligned(outer, header);
         core::ptr::write_unaligned(&raw mut (*outer).check, check);
@@ -98,17 +97,4 @@ pub fn encap_v4(
         unsafe { core::ptr::write_unaligned(udp, header) };
     }
     Some(())
-}
-
-/// The header checksum of a 20-byte IPv4 header (its `check` field zero).
-#[inline(always)]
-fn ipv4_checksum(header: &Ipv4Hdr) -> u16 {
-    let words = unsafe { &*(header as *const Ipv4Hdr as *const [u16; IPV4_HLEN / 2]) };
-    let mut sum = 0u32;
-    for word in words {
-        sum += *word as u32;
-    }
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
 }

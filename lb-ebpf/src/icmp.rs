@@ -7,7 +7,11 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 
-use crate::parse::{ETH_HLEN, Ipv4Hdr, L4Packet, PacketBuf, load};
+use crate::{
+    csum,
+    parse::{ETH_HLEN, Ipv4Hdr, L4Packet, PacketBuf, load},
+    route,
+};
 
 const IPV4_HLEN: usize = 20;
 const ICMP_HLEN: usize = 8;
@@ -49,12 +53,10 @@ pub fn frag_needed(ctx: &XdpContext, pkt: &L4Packet, mtu: u16) -> Option<()> {
     }
 
     // Back to where the packet came from: swapped MACs, the VIP answering the client.
-    let eth = ctx.ptr_at::<[u8; 14]>(0)?;
-    let mut header = [0u8; 14];
-    header[..6].copy_from_slice(&macs[6..]);
-    header[6..12].copy_from_slice(&macs[..6]);
-    header[12..].copy_from_slice(&0x0800u16.to_be_bytes());
-    unsafe { core::ptr::write_unaligned(eth, header) };
+    let mut swapped = [0u8; 12];
+    swapped[..6].copy_from_slice(&macs[6..]);
+    swapped[6..].copy_from_slice(&macs[..6]);
+    route::write_eth_ipv4(ctx, swapped)?;
     let ip = Ipv4Hdr {
         version_ihl: 0x45,
         tos: 0,
@@ -67,8 +69,7 @@ pub fn frag_needed(ctx: &XdpContext, pkt: &L4Packet, mtu: u16) -> Option<()> {
         saddr: pkt.daddr,
         daddr: pkt.saddr,
     };
-    let words = unsafe { &*(&ip as *const Ipv4Hdr as *const [u16; IPV4_HLEN / 2]) };
-    let ip_check = fold(sum(words));
+    let ip_check = csum::of::<_, { IPV4_HLEN / 2 }>(&ip);
     let out_ip = ctx.ptr_at::<Ipv4Hdr>(ETH_HLEN)?;
     unsafe {
         core::ptr::write_unaligned(out_ip, ip);
@@ -86,26 +87,10 @@ pub fn frag_needed(ctx: &XdpContext, pkt: &L4Packet, mtu: u16) -> Option<()> {
         mtu: mtu.to_be(),
     };
     let header_words = unsafe { &*(&header as *const IcmpHdr as *const [u16; ICMP_HLEN / 2]) };
-    let check = fold(sum(header_words) + sum(unsafe { &*quote }));
+    let check = csum::fold(csum::sum(header_words) + csum::sum(unsafe { &*quote }));
     unsafe {
         core::ptr::write_unaligned(icmp, header);
         core::ptr::write_unaligned(&raw mut (*icmp).check, check);
     }
     Some(())
-}
-
-#[inline(always)]
-fn sum(words: &[u16]) -> u32 {
-    let mut total = 0u32;
-    for word in words {
-        total += *word as u32;
-    }
-    total
-}
-
-#[inline(always)]
-fn fold(mut total: u32) -> u16 {
-    total = (total & 0xffff) + (total >> 16);
-    total = (total & 0xffff) + (total >> 16);
-    !(total as u16)
 }

@@ -24,6 +24,7 @@ use crate::{
 };
 
 const AF_INET: u8 = 2;
+const ETH_P_IP: u16 = 0x0800;
 
 /// Where the FIB sends a packet.
 #[repr(C)]
@@ -191,6 +192,18 @@ pub fn transmit(
         Ok(action) => (action, Reason::Redirected),
         Err(_) => to_tc(Reason::HandedToTc),
     }
+}
+
+/// Writes an Ethernet header for IPv4 with `macs` (destination, then source) in front of the
+/// packet: for frames whose head XDP moved (encapsulation, an ICMP answer).
+#[inline(always)]
+pub fn write_eth_ipv4(ctx: &XdpContext, macs: [u8; 12]) -> Option<()> {
+    let eth = ctx.ptr_at::<[u8; ETH_HLEN]>(0)?;
+    let mut header = [0u8; ETH_HLEN];
+    header[..12].copy_from_slice(&macs);
+    header[12..].copy_from_slice(&ETH_P_IP.to_be_bytes());
+    unsafe { core::ptr::write_unaligned(eth, header) };
+    Some(())
 }
 
 /// Decrements the TTL as a router does (RFC 1624 update); false if it would reach zero.
