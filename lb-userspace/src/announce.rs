@@ -4,12 +4,12 @@
 //! table`) advertises those routes to the routers. The route goes when no backend of the VIP
 //! is up and when the agent stops, so the routers move the VIP's flows to the other nodes.
 //! The table is only announced from, never used for forwarding.
-use std::{collections::BTreeSet, net::IpAddr, process::Command};
+use std::{collections::BTreeSet, net::IpAddr};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::Result;
 use tracing::{info, warn};
 
-use crate::{reconcile::AppliedView, state::DesiredState};
+use crate::{iproute::ip, reconcile::AppliedView, state::DesiredState};
 
 /// VIPs with at least one service whose ring has a backend.
 pub fn serving_vips(desired: &DesiredState, applied: &[AppliedView]) -> BTreeSet<IpAddr> {
@@ -82,21 +82,6 @@ impl Announcer {
         ])
         .map(|_| ())
     }
-}
-
-fn ip(args: &[&str]) -> Result<String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[cfg(test)]

@@ -6,7 +6,6 @@ use std::{
     fs,
     net::{IpAddr, Ipv4Addr},
     path::Path,
-    process::Command,
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -20,6 +19,7 @@ use tracing::info;
 
 use crate::{
     config::XdpMode,
+    iproute::{self, ip},
     loader::{self, PinLayout},
 };
 
@@ -131,17 +131,12 @@ fn vip_key(vip: Ipv4Addr) -> VipAddrKey {
     }
 }
 
-/// `ip addr add|replace|del VIP/32 dev lo`; deleting an absent address is not an error.
+/// `ip addr replace|del VIP/32 dev lo`; deleting an absent address is not an error.
 fn ip_addr(action: &str, vip: Ipv4Addr) -> Result<()> {
-    let out = Command::new("ip")
-        .args(["addr", action, &format!("{vip}/32"), "dev", "lo"])
-        .output()
-        .context("running ip (iproute2)")?;
-    if !out.status.success() && action != "del" {
-        bail!(
-            "ip addr {action} {vip}/32 dev lo: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+    let args = ["addr", action, &format!("{vip}/32"), "dev", "lo"];
+    if action == "del" {
+        iproute::run(&args)?;
+        return Ok(());
     }
-    Ok(())
+    ip(&args).map(|_| ())
 }

@@ -7,6 +7,7 @@ pub mod datapath;
 pub mod decap;
 pub mod discovery;
 pub mod health;
+pub mod iproute;
 pub mod loader;
 pub mod maglev;
 pub mod metrics;
