@@ -25,6 +25,15 @@ pub fn sh(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A veth pair: `a_if` in `a` and `b_if` in `b`, both down, with `mtu` on both if given.
+pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str, mtu: Option<&str>) {
+    let mut args = vec!["ip", "link", "add", a_if, "netns", &a.name];
+    args.extend(mtu.iter().flat_map(|m| ["mtu", *m]));
+    args.extend(["type", "veth", "peer", "name", b_if, "netns", &b.name]);
+    args.extend(mtu.iter().flat_map(|m| ["mtu", *m]));
+    sh(&args);
+}
+
 /// A short prefix unique to this process and call, for namespace and interface names
 /// (interface names are limited to 15 bytes).
 pub fn unique_prefix() -> String {

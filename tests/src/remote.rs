@@ -9,13 +9,13 @@
 //! Hosts route everything via the router, so replies reach the client directly (dsr) or
 //! the LB only when addressed to it (fullnat). Links behind the router carry 1600-byte
 //! frames, room for the dsr encapsulation of a full 1500-byte client packet.
-use std::{path::PathBuf, time::Duration};
+use std::path::PathBuf;
 
 use crate::{
     agent::Agent,
-    netns::{Netns, sh, unique_prefix},
-    process::{Proc, binary, wait_for},
-    topology::{FRONT, VIP, wire_client},
+    netns::{Netns, unique_prefix},
+    process::{Proc, binary},
+    topology::{FRONT, VIP, start_test_backend, wire_client},
 };
 
 /// MTU behind the router: 1500 + the largest encapsulation (GUE, 28 bytes), rounded up.
@@ -278,6 +278,27 @@ impl Remote {
             .collect()
     }
 
+    /// Starts LB node `index`'s agent on the config of `services` (see `config`), edited by
+    /// `edit`, and waits until every service has every host up.
+    pub fn serve_with(
+        &self,
+        index: usize,
+        services: &[(&str, u16, u16, &str)],
+        edit: impl FnOnce(String) -> String,
+    ) -> Agent {
+        let lb = &self.lbs[index];
+        let agent = lb.start_agent(&edit(self.config(&lb.pin_path(), services)));
+        for (name, ..) in services {
+            agent.wait_up(name, self.hosts.len(), std::time::Duration::from_secs(5));
+        }
+        agent
+    }
+
+    /// `serve_with` the config as it is.
+    pub fn serve(&self, index: usize, services: &[(&str, u16, u16, &str)]) -> Agent {
+        self.serve_with(index, services, |config| config)
+    }
+
     /// A config of TCP services (name, VIP port, backend port, extra lines such as mode,
     /// snat or encap), each to every host.
     pub fn config(&self, pin_path: &str, services: &[(&str, u16, u16, &str)]) -> String {
@@ -388,26 +409,13 @@ fn start_bird(ns: &Netns, dir: &std::path::Path, conf: &str) -> Proc {
 
 /// A veth pair `a_if` in `a` and `b_if` in `b`, both up, with room for encapsulation.
 fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
-    sh(&[
-        "ip", "link", "add", a_if, "netns", &a.name, "mtu", INNER_MTU, "type", "veth", "peer",
-        "name", b_if, "netns", &b.name, "mtu", INNER_MTU,
-    ]);
+    crate::netns::veth(a, a_if, b, b_if, Some(INNER_MTU));
     a.ip(&["link", "set", a_if, "up"]);
     b.ip(&["link", "set", b_if, "up"]);
 }
 
 fn start_server(host: &Host, dir: &std::path::Path) -> Proc {
-    let ready = dir.join(format!("{}.ready", host.name));
-    let mut cmd = host
-        .ns
-        .command(binary("xlb-test-backend").to_str().expect("utf-8"));
-    cmd.args(["--name", &host.name, "--log", "--ready-file"])
-        .arg(&ready);
-    for port in HOST_PORTS {
-        cmd.args(["--tcp", &format!("0.0.0.0:{port}")]);
-    }
-    let proc = Proc::spawn(&host.name, cmd, host.log.clone());
-    wait_for(Duration::from_secs(5), || ready.exists().then_some(()))
-        .unwrap_or_else(|| panic!("{} did not start: {}", host.name, proc.log_text()));
-    proc
+    let addrs: Vec<String> = HOST_PORTS.iter().map(|p| format!("0.0.0.0:{p}")).collect();
+    let listeners: Vec<&str> = addrs.iter().flat_map(|a| ["--tcp", a.as_str()]).collect();
+    start_test_backend(&host.ns, &host.name, &listeners, dir, host.log.clone())
 }

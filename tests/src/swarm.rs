@@ -30,7 +30,7 @@ use std::{
 
 use crate::{
     docker::{Daemon, DaemonOptions, IMAGE, Scratch, run_bounded},
-    netns::{Netns, sh, unique_prefix},
+    netns::{Netns, unique_prefix, veth},
     process::wait_for,
 };
 
@@ -150,21 +150,7 @@ impl Swarm {
         let client = Netns::new(&format!("{prefix}-cl"));
         let lb = Netns::new(&format!("{prefix}-lb"));
         crate::topology::wire_client(&client, &lb);
-        sh(&[
-            "ip",
-            "link",
-            "add",
-            BACK,
-            "netns",
-            &lb.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "lb",
-            "netns",
-            &bridge.name,
-        ]);
+        veth(&lb, BACK, &bridge, "lb", None);
         bridge.ip(&["link", "set", "lb", "master", "br0"]);
         bridge.ip(&["link", "set", "lb", "up"]);
         lb.ip(&["addr", "add", &format!("{LB_BACK_ADDR}/24"), "dev", BACK]);
@@ -175,21 +161,7 @@ impl Swarm {
         for i in 0..NODES {
             let ns = Netns::new(&format!("{prefix}-n{}", i + 1));
             let port = format!("n{}", i + 1);
-            sh(&[
-                "ip",
-                "link",
-                "add",
-                "eth0",
-                "netns",
-                &ns.name,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &port,
-                "netns",
-                &bridge.name,
-            ]);
+            veth(&ns, "eth0", &bridge, &port, None);
             bridge.ip(&["link", "set", &port, "master", "br0"]);
             bridge.ip(&["link", "set", &port, "up"]);
             ns.ip(&[

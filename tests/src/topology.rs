@@ -22,27 +22,34 @@ pub const CLIENT_ADDR: &str = "10.99.1.2";
 /// namespace that takes its traffic ("front", FRONT_ADDR). TX offload is off on the client,
 /// so receivers verify its checksums.
 pub fn wire_client(client: &Netns, front: &Netns) {
-    crate::netns::sh(&[
-        "ip",
-        "link",
-        "add",
-        "eth0",
-        "netns",
-        &client.name,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        FRONT,
-        "netns",
-        &front.name,
-    ]);
+    crate::netns::veth(client, "eth0", front, FRONT, None);
     client.ip(&["addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "eth0"]);
     client.ip(&["link", "set", "eth0", "up"]);
     client.ip(&["route", "add", "default", "via", FRONT_ADDR]);
     client.no_tx_offload("eth0");
     front.ip(&["addr", "add", &format!("{FRONT_ADDR}/24"), "dev", FRONT]);
     front.ip(&["link", "set", FRONT, "up"]);
+}
+
+/// Starts the workspace's test backend in `ns`, answering with `name` on `listeners`
+/// (`--tcp ADDR` ...), logging each peer to `log`; returns once every listener is bound.
+pub fn start_test_backend(
+    ns: &Netns,
+    name: &str,
+    listeners: &[&str],
+    dir: &std::path::Path,
+    log: PathBuf,
+) -> Proc {
+    let ready = dir.join(format!("{name}.ready"));
+    let _ = std::fs::remove_file(&ready);
+    let mut cmd = ns.command(binary("xlb-test-backend").to_str().expect("utf-8"));
+    cmd.args(["--name", name, "--log", "--ready-file"])
+        .arg(&ready)
+        .args(listeners);
+    let proc = Proc::spawn(name, cmd, log);
+    wait_for(Duration::from_secs(5), || ready.exists().then_some(()))
+        .unwrap_or_else(|| panic!("{name} did not start: {}", proc.log_text()));
+    proc
 }
 
 pub struct Backend {
@@ -125,21 +132,7 @@ impl Topology {
         let name = format!("be{i}");
         let ns = Netns::new(&format!("{}-{name}", self.prefix));
         let addr = format!("10.99.2.{}", 10 + i);
-        crate::netns::sh(&[
-            "ip",
-            "link",
-            "add",
-            "eth0",
-            "netns",
-            &ns.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &name,
-            "netns",
-            &self.lb.name,
-        ]);
+        crate::netns::veth(&ns, "eth0", &self.lb, &name, None);
         self.lb.ip(&["link", "set", &name, "master", "br0"]);
         self.lb.ip(&["link", "set", &name, "up"]);
         ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
@@ -156,26 +149,16 @@ impl Topology {
     }
 
     fn start_server(&self, backend: &Backend) -> Proc {
-        let ready = self.dir.join(format!("{}.ready", backend.name));
-        let _ = std::fs::remove_file(&ready);
-        let mut cmd = backend
-            .ns
-            .command(binary("xlb-test-backend").to_str().expect("utf-8"));
-        cmd.args([
-            "--name",
-            &backend.name,
+        let listeners = [
             "--tcp",
             "0.0.0.0:8080",
             "--udp",
             "0.0.0.0:8080",
-        ])
-        .args(["--http", "0.0.0.0:8081", "--log", "--ready-file"])
-        .arg(&ready);
+            "--http",
+            "0.0.0.0:8081",
+        ];
         let log = self.dir.join(format!("{}.log", backend.name));
-        let proc = Proc::spawn(&backend.name, cmd, log);
-        wait_for(Duration::from_secs(5), || ready.exists().then_some(()))
-            .unwrap_or_else(|| panic!("{} did not start: {}", backend.name, proc.log_text()));
-        proc
+        start_test_backend(&backend.ns, &backend.name, &listeners, &self.dir, log)
     }
 
     /// Stops a backend's server (its namespace stays).

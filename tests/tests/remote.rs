@@ -46,9 +46,7 @@ fn reason(agent: &Agent, name: &str) -> u64 {
 fn fullnat_serves_remote_backends_from_the_lb_address() {
     let remote = Remote::new(1, 3);
     let lb = &remote.lbs[0];
-    let config = remote.config(&lb.pin_path(), &[("web", 81, 8080, "mode = \"fullnat\"")]);
-    let agent = lb.start_agent(&config);
-    agent.wait_up("web", 3, Duration::from_secs(5));
+    let agent = remote.serve(0, &[("web", 81, 8080, "mode = \"fullnat\"")]);
 
     let counts = ask_many(&remote, vip(81), 150);
     assert_eq!(counts.len(), 3, "every host answers: {counts:?}");
@@ -76,18 +74,14 @@ fn fullnat_serves_remote_backends_from_the_lb_address() {
 #[test]
 fn fullnat_and_dsr_flows_survive_an_agent_restart() {
     let remote = Remote::new(1, 3);
-    let lb = &remote.lbs[0];
     remote.decap_on_hosts();
-    let config = remote.config(
-        &lb.pin_path(),
+    let mut agent = remote.serve(
+        0,
         &[
             ("fn", 81, 8080, "mode = \"fullnat\""),
             ("dsr", 80, 80, "mode = \"dsr\""),
         ],
     );
-    let mut agent = lb.start_agent(&config);
-    agent.wait_up("fn", 3, Duration::from_secs(5));
-    agent.wait_up("dsr", 3, Duration::from_secs(5));
     let mut long: Vec<(LineConn, String)> = remote.client.run(|| {
         [81, 80]
             .iter()
@@ -125,15 +119,12 @@ fn fullnat_and_dsr_flows_survive_an_agent_restart() {
 fn two_front_nics_redirect_between_them() {
     let mut remote = Remote::new(1, 3);
     let back_addr = remote.add_back_nic(0);
-    let lb = &remote.lbs[0];
-    let config = remote
-        .config(&lb.pin_path(), &[("web", 81, 8080, "mode = \"fullnat\"")])
-        .replace(
+    let agent = remote.serve_with(0, &[("web", 81, 8080, "mode = \"fullnat\"")], |config| {
+        config.replace(
             "interfaces = [\"front\"]",
             "interfaces = [\"front\", \"back\"]",
-        );
-    let agent = lb.start_agent(&config);
-    agent.wait_up("web", 3, Duration::from_secs(5));
+        )
+    });
 
     let counts = ask_many(&remote, vip(81), 90);
     assert_eq!(counts.len(), 3, "every host answers: {counts:?}");
@@ -156,10 +147,7 @@ fn two_front_nics_redirect_between_them() {
 fn fullnat_holds_10k_connections_at_once_without_a_port_collision() {
     raise_fd_limit(12_000);
     let remote = Remote::new(1, 3);
-    let lb = &remote.lbs[0];
-    let config = remote.config(&lb.pin_path(), &[("web", 81, 8080, "mode = \"fullnat\"")]);
-    let agent = lb.start_agent(&config);
-    agent.wait_up("web", 3, Duration::from_secs(5));
+    let agent = remote.serve(0, &[("web", 81, 8080, "mode = \"fullnat\"")]);
 
     const N: usize = 10_000;
     let (first, second) = remote.client.run(move || {
@@ -205,16 +193,13 @@ fn dsr_keeps_the_client_address_and_replies_skip_the_lb() {
     let remote = Remote::new(1, 3);
     let lb = &remote.lbs[0];
     remote.decap_on_hosts();
-    let config = remote.config(
-        &lb.pin_path(),
+    let agent = remote.serve(
+        0,
         &[
             ("ipip", 80, 80, "mode = \"dsr\""),
             ("gue", 83, 83, "mode = \"dsr\"\nencap = \"gue\""),
         ],
     );
-    let agent = lb.start_agent(&config);
-    agent.wait_up("ipip", 3, Duration::from_secs(5));
-    agent.wait_up("gue", 3, Duration::from_secs(5));
     // Anything the LB's stack receives from the VIP would be a reply through the LB.
     lb.ns.exec(&[
         "nft",
@@ -271,9 +256,7 @@ fn dsr_path_mtu_discovery_shrinks_the_clients_segments() {
     // No room for the encapsulation on the LB's link: full-size client segments do not fit.
     lb.ns.ip(&["link", "set", "front", "mtu", "1500"]);
     remote.decap_on_hosts();
-    let config = remote.config(&lb.pin_path(), &[("web", 80, 80, "mode = \"dsr\"")]);
-    let agent = lb.start_agent(&config);
-    agent.wait_up("web", 3, Duration::from_secs(5));
+    let agent = remote.serve(0, &[("web", 80, 80, "mode = \"dsr\"")]);
 
     let answer = remote.client.run(|| {
         let mut conn = LineConn::connect(vip(80))?;
@@ -291,15 +274,8 @@ fn dsr_path_mtu_discovery_shrinks_the_clients_segments() {
 fn established_flows_survive_an_lb_node_failure() {
     let remote = Remote::new(2, 3);
     remote.decap_on_hosts();
-    let agents: Vec<Agent> = remote
-        .lbs
-        .iter()
-        .map(|lb| {
-            let config = remote.config(&lb.pin_path(), &[("web", 80, 80, "mode = \"dsr\"")]);
-            let agent = lb.start_agent(&config);
-            agent.wait_up("web", 3, Duration::from_secs(5));
-            agent
-        })
+    let agents: Vec<Agent> = (0..remote.lbs.len())
+        .map(|i| remote.serve(i, &[("web", 80, 80, "mode = \"dsr\"")]))
         .collect();
 
     // Long-lived connections from many source ports: the router spreads them over both.
