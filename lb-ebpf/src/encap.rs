@@ -29,13 +29,6 @@ pub const fn overhead(gue: bool) -> usize {
     if gue { IPV4_HLEN + UDP_HLEN } else { IPV4_HLEN }
 }
 
-/// Length of the inner IP packet (its total length field).
-#[inline(always)]
-pub fn inner_len(ctx: &XdpContext, pkt: &L4Packet) -> Option<u16> {
-    let ip = ctx.ptr_at::<Ipv4Hdr>(pkt.l3_off)?;
-    Some(u16::from_be(load(unsafe { &raw const (*ip).tot_len })))
-}
-
 /// Puts the outer headers in front of the packet's IP header. A VLAN tag is dropped: the
 /// outer packet is routed, and the FIB picks its interface. The MACs are kept until
 /// `route` writes the next hop's.
@@ -49,12 +42,8 @@ pub fn encap_v4(
     hash: u32,
 ) -> Option<()> {
     let ip = ctx.ptr_at::<Ipv4Hdr>(pkt.l3_off)?;
-    let (tos, inner_len) = unsafe {
-        (
-            load(&raw const (*ip).tos),
-            u16::from_be(load(&raw const (*ip).tot_len)),
-        )
-    };
+    let tos = load(unsafe { &raw const (*ip).tos });
+    let inner_len = pkt.tot_len;
     // The MACs move with the head: TC's bpf_redirect_neigh sends a frame whose destination
     // MAC is left from the buffer (or multicast) nowhere.
     let macs = load(ctx.ptr_at::<[u8; 12]>(0)?);

@@ -57,10 +57,7 @@ impl Hook for XdpContext {
             }
             MODE_DSR => {
                 let gue = target.flags & SERVICE_GUE != 0;
-                let Some(inner_len) = encap::inner_len(self, pkt) else {
-                    return Verdict::Drop(Reason::DropMalformed);
-                };
-                let outer_len = inner_len + encap::overhead(gue) as u16;
+                let outer_len = pkt.tot_len + encap::overhead(gue) as u16;
                 let hop = route::lookup(self, backend.addr, outer_len, now);
                 if hop.too_big() {
                     // Tell the client the MTU that fits once encapsulated.

@@ -132,6 +132,8 @@ pub struct L4Packet {
     /// Offset of the L4 checksum field.
     pub csum_off: usize,
     pub proto: u8,
+    /// The IPv4 total length.
+    pub tot_len: u16,
     pub has_ip_options: bool,
     /// A TCP SYN without ACK: the first packet of a connection.
     pub syn: bool,
@@ -245,6 +247,7 @@ pub fn parse<B: PacketBuf>(buf: &B) -> Parsed {
         l4_off,
         csum_off: l4_off + csum_off,
         proto,
+        tot_len: tot_len as u16,
         has_ip_options: ihl > size_of::<Ipv4Hdr>(),
         syn,
         closing,
