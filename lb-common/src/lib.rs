@@ -77,6 +77,13 @@ pub struct Backend {
     /// A local container's bridge: packets go there by TC redirect, never through the
     /// host's netfilter (Docker's FORWARD policy would drop them). 0: kernel routing.
     pub deliver_ifindex: u32,
+    /// The container's host-side veth on that bridge, once the agent has resolved it (0:
+    /// not yet; the bridge delivers). TC then hands the packet straight to the container's
+    /// eth0 (`bpf_redirect_peer`): no bridge and no backlog queue on the way.
+    pub port_ifindex: u32,
+    /// The container's MAC and the bridge's, written into the frame for `port_ifindex`.
+    pub mac: [u8; 6],
+    pub gateway_mac: [u8; 6],
 }
 
 impl Backend {
@@ -162,15 +169,18 @@ pub struct RevNat {
 }
 
 /// Marks XDP metadata that asks the TC ingress program to deliver a packet to a local
-/// container's bridge (`DeliverMeta::ifindex`).
+/// container's bridge (`DeliverMeta::target` is the bridge's ifindex).
 pub const DELIVER_MAGIC: u32 = 0x786c_6264; // "xlbd"
+/// Marks XDP metadata that asks the TC ingress program to hand a packet straight to a local
+/// container's eth0 (`DeliverMeta::target` is the backend id; its `port_ifindex` the veth).
+pub const DELIVER_PEER_MAGIC: u32 = 0x786c_6270; // "xlbp"
 
 /// Metadata the XDP program puts in front of a packet for the TC ingress program.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DeliverMeta {
     pub magic: u32,
-    pub ifindex: u32,
+    pub target: u32,
 }
 
 /// Key of the VIP address set, consulted only for fragments (which carry no ports).
@@ -262,10 +272,13 @@ pub enum Reason {
     /// XDP_TX: dsr, the encapsulated packet would exceed the egress MTU: answered with ICMP
     /// "fragmentation needed" and the MTU that fits, so the client sends smaller packets.
     FragNeeded,
+    /// Rewritten for a local container whose host-side veth is known, MACs set: TC hands it
+    /// to the container's eth0 (`bpf_redirect_peer`), past the bridge.
+    DeliveredPeer,
 }
 
 impl Reason {
-    pub const COUNT: u32 = Reason::FragNeeded as u32 + 1;
+    pub const COUNT: u32 = Reason::DeliveredPeer as u32 + 1;
     pub const ALL: [Reason; Reason::COUNT as usize] = [
         Reason::PassNotIp,
         Reason::PassIpv6,
@@ -293,6 +306,7 @@ impl Reason {
         Reason::PassTtl,
         Reason::DropUnsupportedMode,
         Reason::FragNeeded,
+        Reason::DeliveredPeer,
     ];
 
     /// Stable name used in metrics and status output.
@@ -324,6 +338,7 @@ impl Reason {
             Reason::PassTtl => "pass_ttl",
             Reason::DropUnsupportedMode => "drop_unsupported_mode",
             Reason::FragNeeded => "frag_needed",
+            Reason::DeliveredPeer => "delivered_peer",
         }
     }
 }
@@ -415,7 +430,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<VipKey>(), 20);
         assert_eq!(size_of::<Service>(), 16);
-        assert_eq!(size_of::<Backend>(), 28);
+        assert_eq!(size_of::<Backend>(), 44);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<Flow>(), 40);
         assert_eq!(size_of::<SnatRev>(), 56);

@@ -18,6 +18,11 @@ pub enum Verdict {
     Forward {
         deliver_to: u32,
     },
+    /// Rewritten for a local container whose host-side veth the agent has resolved: TC
+    /// hands it to the container's eth0 (`deliver::to_container`).
+    ToContainer {
+        backend_id: u32,
+    },
     /// Rewritten and sent by the hook itself: its action (XDP only).
     Sent(u32, Reason),
 }

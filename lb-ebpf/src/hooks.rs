@@ -40,7 +40,7 @@ impl Hook for XdpContext {
                 }
                 let deliver_to = target.backend.deliver_ifindex;
                 if deliver_to != 0 {
-                    return Verdict::Forward { deliver_to };
+                    return local_delivery(pkt, target);
                 }
                 let hop = route::lookup(self, backend.addr, 0, now);
                 let (action, reason) =
@@ -103,6 +103,21 @@ impl Hook for XdpContext {
     }
 }
 
+/// A packet for a local container: straight to its eth0 once the agent knows its host-side
+/// veth (and the frame has no VLAN tag to strip), else through its bridge.
+#[inline(always)]
+fn local_delivery(pkt: &L4Packet, target: &Target) -> Verdict {
+    if pkt.l3_off == ETH_HLEN && target.backend.port_ifindex != 0 {
+        Verdict::ToContainer {
+            backend_id: target.backend_id,
+        }
+    } else {
+        Verdict::Forward {
+            deliver_to: target.backend.deliver_ifindex,
+        }
+    }
+}
+
 impl Hook for TcContext {
     #[inline(always)]
     fn ingress_ifindex(&self) -> u32 {
@@ -118,13 +133,14 @@ impl Hook for TcContext {
         if target.mode != MODE_NAT {
             return Verdict::Drop(Reason::DropUnsupportedMode);
         }
-        let (addr, port) = (target.backend.addr[0], target.backend.port);
-        if nat::rewrite_tc(self, pkt, End::Destination, addr, port).is_err() {
+        let backend = target.backend;
+        if nat::rewrite_tc(self, pkt, End::Destination, backend.addr[0], backend.port).is_err() {
             return Verdict::Drop(Reason::DropMalformed);
         }
-        Verdict::Forward {
-            deliver_to: target.backend.deliver_ifindex,
+        if backend.deliver_ifindex == 0 {
+            return Verdict::Forward { deliver_to: 0 };
         }
+        local_delivery(pkt, target)
     }
 
     fn reverse(&self, _pkt: &L4Packet, _now: u64) -> Option<Verdict> {

@@ -33,6 +33,7 @@ use lb_common::Reason;
 
 use crate::{
     balance::Verdict,
+    deliver::Marked,
     maps::REV_NAT,
     nat::End,
     parse::{Parsed, parse},
@@ -52,6 +53,12 @@ pub fn xlb_xdp(ctx: XdpContext) -> u32 {
             }
             (XDP_PASS, Reason::Forwarded)
         }
+        Verdict::ToContainer { backend_id } => {
+            if !deliver::mark_container(&ctx, backend_id) {
+                stats::count(Reason::DeliverError);
+            }
+            (XDP_PASS, Reason::DeliveredPeer)
+        }
         Verdict::Sent(action, reason) => (action, reason),
     };
     stats::count(reason);
@@ -68,6 +75,9 @@ pub fn xlb_tc_balance(ctx: TcContext) -> i32 {
         Verdict::Drop(reason) => (TC_ACT_SHOT, reason),
         Verdict::Forward { deliver_to: 0 } => (TC_ACT_NEXT, Reason::Forwarded),
         Verdict::Forward { deliver_to } => (deliver::redirect(deliver_to), Reason::Forwarded),
+        Verdict::ToContainer { backend_id } => {
+            (deliver::to_container(&ctx, backend_id), Reason::DeliveredPeer)
+        }
         // The TC hook never sends by itself.
         Verdict::Sent(_, reason) => (TC_ACT_NEXT, reason),
     };
@@ -75,11 +85,13 @@ pub fn xlb_tc_balance(ctx: TcContext) -> i32 {
     action
 }
 
-/// TC ingress of a front NIC: hands packets XDP marked for a local container to its bridge.
+/// TC ingress of a front NIC: hands packets XDP marked for a local container to it (or to
+/// its bridge).
 #[classifier]
 pub fn xlb_tc_ingress(ctx: TcContext) -> i32 {
     match deliver::marked(&ctx) {
-        Some(ifindex) => deliver::redirect(ifindex),
+        Some(Marked::Bridge(ifindex)) => deliver::redirect(ifindex),
+        Some(Marked::Container(backend_id)) => deliver::to_container(&ctx, backend_id),
         None => TC_ACT_NEXT,
     }
 }

@@ -24,7 +24,7 @@ pub static VIPS: HashMap<VipKey, Service> = HashMap::pinned(MAX_SERVICES, 0);
 pub static VIP_ADDRS: HashMap<VipAddrKey, u32> = HashMap::pinned(MAX_VIP_ADDRS, 0);
 
 /// Backend id -> address, port and liveness.
-#[map(name = "XLB_BACKENDS_V2")]
+#[map(name = "XLB_BACKENDS_V3")]
 pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
 
 /// Maglev rings: two halves of RING_STRIDE slots per service, each slot a backend id, stored
@@ -73,5 +73,5 @@ pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_SERVIC
 pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_BACKENDS, 0);
 
 /// Per-CPU verdict counters, indexed by `lb_common::Reason`.
-#[map(name = "XLB_REASONS_V4")]
+#[map(name = "XLB_REASONS_V5")]
 pub static REASONS: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);

@@ -3,7 +3,8 @@
 //! leaves everything pinned, so forwarding goes on until a new agent adopts it (or
 //! `xlb detach` removes it). This loop is the only writer of the maps.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -18,6 +19,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     announce::{self, Announcer},
+    bridgeport::{HostTables, VethPort},
     api::{self, Command},
     config::Config,
     datapath::Datapath,
@@ -25,9 +27,15 @@ use crate::{
     health::{HealthMonitor, Key, NetProber, State},
     loader,
     reconcile::Reconciler,
-    state::{DesiredState, Endpoint},
+    state::{Delivery, DesiredState, Endpoint},
     status::Applied,
 };
+
+/// How often the host's neighbour and bridge tables are read for local backends' veths.
+const VETH_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// (bridge, backend address) -> its host-side veth, if found.
+type Veths = BTreeMap<(String, IpAddr), Option<VethPort>>;
 
 struct Agent {
     config_path: PathBuf,
@@ -41,6 +49,8 @@ struct Agent {
     drained: BTreeSet<Key>,
     /// Bridges the reply program is attached to.
     bridges: BTreeSet<String>,
+    /// Local backends' veths as last applied, to notice when the host's tables change.
+    veths: Veths,
     /// Label errors already logged (each is logged once, while it lasts).
     label_errors: BTreeSet<LabelError>,
     applied: watch::Sender<Arc<Applied>>,
@@ -68,6 +78,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         health: HealthMonitor::new(Arc::new(NetProber), health_tx),
         drained: BTreeSet::new(),
         bridges: BTreeSet::new(),
+        veths: Veths::new(),
         label_errors: BTreeSet::new(),
         applied: applied_tx,
         attachments: Vec::new(),
@@ -115,9 +126,19 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let _server = api::serve(&agent.config.api_listen(), api).await?;
 
     let mut hup = signal(SignalKind::hangup())?;
+    // Containers come and go, and their neighbour entries with them.
+    let mut veth_check = tokio::time::interval(VETH_CHECK_INTERVAL);
     info!("xlb is running");
     loop {
         tokio::select! {
+            _ = veth_check.tick() => {
+                if agent.veths != agent.resolve_veths() {
+                    if let Err(e) = agent.apply() {
+                        error!("applying local delivery changes: {e:#}");
+                    }
+                    agent.publish();
+                }
+            }
             _ = hup.recv() => {
                 if let Err(e) = agent.reload(&mut sources) {
                     error!("reload rejected, the running state is kept:\n{e:#}");
@@ -269,20 +290,25 @@ impl Agent {
     fn apply(&mut self) -> Result<crate::reconcile::Changes> {
         let mut effective = self.desired.clone();
         let mut bridges = BTreeSet::new();
+        let veths = self.resolve_veths();
         for (name, svc) in &mut effective.services {
             for (endpoint, b) in &mut svc.backends {
                 if self.drained.contains(&(name.clone(), *endpoint)) {
                     b.weight = 0;
                 }
                 let Some(bridge) = &b.bridge else { continue };
-                b.deliver_ifindex = ifindex(bridge);
-                if b.deliver_ifindex == 0 {
+                b.delivery = Delivery {
+                    bridge: ifindex(bridge),
+                    veth: veths.get(&(bridge.clone(), endpoint.addr)).copied().flatten(),
+                };
+                if b.delivery.bridge == 0 {
                     warn!(service = %name, backend = %endpoint, %bridge, "no such bridge; the kernel routes to this backend");
                 } else {
                     bridges.insert(bridge.clone());
                 }
             }
         }
+        self.veths = veths;
         let pin_path = self.config.agent.pin_path.clone();
         let during: Vec<String> = bridges.union(&self.bridges).cloned().collect();
         if during.len() != self.bridges.len() {
@@ -300,6 +326,24 @@ impl Agent {
             info!(?changes, "applied");
         }
         Ok(changes)
+    }
+
+    /// Where each local backend's host-side veth is, as the host's tables say now.
+    fn resolve_veths(&self) -> Veths {
+        let local = || {
+            self.desired.services.values().flat_map(|svc| {
+                svc.backends
+                    .iter()
+                    .filter_map(|(endpoint, b)| Some((b.bridge.as_ref()?, endpoint.addr)))
+            })
+        };
+        if local().next().is_none() {
+            return Veths::new();
+        }
+        let tables = HostTables::read();
+        local()
+            .map(|(bridge, addr)| ((bridge.clone(), addr), tables.lookup(bridge, addr)))
+            .collect()
     }
 
     /// Shares the applied state with the API, and announces the VIPs that can serve.

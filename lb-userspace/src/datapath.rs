@@ -12,7 +12,7 @@ use lb_common::{
 
 pub const VIPS: &str = "XLB_VIPS_V1";
 pub const VIP_ADDRS: &str = "XLB_VIP_ADDRS_V1";
-pub const BACKENDS: &str = "XLB_BACKENDS_V2";
+pub const BACKENDS: &str = "XLB_BACKENDS_V3";
 pub const RINGS: &str = "XLB_RINGS_V2";
 pub const CONNTRACK: &str = "XLB_CONNTRACK_V2";
 pub const REV_NAT: &str = "XLB_REV_NAT_V2";
@@ -22,7 +22,7 @@ pub const SNAT_POOLS: &str = "XLB_SNAT_POOLS_V1";
 pub const TX_PORTS: &str = "XLB_TX_PORTS_V1";
 pub const SERVICE_STATS: &str = "XLB_SVC_STATS_V1";
 pub const BACKEND_STATS: &str = "XLB_BE_STATS_V1";
-pub const REASONS: &str = "XLB_REASONS_V4";
+pub const REASONS: &str = "XLB_REASONS_V5";
 
 /// Every map, in the order they are pinned.
 pub const ALL_MAPS: [&str; 12] = [

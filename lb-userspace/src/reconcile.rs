@@ -14,8 +14,9 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::{
+    bridgeport::VethPort,
     maglev::{self, MaglevBackend},
-    state::{DesiredState, Endpoint, ServiceSpec},
+    state::{Delivery, DesiredState, Endpoint, ServiceSpec},
 };
 
 /// The map operations reconcile needs; implemented by `Datapath` and by a fake in tests.
@@ -77,8 +78,8 @@ pub struct AppliedBackend {
     pub id: u32,
     pub weight: u32,
     pub alive: bool,
-    /// Local delivery target (a container's bridge), 0 for kernel routing.
-    pub deliver_ifindex: u32,
+    /// Local delivery (a container's bridge and veth); bridge 0 for kernel routing.
+    pub delivery: Delivery,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,7 +157,7 @@ impl Reconciler {
                         // Unknown until the config says; a weight change only touches the ring.
                         weight: u32::MAX,
                         alive: backend.is_alive(),
-                        deliver_ifindex: backend.deliver_ifindex,
+                        delivery: delivery_of(&backend),
                     };
                     svc.backends.insert(endpoint, applied);
                     backend_ids.push(id);
@@ -245,16 +246,16 @@ impl Reconciler {
         let mut died = Vec::new();
         for (endpoint, backend_spec) in &spec.backends {
             let alive = live.is_alive(&spec.name, endpoint);
-            let deliver_ifindex = backend_spec.deliver_ifindex;
+            let delivery = backend_spec.delivery;
             match svc.backends.get_mut(endpoint) {
                 Some(applied) => {
                     applied.weight = backend_spec.weight;
-                    let moved = applied.deliver_ifindex != deliver_ifindex;
-                    applied.deliver_ifindex = deliver_ifindex;
+                    let moved = applied.delivery != delivery;
+                    applied.delivery = delivery;
                     if !alive && applied.alive {
                         died.push(applied.id);
                     } else if moved || (alive && !applied.alive) {
-                        let value = backend_value(endpoint, service_id, alive, deliver_ifindex);
+                        let value = backend_value(endpoint, service_id, alive, &delivery);
                         maps.set_backend(applied.id, &value)?;
                     }
                     applied.alive = alive;
@@ -262,13 +263,13 @@ impl Reconciler {
                 None => {
                     let id = self.backend_ids.take().context("no free backend id")?;
                     maps.reset_backend_counters(id)?;
-                    let value = backend_value(endpoint, service_id, alive, deliver_ifindex);
+                    let value = backend_value(endpoint, service_id, alive, &delivery);
                     maps.set_backend(id, &value)?;
                     let applied = AppliedBackend {
                         id,
                         weight: backend_spec.weight,
                         alive,
-                        deliver_ifindex,
+                        delivery,
                     };
                     svc.backends.insert(*endpoint, applied);
                     changes.backends_added += 1;
@@ -323,7 +324,7 @@ impl Reconciler {
                 .expect("known");
             maps.set_backend(
                 id,
-                &backend_value(endpoint, service_id, false, b.deliver_ifindex),
+                &backend_value(endpoint, service_id, false, &b.delivery),
             )?;
         }
         for (_, id) in removed {
@@ -433,16 +434,32 @@ fn backend_value(
     endpoint: &Endpoint,
     service_id: u32,
     alive: bool,
-    deliver_ifindex: u32,
+    delivery: &Delivery,
 ) -> Backend {
     let (family, addr) = addr_words(endpoint.addr);
+    let veth = delivery.veth.filter(|_| delivery.bridge != 0);
     Backend {
         addr,
         port: endpoint.port.to_be(),
         family,
         flags: BACKEND_IN_USE | if alive { BACKEND_ALIVE } else { 0 },
         service_id,
-        deliver_ifindex,
+        deliver_ifindex: delivery.bridge,
+        port_ifindex: veth.map_or(0, |v| v.ifindex),
+        mac: veth.map_or([0; 6], |v| v.mac),
+        gateway_mac: veth.map_or([0; 6], |v| v.bridge_mac),
+    }
+}
+
+/// The delivery a pinned backend entry describes (adopted on restart).
+fn delivery_of(backend: &Backend) -> Delivery {
+    Delivery {
+        bridge: backend.deliver_ifindex,
+        veth: (backend.port_ifindex != 0).then_some(VethPort {
+            ifindex: backend.port_ifindex,
+            mac: backend.mac,
+            bridge_mac: backend.gateway_mac,
+        }),
     }
 }
 

@@ -5,6 +5,7 @@ use std::{collections::BTreeMap, fmt, net::IpAddr};
 use serde::Serialize;
 
 use crate::{
+    bridgeport::VethPort,
     config::{Config, HealthConfig, HealthOverride, Mode, Protocol, ServiceConfig},
     discovery::{
         labels::{self, ContainerInfo, LabelError, LabelSpec},
@@ -62,8 +63,17 @@ pub struct BackendSpec {
     /// A bridge on this host the backend sits on (a local container's): the data path
     /// hands packets to it directly.
     pub bridge: Option<String>,
-    /// `bridge` resolved to its ifindex by the agent; 0: the kernel routes the packets.
-    pub deliver_ifindex: u32,
+    /// `bridge` resolved by the agent.
+    pub delivery: Delivery,
+}
+
+/// How packets reach a backend on a local bridge, as the agent resolved it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Delivery {
+    /// The bridge's ifindex; 0: the kernel routes the packets.
+    pub bridge: u32,
+    /// The container's host-side veth on that bridge, once known: packets skip the bridge.
+    pub veth: Option<VethPort>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -157,7 +167,7 @@ impl DesiredState {
                 source: Source::Docker(c.name.clone()),
                 health: spec.health,
                 bridge: target.bridge,
-                deliver_ifindex: 0,
+                delivery: Delivery::default(),
             };
             service.backends.insert(endpoint, backend);
         }
@@ -208,7 +218,7 @@ impl DesiredState {
                 source: Source::Swarm(task.id.clone()),
                 health: spec.health,
                 bridge: None,
-                deliver_ifindex: 0,
+                delivery: Delivery::default(),
             };
             service.backends.insert(endpoint, backend);
         }
@@ -290,7 +300,7 @@ impl ServiceSpec {
                     source: Source::Static,
                     health: b.health.clone(),
                     bridge: b.bridge.clone(),
-                    deliver_ifindex: 0,
+                    delivery: Delivery::default(),
                 };
                 (endpoint, spec)
             })

@@ -10,11 +10,12 @@ use lb_common::Counters;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    bridgeport::index_name,
     datapath::Datapath,
     health::{BackendHealth, Key, State},
     loader::Attachment,
     reconcile::AppliedView,
-    state::DesiredState,
+    state::{Delivery, DesiredState},
 };
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -59,6 +60,10 @@ pub struct BackendStatus {
     pub drained: bool,
     pub last_probe: Option<ProbeStatus>,
     pub counters: CounterStatus,
+    /// How packets reach it: "routed" (the kernel), "bridge" (redirected to its local
+    /// bridge), or "veth NAME" (handed to the container's eth0 through its host-side veth).
+    #[serde(default)]
+    pub delivery: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -127,6 +132,7 @@ impl Status {
                         latency_ms: p.latency.as_secs_f64() * 1000.0,
                     }),
                     counters: datapath.backend_counters(b.id)?.into(),
+                    delivery: delivery_text(&b.delivery),
                 });
             }
             let problem = (view.table_size == 0).then(|| {
@@ -244,5 +250,16 @@ impl Status {
             }
         );
         out
+    }
+}
+
+fn delivery_text(delivery: &Delivery) -> String {
+    match (delivery.bridge, delivery.veth) {
+        (0, _) => "routed".into(),
+        (_, None) => "bridge".into(),
+        (_, Some(veth)) => match index_name(veth.ifindex) {
+            Some(name) => format!("veth {name}"),
+            None => format!("veth ifindex {}", veth.ifindex),
+        },
     }
 }

@@ -61,7 +61,7 @@ fn desired(check: HealthConfig) -> DesiredState {
         source: Source::Static,
         health: HealthOverride::default(),
         bridge: None,
-        deliver_ifindex: 0,
+        delivery: Default::default(),
     };
     let svc = ServiceSpec {
         name: "web".into(),

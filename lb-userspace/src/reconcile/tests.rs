@@ -137,7 +137,7 @@ fn service(name: &str, vip_last: u8, backends: &[(u8, u32)]) -> ServiceSpec {
                     source: Source::Static,
                     health: Default::default(),
                     bridge: None,
-                    deliver_ifindex: 0,
+                    delivery: Default::default(),
                 };
                 (ep(last), spec)
             })
