@@ -21,10 +21,12 @@ pub enum Mode {
     Nft,
     /// HAProxy `mode tcp` in the lb namespace, round robin.
     Haproxy,
-    /// xlb's XDP program on the lb namespace's front interface.
+    /// xlb's XDP program on the lb namespace's front interface; the backends on br0 are
+    /// local (`bridge = "br0"`): TC hands each packet to the backend's eth0 through its
+    /// veth (`bpf_redirect_peer`), and replies leave through TC on br0, so neither
+    /// direction is routed.
     Xlb,
-    /// xlb with `xdp_mode = "tc"`: the balancer at TC ingress, and the backends on br0
-    /// delivered by redirect (`bridge = "br0"`), so neither direction is routed.
+    /// xlb with `xdp_mode = "tc"`: the balancer at TC ingress, delivery as in `Xlb`.
     XlbTc,
     /// Diagnostic: xlb attached as in `Xlb`, but the client drives the backends directly as
     /// in `Direct`, so every packet takes XDP_PASS (not a VIP) and TC finds no reverse NAT.

@@ -22,14 +22,13 @@ pub fn config(mode: Mode, pin_path: &str, backends: &[Ipv4Addr]) -> String {
         format!("\"{FRONT}\"")
     };
     let mut config = format!("[agent]\ninterfaces = [{interfaces}]\npin_path = \"{pin_path}\"\n");
+    if mode == Mode::XlbTc {
+        config += "xdp_mode = \"tc\"\n";
+    }
     let (forwarding, bridge) = match mode {
-        Mode::XlbTc => {
-            config += "xdp_mode = \"tc\"\n";
-            ("nat", "bridge = \"br0\"\n")
-        }
         Mode::XlbFullnat => ("fullnat", ""),
         Mode::XlbDsr => ("dsr", ""),
-        _ => ("nat", ""),
+        _ => ("nat", "bridge = \"br0\"\n"),
     };
     // Backends listen on the VIP's ports, which dsr requires (it does not rewrite ports).
     for (name, port, proto) in [("web", HTTP_PORT, "tcp"), ("udp", UDP_PORT, "udp")] {

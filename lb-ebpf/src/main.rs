@@ -75,9 +75,10 @@ pub fn xlb_tc_balance(ctx: TcContext) -> i32 {
         Verdict::Drop(reason) => (TC_ACT_SHOT, reason),
         Verdict::Forward { deliver_to: 0 } => (TC_ACT_NEXT, Reason::Forwarded),
         Verdict::Forward { deliver_to } => (deliver::redirect(deliver_to), Reason::Forwarded),
-        Verdict::ToContainer { backend_id } => {
-            (deliver::to_container(&ctx, backend_id), Reason::DeliveredPeer)
-        }
+        Verdict::ToContainer { backend_id } => (
+            deliver::to_container(&ctx, backend_id),
+            Reason::DeliveredPeer,
+        ),
         // The TC hook never sends by itself.
         Verdict::Sent(_, reason) => (TC_ACT_NEXT, reason),
     };

@@ -19,8 +19,8 @@ use tracing::{error, info, warn};
 
 use crate::{
     announce::{self, Announcer},
-    bridgeport::{HostTables, VethPort},
     api::{self, Command},
+    bridgeport::{HostTables, VethPort},
     config::Config,
     datapath::Datapath,
     discovery::{Sources, labels::LabelError},
@@ -299,7 +299,10 @@ impl Agent {
                 let Some(bridge) = &b.bridge else { continue };
                 b.delivery = Delivery {
                     bridge: ifindex(bridge),
-                    veth: veths.get(&(bridge.clone(), endpoint.addr)).copied().flatten(),
+                    veth: veths
+                        .get(&(bridge.clone(), endpoint.addr))
+                        .copied()
+                        .flatten(),
                 };
                 if b.delivery.bridge == 0 {
                     warn!(service = %name, backend = %endpoint, %bridge, "no such bridge; the kernel routes to this backend");

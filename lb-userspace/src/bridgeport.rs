@@ -13,11 +13,15 @@ use std::{
     net::{IpAddr, Ipv4Addr},
 };
 
-use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
-    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState},
+    neighbour::{
+        NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+    },
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use serde::{Serialize, Serializer};
@@ -82,7 +86,9 @@ impl HostTables {
             let mut request = NeighbourMessage::default();
             request.header.family = family;
             for m in dump(RouteNetlinkMessage::GetNeighbour(request))? {
-                let RouteNetlinkMessage::NewNeighbour(n) = m else { continue };
+                let RouteNetlinkMessage::NewNeighbour(n) = m else {
+                    continue;
+                };
                 add_neighbour(&n, &mut neighbours, &mut fdb);
             }
         }
@@ -120,7 +126,9 @@ fn link_of(msg: &LinkMessage) -> (u32, Link) {
             // Present only when the peer lives in another namespace.
             LinkAttribute::LinkNetNsId(_) => other_netns = true,
             LinkAttribute::LinkInfo(infos) => {
-                veth = infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
+                veth = infos
+                    .iter()
+                    .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
             }
             _ => {}
         }
@@ -245,7 +253,11 @@ mod tests {
     fn tables() -> HostTables {
         let addr = "10.99.2.11".parse().expect("addr");
         HostTables {
-            links: [(5, link("br0", None, false)), (7, link("vb1", Some(5), true))].into(),
+            links: [
+                (5, link("br0", None, false)),
+                (7, link("vb1", Some(5), true)),
+            ]
+            .into(),
             neighbours: [((5, addr), CONTAINER_MAC)].into(),
             fdb: [((5, CONTAINER_MAC), 7)].into(),
         }
@@ -268,7 +280,10 @@ mod tests {
     fn anything_missing_or_odd_means_the_bridge_path() {
         let addr: IpAddr = "10.99.2.11".parse().expect("addr");
         assert_eq!(tables().lookup("br1", addr), None, "another bridge");
-        assert_eq!(tables().lookup("br0", "10.99.2.12".parse().expect("addr")), None);
+        assert_eq!(
+            tables().lookup("br0", "10.99.2.12".parse().expect("addr")),
+            None
+        );
         let mut t = tables();
         t.fdb.clear();
         assert_eq!(t.lookup("br0", addr), None, "not learned");

@@ -322,10 +322,7 @@ impl Reconciler {
                 .iter()
                 .find(|(_, b)| b.id == id)
                 .expect("known");
-            maps.set_backend(
-                id,
-                &backend_value(endpoint, service_id, false, &b.delivery),
-            )?;
+            maps.set_backend(id, &backend_value(endpoint, service_id, false, &b.delivery))?;
         }
         for (_, id) in removed {
             maps.set_backend(id, &Backend::default())?;

@@ -6,8 +6,8 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use lb_common::{
-    BACKEND_ALIVE, BACKEND_IN_USE, Backend, DELIVER_MAGIC, DELIVER_PEER_MAGIC, DeliverMeta,
-    Reason, addr_words,
+    BACKEND_ALIVE, BACKEND_IN_USE, Backend, DELIVER_MAGIC, DELIVER_PEER_MAGIC, DeliverMeta, Reason,
+    addr_words,
 };
 use xlb::reconcile::Maps as _;
 use xlb_tests::testrun::*;
@@ -48,7 +48,11 @@ fn local_web(veth: u32) -> (LoadedDatapath, u32) {
 /// The delivery metadata XDP put in front of the frame, and the frame.
 fn split_meta(data: &[u8]) -> (DeliverMeta, &[u8]) {
     let len = size_of::<DeliverMeta>();
-    assert!(data.len() > len, "no room for metadata: {}", hexdump(data, 0));
+    assert!(
+        data.len() > len,
+        "no room for metadata: {}",
+        hexdump(data, 0)
+    );
     let word = |at: usize| u32::from_ne_bytes(data[at..at + 4].try_into().expect("4 bytes"));
     let meta = DeliverMeta {
         magic: word(0),
@@ -107,8 +111,11 @@ fn the_tc_balancer_hands_frames_to_the_container_with_its_macs() {
     assert_eq!(out.action, TC_ACT_REDIRECT);
     assert_eq!(out.data[..6], CONTAINER_MAC, "destination MAC");
     assert_eq!(out.data[6..12], BRIDGE_MAC, "source MAC");
-    dp.reasons()
-        .assert_moved(&before, &[(Reason::DeliveredPeer, 1)], "TC to the container");
+    dp.reasons().assert_moved(
+        &before,
+        &[(Reason::DeliveredPeer, 1)],
+        "TC to the container",
+    );
 
     // Not found yet: through the bridge, MACs left for bpf_redirect_neigh to fill.
     let (dp, _) = local_web(0);

@@ -234,7 +234,10 @@ fn local_bridge_delivery_bypasses_a_forward_drop_policy() {
     assert!(udp.starts_with("be"));
     // Each connection's SYN and ACK at least, and the datagram: straight into the netns.
     let handed = verdicts(&agent, "delivered_peer") - before;
-    assert!(handed >= 2 * 60 + 1, "{handed} packets handed to a container's eth0");
+    assert!(
+        handed > 2 * 60,
+        "{handed} packets handed to a container's eth0"
+    );
     let log = topo.backends[0].proc.as_ref().expect("running").log_text();
     assert!(
         log.contains("be1 tcp from 10.99.1.2:"),
@@ -288,7 +291,10 @@ fn the_balancer_runs_at_tc_ingress_in_mode_tc_and_modes_switch_on_reload() {
         "client address kept: {log}"
     );
     let handed = verdicts(&agent, "delivered_peer") - before;
-    assert!(handed >= 2 * 150 + 1, "{handed} packets handed to a container's eth0");
+    assert!(
+        handed > 2 * 150,
+        "{handed} packets handed to a container's eth0"
+    );
 
     // And back to XDP.
     let (ok, out) = agent.reload(&xdp_config);
