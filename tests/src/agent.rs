@@ -156,6 +156,40 @@ impl Agent {
         });
     }
 
+    /// Waits (bounded) until `n` backends, of all services, are delivered through their own
+    /// host-side veth (`delivery` in `xlb status --json`), and no other backend is.
+    pub fn wait_for_veths(&self, n: usize, within: Duration) {
+        let deliveries = || -> Vec<String> {
+            let status = self.status();
+            let services = status["services"].as_array().cloned().unwrap_or_default();
+            services
+                .iter()
+                .flat_map(|s| s["backends"].as_array().cloned().unwrap_or_default())
+                .map(|b| b["delivery"].as_str().unwrap_or_default().to_string())
+                .collect()
+        };
+        let found = wait_for(within, || {
+            let d = deliveries();
+            (d.len() == n && d.iter().all(|d| d.starts_with("veth "))).then_some(())
+        });
+        assert!(
+            found.is_some(),
+            "{n} veths not found within {within:?}: {:?}\n{}",
+            deliveries(),
+            self.log_text()
+        );
+    }
+
+    /// The data path's verdict counter `reason` (`xlb status --json`).
+    pub fn verdicts(&self, reason: &str) -> u64 {
+        let status = self.status();
+        status["reasons"]
+            .as_array()
+            .and_then(|r| r.iter().find(|pair| pair[0] == reason))
+            .and_then(|pair| pair[1].as_u64())
+            .unwrap_or(0)
+    }
+
     /// The names of the links pinned under the pin path.
     pub fn links(&self) -> Vec<String> {
         std::fs::read_dir(self.pin_path.join("links"))

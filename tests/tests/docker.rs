@@ -97,10 +97,18 @@ fn labelled_containers_join_leave_on_stop_and_new_ones_serve_at_once() {
         "routed traffic is dropped"
     );
 
-    // Every container answers through the VIP (checked by name, never "it connected").
+    // Every container answers through the VIP (checked by name, never "it connected"),
+    // handed to its eth0 through its veth once the agent has found that.
+    agent.wait_for_veths(5, Duration::from_secs(10));
+    let before = agent.verdicts("delivered_peer");
     let answered: BTreeSet<String> = names(&host, 100).into_iter().collect();
     let expected: BTreeSet<String> = ids.iter().map(|id| short(id)).collect();
     assert_eq!(answered, expected);
+    let handed = agent.verdicts("delivered_peer") - before;
+    assert!(
+        handed > 2 * 100,
+        "{handed} packets handed to a container's eth0"
+    );
 
     // `docker stop` one under a request loop: at most one failure, none after the stop.
     let vip = format!("{VIP}:80").parse().expect("addr");

@@ -10,7 +10,6 @@ use std::{
 use xlb_tests::{
     agent::Agent,
     client::{LineConn, tcp_name, udp_name},
-    process::wait_for,
     topology::{FRONT, Topology},
 };
 
@@ -219,8 +218,8 @@ fn local_bridge_delivery_bypasses_a_forward_drop_policy() {
     let links = agent.links();
     assert!(links.contains(&"tc_reply_br0".to_string()), "{links:?}");
     // Health checks resolve the backends' neighbours; the agent then finds their veths.
-    wait_for_veths(&agent);
-    let before = verdicts(&agent, "delivered_peer");
+    agent.wait_for_veths(6, Duration::from_secs(15));
+    let before = agent.verdicts("delivered_peer");
     let (vip, dns) = (topo.vip(80), topo.vip(53));
     let (tcp, udp) = topo.client.run(move || {
         let tcp: Vec<String> = (0..60)
@@ -233,7 +232,7 @@ fn local_bridge_delivery_bypasses_a_forward_drop_policy() {
     assert_eq!(count_names(&tcp).len(), 3, "{:?}", count_names(&tcp));
     assert!(udp.starts_with("be"));
     // Each connection's SYN and ACK at least, and the datagram: straight into the netns.
-    let handed = verdicts(&agent, "delivered_peer") - before;
+    let handed = agent.verdicts("delivered_peer") - before;
     assert!(
         handed > 2 * 60,
         "{handed} packets handed to a container's eth0"
@@ -273,8 +272,8 @@ fn the_balancer_runs_at_tc_ingress_in_mode_tc_and_modes_switch_on_reload() {
 
     // Delivery straight to the containers: nothing is routed (a drop policy proves it).
     forward_nothing(&topo);
-    wait_for_veths(&agent);
-    let before = verdicts(&agent, "delivered_peer");
+    agent.wait_for_veths(6, Duration::from_secs(15));
+    let before = agent.verdicts("delivered_peer");
     let (vip, dns) = (topo.vip(80), topo.vip(53));
     let (tcp, udp) = topo.client.run(move || {
         let tcp: Vec<String> = (0..150)
@@ -290,7 +289,7 @@ fn the_balancer_runs_at_tc_ingress_in_mode_tc_and_modes_switch_on_reload() {
         log.contains("be2 tcp from 10.99.1.2:"),
         "client address kept: {log}"
     );
-    let handed = verdicts(&agent, "delivered_peer") - before;
+    let handed = agent.verdicts("delivered_peer") - before;
     assert!(
         handed > 2 * 150,
         "{handed} packets handed to a container's eth0"
@@ -306,38 +305,4 @@ fn the_balancer_runs_at_tc_ingress_in_mode_tc_and_modes_switch_on_reload() {
             .join(format!("links/tc_balance_{FRONT}"))
             .exists()
     );
-}
-
-/// Waits (bounded) until every backend is delivered through its own host-side veth, as
-/// `xlb status --json` shows it.
-fn wait_for_veths(agent: &Agent) {
-    let deliveries = || -> Vec<String> {
-        let status = agent.status();
-        let services = status["services"].as_array().cloned().unwrap_or_default();
-        services
-            .iter()
-            .flat_map(|s| s["backends"].as_array().cloned().unwrap_or_default())
-            .map(|b| b["delivery"].as_str().unwrap_or_default().to_string())
-            .collect()
-    };
-    let found = wait_for(Duration::from_secs(15), || {
-        let d = deliveries();
-        (d.len() == 6 && d.iter().all(|d| d.starts_with("veth "))).then_some(())
-    });
-    assert!(
-        found.is_some(),
-        "veths not found: {:?}\n{}",
-        deliveries(),
-        agent.log_text()
-    );
-}
-
-/// The data path's verdict counter `reason` (`xlb status --json`).
-fn verdicts(agent: &Agent, reason: &str) -> u64 {
-    let status = agent.status();
-    status["reasons"]
-        .as_array()
-        .and_then(|r| r.iter().find(|pair| pair[0] == reason))
-        .and_then(|pair| pair[1].as_u64())
-        .unwrap_or(0)
 }
