@@ -20,7 +20,7 @@ use tracing::{error, info, warn};
 use crate::{
     announce::{self, Announcer},
     api::{self, Command},
-    bridgeport::{HostTables, VethPort},
+    bridgeport::{HostTables, VethPort, index_name},
     config::Config,
     datapath::Datapath,
     discovery::{Sources, labels::LabelError},
@@ -47,8 +47,9 @@ struct Agent {
     desired: DesiredState,
     /// Backends drained through the API; kept across reloads.
     drained: BTreeSet<Key>,
-    /// Bridges the reply program is attached to.
-    bridges: BTreeSet<String>,
+    /// Interfaces the reply program is attached to: local backends' bridges, and the
+    /// host-side veths of those whose veth is known (replies then skip the bridge).
+    reply_interfaces: BTreeSet<String>,
     /// Local backends' veths as last applied, to notice when the host's tables change.
     veths: Veths,
     /// Label errors already logged (each is logged once, while it lasts).
@@ -77,7 +78,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         reconciler,
         health: HealthMonitor::new(Arc::new(NetProber), health_tx),
         drained: BTreeSet::new(),
-        bridges: BTreeSet::new(),
+        reply_interfaces: BTreeSet::new(),
         veths: Veths::new(),
         label_errors: BTreeSet::new(),
         applied: applied_tx,
@@ -285,11 +286,11 @@ impl Agent {
     }
 
     /// The desired state with drained backends at weight 0, applied with current health.
-    /// Local bridges resolved to ifindexes. The reply program is attached to a bridge
-    /// before any backend is delivered there, and detached only after none is.
+    /// Local bridges resolved to ifindexes. The reply program is attached to a bridge (and a
+    /// veth) before any backend is delivered there, and detached only after none is.
     fn apply(&mut self) -> Result<crate::reconcile::Changes> {
         let mut effective = self.desired.clone();
-        let mut bridges = BTreeSet::new();
+        let mut reply_interfaces = BTreeSet::new();
         let veths = self.resolve_veths();
         for (name, svc) in &mut effective.services {
             for (endpoint, b) in &mut svc.backends {
@@ -307,23 +308,28 @@ impl Agent {
                 if b.delivery.bridge == 0 {
                     warn!(service = %name, backend = %endpoint, %bridge, "no such bridge; the kernel routes to this backend");
                 } else {
-                    bridges.insert(bridge.clone());
+                    reply_interfaces.insert(bridge.clone());
+                    let veth = b.delivery.veth.and_then(|v| index_name(v.ifindex));
+                    reply_interfaces.extend(veth);
                 }
             }
         }
         self.veths = veths;
         let pin_path = self.config.agent.pin_path.clone();
-        let during: Vec<String> = bridges.union(&self.bridges).cloned().collect();
-        if during.len() != self.bridges.len() {
-            loader::attach_bridges(&mut self.ebpf, &pin_path, &during)?;
+        let during: Vec<String> = reply_interfaces
+            .union(&self.reply_interfaces)
+            .cloned()
+            .collect();
+        if during.len() != self.reply_interfaces.len() {
+            loader::attach_reply(&mut self.ebpf, &pin_path, &during)?;
         }
         let changes = self
             .reconciler
             .apply(&mut self.datapath, &effective, &self.health.view())?;
-        if bridges != self.bridges || during.len() != bridges.len() {
-            let after: Vec<String> = bridges.iter().cloned().collect();
-            loader::attach_bridges(&mut self.ebpf, &pin_path, &after)?;
-            self.bridges = bridges;
+        if reply_interfaces != self.reply_interfaces || during.len() != reply_interfaces.len() {
+            let after: Vec<String> = reply_interfaces.iter().cloned().collect();
+            loader::attach_reply(&mut self.ebpf, &pin_path, &after)?;
+            self.reply_interfaces = reply_interfaces;
         }
         if !changes.is_empty() {
             info!(?changes, "applied");

@@ -72,8 +72,8 @@ impl PinLayout {
     fn tc_ingress_link(&self, interface: &str) -> PathBuf {
         self.links().join(format!("tc_ingress_{interface}"))
     }
-    fn tc_reply_link(&self, bridge: &str) -> PathBuf {
-        self.links().join(format!("{BRIDGE_LINK_PREFIX}{bridge}"))
+    fn tc_reply_link(&self, interface: &str) -> PathBuf {
+        self.links().join(format!("{REPLY_LINK_PREFIX}{interface}"))
     }
     fn tc_balance_link(&self, interface: &str) -> PathBuf {
         self.links().join(format!("tc_balance_{interface}"))
@@ -94,7 +94,7 @@ impl PinLayout {
     }
 }
 
-const BRIDGE_LINK_PREFIX: &str = "tc_reply_";
+const REPLY_LINK_PREFIX: &str = "tc_reply_";
 
 /// How the XDP program ended up attached to one interface.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -201,10 +201,10 @@ pub fn attach(
     }
     set_tx_ports(ebpf, &out)?;
     for stale in pinned_links(&layout)? {
-        let bridge = stale
+        let reply = stale
             .file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with(BRIDGE_LINK_PREFIX));
-        let keep = bridge
+            .is_some_and(|n| n.to_string_lossy().starts_with(REPLY_LINK_PREFIX));
+        let keep = reply
             || interfaces
                 .iter()
                 .any(|i| layout.front_links(i, mode).contains(&stale));
@@ -243,23 +243,30 @@ fn set_tx_ports(ebpf: &mut Ebpf, attached: &[Attachment]) -> Result<()> {
     Ok(())
 }
 
-/// Attaches the reply program to exactly these container bridges (by name), detaching it
-/// from bridges no longer in use.
-pub fn attach_bridges(ebpf: &mut Ebpf, pin_path: &Path, bridges: &[String]) -> Result<()> {
+/// Attaches the reply program to exactly these interfaces (container bridges and veths, by
+/// name), detaching it from the others. A veth that went away with its container takes its
+/// attachment along; only the pin is left to remove.
+pub fn attach_reply(ebpf: &mut Ebpf, pin_path: &Path, interfaces: &[String]) -> Result<()> {
     let layout = PinLayout::new(pin_path);
-    for bridge in bridges {
-        let link = layout.tc_reply_link(bridge);
-        attach_tc(ebpf, TC_REPLY_PROGRAM, &link, bridge, TcAttachType::Ingress)?;
+    for interface in interfaces {
+        let link = layout.tc_reply_link(interface);
+        attach_tc(
+            ebpf,
+            TC_REPLY_PROGRAM,
+            &link,
+            interface,
+            TcAttachType::Ingress,
+        )?;
     }
     for stale in pinned_links(&layout)? {
         let name = stale
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        if let Some(bridge) = name.strip_prefix(BRIDGE_LINK_PREFIX)
-            && !bridges.iter().any(|b| b == bridge)
+        if let Some(interface) = name.strip_prefix(REPLY_LINK_PREFIX)
+            && !interfaces.iter().any(|i| i == interface)
         {
-            info!(%bridge, "detaching from a bridge with no local backend left");
+            info!(%interface, "detaching the reply program: no local backend behind it");
             unpin_link(&stale)?;
         }
     }

@@ -237,6 +237,8 @@ fn local_bridge_delivery_bypasses_a_forward_drop_policy() {
         handed > 2 * 60,
         "{handed} packets handed to a container's eth0"
     );
+    // Replies are caught on each backend's veth too, before the bridge.
+    assert_eq!(veth_reply_links(&agent), 3, "{:?}", agent.links());
     let log = topo.backends[0].proc.as_ref().expect("running").log_text();
     assert!(
         log.contains("be1 tcp from 10.99.1.2:"),
@@ -248,6 +250,7 @@ fn local_bridge_delivery_bypasses_a_forward_drop_policy() {
     let (ok, out) = agent.reload(&plain);
     assert!(ok, "{out}");
     assert!(!agent.pin_path.join("links/tc_reply_br0").exists());
+    assert_eq!(veth_reply_links(&agent), 0, "{:?}", agent.links());
 }
 
 #[test]
@@ -305,4 +308,13 @@ fn the_balancer_runs_at_tc_ingress_in_mode_tc_and_modes_switch_on_reload() {
             .join(format!("links/tc_balance_{FRONT}"))
             .exists()
     );
+}
+
+/// Reply-program links on interfaces other than the bridge: the backends' veths.
+fn veth_reply_links(agent: &Agent) -> usize {
+    agent
+        .links()
+        .iter()
+        .filter(|l| l.starts_with("tc_reply_") && *l != "tc_reply_br0")
+        .count()
 }
