@@ -133,8 +133,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
     loop {
         tokio::select! {
             _ = veth_check.tick() => {
-                if agent.veths != agent.resolve_veths() {
-                    if let Err(e) = agent.apply() {
+                let veths = agent.resolve_veths();
+                if veths != agent.veths {
+                    if let Err(e) = agent.apply_with(veths) {
                         error!("applying local delivery changes: {e:#}");
                     }
                     agent.publish();
@@ -289,9 +290,14 @@ impl Agent {
     /// Local bridges resolved to ifindexes. The reply program is attached to a bridge (and a
     /// veth) before any backend is delivered there, and detached only after none is.
     fn apply(&mut self) -> Result<crate::reconcile::Changes> {
+        let veths = self.resolve_veths();
+        self.apply_with(veths)
+    }
+
+    /// `apply` with local backends' veths already resolved.
+    fn apply_with(&mut self, veths: Veths) -> Result<crate::reconcile::Changes> {
         let mut effective = self.desired.clone();
         let mut reply_interfaces = BTreeSet::new();
-        let veths = self.resolve_veths();
         for (name, svc) in &mut effective.services {
             for (endpoint, b) in &mut svc.backends {
                 if self.drained.contains(&(name.clone(), *endpoint)) {
