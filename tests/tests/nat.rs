@@ -82,6 +82,8 @@ fn long_lived_connection_stays_while_a_backend_is_added() {
     let all: Vec<_> = topo.backends.iter().collect();
     let (ok, out) = agent.reload(&topo.config(&Agent::pin_path_for(&topo), &all));
     assert!(ok, "reload failed: {out}");
+    // A new backend takes flows after its first good probe; the share below counts from then.
+    agent.wait_up("web", 4, Duration::from_secs(5));
 
     // The same connection keeps talking to the same backend.
     let (names, new_names) = topo.client.run(move || {
