@@ -18,6 +18,8 @@ pub const FAMILY_V6: u8 = 6;
 /// IP protocol numbers.
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+/// IP in IP (RFC 2003): dsr's plain encapsulation.
+pub const PROTO_IPIP: u8 = 4;
 
 /// Forwarding modes (`Service::mode`).
 pub const MODE_NAT: u8 = 0;

@@ -14,13 +14,14 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray},
     programs::XdpContext,
 };
-use lb_common::{DecapCounter, FAMILY_V4, GUE_PORT, PROTO_UDP, VipAddrKey, sizes::MAX_VIP_ADDRS};
+use lb_common::{
+    DecapCounter, FAMILY_V4, GUE_PORT, PROTO_IPIP, PROTO_UDP, VipAddrKey, sizes::MAX_VIP_ADDRS,
+};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const IPV4_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
-const PROTO_IPIP: u8 = 4;
 /// More-fragments flag and fragment offset, in host order.
 const IP_MF_OFFSET: u16 = 0x3fff;
 

@@ -2,17 +2,15 @@
 //! (IPIP, or GUE variant 1: outer IPv4 + UDP, the inner IPv4 right after). The backend
 //! decapsulates it (`xlb decap`) and answers the client directly from the VIP.
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
-use lb_common::{GUE_PORT, PROTO_UDP};
+use lb_common::{GUE_PORT, PROTO_IPIP, PROTO_UDP};
 
 use crate::{
     csum,
-    parse::{ETH_HLEN, Ipv4Hdr, L4Packet, PacketBuf, load},
+    parse::{ETH_HLEN, IPV4_HLEN, Ipv4Hdr, L4Packet, PacketBuf, load},
     route,
 };
 
-pub const PROTO_IPIP: u8 = 4;
-const IPV4_HLEN: usize = 20;
-const UDP_HLEN: usize = 8;
+const UDP_HLEN: usize = size_of::<UdpHdr>();
 const DEFAULT_TTL: u8 = 64;
 
 #[repr(C)]

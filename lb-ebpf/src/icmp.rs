@@ -9,11 +9,10 @@ use aya_ebpf::{
 
 use crate::{
     csum,
-    parse::{ETH_HLEN, Ipv4Hdr, L4Packet, PacketBuf, load},
+    parse::{ETH_HLEN, IPV4_HLEN, Ipv4Hdr, L4Packet, PacketBuf, load},
     route,
 };
 
-const IPV4_HLEN: usize = 20;
 const ICMP_HLEN: usize = 8;
 /// The original IP header and the first 8 bytes after it (RFC 792).
 const QUOTE_LEN: usize = IPV4_HLEN + 8;

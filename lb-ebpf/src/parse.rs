@@ -39,6 +39,9 @@ pub struct Ipv4Hdr {
     pub daddr: u32,
 }
 
+/// An IPv4 header without options.
+pub const IPV4_HLEN: usize = size_of::<Ipv4Hdr>();
+
 /// The first 20 bytes of TCP and 8 of UDP share the port layout; we read only what we need.
 #[repr(C)]
 #[derive(Clone, Copy)]
