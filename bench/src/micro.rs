@@ -26,7 +26,10 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use aya::programs::{SchedClassifier, Xdp};
-use lb_common::Reason;
+use lb_common::{
+    Reason,
+    sizes::{DEFAULT_RING_SIZE, MAX_RING_SIZE},
+};
 use serde::Serialize;
 use xlb::{
     datapath::Datapath,
@@ -416,8 +419,14 @@ pub struct MaglevResult {
     pub moved_max: f64,
 }
 
-pub const MAGLEV_M: u32 = 65537;
-pub const MAGLEV_NS: [usize; 3] = [10, 100, 1000];
+/// (table size, backends) measured: the default table, and the largest at N = 100 (the
+/// table an operator picks to move at most 1.1/N there).
+pub const MAGLEV_CASES: [(u32, usize); 4] = [
+    (DEFAULT_RING_SIZE, 10),
+    (DEFAULT_RING_SIZE, 100),
+    (DEFAULT_RING_SIZE, 1000),
+    (MAX_RING_SIZE, 100),
+];
 
 /// The backend keys the criterion bench uses too.
 pub fn maglev_keys(n: usize) -> Vec<String> {
@@ -428,7 +437,7 @@ pub fn maglev_keys(n: usize) -> Vec<String> {
 
 pub fn maglev(criterion_dir: &Path, quick: bool) -> Result<Vec<MaglevResult>> {
     let mut out = Vec::new();
-    for n in MAGLEV_NS {
+    for (m, n) in MAGLEV_CASES {
         let keys = maglev_keys(n);
         let backends: Vec<MaglevBackend<'_>> = keys
             .iter()
@@ -441,7 +450,7 @@ pub fn maglev(criterion_dir: &Path, quick: bool) -> Result<Vec<MaglevResult>> {
         let mut full = Vec::new();
         for _ in 0..if quick { 3 } else { 11 } {
             let t = Instant::now();
-            full = build_table(&backends, MAGLEV_M);
+            full = build_table(&backends, m);
             times.push(t.elapsed().as_nanos() as f64);
         }
         let tries = n.min(if quick { 3 } else { 10 });
@@ -454,18 +463,18 @@ pub fn maglev(criterion_dir: &Path, quick: bool) -> Result<Vec<MaglevResult>> {
                 .filter(|(i, _)| *i != removed)
                 .map(|(_, b)| *b)
                 .collect();
-            let table = build_table(&rest, MAGLEV_M);
+            let table = build_table(&rest, m);
             let moved = full
                 .iter()
                 .zip(&table)
                 .filter(|(a, b)| backends[**a as usize].key != rest[**b as usize].key)
                 .count();
-            fractions.push(moved as f64 / f64::from(MAGLEV_M));
+            fractions.push(moved as f64 / f64::from(m));
         }
         out.push(MaglevResult {
-            table_size: MAGLEV_M,
+            table_size: m,
             backends: n,
-            build: read_criterion(criterion_dir, n),
+            build: read_criterion(criterion_dir, m, n),
             build_inline_ns: median(&mut times),
             removals_tried: tries,
             moved_mean: fractions.iter().sum::<f64>() / tries as f64,
@@ -475,8 +484,15 @@ pub fn maglev(criterion_dir: &Path, quick: bool) -> Result<Vec<MaglevResult>> {
     Ok(out)
 }
 
-fn read_criterion(dir: &Path, n: usize) -> Option<CriterionEstimate> {
-    let path = dir.join(format!("maglev_build/{n}/new/estimates.json"));
+/// Criterion's group names: `maglev_build` for the default table, `maglev_build_M` for others
+/// (lb-userspace/benches/maglev.rs).
+fn read_criterion(dir: &Path, m: u32, n: usize) -> Option<CriterionEstimate> {
+    let group = if m == DEFAULT_RING_SIZE {
+        "maglev_build".to_string()
+    } else {
+        format!("maglev_build_{m}")
+    };
+    let path = dir.join(format!("{group}/{n}/new/estimates.json"));
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
     let get = |k: &str| json[k]["point_estimate"].as_f64();

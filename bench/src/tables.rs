@@ -160,8 +160,8 @@ pub fn profile_table(p: &[crate::profile::ProgramCost]) -> String {
 
 pub fn maglev_table(m: &[MaglevResult]) -> String {
     let mut s = String::from(
-        "| backends N | build (criterion median) | build (in-process) | moved when 1 of N leaves (mean / worst) | worst × N |\n\
-         |---:|---:|---:|---:|---:|\n",
+        "| table M | backends N | build (criterion median) | build (in-process) | moved when 1 of N leaves (mean / worst) | worst × N |\n\
+         |---:|---:|---:|---:|---:|---:|\n",
     );
     for r in m {
         let crit = r.build.as_ref().map_or("not run".into(), |c| {
@@ -174,7 +174,8 @@ pub fn maglev_table(m: &[MaglevResult]) -> String {
         });
         let _ = writeln!(
             s,
-            "| {} | {crit} | {:.3} ms | {:.4} / {:.4} (1/N = {:.4}) | {:.3} |",
+            "| {} | {} | {crit} | {:.3} ms | {:.4} / {:.4} (1/N = {:.4}) | {:.3} |",
+            r.table_size,
             r.backends,
             r.build_inline_ns / 1e6,
             r.moved_mean,

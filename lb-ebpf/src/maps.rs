@@ -27,8 +27,8 @@ pub static VIP_ADDRS: HashMap<VipAddrKey, u32> = HashMap::pinned(MAX_VIP_ADDRS, 
 #[map(name = "XLB_BACKENDS_V3")]
 pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
 
-/// Maglev rings: two halves of RING_STRIDE slots per service, each slot a backend id, stored
-/// RING_CHUNK slots to an element.
+/// Maglev rings, each slot a backend id, stored RING_CHUNK slots to an element. The agent
+/// places each service's ring (RING_BLOCK slots or a multiple); a service's value says where.
 #[map(name = "XLB_RINGS_V2")]
 pub static RINGS: Array<[u32; RING_CHUNK as usize]> = Array::pinned(RING_CHUNKS, BPF_F_MMAPABLE);
 

@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use lb_common::sizes::MAX_RING_SIZE;
+use lb_common::sizes::DEFAULT_RING_SIZE;
 use serde::{Deserialize, Serialize};
 
 mod locate;
@@ -110,7 +110,7 @@ pub struct ServiceConfig {
 }
 
 fn default_table_size() -> u32 {
-    MAX_RING_SIZE
+    DEFAULT_RING_SIZE
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]

@@ -1,5 +1,5 @@
-//! Desired state + health -> map writes. Per service, the new ring is written into the idle
-//! half and the VIP is flipped to it in one map update, so a packet never sees a half-written
+//! Desired state + health -> map writes. Per service, the new ring is written into free ring
+//! space and the VIP is flipped to it in one map update, so a packet never sees a half-written
 //! ring. Unchanged services are not touched. Backend ids are kept for as long as a backend
 //! exists (conntrack refers to them), also across agent restarts (`adopt`).
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -8,11 +8,14 @@ use anyhow::{Context as _, Result};
 use lb_common::{
     BACKEND_ALIVE, BACKEND_IN_USE, Backend, SERVICE_GUE, Service, SnatPool, VipAddrKey, VipKey,
     addr_words,
-    sizes::{MAX_BACKENDS, MAX_SERVICES, ring_half, ring_offset},
+    sizes::{MAX_BACKENDS, MAX_SERVICES},
 };
 use serde::Serialize;
 use tracing::{info, warn};
 
+mod rings;
+
+use self::rings::RingSpace;
 use crate::{
     bridgeport::VethPort,
     maglev::{self, MaglevBackend},
@@ -91,6 +94,9 @@ struct AppliedService {
     published: bool,
     /// Rings written for this service by this agent.
     ring_rebuilds: u64,
+    /// What the ring in the map was built from (None: not known, e.g. adopted): the same
+    /// input is not built again.
+    ring_input: Option<RingInput>,
     /// The SNAT pool in the map (None: not written yet).
     snat_pool: Option<SnatPool>,
     backends: BTreeMap<Endpoint, AppliedBackend>,
@@ -119,6 +125,7 @@ pub struct Reconciler {
     vip_addrs: BTreeSet<VipAddrKey>,
     service_ids: IdPool,
     backend_ids: IdPool,
+    rings: RingSpace,
 }
 
 impl Reconciler {
@@ -132,6 +139,7 @@ impl Reconciler {
                 value,
                 published: true,
                 ring_rebuilds: 0,
+                ring_input: None,
                 snat_pool: Some(
                     maps.snat_pool(value.id)
                         .context("reading pinned SNAT pools")?,
@@ -166,7 +174,13 @@ impl Reconciler {
             }
         }
         let service_ids: Vec<u32> = services.values().map(|s| s.value.id).collect();
+        let rings = RingSpace::new(
+            services
+                .values()
+                .map(|s| (s.value.ring_offset, s.value.table_size)),
+        );
         Ok(Self {
+            rings,
             vip_addrs: maps.vip_addrs()?.into_iter().collect(),
             service_ids: IdPool::new(MAX_SERVICES, &service_ids),
             backend_ids: IdPool::new(MAX_BACKENDS, &backend_ids),
@@ -183,6 +197,8 @@ impl Reconciler {
         live: &impl Liveness,
     ) -> Result<Changes> {
         let mut changes = Changes::default();
+        // Rings replaced by the previous apply: no packet reads them any more.
+        self.rings.release_retired();
         for id in std::mem::take(&mut self.orphans) {
             maps.set_backend(id, &Backend::default())?;
             self.backend_ids.give_back(id);
@@ -206,7 +222,7 @@ impl Reconciler {
                 maps.reset_service_counters(id)?;
                 let value = Service {
                     id,
-                    ring_offset: ring_offset(id, 0),
+                    ring_offset: 0,
                     table_size: 0,
                     mode: spec.mode.number(),
                     flags: 0,
@@ -217,6 +233,7 @@ impl Reconciler {
                     value,
                     published: false,
                     ring_rebuilds: 0,
+                    ring_input: None,
                     snat_pool: None,
                     backends: BTreeMap::new(),
                 };
@@ -286,7 +303,6 @@ impl Reconciler {
             svc.backends.remove(endpoint);
         }
 
-        let ring = build_ring(&svc.backends, spec.table_size);
         let mut value = svc.value;
         value.mode = spec.mode.number();
         value.flags = if spec.gue { SERVICE_GUE } else { 0 };
@@ -296,16 +312,33 @@ impl Reconciler {
             maps.set_snat_pool(service_id, &pool)?;
             svc.snat_pool = Some(pool);
         }
-        let current = maps.ring(svc.value.ring_offset, svc.value.table_size);
-        if ring != current {
-            let idle_half = 1 - ring_half(service_id, svc.value.ring_offset);
-            value.ring_offset = ring_offset(service_id, idle_half);
-            value.table_size = ring.len() as u32;
-            maps.write_ring(value.ring_offset, &ring);
-            changes.rings_written += 1;
-            svc.ring_rebuilds += 1;
-            if ring.is_empty() {
-                warn!(service = %spec.name, "no backend can take new flows");
+        let input = RingInput::new(&svc.backends, spec.table_size);
+        if svc.ring_input.as_ref() != Some(&input) {
+            let ring = input.build();
+            let current = maps.ring(svc.value.ring_offset, svc.value.table_size);
+            if ring == current {
+                svc.ring_input = Some(input);
+            } else if let Some(offset) = self.rings.take(ring.len() as u32) {
+                self.rings
+                    .retire(svc.value.ring_offset, svc.value.table_size);
+                value.ring_offset = offset;
+                value.table_size = ring.len() as u32;
+                maps.write_ring(offset, &ring);
+                changes.rings_written += 1;
+                svc.ring_rebuilds += 1;
+                svc.ring_input = Some(input);
+                if ring.is_empty() {
+                    warn!(service = %spec.name, "no backend can take new flows");
+                }
+            } else {
+                // Config validation keeps the total within RINGS; only scattered free
+                // blocks get here. The old ring keeps serving; the next apply tries again.
+                warn!(
+                    service = %spec.name,
+                    table_size = ring.len(),
+                    free_blocks = self.rings.free_blocks(),
+                    "no adjacent free ring space; keeping the previous ring"
+                );
             }
         }
         if value != svc.value || !svc.published {
@@ -340,6 +373,8 @@ impl Reconciler {
             self.backend_ids.give_back(backend.id);
         }
         self.service_ids.give_back(svc.value.id);
+        self.rings
+            .retire(svc.value.ring_offset, svc.value.table_size);
         info!(service = %svc.name, "service removed");
         Ok(())
     }
@@ -397,24 +432,43 @@ pub struct AppliedView {
     pub backends: BTreeMap<Endpoint, AppliedBackend>,
 }
 
-/// Ring of backend ids over the backends that may take new flows (alive, weight > 0).
-fn build_ring(backends: &BTreeMap<Endpoint, AppliedBackend>, table_size: u32) -> Vec<u32> {
-    let eligible: Vec<(String, &AppliedBackend)> = backends
-        .iter()
-        .filter(|(_, b)| b.alive && b.weight > 0)
-        .map(|(e, b)| (e.to_string(), b))
-        .collect();
-    let input: Vec<MaglevBackend> = eligible
-        .iter()
-        .map(|(key, b)| MaglevBackend {
-            key,
-            weight: b.weight,
-        })
-        .collect();
-    maglev::build_table(&input, table_size)
-        .into_iter()
-        .map(|i| eligible[i as usize].1.id)
-        .collect()
+/// What a service's ring is built from: the backends that may take new flows (alive,
+/// weight > 0) with their ids, and the table size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RingInput {
+    table_size: u32,
+    /// (key, weight, backend id), in endpoint order.
+    backends: Vec<(String, u32, u32)>,
+}
+
+impl RingInput {
+    fn new(backends: &BTreeMap<Endpoint, AppliedBackend>, table_size: u32) -> Self {
+        let backends = backends
+            .iter()
+            .filter(|(_, b)| b.alive && b.weight > 0)
+            .map(|(e, b)| (e.to_string(), b.weight, b.id))
+            .collect();
+        Self {
+            table_size,
+            backends,
+        }
+    }
+
+    /// The ring: a backend id per slot.
+    fn build(&self) -> Vec<u32> {
+        let input: Vec<MaglevBackend> = self
+            .backends
+            .iter()
+            .map(|(key, weight, _)| MaglevBackend {
+                key,
+                weight: *weight,
+            })
+            .collect();
+        maglev::build_table(&input, self.table_size)
+            .into_iter()
+            .map(|i| self.backends[i as usize].2)
+            .collect()
+    }
 }
 
 pub fn vip_key(spec: &ServiceSpec) -> VipKey {

@@ -110,6 +110,53 @@ fn long_lived_connection_stays_while_a_backend_is_added() {
 }
 
 #[test]
+fn a_larger_table_takes_over_on_reload_and_established_flows_stay() {
+    let (topo, agent) = start(3);
+    let vip = topo.vip(80);
+    let (conn, first) = topo.client.run(move || {
+        let mut c = LineConn::connect(vip).expect("connect");
+        let name = c.ask().expect("first answer");
+        (c, name)
+    });
+    let all: Vec<_> = topo.backends.iter().collect();
+    let default = topo.config(&Agent::pin_path_for(&topo), &all);
+    let web = "port = 80\nprotocol = \"tcp\"\n";
+    let large = default.replacen(web, &format!("{web}table_size = 2097143\n"), 1);
+    assert_ne!(large, default);
+
+    let mut conn = Some(conn);
+    for (config, table_size) in [(&large, 2_097_143), (&default, 65_537)] {
+        let (ok, out) = agent.reload(config);
+        assert!(ok, "reload failed: {out}");
+        assert_eq!(agent.service("web")["table_size"], table_size);
+        let c = conn.take().expect("kept");
+        let (c, same, fresh) = topo.client.run(move || {
+            let mut c = c;
+            let same: Vec<String> = (0..10)
+                .map(|_| c.ask().expect("answer on the old connection"))
+                .collect();
+            let fresh: Vec<String> = (0..300)
+                .map(|_| tcp_name(vip).expect("new connection"))
+                .collect();
+            (c, same, fresh)
+        });
+        conn = Some(c);
+        assert!(
+            same.iter().all(|n| *n == first),
+            "moved from {first}: {same:?}"
+        );
+        let counts = count_names(&fresh);
+        assert_eq!(counts.len(), 3, "table {table_size}: {counts:?}");
+        for (name, n) in &counts {
+            assert!(
+                (75..=126).contains(n),
+                "table {table_size}: {name} got {n} of 300: {counts:?}"
+            );
+        }
+    }
+}
+
+#[test]
 fn udp_flow_sticks_to_one_backend_and_source_ports_spread() {
     let (topo, _agent) = start(3);
     let vip = topo.vip(53);

@@ -87,10 +87,32 @@ fn table_size_must_be_prime() {
     let text = format!("{MINIMAL}table_size = 65536\n");
     assert_eq!(
         errors(&text),
-        ["xlb.toml:9: service[0].table_size: 65536 must be a prime in 3..=65537"]
+        ["xlb.toml:9: service[0].table_size: 65536 must be a prime in 3..=2097143"]
     );
-    let text = format!("{MINIMAL}table_size = 65539\n");
-    assert!(errors(&text)[0].contains("65539 must be a prime in 3..=65537"));
+    let text = format!("{MINIMAL}table_size = 2097169\n");
+    assert!(errors(&text)[0].contains("2097169 must be a prime in 3..=2097143"));
+    let text = format!("{MINIMAL}table_size = 2097143\n");
+    assert_eq!(parse(&text).unwrap().services[0].table_size, 2_097_143);
+}
+
+#[test]
+fn large_tables_must_fit_the_ring_space() {
+    // Each service needs two rings; 2097143 slots take 32 of the 256 blocks.
+    let service = |i: usize| {
+        format!(
+            "[[service]]\nname = \"s{i}\"\nvip = \"10.99.100.{i}\"\nport = 80\ntable_size = 2097143\n"
+        )
+    };
+    let head = "[agent]\ninterfaces = [\"eth0\"]\n";
+    let fits: String = (1..=4).map(service).collect();
+    assert!(parse(&format!("{head}{fits}")).is_ok());
+    let too_many: String = (1..=5).map(service).collect();
+    let errs = errors(&format!("{head}{too_many}"));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].starts_with("xlb.toml:27: service[4].table_size: the services' tables need more"),
+        "{errs:?}"
+    );
 }
 
 #[test]

@@ -2,7 +2,9 @@
 //! line is found by locate.rs).
 use std::{collections::HashSet, time::Duration};
 
-use lb_common::sizes::{MAX_BACKENDS, MAX_RING_SIZE, MAX_SERVICES};
+use lb_common::sizes::{
+    MAX_BACKENDS, MAX_RING_SIZE, MAX_SERVICES, RING_BLOCK, RING_BLOCKS, RING_HALVES, ring_blocks,
+};
 
 use super::{ApiListen, Config, HealthConfig, HealthKind, modes};
 
@@ -57,6 +59,7 @@ impl Config {
         let mut names = HashSet::new();
         let mut vips = HashSet::new();
         let mut backends = 0;
+        let mut ring_space = 0;
         for (i, svc) in self.services.iter().enumerate() {
             let at = |field: &str| format!("service[{i}].{field}");
             if !valid_name(&svc.name) {
@@ -96,6 +99,20 @@ impl Config {
                     at("table_size"),
                     format!("{} must be a prime in 3..={MAX_RING_SIZE}", svc.table_size),
                 ));
+            } else {
+                // Room for the ring in use and the one being written.
+                let before = ring_space;
+                ring_space += RING_HALVES * ring_blocks(svc.table_size);
+                if ring_space > RING_BLOCKS && before <= RING_BLOCKS {
+                    out.push((
+                        at("table_size"),
+                        format!(
+                            "the services' tables need more than the ring space of {} slots \
+                             (each service needs twice its table_size, rounded up to {RING_BLOCK})",
+                            RING_BLOCKS * RING_BLOCK
+                        ),
+                    ));
+                }
             }
             out.extend(
                 health_problems(&svc.health)

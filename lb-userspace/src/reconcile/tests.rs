@@ -1,6 +1,6 @@
-use std::{collections::HashMap, net::IpAddr};
+use std::{cell::Cell, collections::HashMap, net::IpAddr};
 
-use lb_common::sizes::RING_SLOTS;
+use lb_common::sizes::{MAX_RING_SIZE, RING_BLOCK, RING_SLOTS};
 
 use super::*;
 use crate::{
@@ -17,6 +17,7 @@ struct FakeMaps {
     rings: HashMap<u32, u32>,
     snat_pools: HashMap<u32, SnatPool>,
     log: Vec<String>,
+    ring_reads: Cell<usize>,
 }
 
 impl Maps for FakeMaps {
@@ -64,6 +65,7 @@ impl Maps for FakeMaps {
         Ok(())
     }
     fn ring(&self, offset: u32, len: u32) -> Vec<u32> {
+        self.ring_reads.set(self.ring_reads.get() + 1);
         (offset..offset + len)
             .map(|i| self.rings.get(&i).copied().unwrap_or(0))
             .collect()
@@ -242,35 +244,88 @@ fn unchanged_state_writes_nothing() {
     let desired = state(vec![service("web", 1, &[(11, 100), (12, 100)])]);
     rec.apply(&mut maps, &desired, &AllAlive).unwrap();
     maps.log.clear();
+    maps.ring_reads.set(0);
     let changes = rec.apply(&mut maps, &desired, &AllAlive).unwrap();
     assert!(changes.is_empty(), "{changes:?}");
     assert!(maps.log.is_empty(), "{:?}", maps.log);
+    // Nor is the ring built and compared again: the same input gives the same ring.
+    assert_eq!(maps.ring_reads.get(), 0);
 }
 
 #[test]
-fn a_new_ring_goes_to_the_idle_half_then_the_vip_flips() {
+fn a_new_ring_goes_to_free_space_then_the_vip_flips() {
     let mut maps = FakeMaps::default();
     let mut rec = Reconciler::adopt(&maps).unwrap();
     let key = vip_key(&service("web", 1, &[]));
-    rec.apply(
-        &mut maps,
-        &state(vec![service("web", 1, &[(11, 100)])]),
-        &AllAlive,
-    )
-    .unwrap();
-    let first = maps.vips[&key].ring_offset;
-    rec.apply(
-        &mut maps,
-        &state(vec![service("web", 1, &[(11, 100), (12, 100)])]),
-        &AllAlive,
-    )
-    .unwrap();
-    let second = maps.vips[&key].ring_offset;
-    assert_ne!(first, second);
-    assert_eq!(first.abs_diff(second), lb_common::sizes::RING_STRIDE);
-    // The old half still holds the old ring: a packet that read the old VIP value is fine.
-    assert_eq!(ids_in(&maps.ring(first, 101)), BTreeSet::from([0]));
-    assert_eq!(ids_in(&maps.active_ring(&key)), BTreeSet::from([0, 1]));
+    let mut offsets = Vec::new();
+    for backends in [&[(11, 100)][..], &[(11, 100), (12, 100)], &[(12, 100)]] {
+        rec.apply(
+            &mut maps,
+            &state(vec![service("web", 1, backends)]),
+            &AllAlive,
+        )
+        .unwrap();
+        offsets.push(maps.vips[&key].ring_offset);
+        if offsets.len() == 2 {
+            // The old ring is intact: a packet that read the old VIP value is fine.
+            assert_eq!(ids_in(&maps.ring(offsets[0], 101)), BTreeSet::from([0]));
+            assert_eq!(ids_in(&maps.active_ring(&key)), BTreeSet::from([0, 1]));
+        }
+    }
+    // One apply later nothing reads the first ring any more: its space is used again.
+    assert_eq!(offsets, [0, RING_BLOCK, 0]);
+}
+
+#[test]
+fn a_larger_table_gets_adjacent_blocks_and_the_old_ones_are_reused() {
+    let mut maps = FakeMaps::default();
+    let mut rec = Reconciler::adopt(&maps).unwrap();
+    let small = service("web", 1, &[(11, 100), (12, 100)]);
+    let mut large = small.clone();
+    large.table_size = MAX_RING_SIZE;
+    let key = vip_key(&small);
+    rec.apply(&mut maps, &state(vec![small.clone()]), &AllAlive)
+        .unwrap();
+    assert_eq!(maps.vips[&key].ring_offset, 0);
+    let changes = rec
+        .apply(&mut maps, &state(vec![large]), &AllAlive)
+        .unwrap();
+    assert_eq!(changes.rings_written, 1);
+    let value = maps.vips[&key];
+    assert_eq!(value.table_size, MAX_RING_SIZE);
+    assert!(value.ring_offset + MAX_RING_SIZE <= RING_SLOTS);
+    assert_eq!(value.ring_offset % RING_BLOCK, 0);
+    let ring = maps.active_ring(&key);
+    let share = ring.iter().filter(|&&id| id == 0).count() as f64 / ring.len() as f64;
+    assert!((0.49..=0.51).contains(&share), "{share}");
+    rec.apply(&mut maps, &state(vec![small]), &AllAlive)
+        .unwrap();
+    assert_eq!(maps.vips[&key].table_size, 101);
+    assert_eq!(
+        maps.vips[&key].ring_offset, 0,
+        "the first block is free again"
+    );
+}
+
+#[test]
+fn a_restarted_agent_writes_around_the_rings_in_use() {
+    let mut maps = FakeMaps::default();
+    let mut rec = Reconciler::adopt(&maps).unwrap();
+    let web = service("web", 1, &[(11, 100)]);
+    let api = service("api", 2, &[(21, 100)]);
+    rec.apply(&mut maps, &state(vec![web.clone(), api.clone()]), &AllAlive)
+        .unwrap();
+    let in_use: BTreeSet<u32> = maps.vips.values().map(|s| s.ring_offset).collect();
+    assert_eq!(in_use, BTreeSet::from([0, RING_BLOCK]));
+
+    let mut rec = Reconciler::adopt(&maps).unwrap();
+    let mut web2 = service("web", 1, &[(11, 100), (12, 100)]);
+    web2.table_size = 103;
+    rec.apply(&mut maps, &state(vec![web2, api]), &AllAlive)
+        .unwrap();
+    let web_offset = maps.vips[&vip_key(&web)].ring_offset;
+    assert_eq!(web_offset, 2 * RING_BLOCK, "blocks 0 and 1 hold live rings");
+    assert_eq!(maps.vips[&vip_key(&web)].table_size, 103);
 }
 
 #[test]
@@ -292,7 +347,10 @@ fn removed_backend_leaves_the_ring_before_its_slot_is_cleared() {
         )
         .unwrap();
     assert_eq!(changes.backends_removed, 1);
-    assert_eq!(maps.log, ["ring 0", "vip 0 -> ring 0", "backend 1 flags 0"]);
+    assert_eq!(
+        maps.log,
+        ["ring 65552", "vip 0 -> ring 65552", "backend 1 flags 0"]
+    );
     // The freed id is handed out last, not next.
     rec.apply(
         &mut maps,
@@ -334,7 +392,10 @@ fn dead_backend_loses_alive_after_the_flip_and_comes_back() {
     rec.apply(&mut maps, &desired, &AllAlive).unwrap();
     maps.log.clear();
     rec.apply(&mut maps, &desired, &Dead(vec![ep(12)])).unwrap();
-    assert_eq!(maps.log, ["ring 0", "vip 0 -> ring 0", "backend 1 flags 1"]);
+    assert_eq!(
+        maps.log,
+        ["ring 65552", "vip 0 -> ring 65552", "backend 1 flags 1"]
+    );
     assert_eq!(ids_in(&maps.active_ring(&key)), BTreeSet::from([0]));
     maps.log.clear();
     rec.apply(&mut maps, &desired, &AllAlive).unwrap();
