@@ -158,7 +158,7 @@ impl Maps for Datapath {
         self.rings.slice(offset, len).to_vec()
     }
 
-    /// Writes a whole ring half. The caller flips the VIP to it afterwards; the map update
+    /// Writes a whole ring into free ring space. The caller flips the VIP to it afterwards; the map update
     /// syscall orders these stores before the flip.
     fn write_ring(&mut self, offset: u32, slots: &[u32]) {
         self.rings

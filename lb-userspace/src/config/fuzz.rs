@@ -456,7 +456,7 @@ fn service() -> impl Strategy<Value = ServiceConfig> {
         any::<Ipv4Addr>(),
         1u16..,
         select(&[Protocol::Tcp, Protocol::Udp][..]),
-        select(&[3u32, 5, 7, 251, 4099, 65521, 65537][..]),
+        select(&[3u32, 5, 7, 251, 4099, 65521, 65537, 1_048_573, 2_097_143][..]),
         (
             select(&[Mode::Nat, Mode::Fullnat, Mode::Dsr][..]),
             vec(any::<Ipv4Addr>(), 0..3),

@@ -64,6 +64,7 @@ impl RingSpace {
     }
 
     fn mark(&mut self, start: u32, blocks: u32, used: bool) {
+        // Clamped: a pinned offset from a differently sized build must not panic here.
         let end = (start + blocks).min(RING_BLOCKS);
         for b in &mut self.used[start.min(end) as usize..end as usize] {
             *b = used;
