@@ -25,6 +25,16 @@ impl LineConn {
         })
     }
 
+    /// A connection that is to stay open, and the name of the backend it reached; panics
+    /// when either fails (test setup).
+    pub fn open(addr: SocketAddr) -> (LineConn, String) {
+        let mut conn = Self::connect(addr).unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+        let name = conn
+            .ask()
+            .unwrap_or_else(|e| panic!("first answer from {addr}: {e}"));
+        (conn, name)
+    }
+
     /// Sends one line and returns the backend's name.
     pub fn ask(&mut self) -> io::Result<String> {
         self.ask_with(b"who\n")

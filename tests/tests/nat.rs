@@ -21,6 +21,20 @@ fn count_names(names: &[String]) -> BTreeMap<String, usize> {
     counts
 }
 
+/// `n` answers on one open connection.
+fn answers(conn: &mut LineConn, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|_| conn.ask().expect("answer on the old connection"))
+        .collect()
+}
+
+/// The backend names of `n` new connections.
+fn new_connections(vip: SocketAddr, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|_| tcp_name(vip).expect("new connection"))
+        .collect()
+}
+
 /// What Docker does to a host: the lb namespace forwards nothing unless a rule allows it.
 fn forward_nothing(topo: &Topology) {
     topo.lb.exec(&[
@@ -72,11 +86,7 @@ fn new_connections_spread_over_all_backends() {
 fn long_lived_connection_stays_while_a_backend_is_added() {
     let (mut topo, agent) = start(3);
     let vip = topo.vip(80);
-    let (conn, first) = topo.client.run(move || {
-        let mut c = LineConn::connect(vip).expect("connect");
-        let name = c.ask().expect("first answer");
-        (c, name)
-    });
+    let (conn, first) = topo.client.run(move || LineConn::open(vip));
 
     topo.add_backend();
     let all: Vec<_> = topo.backends.iter().collect();
@@ -88,13 +98,7 @@ fn long_lived_connection_stays_while_a_backend_is_added() {
     // The same connection keeps talking to the same backend.
     let (names, new_names) = topo.client.run(move || {
         let mut c = conn;
-        let same: Vec<String> = (0..20)
-            .map(|_| c.ask().expect("answer on the old connection"))
-            .collect();
-        let fresh: Vec<String> = (0..200)
-            .map(|_| tcp_name(vip).expect("new connection"))
-            .collect();
-        (same, fresh)
+        (answers(&mut c, 20), new_connections(vip, 200))
     });
     assert!(
         names.iter().all(|n| *n == first),
@@ -113,11 +117,7 @@ fn long_lived_connection_stays_while_a_backend_is_added() {
 fn a_larger_table_takes_over_on_reload_and_established_flows_stay() {
     let (topo, agent) = start(3);
     let vip = topo.vip(80);
-    let (conn, first) = topo.client.run(move || {
-        let mut c = LineConn::connect(vip).expect("connect");
-        let name = c.ask().expect("first answer");
-        (c, name)
-    });
+    let (conn, first) = topo.client.run(move || LineConn::open(vip));
     let all: Vec<_> = topo.backends.iter().collect();
     let default = topo.config(&Agent::pin_path_for(&topo), &all);
     let web = "port = 80\nprotocol = \"tcp\"\n";
@@ -132,13 +132,8 @@ fn a_larger_table_takes_over_on_reload_and_established_flows_stay() {
         let c = conn.take().expect("kept");
         let (c, same, fresh) = topo.client.run(move || {
             let mut c = c;
-            let same: Vec<String> = (0..10)
-                .map(|_| c.ask().expect("answer on the old connection"))
-                .collect();
-            let fresh: Vec<String> = (0..300)
-                .map(|_| tcp_name(vip).expect("new connection"))
-                .collect();
-            (c, same, fresh)
+            let same = answers(&mut c, 10);
+            (c, same, new_connections(vip, 300))
         });
         conn = Some(c);
         assert!(

@@ -105,11 +105,7 @@ fn dead_backend_leaves_after_fall_probes_and_returns_after_rise() {
 fn drain_keeps_established_flows_and_stops_new_ones() {
     let (topo, agent) = start(3);
     let vip = topo.vip(80);
-    let (conn, name) = topo.client.run(move || {
-        let mut c = LineConn::connect(vip).expect("connect");
-        let name = c.ask().expect("answer");
-        (c, name)
-    });
+    let (conn, name) = topo.client.run(move || LineConn::open(vip));
     let address = &topo
         .backends
         .iter()
@@ -163,11 +159,7 @@ fn drain_keeps_established_flows_and_stops_new_ones() {
 fn agent_restart_and_reload_under_load_fail_nothing() {
     let (mut topo, mut agent) = start(3);
     let vip = topo.vip(80);
-    let (conn, name) = topo.client.run(move || {
-        let mut c = LineConn::connect(vip).expect("connect");
-        let name = c.ask().expect("answer");
-        (c, name)
-    });
+    let (conn, name) = topo.client.run(move || LineConn::open(vip));
     let load = LoadLoop::start(&topo.client.path(), vip, PACE, 500);
     std::thread::sleep(Duration::from_millis(300));
     agent.stop();

@@ -85,11 +85,7 @@ fn fullnat_and_dsr_flows_survive_an_agent_restart() {
     let mut long: Vec<(LineConn, String)> = remote.client.run(|| {
         [81, 80]
             .iter()
-            .map(|&port| {
-                let mut c = LineConn::connect(vip(port)).expect("connect");
-                let name = c.ask().expect("first answer");
-                (c, name)
-            })
+            .map(|&port| LineConn::open(vip(port)))
             .collect()
     });
     let loads = [81, 80].map(|port| {
@@ -279,15 +275,9 @@ fn established_flows_survive_an_lb_node_failure() {
         .collect();
 
     // Long-lived connections from many source ports: the router spreads them over both.
-    let mut conns: Vec<(LineConn, String)> = remote.client.run(|| {
-        (0..40)
-            .map(|_| {
-                let mut c = LineConn::connect(vip(80)).expect("connect");
-                let name = c.ask().expect("first answer");
-                (c, name)
-            })
-            .collect()
-    });
+    let mut conns: Vec<(LineConn, String)> = remote
+        .client
+        .run(|| (0..40).map(|_| LineConn::open(vip(80))).collect());
     let through_lb1 = reason(&agents[0], "tx");
     assert!(
         through_lb1 > 0 && reason(&agents[1], "tx") > 0,
