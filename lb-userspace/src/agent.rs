@@ -7,20 +7,24 @@ use std::{
     net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
 use aya::Ebpf;
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::{mpsc, watch},
+    sync::{
+        mpsc::{self, error::TrySendError},
+        watch,
+    },
 };
 use tracing::{error, info, warn};
 
 use crate::{
     announce::{self, Announcer},
     api::{self, Command},
-    bridgeport::{HostTables, VethPort, index_name},
+    bridgeport::{self, HostTables, VethPort, index_name},
     config::Config,
     datapath::Datapath,
     discovery::{Sources, labels::LabelError},
@@ -31,8 +35,11 @@ use crate::{
     status::Applied,
 };
 
-/// How often the host's neighbour and bridge tables are read for local backends' veths.
-const VETH_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often the host's neighbour and bridge tables are read for local backends' veths when
+/// their changes cannot be watched...
+const VETH_POLL: Duration = Duration::from_secs(1);
+/// ...and when they are: only in case a change went unnoticed.
+const VETH_POLL_WATCHED: Duration = Duration::from_secs(30);
 
 /// (bridge, backend address) -> its host-side veth, if found.
 type Veths = BTreeMap<(String, IpAddr), Option<VethPort>>;
@@ -102,6 +109,15 @@ pub async fn run(config_path: &Path) -> Result<()> {
     agent.rebuild(&sources);
     // Backends start where the pinned data path left them; on a first start, up.
     agent.sync_health(State::Up);
+    // Containers come and go, and their neighbour entries with them. Watching starts before
+    // the first read of the tables, so that no change falls between the two.
+    let (host_tx, mut host_changes) = mpsc::channel::<()>(1);
+    let watching = bridgeport::watch(move || {
+        // Full: a report is pending already, and it covers this change too.
+        !matches!(host_tx.try_send(()), Err(TrySendError::Closed(_)))
+    })
+    .inspect_err(|e| warn!("not watching links and neighbours ({e}); reading them every second"))
+    .is_ok();
     // Maps first, then links: a new data path is complete before it sees a packet.
     agent.apply()?;
     agent.attachments = loader::attach(
@@ -127,20 +143,16 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let _server = api::serve(&agent.config.api_listen(), api).await?;
 
     let mut hup = signal(SignalKind::hangup())?;
-    // Containers come and go, and their neighbour entries with them.
-    let mut veth_check = tokio::time::interval(VETH_CHECK_INTERVAL);
+    let mut veth_poll = tokio::time::interval(if watching {
+        VETH_POLL_WATCHED
+    } else {
+        VETH_POLL
+    });
     info!("xlb is running");
     loop {
         tokio::select! {
-            _ = veth_check.tick() => {
-                let veths = agent.resolve_veths();
-                if veths != agent.veths {
-                    if let Err(e) = agent.apply_with(veths) {
-                        error!("applying local delivery changes: {e:#}");
-                    }
-                    agent.publish();
-                }
-            }
+            _ = veth_poll.tick() => agent.refresh_veths(),
+            Some(()) = host_changes.recv() => agent.refresh_veths(),
             _ = hup.recv() => {
                 if let Err(e) = agent.reload(&mut sources) {
                     error!("reload rejected, the running state is kept:\n{e:#}");
@@ -344,6 +356,17 @@ impl Agent {
     }
 
     /// Where each local backend's host-side veth is, as the host's tables say now.
+    /// Reads the host's tables again and applies what changed for local backends.
+    fn refresh_veths(&mut self) {
+        let veths = self.resolve_veths();
+        if veths != self.veths {
+            if let Err(e) = self.apply_with(veths) {
+                error!("applying local delivery changes: {e:#}");
+            }
+            self.publish();
+        }
+    }
+
     fn resolve_veths(&self) -> Veths {
         let local = || {
             self.desired.services.values().flat_map(|svc| {

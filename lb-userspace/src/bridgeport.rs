@@ -6,11 +6,12 @@
 //! resolved), the bridge's forwarding database the port that MAC was learned on, and the
 //! link table whether that port is a veth whose other end is in another namespace (the
 //! only kind `bpf_redirect_peer` can use). Anything missing leaves the backend on the bridge
-//! path, which always works.
+//! path, which always works. `watch` reports changes of these tables as they happen.
 use std::{
     collections::HashMap,
     io,
     net::{IpAddr, Ipv4Addr},
+    time::Duration,
 };
 
 use netlink_packet_core::{
@@ -175,6 +176,65 @@ fn add_neighbour(
         }
         _ => {}
     }
+}
+
+/// rtnetlink multicast groups of link and neighbour changes; the bridge's forwarding entries
+/// come as neighbours (family AF_BRIDGE).
+const WATCHED_GROUPS: u32 = (libc::RTMGRP_LINK | libc::RTMGRP_NEIGH) as u32;
+/// Changes are reported at most this often: neighbour states change all the time on a busy
+/// host, and one read of the tables covers any number of them.
+const CHANGE_COALESCE: Duration = Duration::from_millis(100);
+
+/// Calls `changed` whenever a link, neighbour or bridge forwarding entry of this network
+/// namespace changes (at most once per CHANGE_COALESCE), on a thread of its own, until
+/// `changed` returns false.
+pub fn watch(changed: impl Fn() -> bool + Send + 'static) -> io::Result<()> {
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind(&SocketAddr::new(0, WATCHED_GROUPS))?;
+    std::thread::Builder::new()
+        .name("xlb-link-watch".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match socket.recv(&mut &mut buf[..], 0) {
+                    Ok(_) => {}
+                    // The kernel dropped messages: something changed all the same.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {}
+                    Err(e) => {
+                        tracing::warn!("watching links and neighbours: {e}; polling only");
+                        return;
+                    }
+                }
+                // Report, then let changes gather; report again if any came meanwhile.
+                loop {
+                    if !changed() {
+                        return;
+                    }
+                    std::thread::sleep(CHANGE_COALESCE);
+                    if !drain(&mut socket, &mut buf) {
+                        break;
+                    }
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// Reads whatever is queued on the socket without waiting; true if there was anything.
+fn drain(socket: &mut Socket, buf: &mut [u8]) -> bool {
+    if socket.set_non_blocking(true).is_err() {
+        return true;
+    }
+    let mut any = false;
+    loop {
+        match socket.recv(&mut &mut buf[..], 0) {
+            Ok(_) => any = true,
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => any = true,
+            Err(_) => break,
+        }
+    }
+    let _ = socket.set_non_blocking(false);
+    any
 }
 
 /// One rtnetlink dump request and all its answers.

@@ -132,20 +132,45 @@ impl Topology {
         let name = format!("be{i}");
         let ns = Netns::new(&format!("{}-{name}", self.prefix));
         let addr = format!("10.99.2.{}", 10 + i);
-        crate::netns::veth(&ns, "eth0", &self.lb, &name, None);
-        self.lb.ip(&["link", "set", &name, "master", "br0"]);
-        self.lb.ip(&["link", "set", &name, "up"]);
-        ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
-        ns.ip(&["link", "set", "eth0", "up"]);
-        ns.ip(&["route", "add", "default", "via", "10.99.2.1"]);
-        ns.no_tx_offload("eth0");
-        self.backends.push(Backend {
+        let backend = Backend {
             name,
             ns,
             addr,
             proc: None,
-        });
+        };
+        self.wire_backend(&backend);
+        self.backends.push(backend);
         self.backends.last().expect("pushed")
+    }
+
+    /// Replaces a backend's link (as a restarted container gets a new veth and MAC under its
+    /// old address); its server keeps running.
+    pub fn rewire_backend(&self, index: usize) {
+        let backend = &self.backends[index];
+        // Docker derives a container's MAC from its address, so it keeps that too.
+        let shown = backend.ns.ip(&["-br", "link", "show", "eth0"]);
+        let mac = shown.split_whitespace().nth(2).expect("MAC").to_string();
+        self.lb.ip(&["link", "del", &backend.name]);
+        self.wire_backend(backend);
+        backend.ns.ip(&["link", "set", "eth0", "address", &mac]);
+    }
+
+    /// A veth from the backend's eth0 to a port of br0 named after it.
+    fn wire_backend(&self, backend: &Backend) {
+        let (ns, name) = (&backend.ns, &backend.name);
+        crate::netns::veth(ns, "eth0", &self.lb, name, None);
+        self.lb.ip(&["link", "set", name, "master", "br0"]);
+        self.lb.ip(&["link", "set", name, "up"]);
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", backend.addr),
+            "dev",
+            "eth0",
+        ]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        ns.ip(&["route", "add", "default", "via", "10.99.2.1"]);
+        ns.no_tx_offload("eth0");
     }
 
     fn start_server(&self, backend: &Backend) -> Proc {

@@ -10,6 +10,7 @@ use std::{
 use xlb_tests::{
     agent::Agent,
     client::{LineConn, tcp_name, udp_name},
+    process::wait_for,
     topology::{FRONT, Topology},
 };
 
@@ -295,6 +296,36 @@ fn local_bridge_delivery_bypasses_a_forward_drop_policy() {
     assert!(ok, "{out}");
     assert!(!agent.pin_path.join("links/tc_reply_br0").exists());
     assert_eq!(veth_reply_links(&agent), 0, "{:?}", agent.links());
+}
+
+#[test]
+fn a_backend_whose_veth_is_replaced_is_followed_at_once() {
+    let topo = Topology::new(3);
+    let all: Vec<_> = topo.backends.iter().collect();
+    let config = topo
+        .config(&Agent::pin_path_for(&topo), &all)
+        .replace("  port = 8080\n", "  port = 8080\n  bridge = \"br0\"\n");
+    forward_nothing(&topo);
+    let agent = Agent::start(&topo, &config);
+    agent.wait_for_veths(6, Duration::from_secs(15));
+
+    // As when a container restarts under its address: its old veth goes, a new one comes.
+    // Until the agent follows, be1's share of new connections goes to a veth that is gone.
+    // The agent's own poll runs every 30 s; link and neighbour events make it follow at once.
+    topo.rewire_backend(0);
+    let vip = topo.vip(80);
+    let followed = wait_for(Duration::from_secs(10), || {
+        let names: Vec<String> = topo
+            .client
+            .run(move || (0..12).map_while(|_| tcp_name(vip).ok()).collect());
+        (names.len() == 12 && names.iter().any(|n| n == "be1")).then_some(())
+    });
+    assert!(
+        followed.is_some(),
+        "be1 unreachable after its veth was replaced\n{}",
+        agent.log_text()
+    );
+    agent.wait_for_veths(6, Duration::from_secs(10));
 }
 
 #[test]
