@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result};
 use lb_common::{
     BACKEND_ALIVE, BACKEND_IN_USE, Backend, SERVICE_GUE, Service, SnatPool, VipAddrKey, VipKey,
     addr_words,
-    sizes::{MAX_BACKENDS, MAX_SERVICES},
+    sizes::{MAX_BACKENDS, MAX_SERVICES, ring_blocks},
 };
 use serde::Serialize;
 use tracing::{info, warn};
@@ -314,31 +314,46 @@ impl Reconciler {
         }
         let input = RingInput::new(&svc.backends, spec.table_size);
         if svc.ring_input.as_ref() != Some(&input) {
-            let ring = input.build();
+            let mut ring = input.build();
             let current = maps.ring(svc.value.ring_offset, svc.value.table_size);
             if ring == current {
                 svc.ring_input = Some(input);
-            } else if let Some(offset) = self.rings.take(ring.len() as u32) {
-                self.rings
-                    .retire(svc.value.ring_offset, svc.value.table_size);
+            } else {
+                let offset = if let Some(offset) = self.rings.take(ring.len() as u32) {
+                    self.rings
+                        .retire(svc.value.ring_offset, svc.value.table_size);
+                    svc.ring_input = Some(input);
+                    offset
+                } else {
+                    // Validation keeps the total within RINGS, so only scattered free blocks
+                    // get here. The new ring goes over the one in use: meanwhile a slot holds
+                    // its old or its new backend, both valid until the clean-up below. A
+                    // larger table waits (the next apply tries again).
+                    warn!(
+                        service = %spec.name,
+                        table_size = ring.len(),
+                        free_blocks = self.rings.free_blocks(),
+                        "no adjacent free ring space: rewriting the ring in place"
+                    );
+                    if ring_blocks(ring.len() as u32) > ring_blocks(svc.value.table_size) {
+                        ring = RingInput {
+                            table_size: svc.value.table_size,
+                            ..input
+                        }
+                        .build();
+                    } else {
+                        svc.ring_input = Some(input);
+                    }
+                    svc.value.ring_offset
+                };
                 value.ring_offset = offset;
                 value.table_size = ring.len() as u32;
                 maps.write_ring(offset, &ring);
                 changes.rings_written += 1;
                 svc.ring_rebuilds += 1;
-                svc.ring_input = Some(input);
                 if ring.is_empty() {
                     warn!(service = %spec.name, "no backend can take new flows");
                 }
-            } else {
-                // Config validation keeps the total within RINGS; only scattered free
-                // blocks get here. The old ring keeps serving; the next apply tries again.
-                warn!(
-                    service = %spec.name,
-                    table_size = ring.len(),
-                    free_blocks = self.rings.free_blocks(),
-                    "no adjacent free ring space; keeping the previous ring"
-                );
             }
         }
         if value != svc.value || !svc.published {

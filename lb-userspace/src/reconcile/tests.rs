@@ -1,6 +1,6 @@
 use std::{cell::Cell, collections::HashMap, net::IpAddr};
 
-use lb_common::sizes::{MAX_RING_SIZE, RING_BLOCK, RING_SLOTS};
+use lb_common::sizes::{MAX_RING_SIZE, RING_BLOCK, RING_BLOCKS, RING_SLOTS};
 
 use super::*;
 use crate::{
@@ -305,6 +305,43 @@ fn a_larger_table_gets_adjacent_blocks_and_the_old_ones_are_reused() {
         maps.vips[&key].ring_offset, 0,
         "the first block is free again"
     );
+}
+
+#[test]
+fn without_adjacent_free_space_the_ring_is_rewritten_in_place() {
+    let mut maps = FakeMaps::default();
+    let mut rec = Reconciler::adopt(&maps).unwrap();
+    let web = service("web", 1, &[(11, 100), (12, 100)]);
+    let key = vip_key(&web);
+    rec.apply(&mut maps, &state(vec![web]), &AllAlive).unwrap();
+    let offset = maps.vips[&key].ring_offset;
+    let full = || RingSpace::new((0..RING_BLOCKS).map(|b| (b * RING_BLOCK, 1)));
+
+    // A backend leaves: the ring is rewritten where it is, before the backend's slot is
+    // cleared, so every slot names a valid backend throughout.
+    rec.rings = full();
+    maps.log.clear();
+    let one = service("web", 1, &[(11, 100)]);
+    rec.apply(&mut maps, &state(vec![one.clone()]), &AllAlive)
+        .unwrap();
+    assert_eq!(
+        maps.log,
+        [format!("ring {offset}"), "backend 1 flags 0".into()]
+    );
+    assert_eq!(ids_in(&maps.active_ring(&key)), BTreeSet::from([0]));
+
+    // A larger table waits for room, and takes it once there is some.
+    let mut large = one;
+    large.table_size = MAX_RING_SIZE;
+    rec.rings = full();
+    rec.apply(&mut maps, &state(vec![large.clone()]), &AllAlive)
+        .unwrap();
+    assert_eq!(maps.vips[&key].table_size, 101);
+    assert_eq!(maps.vips[&key].ring_offset, offset);
+    rec.rings = RingSpace::new([(offset, 101)]);
+    rec.apply(&mut maps, &state(vec![large]), &AllAlive)
+        .unwrap();
+    assert_eq!(maps.vips[&key].table_size, MAX_RING_SIZE);
 }
 
 #[test]
