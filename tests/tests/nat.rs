@@ -36,6 +36,18 @@ fn new_connections(vip: SocketAddr, n: usize) -> Vec<String> {
         .collect()
 }
 
+/// Three backends declared as local containers on br0, on a host that forwards nothing
+/// (Docker's FORWARD policy): only delivery on the bridge reaches them.
+fn local_containers() -> (Topology, String) {
+    let topo = Topology::new(3);
+    let all: Vec<_> = topo.backends.iter().collect();
+    let config = topo
+        .config(&Agent::pin_path_for(&topo), &all)
+        .replace("  port = 8080\n", "  port = 8080\n  bridge = \"br0\"\n");
+    forward_nothing(&topo);
+    (topo, config)
+}
+
 /// What Docker does to a host: the lb namespace forwards nothing unless a rule allows it.
 fn forward_nothing(topo: &Topology) {
     topo.lb.exec(&[
@@ -247,12 +259,7 @@ fn detach_leaves_nothing_attached_or_pinned() {
 
 #[test]
 fn local_bridge_delivery_bypasses_a_forward_drop_policy() {
-    let topo = Topology::new(3);
-    let all: Vec<_> = topo.backends.iter().collect();
-    let config = topo
-        .config(&Agent::pin_path_for(&topo), &all)
-        .replace("  port = 8080\n", "  port = 8080\n  bridge = \"br0\"\n");
-    forward_nothing(&topo);
+    let (topo, config) = local_containers();
     let direct: SocketAddr = "10.99.2.11:8080".parse().expect("addr");
     assert!(
         topo.client.run(move || tcp_name(direct)).is_err(),
@@ -291,6 +298,7 @@ fn local_bridge_delivery_bypasses_a_forward_drop_policy() {
     );
 
     // Removing the bridge from the config detaches the reply program.
+    let all: Vec<_> = topo.backends.iter().collect();
     let plain = topo.config(&Agent::pin_path_for(&topo), &all);
     let (ok, out) = agent.reload(&plain);
     assert!(ok, "{out}");
@@ -300,12 +308,7 @@ fn local_bridge_delivery_bypasses_a_forward_drop_policy() {
 
 #[test]
 fn a_backend_whose_veth_is_replaced_is_followed_at_once() {
-    let topo = Topology::new(3);
-    let all: Vec<_> = topo.backends.iter().collect();
-    let config = topo
-        .config(&Agent::pin_path_for(&topo), &all)
-        .replace("  port = 8080\n", "  port = 8080\n  bridge = \"br0\"\n");
-    forward_nothing(&topo);
+    let (topo, config) = local_containers();
     let agent = Agent::start(&topo, &config);
     agent.wait_for_veths(6, Duration::from_secs(15));
 
