@@ -116,7 +116,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
         // Full: a report is pending already, and it covers this change too.
         !matches!(host_tx.try_send(()), Err(TrySendError::Closed(_)))
     })
-    .inspect_err(|e| warn!("not watching links and neighbours ({e}); reading them every second"))
+    .inspect_err(|e| {
+        warn!("not watching links and neighbours ({e}); reading them every {VETH_POLL:?}")
+    })
     .is_ok();
     // Maps first, then links: a new data path is complete before it sees a packet.
     agent.apply()?;
@@ -355,7 +357,6 @@ impl Agent {
         Ok(changes)
     }
 
-    /// Where each local backend's host-side veth is, as the host's tables say now.
     /// Reads the host's tables again and applies what changed for local backends.
     fn refresh_veths(&mut self) {
         let veths = self.resolve_veths();
@@ -367,6 +368,7 @@ impl Agent {
         }
     }
 
+    /// Where each local backend's host-side veth is, as the host's tables say now.
     fn resolve_veths(&self) -> Veths {
         let local = || {
             self.desired.services.values().flat_map(|svc| {

@@ -158,8 +158,9 @@ impl Maps for Datapath {
         self.rings.slice(offset, len).to_vec()
     }
 
-    /// Writes a whole ring into free ring space. The caller flips the VIP to it afterwards; the map update
-    /// syscall orders these stores before the flip.
+    /// Writes a whole ring (into free ring space, or over the ring in use as a fallback). The
+    /// caller flips the VIP to it afterwards; the map update syscall orders these stores
+    /// before the flip.
     fn write_ring(&mut self, offset: u32, slots: &[u32]) {
         self.rings
             .slice_mut(offset, slots.len() as u32)
