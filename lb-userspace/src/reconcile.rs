@@ -313,47 +313,16 @@ impl Reconciler {
             svc.snat_pool = Some(pool);
         }
         let input = RingInput::new(&svc.backends, spec.table_size);
-        if svc.ring_input.as_ref() != Some(&input) {
-            let mut ring = input.build();
-            let current = maps.ring(svc.value.ring_offset, svc.value.table_size);
-            if ring == current {
-                svc.ring_input = Some(input);
-            } else {
-                let offset = if let Some(offset) = self.rings.take(ring.len() as u32) {
-                    self.rings
-                        .retire(svc.value.ring_offset, svc.value.table_size);
-                    svc.ring_input = Some(input);
-                    offset
-                } else {
-                    // Validation keeps the total within RINGS, so only scattered free blocks
-                    // get here. The new ring goes over the one in use: meanwhile a slot holds
-                    // its old or its new backend, both valid until the clean-up below. A
-                    // larger table waits (the next apply tries again).
-                    warn!(
-                        service = %spec.name,
-                        table_size = ring.len(),
-                        free_blocks = self.rings.free_blocks(),
-                        "no adjacent free ring space: rewriting the ring in place"
-                    );
-                    if ring_blocks(ring.len() as u32) > ring_blocks(svc.value.table_size) {
-                        ring = RingInput {
-                            table_size: svc.value.table_size,
-                            ..input
-                        }
-                        .build();
-                    } else {
-                        svc.ring_input = Some(input);
-                    }
-                    svc.value.ring_offset
-                };
-                value.ring_offset = offset;
-                value.table_size = ring.len() as u32;
-                maps.write_ring(offset, &ring);
-                changes.rings_written += 1;
-                svc.ring_rebuilds += 1;
-                if ring.is_empty() {
-                    warn!(service = %spec.name, "no backend can take new flows");
-                }
+        if svc.ring_input.as_ref() != Some(&input)
+            && let Some((offset, ring)) = place_ring(&mut self.rings, svc, input, maps)
+        {
+            value.ring_offset = offset;
+            value.table_size = ring.len() as u32;
+            maps.write_ring(offset, &ring);
+            changes.rings_written += 1;
+            svc.ring_rebuilds += 1;
+            if ring.is_empty() {
+                warn!(service = %spec.name, "no backend can take new flows");
             }
         }
         if value != svc.value || !svc.published {
@@ -445,6 +414,48 @@ pub struct AppliedView {
     pub table_size: u32,
     pub ring_rebuilds: u64,
     pub backends: BTreeMap<Endpoint, AppliedBackend>,
+}
+
+/// Builds the service's ring from `input` and picks where it goes: (offset, ring), or None
+/// when the map holds that ring already. `svc.ring_input` records `input` once a ring built
+/// from it is placed (or found in place).
+fn place_ring(
+    rings: &mut RingSpace,
+    svc: &mut AppliedService,
+    input: RingInput,
+    maps: &impl Maps,
+) -> Option<(u32, Vec<u32>)> {
+    let ring = input.build();
+    if ring == maps.ring(svc.value.ring_offset, svc.value.table_size) {
+        svc.ring_input = Some(input);
+        return None;
+    }
+    if let Some(offset) = rings.take(ring.len() as u32) {
+        rings.retire(svc.value.ring_offset, svc.value.table_size);
+        svc.ring_input = Some(input);
+        return Some((offset, ring));
+    }
+    // Validation keeps the total within RINGS, so only scattered free blocks get here. The
+    // new ring goes over the one in use: meanwhile a slot holds its old or its new backend,
+    // both valid until the caller's clean-up. A larger table waits (the next apply tries
+    // again).
+    warn!(
+        service = %svc.name,
+        table_size = ring.len(),
+        free_blocks = rings.free_blocks(),
+        "no adjacent free ring space: rewriting the ring in place"
+    );
+    let ring = if ring_blocks(ring.len() as u32) > ring_blocks(svc.value.table_size) {
+        RingInput {
+            table_size: svc.value.table_size,
+            ..input
+        }
+        .build()
+    } else {
+        svc.ring_input = Some(input);
+        ring
+    };
+    Some((svc.value.ring_offset, ring))
 }
 
 /// What a service's ring is built from: the backends that may take new flows (alive,
