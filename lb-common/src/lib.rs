@@ -43,20 +43,48 @@ pub struct VipKey {
     pub family: u8,
 }
 
-/// Value of the VIP map. The agent replaces the whole value to switch a service to a new
-/// ring: a hash map update is atomic for readers, so a packet sees the old ring or the new
-/// one, never a mix.
+/// One service (VIP:port:proto) as the data path reads it: where its active ring is, its mode,
+/// and its fullnat source pool. Stored double-buffered in `SERVICES` (indexed by `id`), so
+/// the agent replaces all of it at once and a packet never sees a mix of two versions.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Service {
+    /// The VIP this id serves. The data path checks it against the key it looked up, so a
+    /// VIP map element the kernel reused for another VIP is never taken for this one.
+    pub vip: VipKey,
     pub id: u32,
-    /// Index of this service's active ring in `RINGS`.
+    /// First slot of this service's active ring in `RINGS`.
     pub ring_offset: u32,
     /// Number of ring slots in use; 0 means no backend can take new flows.
     pub table_size: u32,
     pub mode: u8,
     pub flags: u8,
     pub _pad: u16,
+    /// fullnat: the source addresses and ports new flows get.
+    pub snat: SnatPool,
+}
+
+/// A value the agent replaces while the data path reads it, without locks: two copies, and
+/// `active` says which one is current. The agent writes the other copy, then flips `active`
+/// with one aligned store. It writes a copy again only after an RCU grace period, so a reader
+/// that chose a copy before a flip is done with it before it changes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DoubleBuffer<T> {
+    /// Index of the current copy (0 or 1; only the low bit counts).
+    pub active: u32,
+    pub _pad: u32,
+    pub halves: [T; 2],
+}
+
+impl<T> DoubleBuffer<T> {
+    /// The current copy.
+    #[inline(always)]
+    pub fn current(&self) -> &T {
+        // One load of the flip word; the copy it names is complete (written before the flip).
+        let active = unsafe { core::ptr::read_volatile(&self.active) } & 1;
+        &self.halves[active as usize]
+    }
 }
 
 /// `Backend::flags`: the slot holds a backend.
@@ -66,7 +94,7 @@ pub const BACKEND_IN_USE: u8 = 1;
 /// keeps this flag: it is only left out of the ring.
 pub const BACKEND_ALIVE: u8 = 2;
 
-/// A backend of one service (an entry of the `BACKENDS` array, indexed by backend id).
+/// A backend of one service (the current copy of a `BACKENDS` entry, indexed by backend id).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Backend {
@@ -393,6 +421,7 @@ mod user {
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for SnatRev {}
     unsafe impl aya::Pod for SnatPool {}
+    unsafe impl<T: aya::Pod> aya::Pod for DoubleBuffer<T> {}
 
     /// Splits an address into the (family, words) form the maps use.
     pub fn addr_words(ip: IpAddr) -> (u8, [u32; 4]) {
@@ -431,7 +460,10 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<VipKey>(), 20);
-        assert_eq!(size_of::<Service>(), 16);
+        assert_eq!(size_of::<Service>(), 172);
+        // Array map elements are padded to 8 bytes; the agent's memory maps assume none.
+        assert!(size_of::<DoubleBuffer<Service>>().is_multiple_of(8));
+        assert!(size_of::<DoubleBuffer<Backend>>().is_multiple_of(8));
         assert_eq!(size_of::<Backend>(), 44);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<Flow>(), 40);

@@ -5,7 +5,7 @@ use lb_common::{Backend, FAMILY_V4, MODE_FULLNAT, Reason, VipAddrKey, VipKey, fl
 
 use crate::{
     conntrack, flowcache, maglev,
-    maps::{VIP_ADDRS, VIPS},
+    maps::{self, VIP_ADDRS, VIPS},
     nat::Endpoint,
     parse::{L4Packet, PacketBuf, Parsed, parse},
     snat, stats,
@@ -86,7 +86,12 @@ pub fn balance<H: Hook>(ctx: &H) -> Verdict {
         proto: pkt.proto,
         family: FAMILY_V4,
     };
-    let Some(svc) = (unsafe { VIPS.get(vip) }) else {
+    // A service whose recorded VIP differs was reached through a VIP map element the kernel
+    // just reused for another VIP: not ours.
+    let Some(svc) = (unsafe { VIPS.get(vip) })
+        .and_then(|id| maps::service(*id))
+        .filter(|svc| svc.vip == vip)
+    else {
         return match ctx.reverse(&pkt, now) {
             Some(verdict) => verdict,
             None => Verdict::Pass(Reason::PassNotVip),
@@ -113,7 +118,7 @@ pub fn balance<H: Hook>(ctx: &H) -> Verdict {
                 let Some(source) = ctx.source_towards(backend.addr[0], now) else {
                     return Verdict::Drop(Reason::DropNoRoute);
                 };
-                let Some((addr, port)) = snat::allocate(&flow, hash, svc.id, backend, source, now)
+                let Some((addr, port)) = snat::allocate(&flow, hash, svc, backend, source, now)
                 else {
                     return Verdict::Drop(Reason::DropSnatExhausted);
                 };

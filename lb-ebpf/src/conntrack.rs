@@ -5,7 +5,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK, REV_NAT},
+    maps::{self, CONNTRACK, REV_NAT},
     nat::Endpoint,
     stats,
 };
@@ -26,7 +26,7 @@ pub fn pinned_backend(
     if key.proto == PROTO_UDP && idle > UDP_IDLE_TIMEOUT_NS {
         return None;
     }
-    let backend = BACKENDS.get(flow.backend_id)?;
+    let backend = maps::backend(flow.backend_id)?;
     if flow.service_id != svc.id || !backend.is_alive() || backend.service_id != svc.id {
         stats::count(Reason::Rehashed);
         return None;

@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use lb_common::{DELIVER_MAGIC, DELIVER_PEER_MAGIC, DeliverMeta};
 
-use crate::maps::BACKENDS;
+use crate::maps;
 
 /// Asks the TC ingress program to deliver this packet to the bridge `ifindex`. Returns false
 /// if the driver has no room for metadata (the packet then goes through the kernel).
@@ -80,7 +80,7 @@ pub fn redirect(ifindex: u32) -> i32 {
 /// Through the bridge if the agent has not resolved that veth (any more). TC ingress only.
 #[inline(always)]
 pub fn to_container(ctx: &TcContext, backend_id: u32) -> i32 {
-    let Some(backend) = BACKENDS.get(backend_id) else {
+    let Some(backend) = maps::backend(backend_id) else {
         return TC_ACT_SHOT;
     };
     if backend.port_ifindex == 0

@@ -8,7 +8,7 @@ use lb_common::{FlowKey, sizes::FLOW_CACHE_SLOTS, sizes::FLOW_REFRESH_NS};
 
 use crate::{
     balance::Target,
-    maps::{BACKENDS, FLOW_CACHE},
+    maps::{self, FLOW_CACHE},
     nat::Endpoint,
 };
 
@@ -39,7 +39,7 @@ pub fn lookup(key: &FlowKey, hash: u32, now: u64) -> Option<Target> {
     if entry.key != *key || now.wrapping_sub(entry.checked_ns) > FLOW_REFRESH_NS {
         return None;
     }
-    let backend = BACKENDS.get(entry.backend_id)?;
+    let backend = maps::backend(entry.backend_id)?;
     if !backend.is_alive() || backend.service_id != entry.service_id {
         return None;
     }

@@ -8,24 +8,33 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, Counters, Flow, FlowKey, Reason, RevNat, Service, SnatPool, SnatRev, VipAddrKey,
+    Backend, Counters, DoubleBuffer, Flow, FlowKey, Reason, RevNat, Service, SnatRev, VipAddrKey,
     VipKey, sizes::*,
 };
 
-/// BPF_F_MMAPABLE: the agent writes rings through a memory mapping instead of 65537 syscalls.
+/// BPF_F_MMAPABLE: the agent writes rings through a memory mapping instead of 65537 syscalls,
+/// and flips double-buffered values with one store.
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
-/// VIP:port:proto -> service and its active ring. Replacing a value flips the ring.
-#[map(name = "XLB_VIPS_V1")]
-pub static VIPS: HashMap<VipKey, Service> = HashMap::pinned(MAX_SERVICES, 0);
+/// VIP:port:proto -> service id. A value is written once, when the service is added, and
+/// never replaced: the kernel reuses a replaced element of a preallocated hash map at once,
+/// so changing state lives in `SERVICES`.
+#[map(name = "XLB_VIPS_V2")]
+pub static VIPS: HashMap<VipKey, u32> = HashMap::pinned(MAX_SERVICES, 0);
+
+/// Service id -> its ring, mode and SNAT pool, double-buffered (lb_common::DoubleBuffer):
+/// the agent writes the idle copy through a memory mapping and flips, so a ring flip is
+/// one aligned store.
+#[map(name = "XLB_SERVICES_V1")]
+pub static SERVICES: Array<DoubleBuffer<Service>> = Array::pinned(MAX_SERVICES, BPF_F_MMAPABLE);
 
 /// VIP addresses, for the fragment check only.
 #[map(name = "XLB_VIP_ADDRS_V1")]
 pub static VIP_ADDRS: HashMap<VipAddrKey, u32> = HashMap::pinned(MAX_VIP_ADDRS, 0);
 
-/// Backend id -> address, port and liveness.
-#[map(name = "XLB_BACKENDS_V3")]
-pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
+/// Backend id -> address, port, liveness and delivery, double-buffered like `SERVICES`.
+#[map(name = "XLB_BACKENDS_V4")]
+pub static BACKENDS: Array<DoubleBuffer<Backend>> = Array::pinned(MAX_BACKENDS, BPF_F_MMAPABLE);
 
 /// Maglev rings, each slot a backend id, stored RING_CHUNK slots to an element. The agent
 /// places each service's ring (RING_BLOCK slots or a multiple); a service's value says where.
@@ -51,10 +60,6 @@ pub static REV_NAT: LruHashMap<FlowKey, RevNat> = LruHashMap::pinned(REV_NAT_SIZ
 #[map(name = "XLB_SNAT_REV_V1")]
 pub static SNAT_REV: LruHashMap<FlowKey, SnatRev> = LruHashMap::pinned(SNAT_REV_SIZE, 0);
 
-/// fullnat: source addresses and port range per service id.
-#[map(name = "XLB_SNAT_POOLS_V1")]
-pub static SNAT_POOLS: Array<SnatPool> = Array::pinned(MAX_SERVICES, 0);
-
 /// Per-CPU cache of FIB answers (route.rs). Not pinned: only a cache.
 #[map(name = "XLB_HOP_CACHE")]
 pub static HOP_CACHE: PerCpuArray<CachedHop> =
@@ -75,3 +80,15 @@ pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_BACKEN
 /// Per-CPU verdict counters, indexed by `lb_common::Reason`.
 #[map(name = "XLB_REASONS_V5")]
 pub static REASONS: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);
+
+/// The current copy of a service's value.
+#[inline(always)]
+pub fn service(id: u32) -> Option<&'static Service> {
+    SERVICES.get(id).map(DoubleBuffer::current)
+}
+
+/// The current copy of a backend's value.
+#[inline(always)]
+pub fn backend(id: u32) -> Option<&'static Backend> {
+    BACKENDS.get(id).map(DoubleBuffer::current)
+}

@@ -4,14 +4,14 @@
 //! backend). A reserved port is handed out again only once its flow is over.
 use aya_ebpf::bindings::{BPF_EXIST, BPF_NOEXIST};
 use lb_common::{
-    Backend, FAMILY_V4, FlowKey, PROTO_UDP, SnatRev,
+    Backend, FAMILY_V4, FlowKey, PROTO_UDP, Service, SnatRev,
     sizes::{
         FLOW_REFRESH_NS, SNAT_CLOSED_REUSE_NS, SNAT_PORT_TRIES, SNAT_TCP_IDLE_REUSE_NS,
         UDP_IDLE_TIMEOUT_NS,
     },
 };
 
-use crate::maps::{SNAT_POOLS, SNAT_REV};
+use crate::maps::SNAT_REV;
 
 /// The reply 5-tuple of a fullnat flow: backend -> SNAT address:port.
 #[inline(always)]
@@ -41,19 +41,20 @@ fn reusable(entry: &SnatRev, proto: u8, now: u64) -> bool {
     idle > limit
 }
 
-/// Reserves a SNAT address and port (network order) for a new flow `key` of service
-/// `service_id` to `backend`. `fib_source` is the LB's own address towards the backend, used
+/// Reserves a SNAT address and port (network order) for a new flow `key` of `svc` to
+/// `backend`, from the service's pool. `fib_source` is the LB's own address towards the backend, used
 /// when the service names no SNAT address. None: every port tried is in use.
 #[inline(always)]
 pub fn allocate(
     key: &FlowKey,
     hash: u32,
-    service_id: u32,
+    svc: &Service,
     backend: &Backend,
     fib_source: u32,
     now: u64,
 ) -> Option<(u32, u16)> {
-    let pool = SNAT_POOLS.get(service_id)?;
+    let pool = &svc.snat;
+    let service_id = svc.id;
     let (port_min, port_max) = (pool.port_min as u32, pool.port_max as u32);
     if port_max < port_min {
         return None;

@@ -41,6 +41,9 @@ const VETH_POLL: Duration = Duration::from_secs(1);
 /// ...and when they are: only in case a change went unnoticed.
 const VETH_POLL_WATCHED: Duration = Duration::from_secs(30);
 
+/// How often an apply that left services behind is tried again.
+const APPLY_RETRY: Duration = Duration::from_secs(2);
+
 /// (bridge, backend address) -> its host-side veth, if found.
 type Veths = BTreeMap<(String, IpAddr), Option<VethPort>>;
 
@@ -150,9 +153,17 @@ pub async fn run(config_path: &Path) -> Result<()> {
     } else {
         VETH_POLL
     });
+    // A service an apply could not finish is tried again, also when nothing else changes.
+    let mut retry = tokio::time::interval(APPLY_RETRY);
     info!("xlb is running");
     loop {
         tokio::select! {
+            _ = retry.tick(), if !agent.reconciler.problems().is_empty() => {
+                if let Err(e) = agent.apply() {
+                    error!("applying again: {e:#}");
+                }
+                agent.publish();
+            }
             _ = veth_poll.tick() => agent.refresh_veths(),
             Some(()) = host_changes.recv() => agent.refresh_veths(),
             _ = hup.recv() => {
@@ -343,6 +354,7 @@ impl Agent {
         if during.len() != self.reply_interfaces.len() {
             loader::attach_reply(&mut self.ebpf, &pin_path, &during)?;
         }
+        let known = self.reconciler.problems().clone();
         let changes = self
             .reconciler
             .apply(&mut self.datapath, &effective, &self.health.view())?;
@@ -350,6 +362,12 @@ impl Agent {
             let after: Vec<String> = reply_interfaces.iter().cloned().collect();
             loader::attach_reply(&mut self.ebpf, &pin_path, &after)?;
             self.reply_interfaces = reply_interfaces;
+        }
+        for (service, e) in &changes.failed {
+            if known.get(service) == Some(e) {
+                continue;
+            }
+            error!(%service, "not applied, keeps its previous state (retried every {APPLY_RETRY:?}): {e}");
         }
         if !changes.is_empty() {
             info!(?changes, "applied");
@@ -397,6 +415,7 @@ impl Agent {
             services,
             attachments: self.attachments.clone(),
             drained: self.drained.clone(),
+            problems: self.reconciler.problems().clone(),
         }));
     }
 }

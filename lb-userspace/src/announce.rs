@@ -107,6 +107,7 @@ mod tests {
             table_size,
             ring_rebuilds: 0,
             backends: std::collections::BTreeMap::<_, AppliedBackend>::new(),
+            problem: None,
         };
         let vips = serving_vips(&desired, &[view("web", 0), view("dns", 7), view("api", 0)]);
         assert_eq!(vips, ["10.99.100.1".parse().unwrap()].into());

@@ -11,6 +11,7 @@ pub mod health;
 pub mod iproute;
 pub mod loader;
 pub mod maglev;
+pub mod mapped;
 pub mod metrics;
 pub mod reconcile;
 pub mod state;

@@ -119,6 +119,7 @@ pub fn load(pin_path: &Path) -> Result<Ebpf> {
         .load(EBPF_OBJECT)
         .context("loading the BPF object (are you root?)")?;
 
+    remove_stale_maps(pin_path)?;
     let xdp: &mut Xdp = program(&mut ebpf, XDP_PROGRAM)?.try_into()?;
     xdp.load().context("verifying the XDP program")?;
     repin(layout.programs().join(XDP_PROGRAM), |p| xdp.pin(p))?;
@@ -128,6 +129,23 @@ pub fn load(pin_path: &Path) -> Result<Ebpf> {
         repin(layout.programs().join(name), |p| tc.pin(p))?;
     }
     Ok(ebpf)
+}
+
+/// Unpins maps of an older layout (another `_Vn` name) that an earlier agent left: this
+/// object does not use them, and the programs that still do hold their own references.
+fn remove_stale_maps(pin_path: &Path) -> Result<()> {
+    for entry in fs::read_dir(pin_path).context("reading the pin directory")? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("XLB_")
+            && !crate::datapath::ALL_MAPS.contains(&name.as_str())
+            && entry.file_type()?.is_file()
+        {
+            info!(map = %name, "removing the pin of a map this version does not use");
+            fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// Takes the maps out of a loaded object.

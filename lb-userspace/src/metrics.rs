@@ -93,6 +93,7 @@ pub fn render(status: &Status, probes: &ProbeLatency) -> String {
     let backend_up = Family::<Labels, Gauge>::default();
     let backend_weight = Family::<Labels, Gauge>::default();
     let service_up = Family::<Labels, Gauge>::default();
+    let service_applied = Family::<Labels, Gauge>::default();
     let rebuilds = Family::<Labels, Counter>::default();
     let verdicts = Family::<Labels, Counter>::default();
 
@@ -102,6 +103,9 @@ pub fn render(status: &Status, probes: &ProbeLatency) -> String {
         rebuilds.get_or_create(&labels).inc_by(svc.ring_rebuilds);
         let up = svc.backends.iter().filter(|b| b.state == "up").count();
         service_up.get_or_create(&labels).set(up as i64);
+        service_applied
+            .get_or_create(&labels)
+            .set(i64::from(svc.apply_error.is_none()));
         for b in &svc.backends {
             let labels = vec![
                 ("service", svc.name.clone()),
@@ -129,6 +133,11 @@ pub fn render(status: &Status, probes: &ProbeLatency) -> String {
         "xlb_service_backends_up",
         "Backends of a service that take new flows",
         service_up,
+    );
+    registry.register(
+        "xlb_service_applied",
+        "0 while the last apply could not bring the service to its desired state",
+        service_applied,
     );
     registry.register(
         "xlb_backend_up",

@@ -1,65 +1,57 @@
-//! Desired state + health -> map writes. Per service, the new ring is written into free ring
-//! space and the VIP is flipped to it in one map update, so a packet never sees a half-written
-//! ring. Unchanged services are not touched. Backend ids are kept for as long as a backend
-//! exists (conntrack refers to them), also across agent restarts (`adopt`).
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+//! Desired state + health -> map writes. Per service: new and revived backends go into
+//! `BACKENDS`, the new ring into free ring space, then the service's double-buffered value
+//! flips to it in one store; after an RCU grace period, backends that died lose ALIVE and
+//! removed ones their slot. Ring space and ids that packets may still read are reused only
+//! after a further grace period.
+//!
+//! Every step updates the bookkeeping only once its write succeeded, and each step leaves the
+//! maps valid for packets, so an error anywhere leaves maps and bookkeeping agreeing; the
+//! next apply picks up from there. A service that cannot be applied (a failed write, no free
+//! id or ring space) keeps what it had and is reported; the others still apply.
+use std::collections::{BTreeMap, BTreeSet};
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use lb_common::{
-    BACKEND_ALIVE, BACKEND_IN_USE, Backend, SERVICE_GUE, Service, SnatPool, VipAddrKey, VipKey,
-    addr_words,
+    Backend, Service, VipAddrKey, VipKey,
     sizes::{MAX_BACKENDS, MAX_SERVICES, ring_blocks},
 };
 use serde::Serialize;
 use tracing::{info, warn};
 
+mod ids;
+mod plan;
 mod rings;
 
-use self::rings::RingSpace;
-use crate::{
-    bridgeport::VethPort,
-    maglev::{self, MaglevBackend},
-    state::{Delivery, DesiredState, Endpoint, ServiceSpec},
+pub use self::plan::{SNAT_PORTS_OWN, SNAT_PORTS_SHARED, snat_pool, vip_key};
+use self::{
+    ids::IdPool,
+    plan::{Plan, RingInput, backend_value, delivery_of, service_value},
+    rings::RingSpace,
 };
+use crate::state::{Delivery, DesiredState, Endpoint, ServiceSpec};
 
 /// The map operations reconcile needs; implemented by `Datapath` and by a fake in tests.
 pub trait Maps {
-    fn vips(&self) -> Result<Vec<(VipKey, Service)>>;
-    fn set_vip(&mut self, key: &VipKey, service: &Service) -> Result<()>;
+    /// VIP -> service id.
+    fn vips(&self) -> Result<Vec<(VipKey, u32)>>;
+    fn insert_vip(&mut self, key: &VipKey, service_id: u32) -> Result<()>;
     fn remove_vip(&mut self, key: &VipKey) -> Result<()>;
+    /// The current value of a service slot.
+    fn service(&self, id: u32) -> Result<Service>;
+    /// Writes the idle copy of a service slot and flips to it.
+    fn set_service(&mut self, id: u32, service: &Service) -> Result<()>;
     fn vip_addrs(&self) -> Result<Vec<VipAddrKey>>;
     fn set_vip_addr(&mut self, key: &VipAddrKey) -> Result<()>;
     fn remove_vip_addr(&mut self, key: &VipAddrKey) -> Result<()>;
     fn backends_in_use(&self) -> Result<Vec<(u32, Backend)>>;
+    /// Writes the idle copy of a backend slot and flips to it.
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()>;
     fn ring(&self, offset: u32, len: u32) -> Vec<u32>;
-    fn write_ring(&mut self, offset: u32, slots: &[u32]);
+    fn write_ring(&mut self, offset: u32, slots: &[u32]) -> Result<()>;
     fn reset_service_counters(&mut self, id: u32) -> Result<()>;
     fn reset_backend_counters(&mut self, id: u32) -> Result<()>;
-    fn snat_pool(&self, service_id: u32) -> Result<SnatPool>;
-    fn set_snat_pool(&mut self, service_id: u32, pool: &SnatPool) -> Result<()>;
-}
-
-/// fullnat ports on an address of the service's own: all but the well-known ones.
-pub const SNAT_PORTS_OWN: (u16, u16) = (1024, 65535);
-/// fullnat ports on the LB's own address (no `snat` configured): below the kernel's default
-/// ephemeral range (32768-60999), so they never collide with the host's own connections,
-/// such as health checks to the same backend.
-pub const SNAT_PORTS_SHARED: (u16, u16) = (1024, 32767);
-
-/// The SNAT pool the data path uses for a service.
-pub fn snat_pool(spec: &ServiceSpec) -> SnatPool {
-    let mut pool = SnatPool::default();
-    for (slot, addr) in pool.addrs.iter_mut().zip(&spec.snat) {
-        *slot = addr_words(*addr).1;
-    }
-    pool.count = spec.snat.len().min(pool.addrs.len()) as u32;
-    (pool.port_min, pool.port_max) = if pool.count == 0 {
-        SNAT_PORTS_SHARED
-    } else {
-        SNAT_PORTS_OWN
-    };
-    pool
+    /// Returns once every packet that was in the data path when it was called is done.
+    fn grace_period(&mut self) -> Result<()>;
 }
 
 /// Tells whether a backend may take traffic (health checks; always true without them).
@@ -89,20 +81,20 @@ pub struct AppliedBackend {
 struct AppliedService {
     /// Empty for a service adopted from pinned maps until the config claims it.
     name: String,
+    /// The service slot's current value (once `written`).
     value: Service,
-    /// False until `value` has been written to the VIP map.
-    published: bool,
+    written: bool,
+    /// The VIP map names this service's id.
+    in_vips: bool,
     /// Rings written for this service by this agent.
     ring_rebuilds: u64,
     /// What the ring in the map was built from (None: not known, e.g. adopted): the same
     /// input is not built again.
     ring_input: Option<RingInput>,
-    /// The SNAT pool in the map (None: not written yet).
-    snat_pool: Option<SnatPool>,
     backends: BTreeMap<Endpoint, AppliedBackend>,
 }
 
-/// What one `apply` changed.
+/// What one `apply` changed, and which services it could not apply.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Changes {
     pub services_added: usize,
@@ -110,6 +102,8 @@ pub struct Changes {
     pub rings_written: usize,
     pub backends_added: usize,
     pub backends_removed: usize,
+    /// Service name -> why it keeps its previous state.
+    pub failed: BTreeMap<String, String>,
 }
 
 impl Changes {
@@ -118,32 +112,60 @@ impl Changes {
     }
 }
 
+/// Backends that leave once no ring names them (after a grace period).
+struct CleanUp {
+    dying: Vec<(Endpoint, u32)>,
+    removed: Vec<(Endpoint, u32)>,
+}
+
+impl CleanUp {
+    fn is_empty(&self) -> bool {
+        self.dying.is_empty() && self.removed.is_empty()
+    }
+}
+
 pub struct Reconciler {
     services: BTreeMap<VipKey, AppliedService>,
     /// Pinned backends whose service is gone; cleared by the next apply.
     orphans: Vec<u32>,
+    /// Pinned VIP entries that name another VIP's slot; removed by the next apply.
+    stale_vips: Vec<VipKey>,
     vip_addrs: BTreeSet<VipAddrKey>,
     service_ids: IdPool,
     backend_ids: IdPool,
     rings: RingSpace,
+    /// A slot flipped, or ring space or an id was freed, since the last grace period.
+    grace_owed: bool,
+    /// Why services could not be applied, by name (from the last apply).
+    problems: BTreeMap<String, String>,
 }
 
 impl Reconciler {
     /// Rebuilds the bookkeeping from what the maps hold: an empty state on a new pin path,
-    /// or a running data path left by a previous agent.
+    /// or a running data path left by a previous agent (which may have been killed in the
+    /// middle of an apply: whatever it left is valid for packets, and the next apply
+    /// finishes the job).
     pub fn adopt(maps: &impl Maps) -> Result<Self> {
         let mut services: BTreeMap<VipKey, AppliedService> = BTreeMap::new();
-        for (key, value) in maps.vips().context("reading pinned VIPs")? {
+        let mut stale_vips = Vec::new();
+        for (key, id) in maps.vips().context("reading pinned VIPs")? {
+            let value = maps.service(id).context("reading pinned services")?;
+            let claimed = services.values().any(|s| s.value.id == id);
+            if value.vip != key || value.id != id || claimed {
+                warn!(
+                    service_id = id,
+                    "a pinned VIP entry names another VIP's slot"
+                );
+                stale_vips.push(key);
+                continue;
+            }
             let applied = AppliedService {
                 name: String::new(),
                 value,
-                published: true,
+                written: true,
+                in_vips: true,
                 ring_rebuilds: 0,
                 ring_input: None,
-                snat_pool: Some(
-                    maps.snat_pool(value.id)
-                        .context("reading pinned SNAT pools")?,
-                ),
                 backends: BTreeMap::new(),
             };
             services.insert(key, applied);
@@ -159,7 +181,7 @@ impl Reconciler {
                 port: u16::from_be(backend.port),
             };
             match owner {
-                Some(svc) => {
+                Some(svc) if !svc.backends.contains_key(&endpoint) => {
                     let applied = AppliedBackend {
                         id,
                         // Unknown until the config says; a weight change only touches the ring.
@@ -170,7 +192,10 @@ impl Reconciler {
                     svc.backends.insert(endpoint, applied);
                     backend_ids.push(id);
                 }
-                None => orphans.push(id),
+                _ => {
+                    orphans.push(id);
+                    backend_ids.push(id);
+                }
             }
         }
         let service_ids: Vec<u32> = services.values().map(|s| s.value.id).collect();
@@ -186,10 +211,16 @@ impl Reconciler {
             backend_ids: IdPool::new(MAX_BACKENDS, &backend_ids),
             services,
             orphans,
+            stale_vips,
+            // The previous agent may have flipped slots a moment ago.
+            grace_owed: true,
+            problems: BTreeMap::new(),
         })
     }
 
-    /// Makes the maps serve `desired`, with only live backends in the rings.
+    /// Makes the maps serve `desired`, with only live backends in the rings. Err only when
+    /// nothing could be done (a grace period or the VIP address set failed); services that
+    /// fail on their own are listed in `Changes::failed`.
     pub fn apply(
         &mut self,
         maps: &mut impl Maps,
@@ -197,12 +228,10 @@ impl Reconciler {
         live: &impl Liveness,
     ) -> Result<Changes> {
         let mut changes = Changes::default();
-        // Rings replaced by the previous apply: no packet reads them any more.
-        self.rings.release_retired();
-        for id in std::mem::take(&mut self.orphans) {
-            maps.set_backend(id, &Backend::default())?;
-            self.backend_ids.give_back(id);
+        if self.grace_owed {
+            self.grace(maps)?;
         }
+        self.clear_leftovers(maps, &mut changes);
         let wanted: BTreeMap<VipKey, &ServiceSpec> =
             desired.services.values().map(|s| (vip_key(s), s)).collect();
 
@@ -213,38 +242,76 @@ impl Reconciler {
             .copied()
             .collect();
         for key in gone {
-            self.remove_service(maps, &key)?;
-            changes.services_removed += 1;
-        }
-        for (key, spec) in wanted {
-            if !self.services.contains_key(&key) {
-                let id = self.service_ids.take().context("no free service id")?;
-                maps.reset_service_counters(id)?;
-                let value = Service {
-                    id,
-                    ring_offset: 0,
-                    table_size: 0,
-                    mode: spec.mode.number(),
-                    flags: 0,
-                    _pad: 0,
-                };
-                let applied = AppliedService {
-                    name: spec.name.clone(),
-                    value,
-                    published: false,
-                    ring_rebuilds: 0,
-                    ring_input: None,
-                    snat_pool: None,
-                    backends: BTreeMap::new(),
-                };
-                self.services.insert(key, applied);
-                changes.services_added += 1;
-                info!(service = %spec.name, vip = %spec.vip, port = spec.port, "service added");
+            match self.remove_service(maps, &key) {
+                Ok(()) => changes.services_removed += 1,
+                Err(e) => {
+                    let name = self.services[&key].name.clone();
+                    changes.failed.insert(name, format!("removing: {e:#}"));
+                }
             }
-            self.sync_service(maps, &key, spec, live, &mut changes)?;
+        }
+        let mut clean_ups = Vec::new();
+        for (key, spec) in &wanted {
+            match self.sync_service(maps, key, spec, live, &mut changes) {
+                Ok(clean_up) if !clean_up.is_empty() => clean_ups.push((*key, clean_up)),
+                Ok(_) => {}
+                Err(e) => {
+                    changes.failed.insert(spec.name.clone(), format!("{e:#}"));
+                }
+            }
+        }
+        if !clean_ups.is_empty() {
+            // No packet still reads a ring that names these backends.
+            self.grace(maps)?;
+        }
+        for (key, clean_up) in clean_ups {
+            if let Err(e) = self.clean_up(maps, &key, clean_up, &mut changes) {
+                let name = self.services[&key].name.clone();
+                changes.failed.insert(name, format!("{e:#}"));
+            }
         }
         self.sync_vip_addrs(maps)?;
+        self.problems.clone_from(&changes.failed);
         Ok(changes)
+    }
+
+    /// Waits for a grace period, then frees what waited for one.
+    fn grace(&mut self, maps: &mut impl Maps) -> Result<()> {
+        maps.grace_period()
+            .context("waiting for an RCU grace period")?;
+        self.rings.release_retired();
+        self.service_ids.release();
+        self.backend_ids.release();
+        self.grace_owed = false;
+        Ok(())
+    }
+
+    /// Pinned state a previous agent left without a service: orphaned backends, stale VIPs.
+    fn clear_leftovers(&mut self, maps: &mut impl Maps, changes: &mut Changes) {
+        let mut failed = Vec::new();
+        for id in std::mem::take(&mut self.orphans) {
+            match maps.set_backend(id, &Backend::default()) {
+                Ok(()) => {
+                    self.backend_ids.quarantine(id);
+                    self.grace_owed = true;
+                }
+                Err(e) => {
+                    failed.push(format!("backend {id}: {e:#}"));
+                    self.orphans.push(id);
+                }
+            }
+        }
+        for key in std::mem::take(&mut self.stale_vips) {
+            if let Err(e) = maps.remove_vip(&key) {
+                failed.push(format!("stale VIP: {e:#}"));
+                self.stale_vips.push(key);
+            }
+        }
+        if !failed.is_empty() {
+            changes
+                .failed
+                .insert("(pinned leftovers)".into(), failed.join("; "));
+        }
     }
 
     fn sync_service(
@@ -254,111 +321,189 @@ impl Reconciler {
         spec: &ServiceSpec,
         live: &impl Liveness,
         changes: &mut Changes,
-    ) -> Result<()> {
-        let svc = self.services.get_mut(key).expect("inserted by apply");
+    ) -> Result<CleanUp> {
+        if !self.services.contains_key(key) {
+            self.add_service(maps, key, spec)?;
+            changes.services_added += 1;
+        }
+        let svc = self.services.get_mut(key).expect("added above");
         svc.name.clone_from(&spec.name);
+        let mut plan = Plan::new(spec, &svc.backends, live);
+        let needed = plan.new_ids();
+        if needed > self.backend_ids.available() {
+            bail!(
+                "{needed} new backends need ids, {} of {} are free",
+                self.backend_ids.available(),
+                self.backend_ids.max()
+            );
+        }
         let service_id = svc.value.id;
 
-        // New and revived backends go into BACKENDS before any ring can point at them.
-        let mut died = Vec::new();
-        for (endpoint, backend_spec) in &spec.backends {
-            let alive = live.is_alive(&spec.name, endpoint);
-            let delivery = backend_spec.delivery;
-            match svc.backends.get_mut(endpoint) {
-                Some(applied) => {
-                    applied.weight = backend_spec.weight;
-                    let moved = applied.delivery != delivery;
-                    applied.delivery = delivery;
-                    if !alive && applied.alive {
-                        died.push(applied.id);
-                    } else if moved || (alive && !applied.alive) {
-                        let value = backend_value(endpoint, service_id, alive, &delivery);
-                        maps.set_backend(applied.id, &value)?;
-                    }
-                    applied.alive = alive;
-                }
+        // Backends first: no ring may name a backend that is not in BACKENDS.
+        for entering in std::mem::take(&mut plan.entering) {
+            let (id, new) = match entering.id {
+                Some(id) => (id, false),
                 None => {
-                    let id = self.backend_ids.take().context("no free backend id")?;
-                    maps.reset_backend_counters(id)?;
-                    let value = backend_value(endpoint, service_id, alive, &delivery);
-                    maps.set_backend(id, &value)?;
-                    let applied = AppliedBackend {
-                        id,
-                        weight: backend_spec.weight,
-                        alive,
-                        delivery,
-                    };
-                    svc.backends.insert(*endpoint, applied);
-                    changes.backends_added += 1;
+                    let id = self.backend_ids.take().expect("counted above");
+                    if let Err(e) = maps.reset_backend_counters(id) {
+                        self.backend_ids.untake(id);
+                        return Err(e);
+                    }
+                    (id, true)
                 }
+            };
+            let b = &entering.applied;
+            let value = backend_value(&entering.endpoint, service_id, b.alive, &b.delivery);
+            if let Err(e) = maps.set_backend(id, &value) {
+                if new {
+                    self.backend_ids.untake(id);
+                }
+                return Err(e);
+            }
+            self.grace_owed = true;
+            svc.backends
+                .insert(entering.endpoint, AppliedBackend { id, ..b.clone() });
+            if new {
+                plan.assign(&entering.endpoint, id);
+                changes.backends_added += 1;
             }
         }
-        let removed: Vec<(Endpoint, u32)> = svc
-            .backends
-            .iter()
-            .filter(|(e, _)| !spec.backends.contains_key(e))
-            .map(|(e, b)| (*e, b.id))
-            .collect();
-        for (endpoint, _) in &removed {
-            svc.backends.remove(endpoint);
+        for (endpoint, want) in &spec.backends {
+            if let Some(b) = svc.backends.get_mut(endpoint) {
+                b.weight = want.weight;
+            }
         }
 
-        let mut value = svc.value;
-        value.mode = spec.mode.number();
-        value.flags = if spec.gue { SERVICE_GUE } else { 0 };
-        // The pool goes first: the flip below may start fullnat flows.
-        let pool = snat_pool(spec);
-        if svc.snat_pool != Some(pool) {
-            maps.set_snat_pool(service_id, &pool)?;
-            svc.snat_pool = Some(pool);
+        // The ring, then the flip.
+        let mut value = service_value(
+            spec,
+            service_id,
+            svc.value.ring_offset,
+            svc.value.table_size,
+        );
+        let mut placed = None;
+        if svc.ring_input.as_ref() != Some(&plan.ring_input) {
+            let ring = plan.ring_input.build();
+            if svc.written && ring == maps.ring(svc.value.ring_offset, svc.value.table_size) {
+                svc.ring_input = Some(plan.ring_input.clone());
+            } else {
+                let placement = place_ring(&mut self.rings, svc, &plan.ring_input, ring, maps)?;
+                (value.ring_offset, value.table_size) = (placement.offset, placement.table_size);
+                placed = Some(placement);
+            }
         }
-        let input = RingInput::new(&svc.backends, spec.table_size);
-        if svc.ring_input.as_ref() != Some(&input)
-            && let Some((offset, ring)) = place_ring(&mut self.rings, svc, input, maps)
-        {
-            value.ring_offset = offset;
-            value.table_size = ring.len() as u32;
-            maps.write_ring(offset, &ring);
-            changes.rings_written += 1;
+        if !svc.written || value != svc.value {
+            if let Err(e) = maps.set_service(service_id, &value) {
+                if let Some(p) = placed.as_ref().filter(|p| p.fresh) {
+                    self.rings.give_back(p.offset, p.table_size);
+                }
+                return Err(e).context("flipping the service");
+            }
+            self.grace_owed = true;
+            if placed.as_ref().is_some_and(|p| p.fresh) && svc.written {
+                self.rings
+                    .retire(svc.value.ring_offset, svc.value.table_size);
+            }
+            svc.value = value;
+            svc.written = true;
+        }
+        if let Some(placement) = placed {
+            svc.ring_input = placement.input;
             svc.ring_rebuilds += 1;
-            if ring.is_empty() {
+            changes.rings_written += 1;
+            if value.table_size == 0 {
                 warn!(service = %spec.name, "no backend can take new flows");
             }
         }
-        if value != svc.value || !svc.published {
-            maps.set_vip(key, &value)?;
-            svc.value = value;
-            svc.published = true;
+        if !svc.in_vips {
+            maps.insert_vip(key, service_id)
+                .context("publishing the VIP")?;
+            svc.in_vips = true;
         }
+        Ok(CleanUp {
+            dying: plan.dying,
+            removed: plan.removed,
+        })
+    }
 
-        // Only now that no ring points at them: dead backends lose ALIVE (their flows
-        // re-hash), removed ones lose their slot.
-        for id in died {
-            let (endpoint, b) = svc
-                .backends
-                .iter()
-                .find(|(_, b)| b.id == id)
-                .expect("known");
-            maps.set_backend(id, &backend_value(endpoint, service_id, false, &b.delivery))?;
+    fn add_service(
+        &mut self,
+        maps: &mut impl Maps,
+        key: &VipKey,
+        spec: &ServiceSpec,
+    ) -> Result<()> {
+        let id = self
+            .service_ids
+            .take()
+            .with_context(|| format!("no free service id ({} services at most)", MAX_SERVICES))?;
+        if let Err(e) = maps.reset_service_counters(id) {
+            self.service_ids.untake(id);
+            return Err(e);
         }
-        for (_, id) in removed {
+        let applied = AppliedService {
+            name: spec.name.clone(),
+            value: Service {
+                vip: *key,
+                id,
+                ..Service::default()
+            },
+            written: false,
+            in_vips: false,
+            ring_rebuilds: 0,
+            ring_input: None,
+            backends: BTreeMap::new(),
+        };
+        self.services.insert(*key, applied);
+        info!(service = %spec.name, vip = %spec.vip, port = spec.port, "service added");
+        Ok(())
+    }
+
+    /// Dead backends lose ALIVE (their flows re-hash), removed ones their slot.
+    fn clean_up(
+        &mut self,
+        maps: &mut impl Maps,
+        key: &VipKey,
+        clean_up: CleanUp,
+        changes: &mut Changes,
+    ) -> Result<()> {
+        let svc = self.services.get_mut(key).expect("synced");
+        for (endpoint, id) in clean_up.dying {
+            let b = svc.backends.get_mut(&endpoint).expect("planned");
+            maps.set_backend(
+                id,
+                &backend_value(&endpoint, svc.value.id, false, &b.delivery),
+            )?;
+            self.grace_owed = true;
+            b.alive = false;
+        }
+        for (endpoint, id) in clean_up.removed {
             maps.set_backend(id, &Backend::default())?;
-            self.backend_ids.give_back(id);
+            self.grace_owed = true;
+            svc.backends.remove(&endpoint);
+            self.backend_ids.quarantine(id);
             changes.backends_removed += 1;
         }
         Ok(())
     }
 
     fn remove_service(&mut self, maps: &mut impl Maps, key: &VipKey) -> Result<()> {
-        let svc = self.services.remove(key).expect("listed by caller");
-        maps.remove_vip(key)?;
-        for backend in svc.backends.values() {
-            maps.set_backend(backend.id, &Backend::default())?;
-            self.backend_ids.give_back(backend.id);
+        let svc = self.services.get_mut(key).expect("listed by caller");
+        if svc.in_vips {
+            maps.remove_vip(key)?;
+            svc.in_vips = false;
         }
-        self.service_ids.give_back(svc.value.id);
+        // Its slot stays as it is: a packet that found the VIP a moment ago still reads it.
+        for (endpoint, b) in svc.backends.clone() {
+            maps.set_backend(b.id, &Backend::default())?;
+            svc.backends.remove(&endpoint);
+            self.backend_ids.quarantine(b.id);
+            self.grace_owed = true;
+        }
+        let svc = self.services.remove(key).expect("listed by caller");
+        self.service_ids.quarantine(svc.value.id);
         self.rings
             .retire(svc.value.ring_offset, svc.value.table_size);
+        self.grace_owed = true;
         info!(service = %svc.name, "service removed");
         Ok(())
     }
@@ -374,13 +519,23 @@ impl Reconciler {
                 _pad1: 0,
             })
             .collect();
-        for key in wanted.difference(&self.vip_addrs) {
-            maps.set_vip_addr(key)?;
+        for key in wanted
+            .difference(&self.vip_addrs)
+            .copied()
+            .collect::<Vec<_>>()
+        {
+            maps.set_vip_addr(&key)?;
+            self.vip_addrs.insert(key);
         }
-        for key in self.vip_addrs.difference(&wanted) {
-            maps.remove_vip_addr(key)?;
+        for key in self
+            .vip_addrs
+            .difference(&wanted)
+            .copied()
+            .collect::<Vec<_>>()
+        {
+            maps.remove_vip_addr(&key)?;
+            self.vip_addrs.remove(&key);
         }
-        self.vip_addrs = wanted;
         Ok(())
     }
 
@@ -391,7 +546,7 @@ impl Reconciler {
         svc.backends.get(endpoint).map(|b| b.alive)
     }
 
-    /// Each service as applied: ids, table size, backends.
+    /// Each service as applied: ids, table size, backends, and why it failed if it did.
     pub fn applied(&self) -> Vec<AppliedView> {
         self.services
             .values()
@@ -401,8 +556,15 @@ impl Reconciler {
                 table_size: s.value.table_size,
                 ring_rebuilds: s.ring_rebuilds,
                 backends: s.backends.iter().map(|(e, b)| (*e, b.clone())).collect(),
+                problem: self.problems.get(&s.name).cloned(),
             })
             .collect()
+    }
+
+    /// Services of the desired state that could not be applied at all, and other failures
+    /// of the last apply, by name.
+    pub fn problems(&self) -> &BTreeMap<String, String> {
+        &self.problems
     }
 }
 
@@ -414,147 +576,75 @@ pub struct AppliedView {
     pub table_size: u32,
     pub ring_rebuilds: u64,
     pub backends: BTreeMap<Endpoint, AppliedBackend>,
+    /// Why the last apply left this service as it was.
+    pub problem: Option<String>,
 }
 
-/// Builds the service's ring from `input` and picks where it goes: (offset, ring), or None
-/// when the map holds that ring already. `svc.ring_input` records `input` once a ring built
-/// from it is placed (or found in place).
+/// Where a new ring went.
+struct Placement {
+    offset: u32,
+    table_size: u32,
+    /// In free space (else over the ring in use).
+    fresh: bool,
+    /// What the bookkeeping records as the ring's input (None: a smaller stand-in, the
+    /// requested one is tried again next time).
+    input: Option<RingInput>,
+}
+
+/// Writes the service's new `ring` (built from `input`): into free blocks when there are
+/// enough adjacent ones, else over the ring in use.
 fn place_ring(
     rings: &mut RingSpace,
     svc: &mut AppliedService,
-    input: RingInput,
-    maps: &impl Maps,
-) -> Option<(u32, Vec<u32>)> {
-    let ring = input.build();
-    if ring == maps.ring(svc.value.ring_offset, svc.value.table_size) {
-        svc.ring_input = Some(input);
-        return None;
+    input: &RingInput,
+    ring: Vec<u32>,
+    maps: &mut impl Maps,
+) -> Result<Placement> {
+    let table_size = ring.len() as u32;
+    if let Some(offset) = rings.take(table_size) {
+        if let Err(e) = maps.write_ring(offset, &ring) {
+            rings.give_back(offset, table_size);
+            return Err(e).context("writing the ring");
+        }
+        return Ok(Placement {
+            offset,
+            table_size,
+            fresh: true,
+            input: Some(input.clone()),
+        });
     }
-    if let Some(offset) = rings.take(ring.len() as u32) {
-        rings.retire(svc.value.ring_offset, svc.value.table_size);
-        svc.ring_input = Some(input);
-        return Some((offset, ring));
+    if !svc.written {
+        bail!("no free ring space for a table of {table_size} slots");
     }
-    // Validation keeps the total within RINGS, so only scattered free blocks get here. The
-    // new ring goes over the one in use: meanwhile a slot holds its old or its new backend,
-    // both valid until the caller's clean-up. A larger table waits (the next apply tries
-    // again).
+    // Only scattered free blocks get here (validation keeps the total within RINGS). The
+    // new ring goes over the one in use, slot by slot: each holds its old or its new
+    // backend, both valid until the clean-up after the next grace period. A larger table
+    // waits (the next apply tries again).
     warn!(
         service = %svc.name,
-        table_size = ring.len(),
+        table_size,
         free_blocks = rings.free_blocks(),
         "no adjacent free ring space: rewriting the ring in place"
     );
-    let ring = if ring_blocks(ring.len() as u32) > ring_blocks(svc.value.table_size) {
-        RingInput {
-            table_size: svc.value.table_size,
-            ..input
-        }
-        .build()
+    let current = svc.value.table_size;
+    let (ring, recorded) = if ring_blocks(table_size) > ring_blocks(current) {
+        (input.resized(current).build(), None)
     } else {
-        svc.ring_input = Some(input);
-        ring
+        (ring, Some(input.clone()))
     };
-    Some((svc.value.ring_offset, ring))
+    // Until the write is complete, nobody knows what the ring holds.
+    svc.ring_input = None;
+    maps.write_ring(svc.value.ring_offset, &ring)
+        .context("rewriting the ring in place")?;
+    Ok(Placement {
+        offset: svc.value.ring_offset,
+        table_size: ring.len() as u32,
+        fresh: false,
+        input: recorded,
+    })
 }
 
-/// What a service's ring is built from: the backends that may take new flows (alive,
-/// weight > 0) with their ids, and the table size.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct RingInput {
-    table_size: u32,
-    /// (key, weight, backend id), in endpoint order.
-    backends: Vec<(String, u32, u32)>,
-}
-
-impl RingInput {
-    fn new(backends: &BTreeMap<Endpoint, AppliedBackend>, table_size: u32) -> Self {
-        let backends = backends
-            .iter()
-            .filter(|(_, b)| b.alive && b.weight > 0)
-            .map(|(e, b)| (e.to_string(), b.weight, b.id))
-            .collect();
-        Self {
-            table_size,
-            backends,
-        }
-    }
-
-    /// The ring: a backend id per slot.
-    fn build(&self) -> Vec<u32> {
-        let input: Vec<MaglevBackend> = self
-            .backends
-            .iter()
-            .map(|(key, weight, _)| MaglevBackend {
-                key,
-                weight: *weight,
-            })
-            .collect();
-        maglev::build_table(&input, self.table_size)
-            .into_iter()
-            .map(|i| self.backends[i as usize].2)
-            .collect()
-    }
-}
-
-pub fn vip_key(spec: &ServiceSpec) -> VipKey {
-    let (family, addr) = addr_words(spec.vip);
-    VipKey {
-        addr,
-        port: spec.port.to_be(),
-        proto: spec.protocol.number(),
-        family,
-    }
-}
-
-fn backend_value(
-    endpoint: &Endpoint,
-    service_id: u32,
-    alive: bool,
-    delivery: &Delivery,
-) -> Backend {
-    let (family, addr) = addr_words(endpoint.addr);
-    let veth = delivery.veth.filter(|_| delivery.bridge != 0);
-    Backend {
-        addr,
-        port: endpoint.port.to_be(),
-        family,
-        flags: BACKEND_IN_USE | if alive { BACKEND_ALIVE } else { 0 },
-        service_id,
-        deliver_ifindex: delivery.bridge,
-        port_ifindex: veth.map_or(0, |v| v.ifindex),
-        mac: veth.map_or([0; 6], |v| v.mac),
-        gateway_mac: veth.map_or([0; 6], |v| v.bridge_mac),
-    }
-}
-
-/// The delivery a pinned backend entry describes (adopted on restart).
-fn delivery_of(backend: &Backend) -> Delivery {
-    Delivery {
-        bridge: backend.deliver_ifindex,
-        veth: (backend.port_ifindex != 0).then_some(VethPort {
-            ifindex: backend.port_ifindex,
-            mac: backend.mac,
-            bridge_mac: backend.gateway_mac,
-        }),
-    }
-}
-
-/// Free ids, handed out first-in first-out so a freed id is reused as late as possible
-/// (a stale conntrack entry then finds an empty slot, not a stranger).
-struct IdPool(VecDeque<u32>);
-
-impl IdPool {
-    fn new(max: u32, used: &[u32]) -> Self {
-        Self((0..max).filter(|id| !used.contains(id)).collect())
-    }
-    fn take(&mut self) -> Option<u32> {
-        self.0.pop_front()
-    }
-    fn give_back(&mut self, id: u32) {
-        self.0.push_back(id);
-    }
-}
-
+#[cfg(test)]
+mod fake;
 #[cfg(test)]
 mod tests;

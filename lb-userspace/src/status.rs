@@ -1,7 +1,7 @@
 //! The status model served by `GET /status` and printed by `xlb status`: what the agent
 //! applied, joined with the data path's counters.
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt::Write as _,
 };
 
@@ -42,8 +42,12 @@ pub struct ServiceStatus {
     pub mode: String,
     /// Slots of the active ring; 0 when no backend can take new flows.
     pub table_size: u32,
-    /// Why the service serves nothing, when it does not.
+    /// Why the service serves nothing, or not as configured, when it does not.
     pub problem: Option<String>,
+    /// Why the last apply left this service as it was (it keeps serving its previous state;
+    /// the next apply tries again).
+    #[serde(default)]
+    pub apply_error: Option<String>,
     pub ring_rebuilds: u64,
     pub counters: CounterStatus,
     pub backends: Vec<BackendStatus>,
@@ -97,6 +101,8 @@ pub struct Applied {
     pub services: Vec<AppliedView>,
     pub attachments: Vec<Attachment>,
     pub drained: BTreeSet<Key>,
+    /// Why services (by name) could not be applied, from the last apply.
+    pub problems: BTreeMap<String, String>,
 }
 
 impl Status {
@@ -135,7 +141,8 @@ impl Status {
                     delivery: delivery_text(&b.delivery),
                 });
             }
-            let problem = (view.table_size == 0).then(|| {
+            let apply_error = view.problem.clone();
+            let empty = (view.table_size == 0).then(|| {
                 let count = |s: &str| backends.iter().filter(|b| b.state == s).count();
                 format!(
                     "no backend can take new flows ({} backends: {} down, {} pending, {} drained)",
@@ -145,6 +152,10 @@ impl Status {
                     count("drain")
                 )
             });
+            let problem = match (&apply_error, empty) {
+                (Some(e), _) => Some(format!("not applied: {e}")),
+                (None, empty) => empty,
+            };
             services.push(ServiceStatus {
                 name: view.name.clone(),
                 vip: spec.vip.to_string(),
@@ -153,9 +164,33 @@ impl Status {
                 mode: format!("{:?}", spec.mode).to_lowercase(),
                 table_size: view.table_size,
                 problem,
+                apply_error,
                 ring_rebuilds: view.ring_rebuilds,
                 counters: datapath.service_counters(view.id)?.into(),
                 backends,
+            });
+        }
+        // Services the data path does not have at all (no id could be given to them).
+        for (name, spec) in &applied.desired.services {
+            if services.iter().any(|s| &s.name == name) {
+                continue;
+            }
+            let error = applied.problems.get(name).cloned();
+            services.push(ServiceStatus {
+                name: name.clone(),
+                vip: spec.vip.to_string(),
+                port: spec.port,
+                protocol: spec.protocol.to_string(),
+                mode: format!("{:?}", spec.mode).to_lowercase(),
+                table_size: 0,
+                problem: Some(format!(
+                    "not applied: {}",
+                    error.as_deref().unwrap_or("not yet")
+                )),
+                apply_error: error,
+                ring_rebuilds: 0,
+                counters: CounterStatus::default(),
+                backends: Vec::new(),
             });
         }
         services.sort_by(|a, b| a.name.cmp(&b.name));

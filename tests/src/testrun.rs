@@ -191,9 +191,15 @@ impl LoadedDatapath {
     /// Applies a new set of services with health decided by `live`.
     pub fn apply_with(&mut self, services: &str, live: &impl Liveness) {
         let desired = desired_state(services);
-        self.reconciler
+        let changes = self
+            .reconciler
             .apply(&mut self.datapath, &desired, live)
             .unwrap_or_else(|e| panic!("applying the desired state: {e:#}"));
+        assert!(
+            changes.failed.is_empty(),
+            "services not applied: {:?}",
+            changes.failed
+        );
     }
 
     pub fn datapath(&self) -> &Datapath {

@@ -207,12 +207,14 @@ fn fullnat_out_of_ports_is_counted_not_blackholed() {
     let mut dp = LoadedDatapath::new(&service("web", 81, "mode = \"fullnat\"", 8080));
     // One port on one address: the second concurrent flow to a backend finds none.
     let id = dp.service_id("web");
-    let pool = lb_common::SnatPool {
+    let mut value = dp.datapath().service(id).expect("service");
+    value.snat = lb_common::SnatPool {
         port_min: 1024,
         port_max: 1024,
         ..Default::default()
     };
-    dp.datapath_mut().set_snat_pool(id, &pool).expect("pool");
+    dp.datapath_mut().grace_period().expect("grace");
+    dp.datapath_mut().set_service(id, &value).expect("pool");
     let mut dropped = 0;
     for i in 0..20u16 {
         let client = SocketAddrV4::new(*CLIENT.ip(), 30000 + i);

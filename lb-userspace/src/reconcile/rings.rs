@@ -1,8 +1,8 @@
 //! Where each service's ring lives in `RINGS`. Space is handed out in blocks of RING_BLOCK
-//! slots; a ring larger than the default takes adjacent blocks. A new ring is always written
-//! into free blocks and the service flipped to it; the blocks it replaced stay untouched until
-//! the next apply, so a packet that read the old service value just before the flip still
-//! finds the old ring.
+//! slots; a ring larger than the default takes adjacent blocks. A new ring is written into
+//! free blocks and the service flipped to it; the blocks it replaced stay untouched until an
+//! RCU grace period has passed, so a packet that read the old service value just before the
+//! flip still finds the old ring.
 use lb_common::sizes::{RING_BLOCK, RING_BLOCKS, ring_blocks};
 
 pub struct RingSpace {
@@ -42,6 +42,11 @@ impl RingSpace {
         Some(start * RING_BLOCK)
     }
 
+    /// Space taken for a ring that was never published: free again at once.
+    pub fn give_back(&mut self, offset: u32, table_size: u32) {
+        self.mark(offset / RING_BLOCK, ring_blocks(table_size), false);
+    }
+
     /// The ring at `offset` is no longer the service's; its blocks are freed by the next
     /// `release_retired`.
     pub fn retire(&mut self, offset: u32, table_size: u32) {
@@ -51,7 +56,8 @@ impl RingSpace {
         }
     }
 
-    /// Frees what was retired before: called when no packet can still be reading it.
+    /// Frees what was retired before: called after a grace period, when no packet can still
+    /// be reading it.
     pub fn release_retired(&mut self) {
         for (start, blocks) in std::mem::take(&mut self.retired) {
             self.mark(start, blocks, false);

@@ -1,109 +1,15 @@
-use std::{cell::Cell, collections::HashMap, net::IpAddr};
+use std::net::IpAddr;
 
-use lb_common::sizes::{MAX_RING_SIZE, RING_BLOCK, RING_BLOCKS, RING_SLOTS};
+use lb_common::{
+    BACKEND_ALIVE, BACKEND_IN_USE, SERVICE_GUE, addr_words,
+    sizes::{MAX_RING_SIZE, RING_BLOCK, RING_BLOCKS, RING_SLOTS},
+};
 
-use super::*;
+use super::{fake::FakeMaps, *};
 use crate::{
     config::{HealthConfig, Mode, Protocol},
     state::{BackendSpec, Source},
 };
-
-/// Maps in memory, with a log of writes so tests can check their order.
-#[derive(Default)]
-struct FakeMaps {
-    vips: BTreeMap<VipKey, Service>,
-    vip_addrs: BTreeSet<VipAddrKey>,
-    backends: HashMap<u32, Backend>,
-    rings: HashMap<u32, u32>,
-    snat_pools: HashMap<u32, SnatPool>,
-    log: Vec<String>,
-    ring_reads: Cell<usize>,
-}
-
-impl Maps for FakeMaps {
-    fn vips(&self) -> Result<Vec<(VipKey, Service)>> {
-        Ok(self.vips.iter().map(|(k, v)| (*k, *v)).collect())
-    }
-    fn set_vip(&mut self, key: &VipKey, service: &Service) -> Result<()> {
-        self.log.push(format!(
-            "vip {} -> ring {}",
-            service.id, service.ring_offset
-        ));
-        self.vips.insert(*key, *service);
-        Ok(())
-    }
-    fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
-        self.log.push("remove vip".into());
-        self.vips.remove(key);
-        Ok(())
-    }
-    fn vip_addrs(&self) -> Result<Vec<VipAddrKey>> {
-        Ok(self.vip_addrs.iter().copied().collect())
-    }
-    fn set_vip_addr(&mut self, key: &VipAddrKey) -> Result<()> {
-        self.vip_addrs.insert(*key);
-        Ok(())
-    }
-    fn remove_vip_addr(&mut self, key: &VipAddrKey) -> Result<()> {
-        self.vip_addrs.remove(key);
-        Ok(())
-    }
-    fn backends_in_use(&self) -> Result<Vec<(u32, Backend)>> {
-        let mut v: Vec<_> = self
-            .backends
-            .iter()
-            .filter(|(_, b)| b.flags & BACKEND_IN_USE != 0)
-            .map(|(i, b)| (*i, *b))
-            .collect();
-        v.sort_by_key(|(i, _)| *i);
-        Ok(v)
-    }
-    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
-        self.log
-            .push(format!("backend {id} flags {}", backend.flags));
-        self.backends.insert(id, *backend);
-        Ok(())
-    }
-    fn ring(&self, offset: u32, len: u32) -> Vec<u32> {
-        self.ring_reads.set(self.ring_reads.get() + 1);
-        (offset..offset + len)
-            .map(|i| self.rings.get(&i).copied().unwrap_or(0))
-            .collect()
-    }
-    fn write_ring(&mut self, offset: u32, slots: &[u32]) {
-        assert!(offset + slots.len() as u32 <= RING_SLOTS);
-        self.log.push(format!("ring {offset}"));
-        for (i, s) in slots.iter().enumerate() {
-            self.rings.insert(offset + i as u32, *s);
-        }
-    }
-    fn reset_service_counters(&mut self, _: u32) -> Result<()> {
-        Ok(())
-    }
-    fn snat_pool(&self, service_id: u32) -> Result<SnatPool> {
-        Ok(self
-            .snat_pools
-            .get(&service_id)
-            .copied()
-            .unwrap_or_default())
-    }
-    fn set_snat_pool(&mut self, service_id: u32, pool: &SnatPool) -> Result<()> {
-        self.log.push(format!("snat pool {service_id}"));
-        self.snat_pools.insert(service_id, *pool);
-        Ok(())
-    }
-    fn reset_backend_counters(&mut self, _: u32) -> Result<()> {
-        Ok(())
-    }
-}
-
-impl FakeMaps {
-    /// Backend id of every slot of the service's active ring.
-    fn active_ring(&self, key: &VipKey) -> Vec<u32> {
-        let s = self.vips[key];
-        self.ring(s.ring_offset, s.table_size)
-    }
-}
 
 struct Dead(Vec<Endpoint>);
 
@@ -153,6 +59,15 @@ fn state(services: Vec<ServiceSpec>) -> DesiredState {
     }
 }
 
+/// The log without grace periods.
+fn map_writes(maps: &FakeMaps) -> Vec<&str> {
+    maps.log
+        .iter()
+        .map(String::as_str)
+        .filter(|l| *l != "grace")
+        .collect()
+}
+
 fn ids_in(ring: &[u32]) -> BTreeSet<u32> {
     ring.iter().copied().collect()
 }
@@ -174,24 +89,22 @@ fn new_service_gets_a_full_ring_and_a_vip() {
         (1, 3, 1)
     );
     let key = vip_key(&web);
-    assert_eq!(maps.vips[&key].table_size, 101);
+    assert_eq!(maps.svc(&key).table_size, 101);
     assert_eq!(ids_in(&maps.active_ring(&key)), BTreeSet::from([0, 1, 2]));
     assert_eq!(maps.vip_addrs.len(), 1);
-    // Backends are written before the ring, and the ring before the VIP flip.
-    let ring_at = maps.log.iter().position(|l| l.starts_with("ring")).unwrap();
-    let vip_at = maps.log.iter().position(|l| l.starts_with("vip")).unwrap();
-    assert!(
-        maps.log[..ring_at]
-            .iter()
-            .filter(|l| l.starts_with("backend"))
-            .count()
-            == 3
-    );
-    assert!(ring_at < vip_at);
+    // Backends are written before the ring, the ring before the service flips to it, and
+    // the service before the VIP leads to it.
+    let at = |what: &str| maps.log.iter().position(|l| l.starts_with(what)).unwrap();
+    let backends_before_ring = maps.log[..at("ring")]
+        .iter()
+        .filter(|l| l.starts_with("backend"))
+        .count();
+    assert_eq!(backends_before_ring, 3, "{:?}", maps.log);
+    assert!(at("ring") < at("service") && at("service") < at("vip"));
 }
 
 #[test]
-fn mode_settings_reach_the_maps_before_the_vip() {
+fn mode_settings_are_part_of_the_service_value() {
     let mut maps = FakeMaps::default();
     let mut rec = Reconciler::adopt(&maps).unwrap();
     let mut fullnat = service("web", 1, &[(11, 100)]);
@@ -209,32 +122,22 @@ fn mode_settings_reach_the_maps_before_the_vip() {
     )
     .unwrap();
 
-    let web = maps.vips[&vip_key(&fullnat)];
+    let web = maps.svc(&vip_key(&fullnat));
     assert_eq!(web.mode, lb_common::MODE_FULLNAT);
-    let pool = maps.snat_pools[&web.id];
+    let pool = web.snat;
     assert_eq!(pool.count, 1);
     assert_eq!(pool.addrs[0], addr_words(IpAddr::from([10, 99, 5, 9])).1);
     assert_eq!((pool.port_min, pool.port_max), SNAT_PORTS_OWN);
     // Without addresses of its own: the LB's address, below the kernel's ephemeral ports.
-    let own = maps.snat_pools[&maps.vips[&vip_key(&shared)].id];
+    let own = maps.svc(&vip_key(&shared)).snat;
     assert_eq!((own.count, own.port_min, own.port_max), (0, 1024, 32767));
-    let api = maps.vips[&vip_key(&dsr)];
+    let api = maps.svc(&vip_key(&dsr));
     assert_eq!((api.mode, api.flags), (lb_common::MODE_DSR, SERVICE_GUE));
-    // A flow may start the moment the VIP is published: its pool is there first.
-    let pool_at = maps
-        .log
-        .iter()
-        .position(|l| l == &format!("snat pool {}", web.id));
-    let vip_at = maps
-        .log
-        .iter()
-        .position(|l| l.starts_with(&format!("vip {}", web.id)));
-    assert!(pool_at < vip_at, "{:?}", maps.log);
     // Unchanged settings are not written again.
     maps.log.clear();
     rec.apply(&mut maps, &state(vec![fullnat, dsr, shared]), &AllAlive)
         .unwrap();
-    assert!(maps.log.is_empty(), "{:?}", maps.log);
+    assert!(map_writes(&maps).is_empty(), "{:?}", maps.log);
 }
 
 #[test]
@@ -247,7 +150,7 @@ fn unchanged_state_writes_nothing() {
     maps.ring_reads.set(0);
     let changes = rec.apply(&mut maps, &desired, &AllAlive).unwrap();
     assert!(changes.is_empty(), "{changes:?}");
-    assert!(maps.log.is_empty(), "{:?}", maps.log);
+    assert!(map_writes(&maps).is_empty(), "{:?}", maps.log);
     // Nor is the ring built and compared again: the same input gives the same ring.
     assert_eq!(maps.ring_reads.get(), 0);
 }
@@ -265,7 +168,7 @@ fn a_new_ring_goes_to_free_space_then_the_vip_flips() {
             &AllAlive,
         )
         .unwrap();
-        offsets.push(maps.vips[&key].ring_offset);
+        offsets.push(maps.svc(&key).ring_offset);
         if offsets.len() == 2 {
             // The old ring is intact: a packet that read the old VIP value is fine.
             assert_eq!(ids_in(&maps.ring(offsets[0], 101)), BTreeSet::from([0]));
@@ -286,12 +189,12 @@ fn a_larger_table_gets_adjacent_blocks_and_the_old_ones_are_reused() {
     let key = vip_key(&small);
     rec.apply(&mut maps, &state(vec![small.clone()]), &AllAlive)
         .unwrap();
-    assert_eq!(maps.vips[&key].ring_offset, 0);
+    assert_eq!(maps.svc(&key).ring_offset, 0);
     let changes = rec
         .apply(&mut maps, &state(vec![large]), &AllAlive)
         .unwrap();
     assert_eq!(changes.rings_written, 1);
-    let value = maps.vips[&key];
+    let value = maps.svc(&key);
     assert_eq!(value.table_size, MAX_RING_SIZE);
     assert!(value.ring_offset + MAX_RING_SIZE <= RING_SLOTS);
     assert_eq!(value.ring_offset % RING_BLOCK, 0);
@@ -300,9 +203,10 @@ fn a_larger_table_gets_adjacent_blocks_and_the_old_ones_are_reused() {
     assert!((0.49..=0.51).contains(&share), "{share}");
     rec.apply(&mut maps, &state(vec![small]), &AllAlive)
         .unwrap();
-    assert_eq!(maps.vips[&key].table_size, 101);
+    assert_eq!(maps.svc(&key).table_size, 101);
     assert_eq!(
-        maps.vips[&key].ring_offset, 0,
+        maps.svc(&key).ring_offset,
+        0,
         "the first block is free again"
     );
 }
@@ -314,11 +218,11 @@ fn without_adjacent_free_space_the_ring_is_rewritten_in_place() {
     let web = service("web", 1, &[(11, 100), (12, 100)]);
     let key = vip_key(&web);
     rec.apply(&mut maps, &state(vec![web]), &AllAlive).unwrap();
-    let offset = maps.vips[&key].ring_offset;
+    let offset = maps.svc(&key).ring_offset;
     let full = || RingSpace::new((0..RING_BLOCKS).map(|b| (b * RING_BLOCK, 1)));
 
-    // A backend leaves: the ring is rewritten where it is, before the backend's slot is
-    // cleared, so every slot names a valid backend throughout.
+    // A backend leaves: the ring is rewritten where it is, and the backend's slot cleared a
+    // grace period later, so every slot names a valid backend throughout.
     rec.rings = full();
     maps.log.clear();
     let one = service("web", 1, &[(11, 100)]);
@@ -326,7 +230,12 @@ fn without_adjacent_free_space_the_ring_is_rewritten_in_place() {
         .unwrap();
     assert_eq!(
         maps.log,
-        [format!("ring {offset}"), "backend 1 flags 0".into()]
+        [
+            "grace".into(),
+            format!("ring {offset}"),
+            "grace".into(),
+            "backend 1 flags 0".into()
+        ]
     );
     assert_eq!(ids_in(&maps.active_ring(&key)), BTreeSet::from([0]));
 
@@ -336,12 +245,12 @@ fn without_adjacent_free_space_the_ring_is_rewritten_in_place() {
     rec.rings = full();
     rec.apply(&mut maps, &state(vec![large.clone()]), &AllAlive)
         .unwrap();
-    assert_eq!(maps.vips[&key].table_size, 101);
-    assert_eq!(maps.vips[&key].ring_offset, offset);
+    assert_eq!(maps.svc(&key).table_size, 101);
+    assert_eq!(maps.svc(&key).ring_offset, offset);
     rec.rings = RingSpace::new([(offset, 101)]);
     rec.apply(&mut maps, &state(vec![large]), &AllAlive)
         .unwrap();
-    assert_eq!(maps.vips[&key].table_size, MAX_RING_SIZE);
+    assert_eq!(maps.svc(&key).table_size, MAX_RING_SIZE);
 }
 
 #[test]
@@ -352,7 +261,7 @@ fn a_restarted_agent_writes_around_the_rings_in_use() {
     let api = service("api", 2, &[(21, 100)]);
     rec.apply(&mut maps, &state(vec![web.clone(), api.clone()]), &AllAlive)
         .unwrap();
-    let in_use: BTreeSet<u32> = maps.vips.values().map(|s| s.ring_offset).collect();
+    let in_use: BTreeSet<u32> = maps.services.values().map(|s| s.ring_offset).collect();
     assert_eq!(in_use, BTreeSet::from([0, RING_BLOCK]));
 
     let mut rec = Reconciler::adopt(&maps).unwrap();
@@ -360,9 +269,9 @@ fn a_restarted_agent_writes_around_the_rings_in_use() {
     web2.table_size = 103;
     rec.apply(&mut maps, &state(vec![web2, api]), &AllAlive)
         .unwrap();
-    let web_offset = maps.vips[&vip_key(&web)].ring_offset;
+    let web_offset = maps.svc(&vip_key(&web)).ring_offset;
     assert_eq!(web_offset, 2 * RING_BLOCK, "blocks 0 and 1 hold live rings");
-    assert_eq!(maps.vips[&vip_key(&web)].table_size, 103);
+    assert_eq!(maps.svc(&vip_key(&web)).table_size, 103);
 }
 
 #[test]
@@ -384,9 +293,17 @@ fn removed_backend_leaves_the_ring_before_its_slot_is_cleared() {
         )
         .unwrap();
     assert_eq!(changes.backends_removed, 1);
+    // A packet that read the old service value may still pick the backend from the old
+    // ring until a grace period has passed.
     assert_eq!(
         maps.log,
-        ["ring 65552", "vip 0 -> ring 65552", "backend 1 flags 0"]
+        [
+            "grace",
+            "ring 65552",
+            "service 0 -> ring 65552",
+            "grace",
+            "backend 1 flags 0"
+        ]
     );
     // The freed id is handed out last, not next.
     rec.apply(
@@ -431,13 +348,20 @@ fn dead_backend_loses_alive_after_the_flip_and_comes_back() {
     rec.apply(&mut maps, &desired, &Dead(vec![ep(12)])).unwrap();
     assert_eq!(
         maps.log,
-        ["ring 65552", "vip 0 -> ring 65552", "backend 1 flags 1"]
+        [
+            "grace",
+            "ring 65552",
+            "service 0 -> ring 65552",
+            "grace",
+            "backend 1 flags 1"
+        ]
     );
     assert_eq!(ids_in(&maps.active_ring(&key)), BTreeSet::from([0]));
     maps.log.clear();
     rec.apply(&mut maps, &desired, &AllAlive).unwrap();
     assert_eq!(
-        maps.log[0], "backend 1 flags 3",
+        map_writes(&maps)[0],
+        "backend 1 flags 3",
         "revived before the ring points at it"
     );
     assert_eq!(ids_in(&maps.active_ring(&key)), BTreeSet::from([0, 1]));
@@ -450,7 +374,7 @@ fn all_backends_down_leaves_an_empty_ring() {
     let key = vip_key(&service("web", 1, &[]));
     let desired = state(vec![service("web", 1, &[(11, 100)])]);
     rec.apply(&mut maps, &desired, &Dead(vec![ep(11)])).unwrap();
-    assert_eq!(maps.vips[&key].table_size, 0);
+    assert_eq!(maps.svc(&key).table_size, 0);
 }
 
 #[test]
@@ -468,7 +392,7 @@ fn restarted_agent_adopts_ids_and_changes_nothing() {
     let mut second = Reconciler::adopt(&maps).unwrap();
     let changes = second.apply(&mut maps, &desired, &AllAlive).unwrap();
     assert!(changes.is_empty(), "{changes:?}");
-    assert!(maps.log.is_empty(), "{:?}", maps.log);
+    assert!(map_writes(&maps).is_empty(), "{:?}", maps.log);
     let after = second.applied();
     for (b, a) in before.iter().zip(&after) {
         assert_eq!((b.id, &b.name), (a.id, &a.name));
@@ -511,7 +435,7 @@ fn changed_vip_replaces_only_that_service() {
         &AllAlive,
     )
     .unwrap();
-    let api_before = maps.vips[&vip_key(&api)];
+    let api_before = maps.svc(&vip_key(&api));
     rec.apply(
         &mut maps,
         &state(vec![service("web", 3, &[(11, 100)]), api.clone()]),
@@ -519,7 +443,7 @@ fn changed_vip_replaces_only_that_service() {
     )
     .unwrap();
     assert_eq!(
-        maps.vips[&vip_key(&api)],
+        maps.svc(&vip_key(&api)),
         api_before,
         "other services untouched"
     );
@@ -540,3 +464,5 @@ fn changed_table_size_rebuilds_the_ring() {
         .unwrap();
     assert_eq!(maps.active_ring(&vip_key(&web)).len(), 13);
 }
+
+mod faults;
