@@ -136,18 +136,39 @@ pub struct FlowKey {
     pub _pad: u16,
 }
 
-/// Conntrack value: the backend a flow is pinned to.
+/// Conntrack value: the backend a flow is pinned to. New flows start in the embryonic table
+/// and move to the main table once they prove two-way (`FLOW_REPLIED`, then a client packet
+/// that is not a SYN), so a flood of new flows never evicts an established one.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
     pub backend_id: u32,
     pub service_id: u32,
-    /// bpf_ktime_get_ns() when the flow was last refreshed (at most once a second).
+    /// bpf_ktime_get_coarse_ns() when the flow was last refreshed (at most once a second).
     pub last_seen_ns: u64,
     /// fullnat: the LB source address and port this flow was given (network order).
     pub snat: [u32; 4],
     pub snat_port: u16,
-    pub _pad: [u8; 6],
+    /// `FLOW_*` bits.
+    pub state: u8,
+    pub _pad: [u8; 5],
+}
+
+/// `Flow::state`: a reply of the flow was seen (nat and fullnat, where replies pass the LB).
+pub const FLOW_REPLIED: u8 = 1;
+/// `Flow::state`: the client sent a FIN.
+pub const FLOW_FIN_CLIENT: u8 = 2;
+/// `Flow::state`: the backend sent a FIN.
+pub const FLOW_FIN_SERVER: u8 = 4;
+/// `Flow::state`: either side sent a RST.
+pub const FLOW_RST: u8 = 8;
+
+impl Flow {
+    /// Both sides are done (RST, or FIN both ways): the entry lingers only briefly.
+    pub const fn is_closed(&self) -> bool {
+        self.state & FLOW_RST != 0
+            || self.state & (FLOW_FIN_CLIENT | FLOW_FIN_SERVER) == FLOW_FIN_CLIENT | FLOW_FIN_SERVER
+    }
 }
 
 /// fullnat reverse mapping, keyed by the reply's 5-tuple (backend -> SNAT address:port).
@@ -163,10 +184,16 @@ pub struct SnatRev {
     pub service_id: u32,
     /// When a packet of the flow was last seen (refreshed at most once a second).
     pub last_seen_ns: u64,
-    /// Set once a FIN or RST was seen: the port may be reused sooner.
-    pub closing: u8,
+    /// `SNAT_*` bits.
+    pub state: u8,
     pub _pad: [u8; 7],
 }
+
+/// `SnatRev::state`: a FIN or RST was seen; the port may be reused sooner.
+pub const SNAT_CLOSING: u8 = 1;
+/// `SnatRev::state`: the backend answered (an embryonic reservation that never got an
+/// answer is given to another flow after a short while).
+pub const SNAT_REPLIED: u8 = 2;
 
 /// Most SNAT addresses a fullnat service can have.
 pub const MAX_SNAT_ADDRS: usize = 8;
@@ -221,6 +248,65 @@ pub struct VipAddrKey {
     pub family: u8,
     pub _pad0: u8,
     pub _pad1: u16,
+}
+
+/// The flow tables, as indexes of the per-table counters (`TableCounters`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowTable {
+    /// Established flows: client -> VIP.
+    Flows = 0,
+    /// New flows that have not proven two-way yet.
+    FlowsNew,
+    /// nat reply mappings of established flows: backend -> client.
+    RevNat,
+    RevNatNew,
+    /// fullnat port reservations of established flows: backend -> SNAT address:port.
+    SnatRev,
+    SnatRevNew,
+}
+
+impl FlowTable {
+    pub const COUNT: u32 = FlowTable::SnatRevNew as u32 + 1;
+    pub const ALL: [FlowTable; FlowTable::COUNT as usize] = [
+        FlowTable::Flows,
+        FlowTable::FlowsNew,
+        FlowTable::RevNat,
+        FlowTable::RevNatNew,
+        FlowTable::SnatRev,
+        FlowTable::SnatRevNew,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            FlowTable::Flows => "flows",
+            FlowTable::FlowsNew => "flows_new",
+            FlowTable::RevNat => "rev_nat",
+            FlowTable::RevNatNew => "rev_nat_new",
+            FlowTable::SnatRev => "snat",
+            FlowTable::SnatRevNew => "snat_new",
+        }
+    }
+}
+
+/// What the data path did to one flow table (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableCounters {
+    /// Entries inserted that did not exist before.
+    pub added: u64,
+    /// Entries the data path deleted (promoted, closed and reopened, re-hashed).
+    pub removed: u64,
+    /// Inserts the kernel refused (no memory, or no entry it could evict).
+    pub failed: u64,
+}
+
+impl TableCounters {
+    pub fn add(&mut self, other: &TableCounters) {
+        self.added += other.added;
+        self.removed += other.removed;
+        self.failed += other.failed;
+    }
 }
 
 /// Per-CPU traffic counters of a service or a backend.
@@ -305,10 +391,16 @@ pub enum Reason {
     /// Rewritten for a local container whose host-side veth is known, MACs set: TC hands it
     /// to the container's eth0 (`bpf_redirect_peer`), past the bridge.
     DeliveredPeer,
+    /// Event: a new flow proved two-way and moved to the main flow table.
+    Promoted,
+    /// XDP_DROP: fullnat, a TCP packet other than a SYN of a flow this node does not know.
+    /// Only a packet that can open a flow reserves a SNAT port, so spoofed ACKs cannot use up
+    /// a backend's ports (and the backend would reset a flow from a new port anyway).
+    DropNoFlow,
 }
 
 impl Reason {
-    pub const COUNT: u32 = Reason::DeliveredPeer as u32 + 1;
+    pub const COUNT: u32 = Reason::DropNoFlow as u32 + 1;
     pub const ALL: [Reason; Reason::COUNT as usize] = [
         Reason::PassNotIp,
         Reason::PassIpv6,
@@ -337,6 +429,8 @@ impl Reason {
         Reason::DropUnsupportedMode,
         Reason::FragNeeded,
         Reason::DeliveredPeer,
+        Reason::Promoted,
+        Reason::DropNoFlow,
     ];
 
     /// Stable name used in metrics and status output.
@@ -369,6 +463,8 @@ impl Reason {
             Reason::DropUnsupportedMode => "drop_unsupported_mode",
             Reason::FragNeeded => "frag_needed",
             Reason::DeliveredPeer => "delivered_peer",
+            Reason::Promoted => "promoted",
+            Reason::DropNoFlow => "drop_no_flow",
         }
     }
 }
@@ -421,6 +517,7 @@ mod user {
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for SnatRev {}
     unsafe impl aya::Pod for SnatPool {}
+    unsafe impl aya::Pod for TableCounters {}
     unsafe impl<T: aya::Pod> aya::Pod for DoubleBuffer<T> {}
 
     /// Splits an address into the (family, words) form the maps use.

@@ -26,10 +26,16 @@ pub const RING_BLOCKS: u32 = MAX_SERVICES * RING_HALVES;
 pub const RING_SLOTS: u32 = RING_BLOCKS * RING_BLOCK;
 /// Elements of the `RINGS` array.
 pub const RING_CHUNKS: u32 = RING_SLOTS / RING_CHUNK;
-/// Conntrack entries (LRU, shared by all CPUs).
+/// Conntrack entries of established flows (LRU, shared by all CPUs).
 pub const CONNTRACK_SIZE: u32 = 262_144;
-/// Reverse NAT entries (LRU), one per NATed flow.
+/// Reverse NAT entries (LRU), one per established NATed flow.
 pub const REV_NAT_SIZE: u32 = 262_144;
+/// Entries of each embryonic table (new flows, their reply mappings and SNAT ports) until
+/// they prove two-way. A flood fills these, never the main tables. Under a flood of R new
+/// flows a second an entry lives about EMBRYONIC_SIZE / R seconds, far longer than a
+/// handshake even at a million a second; one evicted before its handshake completes is
+/// balanced again by Maglev, to the same backend.
+pub const EMBRYONIC_SIZE: u32 = 65_536;
 /// Slots of the per-CPU flow cache in front of conntrack (a power of two).
 pub const FLOW_CACHE_SLOTS: u32 = 4096;
 /// fullnat reverse mappings (LRU), one per fullnat flow.
@@ -45,6 +51,20 @@ pub const MAX_VIP_ADDRS: u32 = MAX_SERVICES;
 
 /// A UDP flow idle this long is forgotten and re-hashed on its next packet.
 pub const UDP_IDLE_TIMEOUT_NS: u64 = 30_000_000_000;
+/// A closed TCP flow (RST, or FIN both ways) leaves the tables once idle this long (late
+/// retransmissions still find it).
+pub const CLOSED_LINGER_NS: u64 = 10_000_000_000;
+/// A TCP flow with a FIN one way leaves once idle this long (a half-closed flow that still
+/// carries data keeps refreshing it). In dsr the backend's FIN is never seen.
+pub const HALF_CLOSED_IDLE_NS: u64 = 120_000_000_000;
+/// A new TCP flow that has not proven two-way leaves once idle this long.
+pub const EMBRYONIC_IDLE_NS: u64 = 30_000_000_000;
+/// An established TCP flow leaves once idle this long (TCP keepalives, 2 h by default,
+/// refresh it; the kernel's own conntrack keeps 5 days).
+pub const TCP_IDLE_NS: u64 = 86_400_000_000_000;
+/// An embryonic fullnat port whose backend never answered goes to another flow after this
+/// long, so spoofed SYNs cannot hold a backend's ports.
+pub const SNAT_UNANSWERED_REUSE_NS: u64 = 2_000_000_000;
 /// A fullnat port whose flow saw FIN or RST may go to a new flow after this long (the
 /// backend's TIME_WAIT is 60 s).
 pub const SNAT_CLOSED_REUSE_NS: u64 = 60_000_000_000;

@@ -1,10 +1,13 @@
 //! The balancing pipeline, the same at XDP and at TC ingress: parse, VIP, conntrack or
 //! Maglev, counters. The hook (hooks.rs) rewrites and sends the packet in the service's mode.
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
-use lb_common::{Backend, FAMILY_V4, MODE_FULLNAT, Reason, VipAddrKey, VipKey, flow_hash};
+use lb_common::{
+    Backend, FAMILY_V4, FlowKey, MODE_FULLNAT, PROTO_TCP, Reason, VipAddrKey, VipKey, flow_hash,
+};
 
 use crate::{
-    conntrack, flowcache, maglev,
+    conntrack::{self, Table},
+    flowcache, maglev,
     maps::{self, VIP_ADDRS, VIPS},
     nat::Endpoint,
     parse::{L4Packet, PacketBuf, Parsed, parse},
@@ -72,14 +75,87 @@ pub fn balance<H: Hook>(ctx: &H) -> Verdict {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     // Options to a VIP are dropped below, so such a packet skips the cache, as does a SYN,
     // which starts a flow, and a FIN or RST, which the slow path records.
-    if !pkt.has_ip_options
-        && !pkt.syn
-        && !pkt.closing
-        && let Some(target) = flowcache::lookup(&flow, hash, now)
-    {
-        return forward(ctx, &pkt, &target, hash, now, false);
+    let cached = if !pkt.has_ip_options && !pkt.syn && !pkt.closing {
+        flowcache::lookup(&flow, hash, now)
+    } else {
+        None
+    };
+    let mut decided = Decided::default();
+    match cached {
+        Some(hit) => decided = hit,
+        None => {
+            let slow = Slow {
+                pkt: &pkt,
+                flow: &flow,
+                hash,
+                now,
+            };
+            match decide(ctx, &slow, &mut decided) {
+                Outcome::Forward => {}
+                Outcome::Done(verdict) => return verdict,
+                Outcome::NotVip => {
+                    return match ctx.reverse(&pkt, now) {
+                        Some(verdict) => verdict,
+                        None => Verdict::Pass(Reason::PassNotVip),
+                    };
+                }
+            }
+        }
     }
+    let Some(backend) = maps::backend(decided.backend_id) else {
+        return Verdict::Drop(Reason::DropNoBackend);
+    };
+    let target = Target {
+        service_id: decided.service_id,
+        mode: decided.mode,
+        flags: decided.flags,
+        backend_id: decided.backend_id,
+        backend,
+        snat: decided.snat,
+    };
+    forward(ctx, &pkt, &target, hash, now, decided.new_flow)
+}
 
+/// What the slow path works from.
+struct Slow<'a> {
+    pkt: &'a L4Packet,
+    flow: &'a FlowKey,
+    hash: u32,
+    now: u64,
+}
+
+/// A flow's target as the flow cache or the slow path decided it (its backend is looked up
+/// by id afterwards).
+#[derive(Clone, Copy, Default)]
+pub struct Decided {
+    pub service_id: u32,
+    pub mode: u8,
+    pub flags: u8,
+    pub new_flow: bool,
+    pub backend_id: u32,
+    pub snat: Endpoint,
+}
+
+/// What the slow path found.
+enum Outcome {
+    /// Forward the packet to the target it wrote.
+    Forward,
+    /// Not for a VIP (maybe a fullnat reply).
+    NotVip,
+    Done(Verdict),
+}
+
+/// The slow path: VIP, flow tables or Maglev. Fills `out` to forward the packet there. A subprogram of its own: the verifier then checks
+/// its many branches once, not once for every way the packet is sent afterwards, and its
+/// stack is not added to the senders'.
+#[inline(never)]
+fn decide<H: Hook>(ctx: &H, slow: &Slow, out: &mut Decided) -> Outcome {
+    let Slow {
+        pkt,
+        flow,
+        hash,
+        now,
+    } = *slow;
     let vip = VipKey {
         addr: [pkt.daddr, 0, 0, 0],
         port: pkt.dport,
@@ -92,56 +168,72 @@ pub fn balance<H: Hook>(ctx: &H) -> Verdict {
         .and_then(|id| maps::service(*id))
         .filter(|svc| svc.vip == vip)
     else {
-        return match ctx.reverse(&pkt, now) {
-            Some(verdict) => verdict,
-            None => Verdict::Pass(Reason::PassNotVip),
-        };
+        return Outcome::NotVip;
     };
     if pkt.has_ip_options {
-        return Verdict::Drop(Reason::DropIpOptions);
+        return Outcome::Done(Verdict::Drop(Reason::DropIpOptions));
     }
 
     let ifindex = ctx.ingress_ifindex();
-    let pinned =
-        conntrack::pinned_backend(&flow, svc, now, ifindex).filter(|(_, backend, snat)| {
-            svc.mode != MODE_FULLNAT
-                || snat::still_owned(&flow, backend, snat.addr, snat.port, now, pkt.closing)
-        });
-    let (backend_id, backend, snat, new_flow) = match pinned {
-        Some((backend_id, backend, snat)) => (backend_id, backend, snat, false),
-        None => {
-            let Some((backend_id, backend)) = maglev::pick(svc, hash) else {
-                return Verdict::Drop(Reason::DropNoBackend);
-            };
-            let mut snat = Endpoint { addr: 0, port: 0 };
-            if svc.mode == MODE_FULLNAT {
-                let Some(source) = ctx.source_towards(backend.addr[0], now) else {
-                    return Verdict::Drop(Reason::DropNoRoute);
-                };
-                let Some((addr, port)) = snat::allocate(&flow, hash, svc, backend, source, now)
-                else {
-                    return Verdict::Drop(Reason::DropSnatExhausted);
-                };
-                snat = Endpoint { addr, port };
-            }
-            conntrack::insert(&flow, svc, backend_id, backend, snat, now, ifindex);
-            (backend_id, backend, snat, true)
+    let known = conntrack::lookup(flow, svc, pkt, now, ifindex).filter(|known| {
+        let owned =
+            svc.mode != MODE_FULLNAT || conntrack::still_owns_port(known, flow, now, pkt.closing);
+        if !owned {
+            conntrack::remove(known.table, flow);
         }
-    };
-    let target = Target {
+        owned
+    });
+    *out = Decided {
         service_id: svc.id,
         mode: svc.mode,
         flags: svc.flags,
-        backend_id,
-        backend,
-        snat,
+        new_flow: known.is_none(),
+        backend_id: 0,
+        snat: Endpoint { addr: 0, port: 0 },
     };
-    // Only flows seen again are cached: one-packet flows (a SYN flood, UDP one-shots) would
-    // only push out the flows worth keeping.
-    if !new_flow {
-        flowcache::remember(&flow, hash, &target, now);
+    match known {
+        Some(known) => {
+            if known.promote {
+                conntrack::promote(flow, &known, svc, now, ifindex);
+            }
+            out.backend_id = known.backend_id;
+            out.snat = known.snat;
+            // Only established flows are cached: new ones (a SYN flood, UDP one-shots)
+            // would only push out the flows worth keeping, and their next packets must reach
+            // the promotion.
+            if known.table == Table::Main || known.promote {
+                flowcache::remember(flow, hash, out, now);
+            }
+        }
+        None => {
+            // fullnat can only start a flow with a packet that may open one.
+            if svc.mode == MODE_FULLNAT && pkt.proto == PROTO_TCP && !pkt.syn {
+                return Outcome::Done(Verdict::Drop(Reason::DropNoFlow));
+            }
+            let Some((backend_id, backend)) = maglev::pick(svc, hash) else {
+                return Outcome::Done(Verdict::Drop(Reason::DropNoBackend));
+            };
+            if svc.mode == MODE_FULLNAT {
+                let Some(source) = ctx.source_towards(backend.addr[0], now) else {
+                    return Outcome::Done(Verdict::Drop(Reason::DropNoRoute));
+                };
+                let request = snat::Request {
+                    key: flow,
+                    hash,
+                    svc,
+                    backend,
+                    fib_source: source,
+                };
+                let Some((addr, port)) = snat::allocate(&request) else {
+                    return Outcome::Done(Verdict::Drop(Reason::DropSnatExhausted));
+                };
+                out.snat = Endpoint { addr, port };
+            }
+            out.backend_id = backend_id;
+            conntrack::insert_new(flow, pkt, svc, backend_id, backend, out.snat, now, ifindex);
+        }
     }
-    forward(ctx, &pkt, &target, hash, now, new_flow)
+    Outcome::Forward
 }
 
 #[inline(always)]

@@ -44,7 +44,7 @@ pub fn encap_v4(
     let inner_len = pkt.tot_len;
     // The MACs move with the head: TC's bpf_redirect_neigh sends a frame whose destination
     // MAC is left from the buffer (or multicast) nowhere.
-    let macs = load(ctx.ptr_at::<[u8; 12]>(0)?);
+    let macs = load(ctx.ptr_at::<route::Macs>(0)?);
     let grow = overhead(gue) as i32 - (pkt.l3_off - ETH_HLEN) as i32;
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -grow) } != 0 {
         return None;

@@ -7,7 +7,7 @@
 use lb_common::{FlowKey, sizes::FLOW_CACHE_SLOTS, sizes::FLOW_REFRESH_NS};
 
 use crate::{
-    balance::Target,
+    balance::Decided,
     maps::{self, FLOW_CACHE},
     nat::Endpoint,
 };
@@ -34,7 +34,7 @@ fn slot(hash: u32) -> u32 {
 /// The target of a flow the slow path saw less than a second ago, whose backend still
 /// takes it.
 #[inline(always)]
-pub fn lookup(key: &FlowKey, hash: u32, now: u64) -> Option<Target> {
+pub fn lookup(key: &FlowKey, hash: u32, now: u64) -> Option<Decided> {
     let entry = FLOW_CACHE.get(slot(hash))?;
     if entry.key != *key || now.wrapping_sub(entry.checked_ns) > FLOW_REFRESH_NS {
         return None;
@@ -43,12 +43,12 @@ pub fn lookup(key: &FlowKey, hash: u32, now: u64) -> Option<Target> {
     if !backend.is_alive() || backend.service_id != entry.service_id {
         return None;
     }
-    Some(Target {
+    Some(Decided {
         service_id: entry.service_id,
         mode: entry.mode,
         flags: entry.flags,
+        new_flow: false,
         backend_id: entry.backend_id,
-        backend,
         snat: Endpoint {
             addr: entry.snat_addr,
             port: entry.snat_port,
@@ -58,19 +58,18 @@ pub fn lookup(key: &FlowKey, hash: u32, now: u64) -> Option<Target> {
 
 /// Records what the slow path decided (overwriting whatever flow had the slot).
 #[inline(always)]
-pub fn remember(key: &FlowKey, hash: u32, target: &Target, now: u64) {
+pub fn remember(key: &FlowKey, hash: u32, target: &Decided, now: u64) {
     if let Some(entry) = FLOW_CACHE.get_ptr_mut(slot(hash)) {
+        // Field by field: a whole CachedFlow built first would take stack room.
         unsafe {
-            *entry = CachedFlow {
-                key: *key,
-                service_id: target.service_id,
-                backend_id: target.backend_id,
-                checked_ns: now,
-                snat_addr: target.snat.addr,
-                snat_port: target.snat.port,
-                mode: target.mode,
-                flags: target.flags,
-            };
+            (*entry).key = *key;
+            (*entry).service_id = target.service_id;
+            (*entry).backend_id = target.backend_id;
+            (*entry).checked_ns = now;
+            (*entry).snat_addr = target.snat.addr;
+            (*entry).snat_port = target.snat.port;
+            (*entry).mode = target.mode;
+            (*entry).flags = target.flags;
         }
     }
 }

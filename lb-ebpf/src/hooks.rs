@@ -4,12 +4,12 @@ use aya_ebpf::{
     bindings::xdp_action::XDP_TX,
     programs::{TcContext, XdpContext},
 };
-use lb_common::{MODE_DSR, MODE_FULLNAT, MODE_NAT, Reason, SERVICE_GUE};
+use lb_common::{FAMILY_V4, FlowKey, MODE_DSR, MODE_FULLNAT, MODE_NAT, Reason, SERVICE_GUE};
 
 use crate::{
     balance::{Hook, Target, Verdict},
+    conntrack::{self, Table},
     encap, icmp,
-    maps::SNAT_REV,
     nat::{self, End, Endpoint},
     parse::{ETH_HLEN, L4Packet},
     route::{self, Fallback},
@@ -29,78 +29,126 @@ impl Hook for XdpContext {
 
     #[inline(always)]
     fn send(&self, pkt: &L4Packet, target: &Target, hash: u32, now: u64) -> Verdict {
-        let backend = Endpoint {
-            addr: target.backend.addr[0],
-            port: target.backend.port,
+        let out = Outgoing {
+            pkt,
+            target,
+            hash,
+            now,
         };
         match target.mode {
-            MODE_NAT => {
-                if nat::dnat_v4(self, pkt, backend).is_none() {
-                    return Verdict::Drop(Reason::DropMalformed);
-                }
-                let deliver_to = target.backend.deliver_ifindex;
-                if deliver_to != 0 {
-                    return local_delivery(pkt, target);
-                }
-                let hop = route::lookup(self, backend.addr, 0, now);
-                let (action, reason) =
-                    route::transmit(self, &hop, pkt.l3_off, true, Fallback::Kernel);
-                Verdict::Sent(action, reason)
-            }
-            MODE_FULLNAT => {
-                let hop = route::lookup(self, backend.addr, 0, now);
-                if nat::full_nat_v4(self, pkt, target.snat, backend).is_none() {
-                    return Verdict::Drop(Reason::DropMalformed);
-                }
-                let (action, reason) = route::transmit(self, &hop, pkt.l3_off, true, Fallback::Tc);
-                Verdict::Sent(action, reason)
-            }
-            MODE_DSR => {
-                let gue = target.flags & SERVICE_GUE != 0;
-                let outer_len = pkt.tot_len + encap::overhead(gue) as u16;
-                let hop = route::lookup(self, backend.addr, outer_len, now);
-                if hop.too_big() {
-                    // Tell the client the MTU that fits once encapsulated.
-                    let fits = hop.mtu.saturating_sub(encap::overhead(gue) as u16);
-                    return match icmp::frag_needed(self, pkt, fits) {
-                        Some(()) => Verdict::Sent(XDP_TX, Reason::FragNeeded),
-                        None => Verdict::Drop(Reason::DropTooBig),
-                    };
-                }
-                let Some(source) = hop.source() else {
-                    return Verdict::Drop(Reason::DropNoRoute);
-                };
-                if encap::encap_v4(self, pkt, source, backend.addr, gue, hash).is_none() {
-                    return Verdict::Drop(Reason::DropMalformed);
-                }
-                let (action, reason) = route::transmit(self, &hop, ETH_HLEN, false, Fallback::Tc);
-                Verdict::Sent(action, reason)
-            }
+            MODE_NAT => send_nat(self, &out),
+            MODE_FULLNAT => send_fullnat(self, &out),
+            MODE_DSR => send_dsr(self, &out),
             _ => Verdict::Drop(Reason::DropUnsupportedMode),
         }
     }
 
     #[inline(always)]
     fn reverse(&self, pkt: &L4Packet, now: u64) -> Option<Verdict> {
-        let entry = SNAT_REV.get_ptr_mut(pkt.flow_key())?;
-        let entry = unsafe { &mut *entry };
-        snat::touch(entry, now, pkt.closing);
-        let vip = Endpoint {
-            addr: entry.vip[0],
-            port: entry.vip_port,
-        };
-        let client = Endpoint {
-            addr: entry.client[0],
-            port: entry.client_port,
-        };
-        let hop = route::lookup(self, client.addr, 0, now);
-        if nat::full_nat_v4(self, pkt, vip, client).is_none() {
-            return Some(Verdict::Drop(Reason::DropMalformed));
-        }
-        stats::count(Reason::RevSnat);
-        let (action, reason) = route::transmit(self, &hop, pkt.l3_off, true, Fallback::Tc);
-        Some(Verdict::Sent(action, reason))
+        reverse_fullnat(self, pkt, now)
     }
+}
+
+/// What a sender needs. Each mode's sender is a subprogram: the verifier checks it once per
+/// call, and its stack is not added to the balancer's slow path.
+struct Outgoing<'a> {
+    pkt: &'a L4Packet,
+    target: &'a Target,
+    hash: u32,
+    now: u64,
+}
+
+impl Outgoing<'_> {
+    #[inline(always)]
+    fn backend(&self) -> Endpoint {
+        Endpoint {
+            addr: self.target.backend.addr[0],
+            port: self.target.backend.port,
+        }
+    }
+}
+
+#[inline(never)]
+fn send_nat(ctx: &XdpContext, out: &Outgoing) -> Verdict {
+    let (pkt, target, backend) = (out.pkt, out.target, out.backend());
+    if nat::dnat_v4(ctx, pkt, backend).is_none() {
+        return Verdict::Drop(Reason::DropMalformed);
+    }
+    if target.backend.deliver_ifindex != 0 {
+        return local_delivery(pkt, target);
+    }
+    let hop = route::lookup(ctx, backend.addr, 0, out.now);
+    let (action, reason) = route::transmit(ctx, &hop, pkt.l3_off, true, Fallback::Kernel);
+    Verdict::Sent(action, reason)
+}
+
+#[inline(never)]
+fn send_fullnat(ctx: &XdpContext, out: &Outgoing) -> Verdict {
+    let (pkt, backend) = (out.pkt, out.backend());
+    let hop = route::lookup(ctx, backend.addr, 0, out.now);
+    if nat::full_nat_v4(ctx, pkt, out.target.snat, backend).is_none() {
+        return Verdict::Drop(Reason::DropMalformed);
+    }
+    let (action, reason) = route::transmit(ctx, &hop, pkt.l3_off, true, Fallback::Tc);
+    Verdict::Sent(action, reason)
+}
+
+#[inline(never)]
+fn send_dsr(ctx: &XdpContext, out: &Outgoing) -> Verdict {
+    let (pkt, backend) = (out.pkt, out.backend());
+    let gue = out.target.flags & SERVICE_GUE != 0;
+    let outer_len = pkt.tot_len + encap::overhead(gue) as u16;
+    let hop = route::lookup(ctx, backend.addr, outer_len, out.now);
+    if hop.too_big() {
+        // Tell the client the MTU that fits once encapsulated.
+        let fits = hop.mtu.saturating_sub(encap::overhead(gue) as u16);
+        return match icmp::frag_needed(ctx, pkt, fits) {
+            Some(()) => Verdict::Sent(XDP_TX, Reason::FragNeeded),
+            None => Verdict::Drop(Reason::DropTooBig),
+        };
+    }
+    let Some(source) = hop.source() else {
+        return Verdict::Drop(Reason::DropNoRoute);
+    };
+    if encap::encap_v4(ctx, pkt, source, backend.addr, gue, out.hash).is_none() {
+        return Verdict::Drop(Reason::DropMalformed);
+    }
+    let (action, reason) = route::transmit(ctx, &hop, ETH_HLEN, false, Fallback::Tc);
+    Verdict::Sent(action, reason)
+}
+
+/// A fullnat reply (backend -> SNAT address:port), translated back to VIP -> client.
+#[inline(never)]
+fn reverse_fullnat(ctx: &XdpContext, pkt: &L4Packet, now: u64) -> Option<Verdict> {
+    let (entry, embryonic) = snat::reservation(&pkt.flow_key())?;
+    let entry = unsafe { &mut *entry };
+    snat::touch(entry, now, pkt.closing, embryonic);
+    let table = if embryonic { Table::New } else { Table::Main };
+    let forward = FlowKey {
+        src: entry.client,
+        dst: entry.vip,
+        src_port: entry.client_port,
+        dst_port: entry.vip_port,
+        proto: pkt.proto,
+        family: FAMILY_V4,
+        _pad: 0,
+    };
+    conntrack::reply_seen(&forward, table, pkt.fin, pkt.rst);
+    let vip = Endpoint {
+        addr: entry.vip[0],
+        port: entry.vip_port,
+    };
+    let client = Endpoint {
+        addr: entry.client[0],
+        port: entry.client_port,
+    };
+    let hop = route::lookup(ctx, client.addr, 0, now);
+    if nat::full_nat_v4(ctx, pkt, vip, client).is_none() {
+        return Some(Verdict::Drop(Reason::DropMalformed));
+    }
+    stats::count(Reason::RevSnat);
+    let (action, reason) = route::transmit(ctx, &hop, pkt.l3_off, true, Fallback::Tc);
+    Some(Verdict::Sent(action, reason))
 }
 
 /// A packet for a local container: straight to its eth0 once the agent knows its host-side

@@ -39,7 +39,7 @@ pub fn frag_needed(ctx: &XdpContext, pkt: &L4Packet, mtu: u16) -> Option<()> {
     if u16::from_be(load(unsafe { &raw const (*ip).frag_off })) & IP_DF == 0 || pkt.has_ip_options {
         return None;
     }
-    let macs = load(ctx.ptr_at::<[u8; 12]>(0)?);
+    let macs = load(ctx.ptr_at::<route::Macs>(0)?);
     // New IP + ICMP headers in front of the original IP header; the frame ends after the quote.
     let grow = (IPV4_HLEN + ICMP_HLEN) as i32 - (pkt.l3_off - ETH_HLEN) as i32;
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -grow) } != 0 {
@@ -52,10 +52,8 @@ pub fn frag_needed(ctx: &XdpContext, pkt: &L4Packet, mtu: u16) -> Option<()> {
     }
 
     // Back to where the packet came from: swapped MACs, the VIP answering the client.
-    let mut swapped = [0u8; 12];
-    swapped[..6].copy_from_slice(&macs[6..]);
-    swapped[6..].copy_from_slice(&macs[..6]);
-    route::write_eth_ipv4(ctx, swapped)?;
+    let [d0, d1, d2, s0, s1, s2] = macs;
+    route::write_eth_ipv4(ctx, [s0, s1, s2, d0, d1, d2])?;
     let ip = Ipv4Hdr {
         version_ihl: 0x45,
         tos: 0,

@@ -3,6 +3,8 @@
 //! dispatch and count verdicts.
 #![no_std]
 #![no_main]
+// Map keys stay references: a key passed by value is another copy on the 512-byte stack.
+#![allow(clippy::needless_borrows_for_generic_args)]
 
 mod balance;
 mod conntrack;
@@ -33,8 +35,8 @@ use lb_common::Reason;
 
 use crate::{
     balance::Verdict,
+    conntrack::Table,
     deliver::Marked,
-    maps::REV_NAT,
     nat::End,
     parse::{Parsed, parse},
 };
@@ -116,8 +118,17 @@ fn reverse_nat(ctx: &TcContext) -> Option<u32> {
         }
         _ => return None,
     };
-    let rev = unsafe { REV_NAT.get(pkt.flow_key()) }?;
+    let reply = pkt.flow_key();
+    let (rev, table) = conntrack::reply_mapping(&reply)?;
     let (vip, vip_port, ifindex) = (rev.vip[0], rev.vip_port, rev.ifindex);
+    if table == Table::New || pkt.closing {
+        conntrack::reply_seen(
+            &conntrack::forward_of_reply(&reply, rev),
+            table,
+            pkt.fin,
+            pkt.rst,
+        );
+    }
     match nat::rewrite_tc(ctx, &pkt, End::Source, vip, vip_port) {
         Ok(()) => stats::count(Reason::RevNat),
         Err(_) => stats::count(Reason::RevNatError),

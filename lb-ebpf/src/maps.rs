@@ -3,13 +3,28 @@
 //! the layout version: a changed key/value layout gets a new suffix, so an old pinned map is
 //! never reused with the wrong layout.
 use crate::{flowcache::CachedFlow, route::CachedHop};
+
+/// See `SCRATCH`.
+#[repr(C)]
+pub struct Scratch {
+    pub key: FlowKey,
+    pub flow: Flow,
+    pub rev_nat: RevNat,
+    pub snat: SnatRev,
+}
+
+/// This CPU's scratch room.
+#[inline(always)]
+pub fn scratch() -> Option<&'static mut Scratch> {
+    SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
 use aya_ebpf::{
     macros::map,
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, Counters, DoubleBuffer, Flow, FlowKey, Reason, RevNat, Service, SnatRev, VipAddrKey,
-    VipKey, sizes::*,
+    Backend, Counters, DoubleBuffer, Flow, FlowKey, FlowTable, Reason, RevNat, Service, SnatRev,
+    TableCounters, VipAddrKey, VipKey, sizes::*,
 };
 
 /// BPF_F_MMAPABLE: the agent writes rings through a memory mapping instead of 65537 syscalls,
@@ -41,10 +56,15 @@ pub static BACKENDS: Array<DoubleBuffer<Backend>> = Array::pinned(MAX_BACKENDS, 
 #[map(name = "XLB_RINGS_V2")]
 pub static RINGS: Array<[u32; RING_CHUNK as usize]> = Array::pinned(RING_CHUNKS, BPF_F_MMAPABLE);
 
-/// Client -> VIP 5-tuple -> backend. Shared by all CPUs so a flow keeps its backend
-/// whichever queue its packets arrive on.
+/// Client -> VIP 5-tuple -> backend, for established flows. Shared by all CPUs so a flow
+/// keeps its backend whichever queue its packets arrive on. Only flows that proved two-way
+/// get here (conntrack.rs), so new flows, however many, never evict these.
 #[map(name = "XLB_CONNTRACK_V2")]
 pub static CONNTRACK: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(CONNTRACK_SIZE, 0);
+
+/// The same for new flows, until they prove two-way.
+#[map(name = "XLB_CONNTRACK_NEW_V1")]
+pub static CONNTRACK_NEW: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(EMBRYONIC_SIZE, 0);
 
 /// Per-CPU cache of recent conntrack decisions (flowcache.rs). Not pinned: it is only a
 /// cache, and a new program starts with an empty one.
@@ -55,15 +75,35 @@ pub static FLOW_CACHE: PerCpuArray<CachedFlow> = PerCpuArray::with_max_entries(F
 #[map(name = "XLB_REV_NAT_V2")]
 pub static REV_NAT: LruHashMap<FlowKey, RevNat> = LruHashMap::pinned(REV_NAT_SIZE, 0);
 
+/// Reply mappings of new flows.
+#[map(name = "XLB_REV_NAT_NEW_V1")]
+pub static REV_NAT_NEW: LruHashMap<FlowKey, RevNat> = LruHashMap::pinned(EMBRYONIC_SIZE, 0);
+
 /// fullnat: reply 5-tuple (backend -> SNAT address:port) -> client and VIP. An entry is
 /// what reserves its SNAT port (snat.rs).
 #[map(name = "XLB_SNAT_REV_V1")]
 pub static SNAT_REV: LruHashMap<FlowKey, SnatRev> = LruHashMap::pinned(SNAT_REV_SIZE, 0);
 
+/// Port reservations of new fullnat flows.
+#[map(name = "XLB_SNAT_REV_NEW_V1")]
+pub static SNAT_REV_NEW: LruHashMap<FlowKey, SnatRev> = LruHashMap::pinned(EMBRYONIC_SIZE, 0);
+
 /// Per-CPU cache of FIB answers (route.rs). Not pinned: only a cache.
 #[map(name = "XLB_HOP_CACHE")]
 pub static HOP_CACHE: PerCpuArray<CachedHop> =
     PerCpuArray::with_max_entries(1 << HOP_CACHE_BITS, 0);
+
+/// Per-CPU room for the keys and values the slow path builds (the stack has 512 bytes for
+/// a whole call chain). Programs on one CPU never interleave their use: XDP and TC ingress
+/// run one after another in softirq, and TC egress runs with softirqs off.
+#[map(name = "XLB_SCRATCH")]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU room for bpf_fib_lookup's parameters, which would take 64 bytes of the 512-byte
+/// stack at every call site.
+#[map(name = "XLB_FIB_PARAMS")]
+pub static FIB_PARAMS: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup> =
+    PerCpuArray::with_max_entries(1, 0);
 
 /// Front NICs by ifindex: where XDP may redirect a packet the FIB sends out of another NIC.
 #[map(name = "XLB_TX_PORTS_V1")]
@@ -77,8 +117,13 @@ pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_SERVIC
 #[map(name = "XLB_BE_STATS_V1")]
 pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_BACKENDS, 0);
 
+/// Per-CPU counters of what the data path did to each flow table (`lb_common::FlowTable`),
+/// then as many entries for the agent's sweeps (which the data path never touches).
+#[map(name = "XLB_TABLE_STATS_V1")]
+pub static TABLE_STATS: PerCpuArray<TableCounters> = PerCpuArray::pinned(2 * FlowTable::COUNT, 0);
+
 /// Per-CPU verdict counters, indexed by `lb_common::Reason`.
-#[map(name = "XLB_REASONS_V5")]
+#[map(name = "XLB_REASONS_V6")]
 pub static REASONS: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);
 
 /// The current copy of a service's value.

@@ -22,7 +22,7 @@ fn store<T>(p: *mut T, v: T) {
 }
 
 /// A new address and port for one end of a packet (network order).
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 pub struct Endpoint {
     pub addr: u32,
     pub port: u16,

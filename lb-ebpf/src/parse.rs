@@ -142,6 +142,8 @@ pub struct L4Packet {
     pub syn: bool,
     /// A TCP FIN or RST: the connection is ending.
     pub closing: bool,
+    pub fin: bool,
+    pub rst: bool,
     pub saddr: u32,
     pub daddr: u32,
     pub sport: u16,
@@ -221,7 +223,8 @@ pub fn parse<B: PacketBuf>(buf: &B) -> Parsed {
     let l4_off = l3_off + ihl;
     let l4_len = tot_len - ihl;
     let mut syn = false;
-    let mut closing = false;
+    let mut fin = false;
+    let mut rst = false;
     let (ports, csum_off) = if proto == PROTO_TCP {
         let Some(tcp) = buf.ptr_at::<TcpHdr>(l4_off) else {
             return Parsed::Malformed(Some(daddr));
@@ -232,7 +235,8 @@ pub fn parse<B: PacketBuf>(buf: &B) -> Parsed {
             return Parsed::Malformed(Some(daddr));
         }
         syn = doff_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-        closing = doff_flags & (TCP_FIN | TCP_RST) != 0;
+        fin = doff_flags & TCP_FIN != 0;
+        rst = doff_flags & TCP_RST != 0;
         (load(unsafe { &raw const (*tcp).ports }), TCP_CSUM_OFF)
     } else {
         let Some(udp) = buf.ptr_at::<UdpHdr>(l4_off) else {
@@ -253,7 +257,9 @@ pub fn parse<B: PacketBuf>(buf: &B) -> Parsed {
         tot_len: tot_len as u16,
         has_ip_options: ihl > size_of::<Ipv4Hdr>(),
         syn,
-        closing,
+        closing: fin || rst,
+        fin,
+        rst,
         saddr,
         daddr,
         sport: ports.src,

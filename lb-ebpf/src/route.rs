@@ -5,8 +5,8 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LOOKUP_SRC, bpf_fib_lookup as FibParams,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC, bpf_fib_lookup as FibParams,
         xdp_action::{XDP_PASS, XDP_TX},
     },
     helpers::bpf_fib_lookup,
@@ -19,23 +19,27 @@ use lb_common::{
 
 use crate::{
     deliver,
-    maps::{HOP_CACHE, TX_PORTS},
+    maps::{FIB_PARAMS, HOP_CACHE, TX_PORTS},
     parse::{ETH_HLEN, Ipv4Hdr, PacketBuf, load},
 };
 
 const AF_INET: u8 = 2;
 const ETH_P_IP: u16 = 0x0800;
 
+/// Destination then source MAC as 16-bit words in wire order: twelve separate bytes would
+/// each take a register or an 8-byte stack slot.
+pub type Macs = [u16; 6];
+
 /// Where the FIB sends a packet.
 #[repr(C)]
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 pub struct NextHop {
     rc: u32,
     ifindex: u32,
     /// The route's preferred source address.
     src: u32,
     /// Destination then source MAC, as they go into the Ethernet header.
-    macs: [u8; 12],
+    macs: Macs,
     /// XDP can send out of `ifindex`: it is the ingress NIC or a front NIC in TX_PORTS.
     own_port: bool,
     _pad: u8,
@@ -95,15 +99,13 @@ pub fn lookup(ctx: &XdpContext, daddr: u32, tot_len: u16, now: u64) -> NextHop {
         BPF_FIB_LKUP_RET_NO_NEIGH | BPF_FIB_LKUP_RET_FRAG_NEEDED
     ) && let Some(entry) = cached
     {
+        // Field by field: a whole CachedHop built first would take stack room.
         unsafe {
-            *entry = CachedHop {
-                daddr,
-                ingress,
-                checked_len: tot_len,
-                _pad: [0; 6],
-                checked_ns: now,
-                hop,
-            };
+            (*entry).daddr = daddr;
+            (*entry).ingress = ingress;
+            (*entry).checked_len = tot_len;
+            (*entry).checked_ns = now;
+            (*entry).hop = hop;
         }
     }
     hop
@@ -111,7 +113,17 @@ pub fn lookup(ctx: &XdpContext, daddr: u32, tot_len: u16, now: u64) -> NextHop {
 
 #[inline(always)]
 fn fib(ctx: &XdpContext, ingress: u32, daddr: u32, tot_len: u16) -> NextHop {
-    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    // The parameters live in a per-CPU map value, not on the stack (512 bytes in all).
+    let Some(params) = FIB_PARAMS.get_ptr_mut(0) else {
+        return NextHop {
+            rc: BPF_FIB_LKUP_RET_NOT_FWDED,
+            ..NextHop::default()
+        };
+    };
+    let params = unsafe {
+        core::ptr::write_bytes(params, 0, 1);
+        &mut *params
+    };
     params.family = AF_INET;
     params.__bindgen_anon_1.tot_len = tot_len;
     params.ifindex = ingress;
@@ -120,14 +132,14 @@ fn fib(ctx: &XdpContext, ingress: u32, daddr: u32, tot_len: u16) -> NextHop {
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.as_ptr(),
-            &mut params,
+            params,
             size_of::<FibParams>() as i32,
             BPF_FIB_LOOKUP_SRC,
         )
     } as u32;
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&params.dmac);
-    macs[6..].copy_from_slice(&params.smac);
+    let dmac: [u16; 3] = unsafe { core::ptr::read_unaligned(params.dmac.as_ptr().cast()) };
+    let smac: [u16; 3] = unsafe { core::ptr::read_unaligned(params.smac.as_ptr().cast()) };
+    let macs = [dmac[0], dmac[1], dmac[2], smac[0], smac[1], smac[2]];
     let ifindex = params.ifindex;
     NextHop {
         rc,
@@ -181,7 +193,7 @@ pub fn transmit(
     if !by_xdp {
         return to_tc(Reason::HandedToTc);
     }
-    let Some(eth) = ctx.ptr_at::<[u8; 12]>(0) else {
+    let Some(eth) = ctx.ptr_at::<Macs>(0) else {
         return (XDP_PASS, Reason::Forwarded);
     };
     unsafe { core::ptr::write_unaligned(eth, hop.macs) };
@@ -197,11 +209,10 @@ pub fn transmit(
 /// Writes an Ethernet header for IPv4 with `macs` (destination, then source) in front of the
 /// packet: for frames whose head XDP moved (encapsulation, an ICMP answer).
 #[inline(always)]
-pub fn write_eth_ipv4(ctx: &XdpContext, macs: [u8; 12]) -> Option<()> {
-    let eth = ctx.ptr_at::<[u8; ETH_HLEN]>(0)?;
-    let mut header = [0u8; ETH_HLEN];
-    header[..12].copy_from_slice(&macs);
-    header[12..].copy_from_slice(&ETH_P_IP.to_be_bytes());
+pub fn write_eth_ipv4(ctx: &XdpContext, macs: Macs) -> Option<()> {
+    let eth = ctx.ptr_at::<[u16; ETH_HLEN / 2]>(0)?;
+    let [d0, d1, d2, s0, s1, s2] = macs;
+    let header = [d0, d1, d2, s0, s1, s2, ETH_P_IP.to_be()];
     unsafe { core::ptr::write_unaligned(eth, header) };
     Some(())
 }

@@ -1,39 +1,51 @@
 //! fullnat source address and port allocation. A port is reserved for one backend by
-//! inserting the reply's 5-tuple into SNAT_REV with BPF_NOEXIST: the kernel's hash map makes
-//! that insert atomic across CPUs, so two flows never get the same (SNAT address, port,
-//! backend). A reserved port is handed out again only once its flow is over.
-use aya_ebpf::bindings::{BPF_EXIST, BPF_NOEXIST};
+//! inserting the reply's 5-tuple into SNAT_REV_NEW with BPF_NOEXIST (the kernel's hash map
+//! makes that insert atomic across CPUs) and finding it free in SNAT_REV, where it moves
+//! once the flow is established: two flows never get the same (SNAT address, port,
+//! backend). Only a packet that can open a flow (a TCP SYN, or UDP) reserves one, and a
+//! reserved port is handed out again only once its flow is over.
+use aya_ebpf::{
+    bindings::{BPF_EXIST, BPF_NOEXIST},
+    helpers::bpf_ktime_get_coarse_ns,
+    maps::LruHashMap,
+};
 use lb_common::{
-    Backend, FAMILY_V4, FlowKey, PROTO_UDP, Service, SnatRev,
+    Backend, FAMILY_V4, FlowKey, FlowTable, PROTO_UDP, SNAT_CLOSING, SNAT_REPLIED, Service,
+    SnatRev,
     sizes::{
         FLOW_REFRESH_NS, SNAT_CLOSED_REUSE_NS, SNAT_PORT_TRIES, SNAT_TCP_IDLE_REUSE_NS,
-        UDP_IDLE_TIMEOUT_NS,
+        SNAT_UNANSWERED_REUSE_NS, UDP_IDLE_TIMEOUT_NS,
     },
 };
 
-use crate::maps::SNAT_REV;
+use crate::{
+    conntrack::EEXIST,
+    maps::{self, SNAT_REV, SNAT_REV_NEW},
+    stats::{self, TableOp},
+};
 
-/// The reply 5-tuple of a fullnat flow: backend -> SNAT address:port.
+/// Writes the reply 5-tuple of a fullnat flow (backend -> SNAT address:port) into `out`.
 #[inline(always)]
-pub fn reply_key(backend: &Backend, proto: u8, snat: u32, snat_port: u16) -> FlowKey {
-    FlowKey {
-        src: backend.addr,
-        dst: [snat, 0, 0, 0],
-        src_port: backend.port,
-        dst_port: snat_port,
-        proto,
-        family: FAMILY_V4,
-        _pad: 0,
-    }
+pub fn reply_key(out: &mut FlowKey, backend: &Backend, proto: u8, snat: u32, snat_port: u16) {
+    out.src = backend.addr;
+    out.dst = [snat, 0, 0, 0];
+    out.src_port = backend.port;
+    out.dst_port = snat_port;
+    out.proto = proto;
+    out.family = FAMILY_V4;
+    out._pad = 0;
 }
 
-/// Whether a reserved port's flow is over, so the port may serve a new flow.
+/// Whether a reserved port's flow is over, so the port may serve a new flow. An embryonic
+/// reservation whose backend never answered is over soon: spoofed SYNs cannot hold ports.
 #[inline(always)]
-fn reusable(entry: &SnatRev, proto: u8, now: u64) -> bool {
+fn reusable(entry: &SnatRev, proto: u8, now: u64, embryonic: bool) -> bool {
     let idle = now.saturating_sub(entry.last_seen_ns);
-    let limit = if proto == PROTO_UDP {
+    let limit = if embryonic && entry.state & SNAT_REPLIED == 0 {
+        SNAT_UNANSWERED_REUSE_NS
+    } else if proto == PROTO_UDP {
         UDP_IDLE_TIMEOUT_NS
-    } else if entry.closing != 0 {
+    } else if entry.state & SNAT_CLOSING != 0 {
         SNAT_CLOSED_REUSE_NS
     } else {
         SNAT_TCP_IDLE_REUSE_NS
@@ -41,35 +53,48 @@ fn reusable(entry: &SnatRev, proto: u8, now: u64) -> bool {
     idle > limit
 }
 
-/// Reserves a SNAT address and port (network order) for a new flow `key` of `svc` to
-/// `backend`, from the service's pool. `fib_source` is the LB's own address towards the backend, used
-/// when the service names no SNAT address. None: every port tried is in use.
+/// A new fullnat flow that needs a port.
+pub struct Request<'a> {
+    pub key: &'a FlowKey,
+    pub hash: u32,
+    pub svc: &'a Service,
+    pub backend: &'a Backend,
+    /// The LB's own address towards the backend, used when the service names none.
+    pub fib_source: u32,
+}
+
+/// Reserves a SNAT address and port (network order) for a new flow from its service's
+/// pool. None: every port tried is in use.
+///
+/// A port is reserved in the embryonic table first, then checked against the main one (and
+/// a promotion inserts into the main table before it deletes the embryonic entry), so a
+/// port is never held by two flows, whichever CPUs race.
 #[inline(always)]
-pub fn allocate(
-    key: &FlowKey,
-    hash: u32,
-    svc: &Service,
-    backend: &Backend,
-    fib_source: u32,
-    now: u64,
-) -> Option<(u32, u16)> {
+pub fn allocate(request: &Request) -> Option<(u32, u16)> {
+    let Request {
+        key,
+        hash,
+        svc,
+        backend,
+        fib_source,
+    } = *request;
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let pool = &svc.snat;
-    let service_id = svc.id;
     let (port_min, port_max) = (pool.port_min as u32, pool.port_max as u32);
     if port_max < port_min {
         return None;
     }
     let span = port_max - port_min + 1;
-    let rev = SnatRev {
-        client: key.src,
-        vip: key.dst,
-        client_port: key.src_port,
-        vip_port: key.dst_port,
-        service_id,
-        last_seen_ns: now,
-        closing: 0,
-        _pad: [0; 7],
-    };
+    // Key and value are built in the scratch room, not on the stack.
+    let s = maps::scratch()?;
+    s.snat.client = key.src;
+    s.snat.vip = key.dst;
+    s.snat.client_port = key.src_port;
+    s.snat.vip_port = key.dst_port;
+    s.snat.service_id = svc.id;
+    s.snat.last_seen_ns = now;
+    s.snat.state = 0;
+    s.snat._pad = [0; 7];
     // Candidates follow the flow hash, so concurrent new flows rarely race for a port.
     let mut seed = hash;
     for _ in 0..SNAT_PORT_TRIES {
@@ -84,25 +109,52 @@ pub fn allocate(
             }
         };
         let port = ((port_min + seed % span) as u16).to_be();
-        let reply = reply_key(backend, key.proto, addr, port);
-        if SNAT_REV.insert(reply, rev, BPF_NOEXIST as u64).is_ok() {
-            return Some((addr, port));
+        reply_key(&mut s.key, backend, key.proto, addr, port);
+        if !reserve_new(&s.key, &s.snat, key.proto, now) {
+            continue;
         }
-        if let Some(old) = unsafe { SNAT_REV.get(reply) }
-            && reusable(old, key.proto, now)
-            && SNAT_REV.insert(reply, rev, BPF_EXIST as u64).is_ok()
-        {
-            return Some((addr, port));
+        match unsafe { SNAT_REV.get(&s.key) } {
+            None => return Some((addr, port)),
+            Some(old) if reusable(old, key.proto, now, false) => {
+                if SNAT_REV.remove(&s.key).is_ok() {
+                    stats::table(FlowTable::SnatRev, TableOp::Removed);
+                }
+                return Some((addr, port));
+            }
+            Some(_) => {
+                if SNAT_REV_NEW.remove(&s.key).is_ok() {
+                    stats::table(FlowTable::SnatRevNew, TableOp::Removed);
+                }
+            }
         }
     }
     None
 }
 
-/// Whether an established flow still owns its port (an idle flow's port may have been
+/// Takes the port in the embryonic table: free, or held by an embryonic flow that is over.
+#[inline(always)]
+fn reserve_new(reply: &FlowKey, rev: &SnatRev, proto: u8, now: u64) -> bool {
+    match SNAT_REV_NEW.insert(reply, rev, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            stats::table(FlowTable::SnatRevNew, TableOp::Added);
+            return true;
+        }
+        Err(EEXIST) => {}
+        Err(_) => {
+            stats::table(FlowTable::SnatRevNew, TableOp::Failed);
+            return false;
+        }
+    }
+    matches!(unsafe { SNAT_REV_NEW.get(reply) }, Some(old) if reusable(old, proto, now, true))
+        && SNAT_REV_NEW.insert(reply, rev, BPF_EXIST as u64).is_ok()
+}
+
+/// Whether a known flow still owns its port in `map` (an idle flow's port may have been
 /// handed to another flow; then this one must start over). Refreshes the entry's age about
 /// once a second and marks it closing on FIN/RST.
 #[inline(always)]
 pub fn still_owned(
+    map: &LruHashMap<FlowKey, SnatRev>,
     key: &FlowKey,
     backend: &Backend,
     snat: u32,
@@ -110,25 +162,41 @@ pub fn still_owned(
     now: u64,
     closing: bool,
 ) -> bool {
-    let reply = reply_key(backend, key.proto, snat, snat_port);
-    let Some(entry) = SNAT_REV.get_ptr_mut(reply) else {
+    let Some(s) = maps::scratch() else {
+        return false;
+    };
+    reply_key(&mut s.key, backend, key.proto, snat, snat_port);
+    let Some(entry) = map.get_ptr_mut(&s.key) else {
         return false;
     };
     let entry = unsafe { &mut *entry };
     if entry.client != key.src || entry.client_port != key.src_port {
         return false;
     }
-    touch(entry, now, closing);
+    touch(entry, now, closing, false);
     true
 }
 
-/// Keeps a mapping's age and closing mark current, writing only when something changed.
+/// Keeps a mapping's age and state current, writing only when something changed.
 #[inline(always)]
-pub fn touch(entry: &mut SnatRev, now: u64, closing: bool) {
+pub fn touch(entry: &mut SnatRev, now: u64, closing: bool, replied: bool) {
     if now.saturating_sub(entry.last_seen_ns) > FLOW_REFRESH_NS {
         entry.last_seen_ns = now;
     }
-    if closing && entry.closing == 0 {
-        entry.closing = 1;
+    let state = entry.state
+        | if closing { SNAT_CLOSING } else { 0 }
+        | if replied { SNAT_REPLIED } else { 0 };
+    if state != entry.state {
+        entry.state = state;
     }
+}
+
+/// The fullnat reservation a reply (backend -> SNAT address:port) belongs to, main table
+/// first; true when it is embryonic.
+#[inline(always)]
+pub fn reservation(reply: &FlowKey) -> Option<(*mut SnatRev, bool)> {
+    if let Some(entry) = SNAT_REV.get_ptr_mut(reply) {
+        return Some((entry, false));
+    }
+    SNAT_REV_NEW.get_ptr_mut(reply).map(|entry| (entry, true))
 }

@@ -1,7 +1,27 @@
 //! Per-CPU counters: plain adds, no atomics, summed by the agent.
-use lb_common::{Counters, Reason};
+use lb_common::{Counters, FlowTable, Reason};
 
-use crate::maps::{BACKEND_STATS, REASONS, SERVICE_STATS};
+use crate::maps::{BACKEND_STATS, REASONS, SERVICE_STATS, TABLE_STATS};
+
+/// What happened to a flow table entry.
+#[derive(Clone, Copy)]
+pub enum TableOp {
+    Added,
+    Removed,
+    Failed,
+}
+
+#[inline(always)]
+pub fn table(table: FlowTable, op: TableOp) {
+    if let Some(c) = TABLE_STATS.get_ptr_mut(table as u32) {
+        let c = unsafe { &mut *c };
+        match op {
+            TableOp::Added => c.added += 1,
+            TableOp::Removed => c.removed += 1,
+            TableOp::Failed => c.failed += 1,
+        }
+    }
+}
 
 #[inline(always)]
 pub fn count(reason: Reason) {

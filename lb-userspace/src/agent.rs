@@ -137,6 +137,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
     agent.announcer = agent.config.agent.announce_table.map(Announcer::new);
     agent.publish();
 
+    let (tables_tx, tables_rx) = watch::channel(Vec::new());
+    crate::flowtables::sweep_in_background(&pin_path, tables_tx)?;
     let (commands_tx, mut commands) = mpsc::channel(8);
     let api = api::Api {
         applied: applied_rx,
@@ -144,6 +146,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         commands: commands_tx,
         probe_latency: agent.health.latency(),
         health: agent.health.reader(),
+        flow_tables: tables_rx,
     };
     let _server = api::serve(&agent.config.api_listen(), api).await?;
 

@@ -20,6 +20,7 @@ use tracing::info;
 use crate::{
     config::ApiListen,
     datapath::Datapath,
+    flowtables::TableStatus,
     health::HealthReader,
     metrics::{self, ProbeLatency},
     status::{Applied, Status},
@@ -46,12 +47,14 @@ pub struct Api {
     pub commands: mpsc::Sender<Command>,
     pub probe_latency: ProbeLatency,
     pub health: HealthReader,
+    pub flow_tables: watch::Receiver<Vec<TableStatus>>,
 }
 
 impl Api {
     fn status(&self) -> Result<Status> {
         let applied = self.applied.borrow().clone();
-        Status::collect(&applied, &self.health.snapshot(), &self.datapath)
+        let tables = self.flow_tables.borrow().clone();
+        Status::collect(&applied, &self.health.snapshot(), &self.datapath, &tables)
     }
 
     async fn ask(&self, command: impl FnOnce(Reply) -> Command) -> Response {

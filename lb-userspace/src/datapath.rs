@@ -2,7 +2,7 @@
 //! see a file descriptor or a raw key layout. Map names match lb-ebpf/src/maps.rs.
 use std::path::Path;
 
-use crate::{mapped::MappedArray, reconcile::Maps};
+use crate::{flowtables::FlowTables, mapped::MappedArray, reconcile::Maps};
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
@@ -16,24 +16,32 @@ pub const VIP_ADDRS: &str = "XLB_VIP_ADDRS_V1";
 pub const BACKENDS: &str = "XLB_BACKENDS_V4";
 pub const RINGS: &str = "XLB_RINGS_V2";
 pub const CONNTRACK: &str = "XLB_CONNTRACK_V2";
+pub const CONNTRACK_NEW: &str = "XLB_CONNTRACK_NEW_V1";
 pub const REV_NAT: &str = "XLB_REV_NAT_V2";
+pub const REV_NAT_NEW: &str = "XLB_REV_NAT_NEW_V1";
 pub const SNAT_REV: &str = "XLB_SNAT_REV_V1";
+pub const SNAT_REV_NEW: &str = "XLB_SNAT_REV_NEW_V1";
+pub const TABLE_STATS: &str = "XLB_TABLE_STATS_V1";
 /// Filled by the loader (front NICs), not through `Datapath`.
 pub const TX_PORTS: &str = "XLB_TX_PORTS_V1";
 pub const SERVICE_STATS: &str = "XLB_SVC_STATS_V1";
 pub const BACKEND_STATS: &str = "XLB_BE_STATS_V1";
-pub const REASONS: &str = "XLB_REASONS_V5";
+pub const REASONS: &str = "XLB_REASONS_V6";
 
 /// Every map, in the order they are pinned.
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 16] = [
     VIPS,
     SERVICES,
     VIP_ADDRS,
     BACKENDS,
     RINGS,
     CONNTRACK,
+    CONNTRACK_NEW,
     REV_NAT,
+    REV_NAT_NEW,
     SNAT_REV,
+    SNAT_REV_NEW,
+    TABLE_STATS,
     TX_PORTS,
     SERVICE_STATS,
     BACKEND_STATS,
@@ -46,9 +54,7 @@ pub struct Datapath {
     vip_addrs: HashMap<MapData, VipAddrKey, u32>,
     backends: MappedArray<DoubleBuffer<Backend>>,
     rings: MappedArray<[u32; RING_CHUNK as usize]>,
-    conntrack: HashMap<MapData, FlowKey, lb_common::Flow>,
-    rev_nat: HashMap<MapData, FlowKey, RevNat>,
-    snat_rev: HashMap<MapData, FlowKey, SnatRev>,
+    flow_tables: FlowTables,
     service_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
     reasons: PerCpuArray<MapData, u64>,
@@ -63,9 +69,7 @@ impl Datapath {
             vip_addrs: HashMap::try_from(take(VIP_ADDRS)?)?,
             backends: MappedArray::map(take(BACKENDS)?, BACKENDS)?,
             rings: MappedArray::map(take(RINGS)?, RINGS)?,
-            conntrack: HashMap::try_from(take(CONNTRACK)?)?,
-            rev_nat: HashMap::try_from(take(REV_NAT)?)?,
-            snat_rev: HashMap::try_from(take(SNAT_REV)?)?,
+            flow_tables: FlowTables::from_maps(&mut take)?,
             service_stats: PerCpuArray::try_from(take(SERVICE_STATS)?)?,
             backend_stats: PerCpuArray::try_from(take(BACKEND_STATS)?)?,
             reasons: PerCpuArray::try_from(take(REASONS)?)?,
@@ -74,12 +78,7 @@ impl Datapath {
 
     /// Opens the maps pinned under `pin_path` (they must all exist).
     pub fn open_pinned(pin_path: &Path) -> Result<Self> {
-        Self::from_maps(|name| {
-            let path = pin_path.join(name);
-            let data = MapData::from_pin(&path)
-                .with_context(|| format!("opening pinned map {}", path.display()))?;
-            Ok(Map::from_map_data(data)?)
-        })
+        Self::from_maps(|name| pinned_map(pin_path, name))
     }
 
     pub fn service_counters(&self, service_id: u32) -> Result<Counters> {
@@ -99,17 +98,27 @@ impl Datapath {
     }
 
     /// Conntrack entries (walks the whole map: for tests and status, not the hot path).
+    /// Every tracked flow, established and new (walks the tables: for tests and status).
     pub fn conntrack(&self) -> Result<Vec<(FlowKey, lb_common::Flow)>> {
-        Ok(self.conntrack.iter().collect::<Result<_, _>>()?)
+        self.flow_tables.flows()
     }
 
+    /// Every nat reply mapping.
     pub fn rev_nat(&self) -> Result<Vec<(FlowKey, RevNat)>> {
-        Ok(self.rev_nat.iter().collect::<Result<_, _>>()?)
+        self.flow_tables.rev_nat()
     }
 
-    /// fullnat port reservations (walks the whole map).
+    /// fullnat port reservations (walks the tables).
     pub fn snat_rev(&self) -> Result<Vec<(FlowKey, SnatRev)>> {
-        Ok(self.snat_rev.iter().collect::<Result<_, _>>()?)
+        self.flow_tables.snat()
+    }
+
+    pub fn flow_tables(&self) -> &FlowTables {
+        &self.flow_tables
+    }
+
+    pub fn flow_tables_mut(&mut self) -> &mut FlowTables {
+        &mut self.flow_tables
     }
 }
 
@@ -213,6 +222,14 @@ fn ring_range_mut(slots: &mut [u32], offset: u32, len: u32) -> Option<&mut [u32]
         return None;
     }
     slots.get_mut(offset as usize..offset as usize + len as usize)
+}
+
+/// The map `name` pinned under `pin_path`.
+pub fn pinned_map(pin_path: &Path, name: &str) -> Result<Map> {
+    let path = pin_path.join(name);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening pinned map {}", path.display()))?;
+    Ok(Map::from_map_data(data)?)
 }
 
 fn sum_counters(map: &PerCpuArray<MapData, Counters>, index: u32) -> Result<Counters> {

@@ -7,6 +7,7 @@ pub mod config;
 pub mod datapath;
 pub mod decap;
 pub mod discovery;
+pub mod flowtables;
 pub mod health;
 pub mod iproute;
 pub mod loader;

@@ -120,6 +120,21 @@ pub fn render(status: &Status, probes: &ProbeLatency) -> String {
                 .set(i64::from(b.weight));
         }
     }
+    let table_entries = Family::<Labels, Gauge>::default();
+    let table_capacity = Family::<Labels, Gauge>::default();
+    let table_expired = Family::<Labels, Counter>::default();
+    let table_evictions = Family::<Labels, Counter>::default();
+    let table_failures = Family::<Labels, Counter>::default();
+    for t in &status.flow_tables {
+        let labels = vec![("table", t.name.clone())];
+        table_entries.get_or_create(&labels).set(t.entries as i64);
+        table_capacity.get_or_create(&labels).set(t.capacity as i64);
+        table_expired.get_or_create(&labels).inc_by(t.expired);
+        table_evictions.get_or_create(&labels).inc_by(t.evictions);
+        table_failures
+            .get_or_create(&labels)
+            .inc_by(t.insert_failures);
+    }
     for (reason, n) in &status.reasons {
         verdicts
             .get_or_create(&vec![("reason", reason.clone())])
@@ -158,6 +173,31 @@ pub fn render(status: &Status, probes: &ProbeLatency) -> String {
         "xlb_verdicts",
         "Packets by data path verdict (pass/drop reason)",
         verdicts,
+    );
+    registry.register(
+        "xlb_flow_table_entries",
+        "Entries in a flow table at the last sweep",
+        table_entries,
+    );
+    registry.register(
+        "xlb_flow_table_capacity",
+        "Entries a flow table can hold",
+        table_capacity,
+    );
+    registry.register(
+        "xlb_flow_table_expired",
+        "Entries the agent removed (closed after their linger, idle, orphaned)",
+        table_expired,
+    );
+    registry.register(
+        "xlb_flow_table_evictions",
+        "Entries the kernel dropped to make room (estimated: inserted, not removed, not there)",
+        table_evictions,
+    );
+    registry.register(
+        "xlb_flow_table_insert_failures",
+        "Inserts the kernel refused",
+        table_failures,
     );
     registry.register(
         "xlb_ring_rebuilds",

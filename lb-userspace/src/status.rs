@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     bridgeport::index_name,
     datapath::Datapath,
+    flowtables::TableStatus,
     health::{BackendHealth, Key, State},
     loader::Attachment,
     reconcile::AppliedView,
@@ -25,6 +26,9 @@ pub struct Status {
     pub services: Vec<ServiceStatus>,
     /// Global verdict counters by reason name.
     pub reasons: Vec<(String, u64)>,
+    /// Each flow table as the last sweep found it.
+    #[serde(default)]
+    pub flow_tables: Vec<TableStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -110,6 +114,7 @@ impl Status {
         applied: &Applied,
         health: &HashMap<Key, BackendHealth>,
         datapath: &Datapath,
+        flow_tables: &[TableStatus],
     ) -> Result<Status> {
         let mut services = Vec::new();
         for view in &applied.services {
@@ -210,6 +215,7 @@ impl Status {
                 .into_iter()
                 .map(|(r, n)| (r.name().to_string(), n))
                 .collect(),
+            flow_tables: flow_tables.to_vec(),
         })
     }
 
@@ -266,6 +272,20 @@ impl Status {
                     b.counters.packets,
                     b.counters.bytes,
                     b.counters.new_flows
+                );
+            }
+        }
+        if !self.flow_tables.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n{:<12} {:>9} {:>9} {:>10} {:>10} {:>9}",
+                "FLOW TABLE", "ENTRIES", "CAPACITY", "EXPIRED", "EVICTIONS", "FAILURES"
+            );
+            for t in &self.flow_tables {
+                let _ = writeln!(
+                    out,
+                    "{:<12} {:>9} {:>9} {:>10} {:>10} {:>9}",
+                    t.name, t.entries, t.capacity, t.expired, t.evictions, t.insert_failures
                 );
             }
         }

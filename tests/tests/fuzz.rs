@@ -210,6 +210,15 @@ struct Headers {
     dport: u16,
     /// The UDP length field (the bytes its checksum covers); 0 for TCP.
     udp_len: usize,
+    /// TCP flags (0 for UDP).
+    tcp_flags: u8,
+}
+
+impl Headers {
+    /// A SYN without ACK: opens a flow.
+    fn syn(&self) -> bool {
+        self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
 }
 
 impl Headers {
@@ -325,6 +334,7 @@ fn parse(f: &[u8]) -> Parsed {
         sport: be16(segment, L4_SPORT),
         dport: be16(segment, L4_DPORT),
         udp_len,
+        tcp_flags: if proto == PROTO_TCP { segment[13] } else { 0 },
     })
 }
 
@@ -1201,11 +1211,36 @@ struct Tally {
     maybe_new: u64,
 }
 
+/// What the model knows of one flow.
 struct FlowState {
+    /// A reply passed TC egress while the flow was new.
+    replied: bool,
+    /// In the main table (it proved two-way).
+    established: bool,
+    /// FIN from the client, FIN from the backend, RST from either.
+    fin_client: bool,
+    fin_server: bool,
+    rst: bool,
     backend: SocketAddrV4,
     backend_id: u32,
     service: usize,
     last: Instant,
+}
+
+impl FlowState {
+    fn new() -> Self {
+        FlowState {
+            replied: false,
+            established: false,
+            fin_client: false,
+            fin_server: false,
+            rst: false,
+            backend: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+            backend_id: 0,
+            service: 0,
+            last: Instant::now(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -1248,6 +1283,8 @@ impl Tracker {
         let now = Instant::now();
         let mut new = false;
         let mut maybe_new = false;
+        let fin = h.tcp_flags & TCP_FIN != 0;
+        let rst = h.tcp_flags & TCP_RST != 0;
         match self.flows.entry(key) {
             Entry::Occupied(mut e) => {
                 let flow = e.get_mut();
@@ -1259,6 +1296,27 @@ impl Tracker {
                 }
                 maybe_new = h.proto == PROTO_UDP && now - flow.last > UDP_MAYBE_EXPIRED;
                 flow.last = now;
+                let closed = flow.rst || (flow.fin_client && flow.fin_server);
+                if h.syn() && closed {
+                    // A SYN reopens a closed flow: a new one (Maglev picks the same backend).
+                    *flow = FlowState {
+                        backend,
+                        backend_id,
+                        service,
+                        last: now,
+                        fin_client: fin,
+                        rst,
+                        ..FlowState::new()
+                    };
+                    new = true;
+                } else {
+                    flow.fin_client |= fin;
+                    flow.rst |= rst;
+                    if !flow.established && flow.replied && !h.syn() {
+                        flow.established = true;
+                        self.verdicts[Reason::Promoted as usize] += 1;
+                    }
+                }
             }
             Entry::Vacant(e) => {
                 e.insert(FlowState {
@@ -1266,6 +1324,9 @@ impl Tracker {
                     backend_id,
                     service,
                     last: now,
+                    fin_client: fin,
+                    rst,
+                    ..FlowState::new()
                 });
                 new = true;
                 let reply = (*backend.ip(), backend.port(), h.src, h.sport, h.proto);
@@ -1503,6 +1564,12 @@ fn check_tc_frame(dp: &LoadedDatapath, run: &Run, track: &mut Tracker, index: u6
             }
             track.tc_rewritten += 1;
             track.rewritten(&frame.bytes, &h);
+            let forward = (h.dst, h.dport, *vip.ip(), vip.port(), h.proto);
+            if let Some(flow) = track.flows.get_mut(&forward) {
+                flow.replied |= !flow.established;
+                flow.fin_server |= h.tcp_flags & TCP_FIN != 0;
+                flow.rst |= h.tcp_flags & TCP_RST != 0;
+            }
         }
         None => {
             if out.data != frame.bytes {
@@ -1712,10 +1779,10 @@ fn xdp_and_tc_egress_survive_random_and_mutated_frames() {
         run.replay()
     );
     for r in &events {
-        let want = if *r == Reason::RevNat {
-            track.tc_rewritten
-        } else {
-            0
+        let want = match r {
+            Reason::RevNat => track.tc_rewritten,
+            Reason::Promoted => track.verdicts[Reason::Promoted as usize],
+            _ => 0,
         };
         assert_eq!(reasons.get(*r), want, "{}\n{}", r.name(), run.replay());
     }

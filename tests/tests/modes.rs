@@ -6,10 +6,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use aya::{EbpfLoader, maps::HashMap, programs::Xdp};
 use lb_common::{DELIVER_MAGIC, DeliverMeta, GUE_PORT, Reason, VipAddrKey, addr_words};
-use xlb_tests::{
-    netns::{Netns, enter, unique_prefix},
-    testrun::*,
-};
+use xlb_tests::testrun::*;
 
 #[path = "support/checksums.rs"]
 mod checksums;
@@ -17,56 +14,12 @@ use checksums::verify_checksums;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 100, 1);
 const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 99, 1, 2), 40000);
-/// The LB's address on the backends' link: the FIB's source towards them.
-const LB_BACK: Ipv4Addr = Ipv4Addr::new(10, 99, 4, 1);
-const HOSTS: [Ipv4Addr; 3] = [
-    Ipv4Addr::new(10, 99, 4, 11),
-    Ipv4Addr::new(10, 99, 4, 12),
-    Ipv4Addr::new(10, 99, 4, 13),
-];
 const IPV4_HLEN: usize = 20;
 const ETH_HLEN: usize = 14;
 
-/// Moves this test's thread into a new namespace with routes to the client and the hosts.
-fn routed_namespace() -> Netns {
-    let ns = Netns::new(&format!("{}-fib", unique_prefix()));
-    for (dev, addr) in [("back", "10.99.4.1/24"), ("cl", "10.99.1.1/24")] {
-        let peer = format!("{dev}-peer");
-        ns.ip(&["link", "add", dev, "type", "veth", "peer", "name", &peer]);
-        ns.ip(&["addr", "add", addr, "dev", dev]);
-        ns.ip(&["link", "set", dev, "up"]);
-        ns.ip(&["link", "set", &peer, "up"]);
-    }
-    for (i, host) in HOSTS.iter().enumerate() {
-        let mac = format!("02:00:00:00:04:{:02x}", 0x11 + i);
-        ns.ip(&[
-            "neigh",
-            "add",
-            &host.to_string(),
-            "lladdr",
-            &mac,
-            "dev",
-            "back",
-            "nud",
-            "permanent",
-        ]);
-    }
-    ns.ip(&[
-        "neigh",
-        "add",
-        "10.99.1.2",
-        "lladdr",
-        "02:00:00:00:01:02",
-        "dev",
-        "cl",
-        "nud",
-        "permanent",
-    ]);
-    // The FIB answers only for an ingress device that forwards.
-    ns.sysctl("net.ipv4.ip_forward", "1");
-    enter(&ns.path());
-    ns
-}
+#[path = "support/routed.rs"]
+mod routed;
+use routed::{HOSTS, LB_BACK, routed_namespace};
 
 fn service(name: &str, port: u16, extra: &str, backend_port: u16) -> String {
     let mut s = format!(
@@ -110,7 +63,7 @@ fn host_of(addr: Ipv4Addr) -> usize {
 fn fullnat_rewrites_both_ends_and_translates_replies_back() {
     let _ns = routed_namespace();
     let dp = LoadedDatapath::new(&service("web", 81, "mode = \"fullnat\"", 8080));
-    let request = Packet::tcp(CLIENT, SocketAddrV4::new(VIP, 81));
+    let request = Packet::tcp(CLIENT, SocketAddrV4::new(VIP, 81)).with_tcp_flags(TCP_SYN);
     let before = dp.reasons();
     let out = xdp(&dp, &request.build());
     // The neighbour is known but the device is no front NIC: TC sends it.
@@ -165,7 +118,9 @@ fn fullnat_gives_concurrent_flows_distinct_ports() {
         let client = SocketAddrV4::new(*CLIENT.ip(), 20000 + i);
         let out = xdp(
             &dp,
-            &Packet::tcp(client, SocketAddrV4::new(VIP, 81)).build(),
+            &Packet::tcp(client, SocketAddrV4::new(VIP, 81))
+                .with_tcp_flags(TCP_SYN)
+                .build(),
         );
         let l3 = ETH_HLEN;
         assert!(
@@ -221,7 +176,9 @@ fn fullnat_out_of_ports_is_counted_not_blackholed() {
         let before = dp.reasons();
         let out = xdp(
             &dp,
-            &Packet::tcp(client, SocketAddrV4::new(VIP, 81)).build(),
+            &Packet::tcp(client, SocketAddrV4::new(VIP, 81))
+                .with_tcp_flags(TCP_SYN)
+                .build(),
         );
         if out.action == XDP_DROP {
             dp.reasons()
@@ -336,8 +293,12 @@ fn dsr_answers_what_would_not_fit_the_egress_mtu_with_icmp() {
     let fragmentable = full.with_frag(0).build();
     let before = dp.reasons();
     assert_eq!(xdp(&dp, &fragmentable).action, XDP_DROP);
-    dp.reasons()
-        .assert_moved(&before, &[(Reason::DropTooBig, 1)], "too big, no DF");
+    dp.reasons().assert_moved(
+        &before,
+        // Its flow's second packet that is no SYN: dsr sees no replies, so that proves it.
+        &[(Reason::DropTooBig, 1), (Reason::Promoted, 1)],
+        "too big, no DF",
+    );
 }
 
 /// The decap program loaded on its own, serving `vips`.
@@ -348,8 +309,10 @@ struct Decap {
 
 impl Decap {
     fn new(vips: &[Ipv4Addr]) -> Decap {
-        let pin =
-            std::path::PathBuf::from(format!("/sys/fs/bpf/xlb-test-{}-decap", unique_prefix()));
+        let pin = std::path::PathBuf::from(format!(
+            "/sys/fs/bpf/xlb-test-{}-decap",
+            xlb_tests::netns::unique_prefix()
+        ));
         std::fs::create_dir_all(&pin).expect("pin dir");
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pin)
