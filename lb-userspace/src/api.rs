@@ -20,6 +20,7 @@ use tracing::info;
 use crate::{
     config::ApiListen,
     datapath::Datapath,
+    discovery::supervise::Board,
     health::HealthReader,
     metrics::{self, ProbeLatency},
     status::{Applied, Status},
@@ -46,12 +47,16 @@ pub struct Api {
     pub commands: mpsc::Sender<Command>,
     pub probe_latency: ProbeLatency,
     pub health: HealthReader,
+    /// Each discovery source's state.
+    pub discovery: Board,
 }
 
 impl Api {
     fn status(&self) -> Result<Status> {
         let applied = self.applied.borrow().clone();
-        Status::collect(&applied, &self.health.snapshot(), &self.datapath)
+        let mut status = Status::collect(&applied, &self.health.snapshot(), &self.datapath)?;
+        status.discovery = self.discovery.snapshot();
+        Ok(status)
     }
 
     async fn ask(&self, command: impl FnOnce(Reply) -> Command) -> Response {
