@@ -31,9 +31,11 @@
 //!
 //! Layout: `docker/daemon.rs` starts and talks to one containerd + dockerd, `cleanup.rs` removes what a
 //! daemon left and checks that nothing is left, `image.rs` builds the test images, `host.rs` is
-//! the Docker host topology.
+//! the Docker host topology, and `faults.rs` a proxy in front of a daemon's socket that fails
+//! chosen requests.
 mod cleanup;
 mod daemon;
+pub mod faults;
 mod host;
 mod image;
 
