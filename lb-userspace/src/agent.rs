@@ -27,7 +27,7 @@ use crate::{
     bridgeport::{self, HostTables, VethPort, index_name},
     config::Config,
     datapath::Datapath,
-    discovery::{Sources, labels::LabelError},
+    discovery::{self, Sources, labels::LabelError},
     health::{HealthMonitor, Key, NetProber, State},
     loader,
     reconcile::Reconciler,
@@ -97,18 +97,12 @@ pub async fn run(config_path: &Path) -> Result<()> {
     };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    // Fail static: a running data path is not touched until every source has answered,
-    // or the backends it alone knows would be dropped.
-    if !agent.reconciler.applied().is_empty() && !sources.ready() {
-        info!("waiting for Docker before changing the pinned data path; forwarding goes on");
-        while !sources.ready() {
-            tokio::select! {
-                _ = sources.changed() => {}
-                _ = term.recv() => return Ok(()),
-                _ = int.recv() => return Ok(()),
-            }
-        }
-    }
+    // Fail static without waiting for Docker: the pinned backends that the config does not
+    // declare stay until every source has answered; the rest starts at once.
+    let declared = DesiredState::from_config(&agent.config);
+    sources.keep_until_ready(discovery::unclaimed(&declared, |svc| {
+        agent.reconciler.pinned_backends(svc)
+    }));
     agent.rebuild(&sources);
     // Backends start where the pinned data path left them; on a first start, up.
     agent.sync_health(State::Up);
@@ -147,6 +141,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         probe_latency: agent.health.latency(),
         health: agent.health.reader(),
         flow_tables: tables_rx,
+        discovery: sources.board(),
     };
     let _server = api::serve(&agent.config.api_listen(), api).await?;
 

@@ -20,6 +20,7 @@ use tracing::info;
 use crate::{
     config::ApiListen,
     datapath::Datapath,
+    discovery::supervise::Board,
     flowtables::TableStatus,
     health::HealthReader,
     metrics::{self, ProbeLatency},
@@ -48,13 +49,18 @@ pub struct Api {
     pub probe_latency: ProbeLatency,
     pub health: HealthReader,
     pub flow_tables: watch::Receiver<Vec<TableStatus>>,
+    /// Each discovery source's state.
+    pub discovery: Board,
 }
 
 impl Api {
     fn status(&self) -> Result<Status> {
         let applied = self.applied.borrow().clone();
         let tables = self.flow_tables.borrow().clone();
-        Status::collect(&applied, &self.health.snapshot(), &self.datapath, &tables)
+        let mut status =
+            Status::collect(&applied, &self.health.snapshot(), &self.datapath, &tables)?;
+        status.discovery = self.discovery.snapshot();
+        Ok(status)
     }
 
     async fn ask(&self, command: impl FnOnce(Reply) -> Command) -> Response {

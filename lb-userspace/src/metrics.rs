@@ -12,7 +12,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::status::{CounterStatus, Status};
+use crate::{
+    discovery::supervise::SourceState,
+    status::{CounterStatus, Status},
+};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -135,6 +138,17 @@ pub fn render(status: &Status, probes: &ProbeLatency) -> String {
             .get_or_create(&labels)
             .inc_by(t.insert_failures);
     }
+    let discovery_up = Family::<Labels, Gauge>::default();
+    let discovery_restarts = Family::<Labels, Counter>::default();
+    for source in &status.discovery {
+        let labels = vec![("source", source.source.clone())];
+        discovery_up
+            .get_or_create(&labels)
+            .set(i64::from(source.state == SourceState::Connected));
+        discovery_restarts
+            .get_or_create(&labels)
+            .inc_by(source.restarts);
+    }
     for (reason, n) in &status.reasons {
         verdicts
             .get_or_create(&vec![("reason", reason.clone())])
@@ -204,7 +218,50 @@ pub fn render(status: &Status, probes: &ProbeLatency) -> String {
         "Maglev rings written per service",
         rebuilds,
     );
+    registry.register(
+        "xlb_discovery_up",
+        "1 while the discovery source (docker, swarm) is connected to its daemon",
+        discovery_up,
+    );
+    registry.register(
+        "xlb_discovery_restarts",
+        "Times the discovery source's watcher failed and was started again",
+        discovery_restarts,
+    );
     let mut out = String::new();
     encode(&mut out, &registry).expect("writing to a String cannot fail");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::supervise::SourceStatus;
+
+    #[test]
+    fn discovery_sources_show_whether_they_are_up_and_how_often_they_restarted() {
+        let source = |name: &str, state, restarts| SourceStatus {
+            source: name.into(),
+            state,
+            detail: None,
+            last_error: None,
+            restarts,
+        };
+        let status = Status {
+            discovery: vec![
+                source("docker", SourceState::Unreachable, 3),
+                source("swarm", SourceState::Connected, 0),
+            ],
+            ..Status::default()
+        };
+        let text = render(&status, &ProbeLatency::default());
+        for line in [
+            "xlb_discovery_up{source=\"docker\"} 0\n",
+            "xlb_discovery_up{source=\"swarm\"} 1\n",
+            "xlb_discovery_restarts_total{source=\"docker\"} 3\n",
+            "xlb_discovery_restarts_total{source=\"swarm\"} 0\n",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in:\n{text}");
+        }
+    }
 }

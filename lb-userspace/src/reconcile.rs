@@ -546,6 +546,15 @@ impl Reconciler {
         svc.backends.get(endpoint).map(|b| b.alive)
     }
 
+    /// The backends the maps hold for this service, with their delivery (used to keep them
+    /// after a restart until Docker has answered).
+    pub fn pinned_backends(&self, spec: &ServiceSpec) -> Vec<(Endpoint, Delivery)> {
+        self.services
+            .get(&vip_key(spec))
+            .map(|svc| svc.backends.iter().map(|(e, b)| (*e, b.delivery)).collect())
+            .unwrap_or_default()
+    }
+
     /// Each service as applied: ids, table size, backends, and why it failed if it did.
     pub fn applied(&self) -> Vec<AppliedView> {
         self.services

@@ -51,6 +51,9 @@ pub enum Source {
     Docker(String),
     /// A Swarm task (its id).
     Swarm(String),
+    /// A backend of the pinned data path that the config does not declare, kept after a
+    /// restart until Docker has answered (it may be a container or task of its).
+    Pinned,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     bridgeport::index_name,
     datapath::Datapath,
+    discovery::supervise::{SourceState, SourceStatus},
     flowtables::TableStatus,
     health::{BackendHealth, Key, State},
     loader::Attachment,
@@ -29,6 +30,10 @@ pub struct Status {
     /// Each flow table as the last sweep found it.
     #[serde(default)]
     pub flow_tables: Vec<TableStatus>,
+    /// Each discovery source (Docker containers, Swarm tasks): connected, unreachable or
+    /// restarting, with its last error and restarts.
+    #[serde(default)]
+    pub discovery: Vec<SourceStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -216,6 +221,7 @@ impl Status {
                 .map(|(r, n)| (r.name().to_string(), n))
                 .collect(),
             flow_tables: flow_tables.to_vec(),
+            discovery: Vec::new(),
         })
     }
 
@@ -233,6 +239,9 @@ impl Status {
             self.version,
             ifaces.join(", ")
         );
+        for source in &self.discovery {
+            let _ = writeln!(out, "discovery: {}", source_text(source));
+        }
         for svc in &self.services {
             let up = svc.backends.iter().filter(|b| b.state == "up").count();
             let _ = writeln!(
@@ -316,5 +325,76 @@ fn delivery_text(delivery: &Delivery) -> String {
             Some(name) => format!("veth {name}"),
             None => format!("veth ifindex {}", veth.ifindex),
         },
+    }
+}
+
+/// "docker connected", "swarm unreachable (restarts 2): ERROR"...
+fn source_text(s: &SourceStatus) -> String {
+    let mut text = format!("{} {}", s.source, s.state.as_str());
+    if s.restarts > 0 {
+        let _ = write!(text, " (restarts {})", s.restarts);
+    }
+    match (s.state, &s.detail, &s.last_error) {
+        (SourceState::Connected, Some(detail), _) => {
+            let _ = write!(text, ": {detail}");
+        }
+        (SourceState::Connected, None, _) => {}
+        (_, _, Some(error)) => {
+            let _ = write!(text, ": {error}");
+        }
+        _ => {}
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(
+        state: SourceState,
+        detail: Option<&str>,
+        error: Option<&str>,
+        restarts: u64,
+    ) -> SourceStatus {
+        SourceStatus {
+            source: "docker".into(),
+            state,
+            detail: detail.map(Into::into),
+            last_error: error.map(Into::into),
+            restarts,
+        }
+    }
+
+    #[test]
+    fn the_text_shows_each_discovery_source_with_its_error_when_it_is_not_connected() {
+        let status = Status {
+            discovery: vec![
+                source(SourceState::Connected, None, Some("old"), 0),
+                source(
+                    SourceState::Unreachable,
+                    None,
+                    Some("connection refused"),
+                    0,
+                ),
+                source(
+                    SourceState::Restarting,
+                    None,
+                    Some("the watcher panicked: x"),
+                    3,
+                ),
+                source(SourceState::Connected, Some("not a Swarm manager"), None, 1),
+            ],
+            ..Status::default()
+        };
+        let text = status.render();
+        for line in [
+            "discovery: docker connected\n",
+            "discovery: docker unreachable: connection refused\n",
+            "discovery: docker restarting (restarts 3): the watcher panicked: x\n",
+            "discovery: docker connected (restarts 1): not a Swarm manager\n",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in:\n{text}");
+        }
     }
 }

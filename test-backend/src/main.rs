@@ -104,6 +104,17 @@ async fn main() -> Result<()> {
     // Install signal handlers before announcing readiness so an early SIGTERM is not lost.
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    // HUP and USR1 ask a server to reload (nginx), not to stop: it keeps serving. A handler
+    // of its own, because outside a container's PID 1 their default action ends the process.
+    for kind in [SignalKind::hangup(), SignalKind::user_defined1()] {
+        let mut reload = signal(kind).context("installing a reload signal handler")?;
+        let name = ctx.name.clone();
+        tokio::spawn(async move {
+            while reload.recv().await.is_some() {
+                eprintln!("{name}: reload signal received, still serving");
+            }
+        });
+    }
 
     if args.start_delay > 0 {
         tokio::time::sleep(Duration::from_millis(args.start_delay)).await;

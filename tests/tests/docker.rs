@@ -7,75 +7,15 @@ use std::{
     time::{Duration, Instant},
 };
 
+#[path = "support/docker_lb.rs"]
+mod docker_lb;
+use docker_lb::{PACE, VIP, config, docker_host, host_client, names, short, web_labels};
 use xlb_tests::{
     agent::Agent,
     client::{LoadLoop, failures, tcp_name},
-    docker::{DaemonOptions, DockerHost, HEALTH_IMAGE, IMAGE, TCP_PORT},
+    docker::{DaemonOptions, HEALTH_IMAGE, IMAGE, TCP_PORT},
     process::wait_for,
 };
-
-const VIP: &str = "10.99.100.1";
-const PACE: Duration = Duration::from_millis(20);
-
-fn config(host: &DockerHost) -> String {
-    format!(
-        r#"[agent]
-interfaces = ["front"]
-pin_path = "{pin}"
-
-[docker]
-endpoint = "{endpoint}"
-resync_interval = "3s"
-
-[[service]]
-name = "web"
-vip = "{VIP}"
-port = 80
-  [service.health]
-  interval = "200ms"
-  timeout = "100ms"
-  fall = 2
-  rise = 2
-
-[[service]]
-name = "api"
-vip = "{VIP}"
-port = 81
-"#,
-        pin = Agent::pin_path_of(&host.prefix),
-        endpoint = host.endpoint(),
-    )
-}
-
-/// A Docker host as Docker leaves a machine that had IP forwarding off: FORWARD policy DROP,
-/// so only xlb's bridge delivery (which skips netfilter) reaches unpublished ports.
-fn docker_host(options: DaemonOptions) -> DockerHost {
-    let host = DockerHost::with_options(options);
-    host.host.exec(&["iptables", "-w", "-P", "FORWARD", "DROP"]);
-    host
-}
-
-fn web_labels() -> Vec<(&'static str, &'static str)> {
-    vec![("xlb.service", "web"), ("xlb.port", "9000")]
-}
-
-/// The 12-character id a container answers with (its hostname).
-fn short(id: &str) -> String {
-    id[..12].to_string()
-}
-
-fn names(host: &DockerHost, n: usize) -> Vec<String> {
-    let vip = format!("{VIP}:80").parse().expect("addr");
-    host_client(host, move || {
-        (0..n)
-            .map(|i| tcp_name(vip).unwrap_or_else(|e| panic!("request {i}: {e}")))
-            .collect()
-    })
-}
-
-fn host_client<T: Send + 'static>(host: &DockerHost, f: impl FnOnce() -> T + Send + 'static) -> T {
-    host.client.run(f)
-}
 
 #[test]
 fn labelled_containers_join_leave_on_stop_and_new_ones_serve_at_once() {

@@ -1,30 +1,35 @@
 //! Docker containers as backends. Per session: list, then follow the events since just
 //! before the list (the daemon replays them), then re-list every `resync_interval`, since
-//! the daemon drops events past 1024 per subscriber. A `die` removes a container at once.
-//! While the daemon is unreachable the last snapshot stays in force ("fail static"), and
-//! the session is retried with backoff.
+//! the daemon drops events past 1024 per subscriber. A `die` removes a container at once;
+//! a `kill` with its stop signal (or SIGKILL) drains it, any other signal (an nginx reload's
+//! HUP) changes nothing. Only a container that is gone (404) or not running leaves: one
+//! that cannot be inspected just now (a timeout, a 5xx) keeps its backend and is asked
+//! again every second. While the daemon is unreachable the last snapshot stays in force
+//! ("fail static"), and the session is retried with backoff.
+mod inspect;
+mod signal;
+
 use std::{
     collections::{BTreeMap, HashMap},
-    net::IpAddr,
-    str::FromStr,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, Result, bail};
-use bollard::{
-    API_DEFAULT_VERSION, Docker,
-    models::{ContainerInspectResponse, HealthStatusEnum},
-    query_parameters::{EventsOptions, InspectNetworkOptions, ListContainersOptions},
-};
+use bollard::{API_DEFAULT_VERSION, Docker, query_parameters::EventsOptions};
 use futures_util::StreamExt as _;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::labels::{ContainerInfo, NetworkInfo};
-use crate::config::{DockerConfig, Protocol};
+use super::{labels::ContainerInfo, supervise::Report};
+use crate::config::DockerConfig;
+use inspect::{Listed, Lookup, NetworkCache, Running, inspect, list};
+use signal::{SIGKILL, SIGTERM, parse_signal};
 
 /// The running labelled containers, or None until the first list succeeded.
 type Containers = Option<Vec<ContainerInfo>>;
+
+/// How often containers whose inspection did not answer are asked again.
+const RETRY: Duration = Duration::from_secs(1);
 
 /// Connects to the daemon at `endpoint` (unix:///path or tcp://host:port) and negotiates
 /// the API version: never pinned.
@@ -41,19 +46,24 @@ pub async fn connect(endpoint: &str) -> Result<Docker> {
 
 /// Keeps `out` equal to the set of running labelled containers, for as long as the
 /// receiver lives.
-pub async fn watch_containers(config: DockerConfig, out: watch::Sender<Containers>) {
+pub async fn watch_containers(
+    config: DockerConfig,
+    out: watch::Sender<Containers>,
+    report: Report,
+) {
     let mut backoff = Duration::from_millis(250);
     let mut last_error = String::new();
     while !out.is_closed() {
         let started = std::time::Instant::now();
-        match session(&config, &out).await {
+        match session(&config, &out, &report).await {
             Ok(()) => return,
             Err(e) => {
                 let error = format!("{e:#}");
                 if error != last_error {
                     warn!(%error, "Docker unreachable; keeping the last known backends");
-                    last_error = error;
+                    last_error = error.clone();
                 }
+                report.unreachable(error);
             }
         }
         // A session that ran a while was healthy: retry quickly after it.
@@ -66,7 +76,11 @@ pub async fn watch_containers(config: DockerConfig, out: watch::Sender<Container
 }
 
 /// One connection: list, follow events, resync. Returns Err when the daemon goes away.
-async fn session(config: &DockerConfig, out: &watch::Sender<Containers>) -> Result<()> {
+async fn session(
+    config: &DockerConfig,
+    out: &watch::Sender<Containers>,
+    report: &Report,
+) -> Result<()> {
     let docker = connect(&config.endpoint).await?;
     let label = format!("{}.service", config.label_prefix);
     let filters = HashMap::from([
@@ -84,46 +98,51 @@ async fn session(config: &DockerConfig, out: &watch::Sender<Containers>) -> Resu
         filters: Some(filters),
     }));
     let mut networks = NetworkCache::default();
-    let mut containers = list(&docker, &label, &mut networks).await?;
-    info!(containers = containers.len(), "Docker connected");
-    publish(out, &containers);
+    // From the last snapshot: a container that does not answer now keeps its backend.
+    let mut tracked = Tracked::from_snapshot(out.borrow().as_deref().unwrap_or_default());
+    tracked.resync(list(&docker, &label, &mut networks).await?);
+    info!(containers = tracked.containers.len(), "Docker connected");
+    report.connected(None);
+    publish(out, &tracked);
     let mut resync = tokio::time::interval(config.resync_interval);
     resync.tick().await;
     loop {
+        let retry_at = tracked.retry_at.unwrap_or_else(tokio::time::Instant::now);
         tokio::select! {
             event = events.next() => {
                 let Some(event) = event else { bail!("the event stream ended") };
                 let event = event.context("reading Docker events")?;
-                let id = event.actor.and_then(|a| a.id).unwrap_or_default();
+                let actor = event.actor.unwrap_or_default();
+                let id = actor.id.unwrap_or_default();
+                let attributes = actor.attributes.unwrap_or_default();
                 let action = event.action.unwrap_or_default();
-                match Effect::of(&action) {
+                match Effect::of(&action, &attributes, tracked.stop_signal(&id)) {
                     Effect::Refresh => {
-                        let stopping = containers.get(&id).is_some_and(|c| c.stopping);
-                        match docker.inspect_container(&id, None).await {
-                            Ok(c) => match container_info(c, &mut networks, &docker).await? {
-                                Some(info) => {
-                                    containers.insert(id, ContainerInfo { stopping, ..info });
-                                }
-                                None => { containers.remove(&id); }
-                            },
-                            Err(_) => { containers.remove(&id); }
+                        let lookup = inspect(&docker, &id, &mut networks).await;
+                        tracked.update(&id, lookup);
+                    }
+                    Effect::Stopping => {
+                        if !tracked.mark_stopping(&id) {
+                            continue;
                         }
                     }
-                    Effect::Stopping => match containers.get_mut(&id) {
-                        Some(c) if !c.stopping => c.stopping = true,
-                        _ => continue,
-                    },
-                    Effect::Remove => {
-                        containers.remove(&id);
-                    }
+                    Effect::Remove => tracked.remove(&id),
                     Effect::Ignore => continue,
                 }
-                publish(out, &containers);
+                publish(out, &tracked);
             }
             _ = resync.tick() => {
-                let listed = list(&docker, &label, &mut networks).await?;
-                containers = resynced(&containers, listed);
-                publish(out, &containers);
+                tracked.resync(list(&docker, &label, &mut networks).await?);
+                publish(out, &tracked);
+            }
+            _ = tokio::time::sleep_until(retry_at), if !tracked.unresolved.is_empty() => {
+                tracked.retry_at = None;
+                let ids: Vec<String> = tracked.unresolved.keys().cloned().collect();
+                for id in ids {
+                    let lookup = inspect(&docker, &id, &mut networks).await;
+                    tracked.update(&id, lookup);
+                }
+                publish(out, &tracked);
             }
             _ = out.closed() => return Ok(()),
         }
@@ -143,34 +162,134 @@ enum Effect {
 }
 
 impl Effect {
-    fn of(action: &str) -> Effect {
+    /// `stop_signal`: the container's (SIGTERM if not known).
+    fn of(action: &str, attributes: &HashMap<String, String>, stop_signal: i32) -> Effect {
         // "health_status: healthy" carries its status after the colon.
         match action.split(':').next().unwrap_or_default() {
             "start" | "unpause" | "health_status" | "rename" | "update" => Effect::Refresh,
-            "kill" => Effect::Stopping,
+            // `docker stop` sends the stop signal, `docker kill` SIGKILL by default; other
+            // signals (`docker kill -s HUP`: a reload) do not stop the container. A kill
+            // that names no signal (no daemon here omits it) is taken for a stop.
+            "kill" => match attributes.get("signal").map(|s| parse_signal(s)) {
+                None => Effect::Stopping,
+                Some(Some(sig)) if sig == stop_signal || sig == SIGKILL => Effect::Stopping,
+                Some(_) => Effect::Ignore,
+            },
             "die" | "stop" | "pause" | "destroy" | "oom" => Effect::Remove,
             _ => Effect::Ignore,
         }
     }
 }
 
-/// A fresh list replaces what events built, except that a container still running after
-/// `docker stop` signalled it stays draining (the list cannot know it was signalled).
-fn resynced(
-    current: &BTreeMap<String, ContainerInfo>,
-    listed: BTreeMap<String, ContainerInfo>,
-) -> BTreeMap<String, ContainerInfo> {
-    listed
-        .into_iter()
-        .map(|(id, info)| {
-            let stopping = current.get(&id).is_some_and(|c| c.stopping);
-            (id, ContainerInfo { stopping, ..info })
-        })
-        .collect()
+/// What a session knows of the labelled containers.
+#[derive(Debug, Default)]
+struct Tracked {
+    containers: BTreeMap<String, ContainerInfo>,
+    stop_signals: HashMap<String, i32>,
+    /// Containers whose last inspection did not answer (id -> error): asked again every
+    /// `RETRY`; their backends stay as they were meanwhile.
+    unresolved: BTreeMap<String, String>,
+    /// When to ask them.
+    retry_at: Option<tokio::time::Instant>,
 }
 
-fn publish(out: &watch::Sender<Containers>, containers: &BTreeMap<String, ContainerInfo>) {
-    let list: Vec<ContainerInfo> = containers.values().cloned().collect();
+impl Tracked {
+    fn from_snapshot(containers: &[ContainerInfo]) -> Tracked {
+        Tracked {
+            containers: containers
+                .iter()
+                .map(|c| (c.id.clone(), c.clone()))
+                .collect(),
+            ..Tracked::default()
+        }
+    }
+
+    fn stop_signal(&self, id: &str) -> i32 {
+        self.stop_signals.get(id).copied().unwrap_or(SIGTERM)
+    }
+
+    /// The container's state as an inspection found it.
+    fn update(&mut self, id: &str, lookup: Lookup) {
+        match lookup {
+            Lookup::Running(running) => {
+                self.unresolved.remove(id);
+                self.insert(id.to_string(), running);
+            }
+            Lookup::NotRunning => {
+                self.unresolved.remove(id);
+                self.remove(id);
+            }
+            Lookup::Unknown(error) => self.unknown(id.to_string(), error),
+        }
+    }
+
+    fn insert(&mut self, id: String, running: Running) {
+        // Stopping stays stopping: neither an inspection nor a list can tell it was signalled.
+        let stopping = self.containers.get(&id).is_some_and(|c| c.stopping);
+        self.stop_signals.insert(id.clone(), running.stop_signal);
+        let info = ContainerInfo {
+            stopping,
+            ..running.info
+        };
+        self.containers.insert(id, info);
+    }
+
+    fn unknown(&mut self, id: String, error: String) {
+        if self.unresolved.get(&id) != Some(&error) {
+            let known = self.containers.contains_key(&id);
+            warn!(%error, "Docker did not say how container {id:.12} is; {}, and it is asked again", if known { "its backend stays as it was" } else { "it joins once it answers" });
+        }
+        self.unresolved.insert(id, error);
+        self.retry_at
+            .get_or_insert_with(|| tokio::time::Instant::now() + RETRY);
+    }
+
+    /// True if that changed anything.
+    fn mark_stopping(&mut self, id: &str) -> bool {
+        match self.containers.get_mut(id) {
+            Some(c) if !c.stopping => {
+                c.stopping = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn remove(&mut self, id: &str) {
+        self.containers.remove(id);
+        self.stop_signals.remove(id);
+        self.unresolved.remove(id);
+    }
+
+    /// A fresh list replaces what events built: containers not listed are gone. Those
+    /// listed that did not answer their inspection stay as they were.
+    fn resync(&mut self, listed: Listed) {
+        let mut before = std::mem::take(&mut self.containers);
+        let mut signals = std::mem::take(&mut self.stop_signals);
+        let unresolved = std::mem::take(&mut self.unresolved);
+        for (id, running) in listed.running {
+            if let Some(old) = before.remove(&id) {
+                self.containers.insert(id.clone(), old);
+            }
+            self.insert(id, running);
+        }
+        for (id, error) in listed.unknown {
+            if let Some(old) = before.remove(&id) {
+                self.containers.insert(id.clone(), old);
+            }
+            if let Some(sig) = signals.remove(&id) {
+                self.stop_signals.insert(id.clone(), sig);
+            }
+            if let Some(previous) = unresolved.get(&id) {
+                self.unresolved.insert(id.clone(), previous.clone());
+            }
+            self.unknown(id, error);
+        }
+    }
+}
+
+fn publish(out: &watch::Sender<Containers>, tracked: &Tracked) {
+    let list: Vec<ContainerInfo> = tracked.containers.values().cloned().collect();
     out.send_if_modified(|current| {
         let changed = current.as_ref() != Some(&list);
         if changed {
@@ -180,173 +299,5 @@ fn publish(out: &watch::Sender<Containers>, containers: &BTreeMap<String, Contai
     });
 }
 
-async fn list(
-    docker: &Docker,
-    label: &str,
-    networks: &mut NetworkCache,
-) -> Result<BTreeMap<String, ContainerInfo>> {
-    let filters = HashMap::from([("label".to_string(), vec![label.to_string()])]);
-    let options = ListContainersOptions {
-        filters: Some(filters),
-        ..Default::default()
-    };
-    let mut out = BTreeMap::new();
-    for summary in docker
-        .list_containers(Some(options))
-        .await
-        .context("listing containers")?
-    {
-        let Some(id) = summary.id else { continue };
-        // A container can vanish between the list and its inspection.
-        let Ok(inspected) = docker.inspect_container(&id, None).await else {
-            continue;
-        };
-        if let Some(info) = container_info(inspected, networks, docker).await? {
-            out.insert(id, info);
-        }
-    }
-    Ok(out)
-}
-
-/// The parts of an inspection discovery uses; None unless the container is running.
-async fn container_info(
-    c: ContainerInspectResponse,
-    networks: &mut NetworkCache,
-    docker: &Docker,
-) -> Result<Option<ContainerInfo>> {
-    let state = c.state.unwrap_or_default();
-    if state.running != Some(true) || state.paused == Some(true) {
-        return Ok(None);
-    }
-    let config = c.config.unwrap_or_default();
-    let health = state.health.and_then(|h| h.status).and_then(|s| match s {
-        HealthStatusEnum::STARTING => Some("starting".to_string()),
-        HealthStatusEnum::HEALTHY => Some("healthy".to_string()),
-        HealthStatusEnum::UNHEALTHY => Some("unhealthy".to_string()),
-        HealthStatusEnum::NONE | HealthStatusEnum::EMPTY => None,
-    });
-    let exposed = config
-        .exposed_ports
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|p| {
-            let (port, proto) = p.split_once('/').unwrap_or((p, "tcp"));
-            let proto = match proto {
-                "tcp" => Protocol::Tcp,
-                "udp" => Protocol::Udp,
-                _ => return None,
-            };
-            Some((port.parse().ok()?, proto))
-        })
-        .collect();
-    let mut attached = Vec::new();
-    let endpoints = c
-        .network_settings
-        .and_then(|n| n.networks)
-        .unwrap_or_default();
-    for (name, endpoint) in endpoints {
-        let ip = endpoint
-            .ip_address
-            .as_deref()
-            .and_then(|ip| IpAddr::from_str(ip).ok());
-        let bridge = match endpoint.network_id.as_deref() {
-            Some(id) if !id.is_empty() => networks.bridge(docker, id).await,
-            _ => None,
-        };
-        attached.push(NetworkInfo { name, ip, bridge });
-    }
-    attached.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(Some(ContainerInfo {
-        id: c.id.unwrap_or_default(),
-        name: c
-            .name
-            .unwrap_or_default()
-            .trim_start_matches('/')
-            .to_string(),
-        labels: config.labels.unwrap_or_default().into_iter().collect(),
-        networks: attached,
-        exposed,
-        health,
-        stopping: false,
-    }))
-}
-
-/// Network id -> the Linux bridge of a local bridge network (None for overlay etc.).
-#[derive(Default)]
-struct NetworkCache(HashMap<String, Option<String>>);
-
-impl NetworkCache {
-    async fn bridge(&mut self, docker: &Docker, id: &str) -> Option<String> {
-        if let Some(known) = self.0.get(id) {
-            return known.clone();
-        }
-        let network = docker
-            .inspect_network(id, None::<InspectNetworkOptions>)
-            .await
-            .ok()?;
-        let bridge = (network.driver.as_deref() == Some("bridge")).then(|| {
-            network
-                .options
-                .as_ref()
-                .and_then(|o| o.get("com.docker.network.bridge.name").cloned())
-                .unwrap_or_else(|| format!("br-{}", &id[..id.len().min(12)]))
-        });
-        self.0.insert(id.to_string(), bridge.clone());
-        bridge
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn container(id: &str, stopping: bool) -> (String, ContainerInfo) {
-        let info = ContainerInfo {
-            id: id.into(),
-            name: id.into(),
-            labels: BTreeMap::new(),
-            networks: Vec::new(),
-            exposed: Vec::new(),
-            health: None,
-            stopping,
-        };
-        (id.to_string(), info)
-    }
-
-    #[test]
-    fn events_map_to_what_they_mean_for_a_backend() {
-        for (action, effect) in [
-            ("start", Effect::Refresh),
-            ("health_status: healthy", Effect::Refresh),
-            ("health_status: unhealthy", Effect::Refresh),
-            ("kill", Effect::Stopping),
-            ("die", Effect::Remove),
-            ("destroy", Effect::Remove),
-            ("pause", Effect::Remove),
-            ("exec_start: sh", Effect::Ignore),
-            ("attach", Effect::Ignore),
-        ] {
-            assert_eq!(Effect::of(action), effect, "{action}");
-        }
-    }
-
-    #[test]
-    fn a_resync_keeps_stopping_containers_draining_and_drops_vanished_ones() {
-        let current = BTreeMap::from([
-            container("a", true),
-            container("b", false),
-            container("gone", false),
-        ]);
-        let listed = BTreeMap::from([
-            container("a", false),
-            container("b", false),
-            container("new", false),
-        ]);
-        let after = resynced(&current, listed);
-        let summary: Vec<(&str, bool)> = after
-            .values()
-            .map(|c| (c.id.as_str(), c.stopping))
-            .collect();
-        assert_eq!(summary, [("a", true), ("b", false), ("new", false)]);
-    }
-}
+mod tests;

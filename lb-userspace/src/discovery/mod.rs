@@ -1,50 +1,24 @@
 //! Backend sources besides the static config: Docker containers (docker.rs) and Swarm
 //! tasks, both read through their labels (labels.rs). Each source publishes complete
-//! snapshots; `Sources::desired` merges them with the config into the desired state.
+//! snapshots from a supervised watcher (supervise.rs); `Sources::desired` merges them with
+//! the config into the desired state.
 pub mod docker;
 pub mod labels;
+pub mod supervise;
 pub mod swarm;
 
-use std::future::Future;
-
-use tokio::{sync::watch, task::JoinHandle};
+use std::collections::BTreeMap;
 
 use crate::{
+    bridgeport::index_name,
     config::{Config, DockerConfig},
-    state::DesiredState,
+    state::{BackendSpec, Delivery, DesiredState, Endpoint, ServiceSpec, Source},
 };
 use labels::LabelError;
+use supervise::{Backoff, Board, Watch};
 
-/// A watcher task and the snapshots it publishes.
-struct Watch<T> {
-    rx: watch::Receiver<Option<T>>,
-    task: JoinHandle<()>,
-}
-
-impl<T> Drop for Watch<T> {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl<T> Watch<T> {
-    fn start<F>(run: impl FnOnce(watch::Sender<Option<T>>) -> F) -> Self
-    where
-        F: Future<Output = ()> + Send + 'static,
-    {
-        let (tx, rx) = watch::channel(None);
-        Self {
-            rx,
-            task: tokio::spawn(run(tx)),
-        }
-    }
-
-    async fn changed(&mut self) {
-        if self.rx.changed().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    }
-}
+/// The weight of a kept pinned backend (its real one is the source's to say).
+const KEPT_WEIGHT: u32 = 100;
 
 /// The Docker sources of one `[docker]` section: local containers and Swarm tasks.
 struct DockerSources {
@@ -53,10 +27,16 @@ struct DockerSources {
     swarm: Watch<Vec<swarm::SwarmTask>>,
 }
 
+/// Per service, backends a source may know but has not said yet.
+pub type Unclaimed = BTreeMap<String, BTreeMap<Endpoint, BackendSpec>>;
+
 /// The running dynamic sources of one config.
 #[derive(Default)]
 pub struct Sources {
     docker: Option<DockerSources>,
+    board: Board,
+    /// Kept until every source has answered once (see [`Sources::keep_until_ready`]).
+    unclaimed: Unclaimed,
 }
 
 impl Sources {
@@ -65,11 +45,32 @@ impl Sources {
         if self.docker.as_ref().map(|d| &d.config) == config.docker.as_ref() {
             return;
         }
-        self.docker = config.docker.clone().map(|config| DockerSources {
-            containers: Watch::start(|tx| docker::watch_containers(config.clone(), tx)),
-            swarm: Watch::start(|tx| swarm::watch_swarm(config.clone(), tx)),
-            config,
+        // What the old sources would have said is no guide to the new ones.
+        self.unclaimed.clear();
+        self.docker = None;
+        self.board.remove("docker");
+        self.board.remove("swarm");
+        self.docker = config.docker.clone().map(|config| {
+            let (c, s) = (config.clone(), config.clone());
+            DockerSources {
+                containers: Watch::start(
+                    self.board.register("docker"),
+                    Backoff::default(),
+                    move |tx, report| docker::watch_containers(c.clone(), tx, report),
+                ),
+                swarm: Watch::start(
+                    self.board.register("swarm"),
+                    Backoff::default(),
+                    move |tx, report| swarm::watch_swarm(s.clone(), tx, report),
+                ),
+                config,
+            }
         });
+    }
+
+    /// Each source's state, for status and metrics.
+    pub fn board(&self) -> Board {
+        self.board.clone()
     }
 
     /// True once every source has reported at least once.
@@ -77,6 +78,18 @@ impl Sources {
         self.docker
             .as_ref()
             .is_none_or(|d| d.containers.rx.borrow().is_some() && d.swarm.rx.borrow().is_some())
+    }
+
+    /// Fail static after a restart: `unclaimed` (the pinned data path's backends that the
+    /// config does not declare) stay in the desired state until every source has answered,
+    /// so that backends only Docker knows are not dropped while it is away. Nothing waits
+    /// for Docker meanwhile.
+    pub fn keep_until_ready(&mut self, unclaimed: Unclaimed) {
+        self.unclaimed = if self.ready() {
+            Unclaimed::new()
+        } else {
+            unclaimed
+        };
     }
 
     /// Resolves when a source has news (never, without sources).
@@ -87,6 +100,9 @@ impl Sources {
                 _ = d.swarm.changed() => {}
             },
             None => std::future::pending().await,
+        }
+        if self.ready() {
+            self.unclaimed.clear();
         }
     }
 
@@ -104,6 +120,54 @@ impl Sources {
                 errors.extend(desired.add_tasks(tasks, prefix));
             }
         }
+        if !self.ready() {
+            for (name, backends) in &self.unclaimed {
+                let Some(svc) = desired.services.get_mut(name) else {
+                    continue;
+                };
+                for (endpoint, backend) in backends {
+                    svc.backends
+                        .entry(*endpoint)
+                        .or_insert_with(|| backend.clone());
+                }
+            }
+        }
         (desired, errors)
     }
 }
+
+/// The backends a pinned data path has (`pinned(service)`: endpoint and delivery) that
+/// `declared` (the config's services) does not: kept, at their bridge, until the sources
+/// answer. Weights are not pinned: they get [`KEPT_WEIGHT`].
+pub fn unclaimed(
+    declared: &DesiredState,
+    pinned: impl Fn(&ServiceSpec) -> Vec<(Endpoint, Delivery)>,
+) -> Unclaimed {
+    let mut out = Unclaimed::new();
+    for (name, svc) in &declared.services {
+        let kept: BTreeMap<Endpoint, BackendSpec> = pinned(svc)
+            .into_iter()
+            .filter(|(endpoint, _)| !svc.backends.contains_key(endpoint))
+            .map(|(endpoint, delivery)| {
+                let bridge = (delivery.bridge != 0)
+                    .then(|| index_name(delivery.bridge))
+                    .flatten();
+                let spec = BackendSpec {
+                    weight: KEPT_WEIGHT,
+                    source: Source::Pinned,
+                    health: Default::default(),
+                    bridge,
+                    delivery: Delivery::default(),
+                };
+                (endpoint, spec)
+            })
+            .collect();
+        if !kept.is_empty() {
+            out.insert(name.clone(), kept);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

@@ -22,7 +22,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::docker::connect;
+use super::{docker::connect, supervise::Report};
 use crate::config::DockerConfig;
 
 /// What the poll found: None until the first poll; empty when not a Swarm manager.
@@ -44,21 +44,25 @@ pub struct SwarmTask {
     pub draining: bool,
 }
 
-pub async fn watch_swarm(config: DockerConfig, out: watch::Sender<Swarm>) {
+/// Upper bound of one poll (services, nodes and tasks).
+const POLL_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn watch_swarm(config: DockerConfig, out: watch::Sender<Swarm>, report: Report) {
     let mut last_error = String::new();
     while !out.is_closed() {
-        if let Err(e) = session(&config, &out).await {
+        if let Err(e) = session(&config, &out, &report).await {
             let error = format!("{e:#}");
             if error != last_error {
                 warn!(%error, "Swarm manager unreachable; keeping the last known tasks");
-                last_error = error;
+                last_error = error.clone();
             }
+            report.unreachable(error);
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
-async fn session(config: &DockerConfig, out: &watch::Sender<Swarm>) -> Result<()> {
+async fn session(config: &DockerConfig, out: &watch::Sender<Swarm>, report: &Report) -> Result<()> {
     let docker = connect(&config.endpoint).await?;
     let info = docker.info().await.context("docker info")?;
     let manager = info
@@ -68,6 +72,7 @@ async fn session(config: &DockerConfig, out: &watch::Sender<Swarm>) -> Result<()
         .unwrap_or(false);
     if !manager {
         // Not a Swarm manager: nothing to poll; look again later.
+        report.connected(Some("not a Swarm manager".into()));
         out.send_if_modified(|s| s.replace(Vec::new()) != Some(Vec::new()));
         tokio::time::sleep(Duration::from_secs(30)).await;
         return Ok(());
@@ -78,6 +83,7 @@ async fn session(config: &DockerConfig, out: &watch::Sender<Swarm>) -> Result<()
         ..Default::default()
     }));
     info!("Swarm manager connected; polling tasks");
+    let mut connected = false;
     let mut poll = tokio::time::interval(config.swarm_poll_interval);
     loop {
         tokio::select! {
@@ -89,7 +95,13 @@ async fn session(config: &DockerConfig, out: &watch::Sender<Swarm>) -> Result<()
             },
             _ = out.closed() => return Ok(()),
         }
-        let tasks = poll_tasks(&docker, &config.endpoint).await?;
+        let tasks = tokio::time::timeout(POLL_TIMEOUT, poll_tasks(&docker, &config.endpoint))
+            .await
+            .map_err(|_| anyhow::anyhow!("polling tasks: no answer within {POLL_TIMEOUT:?}"))??;
+        if !connected {
+            report.connected(None);
+            connected = true;
+        }
         out.send_if_modified(|current| {
             let changed = current.as_ref() != Some(&tasks);
             if changed {
