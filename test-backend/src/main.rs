@@ -38,6 +38,10 @@ struct Args {
     /// UDP listener: every datagram is answered with "NAME\n"
     #[arg(long, value_name = "ADDR")]
     udp: Vec<SocketAddr>,
+    /// Push trigger: each connection here makes the server speak first on every open TCP
+    /// line connection ("NAME\n", unasked), and is answered "pushed N\n"
+    #[arg(long, value_name = "ADDR")]
+    push: Vec<SocketAddr>,
     /// After SIGTERM/SIGINT keep serving for this many milliseconds, then exit 0
     #[arg(long, value_name = "DURATION_MS", default_value_t = 0)]
     linger: u64,
@@ -60,6 +64,8 @@ struct Ctx {
     name: String,
     reply: Bytes,
     log: bool,
+    /// Tells every open line connection to send `reply` unasked.
+    push: tokio::sync::broadcast::Sender<()>,
 }
 
 impl Ctx {
@@ -99,6 +105,7 @@ async fn main() -> Result<()> {
         reply: Bytes::from(format!("{name}\n")),
         name,
         log: args.log,
+        push: tokio::sync::broadcast::channel(16).0,
     });
 
     // Install signal handlers before announcing readiness so an early SIGTERM is not lost.
@@ -131,6 +138,12 @@ async fn main() -> Result<()> {
             .await
             .context(format!("binding http {addr}"))?;
         tokio::spawn(accept_loop(l, ctx.clone(), "http"));
+    }
+    for addr in &args.push {
+        let l = TcpListener::bind(addr)
+            .await
+            .context(format!("binding push {addr}"))?;
+        tokio::spawn(push_loop(l, ctx.clone()));
     }
     for addr in &args.udp {
         let s = UdpSocket::bind(addr)
@@ -187,15 +200,33 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, proto: &'static str) 
     }
 }
 
-/// Replies once per '\n' received (plus once for a trailing unterminated line at EOF).
-/// Counting newlines in a fixed buffer keeps memory bounded whatever the client sends.
+/// Each connection pushes `reply` to every open line connection.
+async fn push_loop(listener: TcpListener, ctx: Arc<Ctx>) {
+    while let Ok((mut stream, _)) = listener.accept().await {
+        let n = ctx.push.send(()).unwrap_or(0);
+        let _ = stream.write_all(format!("pushed {n}\n").as_bytes()).await;
+    }
+}
+
+/// Replies once per '\n' received (plus once for a trailing unterminated line at EOF), and
+/// speaks first when a push asks it to. Counting newlines in a fixed buffer keeps memory
+/// bounded whatever the client sends.
 async fn serve_tcp(mut stream: TcpStream, ctx: Arc<Ctx>) {
     let mut buf = [0u8; 4096];
     let mut partial = false;
+    let mut pushes = ctx.push.subscribe();
     loop {
-        let n = match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
+        let n = tokio::select! {
+            read = stream.read(&mut buf) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            },
+            Ok(()) = pushes.recv() => {
+                if stream.write_all(&ctx.reply).await.is_err() {
+                    return;
+                }
+                continue;
+            }
         };
         let lines = buf[..n].iter().filter(|&&b| b == b'\n').count();
         partial = buf[n - 1] != b'\n';

@@ -35,6 +35,15 @@ impl LineConn {
         (conn, name)
     }
 
+    /// The next line the backend sends unasked (its name, after a push).
+    pub fn hear(&mut self) -> io::Result<String> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed"));
+        }
+        Ok(line.trim_end().to_string())
+    }
+
     /// Sends one line and returns the backend's name.
     pub fn ask(&mut self) -> io::Result<String> {
         self.ask_with(b"who\n")
@@ -43,11 +52,7 @@ impl LineConn {
     /// Sends `line` (ending in a newline; any size) and returns the backend's name.
     pub fn ask_with(&mut self, line: &[u8]) -> io::Result<String> {
         self.reader.get_mut().write_all(line)?;
-        let mut line = String::new();
-        if self.reader.read_line(&mut line)? == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed"));
-        }
-        Ok(line.trim_end().to_string())
+        self.hear()
     }
 }
 

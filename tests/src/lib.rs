@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod client;
 pub mod docker;
+pub mod flood;
 pub mod netns;
 pub mod process;
 pub mod remote;

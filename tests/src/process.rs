@@ -98,3 +98,22 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Raises the open-file limit to at least `n` (within the hard limit, which this
+/// container's root cannot raise); the backends started later inherit it.
+pub fn raise_fd_limit(n: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    assert!(
+        limit.rlim_max >= n,
+        "open-file hard limit {} < {n}",
+        limit.rlim_max
+    );
+    limit.rlim_cur = limit.rlim_max;
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    assert_eq!(rc, 0, "setrlimit: {}", std::io::Error::last_os_error());
+}

@@ -416,6 +416,8 @@ fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
 
 fn start_server(host: &Host, dir: &std::path::Path) -> Proc {
     let addrs: Vec<String> = HOST_PORTS.iter().map(|p| format!("0.0.0.0:{p}")).collect();
-    let listeners: Vec<&str> = addrs.iter().flat_map(|a| ["--tcp", a.as_str()]).collect();
+    let mut listeners: Vec<&str> = addrs.iter().flat_map(|a| ["--tcp", a.as_str()]).collect();
+    let push = format!("0.0.0.0:{}", crate::topology::PUSH_PORT);
+    listeners.extend(["--push", push.as_str()]);
     start_test_backend(&host.ns, &host.name, &listeners, dir, host.log.clone())
 }

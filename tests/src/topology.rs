@@ -17,6 +17,30 @@ pub const VIP: &str = "10.99.100.1";
 pub const FRONT: &str = "front";
 pub const FRONT_ADDR: &str = "10.99.1.1";
 pub const CLIENT_ADDR: &str = "10.99.1.2";
+/// Where every test backend takes push triggers (`xlb-test-backend --push`): a connection
+/// there makes it speak first on all its open line connections.
+pub const PUSH_PORT: u16 = 7000;
+const PUSH_LISTEN: &str = "0.0.0.0:7000";
+
+/// Makes the test backend at `addr` speak first on every open line connection; returns how
+/// many it pushed to. Call inside a namespace that reaches the backend directly.
+pub fn push_from_backend(addr: std::net::IpAddr) -> usize {
+    use std::io::BufRead as _;
+    let target = std::net::SocketAddr::new(addr, PUSH_PORT);
+    let stream = std::net::TcpStream::connect_timeout(&target, crate::client::TIMEOUT)
+        .unwrap_or_else(|e| panic!("push trigger {target}: {e}"));
+    stream
+        .set_read_timeout(Some(crate::client::TIMEOUT))
+        .expect("timeout");
+    let mut line = String::new();
+    std::io::BufReader::new(stream)
+        .read_line(&mut line)
+        .unwrap_or_else(|e| panic!("push trigger {target}: {e}"));
+    line.trim()
+        .strip_prefix("pushed ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("push trigger {target} answered {line:?}"))
+}
 
 /// Links a client namespace ("eth0", CLIENT_ADDR, default route via the front) to the
 /// namespace that takes its traffic ("front", FRONT_ADDR). TX offload is off on the client,
@@ -181,6 +205,8 @@ impl Topology {
             "0.0.0.0:8080",
             "--http",
             "0.0.0.0:8081",
+            "--push",
+            PUSH_LISTEN,
         ];
         let log = self.dir.join(format!("{}.log", backend.name));
         start_test_backend(&backend.ns, &backend.name, &listeners, &self.dir, log)

@@ -10,7 +10,7 @@ use std::{
 use xlb_tests::{
     agent::Agent,
     client::{LineConn, LoadLoop, failures, tcp_name},
-    process::wait_for,
+    process::{raise_fd_limit, wait_for},
     remote::{ANNOUNCE_TABLE, Remote},
     topology::{CLIENT_ADDR, VIP},
 };
@@ -389,23 +389,4 @@ fn bgp_announces_the_vip_from_each_serving_lb_and_withdraws_it() {
         "{}",
         agents[1].log_text()
     );
-}
-
-/// Raises the open-file limit to at least `n` (within the hard limit, which this
-/// container's root cannot raise); the backends started later inherit it.
-fn raise_fd_limit(n: u64) {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid struct.
-    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
-    assert!(
-        limit.rlim_max >= n,
-        "open-file hard limit {} < {n}",
-        limit.rlim_max
-    );
-    limit.rlim_cur = limit.rlim_max;
-    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
-    assert_eq!(rc, 0, "setrlimit: {}", std::io::Error::last_os_error());
 }
