@@ -87,7 +87,7 @@ fn taken(r: &Results) -> String {
     let c = &r.context;
     let tools: Vec<String> = c.tools.iter().map(|t| short_tool(t)).collect();
     format!(
-        "{} (tree {}) on Linux {}, {} CPUs ({}); {} repetitions × {} s per load and mode, modes \
+        "{} (tree {}), Linux {}, {} CPUs ({}); {} repetitions × {} s per load and mode, modes \
          interleaved; {}",
         c.date,
         c.revision,
