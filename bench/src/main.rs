@@ -1,6 +1,7 @@
 //! `xlb-bench` (run it with `cargo xtask bench`): the same loads through every mode in a
 //! netns sandbox, interleaved over repetitions, plus microbenchmarks of the XDP program and
-//! Maglev. Writes report.md, results.json and ratios.svg to target/bench/.
+//! Maglev. Writes report.md, results.json and ratios.svg to target/bench/; `--update-docs`
+//! makes a full run the one README.md and docs/ quote (publish.rs).
 //!
 //! ```text
 //! client ns 10.99.1.2 ──veth── lb ns (front 10.99.1.1, br0 10.99.2.1) ──br0── beN ns 10.99.2.1N (nginx)
@@ -15,6 +16,7 @@ mod micro;
 mod modes;
 mod plot;
 mod profile;
+mod publish;
 mod report;
 mod runs;
 mod tables;
@@ -97,6 +99,14 @@ struct Args {
     /// Skip the microbenchmarks.
     #[arg(long)]
     no_micro: bool,
+    /// Run nothing: rewrite the benchmark sections of README.md and docs/benchmarks.md from
+    /// docs/bench-results.json, the last full run's results.
+    #[arg(long)]
+    update_docs: bool,
+    /// With --update-docs: first make this output directory's full run (results.json,
+    /// ratios.svg) the last full run in docs/.
+    #[arg(long, requires = "update_docs")]
+    from: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -138,6 +148,18 @@ fn target_dir() -> PathBuf {
 }
 
 fn run(args: Args) -> Result<()> {
+    if args.update_docs {
+        let changed = publish::update_docs(args.from.as_deref())?;
+        eprintln!(
+            "xlb-bench: {}",
+            if changed.is_empty() {
+                "README.md and docs/benchmarks.md already quote docs/bench-results.json".into()
+            } else {
+                format!("rewrote the benchmark section of {}", changed.join(", "))
+            }
+        );
+        return Ok(());
+    }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("run as root: it creates network namespaces and loads BPF programs");

@@ -30,7 +30,7 @@ use lb_common::{
     Reason,
     sizes::{DEFAULT_RING_SIZE, MAX_RING_SIZE},
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use xlb::{
     datapath::Datapath,
     loader,
@@ -45,7 +45,7 @@ const LOOP_VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 100, 2);
 /// XLB_CONNTRACK_V1's capacity (lb-common sizes).
 const CONNTRACK_ENTRIES: usize = 262_144;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct XdpResult {
     /// Runs per BPF_PROG_TEST_RUN call in the `repeat` measurement, and calls made.
     pub repeat: u32,
@@ -396,15 +396,17 @@ fn test_run(prog_fd: i32, data: &[u8], repeat: u32) -> Result<(u32, u32)> {
 }
 
 /// What criterion measured for one benchmark (ns).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CriterionEstimate {
     pub median_ns: f64,
+    /// 0 when read from results rebuilt from the published tables, which do not show it.
+    #[serde(default)]
     pub mean_ns: f64,
     pub mean_low_ns: f64,
     pub mean_high_ns: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MaglevResult {
     pub table_size: u32,
     pub backends: usize,

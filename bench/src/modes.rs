@@ -4,7 +4,7 @@
 use std::{net::SocketAddrV4, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use xlb_tests::{agent::Agent, process::Proc, topology::VIP};
 
 use crate::{
@@ -12,7 +12,7 @@ use crate::{
     xlbmode::{self, Decap},
 };
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// The client drives the three backends directly, routed through the lb namespace.

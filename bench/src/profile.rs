@@ -9,12 +9,12 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::load::Load;
 
 /// One program's cost during one load.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProgramCost {
     pub load: Load,
     pub program: String,

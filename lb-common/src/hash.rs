@@ -41,21 +41,106 @@ pub const fn flow_hash(key: &FlowKey) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
+
+    /// A key as the data path builds it: words and ports in network byte order, read as
+    /// native integers (the addresses in the comments below are what they are on x86).
+    const fn key(src: [u32; 4], src_port: u16, dst_port: u16, proto: u8, family: u8) -> FlowKey {
+        FlowKey {
+            src,
+            dst: [0x0164_630a, 0, 0, 0],
+            src_port,
+            dst_port,
+            proto,
+            family,
+            _pad: 0,
+        }
+    }
+
+    /// Keys and the hashes the function gave them when this test was written (the same
+    /// values as a separate Python version of these rounds). A changed hash sends flows to
+    /// other backends while LB nodes run different versions: change these only together
+    /// with a deliberate, documented change of the hash.
+    const GOLDEN: [(&str, FlowKey, u32); 9] = [
+        (
+            "10.99.1.2:12345 tcp -> :80",
+            key([0x0201_630a, 0, 0, 0], 0x3930, 0x5000, PROTO_TCP, FAMILY_V4),
+            0xa979_0a4e,
+        ),
+        (
+            "10.99.1.2:12601 tcp -> :80",
+            key([0x0201_630a, 0, 0, 0], 0x3931, 0x5000, PROTO_TCP, FAMILY_V4),
+            0xcdf7_3ce9,
+        ),
+        (
+            "10.99.1.2:12345 udp -> :80",
+            key([0x0201_630a, 0, 0, 0], 0x3930, 0x5000, PROTO_UDP, FAMILY_V4),
+            0x5f57_f163,
+        ),
+        (
+            "10.99.1.9:65534 udp -> :53",
+            key([0x0901_630a, 0, 0, 0], 0xfeff, 0x3500, PROTO_UDP, FAMILY_V4),
+            0xebc1_2418,
+        ),
+        (
+            "255.255.255.255:65535 tcp -> :65535",
+            key([0xffff_ffff, 0, 0, 0], 0xffff, 0xffff, PROTO_TCP, FAMILY_V4),
+            0x7ea2_d14a,
+        ),
+        (
+            "0.0.0.0:0 proto 0 -> :0",
+            key([0, 0, 0, 0], 0, 0, 0, FAMILY_V4),
+            0x4ee8_c2f8,
+        ),
+        (
+            "[fd99::2]:12345 tcp -> :80",
+            key(
+                [0x0000_99fd, 0, 0, 0x0200_0000],
+                0x3930,
+                0x5000,
+                PROTO_TCP,
+                FAMILY_V6,
+            ),
+            0x56c3_5481,
+        ),
+        (
+            "[fd99:0:0:1::2]:12345 tcp -> :80",
+            key(
+                [0x0000_99fd, 0x0100_0000, 0, 0x0200_0000],
+                0x3930,
+                0x5000,
+                PROTO_TCP,
+                FAMILY_V6,
+            ),
+            0x989a_813e,
+        ),
+        (
+            "[fe80::234:12ff:fefe:5678]:47873 udp -> :443",
+            key(
+                [0x0000_80fe, 0, 0xff12_3402, 0x7856_fefe],
+                0x01bb,
+                0xbb01,
+                PROTO_UDP,
+                FAMILY_V6,
+            ),
+            0x74a2_9d2e,
+        ),
+    ];
 
     #[test]
     fn hash_is_fixed() {
-        // A changed hash moves every flow when nodes run different versions: keep it stable.
-        let key = FlowKey {
-            src: [0x0201_630a, 0, 0, 0],
-            src_port: 0x3930,
-            dst_port: 0x5000,
-            proto: 6,
-            family: 4,
-            ..Default::default()
-        };
-        assert_eq!(flow_hash(&key), flow_hash(&key));
-        let mut other = key;
-        other.src_port = 0x3931;
-        assert_ne!(flow_hash(&key), flow_hash(&other));
+        for (what, key, want) in GOLDEN {
+            assert_eq!(flow_hash(&key), want, "{what}: {:#010x}", flow_hash(&key));
+        }
+    }
+
+    #[test]
+    fn destination_is_not_hashed() {
+        // Each service has its own ring: the VIP must not move a client's flows.
+        for (what, key, want) in GOLDEN {
+            let mut other = key;
+            other.dst = [0x0764_630a, 0, 0, 0];
+            assert_eq!(flow_hash(&other), want, "{what}");
+        }
     }
 }

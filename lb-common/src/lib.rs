@@ -374,7 +374,7 @@ pub enum Reason {
     HandedToTc,
     /// fullnat: a reply was translated back to VIP -> client.
     RevSnat,
-    /// XDP_DROP: fullnat found no free SNAT port for this backend (see xlb_snat_* metrics).
+    /// XDP_DROP: fullnat found no free SNAT port for this backend.
     DropSnatExhausted,
     /// XDP_DROP: no route (or no source address) towards the backend for fullnat/dsr.
     DropNoRoute,

@@ -235,8 +235,238 @@ pub fn render(status: &Status, probes: &ProbeLatency) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::{collections::BTreeSet, path::Path};
+
     use super::*;
-    use crate::discovery::supervise::SourceStatus;
+    use crate::{
+        discovery::supervise::SourceStatus,
+        loader::{
+            TC_BALANCE_PROGRAM, TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM, TC_REPLY_PROGRAM,
+            XDP_PROGRAM,
+        },
+        status::{BackendStatus, ProbeStatus, ServiceStatus},
+    };
+
+    /// A status with one of everything, so that every family has a sample.
+    fn fixture() -> (Status, ProbeLatency) {
+        let counters = CounterStatus {
+            packets: 3,
+            bytes: 200,
+            new_flows: 1,
+        };
+        let status = Status {
+            version: "test".into(),
+            interfaces: vec![],
+            services: vec![ServiceStatus {
+                name: "web".into(),
+                vip: "10.99.100.1".into(),
+                port: 80,
+                protocol: "tcp".into(),
+                mode: "nat".into(),
+                table_size: 65537,
+                problem: None,
+                apply_error: None,
+                ring_rebuilds: 1,
+                counters,
+                backends: vec![BackendStatus {
+                    address: "10.99.2.11:8080".into(),
+                    id: 0,
+                    weight: 100,
+                    state: "up".into(),
+                    drained: false,
+                    last_probe: Some(ProbeStatus {
+                        ok: true,
+                        detail: "ok".into(),
+                        latency_ms: 0.3,
+                    }),
+                    counters,
+                    delivery: "routed".into(),
+                }],
+            }],
+            reasons: vec![("forwarded".into(), 3)],
+            flow_tables: vec![crate::flowtables::TableStatus {
+                name: "flows".into(),
+                entries: 1,
+                capacity: 262144,
+                ..Default::default()
+            }],
+            discovery: vec![SourceStatus {
+                source: "docker".into(),
+                state: SourceState::Connected,
+                detail: None,
+                last_error: None,
+                restarts: 0,
+            }],
+        };
+        let probes = ProbeLatency::default();
+        probes.observe("web", "10.99.2.11:8080", 0.0003);
+        (status, probes)
+    }
+
+    /// The metric families `/metrics` declares, and every sample name it prints.
+    fn exported() -> (BTreeSet<String>, BTreeSet<String>) {
+        let (status, probes) = fixture();
+        let text = render(&status, &probes);
+        let mut families = BTreeSet::new();
+        let mut samples = BTreeSet::new();
+        for line in text.lines() {
+            if let Some(declared) = line.strip_prefix("# TYPE ") {
+                families.extend(declared.split(' ').next().map(String::from));
+            } else if !line.starts_with('#') {
+                let end = line.find(['{', ' ']).unwrap_or(line.len());
+                samples.insert(line[..end].to_string());
+            }
+        }
+        (families, samples)
+    }
+
+    /// What the docs mention, one entry per name (`PREFIX_{b,c}_total` gives two; a name
+    /// ending in `_*` stands for any metric with that prefix), with where it was found.
+    fn mentions(text: &str, origin: &str, out: &mut Vec<(String, String)>) {
+        // BPF programs, named like metrics.
+        let programs = [
+            XDP_PROGRAM,
+            TC_EGRESS_PROGRAM,
+            TC_INGRESS_PROGRAM,
+            TC_REPLY_PROGRAM,
+            TC_BALANCE_PROGRAM,
+        ];
+        let name_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_';
+        let mut rest = text;
+        while let Some(at) = rest.find("xlb_") {
+            let preceded = rest[..at].chars().next_back().is_some_and(name_char);
+            let tail = &rest[at..];
+            let mut end = tail.find(|c| !name_char(c)).unwrap_or(tail.len());
+            let mut names = vec![tail[..end].to_string()];
+            // `prefix_{a,b}suffix`: alternatives (a `{` after a whole name opens labels).
+            if names[0].ends_with('_') && tail[end..].starts_with('{') {
+                if let Some(close) = tail[end..].find('}') {
+                    let alternatives = &tail[end + 1..end + close];
+                    let after = &tail[end + close + 1..];
+                    let suffix_len = after.find(|c| !name_char(c)).unwrap_or(after.len());
+                    let suffix = &after[..suffix_len];
+                    names = alternatives
+                        .split(',')
+                        .map(|a| format!("{}{a}{suffix}", names[0]))
+                        .collect();
+                    end += close + 1 + suffix_len;
+                }
+            } else if tail[end..].starts_with('*') {
+                names[0].push('*');
+                end += 1;
+            }
+            rest = &tail[end..];
+            let rust_path = rest.starts_with("::");
+            for name in names {
+                if !preceded && !rust_path && !programs.contains(&name.as_str()) {
+                    out.push((name, origin.to_string()));
+                }
+            }
+        }
+    }
+
+    fn workspace() -> &'static Path {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("the crate is in the workspace")
+    }
+
+    /// README.md, docs/*.md, and the comments of the crates that make up xlb.
+    fn documented() -> Vec<(String, String)> {
+        let root = workspace();
+        let mut out = Vec::new();
+        let mut read = |path: &Path, comments_only: bool| {
+            let text =
+                std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let origin = path
+                .strip_prefix(root)
+                .unwrap_or(path)
+                .display()
+                .to_string();
+            for (n, line) in text.lines().enumerate() {
+                if !comments_only || line.trim_start().starts_with("//") {
+                    mentions(line, &format!("{origin}:{}", n + 1), &mut out);
+                }
+            }
+        };
+        read(&root.join("README.md"), false);
+        let mut dirs = vec![root.join("docs")];
+        for krate in ["lb-common", "lb-ebpf", "lb-userspace"] {
+            dirs.push(root.join(krate).join("src"));
+        }
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).expect("reading a source directory") {
+                let path = entry.expect("a directory entry").path();
+                match path.extension().and_then(|e| e.to_str()) {
+                    _ if path.is_dir() => dirs.push(path),
+                    Some("md") => read(&path, false),
+                    Some("rs") => read(&path, true),
+                    _ => {}
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_metric_the_docs_name_is_exported() {
+        let (families, samples) = exported();
+        let found = documented();
+        assert!(
+            found.iter().any(|(n, _)| n == "xlb_verdicts_total"),
+            "the scan found no metric names at all: {found:?}"
+        );
+        let missing: Vec<String> = found
+            .iter()
+            .filter(|(name, _)| match name.strip_suffix('*') {
+                Some(prefix) => !samples.iter().any(|s| s.starts_with(prefix)),
+                None => !samples.contains(name) && !families.contains(name),
+            })
+            .map(|(name, origin)| format!("{origin}: {name}"))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "named in the docs but not exported by /metrics:\n  {}\nexported: {samples:?}",
+            missing.join("\n  ")
+        );
+    }
+
+    #[test]
+    fn every_exported_metric_is_in_the_readme() {
+        let readme = std::fs::read_to_string(workspace().join("README.md")).expect("README.md");
+        let mut named = Vec::new();
+        mentions(&readme, "README.md", &mut named);
+        let (families, _) = exported();
+        // A counter family is named by its sample (`_total`), a histogram by the family.
+        let undocumented: Vec<&String> = families
+            .iter()
+            .filter(|f| {
+                !named
+                    .iter()
+                    .any(|(n, _)| n == *f || *n == format!("{f}_total"))
+            })
+            .collect();
+        assert!(
+            undocumented.is_empty(),
+            "exported by /metrics but not named in the README: {undocumented:?}"
+        );
+    }
+
+    #[test]
+    fn mentions_are_read_like_a_reader_would() {
+        let mut got = Vec::new();
+        mentions(
+            "`xlb_a_{b,c_d}_total`, xlb_e{reason=\"x\"}, see xlb_f_* and xlb_tests::topology, \
+             `xlb_xdp`, my_xlb_g",
+            "here",
+            &mut got,
+        );
+        let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["xlb_a_b_total", "xlb_a_c_d_total", "xlb_e", "xlb_f_*"]
+        );
+    }
 
     #[test]
     fn discovery_sources_show_whether_they_are_up_and_how_often_they_restarted() {

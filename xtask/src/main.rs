@@ -1,4 +1,4 @@
-//! `cargo xtask setup|build|run|test|demo|bench|image`: the project's one-command workflows. This crate
+//! `cargo xtask setup|build|run|test|demo|bench|readme|image`: the project's one-command workflows. This crate
 //! depends on nothing that needs BPF tooling, so it builds on a fresh machine and installs
 //! that tooling itself.
 mod setup;
@@ -48,7 +48,8 @@ enum Task {
     /// static binaries) in the local Docker daemon.
     Image,
     /// Set up (with wrk, nginx, HAProxy, nftables), build in release, and benchmark xlb
-    /// against direct routing, nft DNAT and HAProxy; writes target/bench/.
+    /// against direct routing, nft DNAT and HAProxy; writes target/bench/. A full run (no
+    /// --quick, no extra arguments) then becomes the one docs/ and the README quote.
     Bench {
         /// Smoke run: every mode and load for 1 s (for CI; not for comparison).
         #[arg(long)]
@@ -57,6 +58,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Rewrite the benchmark sections of README.md and docs/benchmarks.md from the last full
+    /// run's results (docs/bench-results.json).
+    Readme,
 }
 
 fn main() -> ExitCode {
@@ -105,6 +109,7 @@ fn run_task(task: Task) -> Result<()> {
                 .args(["--seconds", &seconds.to_string()]))
         }
         Task::Bench { quick, args } => bench(quick, &args),
+        Task::Readme => run(cargo().args(["run", "-q", "-p", "xlb-bench", "--", "--update-docs"])),
         Task::Image => {
             setup::setup(setup::TEST_PACKAGES)?;
             build_static()?;
@@ -183,7 +188,16 @@ fn bench(quick: bool, args: &[String]) -> Result<()> {
     let outcome = run(&mut cmd);
     // SAFETY: as above.
     unsafe { libc::signal(libc::SIGINT, old) };
-    outcome
+    outcome?;
+    // Only a default full run replaces the one the docs quote.
+    if quick || !args.is_empty() {
+        return Ok(());
+    }
+    step("publishing the run: docs/bench-results.json, docs/bench-ratios.svg, README.md");
+    run(Command::new(target_dir()?.join("release/xlb-bench"))
+        .arg("--update-docs")
+        .arg("--from")
+        .arg(target_dir()?.join("bench")))
 }
 
 /// Builds every crate the tests and the demo run (the BPF object through build.rs).
