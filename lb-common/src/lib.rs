@@ -240,7 +240,11 @@ pub struct DeliverMeta {
     pub target: u32,
 }
 
-/// Key of the VIP address set, consulted only for fragments (which carry no ports).
+/// Value bit of the VIP address set: the LB answers echo requests to this address.
+pub const VIP_ADDR_ECHO: u32 = 1;
+
+/// Key of the VIP address set (value: `VIP_ADDR_*` bits), consulted for fragments (which
+/// carry no ports) and ICMP.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct VipAddrKey {
@@ -397,10 +401,18 @@ pub enum Reason {
     /// Only a packet that can open a flow reserves a SNAT port, so spoofed ACKs cannot use up
     /// a backend's ports (and the backend would reset a flow from a new port anyway).
     DropNoFlow,
+    /// XDP_TX: an echo request to a VIP, answered by the LB (`icmp_echo`).
+    IcmpEcho,
+    /// XDP_PASS: ICMP to a VIP address that xlb leaves to the kernel (echo with `icmp_echo`
+    /// off, other types, an error about no flow it can place).
+    PassIcmp,
+    /// Event: an ICMP error about a VIP flow went to the flow's backend (its verdict is how
+    /// it was sent).
+    IcmpToBackend,
 }
 
 impl Reason {
-    pub const COUNT: u32 = Reason::DropNoFlow as u32 + 1;
+    pub const COUNT: u32 = Reason::IcmpToBackend as u32 + 1;
     pub const ALL: [Reason; Reason::COUNT as usize] = [
         Reason::PassNotIp,
         Reason::PassIpv6,
@@ -431,6 +443,9 @@ impl Reason {
         Reason::DeliveredPeer,
         Reason::Promoted,
         Reason::DropNoFlow,
+        Reason::IcmpEcho,
+        Reason::PassIcmp,
+        Reason::IcmpToBackend,
     ];
 
     /// Stable name used in metrics and status output.
@@ -465,6 +480,9 @@ impl Reason {
             Reason::DeliveredPeer => "delivered_peer",
             Reason::Promoted => "promoted",
             Reason::DropNoFlow => "drop_no_flow",
+            Reason::IcmpEcho => "icmp_echo",
+            Reason::PassIcmp => "pass_icmp",
+            Reason::IcmpToBackend => "icmp_to_backend",
         }
     }
 }

@@ -10,7 +10,7 @@ use crate::{
     flowcache, maglev,
     maps::{self, VIP_ADDRS, VIPS},
     nat::Endpoint,
-    parse::{L4Packet, PacketBuf, Parsed, parse},
+    parse::{IcmpPacket, L4Packet, PacketBuf, Parsed, parse},
     snat, stats,
 };
 
@@ -51,6 +51,8 @@ pub trait Hook: PacketBuf {
     fn send(&self, pkt: &L4Packet, target: &Target, hash: u32, now: u64) -> Verdict;
     /// A fullnat reply (backend -> SNAT address) translated back and sent, if it is one.
     fn reverse(&self, pkt: &L4Packet, now: u64) -> Option<Verdict>;
+    /// ICMP (to a VIP or not).
+    fn icmp(&self, icmp: &IcmpPacket, now: u64) -> Verdict;
 }
 
 #[inline(always)]
@@ -58,6 +60,7 @@ pub fn balance<H: Hook>(ctx: &H) -> Verdict {
     let pkt = match parse(ctx) {
         Parsed::L4(pkt) => pkt,
         Parsed::Pass(reason) => return Verdict::Pass(reason),
+        Parsed::Icmp(icmp) => return ctx.icmp(&icmp, unsafe { bpf_ktime_get_coarse_ns() }),
         // Odd packets are ours to drop only when they are addressed to a VIP.
         Parsed::Fragment(daddr) if is_vip_addr(daddr) => {
             return Verdict::Drop(Reason::DropFragment);
@@ -230,7 +233,15 @@ fn decide<H: Hook>(ctx: &H, slow: &Slow, out: &mut Decided) -> Outcome {
                 out.snat = Endpoint { addr, port };
             }
             out.backend_id = backend_id;
-            conntrack::insert_new(flow, pkt, svc, backend_id, backend, out.snat, now, ifindex);
+            conntrack::insert_new(
+                flow,
+                pkt,
+                svc,
+                (backend_id, backend),
+                out.snat,
+                now,
+                ifindex,
+            );
         }
     }
     Outcome::Forward

@@ -6,7 +6,7 @@ use lb_common::{GUE_PORT, PROTO_IPIP, PROTO_UDP};
 
 use crate::{
     csum,
-    parse::{ETH_HLEN, IPV4_HLEN, Ipv4Hdr, L4Packet, PacketBuf, load},
+    parse::{ETH_HLEN, IPV4_HLEN, Ipv4Hdr, PacketBuf, load},
     route,
 };
 
@@ -33,19 +33,19 @@ pub const fn overhead(gue: bool) -> usize {
 #[inline(always)]
 pub fn encap_v4(
     ctx: &XdpContext,
-    pkt: &L4Packet,
+    l3_off: usize,
+    inner_len: u16,
     outer_src: u32,
     outer_dst: u32,
     gue: bool,
     hash: u32,
 ) -> Option<()> {
-    let ip = ctx.ptr_at::<Ipv4Hdr>(pkt.l3_off)?;
+    let ip = ctx.ptr_at::<Ipv4Hdr>(l3_off)?;
     let tos = load(unsafe { &raw const (*ip).tos });
-    let inner_len = pkt.tot_len;
     // The MACs move with the head: TC's bpf_redirect_neigh sends a frame whose destination
     // MAC is left from the buffer (or multicast) nowhere.
     let macs = load(ctx.ptr_at::<route::Macs>(0)?);
-    let grow = overhead(gue) as i32 - (pkt.l3_off - ETH_HLEN) as i32;
+    let grow = overhead(gue) as i32 - (l3_off - ETH_HLEN) as i32;
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -grow) } != 0 {
         return None;
     }

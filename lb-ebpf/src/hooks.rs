@@ -11,7 +11,7 @@ use crate::{
     conntrack::{self, Table},
     encap, icmp,
     nat::{self, End, Endpoint},
-    parse::{ETH_HLEN, L4Packet},
+    parse::{ETH_HLEN, IcmpPacket, L4Packet},
     route::{self, Fallback},
     snat, stats,
 };
@@ -46,6 +46,11 @@ impl Hook for XdpContext {
     #[inline(always)]
     fn reverse(&self, pkt: &L4Packet, now: u64) -> Option<Verdict> {
         reverse_fullnat(self, pkt, now)
+    }
+
+    #[inline(always)]
+    fn icmp(&self, icmp: &IcmpPacket, now: u64) -> Verdict {
+        icmp::handle(self, icmp, now)
     }
 }
 
@@ -110,7 +115,17 @@ fn send_dsr(ctx: &XdpContext, out: &Outgoing) -> Verdict {
     let Some(source) = hop.source() else {
         return Verdict::Drop(Reason::DropNoRoute);
     };
-    if encap::encap_v4(ctx, pkt, source, backend.addr, gue, out.hash).is_none() {
+    if encap::encap_v4(
+        ctx,
+        pkt.l3_off,
+        pkt.tot_len,
+        source,
+        backend.addr,
+        gue,
+        out.hash,
+    )
+    .is_none()
+    {
         return Verdict::Drop(Reason::DropMalformed);
     }
     let (action, reason) = route::transmit(ctx, &hop, ETH_HLEN, false, Fallback::Tc);
@@ -193,5 +208,10 @@ impl Hook for TcContext {
 
     fn reverse(&self, _pkt: &L4Packet, _now: u64) -> Option<Verdict> {
         None
+    }
+
+    /// The TC balancer (mode nat only) leaves ICMP to the kernel.
+    fn icmp(&self, _icmp: &IcmpPacket, _now: u64) -> Verdict {
+        Verdict::Pass(Reason::PassNotL4)
     }
 }

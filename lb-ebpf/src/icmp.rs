@@ -1,26 +1,45 @@
-//! ICMP "fragmentation needed" for dsr: a client packet that would exceed the egress MTU
-//! once encapsulated is answered from the VIP with the MTU that fits, so the client's path
-//! MTU discovery shrinks its segments instead of the connection stalling (Katran does the
-//! same).
+//! ICMP at the VIPs (Katran's handle_icmp does the like):
+//! - errors about a VIP flow (fragmentation needed, unreachable, time exceeded: the quoted
+//!   header is a packet the VIP sent) go to the backend that owns the flow, translated as
+//!   its mode needs, so its path MTU discovery works (no black hole behind a small link);
+//! - echo requests to a VIP are answered (`icmp_echo`, per service);
+//! - dsr answers a packet too big to encapsulate with "fragmentation needed" itself.
+//!
+//! ICMP the LB generates keeps the VLAN tag of the frame it answers.
 use aya_ebpf::{
+    bindings::xdp_action::XDP_TX,
     helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
+use lb_common::{
+    FAMILY_V4, MODE_DSR, MODE_FULLNAT, MODE_NAT, PROTO_TCP, PROTO_UDP, Reason, SERVICE_GUE,
+    VIP_ADDR_ECHO, VipAddrKey, VipKey, flow_hash,
+};
 
 use crate::{
-    csum,
-    parse::{ETH_HLEN, IPV4_HLEN, Ipv4Hdr, L4Packet, PacketBuf, load},
-    route,
+    balance::Verdict,
+    csum, encap, maglev,
+    maps::{self, CONNTRACK, CONNTRACK_NEW, VIP_ADDRS, VIPS},
+    nat::Endpoint,
+    parse::{ETH_HLEN, IPV4_HLEN, IcmpPacket, Ipv4Hdr, L4Packet, PROTO_ICMP, PacketBuf, load},
+    route::{self, Fallback},
+    stats,
 };
 
 const ICMP_HLEN: usize = 8;
 /// The original IP header and the first 8 bytes after it (RFC 792).
 const QUOTE_LEN: usize = IPV4_HLEN + 8;
-const PROTO_ICMP: u8 = 1;
+const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_ECHO: u8 = 8;
+const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_FRAG_NEEDED: u8 = 4;
 /// Don't-fragment flag, host order.
 const IP_DF: u16 = 0x4000;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const ETH_P_IP: u16 = 0x0800;
+const VLAN_HLEN: usize = 4;
 
 #[repr(C)]
 struct IcmpHdr {
@@ -31,6 +50,236 @@ struct IcmpHdr {
     mtu: u16,
 }
 
+/// What XDP does with ICMP to a VIP address (PASS `pass_not_l4` for any other ICMP).
+#[inline(never)]
+pub fn handle(ctx: &XdpContext, icmp: &IcmpPacket, now: u64) -> Verdict {
+    let key = VipAddrKey {
+        addr: [icmp.daddr, 0, 0, 0],
+        family: FAMILY_V4,
+        _pad0: 0,
+        _pad1: 0,
+    };
+    let Some(flags) = (unsafe { VIP_ADDRS.get(key) }).copied() else {
+        return Verdict::Pass(Reason::PassNotL4);
+    };
+    let answer = match icmp.kind {
+        ICMP_ECHO if flags & VIP_ADDR_ECHO != 0 => echo_reply(ctx, icmp),
+        ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED => to_backend(ctx, icmp, now),
+        _ => None,
+    };
+    answer.unwrap_or(Verdict::Pass(Reason::PassIcmp))
+}
+
+/// Turns an echo request into its reply, in place, back out of the NIC it came in on.
+#[inline(always)]
+fn echo_reply(ctx: &XdpContext, icmp: &IcmpPacket) -> Option<Verdict> {
+    let ip = ctx.ptr_at::<Ipv4Hdr>(icmp.l3_off)?;
+    let header = ctx.ptr_at::<IcmpHdr>(icmp.icmp_off)?;
+    let macs = ctx.ptr_at::<route::Macs>(0)?;
+    unsafe {
+        let [d0, d1, d2, s0, s1, s2] = load(macs);
+        core::ptr::write_unaligned(macs, [s0, s1, s2, d0, d1, d2]);
+        // Swapped addresses leave the IP checksum as it is; the TTL shares a word with the
+        // protocol.
+        (*ip).saddr = icmp.daddr;
+        (*ip).daddr = icmp.saddr;
+        let old = u16::from_be_bytes([load(&raw const (*ip).ttl), PROTO_ICMP]);
+        (*ip).ttl = 64;
+        let new = u16::from_be_bytes([64, PROTO_ICMP]);
+        (*ip).check = csum::replace2(load(&raw const (*ip).check), old.to_be(), new.to_be());
+        let old = u16::from_be_bytes([ICMP_ECHO, icmp.code]);
+        (*header).kind = ICMP_ECHO_REPLY;
+        let new = u16::from_be_bytes([ICMP_ECHO_REPLY, icmp.code]);
+        (*header).check =
+            csum::replace2(load(&raw const (*header).check), old.to_be(), new.to_be());
+    }
+    Some(Verdict::Sent(XDP_TX, Reason::IcmpEcho))
+}
+
+/// The packet an ICMP error quotes (it was sent from a VIP: source VIP, destination client).
+struct Quoted {
+    off: usize,
+    proto: u8,
+    vip: Endpoint,
+    client: Endpoint,
+}
+
+#[inline(always)]
+fn quoted(ctx: &XdpContext, icmp: &IcmpPacket) -> Option<Quoted> {
+    let off = icmp.icmp_off + ICMP_HLEN;
+    let ip = ctx.ptr_at::<Ipv4Hdr>(off)?;
+    let ports = load(ctx.ptr_at::<[u16; 2]>(off + IPV4_HLEN)?);
+    let proto = load(unsafe { &raw const (*ip).proto });
+    let version_ihl = load(unsafe { &raw const (*ip).version_ihl });
+    let saddr = load(unsafe { &raw const (*ip).saddr });
+    if version_ihl != 0x45 || (proto != PROTO_TCP && proto != PROTO_UDP) || saddr != icmp.daddr {
+        return None;
+    }
+    Some(Quoted {
+        off,
+        proto,
+        vip: Endpoint {
+            addr: saddr,
+            port: ports[0],
+        },
+        client: Endpoint {
+            addr: load(unsafe { &raw const (*ip).daddr }),
+            port: ports[1],
+        },
+    })
+}
+
+/// Sends an error about a VIP flow to the flow's backend (its conntrack entry, else the
+/// ring, as for the flow's own packets). None: not about a flow this LB can place.
+#[inline(always)]
+fn to_backend(ctx: &XdpContext, icmp: &IcmpPacket, now: u64) -> Option<Verdict> {
+    let q = quoted(ctx, icmp)?;
+    let vip = VipKey {
+        addr: [q.vip.addr, 0, 0, 0],
+        port: q.vip.port,
+        proto: q.proto,
+        family: FAMILY_V4,
+    };
+    let svc = maps::service(*unsafe { VIPS.get(vip) }?).filter(|s| s.vip == vip)?;
+    // The flow's key, built in the scratch room (the stack is short here).
+    let flow = &mut maps::scratch()?.key;
+    flow.src = [q.client.addr, 0, 0, 0];
+    flow.dst = [q.vip.addr, 0, 0, 0];
+    flow.src_port = q.client.port;
+    flow.dst_port = q.vip.port;
+    flow.proto = q.proto;
+    flow.family = FAMILY_V4;
+    flow._pad = 0;
+    let known = match unsafe { CONNTRACK.get(&*flow) } {
+        Some(f) => Some(f),
+        None => unsafe { CONNTRACK_NEW.get(&*flow) },
+    }
+    .map(|f| (f.service_id, f.backend_id, f.snat[0], f.snat_port));
+    let hash = flow_hash(flow);
+    let (backend_id, snat) = match known {
+        Some((service_id, backend_id, addr, port)) if service_id == svc.id => {
+            (backend_id, Endpoint { addr, port })
+        }
+        // fullnat cannot translate without the flow's SNAT port.
+        _ if svc.mode == MODE_FULLNAT => return None,
+        _ => (maglev::pick(svc, hash)?.0, Endpoint::default()),
+    };
+    let backend = maps::backend(backend_id).filter(|b| b.service_id == svc.id)?;
+    let to = Endpoint {
+        addr: backend.addr[0],
+        port: backend.port,
+    };
+    stats::count(Reason::IcmpToBackend);
+    match svc.mode {
+        MODE_NAT => {
+            translate(ctx, icmp, &q, None, to, None)?;
+            if backend.deliver_ifindex != 0 {
+                return Some(Verdict::Forward {
+                    deliver_to: backend.deliver_ifindex,
+                });
+            }
+            let hop = route::lookup(ctx, to.addr, 0, now);
+            let (action, reason) = route::transmit(ctx, &hop, icmp.l3_off, true, Fallback::Kernel);
+            Some(Verdict::Sent(action, reason))
+        }
+        MODE_FULLNAT => {
+            let hop = route::lookup(ctx, to.addr, 0, now);
+            translate(ctx, icmp, &q, Some(snat.addr), to, Some(snat))?;
+            let (action, reason) = route::transmit(ctx, &hop, icmp.l3_off, true, Fallback::Tc);
+            Some(Verdict::Sent(action, reason))
+        }
+        MODE_DSR => {
+            // Encapsulated unchanged: the backend host has the VIP on lo.
+            let gue = svc.flags & SERVICE_GUE != 0;
+            let outer_len = icmp.tot_len + encap::overhead(gue) as u16;
+            let hop = route::lookup(ctx, to.addr, outer_len, now);
+            let source = hop.source().filter(|_| !hop.too_big())?;
+            encap::encap_v4(ctx, icmp.l3_off, icmp.tot_len, source, to.addr, gue, hash)?;
+            let (action, reason) = route::transmit(ctx, &hop, ETH_HLEN, false, Fallback::Tc);
+            Some(Verdict::Sent(action, reason))
+        }
+        _ => None,
+    }
+}
+
+/// Rewrites an ICMP error for the backend: the outer destination (and, fullnat, source),
+/// and the quoted packet's source (VIP -> backend) and, fullnat, destination (client ->
+/// SNAT address and port); every checksum updated incrementally.
+#[inline(always)]
+fn translate(
+    ctx: &XdpContext,
+    icmp: &IcmpPacket,
+    q: &Quoted,
+    outer_src: Option<u32>,
+    backend: Endpoint,
+    inner_dst: Option<Endpoint>,
+) -> Option<()> {
+    let outer = ctx.ptr_at::<Ipv4Hdr>(icmp.l3_off)?;
+    let header = ctx.ptr_at::<IcmpHdr>(icmp.icmp_off)?;
+    let inner = ctx.ptr_at::<Ipv4Hdr>(q.off)?;
+    let ports = ctx.ptr_at::<[u16; 2]>(q.off + IPV4_HLEN)?;
+    unsafe {
+        let mut outer_check = load(&raw const (*outer).check);
+        if let Some(src) = outer_src {
+            outer_check = csum::replace4(outer_check, icmp.saddr, src);
+            (*outer).saddr = src;
+        }
+        (*outer).check = csum::replace4(outer_check, icmp.daddr, backend.addr);
+        (*outer).daddr = backend.addr;
+
+        let old_inner_check = load(&raw const (*inner).check);
+        let mut inner_check = csum::replace4(old_inner_check, q.vip.addr, backend.addr);
+        let mut icmp_check = load(&raw const (*header).check);
+        icmp_check = csum::replace4(icmp_check, q.vip.addr, backend.addr);
+        icmp_check = csum::replace2(icmp_check, q.vip.port, backend.port);
+        (*inner).saddr = backend.addr;
+        (*ports)[0] = backend.port;
+        if let Some(dst) = inner_dst {
+            inner_check = csum::replace4(inner_check, q.client.addr, dst.addr);
+            icmp_check = csum::replace4(icmp_check, q.client.addr, dst.addr);
+            icmp_check = csum::replace2(icmp_check, q.client.port, dst.port);
+            (*inner).daddr = dst.addr;
+            (*ports)[1] = dst.port;
+        }
+        (*inner).check = inner_check;
+        (*header).check = csum::replace2(icmp_check, old_inner_check, inner_check);
+    }
+    Some(())
+}
+
+/// The Ethernet header (and VLAN tag) of the frame, to be written back in front of an
+/// answer with the MACs swapped: (MACs swapped, tag or 0).
+#[inline(always)]
+fn l2_of(ctx: &XdpContext, l3_off: usize) -> Option<(route::Macs, Option<[u16; 2]>)> {
+    let [d0, d1, d2, s0, s1, s2] = load(ctx.ptr_at::<route::Macs>(0)?);
+    let tag = if l3_off == ETH_HLEN + VLAN_HLEN {
+        Some(load(ctx.ptr_at::<[u16; 2]>(12)?))
+    } else {
+        None
+    };
+    Some(([s0, s1, s2, d0, d1, d2], tag))
+}
+
+/// Writes an Ethernet header (with the VLAN tag, if any) for IPv4 at the frame's start.
+#[inline(always)]
+fn write_l2(ctx: &XdpContext, macs: route::Macs, tag: Option<[u16; 2]>) -> Option<()> {
+    match tag {
+        None => route::write_eth_ipv4(ctx, macs),
+        Some([tpid, tci]) => {
+            let eth = ctx.ptr_at::<[u16; 9]>(0)?;
+            let [a, b, c, d, e, f] = macs;
+            let tpid = if u16::from_be(tpid) == ETH_P_8021AD {
+                tpid
+            } else {
+                ETH_P_8021Q.to_be()
+            };
+            let header = [a, b, c, d, e, f, tpid, tci, ETH_P_IP.to_be()];
+            unsafe { core::ptr::write_unaligned(eth, header) };
+            Some(())
+        }
+    }
+}
+
 /// Turns the packet into the ICMP answer (to be sent back with XDP_TX); None if it must be
 /// dropped instead (no DF flag: fragmenting is the sender's choice, not ours to answer).
 #[inline(always)]
@@ -39,21 +288,21 @@ pub fn frag_needed(ctx: &XdpContext, pkt: &L4Packet, mtu: u16) -> Option<()> {
     if u16::from_be(load(unsafe { &raw const (*ip).frag_off })) & IP_DF == 0 || pkt.has_ip_options {
         return None;
     }
-    let macs = load(ctx.ptr_at::<route::Macs>(0)?);
+    let l3 = pkt.l3_off;
+    let (macs, tag) = l2_of(ctx, l3)?;
     // New IP + ICMP headers in front of the original IP header; the frame ends after the quote.
-    let grow = (IPV4_HLEN + ICMP_HLEN) as i32 - (pkt.l3_off - ETH_HLEN) as i32;
+    let grow = (IPV4_HLEN + ICMP_HLEN) as i32;
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -grow) } != 0 {
         return None;
     }
-    let keep = ETH_HLEN + IPV4_HLEN + ICMP_HLEN + QUOTE_LEN;
+    let keep = l3 + IPV4_HLEN + ICMP_HLEN + QUOTE_LEN;
     let trim = ctx.data_end() as i32 - ctx.data() as i32 - keep as i32;
     if trim < 0 || unsafe { bpf_xdp_adjust_tail(ctx.ctx, -trim) } != 0 {
         return None;
     }
 
     // Back to where the packet came from: swapped MACs, the VIP answering the client.
-    let [d0, d1, d2, s0, s1, s2] = macs;
-    route::write_eth_ipv4(ctx, [s0, s1, s2, d0, d1, d2])?;
+    write_l2(ctx, macs, tag)?;
     let ip = Ipv4Hdr {
         version_ihl: 0x45,
         tos: 0,
@@ -67,13 +316,13 @@ pub fn frag_needed(ctx: &XdpContext, pkt: &L4Packet, mtu: u16) -> Option<()> {
         daddr: pkt.saddr,
     };
     let ip_check = csum::of::<_, { IPV4_HLEN / 2 }>(&ip);
-    let out_ip = ctx.ptr_at::<Ipv4Hdr>(ETH_HLEN)?;
+    let out_ip = ctx.ptr_at::<Ipv4Hdr>(l3)?;
     unsafe {
         core::ptr::write_unaligned(out_ip, ip);
         core::ptr::write_unaligned(&raw mut (*out_ip).check, ip_check);
     }
 
-    let icmp_off = ETH_HLEN + IPV4_HLEN;
+    let icmp_off = l3 + IPV4_HLEN;
     let icmp = ctx.ptr_at::<IcmpHdr>(icmp_off)?;
     let quote = ctx.ptr_at::<[u16; QUOTE_LEN / 2]>(icmp_off + ICMP_HLEN)?;
     let header = IcmpHdr {

@@ -14,6 +14,8 @@ const VLAN_HLEN: usize = 4;
 /// More-fragments flag and fragment offset, in host order.
 const IP_MF_OFFSET: u16 = 0x3fff;
 
+pub const PROTO_ICMP: u8 = 1;
+
 /// TCP flags (low bits of the data offset/flags word, host order).
 const TCP_FIN: u16 = 0x01;
 const TCP_SYN: u16 = 0x02;
@@ -166,8 +168,22 @@ impl L4Packet {
     }
 }
 
+/// An ICMP message in IPv4 (without IP options), with what the balancer reads of it.
+pub struct IcmpPacket {
+    pub l3_off: usize,
+    /// Offset of the ICMP header.
+    pub icmp_off: usize,
+    pub tot_len: u16,
+    pub kind: u8,
+    pub code: u8,
+    pub saddr: u32,
+    pub daddr: u32,
+}
+
 pub enum Parsed {
     L4(L4Packet),
+    /// ICMP (the caller checks whether it concerns a VIP).
+    Icmp(IcmpPacket),
     /// An IPv4 fragment (no ports to hash), with its destination address.
     Fragment(u32),
     /// A broken IPv4/TCP/UDP header, with the destination address if it could be read.
@@ -212,6 +228,22 @@ pub fn parse<B: PacketBuf>(buf: &B) -> Parsed {
         return Parsed::Malformed(Some(daddr));
     }
     let proto = load(unsafe { &raw const (*ip).proto });
+    if proto == PROTO_ICMP
+        && ihl == size_of::<Ipv4Hdr>()
+        && u16::from_be(load(unsafe { &raw const (*ip).frag_off })) & IP_MF_OFFSET == 0
+        && let Some(icmp) = buf.ptr_at::<[u8; 2]>(l3_off + ihl)
+    {
+        let [kind, code] = load(icmp);
+        return Parsed::Icmp(IcmpPacket {
+            l3_off,
+            icmp_off: l3_off + ihl,
+            tot_len: tot_len as u16,
+            kind,
+            code,
+            saddr: load(unsafe { &raw const (*ip).saddr }),
+            daddr,
+        });
+    }
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Parsed::Pass(Reason::PassNotL4);
     }

@@ -103,10 +103,17 @@ pub struct ServiceConfig {
     pub snat: Vec<IpAddr>,
     /// dsr: encapsulation.
     pub encap: Option<Encap>,
+    /// The LB answers echo requests (ping) to the VIP.
+    #[serde(default = "yes")]
+    pub icmp_echo: bool,
     #[serde(default)]
     pub health: HealthConfig,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_table_size() -> u32 {

@@ -145,12 +145,12 @@ impl Maps for Datapath {
         self.services.replace(id, service)
     }
 
-    fn vip_addrs(&self) -> Result<Vec<VipAddrKey>> {
-        Ok(self.vip_addrs.keys().collect::<Result<_, _>>()?)
+    fn vip_addrs(&self) -> Result<Vec<(VipAddrKey, u32)>> {
+        Ok(self.vip_addrs.iter().collect::<Result<_, _>>()?)
     }
 
-    fn set_vip_addr(&mut self, key: &VipAddrKey) -> Result<()> {
-        Ok(self.vip_addrs.insert(key, 1, 0)?)
+    fn set_vip_addr(&mut self, key: &VipAddrKey, flags: u32) -> Result<()> {
+        Ok(self.vip_addrs.insert(key, flags, 0)?)
     }
 
     fn remove_vip_addr(&mut self, key: &VipAddrKey) -> Result<()> {

@@ -8,11 +8,11 @@
 //! maps valid for packets, so an error anywhere leaves maps and bookkeeping agreeing; the
 //! next apply picks up from there. A service that cannot be applied (a failed write, no free
 //! id or ring space) keeps what it had and is reported; the others still apply.
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use anyhow::{Context as _, Result, bail};
 use lb_common::{
-    Backend, Service, VipAddrKey, VipKey,
+    Backend, Service, VIP_ADDR_ECHO, VipAddrKey, VipKey,
     sizes::{MAX_BACKENDS, MAX_SERVICES, ring_blocks},
 };
 use serde::Serialize;
@@ -40,8 +40,9 @@ pub trait Maps {
     fn service(&self, id: u32) -> Result<Service>;
     /// Writes the idle copy of a service slot and flips to it.
     fn set_service(&mut self, id: u32, service: &Service) -> Result<()>;
-    fn vip_addrs(&self) -> Result<Vec<VipAddrKey>>;
-    fn set_vip_addr(&mut self, key: &VipAddrKey) -> Result<()>;
+    /// VIP address -> `VIP_ADDR_*` flags.
+    fn vip_addrs(&self) -> Result<Vec<(VipAddrKey, u32)>>;
+    fn set_vip_addr(&mut self, key: &VipAddrKey, flags: u32) -> Result<()>;
     fn remove_vip_addr(&mut self, key: &VipAddrKey) -> Result<()>;
     fn backends_in_use(&self) -> Result<Vec<(u32, Backend)>>;
     /// Writes the idle copy of a backend slot and flips to it.
@@ -130,7 +131,7 @@ pub struct Reconciler {
     orphans: Vec<u32>,
     /// Pinned VIP entries that name another VIP's slot; removed by the next apply.
     stale_vips: Vec<VipKey>,
-    vip_addrs: BTreeSet<VipAddrKey>,
+    vip_addrs: BTreeMap<VipAddrKey, u32>,
     service_ids: IdPool,
     backend_ids: IdPool,
     rings: RingSpace,
@@ -270,7 +271,7 @@ impl Reconciler {
                 changes.failed.insert(name, format!("{e:#}"));
             }
         }
-        self.sync_vip_addrs(maps)?;
+        self.sync_vip_addrs(maps, &wanted)?;
         self.problems.clone_from(&changes.failed);
         Ok(changes)
     }
@@ -508,31 +509,37 @@ impl Reconciler {
         Ok(())
     }
 
-    fn sync_vip_addrs(&mut self, maps: &mut impl Maps) -> Result<()> {
-        let wanted: BTreeSet<VipAddrKey> = self
-            .services
-            .keys()
-            .map(|k| VipAddrKey {
-                addr: k.addr,
-                family: k.family,
+    /// The VIP addresses of the applied services, each with its flags (echo is answered
+    /// when any service on the address asks for it).
+    fn sync_vip_addrs(
+        &mut self,
+        maps: &mut impl Maps,
+        desired: &BTreeMap<VipKey, &ServiceSpec>,
+    ) -> Result<()> {
+        let mut wanted: BTreeMap<VipAddrKey, u32> = BTreeMap::new();
+        for key in self.services.keys() {
+            let addr = VipAddrKey {
+                addr: key.addr,
+                family: key.family,
                 _pad0: 0,
                 _pad1: 0,
-            })
-            .collect();
-        for key in wanted
-            .difference(&self.vip_addrs)
-            .copied()
-            .collect::<Vec<_>>()
-        {
-            maps.set_vip_addr(&key)?;
-            self.vip_addrs.insert(key);
+            };
+            let echo = desired.get(key).is_some_and(|s| s.icmp_echo);
+            *wanted.entry(addr).or_default() |= if echo { VIP_ADDR_ECHO } else { 0 };
         }
-        for key in self
+        for (key, flags) in &wanted {
+            if self.vip_addrs.get(key) != Some(flags) {
+                maps.set_vip_addr(key, *flags)?;
+                self.vip_addrs.insert(*key, *flags);
+            }
+        }
+        let gone: Vec<VipAddrKey> = self
             .vip_addrs
-            .difference(&wanted)
+            .keys()
+            .filter(|k| !wanted.contains_key(k))
             .copied()
-            .collect::<Vec<_>>()
-        {
+            .collect();
+        for key in gone {
             maps.remove_vip_addr(&key)?;
             self.vip_addrs.remove(&key);
         }

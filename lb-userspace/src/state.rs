@@ -90,6 +90,8 @@ pub struct ServiceSpec {
     pub snat: Vec<IpAddr>,
     /// dsr: GUE instead of IPIP.
     pub gue: bool,
+    /// The LB answers ping to the VIP.
+    pub icmp_echo: bool,
     pub table_size: u32,
     pub health: HealthConfig,
     pub backends: BTreeMap<Endpoint, BackendSpec>,
@@ -316,6 +318,7 @@ impl ServiceSpec {
             mode: svc.mode,
             snat: svc.snat.clone(),
             gue: svc.encap == Some(crate::config::Encap::Gue),
+            icmp_echo: svc.icmp_echo,
             table_size: svc.table_size,
             health: svc.health.clone(),
             backends,

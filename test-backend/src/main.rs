@@ -32,7 +32,8 @@ struct Args {
     /// TCP line protocol listener: every received line is answered with "NAME\n"
     #[arg(long, value_name = "ADDR")]
     tcp: Vec<SocketAddr>,
-    /// HTTP/1.1 listener: 200 "NAME\n" everywhere, GET/HEAD /status/CODE answers CODE
+    /// HTTP/1.1 listener: 200 "NAME\n" everywhere, GET/HEAD /status/CODE answers CODE,
+    /// GET /bytes/N answers N bytes (header x-backend: NAME)
     #[arg(long, value_name = "ADDR")]
     http: Vec<SocketAddr>,
     /// UDP listener: every datagram is answered with "NAME\n"
@@ -269,11 +270,25 @@ fn respond(ctx: &Ctx, peer: SocketAddr, req: &Request<Incoming>) -> Response<Ful
             .unwrap_or(StatusCode::BAD_REQUEST),
         _ => StatusCode::OK,
     };
-    let mut resp = Response::new(Full::new(ctx.reply.clone()));
+    // GET /bytes/N: a body of N bytes (at most 16 MiB), for tests of large responses.
+    let body = match req.uri().path().strip_prefix("/bytes/") {
+        Some(n) => match n.parse::<usize>() {
+            Ok(n) if n <= 16 << 20 => Bytes::from(vec![b'x'; n]),
+            _ => return bad_request(),
+        },
+        None => ctx.reply.clone(),
+    };
+    let mut resp = Response::new(Full::new(body));
     *resp.status_mut() = status;
     if let Ok(v) = hyper::header::HeaderValue::from_str(&ctx.name) {
         resp.headers_mut().insert("x-backend", v);
     }
+    resp
+}
+
+fn bad_request() -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(b"bad request\n")));
+    *resp.status_mut() = StatusCode::BAD_REQUEST;
     resp
 }
 

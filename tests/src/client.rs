@@ -118,6 +118,27 @@ pub fn failures(samples: &[Sample]) -> Vec<&Sample> {
     samples.iter().filter(|s| s.answer.is_err()).collect()
 }
 
+/// GET `path` over HTTP/1.0 from the test backend; returns the backend's name (its
+/// x-backend header) and the body's length. Bounded by `timeout` per read.
+pub fn http_fetch(addr: SocketAddr, path: &str, timeout: Duration) -> io::Result<(String, usize)> {
+    use std::io::Read as _;
+    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    stream.set_read_timeout(Some(timeout))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: xlb\r\n\r\n")?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let end = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| io::Error::other("no HTTP header end"))?;
+    let head = String::from_utf8_lossy(&response[..end]).to_lowercase();
+    let name = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-backend: "))
+        .ok_or_else(|| io::Error::other(format!("no x-backend in {head:?}")))?;
+    Ok((name.trim().to_string(), response.len() - end - 4))
+}
+
 /// A plain HTTP/1.0 GET (for the agent's /metrics from inside its namespace).
 pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<String> {
     use std::io::Read as _;

@@ -24,6 +24,8 @@ const INNER_MTU: &str = "1600";
 pub const ANNOUNCE_TABLE: u32 = 100;
 /// TCP ports every host serves (the dsr services use the VIP's ports, unchanged).
 pub const HOST_PORTS: [u16; 3] = [80, 83, 8080];
+/// The hosts' HTTP port (the test backend's, with /bytes/N).
+pub const HTTP_PORT: u16 = 84;
 
 pub struct Host {
     pub name: String,
@@ -418,6 +420,7 @@ fn start_server(host: &Host, dir: &std::path::Path) -> Proc {
     let addrs: Vec<String> = HOST_PORTS.iter().map(|p| format!("0.0.0.0:{p}")).collect();
     let mut listeners: Vec<&str> = addrs.iter().flat_map(|a| ["--tcp", a.as_str()]).collect();
     let push = format!("0.0.0.0:{}", crate::topology::PUSH_PORT);
-    listeners.extend(["--push", push.as_str()]);
+    let http = format!("0.0.0.0:{HTTP_PORT}");
+    listeners.extend(["--push", push.as_str(), "--http", http.as_str()]);
     start_test_backend(&host.ns, &host.name, &listeners, dir, host.log.clone())
 }

@@ -91,6 +91,8 @@ pub struct Topology {
     pub backends: Vec<Backend>,
     pub client: Netns,
     pub lb: Netns,
+    /// A router between client and lb (`behind_router`).
+    pub router: Option<Netns>,
 }
 
 impl Topology {
@@ -126,14 +128,57 @@ impl Topology {
             backends: Vec::new(),
             client,
             lb,
+            router: None,
         };
-        topo.wire_client_and_lb();
+        wire_client(&topo.client, &topo.lb);
+        topo.wire_lb();
         topo
     }
 
-    fn wire_client_and_lb(&self) {
+    /// The same, but the client reaches the lb through a router ("rt"), whose link towards
+    /// the client has `client_mtu` on the router's side (a smaller link on the path: the
+    /// client's own MTU, and so its MSS, stays 1500):
+    ///
+    /// ```text
+    /// client (10.99.1.2) --- rt "front" 10.99.1.1 | rt "uplink" 10.99.3.1 --- lb "front" 10.99.3.2
+    /// ```
+    pub fn behind_router(backends: usize, client_mtu: &str) -> Topology {
+        let prefix = unique_prefix();
+        let dir = std::env::temp_dir().join(format!("xlb-test-{prefix}"));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let client = Netns::new(&format!("{prefix}-cl"));
+        let lb = Netns::new(&format!("{prefix}-lb"));
+        let router = Netns::new(&format!("{prefix}-rt"));
+        wire_client(&client, &router);
+        router.ip(&["link", "set", FRONT, "mtu", client_mtu]);
+        crate::netns::veth(&router, "uplink", &lb, FRONT, None);
+        router.ip(&["addr", "add", "10.99.3.1/24", "dev", "uplink"]);
+        router.ip(&["link", "set", "uplink", "up"]);
+        lb.ip(&["addr", "add", "10.99.3.2/24", "dev", FRONT]);
+        lb.ip(&["link", "set", FRONT, "up"]);
+        lb.ip(&["route", "add", "10.99.1.0/24", "via", "10.99.3.1"]);
+        for net in [VIP, "10.99.2.0/24"] {
+            router.ip(&["route", "add", net, "via", "10.99.3.2"]);
+        }
+        router.sysctl("net.ipv4.ip_forward", "1");
+        let mut topo = Topology {
+            prefix,
+            dir,
+            backends: Vec::new(),
+            client,
+            lb,
+            router: Some(router),
+        };
+        topo.wire_lb();
+        for _ in 0..backends {
+            topo.add_backend();
+        }
+        topo
+    }
+
+    /// The lb's bridge to the backends.
+    fn wire_lb(&self) {
         let lb = &self.lb;
-        wire_client(&self.client, lb);
         lb.ip(&["link", "add", "br0", "type", "bridge"]);
         lb.ip(&["addr", "add", "10.99.2.1/24", "dev", "br0"]);
         lb.ip(&["link", "set", "br0", "up"]);

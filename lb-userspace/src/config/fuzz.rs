@@ -502,6 +502,7 @@ fn service() -> impl Strategy<Value = ServiceConfig> {
                     table_size,
                     snat,
                     encap,
+                    icmp_echo: true,
                     health,
                     backends,
                 }

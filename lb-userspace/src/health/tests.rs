@@ -71,6 +71,7 @@ fn desired(check: HealthConfig) -> DesiredState {
         mode: Mode::Nat,
         snat: Vec::new(),
         gue: false,
+        icmp_echo: true,
         table_size: 101,
         health: check,
         backends: BTreeMap::from([(endpoint(), backend)]),

@@ -16,7 +16,7 @@ use super::Maps;
 pub struct FakeMaps {
     pub vips: BTreeMap<VipKey, u32>,
     pub services: HashMap<u32, Service>,
-    pub vip_addrs: BTreeSet<VipAddrKey>,
+    pub vip_addrs: BTreeMap<VipAddrKey, u32>,
     pub backends: HashMap<u32, Backend>,
     pub rings: HashMap<u32, u32>,
     pub log: Vec<String>,
@@ -98,12 +98,12 @@ impl Maps for FakeMaps {
         }
         Ok(())
     }
-    fn vip_addrs(&self) -> Result<Vec<VipAddrKey>> {
-        Ok(self.vip_addrs.iter().copied().collect())
+    fn vip_addrs(&self) -> Result<Vec<(VipAddrKey, u32)>> {
+        Ok(self.vip_addrs.iter().map(|(k, v)| (*k, *v)).collect())
     }
-    fn set_vip_addr(&mut self, key: &VipAddrKey) -> Result<()> {
+    fn set_vip_addr(&mut self, key: &VipAddrKey, flags: u32) -> Result<()> {
         self.write("vip addr".into())?;
-        self.vip_addrs.insert(*key);
+        self.vip_addrs.insert(*key, flags);
         Ok(())
     }
     fn remove_vip_addr(&mut self, key: &VipAddrKey) -> Result<()> {

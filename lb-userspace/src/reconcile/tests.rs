@@ -1,4 +1,4 @@
-use std::net::IpAddr;
+use std::{collections::BTreeSet, net::IpAddr};
 
 use lb_common::{
     BACKEND_ALIVE, BACKEND_IN_USE, SERVICE_GUE, addr_words,
@@ -35,6 +35,7 @@ fn service(name: &str, vip_last: u8, backends: &[(u8, u32)]) -> ServiceSpec {
         mode: Mode::Nat,
         snat: Vec::new(),
         gue: false,
+        icmp_echo: true,
         table_size: 101,
         health: HealthConfig::default(),
         backends: backends

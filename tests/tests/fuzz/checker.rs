@@ -15,7 +15,7 @@ use super::{
     DEFAULT_PACKETS, DEFAULT_SEED, EXACT_FLOWS, Flow5, UDP_MAYBE_EXPIRED, VIP1,
     generator::{Frame, kernel_refuses_skb},
     is_drop,
-    model::{Headers, Model, Parsed, ip_checksum, l4_checksum, parse, scratch_checksums},
+    model::{Headers, Icmp, Model, Parsed, ip_checksum, l4_checksum, parse, scratch_checksums},
     sock,
 };
 
@@ -327,6 +327,93 @@ impl Run {
     }
 }
 
+/// Checks XDP's answer to an echo request, or its rewrite of an error for a backend: only
+/// what must change changed, and every checksum that was right is still right.
+fn check_icmp(
+    model: &Model,
+    track: &mut Tracker,
+    input: &[u8],
+    out: &[u8],
+    icmp: Icmp,
+) -> Result<(), String> {
+    if out.len() != input.len() {
+        return Err(format!("ICMP: {} bytes became {}", input.len(), out.len()));
+    }
+    let l3 = match icmp {
+        Icmp::Echo { l3 } | Icmp::ToBackend { l3, .. } => l3,
+    };
+    let end = l3 + usize::from(be16(input, l3 + IP_TOT_LEN));
+    let sums = |f: &[u8], quoted: Option<usize>| {
+        let ip = checksum(&[&f[l3..l3 + 20]]) == 0;
+        let icmp = checksum(&[&f[l3 + 20..end]]) == 0;
+        let inner = quoted.map(|q| checksum(&[&f[q..q + 20]]) == 0);
+        (ip, icmp, inner)
+    };
+    let mut expected = input.to_vec();
+    match icmp {
+        Icmp::Echo { .. } => {
+            expected[..6].copy_from_slice(&input[6..12]);
+            expected[6..12].copy_from_slice(&input[..6]);
+            expected[l3 + 12..l3 + 16].copy_from_slice(&input[l3 + 16..l3 + 20]);
+            expected[l3 + 16..l3 + 20].copy_from_slice(&input[l3 + 12..l3 + 16]);
+            expected[l3 + 8] = 64;
+            expected[l3 + 20] = 0;
+            if sums(out, None) != sums(input, None) {
+                return Err("echo reply: a checksum went wrong".into());
+            }
+        }
+        Icmp::ToBackend { service, flow, .. } => {
+            let q = l3 + 28;
+            let to = SocketAddrV4::new(ipv4_at(out, l3 + IP_DADDR), be16(out, q + 20));
+            let svc = &model.services[service];
+            if !svc.backends.iter().any(|(b, _)| *b == to) {
+                return Err(format!(
+                    "ICMP error sent to {to}, not a backend of {}",
+                    svc.name
+                ));
+            }
+            if let Some(known) = track.flows.get(&flow)
+                && known.backend != to
+            {
+                return Err(format!(
+                    "ICMP error sent to {to}, its flow is on {}",
+                    known.backend
+                ));
+            }
+            if ipv4_at(out, q + IP_SADDR) != *to.ip() {
+                return Err("the quoted source is not the backend".into());
+            }
+            expected[l3 + 16..l3 + 20].copy_from_slice(&to.ip().octets());
+            expected[q + 12..q + 16].copy_from_slice(&to.ip().octets());
+            expected[q + 20..q + 22].copy_from_slice(&to.port().to_be_bytes());
+            if sums(out, Some(q)) != sums(input, Some(q)) {
+                return Err("ICMP error: a checksum went wrong".into());
+            }
+            track.verdicts[Reason::IcmpToBackend as usize] += 1;
+        }
+    }
+    // Everything else as sent (the checksums were judged above).
+    let q = l3 + 28;
+    let masked = |f: &mut [u8]| {
+        f[l3 + 10..l3 + 12].fill(0);
+        f[l3 + 22..l3 + 24].fill(0);
+        if matches!(icmp, Icmp::ToBackend { .. }) {
+            f[q + 10..q + 12].fill(0);
+        }
+    };
+    let (mut got, mut want) = (out.to_vec(), expected);
+    masked(&mut got);
+    masked(&mut want);
+    if got != want {
+        let at = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
+        return Err(format!(
+            "ICMP: byte {at} is {:#04x}, expected {:#04x}",
+            got[at], want[at]
+        ));
+    }
+    Ok(())
+}
+
 pub fn deltas(before: &ReasonCounts, after: &ReasonCounts) -> [u64; Reason::COUNT as usize] {
     let mut d = [0; Reason::COUNT as usize];
     for r in Reason::ALL {
@@ -385,14 +472,17 @@ pub fn check_xdp_frame(
             run.fail("XDP", index, frame, Some(&out.data), &format!($($arg)*))
         };
     }
-    if out.action != XDP_PASS && out.action != XDP_DROP {
+    let echo = verdict.reason == Reason::IcmpEcho;
+    if out.action != XDP_PASS && out.action != XDP_DROP && !(echo && out.action == XDP_TX) {
         fail!(
-            "returned {}: only XDP_PASS and XDP_DROP are allowed",
+            "returned {}: only XDP_PASS and XDP_DROP are allowed (and XDP_TX for an echo)",
             xdp_action_name(out.action)
         );
     }
     let want = if is_drop(verdict.reason) {
         XDP_DROP
+    } else if echo {
+        XDP_TX
     } else {
         XDP_PASS
     };
@@ -406,6 +496,12 @@ pub fn check_xdp_frame(
     }
     track.verdicts[verdict.reason as usize] += 1;
     track.xdp_packets += 1;
+    if let Some(icmp) = verdict.icmp {
+        if let Err(e) = check_icmp(model, track, &frame.bytes, &out.data, icmp) {
+            fail!("{e}");
+        }
+        return;
+    }
     let Some((k, h)) = verdict.forward else {
         if out.data != frame.bytes {
             fail!(

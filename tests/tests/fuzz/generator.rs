@@ -374,7 +374,8 @@ fn fixture(rng: &mut Rng, model: &Model) -> Frame {
             let from = client(rng);
             ipv4_frame(rng, from, to, proto, "to anywhere")
         }
-        60..67 => {
+        60..63 => icmp_error_frame(rng, model),
+        63..67 => {
             let to = SocketAddrV4::new(some_address(rng, model), 0);
             let any = rng.u8();
             let proto = rng.pick(&[PROTO_ICMP, PROTO_ICMP, 47, 132, 50, 0, any]);
@@ -395,6 +396,37 @@ fn fixture(rng: &mut Rng, model: &Model) -> Frame {
             let to = client(rng);
             ipv4_frame(rng, from, to, svc.proto, "from a backend")
         }
+    }
+}
+
+/// An ICMP error (mostly unreachable or time exceeded) from a router to a VIP, quoting a
+/// packet the VIP sent to a client: what the data path hands to the flow's backend.
+fn icmp_error_frame(rng: &mut Rng, model: &Model) -> Frame {
+    let svc = &model.services[rng.below(model.services.len())];
+    let client = client(rng);
+    let quoted = match svc.proto {
+        PROTO_TCP => Packet::tcp(svc.vip, client),
+        _ => Packet::udp(svc.vip, client),
+    }
+    .build();
+    let kind = rng.pick(&[3, 3, 3, 11, 11, 12, 5]);
+    let any = rng.u8();
+    let code = rng.pick(&[0, 1, 3, 4, any]);
+    let mut icmp = vec![kind, code, 0, 0, 0, 0];
+    let any = rng.u16();
+    icmp.extend_from_slice(&rng.pick(&[1280u16, 0, any]).to_be_bytes());
+    icmp.extend_from_slice(&quoted[14..14 + 28]);
+    let sum = checksum(&[&icmp]);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let router = Ipv4Addr::new(10, 99, 1, 254);
+    let bytes = Packet::other(router, *svc.vip.ip(), PROTO_ICMP)
+        .with_payload(icmp)
+        .build();
+    Frame {
+        bytes,
+        l3: 14,
+        l4: 34,
+        what: format!("ICMP {kind}/{code} about a flow of {}", svc.name),
     }
 }
 

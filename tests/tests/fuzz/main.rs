@@ -70,7 +70,7 @@ const PROTO_ICMP: u8 = 1;
 /// The verdicts this corpus reaches: every XDP packet counts under exactly one. Its services
 /// are in mode nat and the test namespace has no front NIC, so the fullnat/dsr verdicts and
 /// XDP's own sends (tx, redirected, handed_to_tc) must stay at zero like the events.
-const VERDICTS: [Reason; 11] = [
+const VERDICTS: [Reason; 13] = [
     Reason::PassNotIp,
     Reason::PassIpv6,
     Reason::PassNotL4,
@@ -82,6 +82,8 @@ const VERDICTS: [Reason; 11] = [
     Reason::DropIpOptions,
     Reason::DropNoBackend,
     Reason::Forwarded,
+    Reason::IcmpEcho,
+    Reason::PassIcmp,
 ];
 
 fn is_drop(reason: Reason) -> bool {
@@ -237,7 +239,7 @@ fn xdp_and_tc_egress_survive_random_and_mutated_frames() {
     for r in &events {
         let want = match r {
             Reason::RevNat => track.tc_rewritten,
-            Reason::Promoted => track.verdicts[Reason::Promoted as usize],
+            Reason::Promoted | Reason::IcmpToBackend => track.verdicts[*r as usize],
             _ => 0,
         };
         assert_eq!(reasons.get(*r), want, "{}\n{}", r.name(), run.replay());
@@ -247,9 +249,10 @@ fn xdp_and_tc_egress_survive_random_and_mutated_frames() {
         .iter()
         .map(|s| dp.service_counters(s.id).packets)
         .sum();
+    // ICMP errors a backend gets are forwarded too, but are no traffic of its service.
     assert_eq!(
         forwarded,
-        reasons.get(Reason::Forwarded),
+        reasons.get(Reason::Forwarded) - reasons.get(Reason::IcmpToBackend),
         "service packet counters vs forwarded\n{}",
         run.replay()
     );
@@ -282,6 +285,13 @@ fn xdp_and_tc_egress_survive_random_and_mutated_frames() {
             assert!(reasons.get(r) > 0, "the corpus never hit {}", r.name());
         }
         assert!(track.tc_rewritten > 0, "TC egress never saw a known reply");
+        for event in [Reason::Promoted, Reason::IcmpToBackend] {
+            assert!(
+                reasons.get(event) > 0,
+                "the corpus never caused {}",
+                event.name()
+            );
+        }
         assert!(
             track.odd_checksums.iter().all(|n| *n > 0),
             "the corpus missed a checksum corner case: {:?}",

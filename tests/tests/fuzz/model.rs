@@ -8,7 +8,7 @@ use std::{
 use lb_common::{PROTO_TCP, PROTO_UDP, Reason};
 use xlb_tests::testrun::*;
 
-use super::{NOT_VIP, VIP1, VIP2, services, sock};
+use super::{NOT_VIP, PROTO_ICMP, VIP1, VIP2, services, sock};
 
 /// The headers of a well-formed IPv4 TCP/UDP packet, as the model reads them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,8 +67,8 @@ pub enum Parsed {
     /// Bad version or IHL, total length below the IHL or past the frame; with the
     /// destination address.
     BadIp(Ipv4Addr),
-    /// A sound IPv4 header of another protocol.
-    NotL4,
+    /// A sound IPv4 header of another protocol, at this offset.
+    NotL4(usize),
     /// A TCP/UDP fragment (MF or an offset), with the destination address.
     Fragment(Ipv4Addr),
     /// A TCP/UDP header that does not fit the IPv4 packet (cut short, data offset < 5 or past
@@ -115,7 +115,7 @@ pub fn parse(f: &[u8]) -> Parsed {
     }
     let proto = ip[9];
     if proto != PROTO_TCP && proto != PROTO_UDP {
-        return Parsed::NotL4;
+        return Parsed::NotL4(l3);
     }
     // Flags: reserved, DF, MF. Only MF and the offset make a fragment.
     if be16(ip, 6) & 0x3fff != 0 {
@@ -169,6 +169,22 @@ pub struct Model {
 pub struct Verdict {
     pub reason: Reason,
     pub forward: Option<(usize, Headers)>,
+    /// ICMP to a VIP that XDP handles itself.
+    pub icmp: Option<Icmp>,
+}
+
+/// What XDP does with ICMP to a VIP address (icmp.rs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Icmp {
+    /// An echo request, answered out of the NIC it came in on.
+    Echo { l3: usize },
+    /// An error quoting a packet that `service`'s VIP sent: to a backend of the service,
+    /// the quoted packet's source rewritten to it. `flow` is the client -> VIP 5-tuple.
+    ToBackend {
+        l3: usize,
+        service: usize,
+        flow: (Ipv4Addr, u16, Ipv4Addr, u16, u8),
+    },
 }
 
 impl Model {
@@ -212,7 +228,21 @@ impl Model {
             Parsed::NotIp => Reason::PassNotIp,
             Parsed::Ipv6 => Reason::PassIpv6,
             Parsed::TooShort => Reason::PassMalformed,
-            Parsed::NotL4 => Reason::PassNotL4,
+            Parsed::NotL4(l3) => match self.icmp(frame, l3) {
+                None => Reason::PassNotL4,
+                Some(None) => Reason::PassIcmp,
+                Some(Some(icmp)) => {
+                    let reason = match icmp {
+                        Icmp::Echo { .. } => Reason::IcmpEcho,
+                        Icmp::ToBackend { .. } => Reason::Forwarded,
+                    };
+                    return Verdict {
+                        reason,
+                        forward: None,
+                        icmp: Some(icmp),
+                    };
+                }
+            },
             Parsed::BadIp(dst) | Parsed::BadL4(dst) if ours(dst) => Reason::DropMalformed,
             Parsed::BadIp(_) | Parsed::BadL4(_) => Reason::PassMalformed,
             Parsed::Fragment(dst) if ours(dst) => Reason::DropFragment,
@@ -225,6 +255,7 @@ impl Model {
                     return Verdict {
                         reason: Reason::Forwarded,
                         forward: Some((k, h)),
+                        icmp: None,
                     };
                 }
             },
@@ -232,7 +263,48 @@ impl Model {
         Verdict {
             reason,
             forward: None,
+            icmp: None,
         }
+    }
+
+    /// ICMP in the sound IPv4 packet at `l3`: None if it is not ICMP to a VIP address that
+    /// XDP looks at (no options, no fragment, 2 bytes of ICMP header), Some(None) if XDP
+    /// leaves it to the kernel, else what XDP does. Bounds are the frame's, as the data
+    /// path's checks are against the end of the packet.
+    fn icmp(&self, f: &[u8], l3: usize) -> Option<Option<Icmp>> {
+        let ip = &f[l3..];
+        let daddr = ipv4_at(ip, IP_DADDR);
+        let simple = ip[9] == PROTO_ICMP && ip[0] & 0x0f == 5 && be16(ip, 6) & 0x3fff == 0;
+        if !simple || f.len() < l3 + 22 || !self.vip_addrs.contains(&daddr) {
+            return None;
+        }
+        let icmp = l3 + 20;
+        Some(match f[icmp] {
+            8 if f.len() >= icmp + 8 => Some(Icmp::Echo { l3 }),
+            3 | 11 => {
+                let q = icmp + 8;
+                let proto = f.get(q + 9).copied();
+                let sound = f.len() >= q + 24
+                    && f[q] == 0x45
+                    && matches!(proto, Some(PROTO_TCP | PROTO_UDP))
+                    && ipv4_at(f, q + IP_SADDR) == daddr;
+                sound
+                    .then(|| {
+                        let vip = SocketAddrV4::new(daddr, be16(f, q + 20));
+                        let proto = f[q + 9];
+                        let service = self
+                            .services
+                            .iter()
+                            .position(|s| s.vip == vip && s.proto == proto)
+                            .filter(|k| !self.services[*k].backends.is_empty())?;
+                        let client = (ipv4_at(f, q + IP_DADDR), be16(f, q + 22));
+                        let flow = (client.0, client.1, daddr, vip.port(), proto);
+                        Some(Icmp::ToBackend { l3, service, flow })
+                    })
+                    .flatten()
+            }
+            _ => None,
+        })
     }
 }
 
@@ -371,7 +443,7 @@ fn reference_model_follows_the_verdict_table() {
         (
             "ICMP to the VIP",
             Packet::icmp_echo(*client.ip(), VIP1).build(),
-            Reason::PassNotL4,
+            Reason::IcmpEcho,
         ),
         (
             "cut inside the IPv4 header",

@@ -1,0 +1,280 @@
+//! ICMP at the VIPs under BPF_PROG_TEST_RUN: echo answered (VLAN tag kept), errors about a
+//! VIP flow sent to its backend, translated as the mode needs (nat, fullnat, dsr), and the
+//! LB's own "fragmentation needed" keeping the VLAN tag.
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use lb_common::{DeliverMeta, Reason};
+use xlb_tests::testrun::*;
+
+#[path = "support/routed.rs"]
+mod routed;
+use routed::{HOSTS, LB_BACK, routed_namespace};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 100, 1);
+const WEB: SocketAddrV4 = SocketAddrV4::new(VIP, 80);
+const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 99, 1, 2), 40000);
+/// A router on the client's path that cannot forward a reply (its link is too small).
+const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 99, 1, 254);
+const ETH_HLEN: usize = 14;
+const IPV4_HLEN: usize = 20;
+
+/// "web" on VIP:80 over HOSTS, in the mode `extra` sets (backends on port 80 for dsr,
+/// which does not rewrite ports, 8080 else).
+fn service(extra: &str) -> String {
+    let port = if extra.contains("dsr") { 80 } else { 8080 };
+    let mut s = format!(
+        "[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nport = 80\n{extra}\n\
+         [service.health]\ntype = \"none\"\n"
+    );
+    for host in HOSTS {
+        s += &format!("[[service.backend]]\naddress = \"{host}\"\nport = {port}\n");
+    }
+    s
+}
+
+/// An ICMP error from ROUTER to the VIP quoting `quoted` (a frame of a packet the VIP
+/// sent): type 3 code 4 with `mtu`, or another type and code.
+fn icmp_error(kind: u8, code: u8, mtu: u16, quoted: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![kind, code, 0, 0, 0, 0];
+    icmp.extend_from_slice(&mtu.to_be_bytes());
+    icmp.extend_from_slice(&quoted[ETH_HLEN..ETH_HLEN + IPV4_HLEN + 8]);
+    let sum = checksum(&[&icmp]);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    Packet::other(ROUTER, VIP, 1).with_payload(icmp).build()
+}
+
+/// The reply a backend sent to the client, as it left the LB (from the VIP).
+fn reply_from_vip() -> Vec<u8> {
+    Packet::tcp(WEB, CLIENT)
+        .with_payload(vec![b'x'; 1400])
+        .build()
+}
+
+/// Drops the delivery metadata XDP puts in front of a frame it hands to TC.
+fn strip_meta(mut frame: Vec<u8>) -> Vec<u8> {
+    if frame.len() > 8 && frame[..4] == lb_common::DELIVER_MAGIC.to_ne_bytes() {
+        frame.drain(..size_of::<DeliverMeta>());
+    }
+    frame
+}
+
+fn assert_valid_ip_and_icmp(frame: &[u8], l3: usize, what: &str) {
+    assert_eq!(
+        checksum(&[&frame[l3..l3 + IPV4_HLEN]]),
+        0,
+        "{what}: IP checksum"
+    );
+    let len = usize::from(be16(frame, l3 + 2));
+    assert_eq!(
+        checksum(&[&frame[l3 + IPV4_HLEN..l3 + len]]),
+        0,
+        "{what}: ICMP checksum"
+    );
+}
+
+#[test]
+fn echo_to_a_vip_is_answered_with_the_vlan_tag_kept() {
+    let dp = LoadedDatapath::new(&service_toml("web", WEB, "tcp", &[]));
+    for (what, request) in [
+        ("untagged", Packet::icmp_echo(*CLIENT.ip(), VIP)),
+        (
+            "802.1Q",
+            Packet::icmp_echo(*CLIENT.ip(), VIP).with_vlan(ETH_P_8021Q, 7),
+        ),
+    ] {
+        let input = request.build();
+        let before = dp.reasons();
+        let out = dp.xdp(&input);
+        assert_eq!(out.action, XDP_TX, "{what}");
+        dp.reasons()
+            .assert_moved(&before, &[(Reason::IcmpEcho, 1)], what);
+        let l3 = request.l3_off();
+        let frame = &out.data;
+        assert_eq!(
+            (&frame[..6], &frame[6..12]),
+            (&input[6..12], &input[..6]),
+            "{what}: MACs"
+        );
+        assert_eq!(&frame[12..l3], &input[12..l3], "{what}: the VLAN tag stays");
+        assert_eq!(
+            (ipv4_at(frame, l3 + 12), ipv4_at(frame, l3 + 16)),
+            (VIP, *CLIENT.ip())
+        );
+        assert_eq!(frame[l3 + IPV4_HLEN], 0, "{what}: echo reply");
+        assert_eq!(
+            &frame[l3 + IPV4_HLEN + 4..],
+            &input[l3 + IPV4_HLEN + 4..],
+            "{what}: id, seq, data"
+        );
+        assert_valid_ip_and_icmp(frame, l3, what);
+    }
+}
+
+#[test]
+fn echo_is_left_to_the_kernel_where_the_service_turns_it_off() {
+    let dp = LoadedDatapath::new(
+        &service_toml("web", WEB, "tcp", &[])
+            .replace("mode = \"nat\"", "mode = \"nat\"\nicmp_echo = false"),
+    );
+    let input = Packet::icmp_echo(*CLIENT.ip(), VIP).build();
+    let before = dp.reasons();
+    let out = dp.xdp(&input);
+    assert_eq!((out.action, out.data), (XDP_PASS, input));
+    dp.reasons()
+        .assert_moved(&before, &[(Reason::PassIcmp, 1)], "echo off");
+}
+
+#[test]
+fn nat_sends_an_error_about_a_flow_to_its_backend_as_the_backend_sent_it() {
+    let backends: Vec<_> = HOSTS
+        .iter()
+        .map(|h| (SocketAddrV4::new(*h, 8080), 100))
+        .collect();
+    let dp = LoadedDatapath::new(&service_toml("web", WEB, "tcp", &backends));
+    // The flow's own SYN: conntrack pins it to a backend.
+    let syn = Packet::tcp(CLIENT, WEB).with_tcp_flags(TCP_SYN);
+    let first = dp.xdp(&syn.build());
+    let backend = ipv4_at(&first.data, ETH_HLEN + 16);
+    let error = icmp_error(3, 4, 1280, &reply_from_vip());
+    let before = dp.reasons();
+    let out = dp.xdp(&error);
+    assert_eq!(out.action, XDP_PASS, "{}", xdp_action_name(out.action));
+    dp.reasons().assert_moved(
+        &before,
+        &[(Reason::IcmpToBackend, 1), (Reason::Forwarded, 1)],
+        "frag needed",
+    );
+    let frame = &out.data;
+    assert_eq!(ipv4_at(frame, ETH_HLEN + 12), ROUTER, "outer source kept");
+    assert_eq!(
+        ipv4_at(frame, ETH_HLEN + 16),
+        backend,
+        "to the flow's backend"
+    );
+    let inner = ETH_HLEN + IPV4_HLEN + 8;
+    assert_eq!(
+        SocketAddrV4::new(ipv4_at(frame, inner + 12), be16(frame, inner + IPV4_HLEN)),
+        SocketAddrV4::new(backend, 8080),
+        "the quoted packet is the backend's own"
+    );
+    assert_eq!(
+        SocketAddrV4::new(
+            ipv4_at(frame, inner + 16),
+            be16(frame, inner + IPV4_HLEN + 2)
+        ),
+        CLIENT
+    );
+    assert_eq!(be16(frame, ETH_HLEN + IPV4_HLEN + 6), 1280, "the MTU");
+    assert_valid_ip_and_icmp(frame, ETH_HLEN, "frag needed");
+    assert_eq!(
+        checksum(&[&frame[inner..inner + IPV4_HLEN]]),
+        0,
+        "quoted IP checksum"
+    );
+
+    // Without a flow entry the ring decides, as it does for the flow's own packets.
+    let other = SocketAddrV4::new(*CLIENT.ip(), 40001);
+    let out = dp.xdp(&icmp_error(11, 0, 0, &Packet::tcp(WEB, other).build()));
+    let via_ring = ipv4_at(&out.data, ETH_HLEN + 16);
+    let syn = Packet::tcp(other, WEB).with_tcp_flags(TCP_SYN).build();
+    assert_eq!(
+        via_ring,
+        ipv4_at(&dp.xdp(&syn).data, ETH_HLEN + 16),
+        "time exceeded"
+    );
+
+    // An error about no flow of a service (another port on the VIP) is the kernel's.
+    let stray = Packet::tcp(SocketAddrV4::new(VIP, 9999), CLIENT).build();
+    let before = dp.reasons();
+    assert_eq!(dp.xdp(&icmp_error(3, 3, 0, &stray)).action, XDP_PASS);
+    dp.reasons()
+        .assert_moved(&before, &[(Reason::PassIcmp, 1)], "about no service");
+}
+
+#[test]
+fn fullnat_translates_an_error_to_the_flows_snat_address_and_port() {
+    let _ns = routed_namespace();
+    let dp = LoadedDatapath::new(&service("mode = \"fullnat\""));
+    let first = strip_meta(
+        dp.xdp(&Packet::tcp(CLIENT, WEB).with_tcp_flags(TCP_SYN).build())
+            .data,
+    );
+    let l4 = ETH_HLEN + IPV4_HLEN;
+    let snat = SocketAddrV4::new(ipv4_at(&first, ETH_HLEN + 12), be16(&first, l4));
+    let backend = SocketAddrV4::new(ipv4_at(&first, ETH_HLEN + 16), be16(&first, l4 + 2));
+    assert_eq!(*snat.ip(), LB_BACK);
+
+    let out = strip_meta(dp.xdp(&icmp_error(3, 4, 1280, &reply_from_vip())).data);
+    let frame = &out;
+    assert_eq!(
+        (ipv4_at(frame, ETH_HLEN + 12), ipv4_at(frame, ETH_HLEN + 16)),
+        (LB_BACK, *backend.ip()),
+        "from the LB to the backend"
+    );
+    let inner = ETH_HLEN + IPV4_HLEN + 8;
+    let quoted = |at: usize, port_at: usize| {
+        SocketAddrV4::new(
+            ipv4_at(frame, inner + at),
+            be16(frame, inner + IPV4_HLEN + port_at),
+        )
+    };
+    assert_eq!(
+        (quoted(12, 0), quoted(16, 2)),
+        (backend, snat),
+        "as the backend sent it"
+    );
+    assert_valid_ip_and_icmp(frame, ETH_HLEN, "fullnat frag needed");
+    assert_eq!(
+        checksum(&[&frame[inner..inner + IPV4_HLEN]]),
+        0,
+        "quoted IP checksum"
+    );
+}
+
+#[test]
+fn dsr_encapsulates_an_error_for_the_backend_host() {
+    let _ns = routed_namespace();
+    let dp = LoadedDatapath::new(&service("mode = \"dsr\""));
+    let error = icmp_error(3, 4, 1280, &reply_from_vip());
+    let out = strip_meta(dp.xdp(&error).data);
+    let outer = ETH_HLEN;
+    assert_eq!(out[outer + 9], 4, "IPIP");
+    assert_eq!(ipv4_at(&out, outer + 12), LB_BACK);
+    assert!(
+        HOSTS.contains(&ipv4_at(&out, outer + 16)),
+        "to a backend host"
+    );
+    assert_eq!(
+        &out[outer + IPV4_HLEN..],
+        &error[ETH_HLEN..],
+        "the error, unchanged, inside"
+    );
+}
+
+#[test]
+fn the_lbs_own_frag_needed_keeps_the_vlan_tag() {
+    let _ns = routed_namespace();
+    let dp = LoadedDatapath::new(&service("mode = \"dsr\""));
+    let big = Packet::tcp(CLIENT, WEB)
+        .with_payload(vec![b'x'; 1460])
+        .with_vlan(ETH_P_8021Q, 9);
+    let input = big.build();
+    let out = dp.xdp(&input);
+    assert_eq!(out.action, XDP_TX, "{}", xdp_action_name(out.action));
+    let l3 = big.l3_off();
+    let frame = &out.data;
+    assert_eq!(&frame[12..l3], &input[12..l3], "the VLAN tag stays");
+    assert_eq!(
+        (&frame[..6], &frame[6..12]),
+        (&input[6..12], &input[..6]),
+        "MACs swapped"
+    );
+    assert_eq!(frame.len(), l3 + IPV4_HLEN + 8 + IPV4_HLEN + 8);
+    assert_eq!((frame[l3 + IPV4_HLEN], frame[l3 + IPV4_HLEN + 1]), (3, 4));
+    assert_valid_ip_and_icmp(frame, l3, "frag needed, tagged");
+    assert_eq!(
+        &frame[l3 + IPV4_HLEN + 8..],
+        &input[l3..l3 + 28],
+        "quotes the packet"
+    );
+}

@@ -1,0 +1,124 @@
+//! Path MTU discovery through the LB, end to end: the client sits behind a router whose link
+//! towards it has MTU 1280 (the client's own is 1500, so it asks for full-size segments).
+//! Backends answer with 64 KiB; the router's "fragmentation needed" goes to the VIP, and the
+//! LB must hand it to the backend that sent the reply, or the connection stalls (a PMTU black
+//! hole). Every response arrives, and the backend's route cache shows the learned MTU.
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use xlb_tests::{
+    agent::Agent,
+    client::http_fetch,
+    netns::Netns,
+    remote::{HTTP_PORT, Remote},
+    topology::{FRONT, Topology, VIP},
+};
+
+const BIG: usize = 64 * 1024;
+const FETCHES: usize = 6;
+/// Per read: PMTU discovery costs a retransmission or two.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Fetches 64 KiB `FETCHES` times through `vip` from the client; returns who answered.
+fn fetch_big(client: &Netns, vip: SocketAddr) -> Vec<String> {
+    let path = format!("/bytes/{BIG}");
+    client.run(move || {
+        (0..FETCHES)
+            .map(|i| {
+                let (name, len) = http_fetch(vip, &path, READ_TIMEOUT)
+                    .unwrap_or_else(|e| panic!("64 KiB response {i} through {vip}: {e}"));
+                assert_eq!(len, BIG, "response {i} from {name} is short");
+                name
+            })
+            .collect()
+    })
+}
+
+/// The MTU `ns`'s route cache holds towards `to`, if it learned one.
+fn learned_mtu(ns: &Netns, to: &str) -> Option<u32> {
+    let route = ns.ip(&["route", "get", to]);
+    let mut words = route.split_whitespace();
+    words.find(|w| *w == "mtu")?;
+    words.next()?.parse().ok()
+}
+
+fn reason(agent: &Agent, name: &str) -> u64 {
+    agent.verdicts(name)
+}
+
+#[test]
+fn nat_backends_learn_the_path_mtu_from_errors_sent_to_the_vip() {
+    let topo = Topology::behind_router(3, "1280");
+    let pin = Agent::pin_path_for(&topo);
+    let mut config = format!("[agent]\ninterfaces = [\"{FRONT}\"]\npin_path = \"{pin}\"\n");
+    config += &format!("\n[[service]]\nname = \"http\"\nvip = \"{VIP}\"\nport = 81\n");
+    for b in &topo.backends {
+        config += &format!(
+            "  [[service.backend]]\n  address = \"{}\"\n  port = 8081\n",
+            b.addr
+        );
+    }
+    let agent = Agent::start(&topo, &config);
+    agent.wait_up("http", 3, Duration::from_secs(10));
+    let served = fetch_big(&topo.client, topo.vip(81));
+    assert!(reason(&agent, "icmp_to_backend") > 0, "{}", agent.status());
+    for b in topo.backends.iter().filter(|b| served.contains(&b.name)) {
+        assert_eq!(
+            learned_mtu(&b.ns, "10.99.1.2"),
+            Some(1280),
+            "{} towards the client",
+            b.name
+        );
+    }
+}
+
+#[test]
+fn fullnat_and_dsr_backends_learn_the_path_mtu_from_errors_sent_to_the_vip() {
+    let remote = Remote::new(1, 3);
+    remote.router.ip(&["link", "set", FRONT, "mtu", "1280"]);
+    remote.decap_on_hosts();
+    let agent = remote.serve(
+        0,
+        &[
+            ("full", 85, HTTP_PORT, "mode = \"fullnat\""),
+            ("direct", HTTP_PORT, HTTP_PORT, "mode = \"dsr\""),
+        ],
+    );
+    let vip = |port| SocketAddr::new(VIP.parse::<IpAddr>().unwrap(), port);
+    let lb_addr = remote.lbs[0].addr.clone();
+
+    let before = reason(&agent, "icmp_to_backend");
+    let served = fetch_big(&remote.client, vip(85));
+    assert!(
+        reason(&agent, "icmp_to_backend") > before,
+        "fullnat: {}",
+        agent.status()
+    );
+    for host in remote.hosts.iter().filter(|h| served.contains(&h.name)) {
+        // A fullnat backend's peer is the LB's address.
+        assert_eq!(
+            learned_mtu(&host.ns, &lb_addr),
+            Some(1280),
+            "{} towards the LB",
+            host.name
+        );
+    }
+
+    let before = reason(&agent, "icmp_to_backend");
+    let served = fetch_big(&remote.client, vip(HTTP_PORT));
+    assert!(
+        reason(&agent, "icmp_to_backend") > before,
+        "dsr: {}",
+        agent.status()
+    );
+    for host in remote.hosts.iter().filter(|h| served.contains(&h.name)) {
+        assert_eq!(
+            learned_mtu(&host.ns, "10.99.1.2"),
+            Some(1280),
+            "{} towards the client",
+            host.name
+        );
+    }
+}
