@@ -85,6 +85,19 @@ impl Agent {
         }
     }
 
+    /// SIGKILL: the agent dies wherever it is, as in a crash; its pins stay.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.signal(libc::SIGKILL);
+            p.stop(Duration::from_secs(5));
+        }
+    }
+
+    /// The agent's PID (it must be running).
+    pub fn pid(&self) -> u32 {
+        self.proc.as_ref().expect("agent running").pid()
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
