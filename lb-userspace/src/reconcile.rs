@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use anyhow::{Context as _, Result, bail};
 use lb_common::{
     Backend, Service, VIP_ADDR_ECHO, VipAddrKey, VipKey,
-    sizes::{MAX_BACKENDS, MAX_SERVICES, ring_blocks},
+    sizes::{MAX_BACKENDS, MAX_SERVICES},
 };
 use serde::Serialize;
 use tracing::{info, warn};
@@ -21,11 +21,12 @@ use tracing::{info, warn};
 mod ids;
 mod plan;
 mod rings;
+mod steps;
 
 pub use self::plan::{SNAT_PORTS_OWN, SNAT_PORTS_SHARED, snat_pool, vip_key};
 use self::{
     ids::IdPool,
-    plan::{Plan, RingInput, backend_value, delivery_of, service_value},
+    plan::{Plan, RingInput, delivery_of},
     rings::RingSpace,
 };
 use crate::state::{Delivery, DesiredState, Endpoint, ServiceSpec};
@@ -315,6 +316,8 @@ impl Reconciler {
         }
     }
 
+    /// The service's steps, each its own function (steps.rs): backends in, the ring placed,
+    /// the flip, the VIP published. The clean-up waits for a grace period (`clean_up`).
     fn sync_service(
         &mut self,
         maps: &mut impl Maps,
@@ -338,89 +341,12 @@ impl Reconciler {
                 self.backend_ids.max()
             );
         }
-        let service_id = svc.value.id;
-
-        // Backends first: no ring may name a backend that is not in BACKENDS.
-        for entering in std::mem::take(&mut plan.entering) {
-            let (id, new) = match entering.id {
-                Some(id) => (id, false),
-                None => {
-                    let id = self.backend_ids.take().expect("counted above");
-                    if let Err(e) = maps.reset_backend_counters(id) {
-                        self.backend_ids.untake(id);
-                        return Err(e);
-                    }
-                    (id, true)
-                }
-            };
-            let b = &entering.applied;
-            let value = backend_value(&entering.endpoint, service_id, b.alive, &b.delivery);
-            if let Err(e) = maps.set_backend(id, &value) {
-                if new {
-                    self.backend_ids.untake(id);
-                }
-                return Err(e);
-            }
-            self.grace_owed = true;
-            svc.backends
-                .insert(entering.endpoint, AppliedBackend { id, ..b.clone() });
-            if new {
-                plan.assign(&entering.endpoint, id);
-                changes.backends_added += 1;
-            }
-        }
-        for (endpoint, want) in &spec.backends {
-            if let Some(b) = svc.backends.get_mut(endpoint) {
-                b.weight = want.weight;
-            }
-        }
-
-        // The ring, then the flip.
-        let mut value = service_value(
-            spec,
-            service_id,
-            svc.value.ring_offset,
-            svc.value.table_size,
-        );
-        let mut placed = None;
-        if svc.ring_input.as_ref() != Some(&plan.ring_input) {
-            let ring = plan.ring_input.build();
-            if svc.written && ring == maps.ring(svc.value.ring_offset, svc.value.table_size) {
-                svc.ring_input = Some(plan.ring_input.clone());
-            } else {
-                let placement = place_ring(&mut self.rings, svc, &plan.ring_input, ring, maps)?;
-                (value.ring_offset, value.table_size) = (placement.offset, placement.table_size);
-                placed = Some(placement);
-            }
-        }
-        if !svc.written || value != svc.value {
-            if let Err(e) = maps.set_service(service_id, &value) {
-                if let Some(p) = placed.as_ref().filter(|p| p.fresh) {
-                    self.rings.give_back(p.offset, p.table_size);
-                }
-                return Err(e).context("flipping the service");
-            }
-            self.grace_owed = true;
-            if placed.as_ref().is_some_and(|p| p.fresh) && svc.written {
-                self.rings
-                    .retire(svc.value.ring_offset, svc.value.table_size);
-            }
-            svc.value = value;
-            svc.written = true;
-        }
-        if let Some(placement) = placed {
-            svc.ring_input = placement.input;
-            svc.ring_rebuilds += 1;
-            changes.rings_written += 1;
-            if value.table_size == 0 {
-                warn!(service = %spec.name, "no backend can take new flows");
-            }
-        }
-        if !svc.in_vips {
-            maps.insert_vip(key, service_id)
-                .context("publishing the VIP")?;
-            svc.in_vips = true;
-        }
+        let owed = &mut self.grace_owed;
+        steps::enter_backends(svc, &mut plan, &mut self.backend_ids, maps, changes, owed)?;
+        steps::set_weights(svc, spec);
+        let placed = steps::place_ring(svc, &plan.ring_input, &mut self.rings, maps)?;
+        steps::flip(svc, spec, placed, &mut self.rings, maps, changes, owed)?;
+        steps::publish(svc, key, maps)?;
         Ok(CleanUp {
             dying: plan.dying,
             removed: plan.removed,
@@ -468,23 +394,8 @@ impl Reconciler {
         changes: &mut Changes,
     ) -> Result<()> {
         let svc = self.services.get_mut(key).expect("synced");
-        for (endpoint, id) in clean_up.dying {
-            let b = svc.backends.get_mut(&endpoint).expect("planned");
-            maps.set_backend(
-                id,
-                &backend_value(&endpoint, svc.value.id, false, &b.delivery),
-            )?;
-            self.grace_owed = true;
-            b.alive = false;
-        }
-        for (endpoint, id) in clean_up.removed {
-            maps.set_backend(id, &Backend::default())?;
-            self.grace_owed = true;
-            svc.backends.remove(&endpoint);
-            self.backend_ids.quarantine(id);
-            changes.backends_removed += 1;
-        }
-        Ok(())
+        let owed = &mut self.grace_owed;
+        steps::clean_up(svc, clean_up, &mut self.backend_ids, maps, changes, owed)
     }
 
     fn remove_service(&mut self, maps: &mut impl Maps, key: &VipKey) -> Result<()> {
@@ -594,70 +505,6 @@ pub struct AppliedView {
     pub backends: BTreeMap<Endpoint, AppliedBackend>,
     /// Why the last apply left this service as it was.
     pub problem: Option<String>,
-}
-
-/// Where a new ring went.
-struct Placement {
-    offset: u32,
-    table_size: u32,
-    /// In free space (else over the ring in use).
-    fresh: bool,
-    /// What the bookkeeping records as the ring's input (None: a smaller stand-in, the
-    /// requested one is tried again next time).
-    input: Option<RingInput>,
-}
-
-/// Writes the service's new `ring` (built from `input`): into free blocks when there are
-/// enough adjacent ones, else over the ring in use.
-fn place_ring(
-    rings: &mut RingSpace,
-    svc: &mut AppliedService,
-    input: &RingInput,
-    ring: Vec<u32>,
-    maps: &mut impl Maps,
-) -> Result<Placement> {
-    let table_size = ring.len() as u32;
-    if let Some(offset) = rings.take(table_size) {
-        if let Err(e) = maps.write_ring(offset, &ring) {
-            rings.give_back(offset, table_size);
-            return Err(e).context("writing the ring");
-        }
-        return Ok(Placement {
-            offset,
-            table_size,
-            fresh: true,
-            input: Some(input.clone()),
-        });
-    }
-    if !svc.written {
-        bail!("no free ring space for a table of {table_size} slots");
-    }
-    // Only scattered free blocks get here (validation keeps the total within RINGS). The
-    // new ring goes over the one in use, slot by slot: each holds its old or its new
-    // backend, both valid until the clean-up after the next grace period. A larger table
-    // waits (the next apply tries again).
-    warn!(
-        service = %svc.name,
-        table_size,
-        free_blocks = rings.free_blocks(),
-        "no adjacent free ring space: rewriting the ring in place"
-    );
-    let current = svc.value.table_size;
-    let (ring, recorded) = if ring_blocks(table_size) > ring_blocks(current) {
-        (input.resized(current).build(), None)
-    } else {
-        (ring, Some(input.clone()))
-    };
-    // Until the write is complete, nobody knows what the ring holds.
-    svc.ring_input = None;
-    maps.write_ring(svc.value.ring_offset, &ring)
-        .context("rewriting the ring in place")?;
-    Ok(Placement {
-        offset: svc.value.ring_offset,
-        table_size: ring.len() as u32,
-        fresh: false,
-        input: recorded,
-    })
 }
 
 #[cfg(test)]

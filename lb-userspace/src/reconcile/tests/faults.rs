@@ -1,6 +1,7 @@
 //! Failures in the middle of an apply: at every single write, the maps stay valid for packets
 //! and agree with the bookkeeping, and the next apply finishes the job.
 use super::*;
+use crate::reconcile::plan::backend_value;
 use crate::state::Delivery;
 
 /// Panics unless the maps are what packets may safely read and what the reconciler thinks
