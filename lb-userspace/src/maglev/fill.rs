@@ -28,7 +28,8 @@ pub(super) fn fill<const D: usize>(
 ) -> Vec<u32> {
     // `max(1)` only matters for m == 1, which is not prime; it avoids a division by zero.
     let skip_mod = u64::from(m - 1).max(1);
-    let mut dense = Vec::with_capacity(live.len());
+    // Dense cursors and their positions, apart: most rounds need no positions.
+    let (mut dense, mut dense_pos) = (Vec::with_capacity(live.len()), Vec::new());
     let mut sparse = Sparse::<D> {
         cursors: Vec::new(),
         index: vec![0; live.len()],
@@ -41,7 +42,8 @@ pub(super) fn fill<const D: usize>(
         let (offset, skip) = (offset as u32, skip as u32);
         let mut c = Cursor::new(offset, skip, degree, m, u64::from(b.weight), index as u32);
         if c.weight * DENSE_ROUNDS >= max_weight {
-            dense.push((pos, c));
+            dense.push(c);
+            dense_pos.push(pos);
         } else {
             let round = c.rounds_to_next_claim(max_weight);
             sparse.heap.push(Reverse(heap_key(round, pos)));
@@ -56,21 +58,22 @@ pub(super) fn fill<const D: usize>(
     };
     for round in 1u64.. {
         let mut next_sparse = sparse.due(round);
-        for (pos, c) in &mut dense {
-            if next_sparse < *pos {
-                match sparse.claim_before(round, *pos, &mut table, max_weight) {
+        if next_sparse == u32::MAX {
+            for c in &mut dense {
+                if visit(c, &mut table, max_weight) {
+                    return table.slots;
+                }
+            }
+            continue;
+        }
+        for (c, &pos) in dense.iter_mut().zip(&dense_pos) {
+            if next_sparse < pos {
+                match sparse.claim_before(round, pos, &mut table, max_weight) {
                     Some(next) => next_sparse = next,
                     None => return table.slots,
                 }
             }
-            c.credit += c.weight;
-            // credit < 2 * max_weight here, so `if` is the same as `while`: at most one
-            // slot per backend per round.
-            if c.credit < max_weight {
-                continue;
-            }
-            c.credit -= max_weight;
-            if table.claim(c) {
+            if visit(c, &mut table, max_weight) {
                 return table.slots;
             }
         }
@@ -83,6 +86,20 @@ pub(super) fn fill<const D: usize>(
         }
     }
     unreachable!("every round claims a slot")
+}
+
+/// One round of a dense backend: earn `weight`, claim a slot if the credit reaches the
+/// largest weight. True when that filled the table.
+#[inline(always)]
+fn visit<const D: usize>(c: &mut Cursor<D>, table: &mut Table, max_weight: u64) -> bool {
+    c.credit += c.weight;
+    // credit < 2 * max_weight here, so `if` is the same as `while`: at most one slot per
+    // backend per round.
+    if c.credit < max_weight {
+        return false;
+    }
+    c.credit -= max_weight;
+    table.claim(c)
 }
 
 impl<const D: usize> Cursor<D> {
