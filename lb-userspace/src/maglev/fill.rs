@@ -148,13 +148,10 @@ struct Sparse<const D: usize> {
     heap: BinaryHeap<Reverse<u64>>,
 }
 
-/// (round, position) as one integer, for fast comparisons. Rounds fit 32 bits: a backend of
-/// weight `w` claims for the k-th time in round `ceil(k * max_weight / w)`, so its first
-/// claim is due by round `max_weight < 2^32` and every later one by twice the round of the
-/// claim before, which is at most `m < 2^31` (every round claims a slot).
+/// (round, position) as one integer, for fast comparisons. Every round claims a slot, so the
+/// fill ends within `m <= 2^31` rounds: a claim due after round `u32::MAX` never comes.
 fn heap_key(round: u64, pos: u32) -> u64 {
-    debug_assert!(round <= u64::from(u32::MAX), "round {round}");
-    round << 32 | u64::from(pos)
+    round.min(u64::from(u32::MAX)) << 32 | u64::from(pos)
 }
 
 impl<const D: usize> Sparse<D> {
