@@ -132,7 +132,7 @@ fn sub_mod(a: u32, b: u32, m: u32) -> u32 {
 /// Cost is about `M * ln(M)` probes plus, per slot, at most 32 backend visits or one heap
 /// operation (`log N`), whatever the weights: a backend that claims less often than every
 /// 32 rounds is not visited each round but waits in a heap. At M = 65537, one backend at
-/// 65535 beside 999 at 1 builds in 0.26 ms; equal weights take about 1.3 ms at N = 1000
+/// 65535 beside 999 at 1 builds in 0.27 ms; equal weights take about 1.3 ms at N = 1000
 /// (docs/benchmarks.md).
 ///
 /// # Panics
