@@ -14,7 +14,7 @@ use super::{
 };
 use crate::state::ServiceSpec;
 
-/// 1. New, revived and moved backends enter `BACKENDS`: no ring may name a backend that is
+/// Step 1: new, revived and moved backends enter `BACKENDS`: no ring may name a backend that is
 /// not there.
 pub fn enter_backends(
     svc: &mut AppliedService,
@@ -56,7 +56,7 @@ pub fn enter_backends(
     Ok(())
 }
 
-/// 2. Weights (they only change the ring, which records what it was built from).
+/// Step 2: weights (they only change the ring, which records what it was built from).
 pub fn set_weights(svc: &mut AppliedService, spec: &ServiceSpec) {
     for (endpoint, want) in &spec.backends {
         if let Some(b) = svc.backends.get_mut(endpoint) {
@@ -76,7 +76,7 @@ pub struct Placement {
     input: Option<RingInput>,
 }
 
-/// 3. The ring, if its input changed: built, then written into free blocks when there are
+/// Step 3: the ring, if its input changed: built, then written into free blocks when there are
 /// enough adjacent ones, else over the ring in use. None: the map holds it already.
 pub fn place_ring(
     svc: &mut AppliedService,
@@ -136,7 +136,7 @@ pub fn place_ring(
     }))
 }
 
-/// 4. The flip: the service's whole value (ring, mode, SNAT pool) in one store. The ring it
+/// Step 4: the flip: the service's whole value (ring, mode, SNAT pool) in one store. The ring it
 /// replaced is freed after a grace period.
 pub fn flip(
     svc: &mut AppliedService,
@@ -180,7 +180,7 @@ pub fn flip(
     Ok(())
 }
 
-/// 5. The VIP leads to the service (once; its value never changes).
+/// Step 5: the VIP leads to the service (once; its value never changes).
 pub fn publish(svc: &mut AppliedService, key: &VipKey, maps: &mut impl Maps) -> Result<()> {
     if !svc.in_vips {
         maps.insert_vip(key, svc.value.id)
@@ -190,7 +190,7 @@ pub fn publish(svc: &mut AppliedService, key: &VipKey, maps: &mut impl Maps) -> 
     Ok(())
 }
 
-/// 6. After a grace period, when no ring names them any more: dead backends lose ALIVE
+/// Step 6: after a grace period, when no ring names them any more: dead backends lose ALIVE
 /// (their flows re-hash), removed ones their slot (the id is free after another one).
 pub fn clean_up(
     svc: &mut AppliedService,
