@@ -35,6 +35,11 @@ impl LineConn {
         (conn, name)
     }
 
+    /// The connection's own address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.reader.get_ref().local_addr()
+    }
+
     /// The next line the backend sends unasked (its name, after a push).
     pub fn hear(&mut self) -> io::Result<String> {
         let mut line = String::new();
@@ -83,6 +88,7 @@ pub struct Sample {
 /// New connections at a steady pace from a client-namespace thread, until stopped.
 pub struct LoadLoop {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    done: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     handle: std::thread::JoinHandle<Vec<Sample>>,
 }
 
@@ -92,6 +98,8 @@ impl LoadLoop {
         use std::sync::atomic::Ordering;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = done.clone();
         let ns = client_ns.to_string();
         let handle = std::thread::spawn(move || {
             crate::netns::enter(&ns);
@@ -100,11 +108,17 @@ impl LoadLoop {
                 let at = std::time::Instant::now();
                 let answer = tcp_name(addr).map_err(|e| e.to_string());
                 samples.push(Sample { at, answer });
+                count.fetch_add(1, Ordering::Relaxed);
                 std::thread::sleep(every.saturating_sub(at.elapsed()));
             }
             samples
         });
-        LoadLoop { stop, handle }
+        LoadLoop { stop, done, handle }
+    }
+
+    /// Requests made so far.
+    pub fn done(&self) -> usize {
+        self.done.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn stop(self) -> Vec<Sample> {

@@ -40,12 +40,14 @@ pub fn mac_of(ns: &Netns, interface: &str) -> [u8; 6] {
 /// it is stopped.
 pub struct Flood {
     stop: Arc<AtomicBool>,
+    sent: Arc<std::sync::atomic::AtomicU64>,
     handle: JoinHandle<(u64, Duration)>,
 }
 
 impl Flood {
     /// Sends up to `count` packets for up to `limit` out of `interface` of `ns` towards
-    /// `next_hop` (a MAC), to `to`.
+    /// `next_hop` (a MAC), to `to`, at most `rate` a second (0: as fast as it can).
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         ns: &Netns,
         interface: &str,
@@ -54,12 +56,15 @@ impl Flood {
         kind: Kind,
         count: u64,
         limit: Duration,
+        rate: u64,
     ) -> Flood {
         let source_mac = mac_of(ns, interface);
         let ns_path = ns.path();
         let interface = interface.to_string();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let shown = progress.clone();
         let handle = std::thread::spawn(move || {
             enter(&ns_path);
             let socket = PacketSocket::bind(&interface);
@@ -68,8 +73,16 @@ impl Flood {
             let mut sent = 0;
             let mut state = 0x2545_f491_u32 ^ std::process::id();
             while sent < count && !flag.load(Ordering::Relaxed) {
-                if sent % 1024 == 0 && started.elapsed() > limit {
-                    break;
+                if sent % 256 == 0 {
+                    shown.store(sent, Ordering::Relaxed);
+                    let elapsed = started.elapsed();
+                    if elapsed > limit {
+                        break;
+                    }
+                    if rate > 0 {
+                        let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+                        std::thread::sleep(due.saturating_sub(elapsed));
+                    }
                 }
                 state ^= state << 13;
                 state ^= state >> 17;
@@ -84,7 +97,16 @@ impl Flood {
             }
             (sent, started.elapsed())
         });
-        Flood { stop, handle }
+        Flood {
+            stop,
+            sent: progress,
+            handle,
+        }
+    }
+
+    /// Packets sent so far (updated every 1024).
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
     }
 
     /// Stops the flood; returns how many packets it sent and for how long.

@@ -17,6 +17,8 @@ use xlb_tests::{
 };
 
 const IDLE: usize = 1000;
+/// SYNs a second of the flood beside the request loop.
+const FLOOD_RATE: u64 = 25_000;
 
 /// The floods take every CPU they can: the tests of this file run one after another.
 fn one_flood_at_a_time() -> std::sync::MutexGuard<'static, ()> {
@@ -29,6 +31,13 @@ fn v4(addr: SocketAddr) -> SocketAddrV4 {
         SocketAddr::V4(a) => a,
         SocketAddr::V6(_) => unreachable!("the test VIPs are IPv4"),
     }
+}
+
+/// Health probes that a backend busy answering a flood still passes (the topologies' own
+/// 100 ms timeout would take it down, and with it the flows pinned to it, which is the
+/// health checks' doing and not this test's subject).
+fn patient_probes(config: String) -> String {
+    config.replace("timeout = \"100ms\"", "timeout = \"2s\"")
 }
 
 /// The flow tables as the agent's last sweep found them, after one more sweep.
@@ -52,6 +61,7 @@ fn flood_four_tables(ns: &xlb_tests::netns::Netns, next_hop: [u8; 6], to: Socket
         Kind::Syn,
         count,
         Duration::from_secs(300),
+        0,
     )
     .finish();
     assert_eq!(
@@ -72,7 +82,8 @@ fn idle_nat_connections_survive_a_flood_and_the_server_speaks_first() {
     raise_fd_limit(4096);
     let topo = Topology::new(3);
     let all: Vec<_> = topo.backends.iter().collect();
-    let agent = Agent::start(&topo, &topo.config(&Agent::pin_path_for(&topo), &all));
+    let config = patient_probes(topo.config(&Agent::pin_path_for(&topo), &all));
+    let agent = Agent::start(&topo, &config);
     agent.wait_up("web", 3, Duration::from_secs(10));
     let vip = topo.vip(80);
     let conns: Vec<(LineConn, String)> = topo
@@ -108,7 +119,11 @@ fn idle_fullnat_connections_survive_a_flood() {
     let _alone = one_flood_at_a_time();
     raise_fd_limit(4096);
     let remote = Remote::new(1, 3);
-    let _agent = remote.serve(0, &[("web", 81, 8080, "mode = \"fullnat\"")]);
+    let agent = remote.serve_with(
+        0,
+        &[("web", 81, 8080, "mode = \"fullnat\"")],
+        patient_probes,
+    );
     let vip: SocketAddr = format!("{}:81", xlb_tests::topology::VIP).parse().unwrap();
     let conns: Vec<(LineConn, String)> = remote
         .client
@@ -118,62 +133,79 @@ fn idle_fullnat_connections_survive_a_flood() {
     let answers: Vec<Result<String, String>> = remote.client.run(move || {
         conns
             .into_iter()
-            .map(|(mut c, name)| match c.ask() {
-                Ok(n) if n == name => Ok(n),
-                Ok(n) => Err(format!("{name} became {n}")),
-                Err(e) => Err(format!("{name}: {e}")),
+            .map(|(mut c, name)| {
+                let port = c.local_addr().map(|a| a.port()).unwrap_or(0);
+                match c.ask() {
+                    Ok(n) if n == name => Ok(n),
+                    Ok(n) => Err(format!("{name} became {n} (port {port})")),
+                    Err(e) => Err(format!("{name}: {e} (port {port})")),
+                }
             })
             .collect()
     });
     let broken: Vec<_> = answers.iter().filter(|a| a.is_err()).collect();
     assert!(
         broken.is_empty(),
-        "{} broken: {:?}",
+        "{} broken: {:?}\nverdicts: {}",
         broken.len(),
-        &broken[..broken.len().min(5)]
+        &broken[..broken.len().min(5)],
+        agent.status()["reasons"]
     );
 }
 
-/// While a random-source SYN flood runs as fast as the client namespace can send it (four
-/// embryonic tables' worth), a loop of legitimate new connections fails no request.
+/// While a random-source SYN flood runs (four embryonic tables' worth, at a steady rate the
+/// LB drains on this kind of machine: what an XDP ring cannot take in is lost before any
+/// program sees it, legitimate packets with it), a loop of legitimate new connections fails
+/// no request.
 #[test]
 fn a_syn_flood_fails_no_legitimate_request() {
     let _alone = one_flood_at_a_time();
     let topo = Topology::new(3);
     let all: Vec<_> = topo.backends.iter().collect();
-    let agent = Agent::start(&topo, &topo.config(&Agent::pin_path_for(&topo), &all));
+    let config = patient_probes(topo.config(&Agent::pin_path_for(&topo), &all))
+        .replace("  port = 8080\n", "  port = 8080\n  bridge = \"br0\"\n");
+    let agent = Agent::start(&topo, &config);
     agent.wait_up("web", 3, Duration::from_secs(10));
+    agent.wait_for_veths(6, Duration::from_secs(15));
     let vip = topo.vip(80);
+    // Until both have run their course: four embryonic tables' worth of flood, and 100
+    // requests beside it (bounded in time).
     let count = 4 * u64::from(EMBRYONIC_SIZE);
     let load = LoadLoop::start(&topo.client.path(), vip, Duration::from_millis(20), 10_000);
-    let (sent, took) = Flood::start(
+    let flood = Flood::start(
         &topo.client,
         "eth0",
         mac_of(&topo.lb, FRONT),
         v4(vip),
         Kind::Syn,
-        count,
+        u64::MAX,
         Duration::from_secs(300),
-    )
-    .finish();
+        FLOOD_RATE,
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    while (load.done() < 100 || flood.sent() < count) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (sent, took) = flood.stop();
     let samples = load.stop();
     eprintln!(
         "flood: {sent} SYNs in {took:.1?} ({:.0}/s) beside {} requests",
         sent as f64 / took.as_secs_f64(),
         samples.len()
     );
-    assert_eq!(sent, count, "the flood stopped early");
+    assert!(sent >= count, "the flood sent only {sent} packets");
     assert!(
-        samples.len() >= 50,
+        samples.len() >= 100,
         "only {} requests ran beside the flood",
         samples.len()
     );
     let failed = failures(&samples);
     assert!(
         failed.is_empty(),
-        "{} of {} failed: {:?}",
+        "{} of {} failed: {:?}\nverdicts: {}",
         failed.len(),
         samples.len(),
-        &failed[..failed.len().min(5)]
+        &failed[..failed.len().min(5)],
+        agent.status()["reasons"]
     );
 }

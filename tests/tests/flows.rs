@@ -293,3 +293,76 @@ fn a_fullnat_port_held_by_an_unanswered_syn_is_given_to_another_flow_soon() {
         "the answered port is kept"
     );
 }
+
+/// UDP: a flow is established once the backend answered and the client sent again; a scan
+/// from random sources four times the flow table, each datagram answered by the backend
+/// (as a DNS server would), evicts none of them, since its flows never send twice.
+#[test]
+fn a_udp_scan_evicts_no_established_udp_flow() {
+    let dns = SocketAddrV4::new(VIP, 53);
+    let dp = LoadedDatapath::new(&service_toml("dns", dns, "udp", &backends()));
+    let query = |from| Packet::udp(from, dns).with_payload(*b"query");
+    let answer = |backend, to| {
+        let pkt = Packet::udp(backend, to).with_payload(*b"answer");
+        let out = dp.tc_egress(&pkt.build());
+        ipv4_at(&out.data, pkt.l3_off() + IP_SADDR)
+    };
+    let live: Vec<(SocketAddrV4, SocketAddrV4)> = (0..500)
+        .map(|n| {
+            let from = client(n);
+            let backend = forwarded_to(&dp, &query(from));
+            assert_eq!(answer(backend, from), VIP);
+            assert_eq!(forwarded_to(&dp, &query(from)), backend);
+            (from, backend)
+        })
+        .collect();
+    assert_eq!(established(&dp), 500);
+
+    let mut probe = query(client(0)).build();
+    let (saddr, sport) = (26, 34);
+    let mut state = 0x2545_f491_u32;
+    for n in 0..4 * CONNTRACK_SIZE {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        probe[saddr + 2..saddr + 4].copy_from_slice(&(state as u16).to_be_bytes());
+        probe[sport..sport + 2].copy_from_slice(&((state >> 16) as u16 | 1024).to_be_bytes());
+        let out = dp.xdp(&probe);
+        assert_eq!(out.action, XDP_PASS, "scan datagram {n} was not balanced");
+        // Answered, as a server would: the reply alone proves nothing.
+        if n % 4 == 0 {
+            let mut reply = out.data.clone();
+            let src: [u8; 4] = reply[saddr + 4..saddr + 8].try_into().unwrap();
+            let dst: [u8; 4] = reply[saddr..saddr + 4].try_into().unwrap();
+            reply[saddr..saddr + 4].copy_from_slice(&src);
+            reply[saddr + 4..saddr + 8].copy_from_slice(&dst);
+            reply.swap(sport, sport + 2);
+            reply.swap(sport + 1, sport + 3);
+            dp.tc_egress(&reply);
+        }
+    }
+    // (A random source and port that came twice after an answer is established too.)
+    let main: std::collections::HashSet<(u32, u16)> = dp
+        .datapath()
+        .flow_tables()
+        .flows_in(true)
+        .unwrap()
+        .iter()
+        .map(|(k, _)| (k.src[0], k.src_port))
+        .collect();
+    for (from, _) in &live {
+        let key = (u32::from_ne_bytes(from.ip().octets()), from.port().to_be());
+        assert!(
+            main.contains(&key),
+            "the established flow from {from} was evicted"
+        );
+    }
+    for (from, backend) in &live {
+        assert_eq!(
+            forwarded_to(&dp, &query(*from)),
+            *backend,
+            "flow from {from}"
+        );
+        assert_eq!(answer(*backend, *from), VIP, "reply of {from}");
+    }
+}
