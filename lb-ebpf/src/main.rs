@@ -14,6 +14,7 @@ mod encap;
 mod flowcache;
 mod hooks;
 mod icmp;
+mod icmp_reply;
 mod maglev;
 mod maps;
 mod nat;
@@ -102,11 +103,12 @@ pub fn xlb_tc_ingress(ctx: TcContext) -> i32 {
 /// Eth + VLAN + IPv4 with options + TCP: all the headers the reverse NAT reads.
 const MAX_HEADERS: usize = parse::ETH_HLEN + 4 + 60 + 20;
 
-/// Rewrites a reply of a NATed flow back to its VIP; returns the flow's ingress interface.
+/// Rewrites a reply of a NATed flow (or an ICMP error about one) back to its VIP; returns the flow's ingress interface.
 #[inline(always)]
 fn reverse_nat(ctx: &TcContext) -> Option<u32> {
     let pkt = match parse(ctx) {
         Parsed::L4(pkt) => pkt,
+        Parsed::Icmp(icmp) => return icmp_reply::reverse_nat(ctx, &icmp),
         // Headers partly outside the linear buffer: pull them in and look again. Only
         // then, since pulling can copy the skb head.
         Parsed::Malformed(_) if ctx.data_end() - ctx.data() < ctx.len() as usize => {

@@ -35,12 +35,24 @@ fn service(extra: &str) -> String {
 /// An ICMP error from ROUTER to the VIP quoting `quoted` (a frame of a packet the VIP
 /// sent): type 3 code 4 with `mtu`, or another type and code.
 fn icmp_error(kind: u8, code: u8, mtu: u16, quoted: &[u8]) -> Vec<u8> {
+    icmp_error_between(ROUTER, VIP, kind, code, mtu, quoted)
+}
+
+/// The same from `from` to `to`.
+fn icmp_error_between(
+    from: Ipv4Addr,
+    to: Ipv4Addr,
+    kind: u8,
+    code: u8,
+    mtu: u16,
+    quoted: &[u8],
+) -> Vec<u8> {
     let mut icmp = vec![kind, code, 0, 0, 0, 0];
     icmp.extend_from_slice(&mtu.to_be_bytes());
     icmp.extend_from_slice(&quoted[ETH_HLEN..ETH_HLEN + IPV4_HLEN + 8]);
     let sum = checksum(&[&icmp]);
     icmp[2..4].copy_from_slice(&sum.to_be_bytes());
-    Packet::other(ROUTER, VIP, 1).with_payload(icmp).build()
+    Packet::other(from, to, 1).with_payload(icmp).build()
 }
 
 /// The reply a backend sent to the client, as it left the LB (from the VIP).
@@ -277,4 +289,68 @@ fn the_lbs_own_frag_needed_keeps_the_vlan_tag() {
         &input[l3..l3 + 28],
         "quotes the packet"
     );
+}
+
+/// An error a nat backend (or a router on its side) sends about a flow quotes the request
+/// as the backend got it (to the backend's address): on its way out (TC egress, as replies)
+/// it is turned back into one about the VIP, so the client's stack can match it to its
+/// socket. An error about no flow of this LB is left alone.
+#[test]
+fn nat_turns_a_backends_error_about_a_flow_back_to_the_vip() {
+    let backends: Vec<_> = HOSTS
+        .iter()
+        .map(|h| (SocketAddrV4::new(*h, 8080), 100))
+        .collect();
+    let dp = LoadedDatapath::new(&service_toml("web", WEB, "tcp", &backends));
+    let syn = Packet::tcp(CLIENT, WEB).with_tcp_flags(TCP_SYN);
+    let first = dp.xdp(&syn.build());
+    let backend = SocketAddrV4::new(ipv4_at(&first.data, ETH_HLEN + 16), 8080);
+    let as_received = Packet::tcp(CLIENT, backend).build();
+    let as_sent = Packet::tcp(CLIENT, WEB).build();
+    for (what, from, kind, code, mtu) in [
+        ("port unreachable from the backend", *backend.ip(), 3, 3, 0),
+        ("frag needed from a router", ROUTER, 3, 4, 1280),
+        ("time exceeded from a router", ROUTER, 11, 0, 0),
+    ] {
+        let error = icmp_error_between(from, *CLIENT.ip(), kind, code, mtu, &as_received);
+        let before = dp.reasons();
+        let out = dp.tc_egress(&error);
+        assert_eq!(
+            out.action, TC_ACT_UNSPEC,
+            "{what}: TC verdict {:#x}",
+            out.action
+        );
+        // Built from scratch, checksums and all: what the client must get.
+        let outer_src = if from == *backend.ip() { VIP } else { from };
+        let expected = icmp_error_between(outer_src, *CLIENT.ip(), kind, code, mtu, &as_sent);
+        assert_frame_eq(&expected, &out.data, what);
+        assert_valid_ip_and_icmp(&out.data, ETH_HLEN, what);
+        dp.reasons()
+            .assert_moved(&before, &[(Reason::RevNat, 1)], what);
+    }
+
+    // About a packet to another backend, another port, or of no flow: untouched.
+    let other_backend = HOSTS.iter().find(|h| **h != *backend.ip()).unwrap();
+    for (what, quoted) in [
+        (
+            "another backend",
+            Packet::tcp(CLIENT, SocketAddrV4::new(*other_backend, 8080)),
+        ),
+        (
+            "another port",
+            Packet::tcp(CLIENT, SocketAddrV4::new(*backend.ip(), 8081)),
+        ),
+        (
+            "another client port",
+            Packet::tcp(SocketAddrV4::new(*CLIENT.ip(), 1), backend),
+        ),
+        ("a UDP packet", Packet::udp(CLIENT, backend)),
+    ] {
+        let error = icmp_error_between(*backend.ip(), *CLIENT.ip(), 3, 3, 0, &quoted.build());
+        let before = dp.reasons();
+        let out = dp.tc_egress(&error);
+        assert_eq!(out.action, TC_ACT_UNSPEC, "{what}");
+        assert_frame_eq(&error, &out.data, what);
+        dp.reasons().assert_moved(&before, &[], what);
+    }
 }

@@ -122,3 +122,55 @@ fn fullnat_and_dsr_backends_learn_the_path_mtu_from_errors_sent_to_the_vip() {
         );
     }
 }
+
+/// A nat backend's "port unreachable" about a UDP flow reaches the client as one about the
+/// VIP: its connected socket sees the refusal at once instead of waiting out a timeout.
+/// Both reply paths: routed by the kernel (TC egress of the front NIC) and delivered on the
+/// bridge (the reply program).
+#[test]
+fn a_nat_backends_port_unreachable_reaches_the_client_about_the_vip() {
+    for bridge in ["", "  bridge = \"br0\"\n"] {
+        let topo = Topology::new(1);
+        let pin = Agent::pin_path_for(&topo);
+        let backend = &topo.backends[0];
+        let config = format!(
+            "[agent]\ninterfaces = [\"{FRONT}\"]\npin_path = \"{pin}\"\n\n\
+             [[service]]\nname = \"closed\"\nvip = \"{VIP}\"\nport = 54\nprotocol = \"udp\"\n\
+             [service.health]\ntype = \"none\"\n\
+             [[service.backend]]\naddress = \"{}\"\nport = 9\n{bridge}",
+            backend.addr
+        );
+        let agent = Agent::start(&topo, &config);
+        agent.wait_up("closed", 1, Duration::from_secs(10));
+        let vip = topo.vip(54);
+        let outcome = topo.client.run(move || {
+            let socket = std::net::UdpSocket::bind("10.99.1.2:0").expect("bind");
+            socket.connect(vip).expect("connect");
+            socket
+                .set_read_timeout(Some(Duration::from_secs(3)))
+                .expect("timeout");
+            // The backend's ICMP is rate limited: a few tries, each waiting for the answer.
+            let mut last = None;
+            for _ in 0..3 {
+                socket.send(b"anyone?\n").expect("send");
+                let mut buf = [0u8; 64];
+                match socket.recv(&mut buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Ok(()),
+                    other => last = Some(format!("{other:?}")),
+                }
+            }
+            Err(last.unwrap_or_default())
+        });
+        let how = if bridge.is_empty() {
+            "routed"
+        } else {
+            "on the bridge"
+        };
+        assert_eq!(
+            outcome,
+            Ok(()),
+            "{how}: the client did not see the refusal; rev_nat {}",
+            reason(&agent, "rev_nat")
+        );
+    }
+}
