@@ -3,7 +3,8 @@
 //!   header is a packet the VIP sent) go to the backend that owns the flow, translated as
 //!   its mode needs, so its path MTU discovery works (no black hole behind a small link);
 //! - echo requests to a VIP are answered (`icmp_echo`, per service);
-//! - dsr answers a packet too big to encapsulate with "fragmentation needed" itself.
+//! - dsr answers a packet too big to encapsulate with "fragmentation needed" itself;
+//! - fullnat: errors a backend sends to a SNAT address about a flow go on to its client.
 //!
 //! ICMP the LB generates keeps the VLAN tag of the frame it answers.
 use aya_ebpf::{
@@ -23,7 +24,7 @@ use crate::{
     nat::Endpoint,
     parse::{ETH_HLEN, IPV4_HLEN, IcmpPacket, Ipv4Hdr, L4Packet, PROTO_ICMP, PacketBuf, load},
     route::{self, Fallback},
-    stats,
+    snat, stats,
 };
 
 const ICMP_HLEN: usize = 8;
@@ -60,7 +61,7 @@ pub fn handle(ctx: &XdpContext, icmp: &IcmpPacket, now: u64) -> Verdict {
         _pad1: 0,
     };
     let Some(flags) = (unsafe { VIP_ADDRS.get(key) }).copied() else {
-        return Verdict::Pass(Reason::PassNotL4);
+        return from_fullnat_backend(ctx, icmp, now).unwrap_or(Verdict::Pass(Reason::PassNotL4));
     };
     let answer = match icmp.kind {
         ICMP_ECHO if flags & VIP_ADDR_ECHO != 0 => echo_reply(ctx, icmp),
@@ -96,12 +97,13 @@ fn echo_reply(ctx: &XdpContext, icmp: &IcmpPacket) -> Option<Verdict> {
     Some(Verdict::Sent(XDP_TX, Reason::IcmpEcho))
 }
 
-/// The packet an ICMP error quotes (it was sent from a VIP: source VIP, destination client).
+/// The packet an ICMP error quotes: one the error's destination sent (from a VIP to a
+/// client, or in fullnat from a SNAT address to a backend).
 struct Quoted {
     off: usize,
     proto: u8,
-    vip: Endpoint,
-    client: Endpoint,
+    src: Endpoint,
+    dst: Endpoint,
 }
 
 #[inline(always)]
@@ -118,11 +120,11 @@ fn quoted(ctx: &XdpContext, icmp: &IcmpPacket) -> Option<Quoted> {
     Some(Quoted {
         off,
         proto,
-        vip: Endpoint {
+        src: Endpoint {
             addr: saddr,
             port: ports[0],
         },
-        client: Endpoint {
+        dst: Endpoint {
             addr: load(unsafe { &raw const (*ip).daddr }),
             port: ports[1],
         },
@@ -135,18 +137,18 @@ fn quoted(ctx: &XdpContext, icmp: &IcmpPacket) -> Option<Quoted> {
 fn to_backend(ctx: &XdpContext, icmp: &IcmpPacket, now: u64) -> Option<Verdict> {
     let q = quoted(ctx, icmp)?;
     let vip = VipKey {
-        addr: [q.vip.addr, 0, 0, 0],
-        port: q.vip.port,
+        addr: [q.src.addr, 0, 0, 0],
+        port: q.src.port,
         proto: q.proto,
         family: FAMILY_V4,
     };
     let svc = maps::service(*unsafe { VIPS.get(vip) }?).filter(|s| s.vip == vip)?;
     // The flow's key, built in the scratch room (the stack is short here).
     let flow = &mut maps::scratch()?.key;
-    flow.src = [q.client.addr, 0, 0, 0];
-    flow.dst = [q.vip.addr, 0, 0, 0];
-    flow.src_port = q.client.port;
-    flow.dst_port = q.vip.port;
+    flow.src = [q.dst.addr, 0, 0, 0];
+    flow.dst = [q.src.addr, 0, 0, 0];
+    flow.src_port = q.dst.port;
+    flow.dst_port = q.src.port;
     flow.proto = q.proto;
     flow.family = FAMILY_V4;
     flow._pad = 0;
@@ -202,16 +204,55 @@ fn to_backend(ctx: &XdpContext, icmp: &IcmpPacket, now: u64) -> Option<Verdict> 
     }
 }
 
-/// Rewrites an ICMP error for the backend: the outer destination (and, fullnat, source),
-/// and the quoted packet's source (VIP -> backend) and, fullnat, destination (client ->
-/// SNAT address and port); every checksum updated incrementally.
+/// An error a fullnat backend (or a router on its side) sends to a SNAT address about a
+/// flow: sent on to the flow's client as the flow's replies are. The quoted packet becomes
+/// the client's own (client -> VIP), and an error the backend sent itself leaves from the
+/// VIP. None: about no flow of this LB.
+#[inline(always)]
+fn from_fullnat_backend(ctx: &XdpContext, icmp: &IcmpPacket, now: u64) -> Option<Verdict> {
+    if icmp.kind != ICMP_DEST_UNREACH && icmp.kind != ICMP_TIME_EXCEEDED {
+        return None;
+    }
+    let q = quoted(ctx, icmp)?;
+    // The flow's reply direction (backend -> SNAT address:port), as reservations are keyed.
+    let reply = &mut maps::scratch()?.key;
+    reply.src = [q.dst.addr, 0, 0, 0];
+    reply.dst = [q.src.addr, 0, 0, 0];
+    reply.src_port = q.dst.port;
+    reply.dst_port = q.src.port;
+    reply.proto = q.proto;
+    reply.family = FAMILY_V4;
+    reply._pad = 0;
+    let (entry, _) = snat::reservation(reply)?;
+    let entry = unsafe { &*entry };
+    let client = Endpoint {
+        addr: entry.client[0],
+        port: entry.client_port,
+    };
+    let vip = Endpoint {
+        addr: entry.vip[0],
+        port: entry.vip_port,
+    };
+    let outer_src = (icmp.saddr == q.dst.addr).then_some(vip.addr);
+    let hop = route::lookup(ctx, client.addr, 0, now);
+    translate(ctx, icmp, &q, outer_src, client, Some(vip))?;
+    stats::count(Reason::RevSnat);
+    let (action, reason) = route::transmit(ctx, &hop, icmp.l3_off, true, Fallback::Tc);
+    Some(Verdict::Sent(action, reason))
+}
+
+/// Rewrites an ICMP error: the outer destination becomes `to` (and the source `outer_src`),
+/// the quoted packet's source `to` and its destination `inner_dst`. Towards a backend: `to`
+/// is the backend and, fullnat, `inner_dst` the SNAT address and port; from a fullnat
+/// backend: `to` is the client and `inner_dst` the VIP. Every checksum updated
+/// incrementally.
 #[inline(always)]
 fn translate(
     ctx: &XdpContext,
     icmp: &IcmpPacket,
     q: &Quoted,
     outer_src: Option<u32>,
-    backend: Endpoint,
+    to: Endpoint,
     inner_dst: Option<Endpoint>,
 ) -> Option<()> {
     let outer = ctx.ptr_at::<Ipv4Hdr>(icmp.l3_off)?;
@@ -224,20 +265,20 @@ fn translate(
             outer_check = csum::replace4(outer_check, icmp.saddr, src);
             (*outer).saddr = src;
         }
-        (*outer).check = csum::replace4(outer_check, icmp.daddr, backend.addr);
-        (*outer).daddr = backend.addr;
+        (*outer).check = csum::replace4(outer_check, icmp.daddr, to.addr);
+        (*outer).daddr = to.addr;
 
         let old_inner_check = load(&raw const (*inner).check);
-        let mut inner_check = csum::replace4(old_inner_check, q.vip.addr, backend.addr);
+        let mut inner_check = csum::replace4(old_inner_check, q.src.addr, to.addr);
         let mut icmp_check = load(&raw const (*header).check);
-        icmp_check = csum::replace4(icmp_check, q.vip.addr, backend.addr);
-        icmp_check = csum::replace2(icmp_check, q.vip.port, backend.port);
-        (*inner).saddr = backend.addr;
-        (*ports)[0] = backend.port;
+        icmp_check = csum::replace4(icmp_check, q.src.addr, to.addr);
+        icmp_check = csum::replace2(icmp_check, q.src.port, to.port);
+        (*inner).saddr = to.addr;
+        (*ports)[0] = to.port;
         if let Some(dst) = inner_dst {
-            inner_check = csum::replace4(inner_check, q.client.addr, dst.addr);
-            icmp_check = csum::replace4(icmp_check, q.client.addr, dst.addr);
-            icmp_check = csum::replace2(icmp_check, q.client.port, dst.port);
+            inner_check = csum::replace4(inner_check, q.dst.addr, dst.addr);
+            icmp_check = csum::replace4(icmp_check, q.dst.addr, dst.addr);
+            icmp_check = csum::replace2(icmp_check, q.dst.port, dst.port);
             (*inner).daddr = dst.addr;
             (*ports)[1] = dst.port;
         }

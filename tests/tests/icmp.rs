@@ -354,3 +354,50 @@ fn nat_turns_a_backends_error_about_a_flow_back_to_the_vip() {
         dp.reasons().assert_moved(&before, &[], what);
     }
 }
+
+/// The other way in fullnat: an error a backend (or a router on its side) sends to the SNAT
+/// address about a flow goes on to the flow's client, about the VIP: the quoted packet
+/// becomes the client's own, and the backend's own error leaves from the VIP.
+#[test]
+fn fullnat_sends_a_backends_error_about_a_flow_on_to_its_client() {
+    let _ns = routed_namespace();
+    let dp = LoadedDatapath::new(&service("mode = \"fullnat\""));
+    let first = strip_meta(
+        dp.xdp(&Packet::tcp(CLIENT, WEB).with_tcp_flags(TCP_SYN).build())
+            .data,
+    );
+    let l4 = ETH_HLEN + IPV4_HLEN;
+    let snat = SocketAddrV4::new(ipv4_at(&first, ETH_HLEN + 12), be16(&first, l4));
+    let backend = SocketAddrV4::new(ipv4_at(&first, ETH_HLEN + 16), be16(&first, l4 + 2));
+    let as_received = Packet::tcp(snat, backend).build();
+    let as_sent = Packet::tcp(CLIENT, WEB).build();
+    for (what, from, kind, code, mtu) in [
+        ("port unreachable from the backend", *backend.ip(), 3, 3, 0),
+        ("frag needed from a router", ROUTER, 3, 4, 1280),
+    ] {
+        let error = icmp_error_between(from, *snat.ip(), kind, code, mtu, &as_received);
+        let before = dp.reasons();
+        let out = strip_meta(dp.xdp(&error).data);
+        let outer_src = if from == *backend.ip() { VIP } else { from };
+        assert_eq!(
+            (ipv4_at(&out, ETH_HLEN + 12), ipv4_at(&out, ETH_HLEN + 16)),
+            (outer_src, *CLIENT.ip()),
+            "{what}: outer addresses"
+        );
+        // The ICMP message, quote and checksums as if built for the client from scratch.
+        let expected = icmp_error_between(outer_src, *CLIENT.ip(), kind, code, mtu, &as_sent);
+        assert_eq!(out[l4..], expected[l4..], "{what}: the ICMP message");
+        assert_valid_ip_and_icmp(&out, ETH_HLEN, what);
+        assert_eq!(
+            dp.reasons().get(Reason::RevSnat) - before.get(Reason::RevSnat),
+            1,
+            "{what}"
+        );
+    }
+
+    // About no reservation (another SNAT port): left to the kernel, untouched.
+    let stray = Packet::tcp(SocketAddrV4::new(*snat.ip(), snat.port() ^ 1), backend).build();
+    let error = icmp_error_between(*backend.ip(), *snat.ip(), 3, 3, 0, &stray);
+    let out = dp.xdp(&error);
+    assert_eq!((out.action, out.data), (XDP_PASS, error), "about no flow");
+}

@@ -142,25 +142,7 @@ fn a_nat_backends_port_unreachable_reaches_the_client_about_the_vip() {
         );
         let agent = Agent::start(&topo, &config);
         agent.wait_up("closed", 1, Duration::from_secs(10));
-        let vip = topo.vip(54);
-        let outcome = topo.client.run(move || {
-            let socket = std::net::UdpSocket::bind("10.99.1.2:0").expect("bind");
-            socket.connect(vip).expect("connect");
-            socket
-                .set_read_timeout(Some(Duration::from_secs(3)))
-                .expect("timeout");
-            // The backend's ICMP is rate limited: a few tries, each waiting for the answer.
-            let mut last = None;
-            for _ in 0..3 {
-                socket.send(b"anyone?\n").expect("send");
-                let mut buf = [0u8; 64];
-                match socket.recv(&mut buf) {
-                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Ok(()),
-                    other => last = Some(format!("{other:?}")),
-                }
-            }
-            Err(last.unwrap_or_default())
-        });
+        let outcome = refused(&topo.client, topo.vip(54));
         let how = if bridge.is_empty() {
             "routed"
         } else {
@@ -173,4 +155,45 @@ fn a_nat_backends_port_unreachable_reaches_the_client_about_the_vip() {
             reason(&agent, "rev_nat")
         );
     }
+}
+
+/// The same in fullnat: the backend's error goes to the SNAT address, and the LB sends it on
+/// to the client about the VIP.
+#[test]
+fn a_fullnat_backends_port_unreachable_reaches_the_client_about_the_vip() {
+    let remote = Remote::new(1, 1);
+    let agent = remote.serve_with(
+        0,
+        &[("closed", 54, 9, "mode = \"fullnat\"\nprotocol = \"udp\"")],
+        |config| config.replace("type = \"tcp\"", "type = \"none\""),
+    );
+    let vip = SocketAddr::new(VIP.parse::<IpAddr>().unwrap(), 54);
+    assert_eq!(
+        refused(&remote.client, vip),
+        Ok(()),
+        "the client did not see the refusal; rev_snat {}",
+        reason(&agent, "rev_snat")
+    );
+}
+
+/// Whether a connected UDP socket on `client` sees its datagrams to `vip` refused (ICMP
+/// port unreachable about them). Backends rate-limit their ICMP: a few tries.
+fn refused(client: &Netns, vip: SocketAddr) -> Result<(), String> {
+    client.run(move || {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        socket.connect(vip).expect("connect");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .expect("timeout");
+        let mut last = None;
+        for _ in 0..3 {
+            socket.send(b"anyone?\n").expect("send");
+            let mut buf = [0u8; 64];
+            match socket.recv(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Ok(()),
+                other => last = Some(format!("{other:?}")),
+            }
+        }
+        Err(last.unwrap_or_default())
+    })
 }
