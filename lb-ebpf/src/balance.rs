@@ -28,6 +28,8 @@ pub enum Verdict {
     },
     /// Rewritten and sent by the hook itself: its action (XDP only).
     Sent(u32, Reason),
+    /// Rewritten in place as an answer: back out of the interface it came in on.
+    Bounce(Reason),
 }
 
 /// Where a flow goes: decided once per flow, then kept by conntrack and the flow cache.

@@ -5,7 +5,7 @@
 //! redirected out of the NIC the flow came in on.
 use aya_ebpf::{
     bindings::TC_ACT_SHOT,
-    helpers::{bpf_redirect_neigh, bpf_redirect_peer, bpf_xdp_adjust_meta},
+    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_xdp_adjust_meta},
     programs::{TcContext, XdpContext},
 };
 use lb_common::{DELIVER_MAGIC, DELIVER_PEER_MAGIC, DeliverMeta};
@@ -71,6 +71,14 @@ pub fn marked(ctx: &TcContext) -> Option<Marked> {
 #[inline(always)]
 pub fn redirect(ifindex: u32) -> i32 {
     let rc = unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) };
+    if rc < 0 { TC_ACT_SHOT } else { rc as i32 }
+}
+
+/// Sends a packet rewritten as an answer back out of the interface it came in on.
+#[inline(always)]
+pub fn bounce(ctx: &TcContext) -> i32 {
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let rc = unsafe { bpf_redirect(ifindex, 0) };
     if rc < 0 { TC_ACT_SHOT } else { rc as i32 }
 }
 

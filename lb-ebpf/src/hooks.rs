@@ -9,7 +9,7 @@ use lb_common::{FAMILY_V4, FlowKey, MODE_DSR, MODE_FULLNAT, MODE_NAT, Reason, SE
 use crate::{
     balance::{Hook, Target, Verdict},
     conntrack::{self, Table},
-    encap, icmp,
+    encap, icmp, icmp_tc,
     nat::{self, End, Endpoint},
     parse::{ETH_HLEN, IcmpPacket, L4Packet},
     route::{self, Fallback},
@@ -210,8 +210,8 @@ impl Hook for TcContext {
         None
     }
 
-    /// The TC balancer (mode nat only) leaves ICMP to the kernel.
-    fn icmp(&self, _icmp: &IcmpPacket, _now: u64) -> Verdict {
-        Verdict::Pass(Reason::PassNotL4)
+    /// As XDP for mode nat (the only mode of the TC balancer).
+    fn icmp(&self, icmp: &IcmpPacket, _now: u64) -> Verdict {
+        icmp_tc::handle(self, icmp)
     }
 }

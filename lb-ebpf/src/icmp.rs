@@ -8,7 +8,6 @@
 //!
 //! ICMP the LB generates keeps the VLAN tag of the frame it answers.
 use aya_ebpf::{
-    bindings::xdp_action::XDP_TX,
     helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
@@ -51,29 +50,38 @@ struct IcmpHdr {
     mtu: u16,
 }
 
-/// What XDP does with ICMP to a VIP address (PASS `pass_not_l4` for any other ICMP).
-#[inline(never)]
-pub fn handle(ctx: &XdpContext, icmp: &IcmpPacket, now: u64) -> Verdict {
+/// The flags of the VIP address `daddr`, if it is one.
+#[inline(always)]
+pub fn vip_addr_flags(daddr: u32) -> Option<u32> {
     let key = VipAddrKey {
-        addr: [icmp.daddr, 0, 0, 0],
+        addr: [daddr, 0, 0, 0],
         family: FAMILY_V4,
         _pad0: 0,
         _pad1: 0,
     };
-    let Some(flags) = (unsafe { VIP_ADDRS.get(key) }).copied() else {
+    unsafe { VIP_ADDRS.get(key) }.copied()
+}
+
+/// What XDP does with ICMP to a VIP address (PASS `pass_not_l4` for any other ICMP, unless
+/// it is a fullnat backend's error about a flow).
+#[inline(never)]
+pub fn handle(ctx: &XdpContext, icmp: &IcmpPacket, now: u64) -> Verdict {
+    let Some(flags) = vip_addr_flags(icmp.daddr) else {
         return from_fullnat_backend(ctx, icmp, now).unwrap_or(Verdict::Pass(Reason::PassNotL4));
     };
     let answer = match icmp.kind {
-        ICMP_ECHO if flags & VIP_ADDR_ECHO != 0 => echo_reply(ctx, icmp),
+        ICMP_ECHO if flags & VIP_ADDR_ECHO != 0 => {
+            echo_reply(ctx, icmp).map(|()| Verdict::Bounce(Reason::IcmpEcho))
+        }
         ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED => to_backend(ctx, icmp, now),
         _ => None,
     };
     answer.unwrap_or(Verdict::Pass(Reason::PassIcmp))
 }
 
-/// Turns an echo request into its reply, in place, back out of the NIC it came in on.
+/// Turns an echo request into its reply, in place, to go back out of the NIC it came in on.
 #[inline(always)]
-fn echo_reply(ctx: &XdpContext, icmp: &IcmpPacket) -> Option<Verdict> {
+pub fn echo_reply<C: PacketBuf>(ctx: &C, icmp: &IcmpPacket) -> Option<()> {
     let ip = ctx.ptr_at::<Ipv4Hdr>(icmp.l3_off)?;
     let header = ctx.ptr_at::<IcmpHdr>(icmp.icmp_off)?;
     let macs = ctx.ptr_at::<route::Macs>(0)?;
@@ -94,12 +102,12 @@ fn echo_reply(ctx: &XdpContext, icmp: &IcmpPacket) -> Option<Verdict> {
         (*header).check =
             csum::replace2(load(&raw const (*header).check), old.to_be(), new.to_be());
     }
-    Some(Verdict::Sent(XDP_TX, Reason::IcmpEcho))
+    Some(())
 }
 
 /// The packet an ICMP error quotes: one the error's destination sent (from a VIP to a
 /// client, or in fullnat from a SNAT address to a backend).
-struct Quoted {
+pub struct Quoted {
     off: usize,
     proto: u8,
     src: Endpoint,
@@ -107,7 +115,7 @@ struct Quoted {
 }
 
 #[inline(always)]
-fn quoted(ctx: &XdpContext, icmp: &IcmpPacket) -> Option<Quoted> {
+fn quoted<C: PacketBuf>(ctx: &C, icmp: &IcmpPacket) -> Option<Quoted> {
     let off = icmp.icmp_off + ICMP_HLEN;
     let ip = ctx.ptr_at::<Ipv4Hdr>(off)?;
     let ports = load(ctx.ptr_at::<[u16; 2]>(off + IPV4_HLEN)?);
@@ -131,10 +139,23 @@ fn quoted(ctx: &XdpContext, icmp: &IcmpPacket) -> Option<Quoted> {
     })
 }
 
-/// Sends an error about a VIP flow to the flow's backend (its conntrack entry, else the
-/// ring, as for the flow's own packets). None: not about a flow this LB can place.
+/// The backend that owns the flow an error to a VIP is about, and what sending it there
+/// needs.
+pub struct Owner {
+    pub quoted: Quoted,
+    pub mode: u8,
+    pub service_flags: u8,
+    pub backend: Endpoint,
+    pub deliver_ifindex: u32,
+    /// fullnat: the flow's SNAT address and port.
+    pub snat: Endpoint,
+    pub hash: u32,
+}
+
+/// Finds the backend of the flow an error is about: its conntrack entry, else the ring, as
+/// for the flow's own packets. None: not about a flow this LB can place.
 #[inline(always)]
-fn to_backend(ctx: &XdpContext, icmp: &IcmpPacket, now: u64) -> Option<Verdict> {
+pub fn owner<C: PacketBuf>(ctx: &C, icmp: &IcmpPacket) -> Option<Owner> {
     let q = quoted(ctx, icmp)?;
     let vip = VipKey {
         addr: [q.src.addr, 0, 0, 0],
@@ -167,17 +188,39 @@ fn to_backend(ctx: &XdpContext, icmp: &IcmpPacket, now: u64) -> Option<Verdict> 
         _ => (maglev::pick(svc, hash)?.0, Endpoint::default()),
     };
     let backend = maps::backend(backend_id).filter(|b| b.service_id == svc.id)?;
-    let to = Endpoint {
-        addr: backend.addr[0],
-        port: backend.port,
-    };
+    Some(Owner {
+        quoted: q,
+        mode: svc.mode,
+        service_flags: svc.flags,
+        backend: Endpoint {
+            addr: backend.addr[0],
+            port: backend.port,
+        },
+        deliver_ifindex: backend.deliver_ifindex,
+        snat,
+        hash,
+    })
+}
+
+/// Sends an error about a VIP flow to the flow's backend, translated as its mode needs.
+#[inline(always)]
+fn to_backend(ctx: &XdpContext, icmp: &IcmpPacket, now: u64) -> Option<Verdict> {
+    let Owner {
+        quoted: q,
+        mode,
+        service_flags,
+        backend: to,
+        deliver_ifindex,
+        snat,
+        hash,
+    } = owner(ctx, icmp)?;
     stats::count(Reason::IcmpToBackend);
-    match svc.mode {
+    match mode {
         MODE_NAT => {
             translate(ctx, icmp, &q, None, to, None)?;
-            if backend.deliver_ifindex != 0 {
+            if deliver_ifindex != 0 {
                 return Some(Verdict::Forward {
-                    deliver_to: backend.deliver_ifindex,
+                    deliver_to: deliver_ifindex,
                 });
             }
             let hop = route::lookup(ctx, to.addr, 0, now);
@@ -192,7 +235,7 @@ fn to_backend(ctx: &XdpContext, icmp: &IcmpPacket, now: u64) -> Option<Verdict> 
         }
         MODE_DSR => {
             // Encapsulated unchanged: the backend host has the VIP on lo.
-            let gue = svc.flags & SERVICE_GUE != 0;
+            let gue = service_flags & SERVICE_GUE != 0;
             let outer_len = icmp.tot_len + encap::overhead(gue) as u16;
             let hop = route::lookup(ctx, to.addr, outer_len, now);
             let source = hop.source().filter(|_| !hop.too_big())?;
@@ -247,8 +290,8 @@ fn from_fullnat_backend(ctx: &XdpContext, icmp: &IcmpPacket, now: u64) -> Option
 /// backend: `to` is the client and `inner_dst` the VIP. Every checksum updated
 /// incrementally.
 #[inline(always)]
-fn translate(
-    ctx: &XdpContext,
+pub fn translate<C: PacketBuf>(
+    ctx: &C,
     icmp: &IcmpPacket,
     q: &Quoted,
     outer_src: Option<u32>,

@@ -14,7 +14,7 @@ mod encap;
 mod flowcache;
 mod hooks;
 mod icmp;
-mod icmp_reply;
+mod icmp_tc;
 mod maglev;
 mod maps;
 mod nat;
@@ -27,7 +27,7 @@ mod stats;
 use aya_ebpf::{
     bindings::{
         TC_ACT_SHOT,
-        xdp_action::{XDP_DROP, XDP_PASS},
+        xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     },
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
@@ -63,6 +63,7 @@ pub fn xlb_xdp(ctx: XdpContext) -> u32 {
             (XDP_PASS, Reason::DeliveredPeer)
         }
         Verdict::Sent(action, reason) => (action, reason),
+        Verdict::Bounce(reason) => (XDP_TX, reason),
     };
     stats::count(reason);
     action
@@ -84,6 +85,7 @@ pub fn xlb_tc_balance(ctx: TcContext) -> i32 {
         ),
         // The TC hook never sends by itself.
         Verdict::Sent(_, reason) => (TC_ACT_NEXT, reason),
+        Verdict::Bounce(reason) => (deliver::bounce(&ctx), reason),
     };
     stats::count(reason);
     action
@@ -108,7 +110,7 @@ const MAX_HEADERS: usize = parse::ETH_HLEN + 4 + 60 + 20;
 fn reverse_nat(ctx: &TcContext) -> Option<u32> {
     let pkt = match parse(ctx) {
         Parsed::L4(pkt) => pkt,
-        Parsed::Icmp(icmp) => return icmp_reply::reverse_nat(ctx, &icmp),
+        Parsed::Icmp(icmp) => return icmp_tc::reverse_nat(ctx, &icmp),
         // Headers partly outside the linear buffer: pull them in and look again. Only
         // then, since pulling can copy the skb head.
         Parsed::Malformed(_) if ctx.data_end() - ctx.data() < ctx.len() as usize => {

@@ -401,3 +401,62 @@ fn fullnat_sends_a_backends_error_about_a_flow_on_to_its_client() {
     let out = dp.xdp(&error);
     assert_eq!((out.action, out.data), (XDP_PASS, error), "about no flow");
 }
+
+/// The TC balancer (`xdp_mode = "tc"`, mode nat) handles ICMP to a VIP as XDP does: it
+/// answers echo (sent back out of the interface: a redirect) and hands errors about a flow
+/// to the flow's backend, the same frames as XDP writes.
+#[test]
+fn the_tc_balancer_handles_icmp_as_xdp_does() {
+    const TC_ACT_REDIRECT: u32 = 7;
+    let backends: Vec<_> = HOSTS
+        .iter()
+        .map(|h| (SocketAddrV4::new(*h, 8080), 100))
+        .collect();
+    let dp = LoadedDatapath::new(&service_toml("web", WEB, "tcp", &backends));
+
+    let echo = Packet::icmp_echo(*CLIENT.ip(), VIP).build();
+    let before = dp.reasons();
+    let tc = dp.tc_balance(&echo);
+    assert_eq!(
+        tc.action, TC_ACT_REDIRECT,
+        "echo: TC verdict {:#x}",
+        tc.action
+    );
+    dp.reasons()
+        .assert_moved(&before, &[(Reason::IcmpEcho, 1)], "echo in TC");
+    let xdp = dp.xdp(&echo);
+    assert_eq!(xdp.action, XDP_TX);
+    assert_frame_eq(&xdp.data, &tc.data, "echo reply");
+
+    let syn = Packet::tcp(CLIENT, WEB).with_tcp_flags(TCP_SYN).build();
+    let backend = ipv4_at(&dp.tc_balance(&syn).data, ETH_HLEN + 16);
+    let error = icmp_error(3, 4, 1280, &reply_from_vip());
+    let before = dp.reasons();
+    let tc = dp.tc_balance(&error);
+    assert_eq!(
+        tc.action, TC_ACT_UNSPEC,
+        "error: TC verdict {:#x}",
+        tc.action
+    );
+    dp.reasons().assert_moved(
+        &before,
+        &[(Reason::IcmpToBackend, 1), (Reason::Forwarded, 1)],
+        "error in TC",
+    );
+    assert_eq!(
+        ipv4_at(&tc.data, ETH_HLEN + 16),
+        backend,
+        "to the flow's backend"
+    );
+    assert_frame_eq(&dp.xdp(&error).data, &tc.data, "error for the backend");
+    assert_valid_ip_and_icmp(&tc.data, ETH_HLEN, "error in TC");
+
+    // Not a VIP address: the kernel's.
+    let other = Packet::icmp_echo(*CLIENT.ip(), ROUTER).build();
+    let out = dp.tc_balance(&other);
+    assert_eq!(
+        (out.action, out.data),
+        (TC_ACT_UNSPEC, other),
+        "echo to another host"
+    );
+}

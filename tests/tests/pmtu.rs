@@ -50,9 +50,20 @@ fn reason(agent: &Agent, name: &str) -> u64 {
 
 #[test]
 fn nat_backends_learn_the_path_mtu_from_errors_sent_to_the_vip() {
+    nat_backends_learn_the_path_mtu("");
+}
+
+/// The same with the balancer at TC ingress.
+#[test]
+fn nat_backends_learn_the_path_mtu_through_the_tc_balancer() {
+    nat_backends_learn_the_path_mtu("xdp_mode = \"tc\"\n");
+}
+
+fn nat_backends_learn_the_path_mtu(agent_extra: &str) {
     let topo = Topology::behind_router(3, "1280");
     let pin = Agent::pin_path_for(&topo);
-    let mut config = format!("[agent]\ninterfaces = [\"{FRONT}\"]\npin_path = \"{pin}\"\n");
+    let mut config =
+        format!("[agent]\ninterfaces = [\"{FRONT}\"]\npin_path = \"{pin}\"\n{agent_extra}");
     config += &format!("\n[[service]]\nname = \"http\"\nvip = \"{VIP}\"\nport = 81\n");
     for b in &topo.backends {
         config += &format!(

@@ -1,14 +1,18 @@
-//! ICMP errors a nat backend (or a router on its side) sends about a VIP flow: the quoted
-//! packet is the client's request after DNAT (client -> backend), which the client's stack
+//! ICMP in TC. The TC balancer (`xdp_mode = "tc"`, mode nat) handles ICMP to a VIP as XDP
+//! does: echo answered, errors about a flow sent to its backend.
+//!
+//! And on the reply paths: ICMP errors a nat backend (or a router on its side) sends about a
+//! VIP flow: the quoted packet is the client's request after DNAT (client -> backend), which the client's stack
 //! cannot match to its socket (it talks to the VIP). Translated back like the flow's
 //! replies: the quoted destination becomes the VIP again, and an error the backend itself
 //! sent leaves from the VIP. So "port unreachable" reaches a UDP client, and "fragmentation
 //! needed" for an upload reaches the client's path MTU discovery.
 use aya_ebpf::programs::TcContext;
-use lb_common::{FAMILY_V4, FlowKey, PROTO_TCP, PROTO_UDP, Reason};
+use lb_common::{FAMILY_V4, FlowKey, MODE_NAT, PROTO_TCP, PROTO_UDP, Reason, VIP_ADDR_ECHO};
 
 use crate::{
-    conntrack,
+    balance::Verdict,
+    conntrack, icmp,
     parse::{IPV4_HLEN, IcmpPacket},
     stats,
 };
@@ -16,11 +20,43 @@ use crate::{
 const ICMP_HLEN: usize = 8;
 const ICMP_CSUM_OFF: usize = 2;
 const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_ECHO: u8 = 8;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const IP_PROTO_OFF: usize = 9;
 const IP_CSUM_OFF: usize = 10;
 const IP_SADDR_OFF: usize = 12;
 const IP_DADDR_OFF: usize = 16;
+
+/// What the TC balancer does with ICMP (to a VIP address or not).
+#[inline(never)]
+pub fn handle(ctx: &TcContext, icmp: &IcmpPacket) -> Verdict {
+    let Some(flags) = icmp::vip_addr_flags(icmp.daddr) else {
+        return Verdict::Pass(Reason::PassNotL4);
+    };
+    let answer = match icmp.kind {
+        ICMP_ECHO if flags & VIP_ADDR_ECHO != 0 => {
+            icmp::echo_reply(ctx, icmp).map(|()| Verdict::Bounce(Reason::IcmpEcho))
+        }
+        ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED => to_backend(ctx, icmp),
+        _ => None,
+    };
+    answer.unwrap_or(Verdict::Pass(Reason::PassIcmp))
+}
+
+/// An error about a nat flow, translated for its backend (as XDP does); the kernel or the
+/// backend's bridge takes it there.
+#[inline(always)]
+fn to_backend(ctx: &TcContext, icmp: &IcmpPacket) -> Option<Verdict> {
+    let owner = icmp::owner(ctx, icmp)?;
+    if owner.mode != MODE_NAT {
+        return None;
+    }
+    icmp::translate(ctx, icmp, &owner.quoted, None, owner.backend, None)?;
+    stats::count(Reason::IcmpToBackend);
+    Some(Verdict::Forward {
+        deliver_to: owner.deliver_ifindex,
+    })
+}
 
 /// The quoted request, as read from the packet (addresses and ports in network order).
 struct Quoted {
@@ -32,7 +68,7 @@ struct Quoted {
     backend_port: u16,
 }
 
-fn quoted(ctx: &TcContext, icmp: &IcmpPacket) -> Option<Quoted> {
+fn quoted_request(ctx: &TcContext, icmp: &IcmpPacket) -> Option<Quoted> {
     if icmp.kind != ICMP_DEST_UNREACH && icmp.kind != ICMP_TIME_EXCEEDED {
         return None;
     }
@@ -62,7 +98,7 @@ fn quoted(ctx: &TcContext, icmp: &IcmpPacket) -> Option<Quoted> {
 /// interface (as for the flow's replies). None: not about a flow of this LB.
 #[inline(always)]
 pub fn reverse_nat(ctx: &TcContext, icmp: &IcmpPacket) -> Option<u32> {
-    let q = quoted(ctx, icmp)?;
+    let q = quoted_request(ctx, icmp)?;
     // The flow's reply direction, as its reverse NAT entry is keyed.
     let reply = FlowKey {
         src: [q.backend, 0, 0, 0],
