@@ -11,6 +11,7 @@ pub mod flowtables;
 pub mod health;
 pub mod iproute;
 pub mod loader;
+pub mod lock;
 pub mod maglev;
 pub mod mapped;
 pub mod metrics;
