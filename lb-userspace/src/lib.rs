@@ -14,6 +14,7 @@ pub mod loader;
 pub mod maglev;
 pub mod mapped;
 pub mod metrics;
+pub mod netdev;
 pub mod reconcile;
 pub mod state;
 pub mod status;

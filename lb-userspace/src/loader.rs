@@ -246,7 +246,7 @@ fn set_tx_ports(ebpf: &mut Ebpf, attached: &[Attachment]) -> Result<()> {
     let wanted: Vec<u32> = attached
         .iter()
         .filter_map(|a| {
-            let ifindex = crate::agent::ifindex(&a.interface);
+            let ifindex = crate::netdev::ifindex(&a.interface);
             // An adopted link keeps its mode, and with it its place in the map.
             let driver = a.xdp_mode == "driver" || (a.adopted && present.contains(&ifindex));
             (driver && ifindex != 0).then_some(ifindex)
