@@ -15,6 +15,7 @@ pub mod lock;
 pub mod maglev;
 pub mod mapped;
 pub mod metrics;
+pub mod netdev;
 pub mod reconcile;
 pub mod state;
 pub mod status;

@@ -34,7 +34,7 @@ use super::{
     Attachment, PinLayout, REPLY_LINK_PREFIX, TC_BALANCE_PROGRAM, TC_EGRESS_PROGRAM,
     TC_INGRESS_PROGRAM, TC_REPLY_PROGRAM, XDP_PROGRAM, pinned_links, program, unpin_link,
 };
-use crate::{agent::ifindex, config::XdpMode, datapath::TX_PORTS};
+use crate::{config::XdpMode, datapath::TX_PORTS, netdev::ifindex};
 
 /// Attaches XDP and TC ingress and egress to every front interface, taking over pinned
 /// links, and detaches pinned links of front interfaces that are no longer configured.
