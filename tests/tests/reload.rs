@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use xlb_tests::{
     agent::Agent,
-    client::{LoadLoop, failures},
+    client::{LoadLoop, failures, tcp_name},
     topology::{FRONT, Topology},
 };
 
@@ -88,4 +88,76 @@ fn switching_the_attach_mode_on_reload_fails_no_request() {
         names.iter().all(|n| *n == "be1" || *n == "be2"),
         "{names:?}"
     );
+}
+
+/// Twelve new connections through the VIP; the backends that answered.
+fn served_by(topo: &Topology) -> std::collections::BTreeSet<String> {
+    let vip = topo.vip(80);
+    topo.client.run(move || {
+        (0..12)
+            .map(|_| tcp_name(vip).expect("served through the VIP"))
+            .collect()
+    })
+}
+
+#[test]
+fn a_reload_that_cannot_take_effect_in_full_changes_nothing() {
+    let topo = Topology::new(2);
+    // A second front interface, without driver-mode XDP (a bridge has none).
+    topo.lb.ip(&["link", "add", "extra0", "type", "bridge"]);
+    topo.lb.ip(&["link", "set", "extra0", "up"]);
+    let pin = Agent::pin_path_for(&topo);
+    let all: Vec<_> = topo.backends.iter().collect();
+    let agent = Agent::start(&topo, &topo.config(&pin, &all));
+    agent.wait_up("web", 2, Duration::from_secs(10));
+    let state = || {
+        let mut links = agent.links();
+        links.sort();
+        (
+            links,
+            agent.services_summary(),
+            agent.status()["interfaces"].clone(),
+        )
+    };
+    let before = state();
+    let both: std::collections::BTreeSet<String> = ["be1".into(), "be2".into()].into();
+    assert_eq!(served_by(&topo), both);
+
+    // Each config also drops be2: none of it may take effect.
+    let only_be1 = topo.config(&pin, &[&topo.backends[0]]);
+    let fronts = |list: &str| only_be1.replace("interfaces = [\"front\"]", list);
+    let refused = [
+        // Refused before any change: an interface that does not exist.
+        (
+            "a missing interface",
+            fronts("interfaces = [\"front\", \"extra0\", \"nosuch0\"]"),
+            "nosuch0",
+        ),
+        // Fails part way (front and extra0's TC links are made, then XDP in driver mode on
+        // the bridge fails): what was done is undone.
+        (
+            "driver mode on a bridge",
+            with_mode(&fronts("interfaces = [\"front\", \"extra0\"]"), "driver"),
+            "extra0",
+        ),
+    ];
+    for (what, config, named) in refused {
+        let (ok, out) = agent.reload(&config);
+        assert!(!ok, "{what}: the reload went ahead: {out}");
+        assert!(
+            out.contains("reload rejected, the running state is kept") && out.contains(named),
+            "{what}: {out}"
+        );
+        assert_eq!(state(), before, "{what}: the running state changed");
+        assert_eq!(served_by(&topo), both, "{what}");
+    }
+
+    // A valid change applies in full.
+    let (ok, out) = agent.reload(&fronts("interfaces = [\"front\", \"extra0\"]"));
+    assert!(ok, "{out}");
+    let links = agent.links();
+    assert!(links.contains(&"xdp_extra0".to_string()), "{links:?}");
+    let web = agent.backends("web");
+    assert_eq!(web.len(), 1, "{web:?}");
+    assert_eq!(served_by(&topo), ["be1".to_string()].into());
 }

@@ -172,7 +172,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
             Some(()) = host_changes.recv() => agent.refresh_veths(),
             _ = hup.recv() => {
                 if let Err(e) = agent.reload(&mut sources) {
-                    error!("reload rejected, the running state is kept:\n{e:#}");
+                    error!("{e}");
                 }
             }
             _ = sources.changed() => {
@@ -205,9 +205,9 @@ impl Agent {
     fn command(&mut self, cmd: Command, sources: &mut Sources) {
         match cmd {
             Command::Reload(reply) => {
-                let result = self.reload(sources).map_err(|e| format!("{e:#}"));
+                let result = self.reload(sources).map_err(|e| e.to_string());
                 if let Err(e) = &result {
-                    error!("reload rejected, the running state is kept:\n{e}");
+                    error!("{e}");
                 }
                 let _ = reply.send(result);
             }

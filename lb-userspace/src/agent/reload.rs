@@ -1,35 +1,94 @@
-//! `xlb reload` and SIGHUP: the config is read again and applied; an invalid one changes
-//! nothing.
-use anyhow::{Context as _, Result};
+//! `xlb reload` and SIGHUP: the config is read again and takes effect in full, or not at
+//! all. Everything that can be checked without changing anything is checked first (the
+//! config parses and validates, its interfaces exist); then the steps that can fail run
+//! (attachments, then the maps), and a failed step undoes those before it. The steps that
+//! cannot fail (sources, announce table) come last.
+use anyhow::{Context as _, Result, anyhow, bail};
 use tracing::{info, warn};
 
 use super::Agent;
-use crate::{config::Config, discovery::Sources, health::State, loader};
+use crate::{config::Config, discovery::Sources, health::State, loader, netdev::ifindex};
+
+/// Why a reload did not take effect.
+#[derive(Debug)]
+pub(super) enum ReloadError {
+    /// Nothing changed: the config was refused before, or what changed was undone.
+    Rejected(anyhow::Error),
+    /// A step failed, and undoing the steps before it failed too.
+    NotUndone {
+        error: anyhow::Error,
+        undo: anyhow::Error,
+    },
+}
+
+impl std::fmt::Display for ReloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Rejected(e) => write!(f, "reload rejected, the running state is kept:\n{e:#}"),
+            Self::NotUndone { error, undo } => write!(
+                f,
+                "reload failed, and undoing it failed too ({undo:#}): the data path may be \
+                 partly changed; a new reload or a restart sets it right:\n{error:#}"
+            ),
+        }
+    }
+}
 
 impl Agent {
-    /// Re-reads the config; an invalid one changes nothing.
-    pub(super) fn reload(&mut self, sources: &mut Sources) -> Result<String> {
-        let config = Config::load(&self.config_path)?;
-        let agent = &config.agent;
-        if agent.pin_path != self.config.agent.pin_path || agent.api != self.config.agent.api {
+    /// Re-reads the config and applies all of it, or none of it.
+    pub(super) fn reload(&mut self, sources: &mut Sources) -> Result<String, ReloadError> {
+        let config =
+            Config::load(&self.config_path).map_err(|e| ReloadError::Rejected(e.into()))?;
+        interfaces_exist(&config).map_err(ReloadError::Rejected)?;
+        let (new, old) = (&config.agent, &self.config.agent);
+        if new.pin_path != old.pin_path || new.api != old.api {
             warn!("agent.pin_path and agent.api changes take effect on restart only");
         }
-        if agent.interfaces != self.config.agent.interfaces
-            || agent.xdp_mode != self.config.agent.xdp_mode
-        {
-            self.attachments = loader::attach(
-                &mut self.ebpf,
-                &self.config.agent.pin_path,
-                &agent.interfaces,
-                agent.xdp_mode,
-            )
-            .context("attaching to the new interfaces")?;
+        let attach = new.interfaces != old.interfaces || new.xdp_mode != old.xdp_mode;
+        if attach {
+            let attached =
+                loader::attach(&mut self.ebpf, &old.pin_path, &new.interfaces, new.xdp_mode);
+            match attached {
+                Ok(a) => self.attachments = a,
+                Err(e) => {
+                    let error = e.context("attaching to the new interfaces");
+                    return Err(match self.reattach() {
+                        Ok(()) => ReloadError::Rejected(error),
+                        Err(undo) => ReloadError::NotUndone { error, undo },
+                    });
+                }
+            }
         }
-        if agent.announce_table != self.config.agent.announce_table {
-            self.set_announce_table(agent.announce_table);
-        }
-        self.config = config;
+
+        let old = std::mem::replace(&mut self.config, config);
+        let drained = self.drained.clone();
+        self.update_desired(sources);
+        let changes = match self.apply() {
+            Ok(changes) => changes,
+            Err(e) => {
+                self.config = old;
+                self.drained = drained;
+                let undo = self.restore(sources, attach);
+                self.publish();
+                return Err(match undo {
+                    Ok(()) => ReloadError::Rejected(e),
+                    Err(undo) => ReloadError::NotUndone { error: e, undo },
+                });
+            }
+        };
+        // Cannot fail from here on.
         sources.configure(&self.config);
+        if self.config.agent.announce_table != old.agent.announce_table {
+            self.set_announce_table(self.config.agent.announce_table);
+        }
+        self.publish();
+        let msg = format!("reloaded {}: {changes:?}", self.config_path.display());
+        info!("{msg}");
+        Ok(msg)
+    }
+
+    /// The desired state of `self.config`, with the health checks and drains it keeps.
+    fn update_desired(&mut self, sources: &Sources) {
         self.rebuild(sources);
         self.drained.retain(|(svc, ep)| {
             self.desired
@@ -39,10 +98,47 @@ impl Agent {
         });
         // A backend new to this agent takes traffic after its first good probe.
         self.sync_health(State::Pending);
-        let changes = self.apply()?;
-        self.publish();
-        let msg = format!("reloaded {}: {changes:?}", self.config_path.display());
-        info!("{msg}");
-        Ok(msg)
     }
+
+    /// Applies `self.config` (the old one, restored) again, and its attachments if they
+    /// were changed.
+    fn restore(&mut self, sources: &Sources, attach: bool) -> Result<()> {
+        self.update_desired(sources);
+        let applied = self.apply().map(|_| ()).context("applying the old config");
+        let attached = if attach { self.reattach() } else { Ok(()) };
+        match (applied, attached) {
+            (Ok(()), Ok(())) => Ok(()),
+            (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+            (Err(a), Err(b)) => Err(anyhow!("{a:#}; {b:#}")),
+        }
+    }
+
+    /// The attachments of `self.config` again: links made for new interfaces go, a mode
+    /// switched back (make-before-break as well).
+    fn reattach(&mut self) -> Result<()> {
+        let agent = &self.config.agent;
+        self.attachments = loader::attach(
+            &mut self.ebpf,
+            &agent.pin_path,
+            &agent.interfaces,
+            agent.xdp_mode,
+        )
+        .context("attaching as before")?;
+        Ok(())
+    }
+}
+
+/// Every interface the config names must exist: checked before anything changes.
+fn interfaces_exist(config: &Config) -> Result<()> {
+    let missing: Vec<&str> = config
+        .agent
+        .interfaces
+        .iter()
+        .filter(|i| ifindex(i) == 0)
+        .map(String::as_str)
+        .collect();
+    if !missing.is_empty() {
+        bail!("agent.interfaces: no interface {} here", missing.join(", "));
+    }
+    Ok(())
 }
