@@ -1,13 +1,17 @@
 //! `xlb reload` and SIGHUP: the config is read again and takes effect in full, or not at
 //! all. Everything that can be checked without changing anything is checked first (the
 //! config parses and validates, its interfaces exist); then the steps that can fail run
-//! (attachments, then the maps), and a failed step undoes those before it. The steps that
-//! cannot fail (sources, announce table) come last.
+//! (attachments, then the maps: every service of the new config must apply), and a failed
+//! step undoes those before it. The announce table, which cannot fail, changes last.
+use std::collections::BTreeMap;
+
 use anyhow::{Context as _, Result, anyhow, bail};
 use tracing::{info, warn};
 
 use super::Agent;
-use crate::{config::Config, discovery::Sources, health::State, loader, netdev::ifindex};
+use crate::{
+    config::Config, discovery::Sources, health::State, loader, netdev::ifindex, reconcile::Changes,
+};
 
 /// Why a reload did not take effect.
 #[derive(Debug)]
@@ -62,13 +66,15 @@ impl Agent {
 
         let old = std::mem::replace(&mut self.config, config);
         let drained = self.drained.clone();
+        let known = self.reconciler.problems().clone();
+        sources.configure(&self.config);
         self.update_desired(sources);
-        let changes = match self.apply() {
+        let changes = match self.apply().and_then(|c| self.all_applied(c, &known)) {
             Ok(changes) => changes,
             Err(e) => {
                 self.config = old;
                 self.drained = drained;
-                let undo = self.restore(sources, attach);
+                let undo = self.restore(sources, attach, &known);
                 self.publish();
                 return Err(match undo {
                     Ok(()) => ReloadError::Rejected(e),
@@ -77,7 +83,6 @@ impl Agent {
             }
         };
         // Cannot fail from here on.
-        sources.configure(&self.config);
         if self.config.agent.announce_table != old.agent.announce_table {
             self.set_announce_table(self.config.agent.announce_table);
         }
@@ -100,11 +105,39 @@ impl Agent {
         self.sync_health(State::Pending);
     }
 
+    /// Fails if a service of the desired state could not be applied, unless it failed so
+    /// before (`known`): the reconciler kept its previous state and retries it.
+    fn all_applied(&self, changes: Changes, known: &BTreeMap<String, String>) -> Result<Changes> {
+        let new: Vec<String> = changes
+            .failed
+            .iter()
+            .filter(|(svc, e)| {
+                self.desired.services.contains_key(*svc) && known.get(*svc) != Some(e)
+            })
+            .map(|(svc, e)| format!("service {svc}: {e}"))
+            .collect();
+        if !new.is_empty() {
+            bail!("not applied: {}", new.join("; "));
+        }
+        Ok(changes)
+    }
+
     /// Applies `self.config` (the old one, restored) again, and its attachments if they
     /// were changed.
-    fn restore(&mut self, sources: &Sources, attach: bool) -> Result<()> {
+    fn restore(
+        &mut self,
+        sources: &mut Sources,
+        attach: bool,
+        known: &BTreeMap<String, String>,
+    ) -> Result<()> {
+        // Sources restart only if their part of the config changed.
+        sources.configure(&self.config);
         self.update_desired(sources);
-        let applied = self.apply().map(|_| ()).context("applying the old config");
+        let applied = self
+            .apply()
+            .and_then(|c| self.all_applied(c, known))
+            .map(|_| ())
+            .context("applying the old config");
         let attached = if attach { self.reattach() } else { Ok(()) };
         match (applied, attached) {
             (Ok(()), Ok(())) => Ok(()),
