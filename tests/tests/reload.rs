@@ -38,13 +38,22 @@ fn switching_the_attach_mode_on_reload_fails_no_request() {
         &topo.client.path(),
         topo.vip(80),
         Duration::from_millis(10),
-        3000,
+        5000,
     );
     let balance_link = format!("tc_balance_{FRONT}");
     let ingress_link = format!("tc_ingress_{FRONT}");
+    // Every switch between the three: driver->tc->skb->driver->skb->tc->driver, twice.
+    let modes = [
+        ("tc", "none"),
+        ("skb", "skb"),
+        ("driver", "driver"),
+        ("skb", "skb"),
+        ("tc", "none"),
+        ("driver", "driver"),
+    ];
     for round in 0..2 {
-        for (mode, xdp) in [("tc", "none"), ("skb", "skb"), ("driver", "driver")] {
-            std::thread::sleep(Duration::from_millis(500));
+        for (mode, xdp) in modes {
+            std::thread::sleep(Duration::from_millis(300));
             let (ok, out) = agent.reload(&with_mode(&base, mode));
             assert!(ok, "round {round}, reload to {mode}: {out}");
             assert_eq!(
