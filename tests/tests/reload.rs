@@ -169,4 +169,22 @@ fn a_reload_that_cannot_take_effect_in_full_changes_nothing() {
     let web = agent.backends("web");
     assert_eq!(web.len(), 1, "{web:?}");
     assert_eq!(served_by(&topo), ["be1".to_string()].into());
+
+    // A mode switch that fails half way (extra0: skb, as auto fell back to, to driver) is
+    // undone too: extra0 is back in skb mode, behind its own links only.
+    let applied = state();
+    assert_eq!(applied.2[1]["xdp_mode"], "skb", "{:?}", applied.2);
+    let (ok, out) = agent.reload(&with_mode(
+        &fronts("interfaces = [\"front\", \"extra0\"]"),
+        "driver",
+    ));
+    assert!(!ok, "driver mode on a bridge went ahead: {out}");
+    assert!(
+        out.contains("reload rejected, the running state is kept"),
+        "{out}"
+    );
+    assert_eq!(state(), applied, "the failed switch was not undone");
+    let extra = topo.lb.ip(&["-d", "link", "show", "extra0"]);
+    assert!(extra.contains("xdpgeneric"), "{extra}");
+    assert_eq!(served_by(&topo), ["be1".to_string()].into());
 }
