@@ -56,7 +56,9 @@ impl Agent {
                 Ok(a) => self.attachments = a,
                 Err(e) => {
                     let error = e.context("attaching to the new interfaces");
-                    return Err(match self.reattach() {
+                    let undo = self.reattach();
+                    self.publish();
+                    return Err(match undo {
                         Ok(()) => ReloadError::Rejected(error),
                         Err(undo) => ReloadError::NotUndone { error, undo },
                     });
