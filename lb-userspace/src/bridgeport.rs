@@ -239,7 +239,7 @@ fn drain(socket: &mut Socket, buf: &mut [u8]) -> bool {
 }
 
 /// One rtnetlink dump request and all its answers.
-fn dump(request: RouteNetlinkMessage) -> io::Result<Vec<RouteNetlinkMessage>> {
+pub(crate) fn dump(request: RouteNetlinkMessage) -> io::Result<Vec<RouteNetlinkMessage>> {
     let mut socket = Socket::new(NETLINK_ROUTE)?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;

@@ -11,21 +11,15 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::DevMapHash,
-    programs::{
-        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode,
-        links::{FdLink, PinnedLink},
-        tc::SchedClassifierLink,
-        tc::TcAttachOptions,
-        xdp::XdpLink,
-    },
+    programs::{SchedClassifier, Xdp, links::PinnedLink},
 };
-use tracing::{info, warn};
+use tracing::info;
 
-use crate::{
-    config::XdpMode,
-    datapath::{Datapath, TX_PORTS},
-};
+use crate::{config::XdpMode, datapath::Datapath};
+
+mod attach;
+pub(crate) use attach::attach_xdp;
+pub use attach::{attach, attach_reply};
 
 /// The BPF object built from lb-ebpf by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -101,7 +95,7 @@ const REPLY_LINK_PREFIX: &str = "tc_reply_";
 pub struct Attachment {
     pub interface: String,
     /// "driver", "skb", "tc" (the balancer at TC ingress), or "unchanged" for an adopted
-    /// XDP link.
+    /// XDP link whose mode rtnetlink did not tell.
     pub xdp_mode: String,
     /// True when an existing pinned link was taken over (agent restart or upgrade).
     pub adopted: bool,
@@ -154,226 +148,6 @@ pub fn datapath(ebpf: &mut Ebpf) -> Result<Datapath> {
         ebpf.take_map(name)
             .ok_or_else(|| anyhow!("the BPF object has no map {name}"))
     })
-}
-
-/// Attaches XDP and TC ingress and egress to every front interface, taking over pinned
-/// links, and detaches pinned links of front interfaces that are no longer configured.
-pub fn attach(
-    ebpf: &mut Ebpf,
-    pin_path: &Path,
-    interfaces: &[String],
-    mode: XdpMode,
-) -> Result<Vec<Attachment>> {
-    let layout = PinLayout::new(pin_path);
-    let mut out = Vec::new();
-    for interface in interfaces {
-        // Links of the other mode go first: a packet must not be balanced twice.
-        let wanted = layout.front_links(interface, mode);
-        let balancers = [
-            layout.xdp_link(interface),
-            layout.tc_ingress_link(interface),
-            layout.tc_balance_link(interface),
-        ];
-        for stale in pinned_links(&layout)? {
-            if balancers.contains(&stale) && !wanted.contains(&stale) {
-                unpin_link(&stale)?;
-            }
-        }
-        let egress = layout.tc_egress_link(interface);
-        attach_tc(
-            ebpf,
-            TC_EGRESS_PROGRAM,
-            &egress,
-            interface,
-            TcAttachType::Egress,
-        )?;
-        let (xdp_mode, adopted) = if mode == XdpMode::Tc {
-            let link = layout.tc_balance_link(interface);
-            let adopted = link.exists();
-            attach_tc(
-                ebpf,
-                TC_BALANCE_PROGRAM,
-                &link,
-                interface,
-                TcAttachType::Ingress,
-            )?;
-            ("tc", adopted)
-        } else {
-            let ingress = layout.tc_ingress_link(interface);
-            attach_tc(
-                ebpf,
-                TC_INGRESS_PROGRAM,
-                &ingress,
-                interface,
-                TcAttachType::Ingress,
-            )?;
-            let xdp: &mut Xdp = program(ebpf, XDP_PROGRAM)?.try_into()?;
-            attach_xdp(xdp, &layout.xdp_link(interface), interface, mode)
-                .with_context(|| format!("attaching XDP to {interface}"))?
-        };
-        out.push(Attachment {
-            interface: interface.clone(),
-            xdp_mode: xdp_mode.into(),
-            adopted,
-        });
-    }
-    set_tx_ports(ebpf, &out)?;
-    for stale in pinned_links(&layout)? {
-        let reply = stale
-            .file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with(REPLY_LINK_PREFIX));
-        let keep = reply
-            || interfaces
-                .iter()
-                .any(|i| layout.front_links(i, mode).contains(&stale));
-        if !keep {
-            info!(link = %stale.display(), "detaching link of an interface no longer configured");
-            unpin_link(&stale)?;
-        }
-    }
-    Ok(out)
-}
-
-/// Makes the front NICs with driver-mode XDP, and only them, targets XDP may redirect to:
-/// an interface where XDP fell back to skb mode (a bridge, say) usually cannot transmit
-/// XDP frames, so packets for it go through TC instead (route.rs).
-fn set_tx_ports(ebpf: &mut Ebpf, attached: &[Attachment]) -> Result<()> {
-    let map = ebpf
-        .map_mut(TX_PORTS)
-        .ok_or_else(|| anyhow!("the BPF object has no map {TX_PORTS}"))?;
-    let mut ports: DevMapHash<_> = DevMapHash::try_from(map)?;
-    let present: Vec<u32> = ports.keys().collect::<Result<_, _>>()?;
-    let wanted: Vec<u32> = attached
-        .iter()
-        .filter_map(|a| {
-            let ifindex = crate::agent::ifindex(&a.interface);
-            // An adopted link keeps its mode, and with it its place in the map.
-            let driver = a.xdp_mode == "driver" || (a.adopted && present.contains(&ifindex));
-            (driver && ifindex != 0).then_some(ifindex)
-        })
-        .collect();
-    for stale in present.iter().filter(|i| !wanted.contains(i)) {
-        ports.remove(*stale)?;
-    }
-    for &ifindex in &wanted {
-        ports.insert(ifindex, ifindex, None, 0)?;
-    }
-    Ok(())
-}
-
-/// Attaches the reply program to exactly these interfaces (container bridges and veths, by
-/// name), detaching it from the others. A veth that went away with its container takes its
-/// attachment along; only the pin is left to remove.
-pub fn attach_reply(ebpf: &mut Ebpf, pin_path: &Path, interfaces: &[String]) -> Result<()> {
-    let layout = PinLayout::new(pin_path);
-    for interface in interfaces {
-        let link = layout.tc_reply_link(interface);
-        attach_tc(
-            ebpf,
-            TC_REPLY_PROGRAM,
-            &link,
-            interface,
-            TcAttachType::Ingress,
-        )?;
-    }
-    for stale in pinned_links(&layout)? {
-        let name = stale
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if let Some(interface) = name.strip_prefix(REPLY_LINK_PREFIX)
-            && !interfaces.iter().any(|i| i == interface)
-        {
-            info!(%interface, "detaching the reply program: no local backend behind it");
-            unpin_link(&stale)?;
-        }
-    }
-    Ok(())
-}
-
-pub(crate) fn attach_xdp(
-    prog: &mut Xdp,
-    link_path: &Path,
-    interface: &str,
-    mode: XdpMode,
-) -> Result<(&'static str, bool)> {
-    if let Some(link) = open_pinned_link(link_path)? {
-        match prog.attach_to_link(XdpLink::try_from(link)?) {
-            Ok(id) => {
-                drop(prog.take_link(id)?);
-                // The link keeps the mode it was created with; the kernel reports it
-                // only through netlink, so it is not re-read here.
-                return Ok(("unchanged", true));
-            }
-            Err(e) => {
-                warn!(%interface, error = %e, "pinned XDP link is stale; attaching anew");
-                fs::remove_file(link_path)?;
-            }
-        }
-    }
-    let (id, mode_name) = match mode {
-        XdpMode::Driver => (prog.attach(interface, AyaXdpMode::Driver)?, "driver"),
-        XdpMode::Skb => (prog.attach(interface, AyaXdpMode::Skb)?, "skb"),
-        XdpMode::Tc => unreachable!("the TC balancer is attached instead"),
-        XdpMode::Auto => match prog.attach(interface, AyaXdpMode::Driver) {
-            Ok(id) => (id, "driver"),
-            Err(e) => {
-                warn!(%interface, error = %e, "XDP driver mode unavailable; falling back to skb mode (slower)");
-                (prog.attach(interface, AyaXdpMode::Skb)?, "skb")
-            }
-        },
-    };
-    let link = FdLink::try_from(prog.take_link(id)?)?;
-    link.pin(link_path)?;
-    Ok((mode_name, false))
-}
-
-fn attach_tc(
-    ebpf: &mut Ebpf,
-    name: &str,
-    link_path: &Path,
-    interface: &str,
-    direction: TcAttachType,
-) -> Result<()> {
-    let prog: &mut SchedClassifier = program(ebpf, name)?.try_into()?;
-    attach_tc_program(prog, link_path, interface, direction)
-        .with_context(|| format!("attaching {name} to {interface}"))
-}
-
-fn attach_tc_program(
-    prog: &mut SchedClassifier,
-    link_path: &Path,
-    interface: &str,
-    direction: TcAttachType,
-) -> Result<()> {
-    if let Some(link) = open_pinned_link(link_path)? {
-        match prog.attach_to_link(SchedClassifierLink::try_from(link)?) {
-            Ok(id) => {
-                drop(prog.take_link(id)?);
-                return Ok(());
-            }
-            Err(e) => {
-                warn!(%interface, error = %e, "pinned TC link is stale; attaching anew");
-                fs::remove_file(link_path)?;
-            }
-        }
-    }
-    let id = prog.attach_with_options(
-        interface,
-        direction,
-        TcAttachOptions::TcxOrder(LinkOrder::default()),
-    )?;
-    let link = FdLink::try_from(prog.take_link(id)?)?;
-    link.pin(link_path)?;
-    Ok(())
-}
-
-fn open_pinned_link(path: &Path) -> Result<Option<FdLink>> {
-    match PinnedLink::from_pin(path) {
-        Ok(link) => Ok(Some(link.into())),
-        Err(_) if !path.exists() => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("opening pinned link {}", path.display())),
-    }
 }
 
 fn pinned_links(layout: &PinLayout) -> Result<Vec<PathBuf>> {

@@ -7,6 +7,7 @@ use xlb::{
     api,
     config::{ApiListen, Config, XdpMode},
     loader,
+    lock::{Held, PinLock},
     status::Status,
 };
 
@@ -49,13 +50,17 @@ enum Command {
     Drain(BackendArgs),
     /// Undo `xlb drain`.
     Undrain(BackendArgs),
-    /// Detach all programs and remove all pinned state.
+    /// Detach all programs and remove all pinned state. Refused while an agent runs on the
+    /// pin path (stop it first).
     Detach {
         /// The pin path to clean (default: agent.pin_path of --config, else /sys/fs/bpf/xlb).
         #[arg(long)]
         pin_path: Option<PathBuf>,
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Detach even while an agent runs on the pin path: it then serves no traffic.
+        #[arg(long)]
+        force: bool,
     },
     /// On a backend host of a dsr service: decapsulate the balancer's IPIP/GUE packets for
     /// these VIPs and put the VIPs on lo. Stays attached after exit.
@@ -167,12 +172,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Drain(target) => return target.post(&runtime, "drain"),
         Command::Undrain(target) => return target.post(&runtime, "undrain"),
-        Command::Detach { pin_path, config } => {
+        Command::Detach {
+            pin_path,
+            config,
+            force,
+        } => {
             let pin_path = match (pin_path, config) {
                 (Some(p), _) => p,
                 (None, Some(c)) => Config::load(&c)?.agent.pin_path,
                 (None, None) => "/sys/fs/bpf/xlb".into(),
             };
+            // Held while detaching, so no agent starts on a half-removed pin path.
+            let _lock = detach_lock(&pin_path, force)?;
             let done = loader::detach(&pin_path)?;
             println!(
                 "detached {} links, removed {} pins under {}",
@@ -220,6 +231,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The pin path's lock for `xlb detach`; none if there is no pin path, or if `force` and
+/// an agent holds it.
+fn detach_lock(pin_path: &std::path::Path, force: bool) -> Result<Option<PinLock>> {
+    if !pin_path.is_dir() {
+        return Ok(None);
+    }
+    match PinLock::try_existing(pin_path) {
+        Ok(lock) => Ok(Some(lock)),
+        Err(e) if e.is::<Held>() && force => {
+            tracing::warn!("{e}; detaching anyway (--force): it no longer serves traffic");
+            Ok(None)
+        }
+        Err(e) if e.is::<Held>() => {
+            anyhow::bail!("{e}: stop the agent first (or pass --force to detach anyway)")
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// POSTs to the agent and prints its answer; fails when the agent refused.

@@ -2,7 +2,7 @@
 //! and removes everything it pinned.
 use std::{
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, ExitStatus},
     time::Duration,
 };
 
@@ -52,8 +52,8 @@ impl Agent {
         agent
     }
 
-    /// Starts (or restarts) the process on the current config.
-    pub fn launch(&mut self) {
+    /// `xlb run` on the current config, in the agent's namespace.
+    fn run_command(&self) -> Command {
         // nsenter execs the agent, so the PID we hold is the agent's.
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", self.ns_path))
@@ -62,7 +62,12 @@ impl Agent {
             .args(["run", "--config"])
             .arg(&self.config_path)
             .env("RUST_LOG", "info");
-        let mut proc = Proc::spawn("xlb", cmd, self.log.clone());
+        cmd
+    }
+
+    /// Starts (or restarts) the process on the current config.
+    pub fn launch(&mut self) {
+        let mut proc = Proc::spawn("xlb", self.run_command(), self.log.clone());
         let up = wait_for(Duration::from_secs(10), || {
             if !proc.is_running() {
                 panic!("xlb exited:\n{}", proc.log_text());
@@ -71,6 +76,16 @@ impl Agent {
         });
         up.unwrap_or_else(|| panic!("xlb did not come up:\n{}", proc.log_text()));
         self.proc = Some(proc);
+    }
+
+    /// Starts a second `xlb run` on the same config (and pin path) while this one runs;
+    /// returns its exit status, or None if it still ran after `within` (it is then
+    /// stopped), and its output.
+    pub fn run_another(&self, within: Duration) -> (Option<ExitStatus>, String) {
+        let log = self.log.with_file_name("xlb-another.log");
+        let mut proc = Proc::spawn("xlb-another", self.run_command(), log);
+        let status = proc.wait_exit(within);
+        (status, proc.log_text())
     }
 
     /// SIGTERM: the agent exits and leaves the data path pinned.
@@ -124,6 +139,40 @@ impl Agent {
             .into_iter()
             .find(|s| s["name"] == service)
             .unwrap_or_default()
+    }
+
+    /// Each service of `xlb status --json` without its counters and probe times (that
+    /// move on their own): name, VIP, port, ring size and rebuilds, and each backend's
+    /// address, id, state and weight.
+    pub fn services_summary(&self) -> Vec<String> {
+        let status = self.status();
+        let services = status["services"].as_array().cloned().unwrap_or_default();
+        services
+            .iter()
+            .map(|s| {
+                let backends: Vec<String> = s["backends"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|b| {
+                        format!(
+                            "{}#{} {} {}",
+                            b["address"], b["id"], b["state"], b["weight"]
+                        )
+                    })
+                    .collect();
+                format!(
+                    "{} {}:{} size={} rebuilds={} [{}]",
+                    s["name"],
+                    s["vip"],
+                    s["port"],
+                    s["table_size"],
+                    s["ring_rebuilds"],
+                    backends.join(", ")
+                )
+            })
+            .collect()
     }
 
     /// (address, state) of each backend of `service`, as `xlb status --json` shows them.

@@ -74,6 +74,14 @@ impl Proc {
         }
     }
 
+    /// Waits up to `timeout` for the process to exit by itself (no signal); its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let status = wait_for(timeout, || child.try_wait().ok().flatten())?;
+        self.child = None;
+        Some(status)
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }

@@ -22,18 +22,22 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    announce::{self, Announcer},
+    announce::Announcer,
     api::{self, Command},
-    bridgeport::{self, HostTables, VethPort, index_name},
+    bridgeport::{self, VethPort},
     config::Config,
     datapath::Datapath,
     discovery::{self, Sources, labels::LabelError},
     health::{HealthMonitor, Key, NetProber, State},
     loader,
     reconcile::Reconciler,
-    state::{Delivery, DesiredState, Endpoint},
+    state::{DesiredState, Endpoint},
     status::Applied,
 };
+
+mod announcement;
+mod delivery;
+mod reload;
 
 /// How often the host's neighbour and bridge tables are read for local backends' veths when
 /// their changes cannot be watched...
@@ -72,6 +76,8 @@ struct Agent {
 pub async fn run(config_path: &Path) -> Result<()> {
     let config = Config::load(config_path)?;
     let pin_path = config.agent.pin_path.clone();
+    // Before anything is loaded: a second agent on this pin path changes nothing.
+    let _lock = crate::lock::PinLock::acquire(&pin_path).context("not starting")?;
     let mut ebpf = loader::load(&pin_path)?;
     let datapath = loader::datapath(&mut ebpf)?;
     let reconciler = Reconciler::adopt(&datapath)?;
@@ -166,7 +172,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
             Some(()) = host_changes.recv() => agent.refresh_veths(),
             _ = hup.recv() => {
                 if let Err(e) = agent.reload(&mut sources) {
-                    error!("reload rejected, the running state is kept:\n{e:#}");
+                    error!("{e}");
                 }
             }
             _ = sources.changed() => {
@@ -190,9 +196,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
             _ = int.recv() => break,
         }
     }
-    if let Some(announcer) = &mut agent.announcer {
-        announcer.withdraw_all();
-    }
+    agent.withdraw_all();
     info!("stopping; programs, maps and links stay pinned (`xlb detach` removes them)");
     Ok(())
 }
@@ -201,9 +205,9 @@ impl Agent {
     fn command(&mut self, cmd: Command, sources: &mut Sources) {
         match cmd {
             Command::Reload(reply) => {
-                let result = self.reload(sources).map_err(|e| format!("{e:#}"));
+                let result = self.reload(sources).map_err(|e| e.to_string());
                 if let Err(e) = &result {
-                    error!("reload rejected, the running state is kept:\n{e}");
+                    error!("{e}");
                 }
                 let _ = reply.send(result);
             }
@@ -230,48 +234,6 @@ impl Agent {
         }
         self.label_errors = errors;
         self.desired = desired;
-    }
-
-    /// Re-reads the config; an invalid one changes nothing.
-    fn reload(&mut self, sources: &mut Sources) -> Result<String> {
-        let config = Config::load(&self.config_path)?;
-        let agent = &config.agent;
-        if agent.pin_path != self.config.agent.pin_path || agent.api != self.config.agent.api {
-            warn!("agent.pin_path and agent.api changes take effect on restart only");
-        }
-        if agent.interfaces != self.config.agent.interfaces
-            || agent.xdp_mode != self.config.agent.xdp_mode
-        {
-            self.attachments = loader::attach(
-                &mut self.ebpf,
-                &self.config.agent.pin_path,
-                &agent.interfaces,
-                agent.xdp_mode,
-            )
-            .context("attaching to the new interfaces")?;
-        }
-        if agent.announce_table != self.config.agent.announce_table {
-            if let Some(old) = &mut self.announcer {
-                old.withdraw_all();
-            }
-            self.announcer = agent.announce_table.map(Announcer::new);
-        }
-        self.config = config;
-        sources.configure(&self.config);
-        self.rebuild(sources);
-        self.drained.retain(|(svc, ep)| {
-            self.desired
-                .services
-                .get(svc)
-                .is_some_and(|s| s.backends.contains_key(ep))
-        });
-        // A backend new to this agent takes traffic after its first good probe.
-        self.sync_health(State::Pending);
-        let changes = self.apply()?;
-        self.publish();
-        let msg = format!("reloaded {}: {changes:?}", self.config_path.display());
-        info!("{msg}");
-        Ok(msg)
     }
 
     fn drain(&mut self, service: String, backend: String, drain: bool) -> Result<String> {
@@ -320,47 +282,21 @@ impl Agent {
     /// `apply` with local backends' veths already resolved.
     fn apply_with(&mut self, veths: Veths) -> Result<crate::reconcile::Changes> {
         let mut effective = self.desired.clone();
-        let mut reply_interfaces = BTreeSet::new();
         for (name, svc) in &mut effective.services {
             for (endpoint, b) in &mut svc.backends {
                 if self.drained.contains(&(name.clone(), *endpoint)) {
                     b.weight = 0;
                 }
-                let Some(bridge) = &b.bridge else { continue };
-                b.delivery = Delivery {
-                    bridge: ifindex(bridge),
-                    veth: veths
-                        .get(&(bridge.clone(), endpoint.addr))
-                        .copied()
-                        .flatten(),
-                };
-                if b.delivery.bridge == 0 {
-                    warn!(service = %name, backend = %endpoint, %bridge, "no such bridge; the kernel routes to this backend");
-                } else {
-                    reply_interfaces.insert(bridge.clone());
-                    let veth = b.delivery.veth.and_then(|v| index_name(v.ifindex));
-                    reply_interfaces.extend(veth);
-                }
             }
         }
+        let reply_interfaces = self.deliver(&mut effective, &veths);
         self.veths = veths;
-        let pin_path = self.config.agent.pin_path.clone();
-        let during: Vec<String> = reply_interfaces
-            .union(&self.reply_interfaces)
-            .cloned()
-            .collect();
-        if during.len() != self.reply_interfaces.len() {
-            loader::attach_reply(&mut self.ebpf, &pin_path, &during)?;
-        }
+        let during = self.attach_reply_before(&reply_interfaces)?;
         let known = self.reconciler.problems().clone();
         let changes = self
             .reconciler
             .apply(&mut self.datapath, &effective, &self.health.view())?;
-        if reply_interfaces != self.reply_interfaces || during.len() != reply_interfaces.len() {
-            let after: Vec<String> = reply_interfaces.iter().cloned().collect();
-            loader::attach_reply(&mut self.ebpf, &pin_path, &after)?;
-            self.reply_interfaces = reply_interfaces;
-        }
+        self.attach_reply_after(reply_interfaces, &during)?;
         for (service, e) in &changes.failed {
             if known.get(service) == Some(e) {
                 continue;
@@ -373,41 +309,10 @@ impl Agent {
         Ok(changes)
     }
 
-    /// Reads the host's tables again and applies what changed for local backends.
-    fn refresh_veths(&mut self) {
-        let veths = self.resolve_veths();
-        if veths != self.veths {
-            if let Err(e) = self.apply_with(veths) {
-                error!("applying local delivery changes: {e:#}");
-            }
-            self.publish();
-        }
-    }
-
-    /// Where each local backend's host-side veth is, as the host's tables say now.
-    fn resolve_veths(&self) -> Veths {
-        let local = || {
-            self.desired.services.values().flat_map(|svc| {
-                svc.backends
-                    .iter()
-                    .filter_map(|(endpoint, b)| Some((b.bridge.as_ref()?, endpoint.addr)))
-            })
-        };
-        if local().next().is_none() {
-            return Veths::new();
-        }
-        let tables = HostTables::read();
-        local()
-            .map(|(bridge, addr)| ((bridge.clone(), addr), tables.lookup(bridge, addr)))
-            .collect()
-    }
-
     /// Shares the applied state with the API, and announces the VIPs that can serve.
     fn publish(&mut self) {
         let services = self.reconciler.applied();
-        if let Some(announcer) = &mut self.announcer {
-            announcer.sync(&announce::serving_vips(&self.desired, &services));
-        }
+        self.announce(&services);
         self.applied.send_replace(Arc::new(Applied {
             desired: self.desired.clone(),
             services,
@@ -416,13 +321,4 @@ impl Agent {
             problems: self.reconciler.problems().clone(),
         }));
     }
-}
-
-/// The interface's index; 0 if there is none of that name.
-pub fn ifindex(interface: &str) -> u32 {
-    let Ok(name) = std::ffi::CString::new(interface) else {
-        return 0;
-    };
-    // SAFETY: a valid C string; if_nametoindex has no other preconditions.
-    unsafe { libc::if_nametoindex(name.as_ptr()) }
 }
