@@ -1,14 +1,41 @@
 //! `xlb reload` and SIGHUP: the config is read again and applied; an invalid one changes
 //! nothing.
 use anyhow::{Context as _, Result};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::Agent;
 use crate::{config::Config, discovery::Sources, health::State, loader};
 
 impl Agent {
-    /// Re-reads the config; an invalid one changes nothing.
-    pub(super) fn reload(&mut self, sources: &mut Sources) -> Result<String> {
+    /// Re-reads the config and queues its apply; an invalid one changes nothing. `reply`
+    /// gets what the reload did once it is applied, or why it was not.
+    pub(super) fn reload(
+        &mut self,
+        sources: &mut Sources,
+        reply: impl FnOnce(Result<String, String>) + 'static,
+    ) {
+        let seq = match self.reload_config(sources) {
+            Ok(seq) => seq,
+            Err(e) => {
+                let e = format!("{e:#}");
+                error!("reload rejected, the running state is kept:\n{e}");
+                return reply(Err(e));
+            }
+        };
+        let path = self.config_path.clone();
+        let waiter = move |result: &Result<_>| match result {
+            Ok(changes) => {
+                let msg = format!("reloaded {}: {changes:?}", path.display());
+                info!("{msg}");
+                reply(Ok(msg));
+            }
+            Err(e) => reply(Err(format!("{e:#}"))),
+        };
+        self.after(seq, Box::new(waiter));
+    }
+
+    /// Takes in the new config; the number of the apply that makes it effective.
+    fn reload_config(&mut self, sources: &mut Sources) -> Result<u64> {
         let config = Config::load(&self.config_path)?;
         let agent = &config.agent;
         if agent.pin_path != self.config.agent.pin_path || agent.api != self.config.agent.api {
@@ -39,10 +66,6 @@ impl Agent {
         });
         // A backend new to this agent takes traffic after its first good probe.
         self.sync_health(State::Pending);
-        let changes = self.apply()?;
-        self.publish();
-        let msg = format!("reloaded {}: {changes:?}", self.config_path.display());
-        info!("{msg}");
-        Ok(msg)
+        self.apply()
     }
 }
