@@ -4,17 +4,25 @@
 //! that queue up while an apply runs are coalesced, since only the newest desired state
 //! matters. One thread applies, so the maps still have a single writer.
 use std::{
+    path::{Path, PathBuf},
     sync::mpsc as std_mpsc,
     thread::{self, JoinHandle},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 use tokio::sync::mpsc;
+use tracing::warn;
 
 use crate::{
     reconcile::{Changes, Liveness, Maps, Reconciler, Snapshot},
     state::DesiredState,
 };
+
+/// For tests only: while the file this names exists, each apply waits (up to HOLD_MAX), so
+/// that a test can show the loop answering during a long apply.
+pub const HOLD_ENV: &str = "XLB_TEST_HOLD_APPLIES";
+const HOLD_MAX: Duration = Duration::from_secs(60);
 
 /// What one apply did, and the reconciler's state after it.
 pub struct Outcome {
@@ -41,10 +49,12 @@ impl<L: Liveness + Send + 'static> Applier<L> {
     ) -> Result<Self> {
         let (requests, queue) = std_mpsc::channel::<(u64, DesiredState, L)>();
         let (done, outcomes) = mpsc::unbounded_channel();
+        let hold_file = std::env::var_os(HOLD_ENV).map(PathBuf::from);
         let thread = thread::Builder::new()
             .name("xlb-apply".into())
             .spawn(move || {
                 while let Ok(mut request) = queue.recv() {
+                    hold(hold_file.as_deref());
                     // Requests that came in during the last apply: the newest covers them.
                     while let Ok(newer) = queue.try_recv() {
                         request = newer;
@@ -109,6 +119,18 @@ impl<L: Liveness + Send + 'static> Applier<L> {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// Waits while `path` exists (see HOLD_ENV).
+fn hold(path: Option<&Path>) {
+    let Some(path) = path.filter(|p| p.exists()) else {
+        return;
+    };
+    warn!(path = %path.display(), "apply held while this file exists ({HOLD_ENV})");
+    let since = Instant::now();
+    while path.exists() && since.elapsed() < HOLD_MAX {
+        thread::sleep(Duration::from_millis(20));
     }
 }
 
