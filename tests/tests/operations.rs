@@ -157,8 +157,8 @@ fn drain_keeps_established_flows_and_stops_new_ones() {
 }
 
 /// The loop answers while an apply is under way (held through the agent's test hook, as a
-/// long Maglev build holds it): a drain is answered once its apply is done, and meanwhile a
-/// command that needs no apply is answered at once.
+/// long Maglev build holds it): a drain is answered once its apply is done (so is the same
+/// drain asked again meanwhile), and a command that needs no apply is answered at once.
 #[test]
 fn commands_are_answered_while_an_apply_runs() {
     let (topo, agent) = start(3);
@@ -187,11 +187,19 @@ fn commands_are_answered_while_an_apply_runs() {
             drained.try_recv().is_err(),
             "the drain is answered only once its apply is done"
         );
+        let (again_tx, again) = mpsc::channel();
+        s.spawn(move || again_tx.send(agent_ref.cli(&["drain", "web", first_ref])));
+        assert!(
+            again.recv_timeout(Duration::from_secs(1)).is_err(),
+            "the same drain asked again waits for the same apply"
+        );
         drop(held);
-        let (ok, out) = drained
-            .recv_timeout(patience)
-            .expect("the drain is answered after its apply");
-        assert!(ok && out.contains("drained"), "drain: {out}");
+        for answer in [drained, again] {
+            let (ok, out) = answer
+                .recv_timeout(patience)
+                .expect("the drain is answered after its apply");
+            assert!(ok && out.contains("drained"), "drain: {out}");
+        }
     });
     let state = agent
         .backends("web")

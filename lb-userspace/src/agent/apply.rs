@@ -83,6 +83,7 @@ impl Agent {
         if let Err(e) = &result {
             error!("applying: {e:#}");
         }
+        self.drain_applies.retain(|_, seq| *seq > outcome.seq);
         self.publish();
         let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
             .into_iter()

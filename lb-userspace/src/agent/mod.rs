@@ -70,6 +70,8 @@ struct Agent {
     desired: DesiredState,
     /// Backends drained through the API; kept across reloads.
     drained: BTreeSet<Key>,
+    /// Backends (un)drained by an apply not done yet: that apply.
+    drain_applies: BTreeMap<Key, u64>,
     /// Interfaces the reply program is attached to: local backends' bridges, and the
     /// host-side veths of those whose veth is known (replies then skip the bridge).
     reply_interfaces: BTreeSet<String>,
@@ -111,6 +113,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         waiting: Vec::new(),
         health: HealthMonitor::new(Arc::new(NetProber), health_tx),
         drained: BTreeSet::new(),
+        drain_applies: BTreeMap::new(),
         reply_interfaces: BTreeSet::new(),
         reply_wanted: BTreeSet::new(),
         veths: Veths::new(),
@@ -266,7 +269,8 @@ impl Agent {
         self.after(seq, Box::new(waiter));
     }
 
-    /// Marks the backend (un)drained; the number of the apply that makes it so, if it changed.
+    /// Marks the backend (un)drained; the number of the apply that makes it so, unless that
+    /// is done already.
     fn set_drained(
         &mut self,
         service: String,
@@ -286,8 +290,13 @@ impl Agent {
         } else {
             self.drained.remove(&key)
         };
-        let seq = if changed { Some(self.apply()?) } else { None };
-        Ok((key, seq))
+        if changed {
+            let seq = self.apply()?;
+            self.drain_applies.insert(key.clone(), seq);
+            return Ok((key, Some(seq)));
+        }
+        let pending = self.drain_applies.get(&key).copied();
+        Ok((key, pending))
     }
 
     fn sync_health(&mut self, unknown: State) {
