@@ -27,7 +27,7 @@ use crate::{
     status::{Applied, Status},
 };
 
-type Reply = oneshot::Sender<Result<String, String>>;
+pub type Reply = oneshot::Sender<Result<String, String>>;
 
 /// A change requested through the API, answered by the agent loop.
 pub enum Command {

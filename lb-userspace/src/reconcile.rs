@@ -457,13 +457,6 @@ impl Reconciler {
         Ok(())
     }
 
-    /// Whether the pinned data path had this backend alive (None: not known to it). Used to
-    /// start health checks where the previous agent left off.
-    pub fn pinned_alive(&self, spec: &ServiceSpec, endpoint: &Endpoint) -> Option<bool> {
-        let svc = self.services.get(&vip_key(spec))?;
-        svc.backends.get(endpoint).map(|b| b.alive)
-    }
-
     /// The backends the maps hold for this service, with their delivery (used to keep them
     /// after a restart until Docker has answered).
     pub fn pinned_backends(&self, spec: &ServiceSpec) -> Vec<(Endpoint, Delivery)> {
@@ -493,6 +486,37 @@ impl Reconciler {
     pub fn problems(&self) -> &BTreeMap<String, String> {
         &self.problems
     }
+
+    /// What the agent's loop reads of the bookkeeping, detached from it (the reconciler
+    /// itself lives on the applier's thread).
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            services: self.applied(),
+            problems: self.problems.clone(),
+            alive: self
+                .services
+                .iter()
+                .map(|(k, s)| (*k, s.backends.iter().map(|(e, b)| (*e, b.alive)).collect()))
+                .collect(),
+        }
+    }
+}
+
+/// The reconciler's state after an apply.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub services: Vec<AppliedView>,
+    /// As `Reconciler::problems`.
+    pub problems: BTreeMap<String, String>,
+    alive: BTreeMap<VipKey, BTreeMap<Endpoint, bool>>,
+}
+
+impl Snapshot {
+    /// Whether the maps have this backend alive (None: not known to them). Used to start
+    /// health checks where the previous agent left off.
+    pub fn pinned_alive(&self, spec: &ServiceSpec, endpoint: &Endpoint) -> Option<bool> {
+        self.alive.get(&vip_key(spec))?.get(endpoint).copied()
+    }
 }
 
 /// A read-only view of one applied service (for status and metrics).
@@ -508,6 +532,6 @@ pub struct AppliedView {
 }
 
 #[cfg(test)]
-mod fake;
+pub(crate) mod fake;
 #[cfg(test)]
 mod tests;

@@ -18,6 +18,17 @@ pub struct Agent {
     pub proc: Option<Proc>,
     ns_path: String,
     log: PathBuf,
+    /// While this file exists, the agent's applies wait (XLB_TEST_HOLD_APPLIES).
+    hold: PathBuf,
+}
+
+/// Applies wait while this lives (see `Agent::hold_applies`).
+pub struct HeldApplies(PathBuf);
+
+impl Drop for HeldApplies {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 impl Agent {
@@ -47,6 +58,7 @@ impl Agent {
             proc: None,
             ns_path: ns.path(),
             log: dir.join("xlb.log"),
+            hold: dir.join("hold-applies"),
         };
         agent.launch();
         agent
@@ -61,7 +73,8 @@ impl Agent {
             .arg(binary("xlb"))
             .args(["run", "--config"])
             .arg(&self.config_path)
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            .env("XLB_TEST_HOLD_APPLIES", &self.hold);
         cmd
     }
 
@@ -111,6 +124,12 @@ impl Agent {
     /// The agent's PID (it must be running).
     pub fn pid(&self) -> u32 {
         self.proc.as_ref().expect("agent running").pid()
+    }
+
+    /// Holds the agent's next applies (each waits until the guard is dropped, at most 60 s).
+    pub fn hold_applies(&self) -> HeldApplies {
+        std::fs::write(&self.hold, "").expect("write the hold file");
+        HeldApplies(self.hold.clone())
     }
 
     pub fn log_text(&self) -> String {

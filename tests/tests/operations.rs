@@ -4,6 +4,7 @@
 use std::{
     collections::BTreeMap,
     net::{SocketAddr, UdpSocket},
+    sync::mpsc,
     time::{Duration, Instant},
 };
 
@@ -153,6 +154,59 @@ fn drain_keeps_established_flows_and_stops_new_ones() {
         !ok && out.contains("has no backend 10.99.2.99:8080"),
         "{out}"
     );
+}
+
+/// The loop answers while an apply is under way (held through the agent's test hook, as a
+/// long Maglev build holds it): a drain is answered once its apply is done (so is the same
+/// drain asked again meanwhile), and a command that needs no apply is answered at once.
+#[test]
+fn commands_are_answered_while_an_apply_runs() {
+    let (topo, agent) = start(3);
+    let first = format!("{}:8080", topo.backends[0].addr);
+    let second = format!("{}:8080", topo.backends[1].addr);
+    let patience = Duration::from_secs(10);
+    let held = agent.hold_applies();
+    let (agent_ref, first_ref, second_ref) = (&agent, first.as_str(), second.as_str());
+    std::thread::scope(|s| {
+        let (drain_tx, drained) = mpsc::channel();
+        s.spawn(move || drain_tx.send(agent_ref.cli(&["drain", "web", first_ref])));
+        wait_for(patience, || {
+            let log = agent.log_text();
+            log.contains("apply held while this file exists")
+                .then_some(())
+        })
+        .expect("the drain's apply is held");
+        // `second` is not drained: undraining it needs no apply.
+        let (undrain_tx, undrained) = mpsc::channel();
+        s.spawn(move || undrain_tx.send(agent_ref.cli(&["undrain", "web", second_ref])));
+        let (ok, out) = undrained
+            .recv_timeout(patience)
+            .expect("the loop answers while an apply runs");
+        assert!(ok, "undrain: {out}");
+        assert!(
+            drained.try_recv().is_err(),
+            "the drain is answered only once its apply is done"
+        );
+        let (again_tx, again) = mpsc::channel();
+        s.spawn(move || again_tx.send(agent_ref.cli(&["drain", "web", first_ref])));
+        assert!(
+            again.recv_timeout(Duration::from_secs(1)).is_err(),
+            "the same drain asked again waits for the same apply"
+        );
+        drop(held);
+        for answer in [drained, again] {
+            let (ok, out) = answer
+                .recv_timeout(patience)
+                .expect("the drain is answered after its apply");
+            assert!(ok && out.contains("drained"), "drain: {out}");
+        }
+    });
+    let state = agent
+        .backends("web")
+        .into_iter()
+        .find(|(a, _)| *a == first)
+        .map(|(_, s)| s);
+    assert_eq!(state.as_deref(), Some("drain"));
 }
 
 #[test]

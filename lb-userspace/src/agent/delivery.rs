@@ -1,6 +1,7 @@
 //! Local backends' delivery: the host-side veths of containers behind a bridge, and the
 //! interfaces the reply program is attached to. The reply program is attached to a bridge
-//! (and a veth) before any backend is delivered there, and detached only after none is.
+//! (and a veth) before an apply that delivers there is queued, and detached only once the
+//! newest apply delivers there no more.
 use std::collections::BTreeSet;
 
 use anyhow::Result;
@@ -41,28 +42,27 @@ impl Agent {
         reply_interfaces
     }
 
-    /// Before an apply: the reply program on both the current and the `wanted` interfaces.
-    /// Returns them.
-    pub(super) fn attach_reply_before(&mut self, wanted: &BTreeSet<String>) -> Result<Vec<String>> {
-        let during: Vec<String> = wanted.union(&self.reply_interfaces).cloned().collect();
-        if during.len() != self.reply_interfaces.len() {
+    /// Before an apply: the reply program on both the interfaces it is on and the `wanted`
+    /// ones (those the apply delivers to).
+    pub(super) fn attach_reply_before(&mut self, wanted: BTreeSet<String>) -> Result<()> {
+        let during: BTreeSet<String> = wanted.union(&self.reply_interfaces).cloned().collect();
+        if during != self.reply_interfaces {
             let pin_path = self.config.agent.pin_path.clone();
-            loader::attach_reply(&mut self.ebpf, &pin_path, &during)?;
+            let list: Vec<String> = during.iter().cloned().collect();
+            loader::attach_reply(&mut self.ebpf, &pin_path, &list)?;
+            self.reply_interfaces = during;
         }
-        Ok(during)
+        self.reply_wanted = wanted;
+        Ok(())
     }
 
-    /// After an apply: the reply program on the `wanted` interfaces only.
-    pub(super) fn attach_reply_after(
-        &mut self,
-        wanted: BTreeSet<String>,
-        during: &[String],
-    ) -> Result<()> {
-        if wanted != self.reply_interfaces || during.len() != wanted.len() {
-            let after: Vec<String> = wanted.iter().cloned().collect();
+    /// After the newest apply: the reply program on the interfaces it wanted only.
+    pub(super) fn attach_reply_after(&mut self) -> Result<()> {
+        if self.reply_wanted != self.reply_interfaces {
+            let after: Vec<String> = self.reply_wanted.iter().cloned().collect();
             let pin_path = self.config.agent.pin_path.clone();
             loader::attach_reply(&mut self.ebpf, &pin_path, &after)?;
-            self.reply_interfaces = wanted;
+            self.reply_interfaces = self.reply_wanted.clone();
         }
         Ok(())
     }
@@ -70,11 +70,10 @@ impl Agent {
     /// Reads the host's tables again and applies what changed for local backends.
     pub(super) fn refresh_veths(&mut self) {
         let veths = self.resolve_veths();
-        if veths != self.veths {
-            if let Err(e) = self.apply_with(veths) {
-                error!("applying local delivery changes: {e:#}");
-            }
-            self.publish();
+        if veths != self.veths
+            && let Err(e) = self.apply_with(veths)
+        {
+            error!("applying local delivery changes: {e:#}");
         }
     }
 

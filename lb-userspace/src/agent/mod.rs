@@ -1,7 +1,8 @@
 //! `xlb run`: loads and attaches the data path, applies the config, health-checks backends,
 //! serves the API, and reloads on SIGHUP or `xlb reload`. On SIGTERM/SIGINT it exits and
 //! leaves everything pinned, so forwarding goes on until a new agent adopts it (or
-//! `xlb detach` removes it). This loop is the only writer of the maps.
+//! `xlb detach` removes it). This loop decides every write to the maps; the applier thread
+//! makes them, in the loop's order.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
@@ -24,20 +25,24 @@ use tracing::{error, info, warn};
 use crate::{
     announce::Announcer,
     api::{self, Command},
+    applier::Applier,
     bridgeport::{self, VethPort},
     config::Config,
     datapath::Datapath,
     discovery::{self, Sources, labels::LabelError},
-    health::{HealthMonitor, Key, NetProber, State},
+    health::{HealthMonitor, HealthView, Key, NetProber, State},
     loader,
-    reconcile::Reconciler,
+    reconcile::{Reconciler, Snapshot},
     state::{DesiredState, Endpoint},
     status::Applied,
 };
 
 mod announcement;
+mod apply;
 mod delivery;
 mod reload;
+
+use self::apply::Waiter;
 
 /// How often the host's neighbour and bridge tables are read for local backends' veths when
 /// their changes cannot be watched...
@@ -55,15 +60,23 @@ struct Agent {
     config_path: PathBuf,
     config: Config,
     ebpf: Ebpf,
-    datapath: Datapath,
-    reconciler: Reconciler,
+    /// Owns the reconciler and the maps; the loop submits applies and takes in outcomes.
+    applier: Applier<HealthView>,
+    /// The reconciler's state after the last apply.
+    reconciled: Snapshot,
+    /// Commands waiting for an apply: (its number, the reply).
+    waiting: Vec<(u64, Waiter)>,
     health: HealthMonitor,
     desired: DesiredState,
     /// Backends drained through the API; kept across reloads.
     drained: BTreeSet<Key>,
+    /// Backends (un)drained by an apply not done yet: that apply.
+    drain_applies: BTreeMap<Key, u64>,
     /// Interfaces the reply program is attached to: local backends' bridges, and the
     /// host-side veths of those whose veth is known (replies then skip the bridge).
     reply_interfaces: BTreeSet<String>,
+    /// Those the newest queued apply delivers to.
+    reply_wanted: BTreeSet<String>,
     /// Local backends' veths as last applied, to notice when the host's tables change.
     veths: Veths,
     /// Label errors already logged (each is logged once, while it lasts).
@@ -81,20 +94,30 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let mut ebpf = loader::load(&pin_path)?;
     let datapath = loader::datapath(&mut ebpf)?;
     let reconciler = Reconciler::adopt(&datapath)?;
-    let (health_tx, mut health_changes) = mpsc::unbounded_channel();
-    let (applied_tx, applied_rx) = watch::channel(Arc::new(Applied::default()));
+    let reconciled = reconciler.snapshot();
+    // Fail static without waiting for Docker: the pinned backends that the config does not
+    // declare stay until every source has answered; the rest starts at once.
+    let declared = DesiredState::from_config(&config);
     let mut sources = Sources::default();
     sources.configure(&config);
+    sources.keep_until_ready(discovery::unclaimed(&declared, |svc| {
+        reconciler.pinned_backends(svc)
+    }));
+    let (health_tx, mut health_changes) = mpsc::unbounded_channel();
+    let (applied_tx, applied_rx) = watch::channel(Arc::new(Applied::default()));
     let mut agent = Agent {
         config_path: config_path.into(),
         desired: DesiredState::from_config(&config),
         config,
         ebpf,
-        datapath,
-        reconciler,
+        applier: Applier::spawn(reconciler, datapath)?,
+        reconciled,
+        waiting: Vec::new(),
         health: HealthMonitor::new(Arc::new(NetProber), health_tx),
         drained: BTreeSet::new(),
+        drain_applies: BTreeMap::new(),
         reply_interfaces: BTreeSet::new(),
+        reply_wanted: BTreeSet::new(),
         veths: Veths::new(),
         label_errors: BTreeSet::new(),
         applied: applied_tx,
@@ -103,12 +126,6 @@ pub async fn run(config_path: &Path) -> Result<()> {
     };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    // Fail static without waiting for Docker: the pinned backends that the config does not
-    // declare stay until every source has answered; the rest starts at once.
-    let declared = DesiredState::from_config(&agent.config);
-    sources.keep_until_ready(discovery::unclaimed(&declared, |svc| {
-        agent.reconciler.pinned_backends(svc)
-    }));
     agent.rebuild(&sources);
     // Backends start where the pinned data path left them; on a first start, up.
     agent.sync_health(State::Up);
@@ -124,7 +141,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
     })
     .is_ok();
     // Maps first, then links: a new data path is complete before it sees a packet.
-    agent.apply()?;
+    let first = agent.apply()?;
+    agent.wait_for(first).await?;
     agent.attachments = loader::attach(
         &mut agent.ebpf,
         &pin_path,
@@ -162,16 +180,20 @@ pub async fn run(config_path: &Path) -> Result<()> {
     info!("xlb is running");
     loop {
         tokio::select! {
-            _ = retry.tick(), if !agent.reconciler.problems().is_empty() => {
+            outcome = agent.applier.outcome() => {
+                let Some(outcome) = outcome else { bail!("the applier thread is gone") };
+                let _ = agent.finish(outcome);
+            }
+            // Not while an apply is queued: it tries again already.
+            _ = retry.tick(), if !agent.reconciled.problems.is_empty() && !agent.applier.busy() => {
                 if let Err(e) = agent.apply() {
                     error!("applying again: {e:#}");
                 }
-                agent.publish();
             }
             _ = veth_poll.tick() => agent.refresh_veths(),
             Some(()) = host_changes.recv() => agent.refresh_veths(),
             _ = hup.recv() => {
-                if let Err(e) = agent.reload(&mut sources) {
+                if let Err(e) = agent.reload(&mut sources).await {
                     error!("{e}");
                 }
             }
@@ -181,7 +203,6 @@ pub async fn run(config_path: &Path) -> Result<()> {
                 if let Err(e) = agent.apply() {
                     error!("applying discovered backends: {e:#}");
                 }
-                agent.publish();
             }
             Some(_) = health_changes.recv() => {
                 // Several backends may change at once: one apply for all of them.
@@ -189,23 +210,24 @@ pub async fn run(config_path: &Path) -> Result<()> {
                 if let Err(e) = agent.apply() {
                     error!("applying health changes: {e:#}");
                 }
-                agent.publish();
             }
-            Some(cmd) = commands.recv() => agent.command(cmd, &mut sources),
+            Some(cmd) = commands.recv() => agent.command(cmd, &mut sources).await,
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
+    // An apply under way finishes: the maps are left as it leaves them.
+    agent.applier.stop();
     agent.withdraw_all();
     info!("stopping; programs, maps and links stay pinned (`xlb detach` removes them)");
     Ok(())
 }
 
 impl Agent {
-    fn command(&mut self, cmd: Command, sources: &mut Sources) {
+    async fn command(&mut self, cmd: Command, sources: &mut Sources) {
         match cmd {
             Command::Reload(reply) => {
-                let result = self.reload(sources).map_err(|e| e.to_string());
+                let result = self.reload(sources).await.map_err(|e| e.to_string());
                 if let Err(e) = &result {
                     error!("{e}");
                 }
@@ -216,12 +238,7 @@ impl Agent {
                 backend,
                 drain,
                 reply,
-            } => {
-                let _ = reply.send(
-                    self.drain(service, backend, drain)
-                        .map_err(|e| format!("{e:#}")),
-                );
-            }
+            } => self.drain(service, backend, drain, reply),
         }
     }
 
@@ -236,7 +253,40 @@ impl Agent {
         self.desired = desired;
     }
 
-    fn drain(&mut self, service: String, backend: String, drain: bool) -> Result<String> {
+    /// Drains or undrains a backend; `reply` gets the answer once that is applied.
+    fn drain(&mut self, service: String, backend: String, drain: bool, reply: api::Reply) {
+        let verb = if drain { "drained" } else { "undrained" };
+        let ((service, endpoint), seq) = match self.set_drained(service, backend, drain) {
+            Ok((key, Some(seq))) => (key, seq),
+            Ok((key, None)) => {
+                let _ = reply.send(Ok(format!("{} {} {verb}", key.0, key.1)));
+                return;
+            }
+            Err(e) => {
+                let _ = reply.send(Err(format!("{e:#}")));
+                return;
+            }
+        };
+        let waiter = move |result: &Result<_>| {
+            let _ = reply.send(match result {
+                Ok(_) => {
+                    info!(%service, backend = %endpoint, "backend {verb}");
+                    Ok(format!("{service} {endpoint} {verb}"))
+                }
+                Err(e) => Err(format!("{e:#}")),
+            });
+        };
+        self.after(seq, Box::new(waiter));
+    }
+
+    /// Marks the backend (un)drained; the number of the apply that makes it so, unless that
+    /// is done already.
+    fn set_drained(
+        &mut self,
+        service: String,
+        backend: String,
+        drain: bool,
+    ) -> Result<(Key, Option<u64>)> {
         let endpoint: Endpoint = backend.parse().map_err(anyhow::Error::msg)?;
         let Some(svc) = self.desired.services.get(&service) else {
             bail!("no service `{service}`");
@@ -245,25 +295,25 @@ impl Agent {
             bail!("service `{service}` has no backend {endpoint}");
         }
         let key = (service, endpoint);
-        let verb = if drain { "drained" } else { "undrained" };
         let changed = if drain {
             self.drained.insert(key.clone())
         } else {
             self.drained.remove(&key)
         };
         if changed {
-            self.apply()?;
-            self.publish();
-            info!(service = %key.0, backend = %key.1, "backend {verb}");
+            let seq = self.apply()?;
+            self.drain_applies.insert(key.clone(), seq);
+            return Ok((key, Some(seq)));
         }
-        Ok(format!("{} {} {verb}", key.0, key.1))
+        let pending = self.drain_applies.get(&key).copied();
+        Ok((key, pending))
     }
 
     fn sync_health(&mut self, unknown: State) {
-        let reconciler = &self.reconciler;
+        let reconciled = &self.reconciled;
         let desired = &self.desired;
         self.health.sync(desired, |(svc, endpoint)| {
-            match reconciler.pinned_alive(&desired.services[svc], endpoint) {
+            match reconciled.pinned_alive(&desired.services[svc], endpoint) {
                 Some(true) => State::Up,
                 Some(false) => State::Down,
                 None => unknown,
@@ -271,54 +321,16 @@ impl Agent {
         });
     }
 
-    /// The desired state with drained backends at weight 0, applied with current health.
-    /// Local bridges resolved to ifindexes. The reply program is attached to a bridge (and a
-    /// veth) before any backend is delivered there, and detached only after none is.
-    fn apply(&mut self) -> Result<crate::reconcile::Changes> {
-        let veths = self.resolve_veths();
-        self.apply_with(veths)
-    }
-
-    /// `apply` with local backends' veths already resolved.
-    fn apply_with(&mut self, veths: Veths) -> Result<crate::reconcile::Changes> {
-        let mut effective = self.desired.clone();
-        for (name, svc) in &mut effective.services {
-            for (endpoint, b) in &mut svc.backends {
-                if self.drained.contains(&(name.clone(), *endpoint)) {
-                    b.weight = 0;
-                }
-            }
-        }
-        let reply_interfaces = self.deliver(&mut effective, &veths);
-        self.veths = veths;
-        let during = self.attach_reply_before(&reply_interfaces)?;
-        let known = self.reconciler.problems().clone();
-        let changes = self
-            .reconciler
-            .apply(&mut self.datapath, &effective, &self.health.view())?;
-        self.attach_reply_after(reply_interfaces, &during)?;
-        for (service, e) in &changes.failed {
-            if known.get(service) == Some(e) {
-                continue;
-            }
-            error!(%service, "not applied, keeps its previous state (retried every {APPLY_RETRY:?}): {e}");
-        }
-        if !changes.is_empty() {
-            info!(?changes, "applied");
-        }
-        Ok(changes)
-    }
-
     /// Shares the applied state with the API, and announces the VIPs that can serve.
     fn publish(&mut self) {
-        let services = self.reconciler.applied();
+        let services = self.reconciled.services.clone();
         self.announce(&services);
         self.applied.send_replace(Arc::new(Applied {
             desired: self.desired.clone(),
             services,
             attachments: self.attachments.clone(),
             drained: self.drained.clone(),
-            problems: self.reconciler.problems().clone(),
+            problems: self.reconciled.problems.clone(),
         }));
     }
 }

@@ -2,7 +2,9 @@
 //! all. Everything that can be checked without changing anything is checked first (the
 //! config parses and validates, its interfaces exist); then the steps that can fail run
 //! (attachments, then the maps: every service of the new config must apply), and a failed
-//! step undoes those before it. The announce table, which cannot fail, changes last.
+//! step undoes those before it. The announce table, which cannot fail, changes last. A
+//! reload waits for its applies (commands queue meanwhile; the API's reads and the health
+//! checks go on).
 use std::collections::BTreeMap;
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -40,7 +42,7 @@ impl std::fmt::Display for ReloadError {
 
 impl Agent {
     /// Re-reads the config and applies all of it, or none of it.
-    pub(super) fn reload(&mut self, sources: &mut Sources) -> Result<String, ReloadError> {
+    pub(super) async fn reload(&mut self, sources: &mut Sources) -> Result<String, ReloadError> {
         let config =
             Config::load(&self.config_path).map_err(|e| ReloadError::Rejected(e.into()))?;
         interfaces_exist(&config).map_err(ReloadError::Rejected)?;
@@ -68,15 +70,24 @@ impl Agent {
 
         let old = std::mem::replace(&mut self.config, config);
         let drained = self.drained.clone();
-        let known = self.reconciler.problems().clone();
+        // What failed before this reload is known only once the applies in flight are done.
+        if self.applier.busy() {
+            let in_flight = self.applier.submitted();
+            let _ = self.wait_for(in_flight).await;
+        }
+        let known = self.reconciled.problems.clone();
         sources.configure(&self.config);
         self.update_desired(sources);
-        let changes = match self.apply().and_then(|c| self.all_applied(c, &known)) {
+        let changes = match self.apply_and_wait().await {
+            Ok(changes) => self.all_applied(changes, &known),
+            Err(e) => Err(e),
+        };
+        let changes = match changes {
             Ok(changes) => changes,
             Err(e) => {
                 self.config = old;
                 self.drained = drained;
-                let undo = self.restore(sources, attach, &known);
+                let undo = self.restore(sources, attach, &known).await;
                 self.publish();
                 return Err(match undo {
                     Ok(()) => ReloadError::Rejected(e),
@@ -126,7 +137,7 @@ impl Agent {
 
     /// Applies `self.config` (the old one, restored) again, and its attachments if they
     /// were changed.
-    fn restore(
+    async fn restore(
         &mut self,
         sources: &mut Sources,
         attach: bool,
@@ -135,11 +146,11 @@ impl Agent {
         // Sources restart only if their part of the config changed.
         sources.configure(&self.config);
         self.update_desired(sources);
-        let applied = self
-            .apply()
-            .and_then(|c| self.all_applied(c, known))
-            .map(|_| ())
-            .context("applying the old config");
+        let applied = match self.apply_and_wait().await {
+            Ok(changes) => self.all_applied(changes, known).map(|_| ()),
+            Err(e) => Err(e),
+        }
+        .context("applying the old config");
         let attached = if attach { self.reattach() } else { Ok(()) };
         match (applied, attached) {
             (Ok(()), Ok(())) => Ok(()),
