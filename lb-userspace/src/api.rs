@@ -23,6 +23,7 @@ use crate::{
     discovery::supervise::Board,
     flowtables::TableStatus,
     health::HealthReader,
+    http,
     metrics::{self, ProbeLatency},
     status::{Applied, Status},
 };
@@ -168,7 +169,7 @@ pub async fn request(listen: &ApiListen, method: &str, path: &str) -> Result<(u1
             let stream = tokio::net::TcpStream::connect(addr)
                 .await
                 .with_context(|| format!("connecting to the xlb API at {addr} ({hint})"))?;
-            send(stream, req).await?
+            http::send(stream, req).await?
         }
         ApiListen::Unix(path) => {
             let stream = tokio::net::UnixStream::connect(path)
@@ -176,23 +177,10 @@ pub async fn request(listen: &ApiListen, method: &str, path: &str) -> Result<(u1
                 .with_context(|| {
                     format!("connecting to the xlb API at {} ({hint})", path.display())
                 })?;
-            send(stream, req).await?
+            http::send(stream, req).await?
         }
     };
     let code = response.status().as_u16();
     let body = response.into_body().collect().await?.to_bytes();
     Ok((code, String::from_utf8_lossy(&body).into_owned()))
-}
-
-pub(crate) async fn send<S>(
-    stream: S,
-    req: hyper::Request<Empty<Bytes>>,
-) -> Result<hyper::Response<hyper::body::Incoming>>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let io = hyper_util::rt::TokioIo::new(stream);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
-    tokio::spawn(conn);
-    Ok(sender.send_request(req).await?)
 }

@@ -10,6 +10,7 @@ pub mod decap;
 pub mod discovery;
 pub mod flowtables;
 pub mod health;
+pub mod http;
 pub mod iproute;
 pub mod loader;
 pub mod lock;

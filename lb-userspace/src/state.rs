@@ -1,5 +1,6 @@
 //! Desired state: which services exist and which backends each should have, merged from all
-//! sources (static config now; Docker and Swarm later). Pure data, no I/O.
+//! sources (the static config here; discovery adds Docker and Swarm backends through
+//! [`DesiredState::add_backend`]). Pure data, no I/O, and no knowledge of the sources.
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 use serde::Serialize;
@@ -7,10 +8,6 @@ use serde::Serialize;
 use crate::{
     bridgeport::VethPort,
     config::{Config, HealthConfig, HealthOverride, Mode, Protocol, ServiceConfig},
-    discovery::{
-        labels::{self, ContainerInfo, LabelError, LabelSpec},
-        swarm::SwarmTask,
-    },
 };
 
 /// Where a backend listens.
@@ -112,182 +109,18 @@ impl DesiredState {
             .collect();
         Self { services }
     }
-}
 
-impl DesiredState {
-    /// Adds the labelled containers to the services they name. A container with a bad
-    /// label (or naming a service the config lacks) is skipped and its error returned;
-    /// nothing else is affected. A container with a Docker HEALTHCHECK joins when healthy.
-    pub fn add_containers(
-        &mut self,
-        containers: &[ContainerInfo],
-        prefix: &str,
-    ) -> Vec<LabelError> {
-        let mut errors = Vec::new();
-        for c in containers {
-            let spec = match labels::parse(&c.owner(), &c.labels, prefix) {
-                Ok(Some(spec)) => spec,
-                Ok(None) => continue,
-                Err(e) => {
-                    errors.push(e);
-                    continue;
-                }
-            };
-            let Some(service) = self.services.get_mut(&spec.service) else {
-                errors.push(LabelError {
-                    owner: c.owner(),
-                    label: format!("{prefix}.service"),
-                    reason: format!("`{}` is not a service in the config", spec.service),
-                });
-                continue;
-            };
-            if c.health.as_deref().is_some_and(|h| h != "healthy") {
-                continue;
+    /// Adds (or replaces) a backend of `service`. False, and nothing changes, when there is
+    /// no such service: sources only fill services the config declares.
+    pub fn add_backend(&mut self, service: &str, endpoint: Endpoint, backend: BackendSpec) -> bool {
+        match self.services.get_mut(service) {
+            Some(svc) => {
+                svc.backends.insert(endpoint, backend);
+                true
             }
-            let target = match c.target(&spec, prefix, service.protocol) {
-                Ok(t) => t,
-                Err(e) => {
-                    errors.push(e);
-                    continue;
-                }
-            };
-            if target.ip.is_ipv4() != service.vip.is_ipv4() {
-                errors.push(LabelError {
-                    owner: c.owner(),
-                    label: format!("{prefix}.network"),
-                    reason: format!("{} is not of the VIP's IP family", target.ip),
-                });
-                continue;
-            }
-            let endpoint = Endpoint {
-                addr: target.ip,
-                port: target.port,
-            };
-            let backend = BackendSpec {
-                weight: if c.stopping {
-                    0
-                } else {
-                    spec.weight.unwrap_or(100)
-                },
-                source: Source::Docker(c.name.clone()),
-                health: spec.health,
-                bridge: target.bridge,
-                delivery: Delivery::default(),
-            };
-            service.backends.insert(endpoint, backend);
+            None => false,
         }
-        errors
     }
-}
-
-impl DesiredState {
-    /// Adds the Swarm tasks of services whose labels name a configured service: at
-    /// `node address : published port` when the service publishes in host mode, else at
-    /// the task's address on its (named) network.
-    pub fn add_tasks(&mut self, tasks: &[SwarmTask], prefix: &str) -> Vec<LabelError> {
-        let mut errors = Vec::new();
-        for task in tasks {
-            let owner = format!("swarm service {}", task.service);
-            let spec = match labels::parse(&owner, &task.labels, prefix) {
-                Ok(Some(spec)) => spec,
-                Ok(None) => continue,
-                Err(e) => {
-                    errors.push(e);
-                    continue;
-                }
-            };
-            let bad = |label: &str, reason: String| LabelError {
-                owner: owner.clone(),
-                label: format!("{prefix}.{label}"),
-                reason,
-            };
-            let Some(service) = self.services.get_mut(&spec.service) else {
-                let reason = format!("`{}` is not a service in the config", spec.service);
-                errors.push(bad("service", reason));
-                continue;
-            };
-            let endpoint = match task_endpoint(task, &spec, service.protocol) {
-                Ok(Some(e)) => e,
-                Ok(None) => continue,
-                Err((label, reason)) => {
-                    errors.push(bad(label, reason));
-                    continue;
-                }
-            };
-            let backend = BackendSpec {
-                weight: if task.draining {
-                    0
-                } else {
-                    spec.weight.unwrap_or(100)
-                },
-                source: Source::Swarm(task.id.clone()),
-                health: spec.health,
-                bridge: None,
-                delivery: Delivery::default(),
-            };
-            service.backends.insert(endpoint, backend);
-        }
-        errors
-    }
-}
-
-/// Where a task is reached; Ok(None) for a task on a node without an address yet.
-fn task_endpoint(
-    task: &SwarmTask,
-    spec: &LabelSpec,
-    protocol: Protocol,
-) -> Result<Option<Endpoint>, (&'static str, String)> {
-    let published: Vec<&(u16, u16, String)> = task
-        .published
-        .iter()
-        .filter(|(_, _, p)| *p == protocol.to_string())
-        .collect();
-    if !published.is_empty() {
-        let chosen = match (spec.port, published.as_slice()) {
-            (Some(port), _) => published.iter().find(|(target, _, _)| *target == port),
-            (None, [one]) => Some(one),
-            (None, _) => {
-                let list: Vec<String> = published.iter().map(|(t, _, _)| t.to_string()).collect();
-                return Err((
-                    "port",
-                    format!("required: ports {} are published", list.join(", ")),
-                ));
-            }
-        };
-        let Some((_, published_port, _)) = chosen else {
-            return Err((
-                "port",
-                format!("{} is not a published port", spec.port.unwrap_or(0)),
-            ));
-        };
-        return Ok(task.node_addr.map(|addr| Endpoint {
-            addr,
-            port: *published_port,
-        }));
-    }
-    let Some(port) = spec.port else {
-        return Err((
-            "port",
-            "required: the service publishes no port in host mode".into(),
-        ));
-    };
-    let ip = match (&spec.network, task.networks.as_slice()) {
-        (Some(name), nets) => nets
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, ip)| *ip)
-            .ok_or_else(|| ("network", format!("the task is not attached to `{name}`")))?,
-        (None, [(_, ip)]) => *ip,
-        (None, []) => return Ok(None),
-        (None, nets) => {
-            let names: Vec<&str> = nets.iter().map(|(n, _)| n.as_str()).collect();
-            return Err((
-                "network",
-                format!("required: the task is on {}", names.join(", ")),
-            ));
-        }
-    };
-    Ok(Some(Endpoint { addr: ip, port }))
 }
 
 impl ServiceSpec {

@@ -1,8 +1,9 @@
 //! Backend sources besides the static config: Docker containers (docker.rs) and Swarm
-//! tasks, both read through their labels (labels.rs). Each source publishes complete
-//! snapshots from a supervised watcher (supervise.rs); `Sources::desired` merges them with
-//! the config into the desired state.
+//! tasks, both read through their labels (labels.rs) and made backends (endpoints.rs).
+//! Each source publishes complete snapshots from a supervised watcher (supervise.rs);
+//! `Sources::desired` merges them with the config into the desired state.
 pub mod docker;
+pub mod endpoints;
 pub mod labels;
 pub mod supervise;
 pub mod swarm;
@@ -114,10 +115,10 @@ impl Sources {
         if let Some(d) = &self.docker {
             let prefix = &d.config.label_prefix;
             if let Some(containers) = d.containers.rx.borrow().as_ref() {
-                errors.extend(desired.add_containers(containers, prefix));
+                errors.extend(endpoints::add_containers(&mut desired, containers, prefix));
             }
             if let Some(tasks) = d.swarm.rx.borrow().as_ref() {
-                errors.extend(desired.add_tasks(tasks, prefix));
+                errors.extend(endpoints::add_tasks(&mut desired, tasks, prefix));
             }
         }
         if !self.ready() {

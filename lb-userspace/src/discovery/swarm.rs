@@ -277,13 +277,13 @@ async fn get(endpoint: &str, path: &str) -> Result<Bytes> {
         .body(Empty::<Bytes>::new())?;
     let response = if let Some(socket) = endpoint.strip_prefix("unix://") {
         let stream = tokio::net::UnixStream::connect(socket).await?;
-        crate::api::send(stream, request).await?
+        crate::http::send(stream, request).await?
     } else {
         let addr = endpoint
             .trim_start_matches("tcp://")
             .trim_start_matches("http://");
         let stream = tokio::net::TcpStream::connect(addr).await?;
-        crate::api::send(stream, request).await?
+        crate::http::send(stream, request).await?
     };
     if !response.status().is_success() {
         bail!("GET {path}: {}", response.status());

@@ -1,0 +1,187 @@
+//! Containers and Swarm tasks -> backends: the label policy that decides which service a
+//! container or task joins, at which endpoint and weight. Pure: it only reads what the
+//! watchers found and adds backends to the desired state.
+use crate::{
+    config::Protocol,
+    state::{BackendSpec, Delivery, DesiredState, Endpoint, Source},
+};
+
+use super::{
+    labels::{self, ContainerInfo, LabelError, LabelSpec},
+    swarm::SwarmTask,
+};
+
+/// Adds the labelled containers to the services they name. A container with a bad label
+/// (or naming a service the config lacks) is skipped and its error returned; nothing else
+/// is affected. A container with a Docker HEALTHCHECK joins when healthy.
+pub fn add_containers(
+    desired: &mut DesiredState,
+    containers: &[ContainerInfo],
+    prefix: &str,
+) -> Vec<LabelError> {
+    let mut errors = Vec::new();
+    for c in containers {
+        let spec = match labels::parse(&c.owner(), &c.labels, prefix) {
+            Ok(Some(spec)) => spec,
+            Ok(None) => continue,
+            Err(e) => {
+                errors.push(e);
+                continue;
+            }
+        };
+        let Some(service) = desired.services.get(&spec.service) else {
+            errors.push(LabelError {
+                owner: c.owner(),
+                label: format!("{prefix}.service"),
+                reason: format!("`{}` is not a service in the config", spec.service),
+            });
+            continue;
+        };
+        if c.health.as_deref().is_some_and(|h| h != "healthy") {
+            continue;
+        }
+        let target = match c.target(&spec, prefix, service.protocol) {
+            Ok(t) => t,
+            Err(e) => {
+                errors.push(e);
+                continue;
+            }
+        };
+        if target.ip.is_ipv4() != service.vip.is_ipv4() {
+            errors.push(LabelError {
+                owner: c.owner(),
+                label: format!("{prefix}.network"),
+                reason: format!("{} is not of the VIP's IP family", target.ip),
+            });
+            continue;
+        }
+        let endpoint = Endpoint {
+            addr: target.ip,
+            port: target.port,
+        };
+        let backend = BackendSpec {
+            weight: if c.stopping {
+                0
+            } else {
+                spec.weight.unwrap_or(100)
+            },
+            source: Source::Docker(c.name.clone()),
+            health: spec.health,
+            bridge: target.bridge,
+            delivery: Delivery::default(),
+        };
+        desired.add_backend(&spec.service, endpoint, backend);
+    }
+    errors
+}
+
+/// Adds the Swarm tasks of services whose labels name a configured service: at
+/// `node address : published port` when the service publishes in host mode, else at the
+/// task's address on its (named) network.
+pub fn add_tasks(desired: &mut DesiredState, tasks: &[SwarmTask], prefix: &str) -> Vec<LabelError> {
+    let mut errors = Vec::new();
+    for task in tasks {
+        let owner = format!("swarm service {}", task.service);
+        let spec = match labels::parse(&owner, &task.labels, prefix) {
+            Ok(Some(spec)) => spec,
+            Ok(None) => continue,
+            Err(e) => {
+                errors.push(e);
+                continue;
+            }
+        };
+        let bad = |label: &str, reason: String| LabelError {
+            owner: owner.clone(),
+            label: format!("{prefix}.{label}"),
+            reason,
+        };
+        let Some(service) = desired.services.get(&spec.service) else {
+            let reason = format!("`{}` is not a service in the config", spec.service);
+            errors.push(bad("service", reason));
+            continue;
+        };
+        let endpoint = match task_endpoint(task, &spec, service.protocol) {
+            Ok(Some(e)) => e,
+            Ok(None) => continue,
+            Err((label, reason)) => {
+                errors.push(bad(label, reason));
+                continue;
+            }
+        };
+        let backend = BackendSpec {
+            weight: if task.draining {
+                0
+            } else {
+                spec.weight.unwrap_or(100)
+            },
+            source: Source::Swarm(task.id.clone()),
+            health: spec.health,
+            bridge: None,
+            delivery: Delivery::default(),
+        };
+        desired.add_backend(&spec.service, endpoint, backend);
+    }
+    errors
+}
+
+/// Where a task is reached; Ok(None) for a task on a node without an address yet.
+fn task_endpoint(
+    task: &SwarmTask,
+    spec: &LabelSpec,
+    protocol: Protocol,
+) -> Result<Option<Endpoint>, (&'static str, String)> {
+    let published: Vec<&(u16, u16, String)> = task
+        .published
+        .iter()
+        .filter(|(_, _, p)| *p == protocol.to_string())
+        .collect();
+    if !published.is_empty() {
+        let chosen = match (spec.port, published.as_slice()) {
+            (Some(port), _) => published.iter().find(|(target, _, _)| *target == port),
+            (None, [one]) => Some(one),
+            (None, _) => {
+                let list: Vec<String> = published.iter().map(|(t, _, _)| t.to_string()).collect();
+                return Err((
+                    "port",
+                    format!("required: ports {} are published", list.join(", ")),
+                ));
+            }
+        };
+        let Some((_, published_port, _)) = chosen else {
+            return Err((
+                "port",
+                format!("{} is not a published port", spec.port.unwrap_or(0)),
+            ));
+        };
+        return Ok(task.node_addr.map(|addr| Endpoint {
+            addr,
+            port: *published_port,
+        }));
+    }
+    let Some(port) = spec.port else {
+        return Err((
+            "port",
+            "required: the service publishes no port in host mode".into(),
+        ));
+    };
+    let ip = match (&spec.network, task.networks.as_slice()) {
+        (Some(name), nets) => nets
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, ip)| *ip)
+            .ok_or_else(|| ("network", format!("the task is not attached to `{name}`")))?,
+        (None, [(_, ip)]) => *ip,
+        (None, []) => return Ok(None),
+        (None, nets) => {
+            let names: Vec<&str> = nets.iter().map(|(n, _)| n.as_str()).collect();
+            return Err((
+                "network",
+                format!("required: the task is on {}", names.join(", ")),
+            ));
+        }
+    };
+    Ok(Some(Endpoint { addr: ip, port }))
+}
+
+#[cfg(test)]
+mod tests;
