@@ -1,0 +1,245 @@
+//! The soak (`cargo xtask soak [--minutes N]`): a steady request load against both VIPs
+//! while, every minute, the agent is restarted (SIGTERM) and killed (SIGKILL), a backend is
+//! killed without drain and restarted, one is drained and undrained, and one is removed and
+//! re-added by a reload. At the end a markdown report (report.rs) says what failed and when,
+//! and whether the agent's memory and fds stayed flat.
+//!
+//! `world.rs` is the topology, agent and the operations on them, `load.rs` the client load,
+//! `probe.rs` the resource and map samples, `report.rs` the classification and the report.
+pub mod load;
+pub mod probe;
+pub mod report;
+pub mod world;
+
+use std::{
+    panic::AssertUnwindSafe,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use load::{Load, Pace};
+use world::{BACKENDS, STABLE, World};
+
+pub struct Options {
+    pub minutes: u64,
+    pub report: PathBuf,
+}
+
+/// Something the soak did, and when.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub at: Instant,
+    pub minute: u64,
+    pub what: String,
+    pub kill: Option<Kill>,
+}
+
+/// A backend killed without drain.
+#[derive(Debug, Clone)]
+pub struct Kill {
+    pub backend: String,
+    /// How long until `xlb status` showed it down in both services.
+    pub detected: Duration,
+    /// Backends in the config then (the killed one's share of new flows is 1 / that).
+    pub backends: usize,
+}
+
+/// Everything a soak produced, for the report.
+pub struct Run {
+    pub minutes: u64,
+    pub started: Instant,
+    pub pace: Pace,
+    pub events: Vec<Event>,
+    pub samples: Vec<probe::Sample>,
+    pub requests: Vec<load::Request>,
+    /// The agent's log lines at WARN or ERROR, over all its runs.
+    pub agent_problems: Vec<String>,
+    /// Why the soak stopped early (a step that did not take effect, with its panic).
+    pub aborted: Option<String>,
+}
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    RestartAgent,
+    KillAgent,
+    KillBackend,
+    RestartBackend,
+    Drain,
+    Undrain,
+    Remove,
+    Add,
+    Sample,
+}
+
+/// Each minute's steps, at their second of the minute; none overlaps another's effect.
+const SCHEDULE: [(u64, Step); 9] = [
+    (0, Step::RestartAgent),
+    (6, Step::KillAgent),
+    (12, Step::KillBackend),
+    (20, Step::RestartBackend),
+    (27, Step::Drain),
+    (34, Step::Undrain),
+    (40, Step::Remove),
+    (47, Step::Add),
+    (55, Step::Sample),
+];
+
+/// Runs the soak and writes the report; returns the verdict.
+pub fn run(opts: &Options) -> report::Verdict {
+    let pace = Pace {
+        tcp_every: Duration::from_millis(10),
+        udp_every: Duration::from_millis(20),
+        long_every: Duration::from_millis(200),
+        tcp_long: 4,
+        udp_long: 2,
+        max: 200_000,
+    };
+    let mut world = World::new();
+    let stable: Vec<String> = (0..STABLE).map(|i| world.name(i)).collect();
+    let started = Instant::now();
+    let load = Load::start(
+        &world.topo.client.path(),
+        world.topo.vip(world::TCP_PORT),
+        world.topo.vip(world::UDP_PORT),
+        &stable,
+        &pace,
+    );
+    let mut events = Vec::new();
+    let mut samples = Vec::new();
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        std::thread::sleep(Duration::from_secs(5));
+        samples.push(probe::sample(&world, "start"));
+        let first = Instant::now();
+        for minute in 0..opts.minutes {
+            let begin = first + MINUTE * minute as u32;
+            for (second, step) in SCHEDULE {
+                let when = begin + Duration::from_secs(second);
+                std::thread::sleep(when.saturating_duration_since(Instant::now()));
+                let at = Instant::now();
+                let (what, kill) = perform(&mut world, &mut samples, minute, step);
+                eprintln!("soak {:>4}s: {what}", started.elapsed().as_secs());
+                events.push(Event {
+                    at,
+                    minute: minute + 1,
+                    what,
+                    kill,
+                });
+            }
+        }
+        let end = first + MINUTE * opts.minutes as u32;
+        std::thread::sleep(end.saturating_duration_since(Instant::now()));
+    }));
+    let requests = load.stop();
+    let aborted = outcome.err().map(|e| {
+        e.downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "a step panicked".into())
+    });
+    world.history.push_str(&world.agent.log_text());
+    let agent_problems = world
+        .history
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .map(str::to_string)
+        .collect();
+    let run = Run {
+        minutes: opts.minutes,
+        started,
+        pace,
+        events,
+        samples,
+        requests,
+        agent_problems,
+        aborted,
+    };
+    let verdict = report::judge(&run);
+    let text = report::markdown(&run, &verdict);
+    if let Some(dir) = opts.report.parent() {
+        std::fs::create_dir_all(dir).expect("report directory");
+    }
+    std::fs::write(&opts.report, text).expect("write the report");
+    eprintln!("soak report: {}", opts.report.display());
+    verdict
+}
+
+/// Does one step of minute `minute`; returns what it did.
+fn perform(
+    world: &mut World,
+    samples: &mut Vec<probe::Sample>,
+    minute: u64,
+    step: Step,
+) -> (String, Option<Kill>) {
+    let m = minute as usize;
+    let churn = BACKENDS - STABLE;
+    // The backend killed, the one drained and the one removed this minute.
+    let killed = STABLE + m % churn;
+    let drained = m % BACKENDS;
+    let removed = STABLE + (m + 1) % churn;
+    let name = |w: &World, i: usize| w.name(i);
+    match step {
+        Step::RestartAgent => {
+            world.restart_agent();
+            ("agent stopped (SIGTERM) and restarted".into(), None)
+        }
+        Step::KillAgent => {
+            world.kill_agent();
+            ("agent killed (SIGKILL) and restarted".into(), None)
+        }
+        Step::KillBackend => {
+            let backend = name(world, killed);
+            let backends = world.in_config.iter().filter(|&&b| b).count();
+            let detected = world.kill_backend(killed);
+            let what = format!(
+                "{backend} killed (SIGKILL, no drain); down in {} ms",
+                detected.as_millis()
+            );
+            let kill = Kill {
+                backend,
+                detected,
+                backends,
+            };
+            (what, Some(kill))
+        }
+        Step::RestartBackend => {
+            world.restart_backend(killed);
+            (format!("{} restarted, up again", name(world, killed)), None)
+        }
+        Step::Drain => {
+            world.drain(drained, true);
+            (
+                format!("{} drained (xlb drain)", name(world, drained)),
+                None,
+            )
+        }
+        Step::Undrain => {
+            world.drain(drained, false);
+            (
+                format!("{} undrained (xlb undrain)", name(world, drained)),
+                None,
+            )
+        }
+        Step::Remove => {
+            world.reload_with(removed, false);
+            let what = format!(
+                "{} removed by a reload (it keeps running)",
+                name(world, removed)
+            );
+            (what, None)
+        }
+        Step::Add => {
+            world.reload_with(removed, true);
+            (
+                format!("{} added back by a reload, up", name(world, removed)),
+                None,
+            )
+        }
+        Step::Sample => {
+            let label = format!("minute {}", minute + 1);
+            samples.push(probe::sample(world, &label));
+            (format!("sampled the agent and the maps ({label})"), None)
+        }
+    }
+}

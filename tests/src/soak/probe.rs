@@ -1,0 +1,73 @@
+//! Samples of what could grow over a soak: the agent's RSS and open fds (from /proc), the
+//! flow tables' occupancy (`xlb status --json`, `flow_tables`) and the backend slots in use
+//! in the pinned maps.
+use std::time::{Duration, Instant};
+
+use xlb::{datapath::Datapath, reconcile::Maps as _};
+
+use super::world::World;
+
+#[derive(Debug, Clone)]
+pub struct Table {
+    pub name: String,
+    pub entries: u64,
+    pub capacity: u64,
+    pub insert_failures: u64,
+    pub evictions: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub label: String,
+    pub at: Instant,
+    pub pid: u32,
+    /// How long the agent sampled had been running.
+    pub agent_age: Duration,
+    pub rss_kb: u64,
+    pub fds: usize,
+    pub tables: Vec<Table>,
+    pub backends_in_use: usize,
+}
+
+pub fn sample(world: &World, label: &str) -> Sample {
+    let pid = world.agent.pid();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("agent status");
+    let rss_kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("agent fds")
+        .count();
+    let json = world.agent.status();
+    let number = |t: &serde_json::Value, k: &str| t[k].as_u64().unwrap_or(0);
+    let tables = json["flow_tables"]
+        .as_array()
+        .map(|ts| {
+            ts.iter()
+                .map(|t| Table {
+                    name: t["name"].as_str().unwrap_or_default().to_string(),
+                    entries: number(t, "entries"),
+                    capacity: number(t, "capacity"),
+                    insert_failures: number(t, "insert_failures"),
+                    evictions: number(t, "evictions"),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let backends_in_use = Datapath::open_pinned(&world.agent.pin_path)
+        .and_then(|d| d.backends_in_use())
+        .map(|b| b.len())
+        .expect("pinned backends");
+    Sample {
+        label: label.to_string(),
+        at: Instant::now(),
+        pid,
+        agent_age: world.launched.elapsed(),
+        rss_kb,
+        fds,
+        tables,
+        backends_in_use,
+    }
+}
