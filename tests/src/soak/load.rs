@@ -21,10 +21,18 @@ pub enum Kind {
     UdpNew,
     TcpLong,
     UdpLong,
+    /// New TCP connections to the Docker host's VIP (its containers).
+    ContainerTcpNew,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::TcpNew, Kind::UdpNew, Kind::TcpLong, Kind::UdpLong];
+    pub const ALL: [Kind; 5] = [
+        Kind::TcpNew,
+        Kind::UdpNew,
+        Kind::TcpLong,
+        Kind::UdpLong,
+        Kind::ContainerTcpNew,
+    ];
 
     pub fn describe(self) -> &'static str {
         match self {
@@ -32,12 +40,18 @@ impl Kind {
             Kind::UdpNew => "UDP, a new flow (source port) per request",
             Kind::TcpLong => "TCP, long-lived connections",
             Kind::UdpLong => "UDP, long-lived flows (fixed source port)",
+            Kind::ContainerTcpNew => "TCP to Docker containers, a new connection per request",
         }
+    }
+
+    /// A request to the Docker host's agent (not the static backends').
+    pub fn to_containers(self) -> bool {
+        self == Kind::ContainerTcpNew
     }
 
     /// A new flow: it is balanced by the ring, so it can meet a dying backend.
     pub fn is_new_flow(self) -> bool {
-        matches!(self, Kind::TcpNew | Kind::UdpNew)
+        matches!(self, Kind::TcpNew | Kind::UdpNew | Kind::ContainerTcpNew)
     }
 }
 
@@ -64,6 +78,7 @@ pub struct Pace {
     pub long_every: Duration,
     pub tcp_long: usize,
     pub udp_long: usize,
+    pub container_every: Duration,
     /// Upper bound of requests per thread.
     pub max: usize,
 }
@@ -78,36 +93,62 @@ impl Load {
         stable: &[String],
         pace: &Pace,
     ) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::new();
-        let mut spawn = |f: Box<dyn FnMut() -> Option<Request> + Send>, every: Duration| {
-            let (stop, ns, max) = (stop.clone(), client_ns.to_string(), pace.max);
-            threads.push(std::thread::spawn(move || {
-                crate::netns::enter(&ns);
-                steady(&stop, every, max, f)
-            }));
+        let mut load = Load {
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
         };
-        spawn(
-            Box::new(move || Some(new_flow(Kind::TcpNew, || tcp_name(tcp)))),
-            pace.tcp_every,
-        );
-        spawn(
+        let max = pace.max;
+        load.new_connections(client_ns, tcp, Kind::TcpNew, pace.tcp_every, max);
+        load.spawn(
+            client_ns,
+            pace.udp_every,
+            max,
             Box::new(move || {
                 Some(new_flow(Kind::UdpNew, || {
                     udp_name(&UdpSocket::bind("0.0.0.0:0")?, udp)
                 }))
             }),
-            pace.udp_every,
         );
         for _ in 0..pace.tcp_long {
             let mut held = Held::new(Kind::TcpLong, tcp, stable);
-            spawn(Box::new(move || held.ask()), pace.long_every);
+            load.spawn(
+                client_ns,
+                pace.long_every,
+                max,
+                Box::new(move || held.ask()),
+            );
         }
         for _ in 0..pace.udp_long {
             let mut held = Held::new(Kind::UdpLong, udp, stable);
-            spawn(Box::new(move || held.ask()), pace.long_every);
+            load.spawn(
+                client_ns,
+                pace.long_every,
+                max,
+                Box::new(move || held.ask()),
+            );
         }
-        Load { stop, threads }
+        load
+    }
+
+    /// Adds a loop of new TCP connections to `vip` from `client_ns`.
+    pub fn new_connections(
+        &mut self,
+        client_ns: &str,
+        vip: SocketAddr,
+        kind: Kind,
+        every: Duration,
+        max: usize,
+    ) {
+        let ask = Box::new(move || Some(new_flow(kind, || tcp_name(vip))));
+        self.spawn(client_ns, every, max, ask);
+    }
+
+    fn spawn(&mut self, client_ns: &str, every: Duration, max: usize, f: Asker) {
+        let (stop, ns) = (self.stop.clone(), client_ns.to_string());
+        self.threads.push(std::thread::spawn(move || {
+            crate::netns::enter(&ns);
+            steady(&stop, every, max, f)
+        }));
     }
 
     pub fn stop(self) -> Vec<Request> {
@@ -122,13 +163,11 @@ impl Load {
     }
 }
 
+/// One request of a load, or None (nothing counted: a long-lived flow being opened).
+type Asker = Box<dyn FnMut() -> Option<Request> + Send>;
+
 /// Calls `f` once every `every` until stopped or `max` requests were made.
-fn steady(
-    stop: &AtomicBool,
-    every: Duration,
-    max: usize,
-    mut f: Box<dyn FnMut() -> Option<Request> + Send>,
-) -> Vec<Request> {
+fn steady(stop: &AtomicBool, every: Duration, max: usize, mut f: Asker) -> Vec<Request> {
     let mut done = Vec::new();
     while !stop.load(Ordering::SeqCst) && done.len() < max {
         let at = Instant::now();

@@ -1,11 +1,14 @@
 //! The soak (`cargo xtask soak [--minutes N]`): a steady request load against both VIPs
 //! while, every minute, the agent is restarted (SIGTERM) and killed (SIGKILL), a backend is
 //! killed without drain and restarted, one is drained and undrained, and one is removed and
-//! re-added by a reload. At the end a markdown report (report.rs) says what failed and when,
+//! re-added by a reload; beside it, a Docker host whose own agent follows containers that are
+//! run, stopped and killed under a load of their own, its agent restarted and killed too. At the end a markdown report (report.rs) says what failed and when,
 //! and whether the agent's memory and fds stayed flat.
 //!
-//! `world.rs` is the topology, agent and the operations on them, `load.rs` the client load,
+//! `world.rs` is the topology, agent and the operations on them, `containers.rs` the Docker
+//! host's, `load.rs` the client load,
 //! `probe.rs` the resource and map samples, `report.rs` the classification and the report.
+pub mod containers;
 pub mod load;
 pub mod probe;
 pub mod report;
@@ -17,7 +20,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use load::{Load, Pace};
+use containers::Containers;
+use load::{Kind, Load, Pace};
 use world::{BACKENDS, STABLE, World};
 
 pub struct Options {
@@ -42,6 +46,8 @@ pub struct Kill {
     pub detected: Duration,
     /// Backends in the config then (the killed one's share of new flows is 1 / that).
     pub backends: usize,
+    /// A container (`docker kill`) rather than a static backend's server.
+    pub container: bool,
 }
 
 /// Everything a soak produced, for the report.
@@ -51,6 +57,8 @@ pub struct Run {
     pub pace: Pace,
     pub events: Vec<Event>,
     pub samples: Vec<probe::Sample>,
+    /// The same of the Docker host's agent.
+    pub container_samples: Vec<probe::Sample>,
     pub requests: Vec<load::Request>,
     /// The agent's log lines at WARN or ERROR, over all its runs.
     pub agent_problems: Vec<String>,
@@ -62,6 +70,9 @@ const MINUTE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy)]
 enum Step {
+    RunContainer,
+    StopContainer,
+    KillContainer,
     RestartAgent,
     KillAgent,
     KillBackend,
@@ -74,17 +85,39 @@ enum Step {
 }
 
 /// Each minute's steps, at their second of the minute; none overlaps another's effect.
-const SCHEDULE: [(u64, Step); 9] = [
+const SCHEDULE: [(u64, Step); 13] = [
     (0, Step::RestartAgent),
+    (3, Step::RunContainer),
     (6, Step::KillAgent),
     (12, Step::KillBackend),
+    (16, Step::StopContainer),
     (20, Step::RestartBackend),
+    (24, Step::KillContainer),
     (27, Step::Drain),
     (34, Step::Undrain),
+    (37, Step::RunContainer),
     (40, Step::Remove),
     (47, Step::Add),
     (55, Step::Sample),
 ];
+
+/// Both worlds, and the samples taken of them.
+struct Soak {
+    world: World,
+    containers: Containers,
+    samples: Vec<probe::Sample>,
+    container_samples: Vec<probe::Sample>,
+}
+
+impl Soak {
+    fn sample(&mut self, label: &str) {
+        let (w, c) = (&self.world, &self.containers);
+        self.samples
+            .push(probe::sample(&w.agent, w.launched, label));
+        self.container_samples
+            .push(probe::sample(&c.agent, c.launched, label));
+    }
+}
 
 /// Runs the soak and writes the report; returns the verdict.
 pub fn run(opts: &Options) -> report::Verdict {
@@ -94,23 +127,37 @@ pub fn run(opts: &Options) -> report::Verdict {
         long_every: Duration::from_millis(200),
         tcp_long: 4,
         udp_long: 2,
+        container_every: Duration::from_millis(20),
         max: 200_000,
     };
-    let mut world = World::new();
+    let world = World::new();
+    let containers = Containers::new();
     let stable: Vec<String> = (0..STABLE).map(|i| world.name(i)).collect();
     let started = Instant::now();
-    let load = Load::start(
+    let mut load = Load::start(
         &world.topo.client.path(),
         world.topo.vip(world::TCP_PORT),
         world.topo.vip(world::UDP_PORT),
         &stable,
         &pace,
     );
+    load.new_connections(
+        &containers.host.client.path(),
+        containers.vip(),
+        Kind::ContainerTcpNew,
+        pace.container_every,
+        pace.max,
+    );
+    let mut soak = Soak {
+        world,
+        containers,
+        samples: Vec::new(),
+        container_samples: Vec::new(),
+    };
     let mut events = Vec::new();
-    let mut samples = Vec::new();
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
         std::thread::sleep(Duration::from_secs(5));
-        samples.push(probe::sample(&world, "start"));
+        soak.sample("start");
         let first = Instant::now();
         for minute in 0..opts.minutes {
             let begin = first + MINUTE * minute as u32;
@@ -118,7 +165,7 @@ pub fn run(opts: &Options) -> report::Verdict {
                 let when = begin + Duration::from_secs(second);
                 std::thread::sleep(when.saturating_duration_since(Instant::now()));
                 let at = Instant::now();
-                let (what, kill) = perform(&mut world, &mut samples, minute, step);
+                let (what, kill) = perform(&mut soak, minute, step);
                 eprintln!("soak {:>4}s: {what}", started.elapsed().as_secs());
                 events.push(Event {
                     at,
@@ -138,19 +185,29 @@ pub fn run(opts: &Options) -> report::Verdict {
             .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_else(|| "a step panicked".into())
     });
+    let Soak {
+        mut world,
+        mut containers,
+        samples,
+        container_samples,
+    } = soak;
     world.history.push_str(&world.agent.log_text());
-    let agent_problems = world
-        .history
-        .lines()
-        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
-        .map(str::to_string)
-        .collect();
+    containers.history.push_str(&containers.agent.log_text());
+    let problems = |who: &str, log: &str| -> Vec<String> {
+        log.lines()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .map(|l| format!("[{who}] {l}"))
+            .collect()
+    };
+    let mut agent_problems = problems("static", &world.history);
+    agent_problems.extend(problems("docker", &containers.history));
     let run = Run {
         minutes: opts.minutes,
         started,
         pace,
         events,
         samples,
+        container_samples,
         requests,
         agent_problems,
         aborted,
@@ -166,12 +223,8 @@ pub fn run(opts: &Options) -> report::Verdict {
 }
 
 /// Does one step of minute `minute`; returns what it did.
-fn perform(
-    world: &mut World,
-    samples: &mut Vec<probe::Sample>,
-    minute: u64,
-    step: Step,
-) -> (String, Option<Kill>) {
+fn perform(soak: &mut Soak, minute: u64, step: Step) -> (String, Option<Kill>) {
+    let (world, containers) = (&mut soak.world, &mut soak.containers);
     let m = minute as usize;
     let churn = BACKENDS - STABLE;
     // The backend killed, the one drained and the one removed this minute.
@@ -182,11 +235,39 @@ fn perform(
     match step {
         Step::RestartAgent => {
             world.restart_agent();
-            ("agent stopped (SIGTERM) and restarted".into(), None)
+            containers.restart_agent();
+            ("both agents stopped (SIGTERM) and restarted".into(), None)
         }
         Step::KillAgent => {
             world.kill_agent();
-            ("agent killed (SIGKILL) and restarted".into(), None)
+            containers.kill_agent();
+            ("both agents killed (SIGKILL) and restarted".into(), None)
+        }
+        Step::RunContainer => {
+            let name = containers.run_one();
+            (format!("container {name} run (docker run), up"), None)
+        }
+        Step::StopContainer => {
+            let name = containers.stop_oldest();
+            (
+                format!("container {name} stopped (docker stop) and removed"),
+                None,
+            )
+        }
+        Step::KillContainer => {
+            let backends = containers.running();
+            let (backend, detected) = containers.kill_oldest();
+            let what = format!(
+                "container {backend} killed (docker kill, SIGKILL); gone in {} ms",
+                detected.as_millis()
+            );
+            let kill = Kill {
+                backend: format!("container {backend}"),
+                detected,
+                backends,
+                container: true,
+            };
+            (what, Some(kill))
         }
         Step::KillBackend => {
             let backend = name(world, killed);
@@ -200,6 +281,7 @@ fn perform(
                 backend,
                 detected,
                 backends,
+                container: false,
             };
             (what, Some(kill))
         }
@@ -238,7 +320,7 @@ fn perform(
         }
         Step::Sample => {
             let label = format!("minute {}", minute + 1);
-            samples.push(probe::sample(world, &label));
+            soak.sample(&label);
             (format!("sampled the agent and the maps ({label})"), None)
         }
     }

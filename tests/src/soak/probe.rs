@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use xlb::{datapath::Datapath, reconcile::Maps as _};
 
-use super::world::World;
+use crate::agent::Agent;
 
 #[derive(Debug, Clone)]
 pub struct Table {
@@ -29,8 +29,9 @@ pub struct Sample {
     pub backends_in_use: usize,
 }
 
-pub fn sample(world: &World, label: &str) -> Sample {
-    let pid = world.agent.pid();
+/// A sample of `agent`, started at `launched`.
+pub fn sample(agent: &Agent, launched: Instant, label: &str) -> Sample {
+    let pid = agent.pid();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("agent status");
     let rss_kb = status
         .lines()
@@ -40,7 +41,7 @@ pub fn sample(world: &World, label: &str) -> Sample {
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .expect("agent fds")
         .count();
-    let json = world.agent.status();
+    let json = agent.status();
     let number = |t: &serde_json::Value, k: &str| t[k].as_u64().unwrap_or(0);
     let tables = json["flow_tables"]
         .as_array()
@@ -56,7 +57,7 @@ pub fn sample(world: &World, label: &str) -> Sample {
                 .collect()
         })
         .unwrap_or_default();
-    let backends_in_use = Datapath::open_pinned(&world.agent.pin_path)
+    let backends_in_use = Datapath::open_pinned(&agent.pin_path)
         .and_then(|d| d.backends_in_use())
         .map(|b| b.len())
         .expect("pinned backends");
@@ -64,7 +65,7 @@ pub fn sample(world: &World, label: &str) -> Sample {
         label: label.to_string(),
         at: Instant::now(),
         pid,
-        agent_age: world.launched.elapsed(),
+        agent_age: launched.elapsed(),
         rss_kb,
         fds,
         tables,

@@ -9,7 +9,9 @@ use std::{fmt::Write as _, time::Duration};
 
 use super::{
     Run,
+    containers::STEADY,
     load::{Kind, Request},
+    probe::Sample,
     world::{BACKENDS, HEALTH},
 };
 
@@ -33,6 +35,7 @@ struct Window<'a> {
     at: std::time::Instant,
     detected: Duration,
     backends: usize,
+    container: bool,
 }
 
 impl Window<'_> {
@@ -41,7 +44,10 @@ impl Window<'_> {
     }
 
     fn contains(&self, r: &Request) -> bool {
-        r.kind.is_new_flow() && r.at + IN_FLIGHT >= self.at && r.at <= self.end()
+        r.kind.is_new_flow()
+            && r.kind.to_containers() == self.container
+            && r.at + IN_FLIGHT >= self.at
+            && r.at <= self.end()
     }
 }
 
@@ -55,6 +61,7 @@ fn windows(run: &Run) -> Vec<Window<'_>> {
                 at: e.at,
                 detected: k.detected,
                 backends: k.backends,
+                container: k.container,
             })
         })
         .collect()
@@ -65,6 +72,14 @@ fn outside<'a>(run: &'a Run, windows: &[Window]) -> Vec<&'a Request> {
         .iter()
         .filter(|r| r.answer.is_err() && !windows.iter().any(|w| w.contains(r)))
         .collect()
+}
+
+/// Each agent's samples, with what to call it.
+fn agents(run: &Run) -> [(&'static str, &[Sample]); 2] {
+    [
+        ("agent of the static backends", &run.samples),
+        ("agent of the Docker host", &run.container_samples),
+    ]
 }
 
 fn growth(start: f64, end: f64) -> f64 {
@@ -101,17 +116,19 @@ pub fn judge(run: &Run) -> Verdict {
             ));
         }
     }
-    if let (Some(start), Some(end)) = (run.samples.first(), run.samples.last()) {
+    for (who, samples) in agents(run) {
+        let (Some(start), Some(end)) = (samples.first(), samples.last()) else {
+            reasons.push(format!("no sample of the {who} was taken"));
+            continue;
+        };
         let rss = growth(start.rss_kb as f64, end.rss_kb as f64);
         let fds = growth(start.fds as f64, end.fds as f64);
         if rss > MAX_GROWTH {
-            reasons.push(format!("agent RSS grew {:.1} %", rss * 100.0));
+            reasons.push(format!("{who}: RSS grew {:.1} %", rss * 100.0));
         }
         if fds > MAX_GROWTH {
-            reasons.push(format!("agent open fds grew {:.1} %", fds * 100.0));
+            reasons.push(format!("{who}: open fds grew {:.1} %", fds * 100.0));
         }
-    } else {
-        reasons.push("no sample of the agent was taken".into());
     }
     Verdict {
         passed: reasons.is_empty(),
@@ -179,19 +196,26 @@ fn setup(run: &Run, md: &mut String) {
          The netns topology of the tests (client → lb with XDP on `front` → bridge → \
          {BACKENDS} backend namespaces running the workspace's `xlb-test-backend`), mode nat, \
          a TCP service (VIP:80) and a UDP one (VIP:53) over the same backends; health checks \
-         TCP every {} ms, timeout {} ms, fall {}, rise {}. Backends are static (config \
-         entries), not Docker containers: they come and go by reloads, and their server \
-         processes are killed and restarted. be1 and be2 are never killed nor removed; the \
-         long-lived flows are held there.\n\n\
+         TCP every {} ms, timeout {} ms, fall {}, rise {}. These backends are static (config \
+         entries): they come and go by reloads, and their server processes are killed and \
+         restarted. be1 and be2 are never killed nor removed; the long-lived flows are held \
+         there.\n\n\
+         Beside it, a Docker host (its own containerd and dockerd in a namespace, \
+         `tests/src/docker/`) with a second agent in front of docker0 that discovers \
+         containers of the test backend image labelled `xlb.service=web` (same health \
+         checks), {STEADY} of them running between steps, and a client of its own.\n\n\
          Load, all the time: a new TCP connection every {} ms and a new UDP flow every {} ms \
          (one request each), {} long-lived TCP connections and {} long-lived UDP flows asked \
-         every {} ms; each request times out after 2 s.\n\n\
-         Every minute, one step at a time: the agent stopped (SIGTERM) and restarted, killed \
+         every {} ms; a new TCP connection to the containers every {} ms; each request times \
+         out after 2 s.\n\n\
+         Every minute, one step at a time: both agents stopped (SIGTERM) and restarted, killed \
          (SIGKILL) and restarted; a churn backend (be3..be5, in turn) killed (SIGKILL, no \
          drain) and restarted; a backend (be1..be5 in turn) drained and undrained (`xlb \
          drain`); another churn backend removed and added back by a reload (the config \
-         written to a temporary file and renamed over the old one, then `xlb reload`); then \
-         the agent and the maps sampled. Each step waits until `xlb status` shows its effect.\n",
+         written to a temporary file and renamed over the old one, then `xlb reload`); two \
+         containers run (`docker run`), the oldest stopped (`docker stop`: SIGTERM, it \
+         lingers 2 s) and removed, the next killed (`docker kill`: SIGKILL, no drain) and \
+         removed; then the agents and the maps sampled. Each step waits until `xlb status` shows its effect.\n",
         h.interval.as_millis(),
         h.timeout.as_millis(),
         h.fall,
@@ -201,6 +225,7 @@ fn setup(run: &Run, md: &mut String) {
         p.tcp_long,
         p.udp_long,
         p.long_every.as_millis(),
+        p.container_every.as_millis(),
     );
 }
 
@@ -211,11 +236,15 @@ fn requests(run: &Run, windows: &[Window], md: &mut String) {
          The only documented window in which requests may fail here is a backend killed \
          without drain (README \"What survives what\": it takes new flows until its health \
          checks notice, `interval` × `fall` = {} ms; docs/architecture.md: a flow's backend \
-         is used while it is ALIVE in the maps). A new flow counts as inside the window when \
+         is used while it is ALIVE in the maps). For a container killed with `docker kill` \
+         the same window ends sooner: the agent drains it at its `kill` event and removes \
+         it at `die` (docs/architecture.md, \"Discovery\"); the window of a kill applies \
+         to the new flows of its own agent only. A new flow counts as inside the window when \
          it started from {} ms before the kill (in flight) until {} ms after `xlb status` \
          showed the backend down (the ring's flip into the maps), and never later than {} ms \
          after the kill (`interval` × (`fall` + 1) + 500 ms). Agent restarts and SIGKILLs, reloads, drains, backends \
-         added or removed have no window: established and new flows keep going.\n\n\
+         added or removed, containers run or stopped (`docker stop`) have no window: \
+         established and new flows keep going.\n\n\
          | load | sent | failed | inside the window | outside |\n|---|---:|---:|---:|---:|",
         HEALTH.window().as_millis(),
         IN_FLIGHT.as_millis(),
@@ -272,7 +301,7 @@ fn requests(run: &Run, windows: &[Window], md: &mut String) {
 
 fn kills(run: &Run, windows: &[Window], md: &mut String) {
     md.push_str(
-        "## Backends killed without drain\n\n\
+        "## Backends and containers killed without drain\n\n\
          Each row bounds that window's failures: at most the new flows started in the \
          window, and expected about the killed backend's share (1 / backends in the ring) \
          of those started before it was marked down.\n\n\
@@ -301,32 +330,39 @@ fn kills(run: &Run, windows: &[Window], md: &mut String) {
 fn agent(run: &Run, md: &mut String) {
     md.push_str(
         "## Agent resources\n\n\
-         The agent is restarted twice a minute, so each sample is of the agent running then \
+         Each agent is restarted twice a minute, so each sample is of the agent running then \
          (its age given); \"start\" is the first agent after 5 s of load, the others are \
-         taken at second 55 of each minute, after a minute of every step.\n\n\
-         | sample | pid | agent age (s) | RSS (KiB) | open fds | backend slots in use |\n\
-         |---|---:|---:|---:|---:|---:|\n",
+         taken at second 55 of each minute, after a minute of every step. The check compares \
+         the first sample with the last.\n\n",
     );
-    for s in &run.samples {
+    for (who, samples) in agents(run) {
         let _ = writeln!(
             md,
-            "| {} | {} | {:.0} | {} | {} | {} |",
-            s.label,
-            s.pid,
-            s.agent_age.as_secs_f64(),
-            s.rss_kb,
-            s.fds,
-            s.backends_in_use
+            "The {who}:\n\n\
+             | sample | pid | agent age (s) | RSS (KiB) | open fds | backend slots in use |\n\
+             |---|---:|---:|---:|---:|---:|"
         );
-    }
-    if let (Some(a), Some(b)) = (run.samples.first(), run.samples.last()) {
-        let _ = writeln!(
-            md,
-            "\nStart to end: RSS {:+.1} %, open fds {:+.1} % (limit +{:.0} % each).\n",
-            growth(a.rss_kb as f64, b.rss_kb as f64) * 100.0,
-            growth(a.fds as f64, b.fds as f64) * 100.0,
-            MAX_GROWTH * 100.0
-        );
+        for s in samples {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.0} | {} | {} | {} |",
+                s.label,
+                s.pid,
+                s.agent_age.as_secs_f64(),
+                s.rss_kb,
+                s.fds,
+                s.backends_in_use
+            );
+        }
+        if let (Some(a), Some(b)) = (samples.first(), samples.last()) {
+            let _ = writeln!(
+                md,
+                "\nStart to end: RSS {:+.1} %, open fds {:+.1} % (limit +{:.0} % each).\n",
+                growth(a.rss_kb as f64, b.rss_kb as f64) * 100.0,
+                growth(a.fds as f64, b.fds as f64) * 100.0,
+                MAX_GROWTH * 100.0
+            );
+        }
     }
     if run.agent_problems.is_empty() {
         md.push_str("The agent logged no WARN or ERROR line.\n\n");
@@ -344,29 +380,35 @@ fn agent(run: &Run, md: &mut String) {
 }
 
 fn tables(run: &Run, md: &mut String) {
-    let (Some(a), Some(b)) = (run.samples.first(), run.samples.last()) else {
-        return;
-    };
     md.push_str(
         "## Flow tables\n\n\
          From `xlb status --json` (`flow_tables`), at the first and the last sample; the \
-         sweeps remove closed flows after 10 s idle and UDP flows after 30 s.\n\n\
-         | table | capacity | entries at start | entries at end | insert failures | \
-         evictions |\n|---|---:|---:|---:|---:|---:|\n",
+         sweeps remove closed flows after 10 s idle and UDP flows after 30 s.\n\n",
     );
-    for t in &b.tables {
-        let start = a
-            .tables
-            .iter()
-            .find(|s| s.name == t.name)
-            .map_or(0, |s| s.entries);
+    for (who, samples) in agents(run) {
+        let (Some(a), Some(b)) = (samples.first(), samples.last()) else {
+            continue;
+        };
         let _ = writeln!(
             md,
-            "| {} | {} | {start} | {} | {} | {} |",
-            t.name, t.capacity, t.entries, t.insert_failures, t.evictions
+            "The {who}:\n\n\
+             | table | capacity | entries at start | entries at end | insert failures | \
+             evictions |\n|---|---:|---:|---:|---:|---:|"
         );
+        for t in &b.tables {
+            let start = a
+                .tables
+                .iter()
+                .find(|s| s.name == t.name)
+                .map_or(0, |s| s.entries);
+            let _ = writeln!(
+                md,
+                "| {} | {} | {start} | {} | {} | {} |",
+                t.name, t.capacity, t.entries, t.insert_failures, t.evictions
+            );
+        }
+        md.push('\n');
     }
-    md.push('\n');
 }
 
 fn events(run: &Run, md: &mut String) {
