@@ -45,10 +45,12 @@ enum Task {
         seconds: u64,
     },
     /// Set up, build, and soak the agent: steady TCP and UDP load while, every minute, the
-    /// agent is restarted and killed, backends killed, drained, removed and re-added; writes a
-    /// markdown report and fails on a request failed outside the documented windows or on
-    /// the agent's RSS or fds growing more than 10 %.
+    /// agent is restarted and killed, backends killed, drained, removed and re-added, and
+    /// containers run, stopped and killed; writes a markdown report and fails on a request
+    /// failed outside the documented windows or on the agent's RSS or fds growing more than
+    /// 10 %.
     Soak {
+        /// Length of the soak (each minute runs every step once).
         #[arg(long, default_value_t = 10)]
         minutes: u64,
         /// Where the report goes (default: docs/soak.md for a run of 10 minutes or more,

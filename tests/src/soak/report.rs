@@ -364,26 +364,51 @@ fn agent(run: &Run, md: &mut String) {
             );
         }
     }
+    log_summary(run, md);
+}
+
+/// `[who] LEVEL target: message` of a log line, without its time and its key=value fields.
+fn message_of(line: &str) -> String {
+    let mut words = line.split_whitespace();
+    let who = words.next().unwrap_or_default();
+    let _time = words.next();
+    let message: Vec<&str> = words.take_while(|w| !w.contains('=')).collect();
+    format!("{who} {}", message.join(" "))
+}
+
+/// The agents' WARN and ERROR lines, one row per kind of message.
+fn log_summary(run: &Run, md: &mut String) {
     if run.agent_problems.is_empty() {
-        md.push_str("The agent logged no WARN or ERROR line.\n\n");
-    } else {
-        let _ = writeln!(
-            md,
-            "The agent logged {} WARN or ERROR lines; the first 20:\n\n```",
-            run.agent_problems.len()
-        );
-        for l in run.agent_problems.iter().take(20) {
-            let _ = writeln!(md, "{l}");
-        }
-        md.push_str("```\n\n");
+        md.push_str("The agents logged no WARN or ERROR line.\n\n");
+        return;
     }
+    let mut kinds: Vec<(String, usize, &str)> = Vec::new();
+    for line in &run.agent_problems {
+        let message = message_of(line);
+        match kinds.iter_mut().find(|k| k.0 == message) {
+            Some(k) => k.1 += 1,
+            None => kinds.push((message, 1, line)),
+        }
+    }
+    let _ = writeln!(
+        md,
+        "The agents' WARN and ERROR lines ({} in all), by kind (a backend killed is one \
+         \"backend is down\" per service):\n\n| lines | message | the first |\n|---:|---|---|",
+        run.agent_problems.len()
+    );
+    for (message, n, first) in kinds {
+        let first = first.replace('|', "\\|");
+        let _ = writeln!(md, "| {n} | {message} | `{first}` |");
+    }
+    md.push('\n');
 }
 
 fn tables(run: &Run, md: &mut String) {
     md.push_str(
         "## Flow tables\n\n\
-         From `xlb status --json` (`flow_tables`), at the first and the last sample; the \
-         sweeps remove closed flows after 10 s idle and UDP flows after 30 s.\n\n",
+         From `xlb status --json` (`flow_tables`: each table as the agent's last sweep, \
+         every 5 s, found it), at the first and the last sample; the sweeps remove closed \
+         flows after 10 s idle and UDP flows after 30 s.\n\n",
     );
     for (who, samples) in agents(run) {
         let (Some(a), Some(b)) = (samples.first(), samples.last()) else {
