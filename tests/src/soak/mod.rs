@@ -67,6 +67,8 @@ pub struct Run {
 }
 
 const MINUTE: Duration = Duration::from_secs(60);
+/// The age of the agents when they are sampled.
+const SAMPLED_AGE: Duration = Duration::from_secs(48);
 
 #[derive(Debug, Clone, Copy)]
 enum Step {
@@ -156,7 +158,16 @@ pub fn run(opts: &Options) -> report::Verdict {
     };
     let mut events = Vec::new();
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        std::thread::sleep(Duration::from_secs(5));
+        // The first agents are sampled as old as the later ones (at second 55, some 48 s
+        // after the SIGKILL at second 6): an agent's heap grows in its first seconds.
+        let load_started = Instant::now();
+        let warm = || {
+            let young = soak.world.launched.max(soak.containers.launched);
+            young.elapsed() >= SAMPLED_AGE && load_started.elapsed() >= Duration::from_secs(5)
+        };
+        while !warm() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
         soak.sample("start");
         let first = Instant::now();
         for minute in 0..opts.minutes {

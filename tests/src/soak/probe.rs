@@ -1,4 +1,5 @@
-//! Samples of what could grow over a soak: the agent's RSS and open fds (from /proc), the
+//! Samples of what could grow over a soak: the agent's RSS, its anonymous part (the heap: a
+//! debug build's RSS is mostly its binary's pages) and open fds (from /proc), the
 //! flow tables' occupancy (`xlb status --json`, `flow_tables`) and the backend slots in use
 //! in the pinned maps.
 use std::time::{Duration, Instant};
@@ -24,6 +25,7 @@ pub struct Sample {
     /// How long the agent sampled had been running.
     pub agent_age: Duration,
     pub rss_kb: u64,
+    pub anon_kb: u64,
     pub fds: usize,
     pub tables: Vec<Table>,
     pub backends_in_use: usize,
@@ -33,11 +35,13 @@ pub struct Sample {
 pub fn sample(agent: &Agent, launched: Instant, label: &str) -> Sample {
     let pid = agent.pid();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("agent status");
-    let rss_kb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
+    let kb = |field: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+    };
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .expect("agent fds")
         .count();
@@ -66,7 +70,8 @@ pub fn sample(agent: &Agent, launched: Instant, label: &str) -> Sample {
         at: Instant::now(),
         pid,
         agent_age: launched.elapsed(),
-        rss_kb,
+        rss_kb: kb("VmRSS:"),
+        anon_kb: kb("RssAnon:"),
         fds,
         tables,
         backends_in_use,
