@@ -8,6 +8,7 @@ pub mod flood;
 pub mod netns;
 pub mod process;
 pub mod remote;
+pub mod soak;
 pub mod swarm;
 pub mod testrun;
 pub mod topology;

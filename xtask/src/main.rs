@@ -1,4 +1,4 @@
-//! `cargo xtask setup|build|run|test|demo|bench|readme|image`: the project's one-command workflows. This crate
+//! `cargo xtask setup|build|run|test|demo|soak|bench|readme|image`: the project's one-command workflows. This crate
 //! depends on nothing that needs BPF tooling, so it builds on a fresh machine and installs
 //! that tooling itself.
 mod setup;
@@ -43,6 +43,20 @@ enum Task {
         /// Seconds of traffic before the demo ends by itself.
         #[arg(long, default_value_t = 30)]
         seconds: u64,
+    },
+    /// Set up, build, and soak the agent: steady TCP and UDP load while, every minute, the
+    /// agent is restarted and killed, backends killed, drained, removed and re-added, and
+    /// containers run, stopped and killed; writes a markdown report and fails on a request
+    /// failed outside the documented windows or on the agent's RSS or fds growing more than
+    /// 10 %.
+    Soak {
+        /// Length of the soak (each minute runs every step once).
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+        /// Where the report goes (default: docs/soak.md for a run of 10 minutes or more,
+        /// target/soak.md otherwise).
+        #[arg(long)]
+        report: Option<PathBuf>,
     },
     /// Build the container images xlb:latest and xlb-test-backend:latest (FROM scratch,
     /// static binaries) in the local Docker daemon.
@@ -108,6 +122,7 @@ fn run_task(task: Task) -> Result<()> {
             run(Command::new(target_dir()?.join("debug/xlb-demo"))
                 .args(["--seconds", &seconds.to_string()]))
         }
+        Task::Soak { minutes, report } => soak(minutes, report),
         Task::Bench { quick, args } => bench(quick, &args),
         Task::Readme => run(cargo().args(["run", "-q", "-p", "xlb-bench", "--", "--update-docs"])),
         Task::Image => {
@@ -161,6 +176,32 @@ fn image() -> Result<()> {
             .env("DOCKER_BUILDKIT", "0"))?;
     }
     Ok(())
+}
+
+/// `cargo xtask soak`: the ignored test tests/tests/soak.rs, told the length and the report
+/// path through the environment.
+fn soak(minutes: u64, report: Option<PathBuf>) -> Result<()> {
+    setup::setup(setup::TEST_PACKAGES)?;
+    build(false)?;
+    let report = report.unwrap_or_else(|| {
+        let default = if minutes >= 10 {
+            "docs/soak.md"
+        } else {
+            "target/soak.md"
+        };
+        PathBuf::from(default)
+    });
+    // Relative to where xtask was started (cargo runs the test from tests/).
+    let report = std::env::current_dir()?.join(report);
+    step(&format!(
+        "soaking for {minutes} minutes; report: {}",
+        report.display()
+    ));
+    run(cargo()
+        .args(["test", "-p", "xlb-tests", "--test", "soak", "--"])
+        .args(["--ignored", "--nocapture", "--exact", "soak"])
+        .env("XLB_SOAK_MINUTES", minutes.to_string())
+        .env("XLB_SOAK_REPORT", &report))
 }
 
 /// `cargo xtask bench`: criterion's Maglev benches, then xlb-bench (netns loads and the XDP
