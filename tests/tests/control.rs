@@ -262,3 +262,34 @@ fn a_file_at_the_control_path_stays_and_the_agent_does_not_start() {
     let (ok, out) = agent.cli(&["reload"]);
     assert!(ok, "{out}");
 }
+
+#[test]
+fn xlb_check_wants_api_public_for_an_api_beyond_loopback() {
+    let dir = std::env::temp_dir().join(format!("xlb-test-check-public-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("xlb.toml");
+    let check = |text: &str| {
+        std::fs::write(&path, text).unwrap();
+        let out = std::process::Command::new(xlb_tests::process::binary("xlb"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .expect("xlb check");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let public = "[agent]\ninterfaces = [\"eth0\"]\napi = \"0.0.0.0:9900\"\n";
+    let (ok, out) = check(public);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!(
+            "{}:3: agent.api: 0.0.0.0:9900 is not a loopback address",
+            path.display()
+        )) && out.contains("api_public = true"),
+        "{out}"
+    );
+    let (ok, out) = check(&public.replace("[agent]\n", "[agent]\napi_public = true\n"));
+    assert!(ok, "{out}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
