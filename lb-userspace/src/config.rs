@@ -26,14 +26,25 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
 }
 
+/// `agent.control` unless the config says otherwise.
+pub const DEFAULT_CONTROL: &str = "unix:/run/xlb/control.sock";
+
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
     /// Front NICs the XDP program attaches to.
     pub interfaces: Vec<String>,
     pub xdp_mode: XdpMode,
-    /// `IP:PORT`, or `unix:/path/to.sock`.
+    /// Where the read-only API listens: `IP:PORT`, or `unix:/path/to.sock`.
     pub api: String,
+    /// `api` may be a non-loopback address (anyone who reaches it reads status and metrics).
+    pub api_public: bool,
+    /// The unix socket for drain, undrain and reload: `unix:/path` (or `/path`).
+    pub control: String,
+    /// A group whose members may use the control socket (mode 0660); none: root only (0600).
+    pub control_group: Option<String>,
+    /// A file holding a bearer token that also allows control requests on `api`.
+    pub control_token_file: Option<PathBuf>,
     pub pin_path: PathBuf,
     /// Kernel routing table where each VIP with a backend up gets a /32 route, for a
     /// routing daemon (BIRD, FRR) to announce (announce.rs). None: announce nothing.
@@ -46,6 +57,10 @@ impl Default for AgentConfig {
             interfaces: Vec::new(),
             xdp_mode: XdpMode::Auto,
             api: "127.0.0.1:9900".into(),
+            api_public: false,
+            control: DEFAULT_CONTROL.into(),
+            control_group: None,
+            control_token_file: None,
             pin_path: "/sys/fs/bpf/xlb".into(),
             announce_table: None,
         }
@@ -312,6 +327,15 @@ impl ApiListen {
     }
 }
 
+/// The path of a control socket, written `unix:/path` or `/path`.
+pub fn parse_control(s: &str) -> Result<PathBuf, String> {
+    let path = s.strip_prefix("unix:").unwrap_or(s);
+    if !path.starts_with('/') {
+        return Err(format!("`{s}`: must be unix:/absolute/path"));
+    }
+    Ok(path.into())
+}
+
 /// One problem in a config file, located.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -420,6 +444,10 @@ impl Config {
 
     pub fn api_listen(&self) -> ApiListen {
         ApiListen::parse(&self.agent.api).expect("validated")
+    }
+
+    pub fn control_path(&self) -> PathBuf {
+        parse_control(&self.agent.control).expect("validated")
     }
 }
 

@@ -5,7 +5,7 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use xlb::{
     api,
-    config::{ApiListen, Config, XdpMode},
+    config::{ApiListen, Config, DEFAULT_CONTROL, XdpMode, parse_control},
     loader,
     lock::{Held, PinLock},
     status::Status,
@@ -34,21 +34,23 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Show services, backends and counters of the running agent.
+    /// Show services, backends and counters of the running agent (its read-only API).
     Status {
         #[arg(long)]
         json: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
-    /// Make the running agent re-read its config.
+    /// Make the running agent re-read its config. Through its control socket: root, or a
+    /// member of agent.control_group.
     Reload {
         #[command(flatten)]
-        api: ApiArgs,
+        control: ControlArgs,
     },
-    /// Stop sending new flows to a backend; its established flows go on.
+    /// Stop sending new flows to a backend; its established flows go on. Through the
+    /// control socket, as `reload`.
     Drain(BackendArgs),
-    /// Undo `xlb drain`.
+    /// Undo `xlb drain`. Through the control socket, as `reload`.
     Undrain(BackendArgs),
     /// Detach all programs and remove all pinned state. Refused while an agent runs on the
     /// pin path (stop it first).
@@ -91,13 +93,34 @@ struct BackendArgs {
     /// ADDRESS:PORT, as `xlb status` shows it.
     backend: String,
     #[command(flatten)]
-    api: ApiArgs,
+    control: ControlArgs,
 }
 
 impl BackendArgs {
     fn post(&self, runtime: &tokio::runtime::Runtime, action: &str) -> Result<ExitCode> {
         let path = format!("/backends/{}/{}/{action}", self.service, self.backend);
-        post(runtime, &self.api, &path)
+        post(runtime, &self.control, &path)
+    }
+}
+
+#[derive(clap::Args)]
+struct ControlArgs {
+    /// The agent's control socket: /path or unix:/path (default: agent.control of --config,
+    /// else /run/xlb/control.sock).
+    #[arg(long, env = "XLB_CONTROL")]
+    control: Option<String>,
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+impl ControlArgs {
+    fn socket(&self) -> Result<PathBuf> {
+        let text = match (&self.control, &self.config) {
+            (Some(control), _) => control.clone(),
+            (None, Some(path)) => Config::load(path)?.agent.control,
+            (None, None) => DEFAULT_CONTROL.into(),
+        };
+        parse_control(&text).map_err(anyhow::Error::msg)
     }
 }
 
@@ -167,8 +190,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print!("{}", status.render());
             }
         }
-        Command::Reload { api } => {
-            return post(&runtime, &api, "/reload");
+        Command::Reload { control } => {
+            return post(&runtime, &control, "/reload");
         }
         Command::Drain(target) => return target.post(&runtime, "drain"),
         Command::Undrain(target) => return target.post(&runtime, "undrain"),
@@ -252,9 +275,9 @@ fn detach_lock(pin_path: &std::path::Path, force: bool) -> Result<Option<PinLock
     }
 }
 
-/// POSTs to the agent and prints its answer; fails when the agent refused.
-fn post(runtime: &tokio::runtime::Runtime, api: &ApiArgs, path: &str) -> Result<ExitCode> {
-    let (code, body) = runtime.block_on(api::request(&api.listen()?, "POST", path))?;
+/// POSTs to the agent's control socket and prints its answer; fails when the agent refused.
+fn post(runtime: &tokio::runtime::Runtime, control: &ControlArgs, path: &str) -> Result<ExitCode> {
+    let (code, body) = runtime.block_on(api::control(&control.socket()?, "POST", path))?;
     if code == 200 {
         print!("{body}");
         Ok(ExitCode::SUCCESS)

@@ -1,5 +1,7 @@
-//! An `xlb run` agent inside a test's LB namespace, with its own pin path. Drop stops it
-//! and removes everything it pinned.
+//! An `xlb run` agent inside a test's LB namespace, with its own pin path and its own
+//! control socket in the test's scratch directory (added to every config it starts or
+//! reloads, unless the config sets `agent.control`). Drop stops it and removes everything
+//! it pinned.
 use std::{
     path::{Path, PathBuf},
     process::{Command, ExitStatus},
@@ -15,6 +17,8 @@ use crate::{
 pub struct Agent {
     pub pin_path: PathBuf,
     pub config_path: PathBuf,
+    /// The control socket (`xlb drain|undrain|reload` through `cli` use it).
+    pub control: PathBuf,
     pub proc: Option<Proc>,
     ns_path: String,
     log: PathBuf,
@@ -51,10 +55,12 @@ impl Agent {
     /// `pin_path_of(prefix)`.
     pub fn start_in(ns: &Netns, dir: &Path, prefix: &str, config: &str) -> Agent {
         let config_path = dir.join("xlb.toml");
+        let (config, control) = with_control(config, &dir.join("control.sock"));
         std::fs::write(&config_path, config).expect("write config");
         let mut agent = Agent {
             pin_path: Agent::pin_path_of(prefix).into(),
             config_path,
+            control,
             proc: None,
             ns_path: ns.path(),
             log: dir.join("xlb.log"),
@@ -62,6 +68,29 @@ impl Agent {
         };
         agent.launch();
         agent
+    }
+
+    /// Writes `config` and runs an agent on it that must refuse to start: returns its
+    /// output once it exited (panics if it exited 0 or still ran after 10 s).
+    pub fn start_refused(topo: &Topology, config: &str) -> String {
+        let config_path = topo.dir.join("xlb.toml");
+        let (config, control) = with_control(config, &topo.dir.join("control.sock"));
+        std::fs::write(&config_path, config).expect("write config");
+        let agent = Agent {
+            pin_path: Agent::pin_path_for(topo).into(),
+            config_path,
+            control,
+            proc: None,
+            ns_path: topo.lb.path(),
+            log: topo.dir.join("xlb.log"),
+            hold: topo.dir.join("hold-applies"),
+        };
+        let (status, out) = agent.run_another(Duration::from_secs(10));
+        match status {
+            Some(s) if !s.success() => out,
+            Some(_) => panic!("the agent exited 0:\n{out}"),
+            None => panic!("the agent started:\n{out}"),
+        }
     }
 
     /// `xlb run` on the current config, in the agent's namespace.
@@ -78,8 +107,16 @@ impl Agent {
         cmd
     }
 
-    /// Starts (or restarts) the process on the current config.
+    /// Starts (or restarts) the process on the current config (given this agent's control
+    /// socket if it names none).
     pub fn launch(&mut self) {
+        if let Ok(text) = std::fs::read_to_string(&self.config_path) {
+            let (edited, control) = with_control(&text, &self.control);
+            if edited != text {
+                std::fs::write(&self.config_path, edited).expect("write config");
+            }
+            self.control = control;
+        }
         let mut proc = Proc::spawn("xlb", self.run_command(), self.log.clone());
         let up = wait_for(Duration::from_secs(10), || {
             if !proc.is_running() {
@@ -137,12 +174,21 @@ impl Agent {
     }
 
     /// Runs an `xlb` subcommand in the lb namespace; returns (success, stdout + stderr).
+    /// Control commands go to this agent's control socket (XLB_CONTROL).
     pub fn cli(&self, args: &[&str]) -> (bool, String) {
+        self.cli_as(&[], args)
+    }
+
+    /// `cli` through `wrapper` (such as `setpriv --reuid nobody ...`), inside the namespace.
+    pub fn cli_as(&self, wrapper: &[&str], args: &[&str]) -> (bool, String) {
+        let xlb = binary("xlb");
         let out = std::process::Command::new("nsenter")
             .arg(format!("--net={}", self.ns_path))
             .arg("--")
-            .arg(binary("xlb"))
+            .args(wrapper)
+            .arg(xlb)
             .args(args)
+            .env("XLB_CONTROL", &self.control)
             .output()
             .expect("run xlb");
         let text = String::from_utf8_lossy(&out.stdout).into_owned()
@@ -288,8 +334,10 @@ impl Agent {
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("bad status JSON ({e}): {out}"))
     }
 
-    /// Rewrites the config file and asks the agent to reload it.
+    /// Rewrites the config file (with this agent's control socket if it names none) and
+    /// asks the agent to reload it.
     pub fn reload(&self, config: &str) -> (bool, String) {
+        let (config, _) = with_control(config, &self.control);
         std::fs::write(&self.config_path, config).expect("write config");
         self.cli(&["reload"])
     }
@@ -303,6 +351,36 @@ impl Agent {
         assert!(ok, "xlb detach failed: {out}");
         out
     }
+}
+
+/// `config` with `control = "<default>"` on the line after `[agent]` if its agent table
+/// sets no control socket (the lines below move down by one), and the control socket it
+/// then names. Text that is not TOML, or has no `[agent]` line, is left as it is.
+pub fn with_control(config: &str, default: &Path) -> (String, PathBuf) {
+    let Ok(doc) = config.parse::<toml::Table>() else {
+        return (config.to_string(), default.into());
+    };
+    if let Some(set) = doc
+        .get("agent")
+        .and_then(|a| a.get("control"))
+        .and_then(|c| c.as_str())
+    {
+        return (config.to_string(), set.trim_start_matches("unix:").into());
+    }
+    let mut out = String::with_capacity(config.len() + 80);
+    let mut added = false;
+    for line in config.split_inclusive('\n') {
+        out.push_str(line);
+        if !added && line.split('#').next().unwrap_or_default().trim() == "[agent]" {
+            let ending = if line.ends_with('\n') { "" } else { "\n" };
+            out.push_str(&format!(
+                "{ending}control = {:?}\n",
+                default.display().to_string()
+            ));
+            added = true;
+        }
+    }
+    (out, default.into())
 }
 
 impl Drop for Agent {

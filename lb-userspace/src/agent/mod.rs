@@ -91,6 +91,10 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let pin_path = config.agent.pin_path.clone();
     // Before anything is loaded: a second agent on this pin path changes nothing.
     let _lock = crate::lock::PinLock::acquire(&pin_path).context("not starting")?;
+    // Also before anything is loaded: a socket path that is taken stops the agent here.
+    let listeners = api::Listeners::bind(&config.agent)
+        .await
+        .context("not starting")?;
     let mut ebpf = loader::load(&pin_path)?;
     let datapath = loader::datapath(&mut ebpf)?;
     let reconciler = Reconciler::adopt(&datapath)?;
@@ -167,7 +171,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         flow_tables: tables_rx,
         discovery: sources.board(),
     };
-    let _server = api::serve(&agent.config.api_listen(), api).await?;
+    let _servers = listeners.serve(api);
 
     let mut hup = signal(SignalKind::hangup())?;
     let mut veth_poll = tokio::time::interval(if watching {

@@ -47,8 +47,15 @@ impl Agent {
             Config::load(&self.config_path).map_err(|e| ReloadError::Rejected(e.into()))?;
         interfaces_exist(&config).map_err(ReloadError::Rejected)?;
         let (new, old) = (&config.agent, &self.config.agent);
-        if new.pin_path != old.pin_path || new.api != old.api {
-            warn!("agent.pin_path and agent.api changes take effect on restart only");
+        let restart_only = (&new.pin_path, &new.api, new.api_public, &new.control)
+            != (&old.pin_path, &old.api, old.api_public, &old.control)
+            || (&new.control_group, &new.control_token_file)
+                != (&old.control_group, &old.control_token_file);
+        if restart_only {
+            warn!(
+                "agent.pin_path, agent.api and agent.control changes (and their settings) take \
+                 effect on restart only"
+            );
         }
         let attach = new.interfaces != old.interfaces || new.xdp_mode != old.xdp_mode;
         if attach {

@@ -121,6 +121,10 @@ const KEYS: &[&str] = &[
     "interfaces",
     "xdp_mode",
     "api",
+    "api_public",
+    "control",
+    "control_group",
+    "control_token_file",
     "pin_path",
     "endpoint",
     "label_prefix",
@@ -330,25 +334,44 @@ fn interface() -> impl Strategy<Value = String> {
 }
 
 fn agent() -> impl Strategy<Value = AgentConfig> {
+    // (api, whether it binds beyond loopback).
     let api = prop_oneof![
         (any::<IpAddr>(), any::<u16>())
-            .prop_map(|(ip, port)| SocketAddr::new(ip, port).to_string()),
-        "/[^\n]{0,20}".prop_map(|p| format!("unix:{p}")),
+            .prop_map(|(ip, port)| (SocketAddr::new(ip, port).to_string(), !ip.is_loopback())),
+        "/[^\n]{0,20}".prop_map(|p| (format!("unix:{p}"), false)),
     ];
+    let control = (
+        "/[^\n]{0,20}",
+        any::<bool>(),
+        option::of("[a-z_][a-z0-9_-]{0,15}"),
+        option::of("/[a-z0-9/._-]{0,20}"),
+    );
     (
         vec(interface(), 1..4),
         select(&[XdpMode::Auto, XdpMode::Driver, XdpMode::Skb][..]),
-        api,
+        (api, any::<bool>()),
         "/[a-z0-9/._-]{0,20}",
         option::of(1u32..253),
+        control,
     )
         .prop_map(
-            |(interfaces, xdp_mode, api, pin, announce_table)| AgentConfig {
-                interfaces,
-                xdp_mode,
-                api,
-                pin_path: PathBuf::from(pin),
-                announce_table,
+            |(interfaces, xdp_mode, ((api, public), asked), pin, announce_table, control)| {
+                let (control, prefixed, control_group, token) = control;
+                AgentConfig {
+                    interfaces,
+                    xdp_mode,
+                    api,
+                    api_public: public || asked,
+                    control: if prefixed {
+                        format!("unix:{control}")
+                    } else {
+                        control
+                    },
+                    control_group,
+                    control_token_file: token.map(PathBuf::from),
+                    pin_path: PathBuf::from(pin),
+                    announce_table,
+                }
             },
         )
 }

@@ -180,6 +180,63 @@ fn unix_api_socket_is_accepted() {
 }
 
 #[test]
+fn control_defaults_to_a_root_only_socket() {
+    let config = parse(MINIMAL).unwrap();
+    assert_eq!(
+        config.control_path(),
+        PathBuf::from("/run/xlb/control.sock")
+    );
+    assert_eq!(config.agent.control_group, None);
+    assert_eq!(config.agent.control_token_file, None);
+    let text = MINIMAL.replace(
+        "interfaces = [\"eth0\"]",
+        "interfaces = [\"eth0\"]\ncontrol = \"/tmp/c.sock\"\ncontrol_group = \"xlb\"",
+    );
+    let config = parse(&text).unwrap();
+    assert_eq!(config.control_path(), PathBuf::from("/tmp/c.sock"));
+    assert_eq!(config.agent.control_group.as_deref(), Some("xlb"));
+}
+
+#[test]
+fn bad_control_settings_name_line_and_field() {
+    let text = MINIMAL.replace(
+        "interfaces = [\"eth0\"]",
+        "interfaces = [\"eth0\"]\ncontrol = \"unix:run/c.sock\"\ncontrol_token_file = \"token\"",
+    );
+    let errs = errors(&text);
+    assert_eq!(errs.len(), 2, "{errs:?}");
+    assert!(
+        errs[0].starts_with("xlb.toml:4: agent.control: "),
+        "{errs:?}"
+    );
+    assert!(
+        errs[1].starts_with("xlb.toml:5: agent.control_token_file: must be an absolute path"),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn a_public_api_must_be_asked_for() {
+    let public = MINIMAL.replace(
+        "interfaces = [\"eth0\"]",
+        "interfaces = [\"eth0\"]\napi = \"0.0.0.0:9900\"",
+    );
+    let errs = errors(&public);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].starts_with("xlb.toml:4: agent.api: 0.0.0.0:9900 is not a loopback address")
+            && errs[0].contains("api_public = true"),
+        "{errs:?}"
+    );
+    let asked = public.replace("api = ", "api_public = true\napi = ");
+    assert!(parse(&asked).is_ok());
+    for local in ["127.0.0.2:9900", "[::1]:9900"] {
+        let text = public.replace("0.0.0.0:9900", local);
+        assert!(parse(&text).is_ok(), "{local}");
+    }
+}
+
+#[test]
 fn primes() {
     let primes: Vec<u32> = (0..30).filter(|&n| is_prime(n)).collect();
     assert_eq!(primes, [2, 3, 5, 7, 11, 13, 17, 19, 23, 29]);

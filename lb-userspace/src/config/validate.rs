@@ -6,7 +6,7 @@ use lb_common::sizes::{
     MAX_BACKENDS, MAX_RING_SIZE, MAX_SERVICES, RING_BLOCK, RING_BLOCKS, RING_HALVES, ring_blocks,
 };
 
-use super::{ApiListen, Config, HealthConfig, HealthKind, modes};
+use super::{ApiListen, Config, HealthConfig, HealthKind, modes, parse_control};
 
 impl Config {
     /// Semantic checks: (field path, reason) for each problem.
@@ -27,8 +27,38 @@ impl Config {
                 ));
             }
         }
-        if let Err(e) = ApiListen::parse(&agent.api) {
-            out.push(("agent.api".into(), e));
+        match ApiListen::parse(&agent.api) {
+            Err(e) => out.push(("agent.api".into(), e)),
+            Ok(ApiListen::Tcp(addr)) if !addr.ip().is_loopback() && !agent.api_public => {
+                out.push((
+                    "agent.api".into(),
+                    format!(
+                        "{addr} is not a loopback address: whoever reaches it reads every \
+                         service, backend and counter; set `api_public = true` in [agent] \
+                         to mean it"
+                    ),
+                ))
+            }
+            Ok(_) => {}
+        }
+        if let Err(e) = parse_control(&agent.control) {
+            out.push(("agent.control".into(), e));
+        }
+        if let Some(group) = &agent.control_group
+            && (group.is_empty() || group.contains([':', '/', ' ']))
+        {
+            out.push((
+                "agent.control_group".into(),
+                format!("`{group}` is not a group name"),
+            ));
+        }
+        if let Some(file) = &agent.control_token_file
+            && !file.is_absolute()
+        {
+            out.push((
+                "agent.control_token_file".into(),
+                "must be an absolute path".into(),
+            ));
         }
         if !agent.pin_path.is_absolute() {
             out.push(("agent.pin_path".into(), "must be an absolute path".into()));
