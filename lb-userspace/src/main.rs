@@ -63,7 +63,9 @@ enum Command {
         force: bool,
     },
     /// On a backend host of a dsr service: decapsulate the balancer's IPIP/GUE packets for
-    /// these VIPs and put the VIPs on lo. Stays attached after exit.
+    /// these VIPs and put the VIPs on lo. Stays attached after exit: the pin path must be on
+    /// the host's bpffs, so under `ip netns exec` (which remounts /sys) it refuses; use
+    /// `nsenter --net=/run/netns/NS xlb decap ...` there.
     Decap {
         /// Interfaces where encapsulated packets arrive (repeat for several).
         #[arg(long = "interface", short, required_unless_present_any = ["detach", "status"])]
@@ -71,6 +73,11 @@ enum Command {
         /// VIPs served by this host (repeat for several).
         #[arg(long = "vip", required_unless_present_any = ["detach", "status"])]
         vips: Vec<std::net::Ipv4Addr>,
+        /// Accept encapsulated packets only from these outer sources (CIDR or address; the
+        /// LB nodes; repeat for several). Without it, from any source (a warning): anyone who
+        /// reaches this host could inject packets with a forged client address.
+        #[arg(long = "from", value_name = "CIDR", value_parser = parse_cidr)]
+        from: Vec<ipnet::Ipv4Net>,
         /// auto (driver, falling back to skb), driver or skb.
         #[arg(long, default_value = "auto")]
         xdp_mode: String,
@@ -195,6 +202,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Decap {
             interfaces,
             vips,
+            from,
             xdp_mode,
             pin_path,
             detach,
@@ -206,6 +214,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .map(|v| v.to_string())
                     .collect();
                 println!("VIPs: {}", vips.join(", "));
+                let sources = xlb::decap::accepted_sources(&pin_path)?;
+                if sources.is_empty() || sources.iter().any(|n| n.prefix_len() == 0) {
+                    println!("from: any (warning: {})", xlb::decap::ANY_SOURCE_WARNING);
+                } else {
+                    let list: Vec<String> = sources.iter().map(|n| n.to_string()).collect();
+                    println!("from: {}", list.join(", "));
+                }
                 for (counter, n) in xlb::decap::counters(&pin_path)? {
                     println!("{:<13} {n}", counter.name());
                 }
@@ -219,7 +234,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "skb" => XdpMode::Skb,
                     other => anyhow::bail!("--xdp-mode {other}: use auto, driver or skb"),
                 };
-                xlb::decap::attach(&pin_path, &interfaces, &vips, mode)?;
+                xlb::decap::attach(&pin_path, &interfaces, &vips, &from, mode)?;
                 let vips: Vec<String> = vips.iter().map(|v| v.to_string()).collect();
                 println!(
                     "decapsulating for {} on {} (pinned under {})",
@@ -231,6 +246,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A CIDR, or a bare address (a /32).
+fn parse_cidr(text: &str) -> Result<ipnet::Ipv4Net, String> {
+    text.parse::<ipnet::Ipv4Net>()
+        .or_else(|_| text.parse::<std::net::Ipv4Addr>().map(ipnet::Ipv4Net::from))
+        .map_err(|_| format!("{text}: not an IPv4 CIDR (10.0.0.0/24) or address"))
 }
 
 /// The pin path's lock for `xlb detach`; none if there is no pin path, or if `force` and

@@ -356,7 +356,7 @@ fn xdp_pass(
     let (interfaces, pin_path) = (interfaces.to_vec(), PathBuf::from(pin_path));
     router.run(move || {
         let mut ebpf = loaded.unwrap_or_else(|| {
-            xlb::loader::ensure_bpffs(&pin_path).expect("bpffs");
+            xlb::bpffs::ensure(&pin_path).expect("bpffs");
             std::fs::create_dir_all(&pin_path).expect("pin dir");
             let mut ebpf = aya::EbpfLoader::new()
                 .default_map_pin_directory(&pin_path)
