@@ -21,6 +21,9 @@ pub const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// pin directory itself (it is an empty sysfs directory until then).
 const SYS_FS_BPF: &str = "/sys/fs/bpf";
 const INIT_MOUNTINFO: &str = "/proc/1/mountinfo";
+/// Files the kernel puts at the root of every bpffs (its preloaded iterators): not pins,
+/// and not removable.
+pub const PRELOADED: [&str; 2] = ["maps.debug", "progs.debug"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum BpffsError {

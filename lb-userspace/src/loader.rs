@@ -199,9 +199,13 @@ pub fn detach(pin_path: &Path) -> Result<Detached> {
         };
         for entry in entries {
             let path = entry?.path();
+            let preloaded = dir == layout.root
+                && crate::bpffs::PRELOADED
+                    .iter()
+                    .any(|p| path.file_name() == Some(p.as_ref()));
             // Pins are regular files on the bpffs; anything else (a symlink, a directory
-            // of someone else's) stays.
-            if fs::symlink_metadata(&path)?.file_type().is_file() {
+            // of someone else's, the kernel's own files at a bpffs root) stays.
+            if !preloaded && fs::symlink_metadata(&path)?.file_type().is_file() {
                 crate::bpffs::require(&path)?;
                 fs::remove_file(&path)?;
                 report.pins += 1;
