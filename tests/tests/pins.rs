@@ -30,14 +30,21 @@ fn read_keep(lib: &Path) -> String {
     std::fs::read_to_string(lib.join("keep")).unwrap_or_else(|e| format!("unreadable: {e}"))
 }
 
-/// Unmounts whatever is still mounted on `path` (a failed run on today's code leaves a
-/// bpffs there).
-fn unmount_all(path: &Path) {
-    for _ in 0..4 {
-        if !xlb::bpffs::is_bpffs(path).unwrap_or(false) {
-            return;
+/// On drop (also on panic), unmounts a bpffs left on these paths: one the agent mounted
+/// on the pin directory if the test failed before detach, or one today's code mounted
+/// over the parent.
+struct Unmount(Vec<PathBuf>);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            for _ in 0..4 {
+                if !xlb::bpffs::is_bpffs(path).unwrap_or(false) {
+                    break;
+                }
+                let _ = Command::new("umount").arg("-l").arg(path).status();
+            }
         }
-        let _ = Command::new("umount").arg("-l").arg(path).status();
     }
 }
 
@@ -46,6 +53,7 @@ fn a_pin_path_below_a_directory_with_files_mounts_only_on_its_own_directory() {
     let topo = Topology::without_servers(1);
     let lib = full_directory(&topo.dir);
     let pin = lib.join("xlb");
+    let _unmount = Unmount(vec![pin.clone(), lib.clone()]);
     let config = topo.config(pin.to_str().unwrap(), &[&topo.backends[0]]);
     let mut agent = Agent::start(&topo, &config);
     agent.pin_path = pin.clone();
@@ -57,7 +65,6 @@ fn a_pin_path_below_a_directory_with_files_mounts_only_on_its_own_directory() {
     agent.stop();
     agent.detach();
     let after = (read_keep(&lib), pin.exists());
-    unmount_all(&lib);
     assert_eq!(hidden, "kept", "the directory's files were hidden");
     assert!(!lib_bpffs, "a bpffs was mounted over {}", lib.display());
     assert!(pin_bpffs, "the pin directory is not on a bpffs");
@@ -72,6 +79,7 @@ fn a_pin_path_below_a_directory_with_files_mounts_only_on_its_own_directory() {
 fn a_pin_path_that_holds_files_is_refused_and_kept() {
     let topo = Topology::without_servers(1);
     let lib = full_directory(&topo.dir);
+    let _unmount = Unmount(vec![lib.clone(), topo.dir.clone()]);
     let config = topo.config(lib.to_str().unwrap(), &[&topo.backends[0]]);
     let path = topo.dir.join("xlb.toml");
     std::fs::write(&path, config).unwrap();
@@ -86,8 +94,6 @@ fn a_pin_path_that_holds_files_is_refused_and_kept() {
     let out = proc.log_text();
     drop(proc);
     let kept = read_keep(&lib);
-    unmount_all(&lib);
-    unmount_all(&topo.dir);
     assert!(
         status.is_some_and(|s| !s.success()),
         "the agent started on {}:\n{out}",
