@@ -24,7 +24,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load, attach and run the agent.
+    /// Load, attach and run the agent. agent.pin_path must be on the host's bpffs (one is
+    /// mounted on /sys/fs/bpf or on an empty pin directory if needed); under `ip netns exec`
+    /// it refuses to start: use `nsenter --net=/run/netns/NS xlb run ...`.
     Run {
         #[arg(long, short)]
         config: PathBuf,
@@ -51,7 +53,7 @@ enum Command {
     /// Undo `xlb drain`.
     Undrain(BackendArgs),
     /// Detach all programs and remove all pinned state. Refused while an agent runs on the
-    /// pin path (stop it first).
+    /// pin path (stop it first), and for a pin path off a bpffs: only pins are removed.
     Detach {
         /// The pin path to clean (default: agent.pin_path of --config, else /sys/fs/bpf/xlb).
         #[arg(long)]
