@@ -499,15 +499,19 @@ pub enum DecapCounter {
     NotIpv4,
     /// The driver refused to move the packet start: passed on untouched.
     Error,
+    /// Encapsulated to a served VIP, but from an outer source outside `xlb decap --from`:
+    /// dropped (it could carry a forged client address).
+    RefusedSource,
 }
 
 impl DecapCounter {
-    pub const COUNT: u32 = DecapCounter::Error as u32 + 1;
+    pub const COUNT: u32 = DecapCounter::RefusedSource as u32 + 1;
     pub const ALL: [DecapCounter; DecapCounter::COUNT as usize] = [
         DecapCounter::Decapsulated,
         DecapCounter::UnknownVip,
         DecapCounter::NotIpv4,
         DecapCounter::Error,
+        DecapCounter::RefusedSource,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -516,6 +520,7 @@ impl DecapCounter {
             DecapCounter::UnknownVip => "unknown_vip",
             DecapCounter::NotIpv4 => "not_ipv4",
             DecapCounter::Error => "error",
+            DecapCounter::RefusedSource => "refused_source",
         }
     }
 }

@@ -48,6 +48,8 @@ pub const HOP_CACHE_NS: u64 = 1_000_000_000;
 pub const MAX_TX_PORTS: u32 = 64;
 /// Distinct VIP addresses (for the fragment check).
 pub const MAX_VIP_ADDRS: u32 = MAX_SERVICES;
+/// Outer source prefixes `xlb decap --from` may accept encapsulated packets from.
+pub const MAX_DECAP_SOURCES: u32 = 64;
 
 /// A UDP flow idle this long is forgotten and re-hashed on its next packet.
 pub const UDP_IDLE_TIMEOUT_NS: u64 = 30_000_000_000;

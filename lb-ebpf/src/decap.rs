@@ -8,14 +8,15 @@
 mod object;
 
 use aya_ebpf::{
-    bindings::xdp_action::XDP_PASS,
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
     helpers::bpf_xdp_adjust_head,
     macros::{map, xdp},
-    maps::{HashMap, PerCpuArray},
+    maps::{HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
 use lb_common::{
-    DecapCounter, FAMILY_V4, GUE_PORT, PROTO_IPIP, PROTO_UDP, VipAddrKey, sizes::MAX_VIP_ADDRS,
+    DecapCounter, FAMILY_V4, GUE_PORT, PROTO_IPIP, PROTO_UDP, VipAddrKey,
+    sizes::{MAX_DECAP_SOURCES, MAX_VIP_ADDRS},
 };
 
 const ETH_HLEN: usize = 14;
@@ -29,18 +30,28 @@ const IP_MF_OFFSET: u16 = 0x3fff;
 #[map(name = "XLB_DECAP_VIPS_V1")]
 static DECAP_VIPS: HashMap<VipAddrKey, u32> = HashMap::pinned(MAX_VIP_ADDRS, 0);
 
-/// Per-CPU counters indexed by `lb_common::DecapCounter`.
-#[map(name = "XLB_DECAP_STATS_V1")]
+/// Outer IPv4 source prefixes (address in network order) encapsulated packets are accepted
+/// from: the LB nodes. `xlb decap` writes 0.0.0.0/0 when given no `--from`; an empty trie
+/// accepts nothing.
+#[map(name = "XLB_DECAP_SOURCES_V1")]
+static DECAP_SOURCES: LpmTrie<u32, u32> = LpmTrie::pinned(MAX_DECAP_SOURCES, 0);
+
+/// Per-CPU counters indexed by `lb_common::DecapCounter` (V2: RefusedSource added).
+#[map(name = "XLB_DECAP_STATS_V2")]
 static DECAP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(DecapCounter::COUNT, 0);
 
 #[xdp]
 pub fn xlb_decap(ctx: XdpContext) -> u32 {
-    if let Some(counter) = decap(&ctx)
+    let counter = decap(&ctx);
+    if let Some(counter) = counter
         && let Some(slot) = DECAP_STATS.get_ptr_mut(counter as u32)
     {
         unsafe { *slot += 1 };
     }
-    XDP_PASS
+    match counter {
+        Some(DecapCounter::RefusedSource) => XDP_DROP,
+        _ => XDP_PASS,
+    }
 }
 
 #[inline(always)]
@@ -86,6 +97,12 @@ fn decap(ctx: &XdpContext) -> Option<DecapCounter> {
     };
     if unsafe { DECAP_VIPS.get(vip) }.is_none() {
         return Some(DecapCounter::UnknownVip);
+    }
+    // Only the LB nodes may hand this host a client packet: from anyone else it would be a
+    // forged client address, and the kernel (or an ipip device) must not see it either.
+    let source: u32 = read(ctx, outer + 12)?;
+    if DECAP_SOURCES.get(Key::new(32, source)).is_none() {
+        return Some(DecapCounter::RefusedSource);
     }
     // The Ethernet header moves up to sit right before the inner IP header.
     let macs: [u8; 12] = read(ctx, 0)?;

@@ -3,6 +3,7 @@ pub mod agent;
 pub mod announce;
 pub mod api;
 pub mod applier;
+pub mod bpffs;
 pub mod bridgeport;
 pub mod config;
 pub mod datapath;

@@ -8,7 +8,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{SchedClassifier, Xdp, links::PinnedLink},
@@ -39,8 +39,6 @@ const TC_PROGRAMS: [&str; 4] = [
     TC_REPLY_PROGRAM,
     TC_BALANCE_PROGRAM,
 ];
-
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Where each kind of object is pinned below the pin path.
 pub struct PinLayout {
@@ -104,7 +102,7 @@ pub struct Attachment {
 /// Loads the object with every map pinned under (or reused from) the pin path, and pins the
 /// programs. Nothing is attached yet.
 pub fn load(pin_path: &Path) -> Result<Ebpf> {
-    ensure_bpffs(pin_path)?;
+    crate::bpffs::ensure(pin_path)?;
     let layout = PinLayout::new(pin_path);
     fs::create_dir_all(layout.programs()).context("creating the pin directory")?;
     fs::create_dir_all(layout.links()).context("creating the pin directory")?;
@@ -176,13 +174,22 @@ pub struct Detached {
 }
 
 /// Detaches every pinned link and removes every pin below the pin path, then the directory.
+/// Refuses a pin path that is not on a BPF filesystem, and removes nothing but pins: a
+/// regular file elsewhere (a pin path that points at /var/lib, say) is never touched.
 pub fn detach(pin_path: &Path) -> Result<Detached> {
     let layout = PinLayout::new(pin_path);
     let mut report = Detached::default();
-    if !pin_path.exists() {
+    if fs::symlink_metadata(pin_path).is_err() {
         return Ok(report);
     }
+    crate::bpffs::require(pin_path)?;
+    for dir in [layout.links(), layout.programs()] {
+        if dir.exists() {
+            crate::bpffs::require(&dir)?;
+        }
+    }
     for link in pinned_links(&layout)? {
+        crate::bpffs::require(&link)?;
         unpin_link(&link)?;
         report.links += 1;
     }
@@ -192,18 +199,29 @@ pub fn detach(pin_path: &Path) -> Result<Detached> {
         };
         for entry in entries {
             let path = entry?.path();
-            if path.is_file() || fs::symlink_metadata(&path)?.file_type().is_file() {
+            let preloaded = dir == layout.root
+                && crate::bpffs::PRELOADED
+                    .iter()
+                    .any(|p| path.file_name() == Some(p.as_ref()));
+            // Pins are regular files on the bpffs; anything else (a symlink, a directory
+            // of someone else's, the kernel's own files at a bpffs root) stays.
+            if !preloaded && fs::symlink_metadata(&path)?.file_type().is_file() {
+                crate::bpffs::require(&path)?;
                 fs::remove_file(&path)?;
                 report.pins += 1;
             }
         }
-        fs::remove_dir(&dir).or_else(|e| {
-            if e.kind() == ErrorKind::NotFound {
-                Ok(())
-            } else {
-                Err(e)
-            }
-        })?;
+        if dir == layout.root {
+            crate::bpffs::remove_pin_dir(&dir)?;
+        } else {
+            fs::remove_dir(&dir).or_else(|e| {
+                if e.kind() == ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })?;
+        }
     }
     Ok(report)
 }
@@ -224,48 +242,4 @@ pub(crate) fn repin(
         Err(e) => return Err(e.into()),
     }
     pin(&path).with_context(|| format!("pinning {}", path.display()))
-}
-
-/// Makes sure the pin path lies on a BPF filesystem, mounting one on its parent if not: a
-/// new machine has none at /sys/fs/bpf.
-pub fn ensure_bpffs(pin_path: &Path) -> Result<()> {
-    let parent = pin_path
-        .parent()
-        .ok_or_else(|| anyhow!("pin path {} has no parent", pin_path.display()))?;
-    fs::create_dir_all(parent)?;
-    if is_bpffs(parent)? {
-        return Ok(());
-    }
-    let target = std::ffi::CString::new(parent.as_os_str().as_encoded_bytes())?;
-    // SAFETY: plain mount(2) with valid C strings.
-    let rc = unsafe {
-        libc::mount(
-            c"bpf".as_ptr(),
-            target.as_ptr(),
-            c"bpf".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        bail!(
-            "mounting bpffs on {}: {}",
-            parent.display(),
-            std::io::Error::last_os_error()
-        );
-    }
-    info!(path = %parent.display(), "mounted a BPF filesystem");
-    Ok(())
-}
-
-fn is_bpffs(path: &Path) -> Result<bool> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: statfs into a zeroed struct.
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    // f_type is i64 on glibc and u64 on musl.
-    #[allow(clippy::unnecessary_cast)]
-    Ok(st.f_type as i64 == BPF_FS_MAGIC)
 }

@@ -34,9 +34,7 @@ impl PinLock {
     /// Creates the pin directory if needed (on a BPF filesystem) and locks it, without
     /// waiting: an error that downcasts to [`Held`] if another process has it.
     pub fn acquire(pin_path: &Path) -> Result<PinLock> {
-        crate::loader::ensure_bpffs(pin_path)?;
-        std::fs::create_dir_all(pin_path)
-            .with_context(|| format!("creating the pin directory {}", pin_path.display()))?;
+        crate::bpffs::ensure(pin_path)?;
         Self::try_existing(pin_path)
     }
 

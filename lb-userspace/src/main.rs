@@ -24,7 +24,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load, attach and run the agent.
+    /// Load, attach and run the agent. agent.pin_path must be on the host's bpffs (one is
+    /// mounted on /sys/fs/bpf or on an empty pin directory if needed); under `ip netns exec`
+    /// it refuses to start: use `nsenter --net=/run/netns/NS xlb run ...`.
     Run {
         #[arg(long, short)]
         config: PathBuf,
@@ -53,7 +55,7 @@ enum Command {
     /// Undo `xlb drain`. Through the control socket, as `reload`.
     Undrain(BackendArgs),
     /// Detach all programs and remove all pinned state. Refused while an agent runs on the
-    /// pin path (stop it first).
+    /// pin path (stop it first), and for a pin path off a bpffs: only pins are removed.
     Detach {
         /// The pin path to clean (default: agent.pin_path of --config, else /sys/fs/bpf/xlb).
         #[arg(long)]
@@ -65,7 +67,9 @@ enum Command {
         force: bool,
     },
     /// On a backend host of a dsr service: decapsulate the balancer's IPIP/GUE packets for
-    /// these VIPs and put the VIPs on lo. Stays attached after exit.
+    /// these VIPs and put the VIPs on lo. Stays attached after exit: the pin path must be on
+    /// the host's bpffs, so under `ip netns exec` (which remounts /sys) it refuses; use
+    /// `nsenter --net=/run/netns/NS xlb decap ...` there.
     Decap {
         /// Interfaces where encapsulated packets arrive (repeat for several).
         #[arg(long = "interface", short, required_unless_present_any = ["detach", "status"])]
@@ -73,6 +77,11 @@ enum Command {
         /// VIPs served by this host (repeat for several).
         #[arg(long = "vip", required_unless_present_any = ["detach", "status"])]
         vips: Vec<std::net::Ipv4Addr>,
+        /// Accept encapsulated packets only from these outer sources (CIDR or address; the
+        /// LB nodes; repeat for several). Without it, from any source (a warning): anyone who
+        /// reaches this host could inject packets with a forged client address.
+        #[arg(long = "from", value_name = "CIDR", value_parser = parse_cidr)]
+        from: Vec<ipnet::Ipv4Net>,
         /// auto (driver, falling back to skb), driver or skb.
         #[arg(long, default_value = "auto")]
         xdp_mode: String,
@@ -218,6 +227,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Decap {
             interfaces,
             vips,
+            from,
             xdp_mode,
             pin_path,
             detach,
@@ -229,6 +239,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .map(|v| v.to_string())
                     .collect();
                 println!("VIPs: {}", vips.join(", "));
+                let sources = xlb::decap::accepted_sources(&pin_path)?;
+                if sources.is_empty() || sources.iter().any(|n| n.prefix_len() == 0) {
+                    println!("from: any (warning: {})", xlb::decap::ANY_SOURCE_WARNING);
+                } else {
+                    let list: Vec<String> = sources.iter().map(|n| n.to_string()).collect();
+                    println!("from: {}", list.join(", "));
+                }
                 for (counter, n) in xlb::decap::counters(&pin_path)? {
                     println!("{:<13} {n}", counter.name());
                 }
@@ -242,7 +259,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "skb" => XdpMode::Skb,
                     other => anyhow::bail!("--xdp-mode {other}: use auto, driver or skb"),
                 };
-                xlb::decap::attach(&pin_path, &interfaces, &vips, mode)?;
+                xlb::decap::attach(&pin_path, &interfaces, &vips, &from, mode)?;
                 let vips: Vec<String> = vips.iter().map(|v| v.to_string()).collect();
                 println!(
                     "decapsulating for {} on {} (pinned under {})",
@@ -254,6 +271,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A CIDR, or a bare address (a /32).
+fn parse_cidr(text: &str) -> Result<ipnet::Ipv4Net, String> {
+    text.parse::<ipnet::Ipv4Net>()
+        .or_else(|_| text.parse::<std::net::Ipv4Addr>().map(ipnet::Ipv4Net::from))
+        .map_err(|_| format!("{text}: not an IPv4 CIDR (10.0.0.0/24) or address"))
 }
 
 /// The pin path's lock for `xlb detach`; none if there is no pin path, or if `force` and

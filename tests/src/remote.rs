@@ -258,6 +258,12 @@ impl Remote {
             let mut args = vec![xlb.to_str().expect("utf-8")];
             let pins = self.decap_pin_path(host);
             args.extend(decap_args(&pins));
+            // Only the LB nodes may send encapsulated packets: their front addresses, and
+            // the hosts' segment for a back NIC (`add_back_nic`).
+            let from: Vec<String> = self.lbs.iter().map(|lb| lb.addr.clone()).collect();
+            for source in from.iter().map(String::as_str).chain(["10.99.4.0/24"]) {
+                args.extend(["--from", source]);
+            }
             let out = host.ns.exec(&args);
             assert!(out.contains("decapsulating for"), "xlb decap: {out}");
         }
@@ -356,7 +362,7 @@ fn xdp_pass(
     let (interfaces, pin_path) = (interfaces.to_vec(), PathBuf::from(pin_path));
     router.run(move || {
         let mut ebpf = loaded.unwrap_or_else(|| {
-            xlb::loader::ensure_bpffs(&pin_path).expect("bpffs");
+            xlb::bpffs::ensure(&pin_path).expect("bpffs");
             std::fs::create_dir_all(&pin_path).expect("pin dir");
             let mut ebpf = aya::EbpfLoader::new()
                 .default_map_pin_directory(&pin_path)

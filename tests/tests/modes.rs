@@ -4,8 +4,8 @@
 //! (10.99.1.0/24), with permanent neighbours.
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use aya::{EbpfLoader, maps::HashMap, programs::Xdp};
-use lb_common::{DELIVER_MAGIC, DeliverMeta, GUE_PORT, Reason, VipAddrKey, addr_words};
+use aya::{EbpfLoader, maps::PerCpuArray, programs::Xdp};
+use lb_common::{DELIVER_MAGIC, DecapCounter, DeliverMeta, GUE_PORT, Reason};
 use xlb_tests::testrun::*;
 
 #[path = "support/checksums.rs"]
@@ -308,7 +308,13 @@ struct Decap {
 }
 
 impl Decap {
+    /// Accepting encapsulated packets from any source (no `--from`).
     fn new(vips: &[Ipv4Addr]) -> Decap {
+        Decap::from(vips, &[])
+    }
+
+    /// Accepting them only from `sources`, as `xlb decap --from` does.
+    fn from(vips: &[Ipv4Addr], sources: &[ipnet::Ipv4Net]) -> Decap {
         let pin = std::path::PathBuf::from(format!(
             "/sys/fs/bpf/xlb-test-{}-decap",
             xlb_tests::netns::unique_prefix()
@@ -320,19 +326,16 @@ impl Decap {
             .expect("load decap");
         let prog: &mut Xdp = ebpf.program_mut("xlb_decap").unwrap().try_into().unwrap();
         prog.load().expect("verify decap");
-        let mut map: HashMap<_, VipAddrKey, u32> =
-            HashMap::try_from(ebpf.map_mut("XLB_DECAP_VIPS_V1").unwrap()).unwrap();
-        for vip in vips {
-            let (family, addr) = addr_words((*vip).into());
-            let key = VipAddrKey {
-                addr,
-                family,
-                _pad0: 0,
-                _pad1: 0,
-            };
-            map.insert(key, 1, 0).unwrap();
-        }
+        xlb::decap::set_vips(&mut ebpf, vips).expect("VIPs");
+        xlb::decap::set_sources(&mut ebpf, sources).expect("sources");
         Decap { ebpf, pin }
+    }
+
+    /// A decap counter summed over CPUs.
+    fn counter(&self, counter: lb_common::DecapCounter) -> u64 {
+        let map: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.ebpf.map("XLB_DECAP_STATS_V2").unwrap()).unwrap();
+        map.get(&(counter as u32), 0).unwrap().iter().sum()
     }
 
     fn run(&self, input: &[u8]) -> (u32, Vec<u8>) {
@@ -374,4 +377,35 @@ fn decap_restores_the_client_packet_for_served_vips_only() {
     // Plain traffic too.
     let plain = Packet::tcp(CLIENT, SocketAddrV4::new(VIP, 80)).build();
     assert_eq!(decap.run(&plain).1, plain);
+}
+
+#[test]
+fn decap_from_accepts_encapsulated_packets_only_from_the_lb() {
+    let _ns = routed_namespace();
+    let lb: ipnet::Ipv4Net = LB_BACK.into();
+    let decap = Decap::from(&[VIP], &[lb]);
+    for gue in [false, true] {
+        let (original, encapsulated) = encapsulated(gue);
+        let (action, out) = decap.run(&encapsulated);
+        assert_eq!(action, XDP_PASS, "gue={gue}: from the LB");
+        assert_eq!(&out[12..], &original[12..], "gue={gue}: decapsulated");
+
+        // The same packet from another host: a forged client address, dropped.
+        let mut forged = encapsulated.clone();
+        forged[ETH_HLEN + 12..ETH_HLEN + 16].copy_from_slice(&[10, 99, 4, 200]);
+        let (action, _) = decap.run(&forged);
+        assert_eq!(
+            action,
+            XDP_DROP,
+            "gue={gue}: from another source: {}",
+            xdp_action_name(action)
+        );
+    }
+    assert_eq!(decap.counter(DecapCounter::Decapsulated), 2);
+    assert_eq!(decap.counter(DecapCounter::RefusedSource), 2);
+    // A prefix works as well as an address.
+    let wide = Decap::from(&[VIP], &["10.99.0.0/16".parse().unwrap()]);
+    let (_, encapsulated) = encapsulated(false);
+    assert_eq!(wide.run(&encapsulated).0, XDP_PASS);
+    assert_eq!(wide.counter(DecapCounter::Decapsulated), 1);
 }
