@@ -2,7 +2,8 @@
 //! Maglev, counters. The hook (hooks.rs) rewrites and sends the packet in the service's mode.
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    Backend, FAMILY_V4, FlowKey, MODE_FULLNAT, PROTO_TCP, Reason, VipAddrKey, VipKey, flow_hash,
+    Backend, FAMILY_V4, FlowKey, MODE_FULLNAT, PROTO_TCP, Reason, SERVICE_ALLOW, VipAddrKey,
+    VipKey, flow_hash,
 };
 
 use crate::{
@@ -87,6 +88,13 @@ pub fn balance<H: Hook>(ctx: &H) -> Verdict {
     };
     let mut decided = Decided::default();
     match cached {
+        // The service's flags as the slow path saw them (at most FLOW_REFRESH_NS ago): a
+        // list narrowed since applies at once, a list that is new within that second.
+        Some(hit)
+            if hit.flags & SERVICE_ALLOW != 0 && !maps::allowed(hit.service_id, pkt.saddr) =>
+        {
+            return Verdict::Drop(Reason::DropNotAllowed);
+        }
         Some(hit) => decided = hit,
         None => {
             let slow = Slow {
@@ -175,6 +183,11 @@ fn decide<H: Hook>(ctx: &H, slow: &Slow, out: &mut Decided) -> Outcome {
     else {
         return Outcome::NotVip;
     };
+    // Before any flow table: an outside source neither creates nor refreshes an entry, and
+    // an established flow from a source a reload took out of the list is cut.
+    if svc.flags & SERVICE_ALLOW != 0 && !maps::allowed(svc.id, pkt.saddr) {
+        return Outcome::Done(Verdict::Drop(Reason::DropNotAllowed));
+    }
     if pkt.has_ip_options {
         return Outcome::Done(Verdict::Drop(Reason::DropIpOptions));
     }
