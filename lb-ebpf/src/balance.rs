@@ -88,11 +88,10 @@ pub fn balance<H: Hook>(ctx: &H) -> Verdict {
     };
     let mut decided = Decided::default();
     match cached {
-        // The service's flags as the slow path saw them (at most FLOW_REFRESH_NS ago): a
-        // list narrowed since applies at once, a list that is new within that second.
-        Some(hit)
-            if hit.flags & SERVICE_ALLOW != 0 && !maps::allowed(hit.service_id, pkt.saddr) =>
-        {
+        // A flow of a service that had a list when the slow path saw it (at most
+        // FLOW_REFRESH_NS ago) is checked again: a list narrowed or removed since applies at
+        // once, a list that is new within that second. Services without one pay nothing.
+        Some(hit) if hit.flags & SERVICE_ALLOW != 0 && !still_allowed(&hit, pkt.saddr) => {
             return Verdict::Drop(Reason::DropNotAllowed);
         }
         Some(hit) => decided = hit,
@@ -277,6 +276,16 @@ fn forward<H: Hook>(
         stats::count_traffic(target.service_id, target.backend_id, len, new_flow);
     }
     verdict
+}
+
+/// Whether a cached flow of a service that had an allow list may go on: the service has none
+/// any more, or the source is in it.
+#[inline(always)]
+fn still_allowed(hit: &Decided, saddr: u32) -> bool {
+    match maps::service(hit.service_id) {
+        Some(svc) if svc.flags & SERVICE_ALLOW != 0 => maps::allowed(hit.service_id, saddr),
+        _ => true,
+    }
 }
 
 #[inline(always)]
