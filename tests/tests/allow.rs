@@ -311,3 +311,27 @@ fn a_client_address_outside_the_list_is_refused_end_to_end() {
     assert!(first.is_ok(), "after the reload: {first:?}");
     assert!(tcp.is_ok(), "after the reload: {tcp:?}");
 }
+
+/// Pins left by the version before `allow` (its verdict counters as XLB_REASONS_V6, no
+/// allow trie): a new agent loads over them, pins the new maps, unpins the old counters, and
+/// adopts the running services.
+#[test]
+fn an_agent_adopts_the_pins_of_the_version_before_allow() {
+    let dp = LoadedDatapath::new(&web(None));
+    let pins = dp.pin_path().to_path_buf();
+    std::fs::rename(pins.join("XLB_REASONS_V7"), pins.join("XLB_REASONS_V6")).unwrap();
+    std::fs::remove_file(pins.join("XLB_ALLOW_V1")).unwrap();
+
+    let mut ebpf = xlb::loader::load(&pins).unwrap_or_else(|e| panic!("loading over: {e:#}"));
+    assert!(
+        !pins.join("XLB_REASONS_V6").exists(),
+        "the old counters stay pinned"
+    );
+    for name in ["XLB_REASONS_V7", "XLB_ALLOW_V1"] {
+        assert!(pins.join(name).exists(), "{name} is not pinned");
+    }
+    let datapath = xlb::loader::datapath(&mut ebpf).unwrap();
+    let rec = xlb::reconcile::Reconciler::adopt(&datapath).unwrap();
+    assert_eq!(rec.applied().len(), 1, "the running service is adopted");
+    assert!(datapath.allow_prefixes().unwrap().is_empty());
+}

@@ -316,3 +316,28 @@ fn a_pinned_vip_naming_another_slot_is_dropped_not_followed() {
     assert_consistent(&rec, &maps, "after a stale VIP");
     assert_ne!(maps.vips[&api], web_id);
 }
+
+/// Allow entries pinned for an id no service holds (an agent stopped while removing a
+/// service) are adopted as stale: the id is not handed out while they last, and the next
+/// apply removes them, so a new service never inherits another's ranges.
+#[test]
+fn pinned_allow_entries_of_no_service_are_removed_before_the_id_is_reused() {
+    let mut maps = FakeMaps::default();
+    let net: ipnet::Ipv4Net = "10.9.0.0/16".parse().unwrap();
+    maps.allow.insert((0, net));
+    let mut rec = Reconciler::adopt(&maps).unwrap();
+    assert_eq!(rec.stale_allow, vec![(0, net)]);
+    let mut web = service("web", 1, &[(11, 100)]);
+    web.allow = nets(&["10.1.0.0/16"]);
+    let desired = state(vec![web]);
+    let changes = rec.apply(&mut maps, &desired, &AllAlive).unwrap();
+    assert!(changes.failed.is_empty(), "{changes:?}");
+    let id = maps.vips[&vip_key(&desired.services["web"])];
+    assert_ne!(id, 0, "id 0 still had stale entries when web was added");
+    assert_eq!(
+        maps.allow,
+        BTreeSet::from([(id, nets(&["10.1.0.0/16"])[0])])
+    );
+    assert!(rec.stale_allow.is_empty());
+    assert_consistent(&rec, &maps, "after stale allow entries");
+}
