@@ -6,6 +6,7 @@
 //! kept in network byte order, exactly as they appear on the wire.
 #![no_std]
 
+pub mod allow;
 pub mod hash;
 pub mod sizes;
 
@@ -28,6 +29,9 @@ pub const MODE_DSR: u8 = 2;
 
 /// `Service::flags` (dsr): encapsulate in GUE (IP in UDP) instead of IPIP.
 pub const SERVICE_GUE: u8 = 1;
+/// `Service::flags`: the service has an `allow` list: a source must match one of its
+/// prefixes in `ALLOW` (allow.rs). Services without one never look there.
+pub const SERVICE_ALLOW: u8 = 2;
 /// UDP destination port of GUE-encapsulated packets (the port Katran uses, so its decap
 /// interoperates).
 pub const GUE_PORT: u16 = 9886;
@@ -409,10 +413,12 @@ pub enum Reason {
     /// Event: an ICMP error about a VIP flow went to the flow's backend (its verdict is how
     /// it was sent).
     IcmpToBackend,
+    /// XDP_DROP: the source is outside the service's `allow` list (before any flow table).
+    DropNotAllowed,
 }
 
 impl Reason {
-    pub const COUNT: u32 = Reason::IcmpToBackend as u32 + 1;
+    pub const COUNT: u32 = Reason::DropNotAllowed as u32 + 1;
     pub const ALL: [Reason; Reason::COUNT as usize] = [
         Reason::PassNotIp,
         Reason::PassIpv6,
@@ -446,6 +452,7 @@ impl Reason {
         Reason::IcmpEcho,
         Reason::PassIcmp,
         Reason::IcmpToBackend,
+        Reason::DropNotAllowed,
     ];
 
     /// Stable name used in metrics and status output.
@@ -483,6 +490,7 @@ impl Reason {
             Reason::IcmpEcho => "icmp_echo",
             Reason::PassIcmp => "pass_icmp",
             Reason::IcmpToBackend => "icmp_to_backend",
+            Reason::DropNotAllowed => "drop_not_allowed",
         }
     }
 }

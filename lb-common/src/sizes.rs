@@ -46,6 +46,9 @@ pub const HOP_CACHE_BITS: u32 = 8;
 pub const HOP_CACHE_NS: u64 = 1_000_000_000;
 /// Interfaces XDP may redirect to (the front NICs).
 pub const MAX_TX_PORTS: u32 = 64;
+/// Source prefixes of all services' `allow` lists (an LPM trie: entries take memory only
+/// when used).
+pub const MAX_ALLOW_PREFIXES: u32 = 16_384;
 /// Distinct VIP addresses (for the fragment check).
 pub const MAX_VIP_ADDRS: u32 = MAX_SERVICES;
 /// Outer source prefixes `xlb decap --from` may accept encapsulated packets from.

@@ -2,7 +2,8 @@
 //! Maglev, counters. The hook (hooks.rs) rewrites and sends the packet in the service's mode.
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    Backend, FAMILY_V4, FlowKey, MODE_FULLNAT, PROTO_TCP, Reason, VipAddrKey, VipKey, flow_hash,
+    Backend, FAMILY_V4, FlowKey, MODE_FULLNAT, PROTO_TCP, Reason, SERVICE_ALLOW, VipAddrKey,
+    VipKey, flow_hash,
 };
 
 use crate::{
@@ -87,6 +88,12 @@ pub fn balance<H: Hook>(ctx: &H) -> Verdict {
     };
     let mut decided = Decided::default();
     match cached {
+        // A flow of a service that had a list when the slow path saw it (at most
+        // FLOW_REFRESH_NS ago) is checked again: a list narrowed or removed since applies at
+        // once, a list that is new within that second. Services without one pay nothing.
+        Some(hit) if hit.flags & SERVICE_ALLOW != 0 && !still_allowed(&hit, pkt.saddr) => {
+            return Verdict::Drop(Reason::DropNotAllowed);
+        }
         Some(hit) => decided = hit,
         None => {
             let slow = Slow {
@@ -175,6 +182,11 @@ fn decide<H: Hook>(ctx: &H, slow: &Slow, out: &mut Decided) -> Outcome {
     else {
         return Outcome::NotVip;
     };
+    // Before any flow table: an outside source neither creates nor refreshes an entry, and
+    // an established flow from a source a reload took out of the list is cut.
+    if svc.flags & SERVICE_ALLOW != 0 && !maps::allowed(svc.id, pkt.saddr) {
+        return Outcome::Done(Verdict::Drop(Reason::DropNotAllowed));
+    }
     if pkt.has_ip_options {
         return Outcome::Done(Verdict::Drop(Reason::DropIpOptions));
     }
@@ -264,6 +276,16 @@ fn forward<H: Hook>(
         stats::count_traffic(target.service_id, target.backend_id, len, new_flow);
     }
     verdict
+}
+
+/// Whether a cached flow of a service that had an allow list may go on: the service has none
+/// any more, or the source is in it.
+#[inline(always)]
+fn still_allowed(hit: &Decided, saddr: u32) -> bool {
+    match maps::service(hit.service_id) {
+        Some(svc) if svc.flags & SERVICE_ALLOW != 0 => maps::allowed(hit.service_id, saddr),
+        _ => true,
+    }
 }
 
 #[inline(always)]

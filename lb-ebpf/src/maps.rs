@@ -20,11 +20,13 @@ pub fn scratch() -> Option<&'static mut Scratch> {
 }
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
 };
 use lb_common::{
     Backend, Counters, DoubleBuffer, Flow, FlowKey, FlowTable, Reason, RevNat, Service, SnatRev,
-    TableCounters, VipAddrKey, VipKey, sizes::*,
+    TableCounters, VipAddrKey, VipKey,
+    allow::{ALLOW_SERVICE_BITS, AllowKey},
+    sizes::*,
 };
 
 /// BPF_F_MMAPABLE: the agent writes rings through a memory mapping instead of 65537 syscalls,
@@ -46,6 +48,25 @@ pub static SERVICES: Array<DoubleBuffer<Service>> = Array::pinned(MAX_SERVICES, 
 /// VIP addresses, for the fragment check only.
 #[map(name = "XLB_VIP_ADDRS_V1")]
 pub static VIP_ADDRS: HashMap<VipAddrKey, u32> = HashMap::pinned(MAX_VIP_ADDRS, 0);
+
+/// (service id, source prefix) -> 1: the `allow` lists of the services that have one
+/// (`SERVICE_ALLOW`). Read before any flow table, on every packet of such a service.
+#[map(name = "XLB_ALLOW_V1")]
+pub static ALLOW: LpmTrie<AllowKey, u32> = LpmTrie::pinned(MAX_ALLOW_PREFIXES, 0);
+
+/// Whether `saddr` (network order) may reach service `service_id`, whose value has
+/// `SERVICE_ALLOW`.
+#[inline(always)]
+pub fn allowed(service_id: u32, saddr: u32) -> bool {
+    let key = Key::new(
+        ALLOW_SERVICE_BITS + 32,
+        AllowKey {
+            service_id,
+            addr: saddr,
+        },
+    );
+    ALLOW.get(&key).is_some()
+}
 
 /// Backend id -> address, port, liveness and delivery, double-buffered like `SERVICES`.
 #[map(name = "XLB_BACKENDS_V4")]
@@ -123,7 +144,7 @@ pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_BACKEN
 pub static TABLE_STATS: PerCpuArray<TableCounters> = PerCpuArray::pinned(2 * FlowTable::COUNT, 0);
 
 /// Per-CPU verdict counters, indexed by `lb_common::Reason`.
-#[map(name = "XLB_REASONS_V6")]
+#[map(name = "XLB_REASONS_V7")]
 pub static REASONS: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);
 
 /// The current copy of a service's value.

@@ -14,7 +14,7 @@ mod locate;
 mod modes;
 mod validate;
 
-pub use validate::is_prime;
+pub use validate::{is_prime, parse_allow};
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -121,10 +121,25 @@ pub struct ServiceConfig {
     /// The LB answers echo requests (ping) to the VIP.
     #[serde(default = "yes")]
     pub icmp_echo: bool,
+    /// Source ranges (IPv4 CIDRs) that may reach the service; empty: everyone.
+    #[serde(default)]
+    pub allow: Vec<String>,
     #[serde(default)]
     pub health: HealthConfig,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
+}
+
+impl ServiceConfig {
+    /// The `allow` list, each range once (validated: entries that do not parse are left out).
+    pub fn allow_nets(&self) -> Vec<ipnet::Ipv4Net> {
+        let nets: std::collections::BTreeSet<_> = self
+            .allow
+            .iter()
+            .filter_map(|s| parse_allow(s).ok())
+            .collect();
+        nets.into_iter().collect()
+    }
 }
 
 fn yes() -> bool {

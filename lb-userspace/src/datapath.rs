@@ -4,9 +4,11 @@ use std::path::Path;
 
 use crate::{flowtables::FlowTables, mapped::MappedArray, reconcile::Maps};
 use anyhow::{Context as _, Result};
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
+use ipnet::Ipv4Net;
 use lb_common::{
     Backend, Counters, DoubleBuffer, FlowKey, Reason, RevNat, Service, SnatRev, VipAddrKey, VipKey,
+    allow::{ALLOW_SERVICE_BITS, AllowKey},
     sizes::{MAX_RING_SIZE, RING_CHUNK},
 };
 
@@ -26,10 +28,11 @@ pub const TABLE_STATS: &str = "XLB_TABLE_STATS_V1";
 pub const TX_PORTS: &str = "XLB_TX_PORTS_V1";
 pub const SERVICE_STATS: &str = "XLB_SVC_STATS_V1";
 pub const BACKEND_STATS: &str = "XLB_BE_STATS_V1";
-pub const REASONS: &str = "XLB_REASONS_V6";
+pub const REASONS: &str = "XLB_REASONS_V7";
+pub const ALLOW: &str = "XLB_ALLOW_V1";
 
 /// Every map, in the order they are pinned.
-pub const ALL_MAPS: [&str; 16] = [
+pub const ALL_MAPS: [&str; 17] = [
     VIPS,
     SERVICES,
     VIP_ADDRS,
@@ -46,6 +49,7 @@ pub const ALL_MAPS: [&str; 16] = [
     SERVICE_STATS,
     BACKEND_STATS,
     REASONS,
+    ALLOW,
 ];
 
 pub struct Datapath {
@@ -58,6 +62,7 @@ pub struct Datapath {
     service_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
     reasons: PerCpuArray<MapData, u64>,
+    allow: LpmTrie<MapData, AllowKey, u32>,
 }
 
 impl Datapath {
@@ -73,6 +78,7 @@ impl Datapath {
             service_stats: PerCpuArray::try_from(take(SERVICE_STATS)?)?,
             backend_stats: PerCpuArray::try_from(take(BACKEND_STATS)?)?,
             reasons: PerCpuArray::try_from(take(REASONS)?)?,
+            allow: LpmTrie::try_from(take(ALLOW)?)?,
         })
     }
 
@@ -157,6 +163,28 @@ impl Maps for Datapath {
         Ok(self.vip_addrs.remove(key)?)
     }
 
+    fn allow_prefixes(&self) -> Result<Vec<(u32, Ipv4Net)>> {
+        let mut out = Vec::new();
+        for key in self.allow.keys() {
+            let key = key?;
+            let (len, data) = (key.prefix_len(), key.data());
+            let net = Ipv4Net::new(
+                std::net::Ipv4Addr::from(data.addr.to_ne_bytes()),
+                len.saturating_sub(ALLOW_SERVICE_BITS) as u8,
+            )?;
+            out.push((data.service_id, net));
+        }
+        Ok(out)
+    }
+
+    fn insert_allow(&mut self, service_id: u32, net: &Ipv4Net) -> Result<()> {
+        Ok(self.allow.insert(&allow_key(service_id, net), 1, 0)?)
+    }
+
+    fn remove_allow(&mut self, service_id: u32, net: &Ipv4Net) -> Result<()> {
+        Ok(self.allow.remove(&allow_key(service_id, net))?)
+    }
+
     /// Every backend slot that holds a backend, with its id.
     fn backends_in_use(&self) -> Result<Vec<(u32, Backend)>> {
         Ok((0..self.backends.len() as u32)
@@ -208,6 +236,12 @@ impl Maps for Datapath {
     fn grace_period(&mut self) -> Result<()> {
         crate::mapped::grace_period()
     }
+}
+
+fn allow_key(service_id: u32, net: &Ipv4Net) -> Key<AllowKey> {
+    let addr = u32::from_ne_bytes(net.network().octets());
+    let data = AllowKey { service_id, addr };
+    Key::new(ALLOW_SERVICE_BITS + u32::from(net.prefix_len()), data)
 }
 
 fn ring_range(slots: &[u32], offset: u32, len: u32) -> Option<&[u32]> {

@@ -8,9 +8,10 @@
 //! maps valid for packets, so an error anywhere leaves maps and bookkeeping agreeing; the
 //! next apply picks up from there. A service that cannot be applied (a failed write, no free
 //! id or ring space) keeps what it had and is reported; the others still apply.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context as _, Result, bail};
+use ipnet::Ipv4Net;
 use lb_common::{
     Backend, Service, VIP_ADDR_ECHO, VipAddrKey, VipKey,
     sizes::{MAX_BACKENDS, MAX_SERVICES},
@@ -18,6 +19,7 @@ use lb_common::{
 use serde::Serialize;
 use tracing::{info, warn};
 
+mod allow;
 mod ids;
 mod plan;
 mod rings;
@@ -51,6 +53,10 @@ pub trait Maps {
     fn ring(&self, offset: u32, len: u32) -> Vec<u32>;
     fn write_ring(&mut self, offset: u32, slots: &[u32]) -> Result<()>;
     fn reset_service_counters(&mut self, id: u32) -> Result<()>;
+    /// (service id, source prefix) entries of the `allow` trie.
+    fn allow_prefixes(&self) -> Result<Vec<(u32, Ipv4Net)>>;
+    fn insert_allow(&mut self, service_id: u32, net: &Ipv4Net) -> Result<()>;
+    fn remove_allow(&mut self, service_id: u32, net: &Ipv4Net) -> Result<()>;
     fn reset_backend_counters(&mut self, id: u32) -> Result<()>;
     /// Returns once every packet that was in the data path when it was called is done.
     fn grace_period(&mut self) -> Result<()>;
@@ -94,6 +100,8 @@ struct AppliedService {
     /// input is not built again.
     ring_input: Option<RingInput>,
     backends: BTreeMap<Endpoint, AppliedBackend>,
+    /// The source prefixes the `allow` trie holds for this service's id.
+    allow: BTreeSet<Ipv4Net>,
 }
 
 /// What one `apply` changed, and which services it could not apply.
@@ -132,6 +140,8 @@ pub struct Reconciler {
     orphans: Vec<u32>,
     /// Pinned VIP entries that name another VIP's slot; removed by the next apply.
     stale_vips: Vec<VipKey>,
+    /// Pinned allow entries of ids no service holds (kept from reuse until removed).
+    stale_allow: Vec<(u32, Ipv4Net)>,
     vip_addrs: BTreeMap<VipAddrKey, u32>,
     service_ids: IdPool,
     backend_ids: IdPool,
@@ -169,6 +179,7 @@ impl Reconciler {
                 ring_rebuilds: 0,
                 ring_input: None,
                 backends: BTreeMap::new(),
+                allow: BTreeSet::new(),
             };
             services.insert(key, applied);
         }
@@ -200,7 +211,13 @@ impl Reconciler {
                 }
             }
         }
-        let service_ids: Vec<u32> = services.values().map(|s| s.value.id).collect();
+        let stale_allow = allow::adopt(maps, &mut services)?;
+        // An id with stale entries is not handed out until they are gone.
+        let service_ids: Vec<u32> = services
+            .values()
+            .map(|s| s.value.id)
+            .chain(stale_allow.iter().map(|(id, _)| *id))
+            .collect();
         let rings = RingSpace::new(
             services
                 .values()
@@ -214,6 +231,7 @@ impl Reconciler {
             services,
             orphans,
             stale_vips,
+            stale_allow,
             // The previous agent may have flipped slots a moment ago.
             grace_owed: true,
             problems: BTreeMap::new(),
@@ -309,6 +327,13 @@ impl Reconciler {
                 self.stale_vips.push(key);
             }
         }
+        let stale = std::mem::take(&mut self.stale_allow);
+        let (left, clean) = allow::clear_stale(stale, maps, &mut failed);
+        self.stale_allow = left;
+        for id in clean {
+            self.service_ids.quarantine(id);
+            self.grace_owed = true;
+        }
         if !failed.is_empty() {
             changes
                 .failed
@@ -344,8 +369,10 @@ impl Reconciler {
         let owed = &mut self.grace_owed;
         steps::enter_backends(svc, &mut plan, &mut self.backend_ids, maps, changes, owed)?;
         steps::set_weights(svc, spec);
+        allow::enter(svc, spec, maps)?;
         let placed = steps::place_ring(svc, &plan.ring_input, &mut self.rings, maps)?;
         steps::flip(svc, spec, placed, &mut self.rings, maps, changes, owed)?;
+        allow::leave(svc, spec, maps)?;
         steps::publish(svc, key, maps)?;
         Ok(CleanUp {
             dying: plan.dying,
@@ -379,6 +406,7 @@ impl Reconciler {
             ring_rebuilds: 0,
             ring_input: None,
             backends: BTreeMap::new(),
+            allow: BTreeSet::new(),
         };
         self.services.insert(*key, applied);
         info!(service = %spec.name, vip = %spec.vip, port = spec.port, "service added");
@@ -405,6 +433,8 @@ impl Reconciler {
             svc.in_vips = false;
         }
         // Its slot stays as it is: a packet that found the VIP a moment ago still reads it.
+        // Its allow entries go now: its id must come back clean.
+        allow::remove_except(svc, &BTreeSet::new(), maps)?;
         for (endpoint, b) in svc.backends.clone() {
             maps.set_backend(b.id, &Backend::default())?;
             svc.backends.remove(&endpoint);

@@ -89,6 +89,8 @@ pub struct ServiceSpec {
     pub gue: bool,
     /// The LB answers ping to the VIP.
     pub icmp_echo: bool,
+    /// Sources that may reach the service (empty: everyone).
+    pub allow: Vec<ipnet::Ipv4Net>,
     pub table_size: u32,
     pub health: HealthConfig,
     pub backends: BTreeMap<Endpoint, BackendSpec>,
@@ -152,6 +154,7 @@ impl ServiceSpec {
             snat: svc.snat.clone(),
             gue: svc.encap == Some(crate::config::Encap::Gue),
             icmp_echo: svc.icmp_echo,
+            allow: svc.allow_nets(),
             table_size: svc.table_size,
             health: svc.health.clone(),
             backends,

@@ -70,6 +70,15 @@ impl Maps for Gated {
     fn reset_backend_counters(&mut self, id: u32) -> Result<()> {
         self.maps.reset_backend_counters(id)
     }
+    fn allow_prefixes(&self) -> Result<Vec<(u32, ipnet::Ipv4Net)>> {
+        self.maps.allow_prefixes()
+    }
+    fn insert_allow(&mut self, id: u32, net: &ipnet::Ipv4Net) -> Result<()> {
+        self.maps.insert_allow(id, net)
+    }
+    fn remove_allow(&mut self, id: u32, net: &ipnet::Ipv4Net) -> Result<()> {
+        self.maps.remove_allow(id, net)
+    }
     fn grace_period(&mut self) -> Result<()> {
         self.maps.grace_period()
     }
@@ -86,6 +95,7 @@ fn web(backends: u8) -> DesiredState {
         snat: Vec::new(),
         gue: false,
         icmp_echo: true,
+        allow: Vec::new(),
         table_size: 101,
         health: HealthConfig::default(),
         backends: (1..=backends)

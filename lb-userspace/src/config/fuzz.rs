@@ -526,6 +526,7 @@ fn service() -> impl Strategy<Value = ServiceConfig> {
                     snat,
                     encap,
                     icmp_echo: true,
+                    allow: Vec::new(),
                     health,
                     backends,
                 }

@@ -2,8 +2,10 @@
 //! line is found by locate.rs).
 use std::{collections::HashSet, time::Duration};
 
+use ipnet::{IpNet, Ipv4Net};
 use lb_common::sizes::{
-    MAX_BACKENDS, MAX_RING_SIZE, MAX_SERVICES, RING_BLOCK, RING_BLOCKS, RING_HALVES, ring_blocks,
+    MAX_ALLOW_PREFIXES, MAX_BACKENDS, MAX_RING_SIZE, MAX_SERVICES, RING_BLOCK, RING_BLOCKS,
+    RING_HALVES, ring_blocks,
 };
 
 use super::{ApiListen, Config, HealthConfig, HealthKind, modes, parse_control};
@@ -89,6 +91,7 @@ impl Config {
         let mut names = HashSet::new();
         let mut vips = HashSet::new();
         let mut backends = 0;
+        let mut allow_prefixes = 0;
         let mut ring_space = 0;
         for (i, svc) in self.services.iter().enumerate() {
             let at = |field: &str| format!("service[{i}].{field}");
@@ -149,6 +152,12 @@ impl Config {
                     .into_iter()
                     .map(|(f, r)| (at(&format!("health.{f}")), r)),
             );
+            for (j, range) in svc.allow.iter().enumerate() {
+                if let Err(e) = parse_allow(range) {
+                    out.push((format!("service[{i}].allow[{j}]"), e));
+                }
+            }
+            allow_prefixes += svc.allow.len();
             let mut seen = HashSet::new();
             for (j, be) in svc.backends.iter().enumerate() {
                 let at = |field: &str| format!("service[{i}].backend[{j}].{field}");
@@ -194,8 +203,37 @@ impl Config {
                 format!("{backends} backends in all; at most {MAX_BACKENDS}"),
             ));
         }
+        if allow_prefixes > MAX_ALLOW_PREFIXES as usize {
+            out.push((
+                "service".into(),
+                format!("{allow_prefixes} allow ranges in all; at most {MAX_ALLOW_PREFIXES}"),
+            ));
+        }
         out
     }
+}
+
+/// One `allow` entry: an IPv4 CIDR (`10.0.0.0/8`) or a single address (a /32).
+pub fn parse_allow(text: &str) -> Result<Ipv4Net, String> {
+    let net = match text.parse::<IpNet>() {
+        Ok(net) => net,
+        Err(_) => match text.parse::<std::net::IpAddr>() {
+            Ok(addr) => IpNet::from(addr),
+            Err(_) => return Err(format!("`{text}` is not a CIDR (ADDRESS/LENGTH)")),
+        },
+    };
+    let IpNet::V4(net) = net else {
+        return Err(format!(
+            "`{text}`: IPv6 ranges are not supported yet (the data path balances IPv4 only)"
+        ));
+    };
+    if net.addr() != net.network() {
+        return Err(format!(
+            "`{text}` has host bits set; the range is {}",
+            net.trunc()
+        ));
+    }
+    Ok(net)
 }
 
 fn health_problems(h: &HealthConfig) -> Vec<(&'static str, String)> {

@@ -72,6 +72,7 @@ fn desired(check: HealthConfig) -> DesiredState {
         snat: Vec::new(),
         gue: false,
         icmp_echo: true,
+        allow: Vec::new(),
         table_size: 101,
         health: check,
         backends: BTreeMap::from([(endpoint(), backend)]),

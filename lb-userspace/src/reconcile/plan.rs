@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 
 use lb_common::{
-    BACKEND_ALIVE, BACKEND_IN_USE, Backend, SERVICE_GUE, Service, SnatPool, VipKey, addr_words,
+    BACKEND_ALIVE, BACKEND_IN_USE, Backend, SERVICE_ALLOW, SERVICE_GUE, Service, SnatPool, VipKey,
+    addr_words,
 };
 
 use super::{AppliedBackend, Liveness};
@@ -187,7 +188,12 @@ pub fn service_value(spec: &ServiceSpec, id: u32, ring_offset: u32, table_size: 
         ring_offset,
         table_size,
         mode: spec.mode.number(),
-        flags: if spec.gue { SERVICE_GUE } else { 0 },
+        flags: if spec.gue { SERVICE_GUE } else { 0 }
+            | if spec.allow.is_empty() {
+                0
+            } else {
+                SERVICE_ALLOW
+            },
         _pad: 0,
         snat: snat_pool(spec),
     }

@@ -36,6 +36,7 @@ fn service(name: &str, vip_last: u8, backends: &[(u8, u32)]) -> ServiceSpec {
         snat: Vec::new(),
         gue: false,
         icmp_echo: true,
+        allow: Vec::new(),
         table_size: 101,
         health: HealthConfig::default(),
         backends: backends

@@ -153,6 +153,29 @@ impl FlowState {
     }
 }
 
+/// Packets by verdict (an array of more than 32 has no derived Default).
+#[derive(Clone, Copy)]
+pub struct Verdicts(pub [u64; Reason::COUNT as usize]);
+
+impl Default for Verdicts {
+    fn default() -> Self {
+        Self([0; Reason::COUNT as usize])
+    }
+}
+
+impl std::ops::Deref for Verdicts {
+    type Target = [u64; Reason::COUNT as usize];
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Verdicts {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
 #[derive(Default)]
 pub struct Tracker {
     pub services: Vec<Tally>,
@@ -161,7 +184,7 @@ pub struct Tracker {
     /// Reply 5-tuple -> VIP, as the reverse NAT map must hold it.
     pub rev_nat: HashMap<Flow5, SocketAddrV4>,
     pub replies: Vec<Flow5>,
-    pub verdicts: [u64; Reason::COUNT as usize],
+    pub verdicts: Verdicts,
     /// Rewrites (XDP and TC) of frames with a wrong IPv4 checksum, a wrong L4 checksum, and
     /// UDP without a checksum: the corner cases of the checksum rules.
     pub odd_checksums: [u64; 3],

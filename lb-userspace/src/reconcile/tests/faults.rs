@@ -44,6 +44,23 @@ fn assert_consistent(rec: &Reconciler, maps: &FakeMaps, what: &str) {
             known.insert(b.id);
         }
     }
+    // The allow trie holds what the bookkeeping says, and nothing of unknown ids.
+    for svc in rec.services.values() {
+        let held: BTreeSet<_> = maps
+            .allow
+            .iter()
+            .filter(|(id, _)| *id == svc.value.id)
+            .map(|(_, net)| *net)
+            .collect();
+        assert_eq!(held, svc.allow, "{what}: allow entries of {}", svc.name);
+    }
+    for (id, net) in &maps.allow {
+        assert!(
+            rec.services.values().any(|s| s.value.id == *id)
+                || rec.stale_allow.contains(&(*id, *net)),
+            "{what}: allow entry {id} {net} of no service"
+        );
+    }
     known.extend(rec.orphans.iter().copied());
     for (id, _) in maps.backends_in_use().unwrap() {
         assert!(
@@ -67,9 +84,52 @@ fn rings_by_endpoint(rec: &Reconciler, maps: &FakeMaps) -> BTreeMap<String, Vec<
         .collect()
 }
 
+fn nets(list: &[&str]) -> Vec<ipnet::Ipv4Net> {
+    list.iter().map(|n| n.parse().unwrap()).collect()
+}
+
+/// No packet may see a service's list narrower than both its old and its new one (an
+/// empty list lets everyone in): with the flag on, the trie holds their common prefixes.
+/// (Exact for these lists, whose prefixes do not nest.)
+fn assert_allow_never_narrower(rec: &Reconciler, maps: &FakeMaps, what: &str) {
+    let (old, new) = (before(), after());
+    for svc in rec.services.values() {
+        let value = maps
+            .services
+            .get(&svc.value.id)
+            .copied()
+            .unwrap_or_default();
+        if value.flags & lb_common::SERVICE_ALLOW == 0 {
+            continue;
+        }
+        let list = |s: &DesiredState| s.services.get(&svc.name).map(|s| s.allow.clone());
+        let floor: BTreeSet<_> = match (list(&old), list(&new)) {
+            (Some(a), Some(b)) if !a.is_empty() && !b.is_empty() => {
+                a.into_iter().filter(|n| b.contains(n)).collect()
+            }
+            (Some(a), Some(b)) => a.into_iter().chain(b).collect(),
+            // A service on its way out lost its VIP first: no new packet finds it.
+            (_, None) => continue,
+            (None, Some(b)) => b.into_iter().collect(),
+        };
+        for net in floor {
+            assert!(
+                maps.allow.contains(&(svc.value.id, net)),
+                "{what}: {} has its flag without {net}",
+                svc.name
+            );
+        }
+    }
+}
+
 fn before() -> DesiredState {
     let mut web = service("web", 1, &[(11, 100), (12, 100), (13, 100)]);
     web.mode = Mode::Fullnat;
+    web.allow = nets(&["10.0.0.0/8", "192.0.2.0/24"]);
+    let mut gone = service("gone", 3, &[(31, 100)]);
+    gone.allow = nets(&["10.1.0.0/16"]);
+    let mut plain = service("plain", 6, &[(61, 100)]);
+    plain.allow = nets(&["10.6.0.0/16"]);
     let mut local = service("local", 4, &[(41, 100), (42, 100)]);
     local.backends.get_mut(&ep(41)).unwrap().delivery = Delivery {
         bridge: 7,
@@ -78,26 +138,32 @@ fn before() -> DesiredState {
     state(vec![
         web,
         service("api", 2, &[(21, 100), (22, 100)]),
-        service("gone", 3, &[(31, 100)]),
+        gone,
         local,
+        plain,
     ])
 }
 
 /// Every kind of change at once: backends added, removed, dead, revived, reweighted,
 /// moved to another bridge, a table resized, a SNAT pool changed, a service added and one
-/// removed.
+/// removed, allow lists changed, given and taken away.
 fn after() -> DesiredState {
     let mut web = service("web", 1, &[(11, 100), (13, 50), (14, 100), (15, 100)]);
     web.mode = Mode::Fullnat;
+    web.allow = nets(&["10.0.0.0/8", "198.51.100.0/24"]);
     web.snat = vec![IpAddr::from([10, 99, 5, 9])];
     let mut api = service("api", 2, &[(21, 100), (22, 100), (23, 100)]);
     api.table_size = 211;
+    api.allow = nets(&["10.2.0.0/16"]);
+    let mut new = service("new", 5, &[(51, 100)]);
+    new.allow = nets(&["10.5.0.0/16"]);
     let mut local = service("local", 4, &[(41, 100), (42, 100)]);
     local.backends.get_mut(&ep(41)).unwrap().delivery = Delivery {
         bridge: 8,
         veth: None,
     };
-    state(vec![web, api, service("new", 5, &[(51, 100)]), local])
+    let plain = service("plain", 6, &[(61, 100)]);
+    state(vec![web, api, new, local, plain])
 }
 
 /// 22 is down before (and revives), 21 dies.
@@ -141,6 +207,7 @@ fn a_failure_at_any_write_leaves_maps_and_bookkeeping_agreeing() {
         };
         assert!(failed, "{what}: the failure was not reported: {outcome:?}");
         assert_consistent(&rec, &maps, &what);
+        assert_allow_never_narrower(&rec, &maps, &what);
 
         maps.fail_at = None;
         let changes = rec.apply(&mut maps, &after(), &health_after()).unwrap();
@@ -150,6 +217,7 @@ fn a_failure_at_any_write_leaves_maps_and_bookkeeping_agreeing() {
         );
         assert_consistent(&rec, &maps, &format!("{what}, retried"));
         assert_eq!(rings_by_endpoint(&rec, &maps), expected, "{what}, retried");
+        assert_eq!(maps.allow.len(), 4, "{what}, retried: {:?}", maps.allow);
         let settled = rec.apply(&mut maps, &after(), &health_after()).unwrap();
         assert_eq!(settled.rings_written, 0, "{what}: not settled");
     }
@@ -247,4 +315,29 @@ fn a_pinned_vip_naming_another_slot_is_dropped_not_followed() {
     assert!(changes.failed.is_empty(), "{changes:?}");
     assert_consistent(&rec, &maps, "after a stale VIP");
     assert_ne!(maps.vips[&api], web_id);
+}
+
+/// Allow entries pinned for an id no service holds (an agent stopped while removing a
+/// service) are adopted as stale: the id is not handed out while they last, and the next
+/// apply removes them, so a new service never inherits another's ranges.
+#[test]
+fn pinned_allow_entries_of_no_service_are_removed_before_the_id_is_reused() {
+    let mut maps = FakeMaps::default();
+    let net: ipnet::Ipv4Net = "10.9.0.0/16".parse().unwrap();
+    maps.allow.insert((0, net));
+    let mut rec = Reconciler::adopt(&maps).unwrap();
+    assert_eq!(rec.stale_allow, vec![(0, net)]);
+    let mut web = service("web", 1, &[(11, 100)]);
+    web.allow = nets(&["10.1.0.0/16"]);
+    let desired = state(vec![web]);
+    let changes = rec.apply(&mut maps, &desired, &AllAlive).unwrap();
+    assert!(changes.failed.is_empty(), "{changes:?}");
+    let id = maps.vips[&vip_key(&desired.services["web"])];
+    assert_ne!(id, 0, "id 0 still had stale entries when web was added");
+    assert_eq!(
+        maps.allow,
+        BTreeSet::from([(id, nets(&["10.1.0.0/16"])[0])])
+    );
+    assert!(rec.stale_allow.is_empty());
+    assert_consistent(&rec, &maps, "after stale allow entries");
 }
