@@ -1,12 +1,12 @@
 //! Semantic checks of a parsed config: every problem with its field path and reason (the
 //! line is found by locate.rs).
-use std::{collections::HashSet, time::Duration};
+use std::{collections::HashSet, net::IpAddr, time::Duration};
 
 use lb_common::sizes::{
     MAX_BACKENDS, MAX_RING_SIZE, MAX_SERVICES, RING_BLOCK, RING_BLOCKS, RING_HALVES, ring_blocks,
 };
 
-use super::{ApiListen, Config, HealthConfig, HealthKind, modes};
+use super::{ApiListen, Config, HealthConfig, HealthKind, claims, modes};
 
 impl Config {
     /// Semantic checks: (field path, reason) for each problem.
@@ -60,6 +60,7 @@ impl Config {
         let mut vips = HashSet::new();
         let mut backends = 0;
         let mut ring_space = 0;
+        let all_vips: Vec<IpAddr> = self.services.iter().map(|s| s.vip).collect();
         for (i, svc) in self.services.iter().enumerate() {
             let at = |field: &str| format!("service[{i}].{field}");
             if !valid_name(&svc.name) {
@@ -89,6 +90,11 @@ impl Config {
             if svc.port == 0 {
                 out.push((at("port"), "must be 1-65535".into()));
             }
+            out.extend(
+                claims::problems(svc, &all_vips)
+                    .into_iter()
+                    .map(|(f, r)| (at(&f), r)),
+            );
             out.extend(
                 modes::problems(svc, self.agent.xdp_mode)
                     .into_iter()

@@ -78,6 +78,7 @@ fn desired(check: HealthConfig) -> DesiredState {
     };
     DesiredState {
         services: BTreeMap::from([("web".to_string(), svc)]),
+        ..DesiredState::default()
     }
 }
 
