@@ -69,7 +69,7 @@ impl fmt::Display for Source {
 }
 
 /// One endpoint of a service claimed by two sources. The first claim keeps it (the static
-/// config, then containers oldest first, then Swarm tasks: see `discovery::endpoints`); the
+/// config, then containers, then Swarm tasks, each oldest first: see `discovery::endpoints`); the
 /// other is not a backend while the conflict lasts.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct Conflict {

@@ -119,7 +119,7 @@ pub fn add_containers(
 /// Adds the Swarm tasks of services whose labels name a configured service: at
 /// `node address : published port` when the service publishes in host mode, else at the
 /// task's address on its (named) network.
-/// Tasks come after containers, in task id order; the same limits apply.
+/// Tasks come after containers, oldest first; the same limits apply.
 pub fn add_tasks(
     desired: &mut DesiredState,
     config: &Config,
@@ -127,7 +127,9 @@ pub fn add_tasks(
     prefix: &str,
 ) -> Vec<LabelError> {
     let mut errors = Vec::new();
-    for task in tasks {
+    let mut oldest_first: Vec<&SwarmTask> = tasks.iter().collect();
+    oldest_first.sort_by_key(|t| (t.created.is_none(), t.created, t.id.as_str()));
+    for task in oldest_first {
         let owner = format!("swarm service {}", task.service);
         let spec = match labels::parse(&owner, &task.labels, prefix) {
             Ok(Some(spec)) => spec,

@@ -137,6 +137,7 @@ fn task(
             .collect(),
         node_addr: Some("10.98.0.2".parse().unwrap()),
         draining: false,
+        created: None,
         published: published
             .iter()
             .map(|(t, p)| (*t, *p, "tcp".to_string()))
@@ -454,9 +455,27 @@ fn an_address_claimed_twice_goes_to_the_static_config_then_the_oldest_container(
         &[],
         &[("app", "172.17.0.9")],
     );
-    add_tasks(&mut desired, &config, &[t], "xlb");
-    assert_eq!(desired.conflicts.len(), 3);
-    assert_eq!(desired.conflicts[2].refused, Source::Swarm("t1".into()));
+    let mut older = task(
+        "t9",
+        &[("xlb.service", "web"), ("xlb.port", "81")],
+        &[],
+        &[("app", "172.17.0.9")],
+    );
+    older.created = Some(std::time::UNIX_EPOCH);
+    let mut newer = older.clone();
+    newer.id = "t2".into();
+    newer.created = Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(5));
+    add_tasks(&mut desired, &config, &[t, newer, older], "xlb");
+    let refused: Vec<&Source> = desired.conflicts[2..].iter().map(|c| &c.refused).collect();
+    assert_eq!(
+        refused,
+        [&Source::Swarm("t2".into()), &Source::Swarm("t1".into())],
+        "the oldest task keeps 172.17.0.9:81 whatever its id; containers keep theirs"
+    );
+    assert_eq!(
+        desired.services["web"].backends[&"172.17.0.9:81".parse().unwrap()].source,
+        Source::Swarm("t9".into())
+    );
 }
 
 #[test]
