@@ -10,10 +10,12 @@ use std::{
 use lb_common::sizes::DEFAULT_RING_SIZE;
 use serde::{Deserialize, Serialize};
 
+mod claims;
 mod locate;
 mod modes;
 mod validate;
 
+pub use claims::{ClaimLimits, DEFAULT_MAX_WEIGHT, unusable_backend};
 pub use validate::{is_prime, parse_allow};
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -126,6 +128,9 @@ pub struct ServiceConfig {
     pub allow: Vec<String>,
     #[serde(default)]
     pub health: HealthConfig,
+    /// What container and Swarm labels may claim in this service.
+    #[serde(default, skip_serializing_if = "ClaimLimits::is_default")]
+    pub docker: ClaimLimits,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
 }

@@ -297,6 +297,7 @@ mod tests {
                 last_error: None,
                 restarts: 0,
             }],
+            conflicts: vec![],
         };
         let probes = ProbeLatency::default();
         probes.observe("web", "10.99.2.11:8080", 0.0003);

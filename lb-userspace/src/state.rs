@@ -1,7 +1,11 @@
 //! Desired state: which services exist and which backends each should have, merged from all
 //! sources (the static config here; discovery adds Docker and Swarm backends through
 //! [`DesiredState::add_backend`]). Pure data, no I/O, and no knowledge of the sources.
-use std::{collections::BTreeMap, fmt, net::IpAddr};
+use std::{
+    collections::{BTreeMap, btree_map::Entry},
+    fmt,
+    net::IpAddr,
+};
 
 use serde::Serialize;
 
@@ -40,7 +44,7 @@ impl std::str::FromStr for Endpoint {
 }
 
 /// Which source declared a backend.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Source {
     Static,
@@ -51,6 +55,38 @@ pub enum Source {
     /// A backend of the pinned data path that the config does not declare, kept after a
     /// restart until Docker has answered (it may be a container or task of its).
     Pinned,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Static => f.write_str("the static config"),
+            Source::Docker(name) => write!(f, "container {name}"),
+            Source::Swarm(id) => write!(f, "swarm task {id}"),
+            Source::Pinned => f.write_str("the pinned data path"),
+        }
+    }
+}
+
+/// One endpoint of a service claimed by two sources. The first claim keeps it (the static
+/// config, then containers, then Swarm tasks, each oldest first: see `discovery::endpoints`); the
+/// other is not a backend while the conflict lasts.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Conflict {
+    pub service: String,
+    pub endpoint: Endpoint,
+    pub kept: Source,
+    pub refused: Source,
+}
+
+impl fmt::Display for Conflict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "service {}: {} is claimed by {} and by {}; {} keeps it",
+            self.service, self.endpoint, self.kept, self.refused, self.kept
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -99,6 +135,8 @@ pub struct ServiceSpec {
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct DesiredState {
     pub services: BTreeMap<String, ServiceSpec>,
+    /// Endpoints claimed twice, and who kept each.
+    pub conflicts: Vec<Conflict>,
 }
 
 impl DesiredState {
@@ -109,19 +147,32 @@ impl DesiredState {
             .iter()
             .map(|svc| (svc.name.clone(), ServiceSpec::from_config(svc)))
             .collect();
-        Self { services }
+        Self {
+            services,
+            conflicts: Vec::new(),
+        }
     }
 
-    /// Adds (or replaces) a backend of `service`. False, and nothing changes, when there is
-    /// no such service: sources only fill services the config declares.
+    /// Adds a backend of `service`. False, and nothing changes, when there is no such
+    /// service: sources only fill services the config declares. An endpoint the service has
+    /// already stays as it is and the claim is recorded in `conflicts`: the first claim
+    /// wins, never silently the last.
     pub fn add_backend(&mut self, service: &str, endpoint: Endpoint, backend: BackendSpec) -> bool {
-        match self.services.get_mut(service) {
-            Some(svc) => {
-                svc.backends.insert(endpoint, backend);
-                true
+        let Some(svc) = self.services.get_mut(service) else {
+            return false;
+        };
+        match svc.backends.entry(endpoint) {
+            Entry::Vacant(slot) => {
+                slot.insert(backend);
             }
-            None => false,
+            Entry::Occupied(held) => self.conflicts.push(Conflict {
+                service: service.into(),
+                endpoint,
+                kept: held.get().source.clone(),
+                refused: backend.source,
+            }),
         }
+        true
     }
 }
 

@@ -17,7 +17,7 @@ use crate::{
     health::{BackendHealth, Key, State},
     loader::Attachment,
     reconcile::AppliedView,
-    state::{Delivery, DesiredState},
+    state::{Conflict, Delivery, DesiredState},
 };
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -34,6 +34,30 @@ pub struct Status {
     /// restarting, with its last error and restarts.
     #[serde(default)]
     pub discovery: Vec<SourceStatus>,
+    /// Endpoints claimed by two sources in one service, and which kept it.
+    #[serde(default)]
+    pub conflicts: Vec<ConflictStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConflictStatus {
+    pub service: String,
+    pub address: String,
+    /// The source that keeps the address ("the static config", "container NAME"...).
+    pub kept: String,
+    /// The source whose claim is refused while the conflict lasts.
+    pub refused: String,
+}
+
+impl From<&Conflict> for ConflictStatus {
+    fn from(c: &Conflict) -> Self {
+        Self {
+            service: c.service.clone(),
+            address: c.endpoint.to_string(),
+            kept: c.kept.to_string(),
+            refused: c.refused.to_string(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -222,6 +246,12 @@ impl Status {
                 .collect(),
             flow_tables: flow_tables.to_vec(),
             discovery: Vec::new(),
+            conflicts: applied
+                .desired
+                .conflicts
+                .iter()
+                .map(ConflictStatus::from)
+                .collect(),
         })
     }
 
@@ -241,6 +271,13 @@ impl Status {
         );
         for source in &self.discovery {
             let _ = writeln!(out, "discovery: {}", source_text(source));
+        }
+        for c in &self.conflicts {
+            let _ = writeln!(
+                out,
+                "!! conflict: service {} {} claimed by {} and by {}; {} keeps it",
+                c.service, c.address, c.kept, c.refused, c.kept
+            );
         }
         for svc in &self.services {
             let up = svc.backends.iter().filter(|b| b.state == "up").count();
@@ -396,5 +433,39 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");
         }
+    }
+
+    #[test]
+    fn conflicts_are_shown_with_the_source_that_keeps_the_address() {
+        use crate::state::{Endpoint, Source};
+        let mut applied = Applied::default();
+        applied.desired.conflicts.push(Conflict {
+            service: "web".into(),
+            endpoint: "10.99.2.11:8080".parse::<Endpoint>().unwrap(),
+            kept: Source::Static,
+            refused: Source::Docker("web_2".into()),
+        });
+        let status = Status {
+            conflicts: applied
+                .desired
+                .conflicts
+                .iter()
+                .map(ConflictStatus::from)
+                .collect(),
+            ..Status::default()
+        };
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(
+            json["conflicts"][0]["refused"],
+            serde_json::json!("container web_2")
+        );
+        let text = status.render();
+        assert!(
+            text.contains(
+                "!! conflict: service web 10.99.2.11:8080 claimed by the static config and by \
+                 container web_2; the static config keeps it\n"
+            ),
+            "{text}"
+        );
     }
 }

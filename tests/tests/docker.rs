@@ -122,6 +122,62 @@ fn bad_labels_are_skipped_with_a_clear_error_and_the_rest_serve() {
     assert_eq!(answered, BTreeSet::from([short(&good)]));
 }
 
+/// Whoever can start a container can label it: a container asking for more weight than
+/// the service allows, or to turn its health check off, is skipped with an error naming it
+/// and the label; an address that a static backend has already stays the static one's, and
+/// the conflict is shown in the status.
+#[test]
+fn labels_beyond_the_services_limits_are_skipped_and_conflicts_are_shown() {
+    let host = docker_host(DaemonOptions::default());
+    let good = host.run_backend("good", &web_labels(), &[]);
+    let mut greedy = web_labels();
+    greedy.push(("xlb.weight", "65535"));
+    host.run_backend("greedy", &greedy, &[]);
+    let mut unchecked = web_labels();
+    unchecked.push(("xlb.health.type", "none"));
+    host.run_backend("unchecked", &unchecked, &[]);
+    // Declared in the config as well: a second claim on the same address.
+    let twice = host.run_backend("twice", &web_labels(), &[]);
+    let twice_ip = host.inspect_ip(&twice, "bridge");
+    let config = config(&host).replacen(
+        "\n[[service]]\nname = \"api\"",
+        &format!(
+            "  [[service.backend]]\n  address = \"{twice_ip}\"\n  port = 9000\n  bridge = \"docker0\"\n\n[[service]]\nname = \"api\""
+        ),
+        1,
+    );
+    assert!(config.contains(&twice_ip.to_string()), "{config}");
+    let agent = Agent::start_in(&host.host, &host.dir, &host.prefix, &config);
+    agent.wait_up("web", 2, Duration::from_secs(5));
+    let log = agent.log_text();
+    for expected in [
+        "container greedy (",
+        "label xlb.weight: 65535 is above the max_weight 100 of service web",
+        "container unchecked (",
+        "label xlb.health.type: service web does not let labels change its health check",
+        &format!(
+            "service web: {twice_ip}:9000 is claimed by the static config and by container \
+             twice; the static config keeps it"
+        ),
+    ] {
+        assert!(log.contains(expected), "missing `{expected}` in:\n{log}");
+    }
+    let conflicts = agent.status()["conflicts"].clone();
+    assert_eq!(
+        conflicts,
+        serde_json::json!([{
+            "service": "web",
+            "address": format!("{twice_ip}:9000"),
+            "kept": "the static config",
+            "refused": "container twice",
+        }]),
+    );
+    let (ok, text) = agent.cli(&["status"]);
+    assert!(ok && text.contains("!! conflict: service web"), "{text}");
+    let answered: BTreeSet<String> = names(&host, 20).into_iter().collect();
+    assert_eq!(answered, BTreeSet::from([short(&good), short(&twice)]));
+}
+
 #[test]
 fn a_container_with_a_healthcheck_joins_when_healthy_and_leaves_when_unhealthy() {
     let host = docker_host(DaemonOptions::default());

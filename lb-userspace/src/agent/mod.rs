@@ -254,6 +254,12 @@ impl Agent {
             error!("{e}; this container is skipped");
         }
         self.label_errors = errors;
+        // Each conflict is logged once, while it lasts (status shows it throughout).
+        for c in &desired.conflicts {
+            if !self.desired.conflicts.contains(c) {
+                error!("{c}");
+            }
+        }
         self.desired = desired;
     }
 

@@ -117,6 +117,7 @@ fn web(backends: u8) -> DesiredState {
     };
     DesiredState {
         services: [(spec.name.clone(), spec)].into(),
+        ..DesiredState::default()
     }
 }
 

@@ -528,6 +528,7 @@ fn service() -> impl Strategy<Value = ServiceConfig> {
                     icmp_echo: true,
                     allow: Vec::new(),
                     health,
+                    docker: ClaimLimits::default(),
                     backends,
                 }
             },
@@ -545,10 +546,18 @@ fn config() -> impl Strategy<Value = Config> {
                 .all(|s| names.insert(s.name.clone()) && vips.insert((s.vip, s.port, s.protocol)))
         }),
     )
-        .prop_map(|(agent, docker, services)| Config {
-            agent,
-            docker,
-            services,
+        .prop_map(|(agent, docker, mut services)| {
+            // Only addresses that can be backends, as validation demands.
+            let vips: Vec<IpAddr> = services.iter().map(|s| s.vip).collect();
+            for svc in &mut services {
+                svc.backends
+                    .retain(|b| unusable_backend(b.address, &vips).is_none());
+            }
+            Config {
+                agent,
+                docker,
+                services,
+            }
         })
 }
 

@@ -301,3 +301,58 @@ fn mode_settings_are_checked() {
     let ok = format!("{MINIMAL}mode = \"fullnat\"\nsnat = [\"10.99.5.9\", \"10.99.5.10\"]\n");
     assert!(parse(&ok).is_ok());
 }
+
+#[test]
+fn backend_addresses_that_cannot_be_backends_are_rejected_with_line_and_field() {
+    let mut text = format!(
+        "{MINIMAL}\n[[service]]\nname = \"dns\"\nvip = \"10.99.100.2\"\nport = 53\nprotocol = \"udp\"\n"
+    );
+    for address in [
+        "127.0.0.1",
+        "0.0.0.0",
+        "224.0.0.5",
+        "255.255.255.255",
+        "10.99.100.2",
+        "10.99.100.1",
+        "10.99.2.11",
+    ] {
+        text.push_str(&format!(
+            "  [[service.backend]]\n  address = \"{address}\"\n  port = 53\n"
+        ));
+    }
+    assert_eq!(
+        errors(&text),
+        [
+            "xlb.toml:16: service[1].backend[0].address: 127.0.0.1 is a loopback address, not a backend",
+            "xlb.toml:19: service[1].backend[1].address: 0.0.0.0 is an unspecified address, not a backend",
+            "xlb.toml:22: service[1].backend[2].address: 224.0.0.5 is a multicast address, not a backend",
+            "xlb.toml:25: service[1].backend[3].address: 255.255.255.255 is the broadcast address, not a backend",
+            "xlb.toml:28: service[1].backend[4].address: 10.99.100.2 is a VIP of this config, not a backend",
+            "xlb.toml:31: service[1].backend[5].address: 10.99.100.1 is a VIP of this config, not a backend",
+        ]
+    );
+}
+
+#[test]
+fn claim_limits_are_safe_by_default_and_validated() {
+    let config = parse(MINIMAL).unwrap();
+    let limits = &config.services[0].docker;
+    assert_eq!(
+        (limits.max_weight, limits.health_override),
+        (100, false),
+        "labels get at most the default weight and keep the service's health check"
+    );
+    assert!(limits.networks.is_empty() && limits.projects.is_empty());
+    let text = format!(
+        "{MINIMAL}[service.docker]\nmax_weight = 0\nnetworks = [\"\"]\nprojects = [\"shop\"]\n"
+    );
+    assert_eq!(
+        errors(&text),
+        [
+            "xlb.toml:10: service[0].docker.max_weight: 0 must be in 1..=65535",
+            "xlb.toml:11: service[0].docker.networks[0]: is empty",
+        ]
+    );
+    let text = format!("{MINIMAL}[service.docker]\nmax_wieght = 10\n");
+    assert!(errors(&text)[0].contains("unknown field `max_wieght`"));
+}

@@ -1,6 +1,6 @@
 //! Semantic checks of a parsed config: every problem with its field path and reason (the
 //! line is found by locate.rs).
-use std::{collections::HashSet, time::Duration};
+use std::{collections::HashSet, net::IpAddr, time::Duration};
 
 use ipnet::{IpNet, Ipv4Net};
 use lb_common::sizes::{
@@ -8,7 +8,7 @@ use lb_common::sizes::{
     RING_HALVES, ring_blocks,
 };
 
-use super::{ApiListen, Config, HealthConfig, HealthKind, modes, parse_control};
+use super::{ApiListen, Config, HealthConfig, HealthKind, claims, modes, parse_control};
 
 impl Config {
     /// Semantic checks: (field path, reason) for each problem.
@@ -93,6 +93,7 @@ impl Config {
         let mut backends = 0;
         let mut allow_prefixes = 0;
         let mut ring_space = 0;
+        let all_vips: Vec<IpAddr> = self.services.iter().map(|s| s.vip).collect();
         for (i, svc) in self.services.iter().enumerate() {
             let at = |field: &str| format!("service[{i}].{field}");
             if !valid_name(&svc.name) {
@@ -122,6 +123,11 @@ impl Config {
             if svc.port == 0 {
                 out.push((at("port"), "must be 1-65535".into()));
             }
+            out.extend(
+                claims::problems(svc, &all_vips)
+                    .into_iter()
+                    .map(|(f, r)| (at(&f), r)),
+            );
             out.extend(
                 modes::problems(svc, self.agent.xdp_mode)
                     .into_iter()

@@ -1,26 +1,48 @@
 //! Containers and Swarm tasks -> backends: the label policy that decides which service a
-//! container or task joins, at which endpoint and weight. Pure: it only reads what the
-//! watchers found and adds backends to the desired state.
+//! container or task joins, at which endpoint and weight, within what the service lets its
+//! labels claim (claims.rs). Pure: it only reads what the watchers found and adds backends
+//! to the desired state.
+use std::net::IpAddr;
+
 use crate::{
-    config::Protocol,
+    config::{ClaimLimits, Config, Protocol},
     state::{BackendSpec, Delivery, DesiredState, Endpoint, Source},
 };
 
 use super::{
+    claims::{COMPOSE_PROJECT, Claim, STACK_NAMESPACE},
     labels::{self, ContainerInfo, LabelError, LabelSpec},
     swarm::SwarmTask,
 };
 
-/// Adds the labelled containers to the services they name. A container with a bad label
-/// (or naming a service the config lacks) is skipped and its error returned; nothing else
-/// is affected. A container with a Docker HEALTHCHECK joins when healthy.
+/// Every VIP of the config, and the claim limits of `service`.
+fn limits<'a>(config: &'a Config, service: &str) -> (Vec<IpAddr>, Option<&'a ClaimLimits>) {
+    let vips = config.services.iter().map(|s| s.vip).collect();
+    let limits = config
+        .services
+        .iter()
+        .find(|s| s.name == service)
+        .map(|s| &s.docker);
+    (vips, limits)
+}
+
+/// Adds the labelled containers to the services they name, oldest first (so that a new
+/// container cannot take an endpoint an older one has). A container with a bad label,
+/// naming a service the config lacks, or claiming beyond the service's limits, is skipped
+/// and its error returned; nothing else is affected. A container with a Docker HEALTHCHECK
+/// joins when healthy.
 pub fn add_containers(
     desired: &mut DesiredState,
+    config: &Config,
     containers: &[ContainerInfo],
     prefix: &str,
 ) -> Vec<LabelError> {
     let mut errors = Vec::new();
-    for c in containers {
+    let mut oldest_first: Vec<&ContainerInfo> = containers.iter().collect();
+    // Unknown creation times last; the id breaks ties, so the order never depends on the
+    // list's.
+    oldest_first.sort_by_key(|c| (c.created.is_none(), c.created, c.id.as_str()));
+    for c in oldest_first {
         let spec = match labels::parse(&c.owner(), &c.labels, prefix) {
             Ok(Some(spec)) => spec,
             Ok(None) => continue,
@@ -55,16 +77,35 @@ pub fn add_containers(
             });
             continue;
         }
+        let owner = c.owner();
+        let claim = Claim {
+            owner: &owner,
+            prefix,
+            labels: &c.labels,
+            project_label: COMPOSE_PROJECT,
+            network: Some(&target.network),
+            addr: target.ip,
+            addr_label: "network",
+        };
+        let (vips, limits) = limits(config, &spec.service);
+        let weight = match claim.check(
+            &spec,
+            limits.unwrap_or(&ClaimLimits::default()),
+            &spec.service,
+            &vips,
+        ) {
+            Ok(w) => w,
+            Err(e) => {
+                errors.push(e);
+                continue;
+            }
+        };
         let endpoint = Endpoint {
             addr: target.ip,
             port: target.port,
         };
         let backend = BackendSpec {
-            weight: if c.stopping {
-                0
-            } else {
-                spec.weight.unwrap_or(100)
-            },
+            weight: if c.stopping { 0 } else { weight },
             source: Source::Docker(c.name.clone()),
             health: spec.health,
             bridge: target.bridge,
@@ -78,9 +119,17 @@ pub fn add_containers(
 /// Adds the Swarm tasks of services whose labels name a configured service: at
 /// `node address : published port` when the service publishes in host mode, else at the
 /// task's address on its (named) network.
-pub fn add_tasks(desired: &mut DesiredState, tasks: &[SwarmTask], prefix: &str) -> Vec<LabelError> {
+/// Tasks come after containers, oldest first; the same limits apply.
+pub fn add_tasks(
+    desired: &mut DesiredState,
+    config: &Config,
+    tasks: &[SwarmTask],
+    prefix: &str,
+) -> Vec<LabelError> {
     let mut errors = Vec::new();
-    for task in tasks {
+    let mut oldest_first: Vec<&SwarmTask> = tasks.iter().collect();
+    oldest_first.sort_by_key(|t| (t.created.is_none(), t.created, t.id.as_str()));
+    for task in oldest_first {
         let owner = format!("swarm service {}", task.service);
         let spec = match labels::parse(&owner, &task.labels, prefix) {
             Ok(Some(spec)) => spec,
@@ -100,7 +149,7 @@ pub fn add_tasks(desired: &mut DesiredState, tasks: &[SwarmTask], prefix: &str) 
             errors.push(bad("service", reason));
             continue;
         };
-        let endpoint = match task_endpoint(task, &spec, service.protocol) {
+        let (endpoint, network) = match task_endpoint(task, &spec, service.protocol) {
             Ok(Some(e)) => e,
             Ok(None) => continue,
             Err((label, reason)) => {
@@ -108,12 +157,30 @@ pub fn add_tasks(desired: &mut DesiredState, tasks: &[SwarmTask], prefix: &str) 
                 continue;
             }
         };
+        let claim = Claim {
+            owner: &owner,
+            prefix,
+            labels: &task.labels,
+            project_label: STACK_NAMESPACE,
+            network: network.as_deref(),
+            addr: endpoint.addr,
+            addr_label: if network.is_some() { "network" } else { "port" },
+        };
+        let (vips, limits) = limits(config, &spec.service);
+        let weight = match claim.check(
+            &spec,
+            limits.unwrap_or(&ClaimLimits::default()),
+            &spec.service,
+            &vips,
+        ) {
+            Ok(w) => w,
+            Err(e) => {
+                errors.push(e);
+                continue;
+            }
+        };
         let backend = BackendSpec {
-            weight: if task.draining {
-                0
-            } else {
-                spec.weight.unwrap_or(100)
-            },
+            weight: if task.draining { 0 } else { weight },
             source: Source::Swarm(task.id.clone()),
             health: spec.health,
             bridge: None,
@@ -124,12 +191,16 @@ pub fn add_tasks(desired: &mut DesiredState, tasks: &[SwarmTask], prefix: &str) 
     errors
 }
 
-/// Where a task is reached; Ok(None) for a task on a node without an address yet.
+/// A task's endpoint and the network its address is on (None: its node's published port).
+type TaskEndpoint = (Endpoint, Option<String>);
+
+/// Where a task is reached, and on which network (None: its node's published port);
+/// Ok(None) for a task on a node without an address yet.
 fn task_endpoint(
     task: &SwarmTask,
     spec: &LabelSpec,
     protocol: Protocol,
-) -> Result<Option<Endpoint>, (&'static str, String)> {
+) -> Result<Option<TaskEndpoint>, (&'static str, String)> {
     let published: Vec<&(u16, u16, String)> = task
         .published
         .iter()
@@ -153,9 +224,12 @@ fn task_endpoint(
                 format!("{} is not a published port", spec.port.unwrap_or(0)),
             ));
         };
-        return Ok(task.node_addr.map(|addr| Endpoint {
-            addr,
-            port: *published_port,
+        return Ok(task.node_addr.map(|addr| {
+            let endpoint = Endpoint {
+                addr,
+                port: *published_port,
+            };
+            (endpoint, None)
         }));
     }
     let Some(port) = spec.port else {
@@ -164,13 +238,13 @@ fn task_endpoint(
             "required: the service publishes no port in host mode".into(),
         ));
     };
-    let ip = match (&spec.network, task.networks.as_slice()) {
+    let (network, ip) = match (&spec.network, task.networks.as_slice()) {
         (Some(name), nets) => nets
             .iter()
             .find(|(n, _)| n == name)
-            .map(|(_, ip)| *ip)
+            .map(|(n, ip)| (n.clone(), *ip))
             .ok_or_else(|| ("network", format!("the task is not attached to `{name}`")))?,
-        (None, [(_, ip)]) => *ip,
+        (None, [(n, ip)]) => (n.clone(), *ip),
         (None, []) => return Ok(None),
         (None, nets) => {
             let names: Vec<&str> = nets.iter().map(|(n, _)| n.as_str()).collect();
@@ -180,7 +254,7 @@ fn task_endpoint(
             ));
         }
     };
-    Ok(Some(Endpoint { addr: ip, port }))
+    Ok(Some((Endpoint { addr: ip, port }, Some(network))))
 }
 
 #[cfg(test)]

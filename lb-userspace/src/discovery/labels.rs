@@ -1,7 +1,13 @@
 //! Labels -> backend: which service a container (or Swarm service) joins, on which port,
 //! network and weight, with which health-check changes. Pure: no Docker calls. A label can
 //! only attach to a service the config declares, so a container cannot claim a VIP.
-use std::{collections::BTreeMap, fmt, net::IpAddr, str::FromStr, time::Duration};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::IpAddr,
+    str::FromStr,
+    time::{Duration, SystemTime},
+};
 
 use crate::config::{HealthKind, HealthOverride, Protocol};
 
@@ -20,6 +26,8 @@ pub struct ContainerInfo {
     /// Signalled to stop (`docker stop` sends SIGTERM first): it takes no new flows, and
     /// its flows finish while it lingers.
     pub stopping: bool,
+    /// When Docker created it: among containers claiming one endpoint, the oldest keeps it.
+    pub created: Option<SystemTime>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,6 +142,8 @@ fn kind(value: &str) -> Result<HealthKind, String> {
 /// Where a labelled container is reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerTarget {
+    /// The network the address is on.
+    pub network: String,
     pub ip: IpAddr,
     pub port: u16,
     pub bridge: Option<String>,
@@ -202,6 +212,7 @@ impl ContainerInfo {
             }
         };
         Ok(ContainerTarget {
+            network: network.name.clone(),
             ip: network.ip.expect("filtered on ip"),
             port,
             bridge: network.bridge.clone(),

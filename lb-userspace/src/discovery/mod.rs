@@ -2,6 +2,7 @@
 //! tasks, both read through their labels (labels.rs) and made backends (endpoints.rs).
 //! Each source publishes complete snapshots from a supervised watcher (supervise.rs);
 //! `Sources::desired` merges them with the config into the desired state.
+pub mod claims;
 pub mod docker;
 pub mod endpoints;
 pub mod labels;
@@ -115,10 +116,15 @@ impl Sources {
         if let Some(d) = &self.docker {
             let prefix = &d.config.label_prefix;
             if let Some(containers) = d.containers.rx.borrow().as_ref() {
-                errors.extend(endpoints::add_containers(&mut desired, containers, prefix));
+                errors.extend(endpoints::add_containers(
+                    &mut desired,
+                    config,
+                    containers,
+                    prefix,
+                ));
             }
             if let Some(tasks) = d.swarm.rx.borrow().as_ref() {
-                errors.extend(endpoints::add_tasks(&mut desired, tasks, prefix));
+                errors.extend(endpoints::add_tasks(&mut desired, config, tasks, prefix));
             }
         }
         if !self.ready() {

@@ -7,7 +7,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -42,6 +42,8 @@ pub struct SwarmTask {
     pub networks: Vec<(String, IpAddr)>,
     /// Still running but told to shut down.
     pub draining: bool,
+    /// When Swarm created it: among tasks claiming one endpoint, the oldest keeps it.
+    pub created: Option<SystemTime>,
 }
 
 /// Upper bound of one poll (services, nodes and tasks).
@@ -197,6 +199,7 @@ fn tasks(
                 node_addr,
                 published,
                 networks,
+                created: humantime::parse_rfc3339_weak(&t.created_at).ok(),
             })
         })
         .collect();
@@ -218,6 +221,8 @@ struct RawTask {
     status: RawStatus,
     #[serde(default)]
     networks_attachments: Vec<RawAttachment>,
+    #[serde(default)]
+    created_at: String,
 }
 
 #[derive(Deserialize)]

@@ -79,6 +79,7 @@ fn desired(check: HealthConfig) -> DesiredState {
     };
     DesiredState {
         services: BTreeMap::from([("web".to_string(), svc)]),
+        ..DesiredState::default()
     }
 }
 

@@ -58,6 +58,7 @@ fn service(name: &str, vip_last: u8, backends: &[(u8, u32)]) -> ServiceSpec {
 fn state(services: Vec<ServiceSpec>) -> DesiredState {
     DesiredState {
         services: services.into_iter().map(|s| (s.name.clone(), s)).collect(),
+        ..DesiredState::default()
     }
 }
 

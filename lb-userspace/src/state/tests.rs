@@ -47,10 +47,28 @@ fn backends_join_only_declared_services() {
     let web = &desired.services["web"].backends;
     assert_eq!(web.len(), 2);
     assert_eq!(web[&endpoint].source, Source::Docker("a".into()));
-    // The same endpoint again replaces the backend: the latest word wins.
+}
+
+#[test]
+fn an_endpoint_claimed_twice_stays_with_its_first_claim_and_is_a_conflict() {
+    let mut desired = DesiredState::from_config(&config());
+    let endpoint: Endpoint = "172.17.0.2:80".parse().unwrap();
+    let fixed: Endpoint = "10.99.2.11:8080".parse().unwrap();
+    desired.add_backend("web", endpoint, backend(Source::Docker("a".into())));
     desired.add_backend("web", endpoint, backend(Source::Swarm("t1".into())));
+    desired.add_backend("web", fixed, backend(Source::Docker("b".into())));
+    let web = &desired.services["web"].backends;
+    assert_eq!(web[&endpoint].source, Source::Docker("a".into()));
     assert_eq!(
-        desired.services["web"].backends[&endpoint].source,
-        Source::Swarm("t1".into())
+        (web[&fixed].source.clone(), web[&fixed].weight),
+        (Source::Static, 50)
+    );
+    let shown: Vec<String> = desired.conflicts.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        shown,
+        [
+            "service web: 172.17.0.2:80 is claimed by container a and by swarm task t1; container a keeps it",
+            "service web: 10.99.2.11:8080 is claimed by the static config and by container b; the static config keeps it",
+        ]
     );
 }

@@ -174,6 +174,10 @@ async fn running(
         exposed,
         health,
         stopping: false,
+        created: c
+            .created
+            .as_deref()
+            .and_then(|t| humantime::parse_rfc3339_weak(t).ok()),
     };
     Ok(Some(Running { info, stop_signal }))
 }

@@ -13,6 +13,7 @@ fn info(id: &str, stopping: bool) -> ContainerInfo {
         exposed: Vec::new(),
         health: None,
         stopping,
+        created: None,
     }
 }
 

@@ -27,6 +27,7 @@ fn container(
         exposed: exposed.iter().map(|p| (*p, Protocol::Tcp)).collect(),
         health: None,
         stopping: false,
+        created: None,
     }
 }
 
@@ -119,6 +120,7 @@ fn one_network_and_one_exposed_port_need_no_labels() {
     assert_eq!(
         t,
         ContainerTarget {
+            network: "app".into(),
             ip: "172.18.0.2".parse().unwrap(),
             port: 8080,
             bridge: Some("br-app".into())
