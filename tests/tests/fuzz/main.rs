@@ -29,6 +29,13 @@
 mod checker;
 mod generator;
 mod model;
+mod modes;
+
+#[allow(dead_code)]
+#[path = "../support/checksums.rs"]
+mod checksums;
+#[path = "../support/routed.rs"]
+mod routed;
 
 use std::{
     fmt::Write as _,
