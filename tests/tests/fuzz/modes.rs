@@ -478,3 +478,42 @@ fn the_tc_balancer_and_tc_reply_survive_random_and_mutated_frames() {
         "TC reply never translated a reply"
     );
 }
+
+/// The judge must be able to fail: wrong rewrites of each kind are caught.
+#[test]
+fn the_mode_judge_catches_wrong_rewrites() {
+    let client = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 99, 1, 2), 40000);
+    let input = Packet::tcp(client, SocketAddrV4::new(VIP1, 80))
+        .with_payload(&b"GET /\n"[..])
+        .build();
+    let Parsed::Ok(h) = parse(&input) else {
+        panic!("fixture does not parse")
+    };
+    assert_eq!(judge(&input, &input), Ok(Done::Untouched));
+    // A destination rewrite with both checksums made right again is fine.
+    let mut out = input.clone();
+    out[h.l3 + IP_DADDR..h.l3 + IP_DADDR + 4].copy_from_slice(&HOSTS[0].octets());
+    let (ip, l4) = scratch_checksums(&out, &h);
+    put_be16(&mut out, h.l3 + IP_CSUM, ip);
+    put_be16(&mut out, h.l4_csum(), l4);
+    assert_eq!(judge(&input, &out), Ok(Done::Rewritten));
+    // The same without the L4 checksum update, or a payload byte changed: caught.
+    let mut stale = out.clone();
+    put_be16(&mut stale, h.l4_csum(), be16(&input, h.l4_csum()));
+    assert!(judge(&input, &stale).is_err());
+    let mut payload = out.clone();
+    *payload.last_mut().unwrap() ^= 1;
+    assert!(judge(&input, &payload).is_err());
+    // IPIP around the packet as it came: fine; with a wrong outer checksum or inner byte: caught.
+    let inner = &input[h.l3..h.l3 + h.tot_len];
+    let outer = Packet::other(std::net::Ipv4Addr::new(10, 99, 4, 1), HOSTS[0], 4)
+        .with_payload(inner.to_vec())
+        .build();
+    assert_eq!(judge(&input, &outer), Ok(Done::Encapsulated));
+    let mut bad = outer.clone();
+    bad[14 + IP_CSUM] ^= 1;
+    assert!(judge(&input, &bad).is_err());
+    let mut bad = outer.clone();
+    *bad.last_mut().unwrap() ^= 1;
+    assert!(judge(&input, &bad).is_err());
+}
