@@ -24,6 +24,9 @@
 //! frame's index and the frame itself (hex). An XDP frame depends on (seed, index) alone; a
 //! TC frame also on the flows XDP created before it.
 //!
+//! modes.rs does the same without an exact model for fullnat, dsr and the TC balancer and
+//! reply programs (see there).
+//!
 //! Needs root and BPF, like tests/datapath.rs.
 
 mod checker;
