@@ -117,6 +117,11 @@ pub struct Quoted {
 #[inline(always)]
 fn quoted<C: PacketBuf>(ctx: &C, icmp: &IcmpPacket) -> Option<Quoted> {
     let off = icmp.icmp_off + ICMP_HLEN;
+    // The quoted header and ports must lie inside the ICMP message, not in the frame's
+    // padding past the IPv4 total length: a rewrite there would break the ICMP checksum.
+    if off + IPV4_HLEN + 4 > icmp.l3_off + icmp.tot_len as usize {
+        return None;
+    }
     let ip = ctx.ptr_at::<Ipv4Hdr>(off)?;
     let ports = load(ctx.ptr_at::<[u16; 2]>(off + IPV4_HLEN)?);
     let proto = load(unsafe { &raw const (*ip).proto });

@@ -73,6 +73,10 @@ fn quoted_request(ctx: &TcContext, icmp: &IcmpPacket) -> Option<Quoted> {
         return None;
     }
     let off = icmp.icmp_off + ICMP_HLEN;
+    // Inside the ICMP message, not in padding past the IPv4 total length (see icmp.rs).
+    if off + IPV4_HLEN + 4 > icmp.l3_off + icmp.tot_len as usize {
+        return None;
+    }
     let version_ihl: u8 = ctx.load(off).ok()?;
     let proto: u8 = ctx.load(off + IP_PROTO_OFF).ok()?;
     if version_ihl != 0x45 || (proto != PROTO_TCP && proto != PROTO_UDP) {

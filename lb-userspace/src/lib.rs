@@ -19,6 +19,7 @@ pub mod maglev;
 pub mod mapped;
 pub mod metrics;
 pub mod netdev;
+pub mod privilege;
 pub mod reconcile;
 pub mod state;
 pub mod status;

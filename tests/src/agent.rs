@@ -24,6 +24,8 @@ pub struct Agent {
     log: PathBuf,
     /// While this file exists, the agent's applies wait (XLB_TEST_HOLD_APPLIES).
     hold: PathBuf,
+    /// A command that execs the agent (`setpriv --bounding-set ...`), or empty.
+    wrapper: Vec<String>,
 }
 
 /// Applies wait while this lives (see `Agent::hold_applies`).
@@ -54,10 +56,25 @@ impl Agent {
     /// Writes `config` to `dir` and starts the agent in `ns`, pinning under
     /// `pin_path_of(prefix)`.
     pub fn start_in(ns: &Netns, dir: &Path, prefix: &str, config: &str) -> Agent {
+        let mut agent = Agent::unstarted(ns, dir, prefix, config, &[]);
+        agent.launch();
+        agent
+    }
+
+    /// Like [`Agent::start_in`] but not started yet, and run through `wrapper` (a command
+    /// that execs the rest of its arguments, as `setpriv ... --` does): `launch` starts it,
+    /// `run_another` tries it.
+    pub fn unstarted(
+        ns: &Netns,
+        dir: &Path,
+        prefix: &str,
+        config: &str,
+        wrapper: &[&str],
+    ) -> Agent {
         let config_path = dir.join("xlb.toml");
         let (config, control) = with_control(config, &dir.join("control.sock"));
         std::fs::write(&config_path, config).expect("write config");
-        let mut agent = Agent {
+        Agent {
             pin_path: Agent::pin_path_of(prefix).into(),
             config_path,
             control,
@@ -65,9 +82,8 @@ impl Agent {
             ns_path: ns.path(),
             log: dir.join("xlb.log"),
             hold: dir.join("hold-applies"),
-        };
-        agent.launch();
-        agent
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
+        }
     }
 
     /// Writes `config` and runs an agent on it that must refuse to start: returns its
@@ -84,6 +100,7 @@ impl Agent {
             ns_path: topo.lb.path(),
             log: topo.dir.join("xlb.log"),
             hold: topo.dir.join("hold-applies"),
+            wrapper: Vec::new(),
         };
         let (status, out) = agent.run_another(Duration::from_secs(10));
         match status {
@@ -99,6 +116,7 @@ impl Agent {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", self.ns_path))
             .arg("--")
+            .args(&self.wrapper)
             .arg(binary("xlb"))
             .args(["run", "--config"])
             .arg(&self.config_path)

@@ -301,6 +301,11 @@ impl LoadedDatapath {
         self.tc(loader::TC_BALANCE_PROGRAM, input)
     }
 
+    /// Runs `input` through the TC reply program (fullnat/dsr replies at TC) once.
+    pub fn tc_reply(&self, input: &[u8]) -> RunResult {
+        self.tc(loader::TC_REPLY_PROGRAM, input)
+    }
+
     fn tc(&self, name: &str, input: &[u8]) -> RunResult {
         run(input, name, |opts| self.classifier(name).test_run(opts))
     }

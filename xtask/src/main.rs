@@ -1,6 +1,7 @@
-//! `cargo xtask setup|build|run|test|demo|soak|bench|readme|image`: the project's one-command workflows. This crate
+//! `cargo xtask setup|build|run|test|fuzz|demo|soak|bench|readme|image`: the project's one-command workflows. This crate
 //! depends on nothing that needs BPF tooling, so it builds on a fresh machine and installs
 //! that tooling itself.
+mod fuzz;
 mod setup;
 
 use std::{
@@ -37,6 +38,13 @@ enum Task {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Coverage-guided fuzzing (cargo-fuzz, nightly) of the config and label parsers: each
+    /// target for N seconds; fails on a crash. Installs cargo-fuzz if missing.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
     },
     /// Set up, build, and show xlb balancing a netns sandbox live.
     Demo {
@@ -114,6 +122,10 @@ fn run_task(task: Task) -> Result<()> {
             run(cargo()
                 .args(["test", "--workspace", "--exclude", "lb-ebpf"])
                 .args(args))
+        }
+        Task::Fuzz { seconds } => {
+            setup::setup(setup::TEST_PACKAGES)?;
+            fuzz::fuzz(seconds)
         }
         Task::Demo { seconds } => {
             setup::setup(setup::TEST_PACKAGES)?;

@@ -89,6 +89,7 @@ struct Agent {
 pub async fn run(config_path: &Path) -> Result<()> {
     let config = Config::load(config_path)?;
     let pin_path = config.agent.pin_path.clone();
+    crate::privilege::check().context("not starting")?;
     // Before anything is loaded: a second agent on this pin path changes nothing.
     let _lock = crate::lock::PinLock::acquire(&pin_path).context("not starting")?;
     // Also before anything is loaded: a socket path that is taken stops the agent here.

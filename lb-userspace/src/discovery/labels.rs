@@ -154,7 +154,9 @@ impl ContainerInfo {
         format!(
             "container {} ({})",
             self.name,
-            &self.id[..self.id.len().min(12)]
+            // Docker's ids are hex, but this runs on whatever the API sent: 12 chars, not
+            // 12 bytes (a byte index inside a UTF-8 char panics).
+            self.id.chars().take(12).collect::<String>()
         )
     }
 

@@ -319,7 +319,14 @@ impl Run {
     }
 
     /// Panics with everything needed to look at and replay a failing frame.
-    fn fail(&self, what: &str, index: u64, frame: &Frame, out: Option<&[u8]>, problem: &str) -> ! {
+    pub fn fail(
+        &self,
+        what: &str,
+        index: u64,
+        frame: &Frame,
+        out: Option<&[u8]>,
+        problem: &str,
+    ) -> ! {
         let mut msg = format!(
             "{what} frame {index} (seed {:#x}): {problem}\nframe: {}\ninput ({} bytes):\n{}",
             self.seed,

@@ -80,6 +80,18 @@ pub struct Frame {
     pub what: String,
 }
 
+impl Frame {
+    /// A frame to run as it is (no fixture behind it).
+    pub fn of(bytes: Vec<u8>, what: &str) -> Frame {
+        Frame {
+            bytes,
+            l3: 14,
+            l4: 34,
+            what: what.into(),
+        }
+    }
+}
+
 fn vlan_tags(rng: &mut Rng) -> (Vec<(u16, u16)>, &'static str) {
     let tci = rng.u16();
     let tci2 = rng.u16();
@@ -725,7 +737,12 @@ pub fn xdp_frame(seed: u64, index: u64, model: &Model) -> Frame {
 }
 
 pub fn tc_frame(seed: u64, index: u64, model: &Model, replies: &[Flow5]) -> Frame {
-    let mut rng = Rng::for_frame(seed, 2, index);
+    frame_among(seed, 2, index, model, replies)
+}
+
+/// Often one of `replies` (as it is or mutated), else any frame: of stream `stream`.
+pub fn frame_among(seed: u64, stream: u64, index: u64, model: &Model, replies: &[Flow5]) -> Frame {
+    let mut rng = Rng::for_frame(seed, stream, index);
     let mut f = if !replies.is_empty() && rng.chance(60) {
         let (src, sport, dst, dport, proto) = replies[rng.below(replies.len())];
         let from = SocketAddrV4::new(src, sport);

@@ -24,11 +24,21 @@
 //! frame's index and the frame itself (hex). An XDP frame depends on (seed, index) alone; a
 //! TC frame also on the flows XDP created before it.
 //!
+//! modes.rs does the same without an exact model for fullnat, dsr and the TC balancer and
+//! reply programs (see there).
+//!
 //! Needs root and BPF, like tests/datapath.rs.
 
 mod checker;
 mod generator;
 mod model;
+mod modes;
+
+#[allow(dead_code)]
+#[path = "../support/checksums.rs"]
+mod checksums;
+#[path = "../support/routed.rs"]
+mod routed;
 
 use std::{
     fmt::Write as _,

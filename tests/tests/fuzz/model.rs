@@ -198,8 +198,13 @@ impl Model {
 
     /// The services as the data path has them applied (ids from the reconciler).
     pub fn applied(dp: &LoadedDatapath) -> Model {
+        Model::applied_from(dp, services())
+    }
+
+    /// The services of `specs` as the data path has them applied.
+    pub fn applied_from(dp: &LoadedDatapath, specs: Vec<super::ServiceSpec>) -> Model {
         Model::new(
-            services()
+            specs
                 .into_iter()
                 .map(|(name, vip, proto, _)| Svc {
                     name,
@@ -284,7 +289,9 @@ impl Model {
             3 | 11 => {
                 let q = icmp + 8;
                 let proto = f.get(q + 9).copied();
+                // The quoted header and ports inside the IPv4 packet, not in padding.
                 let sound = f.len() >= q + 24
+                    && l3 + usize::from(be16(f, l3 + IP_TOT_LEN)) >= q + 24
                     && f[q] == 0x45
                     && matches!(proto, Some(PROTO_TCP | PROTO_UDP))
                     && ipv4_at(f, q + IP_SADDR) == daddr;

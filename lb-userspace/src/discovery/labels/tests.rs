@@ -196,3 +196,14 @@ fn a_container_without_an_address_is_an_error() {
         "the container has no IP address"
     );
 }
+
+/// Found by `cargo xtask fuzz` (target labels): an id with a multi-byte character across
+/// byte 12 made `owner` panic, slicing inside the character.
+#[test]
+fn owner_of_an_id_that_is_not_hex_does_not_panic() {
+    let mut c = container(&[("xlb.service", "web")], &[("app", "172.18.0.2")], &[80]);
+    c.id = "3f2a1c8be01\u{f5}e".into();
+    assert_eq!(c.owner(), "container web_3 (3f2a1c8be01\u{f5})");
+    c.id = "abc".into();
+    assert_eq!(c.owner(), "container web_3 (abc)");
+}
