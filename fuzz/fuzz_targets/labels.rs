@@ -36,6 +36,7 @@ fuzz_target!(|data: &[u8]| {
         exposed: vec![(80, Protocol::Tcp), (53, Protocol::Udp), (8080, Protocol::Tcp)],
         health: None,
         stopping: false,
+        created: None,
     };
     let owner = c.owner();
     match labels::parse(&owner, &c.labels, "xlb") {

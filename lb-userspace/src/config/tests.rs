@@ -356,3 +356,12 @@ fn claim_limits_are_safe_by_default_and_validated() {
     let text = format!("{MINIMAL}[service.docker]\nmax_wieght = 10\n");
     assert!(errors(&text)[0].contains("unknown field `max_wieght`"));
 }
+
+/// An invalid config on which toml_edit (used to locate fields) panics: found by the config
+/// fuzzer. It is an error with a line, not a crash.
+#[test]
+fn a_config_that_trips_toml_edit_is_an_error() {
+    let text = String::from_utf8_lossy(include_bytes!("testdata/toml_edit_panic.toml"));
+    let result = std::panic::catch_unwind(|| Config::parse(Path::new("x.toml"), &text));
+    assert!(matches!(result, Ok(Err(_))), "parsed, or panicked");
+}
