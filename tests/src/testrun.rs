@@ -380,6 +380,15 @@ pub fn desired_state(services: &str) -> DesiredState {
     DesiredState::from_config(&config)
 }
 
+/// The same without the config's checks: for a benchmark that needs what `xlb check`
+/// refuses (a service whose backend is its own VIP, so that a repeated run stays the same).
+pub fn unchecked_desired_state(services: &str) -> DesiredState {
+    let text = format!("[agent]\ninterfaces = [\"xlbtest0\"]\n\n{services}");
+    let config: Config = toml::from_str(&text)
+        .unwrap_or_else(|e| panic!("test config does not parse:\n{e}\n--- config ---\n{text}"));
+    DesiredState::from_config(&config)
+}
+
 /// One `[[service]]` table in nat mode, health checks off, with `(backend, weight)` pairs.
 pub fn service_toml(
     name: &str,
