@@ -15,15 +15,17 @@ use super::{
     swarm::SwarmTask,
 };
 
-/// Every VIP of the config, and the claim limits of `service`.
-fn limits<'a>(config: &'a Config, service: &str) -> (Vec<IpAddr>, Option<&'a ClaimLimits>) {
-    let vips = config.services.iter().map(|s| s.vip).collect();
+/// The weight `claim` may have in the service its labels name (checked against every VIP
+/// of the config and that service's claim limits), or why it may not claim there.
+fn admitted(config: &Config, claim: &Claim, spec: &LabelSpec) -> Result<u32, LabelError> {
+    let vips: Vec<IpAddr> = config.services.iter().map(|s| s.vip).collect();
+    let default = ClaimLimits::default();
     let limits = config
         .services
         .iter()
-        .find(|s| s.name == service)
-        .map(|s| &s.docker);
-    (vips, limits)
+        .find(|s| s.name == spec.service)
+        .map_or(&default, |s| &s.docker);
+    claim.check(spec, limits, &spec.service, &vips)
 }
 
 /// Adds the labelled containers to the services they name, oldest first (so that a new
@@ -87,13 +89,7 @@ pub fn add_containers(
             addr: target.ip,
             addr_label: "network",
         };
-        let (vips, limits) = limits(config, &spec.service);
-        let weight = match claim.check(
-            &spec,
-            limits.unwrap_or(&ClaimLimits::default()),
-            &spec.service,
-            &vips,
-        ) {
+        let weight = match admitted(config, &claim, &spec) {
             Ok(w) => w,
             Err(e) => {
                 errors.push(e);
@@ -166,13 +162,7 @@ pub fn add_tasks(
             addr: endpoint.addr,
             addr_label: if network.is_some() { "network" } else { "port" },
         };
-        let (vips, limits) = limits(config, &spec.service);
-        let weight = match claim.check(
-            &spec,
-            limits.unwrap_or(&ClaimLimits::default()),
-            &spec.service,
-            &vips,
-        ) {
+        let weight = match admitted(config, &claim, &spec) {
             Ok(w) => w,
             Err(e) => {
                 errors.push(e);
