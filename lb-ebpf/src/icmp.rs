@@ -12,8 +12,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    FAMILY_V4, MODE_DSR, MODE_FULLNAT, MODE_NAT, PROTO_TCP, PROTO_UDP, Reason, SERVICE_GUE,
-    VIP_ADDR_ECHO, VipAddrKey, VipKey, flow_hash,
+    FAMILY_V4, FlowKey, MODE_DSR, MODE_FULLNAT, MODE_NAT, PROTO_TCP, PROTO_UDP, Reason,
+    SERVICE_GUE, VIP_ADDR_ECHO, VipAddrKey, VipKey, flow_hash,
 };
 
 use crate::{
@@ -114,6 +114,24 @@ pub struct Quoted {
     dst: Endpoint,
 }
 
+impl Quoted {
+    /// The key of the packets that answer the quoted one (its destination -> its source),
+    /// built in the scratch room (the stack is short here): a VIP flow's own key when the
+    /// quote is the VIP's reply, a fullnat reply's key when it is the LB's request.
+    #[inline(always)]
+    fn answered_flow(&self) -> Option<&'static mut FlowKey> {
+        let key = &mut maps::scratch()?.key;
+        key.src = [self.dst.addr, 0, 0, 0];
+        key.dst = [self.src.addr, 0, 0, 0];
+        key.src_port = self.dst.port;
+        key.dst_port = self.src.port;
+        key.proto = self.proto;
+        key.family = FAMILY_V4;
+        key._pad = 0;
+        Some(key)
+    }
+}
+
 #[inline(always)]
 fn quoted<C: PacketBuf>(ctx: &C, icmp: &IcmpPacket) -> Option<Quoted> {
     let off = icmp.icmp_off + ICMP_HLEN;
@@ -169,15 +187,7 @@ pub fn owner<C: PacketBuf>(ctx: &C, icmp: &IcmpPacket) -> Option<Owner> {
         family: FAMILY_V4,
     };
     let svc = maps::service(*unsafe { VIPS.get(vip) }?).filter(|s| s.vip == vip)?;
-    // The flow's key, built in the scratch room (the stack is short here).
-    let flow = &mut maps::scratch()?.key;
-    flow.src = [q.dst.addr, 0, 0, 0];
-    flow.dst = [q.src.addr, 0, 0, 0];
-    flow.src_port = q.dst.port;
-    flow.dst_port = q.src.port;
-    flow.proto = q.proto;
-    flow.family = FAMILY_V4;
-    flow._pad = 0;
+    let flow = q.answered_flow()?;
     let known = match unsafe { CONNTRACK.get(&*flow) } {
         Some(f) => Some(f),
         None => unsafe { CONNTRACK_NEW.get(&*flow) },
@@ -263,14 +273,7 @@ fn from_fullnat_backend(ctx: &XdpContext, icmp: &IcmpPacket, now: u64) -> Option
     }
     let q = quoted(ctx, icmp)?;
     // The flow's reply direction (backend -> SNAT address:port), as reservations are keyed.
-    let reply = &mut maps::scratch()?.key;
-    reply.src = [q.dst.addr, 0, 0, 0];
-    reply.dst = [q.src.addr, 0, 0, 0];
-    reply.src_port = q.dst.port;
-    reply.dst_port = q.src.port;
-    reply.proto = q.proto;
-    reply.family = FAMILY_V4;
-    reply._pad = 0;
+    let reply = q.answered_flow()?;
     let (entry, _) = snat::reservation(reply)?;
     let entry = unsafe { &*entry };
     let client = Endpoint {
