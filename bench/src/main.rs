@@ -11,6 +11,7 @@
 //! Everything it creates (namespaces, processes, pins) is removed at the end, also when a
 //! run fails or on Ctrl-C.
 mod cpu;
+mod flood;
 mod load;
 mod micro;
 mod modes;
@@ -99,6 +100,12 @@ struct Args {
     /// Skip the microbenchmarks.
     #[arg(long)]
     no_micro: bool,
+    /// Skip the loads under a flood.
+    #[arg(long)]
+    no_flood: bool,
+    /// Packets a second of each flood (random-source SYNs, UDP) from the second client.
+    #[arg(long, default_value_t = 20_000)]
+    flood_rate: u64,
     /// Run nothing: rewrite the benchmark sections of README.md and docs/benchmarks.md from
     /// docs/bench-results.json, the last full run's results.
     #[arg(long)]
@@ -283,6 +290,7 @@ fn run(args: Args) -> Result<()> {
     let mut runs = Vec::new();
     let mut profile = Vec::new();
     let mut failures = Vec::new();
+    let mut flood = Vec::new();
     if !args.no_netns {
         step("building the netns sandbox (client, lb, 3 nginx backends)");
         let bed = Testbed::new(args.server_cpu)?;
@@ -295,12 +303,19 @@ fn run(args: Args) -> Result<()> {
             &mut context,
             &mut profile,
         );
+        let flooded = match outcome {
+            Ok(_) if !args.no_flood && !stopped_now() => under_flood(&args, &bed, reps, seconds),
+            _ => Ok(Vec::new()),
+        };
         drop(bed);
         failures = outcome?;
+        flood = flooded?;
     }
 
     let summary = report::summarize(&runs);
-    let goals = report::goals(&summary, xdp.as_ref(), &maglev, report::other_load(&runs));
+    let mut goals = report::goals(&summary, xdp.as_ref(), &maglev, report::other_load(&runs));
+    let flood_summary = flood::summarize(&flood);
+    goals.extend(flood::goal(&flood_summary, args.flood_rate));
     let results = Results {
         context,
         goals,
@@ -310,6 +325,8 @@ fn run(args: Args) -> Result<()> {
         maglev,
         profile,
         failures,
+        flood,
+        flood_summary,
     };
     report::write_all(&out, &results)?;
     println!("{}", report::markdown(&results));
@@ -439,6 +456,41 @@ fn throughput(
         }
     }
     Ok(failures)
+}
+
+/// The loads under a flood, in the same sandbox, with the second client added.
+fn under_flood(
+    args: &Args,
+    bed: &Testbed,
+    reps: u32,
+    seconds: u64,
+) -> Result<Vec<flood::FloodRun>> {
+    step("adding the flooding client");
+    let flooder = flood::Flooder::new(bed);
+    let scratch = bed.scratch();
+    let wrk = load::Wrk {
+        client: &bed.topo.client,
+        cpu: args.load_cpu,
+        threads: args.threads,
+        connections: args.connections,
+        seconds,
+        scratch: &scratch,
+    };
+    let generator_ns =
+        flooder.generator_ns_per_packet(bed, args.load_cpu, args.flood_rate, seconds)?;
+    eprintln!("    the flood generator alone: {generator_ns:.0} ns CPU per packet");
+    let settings = flood::Settings {
+        reps,
+        seconds,
+        load_cpu: args.load_cpu,
+        rate: args.flood_rate,
+        generator_ns,
+    };
+    flood::run(&wrk, bed, &flooder, &settings)
+}
+
+fn stopped_now() -> bool {
+    STOP.load(Ordering::SeqCst)
 }
 
 fn one_run(

@@ -115,6 +115,12 @@ pub struct Active<'a> {
 
 impl<'a> Active<'a> {
     pub fn start(bed: &'a Testbed, mode: Mode) -> Result<Active<'a>> {
+        Active::start_on(bed, mode, &[])
+    }
+
+    /// As `start`, with xlb also attached to `more_interfaces` of the lb namespace (the
+    /// flood bench's second client link).
+    pub fn start_on(bed: &'a Testbed, mode: Mode, more_interfaces: &[&str]) -> Result<Active<'a>> {
         let mut active = Active {
             mode,
             bed,
@@ -185,7 +191,14 @@ impl<'a> Active<'a> {
                     active.decap = Some(Decap::attach(bed)?);
                 }
                 let pin_path = Agent::pin_path_for(&bed.topo);
-                let config = xlbmode::config(mode, &pin_path, &backends);
+                let mut config = xlbmode::config(mode, &pin_path, &backends);
+                for interface in more_interfaces {
+                    config = config.replacen(
+                        "interfaces = [",
+                        &format!("interfaces = [\"{interface}\", "),
+                        1,
+                    );
+                }
                 let agent = Agent::start(&bed.topo, &config);
                 if let Some(pid) = agent.proc.as_ref().map(Proc::pid) {
                     crate::cpu::pin_process(pid, bed.server_cpu)?;

@@ -161,6 +161,13 @@ fn benchmarks(r: &Results) -> String {
             xdp_table(x)
         );
     }
+    if !r.flood_summary.is_empty() {
+        let _ = writeln!(
+            s,
+            "### Under a flood\n\n{}",
+            crate::flood::table(&r.flood_summary)
+        );
+    }
     if !r.profile.is_empty() {
         let _ = writeln!(
             s,

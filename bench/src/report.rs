@@ -357,6 +357,11 @@ pub struct Results {
     pub profile: Vec<crate::profile::ProgramCost>,
     /// Mode setups that failed (their loads did not run in that repetition).
     pub failures: Vec<Failure>,
+    /// The loads under a flood (absent in results from before the flood bench).
+    #[serde(default)]
+    pub flood: Vec<crate::flood::FloodRun>,
+    #[serde(default)]
+    pub flood_summary: Vec<crate::flood::FloodSummary>,
 }
 
 /// A mode that could not be set up or did not answer from every backend.
@@ -437,6 +442,19 @@ pub fn markdown(r: &Results) -> String {
     );
     if let Some(x) = &r.xdp {
         let _ = writeln!(s, "## XDP program (BPF_PROG_TEST_RUN)\n\n{}", xdp_table(x));
+    }
+    if !r.flood_summary.is_empty() {
+        let _ = writeln!(
+            s,
+            "## Under a flood\n\nEach mode's wrk keep-alive and `Connection: close` runs without \
+             and then with a random-source SYN flood and a UDP flood (to the VIP's HTTP and UDP \
+             ports) from a second client, its own namespace and link into the lb namespace; \
+             \"kept\" is the flooded rate over the unflooded one (median over the \
+             repetitions). \"Taken in\" is what the lb namespace's flood link received per \
+             second; the CPU per flood packet is the whole machine's busy time during a flood \
+             alone, less the generator's own, over the packets sent.\n\n{}",
+            crate::flood::table(&r.flood_summary)
+        );
     }
     if !r.profile.is_empty() {
         let _ = writeln!(
