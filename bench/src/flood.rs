@@ -248,6 +248,7 @@ fn one_mode(
     let close = runs::wrk_run(wrk, bed, active, rep, Load::Close)?;
     let limit = Duration::from_secs(4 * s.seconds + 30);
 
+    let counters_before = counters(bed);
     let rx_before = rx_packets(bed)?;
     let started = std::time::Instant::now();
     let floods = flooder.start(s.load_cpu, s.rate, limit)?;
@@ -258,6 +259,14 @@ fn one_mode(
     let offered_pps = stop_all(floods);
     let received_pps = (rx_packets(bed)? - rx_before) as f64 / started.elapsed().as_secs_f64();
     let (keep_alive_flooded, close_flooded) = (keep_alive_flooded?, close_flooded?);
+    let changed: Vec<String> = counters(bed)
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let d = v.saturating_sub(*counters_before.get(&k).unwrap_or(&0));
+            (d > 0).then(|| format!("{k} {d}"))
+        })
+        .collect();
+    eprintln!("    during the flood: {}", changed.join(", "));
 
     let (cpu_ns_per_packet, _) =
         flooder.cpu_per_packet(s.load_cpu, s.rate, s.seconds, s.generator_ns)?;
@@ -294,6 +303,49 @@ fn rx_packets(bed: &Testbed) -> Result<u64> {
     links[0]["stats64"]["rx"]["packets"]
         .as_u64()
         .with_context(|| format!("no rx packets for {FLOOD_IF}: {text}"))
+}
+
+/// Where packets can be lost on the way (printed, to tell why a load suffers): every
+/// link's drops in the lb and backend namespaces, and the backends' TCP troubles.
+fn counters(bed: &Testbed) -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    let namespaces = std::iter::once(("lb", &bed.topo.lb))
+        .chain(bed.topo.backends.iter().map(|b| (b.name.as_str(), &b.ns)));
+    for (name, ns) in namespaces {
+        let text = ns.ip(&["-j", "-s", "link", "show"]);
+        if let Ok(serde_json::Value::Array(links)) = serde_json::from_str(&text) {
+            for link in links {
+                let ifname = link["ifname"].as_str().unwrap_or("?");
+                for dir in ["rx", "tx"] {
+                    let dropped = link["stats64"][dir]["dropped"].as_u64().unwrap_or(0);
+                    out.insert(format!("{name}/{ifname} {dir}_dropped"), dropped);
+                }
+            }
+        }
+        if name == "lb" {
+            continue;
+        }
+        let text = ns.exec(&["nstat", "-az", "-j"]);
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+            && let Some(kernel) = v["kernel"].as_object()
+        {
+            for key in [
+                "TcpExtListenOverflows",
+                "TcpExtListenDrops",
+                "TcpExtSyncookiesSent",
+                "TcpExtTCPTimeouts",
+                "TcpRetransSegs",
+                "TcpExtTCPBacklogDrop",
+                "IpExtInNoRoutes",
+            ] {
+                out.insert(
+                    format!("{name} {key}"),
+                    kernel.get(key).and_then(|v| v.as_u64()).unwrap_or(0),
+                );
+            }
+        }
+    }
+    out
 }
 
 pub fn summarize(runs: &[FloodRun]) -> Vec<FloodSummary> {
