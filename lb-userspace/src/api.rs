@@ -10,7 +10,7 @@ use std::{path::Path, sync::Arc};
 use anyhow::{Context as _, Result};
 use axum::{
     Json, Router,
-    extract::{self, State},
+    extract::{self, RawQuery, State},
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -25,6 +25,7 @@ use crate::{
     config::{AgentConfig, ApiListen},
     datapath::Datapath,
     discovery::supervise::Board,
+    events::EventLog,
     flowtables::TableStatus,
     health::HealthReader,
     http,
@@ -59,6 +60,8 @@ pub struct Api {
     pub flow_tables: watch::Receiver<Vec<TableStatus>>,
     /// Each discovery source's state.
     pub discovery: Board,
+    /// What changed recently, fed by the agent.
+    pub events: EventLog,
 }
 
 impl Api {
@@ -166,6 +169,7 @@ fn router(api: Api, gate: Gate) -> Router {
     Router::new()
         .route("/status", get(status))
         .route("/metrics", get(metrics))
+        .route("/events", get(events))
         .route("/reload", post(reload))
         .route("/backends/{service}/{backend}/{action}", post(drain))
         .method_not_allowed_fallback(wrong_method)
@@ -175,7 +179,7 @@ fn router(api: Api, gate: Gate) -> Router {
 async fn wrong_method() -> Response {
     (
         StatusCode::METHOD_NOT_ALLOWED,
-        "GET /status and /metrics; POST /reload and /backends/SERVICE/BACKEND/drain|undrain \
+        "GET /, /status, /metrics and /events; POST /reload and /backends/SERVICE/BACKEND/drain|undrain \
          (on the control socket)\n",
     )
         .into_response()
@@ -204,6 +208,35 @@ async fn metrics(State(Served { api, .. }): State<Served>) -> Response {
             .into_response(),
         Err(e) => internal(e),
     }
+}
+
+/// GET /events[?since=SEQ]: the recent events (newer than SEQ), oldest first, one JSON
+/// object a line.
+async fn events(State(Served { api, .. }): State<Served>, RawQuery(query): RawQuery) -> Response {
+    let since = match query_value(query.as_deref(), "since").map(str::parse::<u64>) {
+        None => None,
+        Some(Ok(seq)) => Some(seq),
+        Some(Err(_)) => {
+            return (StatusCode::BAD_REQUEST, "since=SEQ takes a number\n").into_response();
+        }
+    };
+    let mut body = String::new();
+    for event in api.events.since(since) {
+        if let Ok(line) = serde_json::to_string(&event) {
+            body.push_str(&line);
+            body.push('\n');
+        }
+    }
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
+}
+
+/// The value of `name` in a query string (`a=1&since=5`), if there.
+fn query_value<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
+    query?
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
 }
 
 async fn reload(State(served): State<Served>, headers: HeaderMap) -> Response {

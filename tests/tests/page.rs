@@ -1,0 +1,89 @@
+//! What the read API shows an operator: the recent events (`GET /events`) and the status
+//! page (`GET /`), here also in headless Chromium. Same netns topology as nat.rs; health
+//! checks probe every 200 ms with fall 2 / rise 2. Run as root.
+use std::{net::SocketAddr, time::Duration};
+
+use xlb_tests::{agent::Agent, client::http_get, topology::Topology};
+
+fn start(backends: usize) -> (Topology, Agent) {
+    let topo = Topology::new(backends);
+    let all: Vec<_> = topo.backends.iter().collect();
+    let agent = Agent::start(&topo, &topo.config(&Agent::pin_path_for(&topo), &all));
+    (topo, agent)
+}
+
+/// GET `path` on the agent's API, from inside its namespace.
+fn api_get(topo: &Topology, path: &str) -> String {
+    let api: SocketAddr = "127.0.0.1:9900".parse().unwrap();
+    let path = path.to_string();
+    topo.lb
+        .run(move || http_get(api, &path).unwrap_or_else(|e| panic!("GET {path}: {e}")))
+}
+
+/// The events of `GET /events?since=...`, each line parsed.
+fn events(topo: &Topology, since: Option<u64>) -> Vec<serde_json::Value> {
+    let path = match since {
+        Some(seq) => format!("/events?since={seq}"),
+        None => "/events".into(),
+    };
+    api_get(topo, &path)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect()
+}
+
+#[test]
+fn a_killed_backend_is_a_down_event_with_its_reason() {
+    let (mut topo, agent) = start(2);
+    agent.wait_up("web", 2, Duration::from_secs(5));
+    topo.kill_backend(1);
+    agent.wait_state("web", "10.99.2.12:8080", "down", Duration::from_secs(3));
+
+    let all = events(&topo, None);
+    let seqs: Vec<u64> = all.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "oldest first: {seqs:?}"
+    );
+    let down = all
+        .iter()
+        .find(|e| {
+            e["kind"] == "backend_down"
+                && e["service"] == "web"
+                && e["backend"] == "10.99.2.12:8080"
+        })
+        .unwrap_or_else(|| panic!("no down event for be2 of web: {all:#?}"));
+    let message = down["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("backend is down: ") && message.contains("refused"),
+        "the reason is the probe's: {message}"
+    );
+    assert!(down["time"].as_str().unwrap().ends_with('Z'), "{down}");
+    assert!(down["unix_ms"].as_u64().unwrap() > 0, "{down}");
+    // The other backend did not go down.
+    assert!(
+        !all.iter()
+            .any(|e| e["kind"] == "backend_down" && e["backend"] == "10.99.2.11:8080"),
+        "{all:#?}"
+    );
+
+    // ?since= gives only what is newer.
+    let seq = down["seq"].as_u64().unwrap();
+    let newer = events(&topo, Some(seq));
+    assert!(
+        newer.iter().all(|e| e["seq"].as_u64().unwrap() > seq),
+        "{newer:#?}"
+    );
+    let last = *seqs.last().unwrap();
+    assert!(events(&topo, Some(last)).is_empty());
+
+    // A drain and a rejected reload are events too.
+    let (ok, out) = agent.cli(&["drain", "web", "10.99.2.11:8080"]);
+    assert!(ok, "{out}");
+    let (ok, out) = agent.reload("this is not toml");
+    assert!(!ok, "{out}");
+    let later = events(&topo, Some(last));
+    let kinds: Vec<&str> = later.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert!(kinds.contains(&"drain"), "{later:#?}");
+    assert!(kinds.contains(&"reload_rejected"), "{later:#?}");
+}
