@@ -12,7 +12,7 @@ use axum::{
     Json, Router,
     extract::{self, RawQuery, State},
     http::{HeaderMap, StatusCode, header},
-    response::{IntoResponse, Response},
+    response::{Html, IntoResponse, Response},
     routing::{get, post},
 };
 use http_body_util::{BodyExt as _, Empty};
@@ -34,7 +34,9 @@ use crate::{
 };
 
 mod gate;
+pub mod history;
 mod listen;
+mod page;
 
 pub type Reply = oneshot::Sender<Result<String, String>>;
 
@@ -92,6 +94,8 @@ impl Api {
 struct Served {
     api: Api,
     gate: Gate,
+    /// The rates of the last minutes, for the status page.
+    history: history::History,
 }
 
 /// The listeners, bound before the agent touches the data path: a socket path taken by
@@ -146,8 +150,10 @@ impl Listeners {
 
     /// Serves both until the process ends.
     pub fn serve(self, api: Api) -> Vec<tokio::task::JoinHandle<()>> {
-        let control = router(api.clone(), Gate::Open);
-        let read = router(api, self.read_gate);
+        let history = history::History::default();
+        let sampler = tokio::spawn(sample(api.clone(), history.clone()));
+        let control = router(api.clone(), Gate::Open, history.clone());
+        let read = router(api, self.read_gate, history);
         let control = spawn(self.control, control);
         let read = match self.api {
             ApiSocket::Tcp(listener) => tokio::spawn(async move {
@@ -155,7 +161,18 @@ impl Listeners {
             }),
             ApiSocket::Unix(listener) => spawn(listener, read),
         };
-        vec![control, read]
+        vec![control, read, sampler]
+    }
+}
+
+/// Reads the counters into `history` every `history::EVERY`.
+async fn sample(api: Api, history: history::History) {
+    let mut every = tokio::time::interval(history::EVERY);
+    loop {
+        every.tick().await;
+        if let Ok(status) = api.status() {
+            history.add(&status, std::time::Instant::now());
+        }
     }
 }
 
@@ -165,21 +182,23 @@ fn spawn(listener: tokio::net::UnixListener, router: Router) -> tokio::task::Joi
     })
 }
 
-fn router(api: Api, gate: Gate) -> Router {
+fn router(api: Api, gate: Gate, history: history::History) -> Router {
     Router::new()
+        .route("/", get(status_page))
+        .route("/history", get(rates))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/events", get(events))
         .route("/reload", post(reload))
         .route("/backends/{service}/{backend}/{action}", post(drain))
         .method_not_allowed_fallback(wrong_method)
-        .with_state(Served { api, gate })
+        .with_state(Served { api, gate, history })
 }
 
 async fn wrong_method() -> Response {
     (
         StatusCode::METHOD_NOT_ALLOWED,
-        "GET /, /status, /metrics and /events; POST /reload and /backends/SERVICE/BACKEND/drain|undrain \
+        "GET /, /status, /metrics, /events and /history; POST /reload and /backends/SERVICE/BACKEND/drain|undrain \
          (on the control socket)\n",
     )
         .into_response()
@@ -208,6 +227,22 @@ async fn metrics(State(Served { api, .. }): State<Served>) -> Response {
             .into_response(),
         Err(e) => internal(e),
     }
+}
+
+/// GET /: the status page.
+async fn status_page(State(Served { api, .. }): State<Served>) -> Response {
+    match api.status() {
+        Ok(status) => {
+            let events = api.events.latest(page::EVENTS_SHOWN);
+            Html(page::render(&status, &events).into_string()).into_response()
+        }
+        Err(e) => internal(e),
+    }
+}
+
+/// GET /history: per service and backend, packets/s and new flows/s of the last 10 minutes.
+async fn rates(State(Served { history, .. }): State<Served>) -> Response {
+    Json(history.json()).into_response()
 }
 
 /// GET /events[?since=SEQ]: the recent events (newer than SEQ), oldest first, one JSON

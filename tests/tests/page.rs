@@ -1,9 +1,15 @@
 //! What the read API shows an operator: the recent events (`GET /events`) and the status
 //! page (`GET /`), here also in headless Chromium. Same netns topology as nat.rs; health
 //! checks probe every 200 ms with fall 2 / rise 2. Run as root.
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
-use xlb_tests::{agent::Agent, client::http_get, topology::Topology};
+use xlb_tests::{
+    agent::Agent,
+    browser::Browser,
+    client::{LoadLoop, http_get},
+    process::wait_for,
+    topology::Topology,
+};
 
 fn start(backends: usize) -> (Topology, Agent) {
     let topo = Topology::new(backends);
@@ -86,4 +92,90 @@ fn a_killed_backend_is_a_down_event_with_its_reason() {
     let kinds: Vec<&str> = later.iter().map(|e| e["kind"].as_str().unwrap()).collect();
     assert!(kinds.contains(&"drain"), "{later:#?}");
     assert!(kinds.contains(&"reload_rejected"), "{later:#?}");
+}
+
+/// (backend, state) of each row of the page's table for `service`, from its HTML.
+fn page_backends(html: &str, service: &str) -> Vec<(String, String)> {
+    let start = format!(r#"<table class="backends" data-service="{service}">"#);
+    let table = html
+        .split_once(&start)
+        .and_then(|(_, rest)| rest.split_once("</table>"))
+        .map(|(table, _)| table)
+        .unwrap_or_else(|| panic!("no table for {service} in:\n{html}"));
+    table
+        .split(r#"data-backend=""#)
+        .skip(1)
+        .map(|row| {
+            let (backend, rest) = row.split_once('"').unwrap();
+            let state = rest
+                .split_once(r#"data-state=""#)
+                .and_then(|(_, s)| s.split_once('"'))
+                .map(|(s, _)| s.to_string())
+                .unwrap();
+            (backend.to_string(), state)
+        })
+        .collect()
+}
+
+#[test]
+fn the_status_page_in_chromium_shows_the_backends_of_status_and_a_killed_one_down() {
+    let (mut topo, agent) = start(3);
+    agent.wait_up("web", 3, Duration::from_secs(5));
+    let load = LoadLoop::start(
+        &topo.client.path(),
+        topo.vip(80),
+        Duration::from_millis(20),
+        2000,
+    );
+    let browser = Browser::new(&topo.lb, &topo.dir);
+    let url = "http://127.0.0.1:9900/";
+
+    let dom = browser.dump_dom(url);
+    // The script ran: it fetched the page and /history, and drew the charts.
+    assert!(
+        dom.contains("data-updated="),
+        "the script did not update the page:\n{dom}"
+    );
+    assert!(dom.contains("live, updated"), "{dom}");
+    assert!(dom.contains("<svg"), "no chart drawn:\n{dom}");
+    let mut shown = page_backends(&dom, "web");
+    let mut status = agent.backends("web");
+    shown.sort();
+    status.sort();
+    assert_eq!(shown, status, "the page shows the backends of /status");
+    assert_eq!(shown.len(), 3);
+
+    topo.kill_backend(1);
+    agent.wait_state("web", "10.99.2.12:8080", "down", Duration::from_secs(3));
+    let dom = browser.dump_dom(url);
+    let shown = page_backends(&dom, "web");
+    assert!(
+        shown.contains(&("10.99.2.12:8080".into(), "down".into())),
+        "be2 is down on the page: {shown:?}"
+    );
+    assert!(
+        dom.contains("backend down") && dom.contains("refused"),
+        "the down event and its reason are on the page:\n{dom}"
+    );
+
+    // Two samples give the charts a rate; then the screenshot.
+    let sampled = wait_for(Duration::from_secs(15), || {
+        let history: serde_json::Value = serde_json::from_str(&api_get(&topo, "/history")).unwrap();
+        let samples = history["samples"].as_array().cloned().unwrap_or_default();
+        (samples.len() >= 2).then_some(samples)
+    })
+    .expect("two samples within 15 s");
+    let web_rate = sampled
+        .iter()
+        .flat_map(|s| s["rates"].as_array().cloned().unwrap())
+        .any(|r| {
+            r["service"] == "web"
+                && r["backend"].is_null()
+                && r["packets_per_s"].as_f64().unwrap() > 0.0
+        });
+    assert!(web_rate, "the traffic sent shows as a rate: {sampled:#?}");
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
+    browser.screenshot(url, &shot);
+    eprintln!("screenshot: {}", shot.display());
+    load.stop();
 }
