@@ -10,6 +10,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use crate::state::{DesiredState, Endpoint, Source};
+
 /// Events kept: enough for the last hours of a busy host, a few hundred KiB at most.
 pub const CAPACITY: usize = 1000;
 
@@ -110,9 +112,103 @@ impl EventLog {
     }
 }
 
+/// A container or Swarm task that joined or left a service.
+#[derive(Debug, PartialEq)]
+pub struct Membership {
+    pub kind: Kind,
+    pub service: String,
+    pub backend: String,
+    /// "container NAME joined", "swarm task ID left".
+    pub message: String,
+}
+
+/// The containers and Swarm tasks that joined or left a service from `old` to `new`: joins
+/// first. Static backends change only with a reload, which is an event of its own.
+pub fn membership(old: &DesiredState, new: &DesiredState) -> Vec<Membership> {
+    let backends = |d: &DesiredState| -> std::collections::BTreeSet<(String, Endpoint, Source)> {
+        d.services
+            .values()
+            .flat_map(|svc| {
+                svc.backends
+                    .iter()
+                    .map(|(ep, b)| (svc.name.clone(), *ep, b.source.clone()))
+            })
+            .collect()
+    };
+    let (old, new) = (backends(old), backends(new));
+    let joined = new.difference(&old).map(|b| (b, true));
+    let left = old.difference(&new).map(|b| (b, false));
+    joined
+        .chain(left)
+        .filter_map(|((service, endpoint, source), joins)| {
+            let kind = match (source, joins) {
+                (Source::Docker(_), true) => Kind::ContainerJoined,
+                (Source::Docker(_), false) => Kind::ContainerLeft,
+                (Source::Swarm(_), true) => Kind::TaskJoined,
+                (Source::Swarm(_), false) => Kind::TaskLeft,
+                _ => return None,
+            };
+            let verb = if joins { "joined" } else { "left" };
+            Some(Membership {
+                kind,
+                service: service.clone(),
+                backend: endpoint.to_string(),
+                message: format!("{source} {verb}"),
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{config::Config, state::BackendSpec};
+
+    #[test]
+    fn containers_and_tasks_that_come_and_go_are_joins_and_leaves() {
+        let config = Config::parse(
+            std::path::Path::new("xlb.toml"),
+            "[agent]\ninterfaces = [\"eth0\"]\n[[service]]\nname = \"web\"\nvip = \"10.99.100.1\"\n\
+             port = 80\n  [[service.backend]]\n  address = \"10.99.2.11\"\n  port = 8080\n",
+        )
+        .unwrap();
+        let spec = |source| BackendSpec {
+            weight: 100,
+            source,
+            health: Default::default(),
+            bridge: None,
+            delivery: Default::default(),
+        };
+        let mut old = DesiredState::from_config(&config);
+        let (a, b, t): (Endpoint, Endpoint, Endpoint) = (
+            "10.99.3.1:80".parse().unwrap(),
+            "10.99.3.2:80".parse().unwrap(),
+            "10.99.4.1:80".parse().unwrap(),
+        );
+        old.add_backend("web", a, spec(Source::Docker("web_1".into())));
+        let mut new = DesiredState::from_config(&config);
+        new.add_backend("web", b, spec(Source::Docker("<b>".into())));
+        new.add_backend("web", t, spec(Source::Swarm("x1".into())));
+        let changes = membership(&old, &new);
+        let got: Vec<(Kind, &str, &str)> = changes
+            .iter()
+            .map(|m| (m.kind, m.backend.as_str(), m.message.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    Kind::ContainerJoined,
+                    "10.99.3.2:80",
+                    "container <b> joined"
+                ),
+                (Kind::TaskJoined, "10.99.4.1:80", "swarm task x1 joined"),
+                (Kind::ContainerLeft, "10.99.3.1:80", "container web_1 left"),
+            ]
+        );
+        assert!(changes.iter().all(|m| m.service == "web"));
+        assert!(membership(&new, &new).is_empty());
+    }
 
     #[test]
     fn events_are_kept_in_order_and_the_oldest_go_first() {

@@ -34,7 +34,7 @@ use crate::{
     health::{HealthMonitor, HealthView, Key, NetProber, State},
     loader,
     reconcile::{Reconciler, Snapshot},
-    state::{DesiredState, Endpoint, Source},
+    state::{DesiredState, Endpoint},
     status::Applied,
 };
 
@@ -276,33 +276,10 @@ impl Agent {
 
     /// Records the containers and Swarm tasks that joined or left a service.
     fn record_joins(&self, new: &DesiredState) {
-        let backends = |d: &DesiredState| -> BTreeSet<(String, Endpoint, Source)> {
-            d.services
-                .values()
-                .flat_map(|svc| {
-                    svc.backends
-                        .iter()
-                        .map(|(ep, b)| (svc.name.clone(), *ep, b.source.clone()))
-                })
-                .collect()
-        };
-        let (old, new) = (backends(&self.desired), backends(new));
-        let joined = new.difference(&old).map(|b| (b, true));
-        let left = old.difference(&new).map(|b| (b, false));
-        for ((service, endpoint, source), joins) in joined.chain(left) {
-            let kind = match (source, joins) {
-                (Source::Docker(_), true) => Kind::ContainerJoined,
-                (Source::Docker(_), false) => Kind::ContainerLeft,
-                (Source::Swarm(_), true) => Kind::TaskJoined,
-                (Source::Swarm(_), false) => Kind::TaskLeft,
-                _ => continue,
-            };
-            let verb = if joins { "joined" } else { "left" };
-            let (service, backend) = (service.as_str(), endpoint.to_string());
-            info!(service, %backend, "{source} {verb}");
-            let message = format!("{source} {verb}");
+        for m in crate::events::membership(&self.desired, new) {
+            info!(service = %m.service, backend = %m.backend, "{}", m.message);
             self.events
-                .record(kind, Some(service), Some(&backend), message);
+                .record(m.kind, Some(&m.service), Some(&m.backend), m.message);
         }
     }
 
