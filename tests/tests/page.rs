@@ -91,6 +91,18 @@ fn a_killed_backend_is_a_down_event_with_its_reason() {
     let later = events(&topo, Some(last));
     let kinds: Vec<&str> = later.iter().map(|e| e["kind"].as_str().unwrap()).collect();
     assert!(kinds.contains(&"drain"), "{later:#?}");
+    // be2 down and be1 drained: web takes no new flow, and says so.
+    let problem = later
+        .iter()
+        .find(|e| e["kind"] == "service_problem" && e["service"] == "web")
+        .unwrap_or_else(|| panic!("no problem event for web: {later:#?}"));
+    assert!(
+        problem["message"]
+            .as_str()
+            .unwrap()
+            .contains("no backend can take new flows"),
+        "{problem}"
+    );
     assert!(kinds.contains(&"reload_rejected"), "{later:#?}");
 }
 
