@@ -104,6 +104,17 @@ fn a_killed_backend_is_a_down_event_with_its_reason() {
         "{problem}"
     );
     assert!(kinds.contains(&"reload_rejected"), "{later:#?}");
+
+    // Back up after rise good probes.
+    topo.restart_backend(1);
+    agent.wait_state("web", "10.99.2.12:8080", "up", Duration::from_secs(3));
+    let back = events(&topo, Some(last));
+    assert!(
+        back.iter().any(|e| e["kind"] == "backend_up"
+            && e["backend"] == "10.99.2.12:8080"
+            && e["message"].as_str().unwrap().contains("probe ok")),
+        "{back:#?}"
+    );
 }
 
 /// (backend, state) of each row of the page's table for `service`, from its HTML.
