@@ -10,9 +10,9 @@ use std::{path::Path, sync::Arc};
 use anyhow::{Context as _, Result};
 use axum::{
     Json, Router,
-    extract::{self, State},
+    extract::{self, RawQuery, State},
     http::{HeaderMap, StatusCode, header},
-    response::{IntoResponse, Response},
+    response::{Html, IntoResponse, Response},
     routing::{get, post},
 };
 use http_body_util::{BodyExt as _, Empty};
@@ -25,6 +25,7 @@ use crate::{
     config::{AgentConfig, ApiListen},
     datapath::Datapath,
     discovery::supervise::Board,
+    events::EventLog,
     flowtables::TableStatus,
     health::HealthReader,
     http,
@@ -33,7 +34,9 @@ use crate::{
 };
 
 mod gate;
+pub mod history;
 mod listen;
+mod page;
 
 pub type Reply = oneshot::Sender<Result<String, String>>;
 
@@ -59,6 +62,8 @@ pub struct Api {
     pub flow_tables: watch::Receiver<Vec<TableStatus>>,
     /// Each discovery source's state.
     pub discovery: Board,
+    /// What changed recently, fed by the agent.
+    pub events: EventLog,
 }
 
 impl Api {
@@ -89,6 +94,8 @@ impl Api {
 struct Served {
     api: Api,
     gate: Gate,
+    /// The rates of the last minutes, for the status page.
+    history: history::History,
 }
 
 /// The listeners, bound before the agent touches the data path: a socket path taken by
@@ -143,8 +150,10 @@ impl Listeners {
 
     /// Serves both until the process ends.
     pub fn serve(self, api: Api) -> Vec<tokio::task::JoinHandle<()>> {
-        let control = router(api.clone(), Gate::Open);
-        let read = router(api, self.read_gate);
+        let history = history::History::default();
+        let sampler = tokio::spawn(sample(api.clone(), history.clone()));
+        let control = router(api.clone(), Gate::Open, history.clone());
+        let read = router(api, self.read_gate, history);
         let control = spawn(self.control, control);
         let read = match self.api {
             ApiSocket::Tcp(listener) => tokio::spawn(async move {
@@ -152,7 +161,18 @@ impl Listeners {
             }),
             ApiSocket::Unix(listener) => spawn(listener, read),
         };
-        vec![control, read]
+        vec![control, read, sampler]
+    }
+}
+
+/// Reads the counters into `history` every `history::EVERY`.
+async fn sample(api: Api, history: history::History) {
+    let mut every = tokio::time::interval(history::EVERY);
+    loop {
+        every.tick().await;
+        if let Ok(status) = api.status() {
+            history.add(&status, std::time::Instant::now());
+        }
     }
 }
 
@@ -162,20 +182,23 @@ fn spawn(listener: tokio::net::UnixListener, router: Router) -> tokio::task::Joi
     })
 }
 
-fn router(api: Api, gate: Gate) -> Router {
+fn router(api: Api, gate: Gate, history: history::History) -> Router {
     Router::new()
+        .route("/", get(status_page))
+        .route("/history", get(rates))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
+        .route("/events", get(events))
         .route("/reload", post(reload))
         .route("/backends/{service}/{backend}/{action}", post(drain))
         .method_not_allowed_fallback(wrong_method)
-        .with_state(Served { api, gate })
+        .with_state(Served { api, gate, history })
 }
 
 async fn wrong_method() -> Response {
     (
         StatusCode::METHOD_NOT_ALLOWED,
-        "GET /status and /metrics; POST /reload and /backends/SERVICE/BACKEND/drain|undrain \
+        "GET /, /status, /metrics, /events and /history; POST /reload and /backends/SERVICE/BACKEND/drain|undrain \
          (on the control socket)\n",
     )
         .into_response()
@@ -204,6 +227,51 @@ async fn metrics(State(Served { api, .. }): State<Served>) -> Response {
             .into_response(),
         Err(e) => internal(e),
     }
+}
+
+/// GET /: the status page.
+async fn status_page(State(Served { api, .. }): State<Served>) -> Response {
+    match api.status() {
+        Ok(status) => {
+            let events = api.events.latest(page::EVENTS_SHOWN);
+            Html(page::render(&status, &events).into_string()).into_response()
+        }
+        Err(e) => internal(e),
+    }
+}
+
+/// GET /history: per service and backend, packets/s and new flows/s of the last 10 minutes.
+async fn rates(State(Served { history, .. }): State<Served>) -> Response {
+    Json(history.json()).into_response()
+}
+
+/// GET /events[?since=SEQ]: the recent events (newer than SEQ), oldest first, one JSON
+/// object a line.
+async fn events(State(Served { api, .. }): State<Served>, RawQuery(query): RawQuery) -> Response {
+    let since = match query_value(query.as_deref(), "since").map(str::parse::<u64>) {
+        None => None,
+        Some(Ok(seq)) => Some(seq),
+        Some(Err(_)) => {
+            return (StatusCode::BAD_REQUEST, "since=SEQ takes a number\n").into_response();
+        }
+    };
+    let mut body = String::new();
+    for event in api.events.since(since) {
+        if let Ok(line) = serde_json::to_string(&event) {
+            body.push_str(&line);
+            body.push('\n');
+        }
+    }
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
+}
+
+/// The value of `name` in a query string (`a=1&since=5`), if there.
+fn query_value<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
+    query?
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
 }
 
 async fn reload(State(served): State<Served>, headers: HeaderMap) -> Response {

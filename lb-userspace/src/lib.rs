@@ -9,6 +9,7 @@ pub mod config;
 pub mod datapath;
 pub mod decap;
 pub mod discovery;
+pub mod events;
 pub mod flowtables;
 pub mod health;
 pub mod http;

@@ -2,6 +2,7 @@
 //! BPF_PROG_TEST_RUN fixtures.
 //! Everything a test creates is removed when its guard drops, also on panic.
 pub mod agent;
+pub mod browser;
 pub mod client;
 pub mod docker;
 pub mod flood;

@@ -14,7 +14,8 @@ use crate::{capture, run, step};
 /// docker.io brings dockerd, the CLI, containerd, runc and tini; iptables is what dockerd
 /// programs (and the health-probe stopgap uses); docker-compose is v1; util-linux has nsenter,
 /// unshare and mountpoint; bird2 is the BGP speaker of the LB-failover test
-/// (tests/src/remote.rs); the tests filter with nft.
+/// (tests/src/remote.rs); the tests filter with nft; chromium (headless) loads the status
+/// page in tests/tests/page.rs.
 pub const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -28,6 +29,7 @@ pub const TEST_PACKAGES: &[&str] = &[
     "iptables",
     "bird2",
     "nftables",
+    "chromium",
 ];
 
 /// What `cargo xtask bench` adds: the load generator, the backends' server and the two

@@ -30,6 +30,7 @@ use crate::{
     config::Config,
     datapath::Datapath,
     discovery::{self, Sources, labels::LabelError},
+    events::{EventLog, Kind},
     health::{HealthMonitor, HealthView, Key, NetProber, State},
     loader,
     reconcile::{Reconciler, Snapshot},
@@ -84,6 +85,10 @@ struct Agent {
     applied: watch::Sender<Arc<Applied>>,
     attachments: Vec<loader::Attachment>,
     announcer: Option<Announcer>,
+    /// What changed, for the API (`GET /events`, the status page).
+    events: EventLog,
+    /// Each service's problem as last recorded in `events`.
+    problems_seen: BTreeMap<String, String>,
 }
 
 pub async fn run(config_path: &Path) -> Result<()> {
@@ -110,6 +115,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     }));
     let (health_tx, mut health_changes) = mpsc::unbounded_channel();
     let (applied_tx, applied_rx) = watch::channel(Arc::new(Applied::default()));
+    let events = EventLog::default();
     let mut agent = Agent {
         config_path: config_path.into(),
         desired: DesiredState::from_config(&config),
@@ -118,7 +124,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         applier: Applier::spawn(reconciler, datapath)?,
         reconciled,
         waiting: Vec::new(),
-        health: HealthMonitor::new(Arc::new(NetProber), health_tx),
+        health: HealthMonitor::new(Arc::new(NetProber), health_tx).with_events(events.clone()),
         drained: BTreeSet::new(),
         drain_applies: BTreeMap::new(),
         reply_interfaces: BTreeSet::new(),
@@ -128,6 +134,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
         applied: applied_tx,
         attachments: Vec::new(),
         announcer: None,
+        events: events.clone(),
+        problems_seen: BTreeMap::new(),
     };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -171,6 +179,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         health: agent.health.reader(),
         flow_tables: tables_rx,
         discovery: sources.board(),
+        events,
     };
     let _servers = listeners.serve(api);
 
@@ -261,7 +270,17 @@ impl Agent {
                 error!("{c}");
             }
         }
+        self.record_joins(&desired);
         self.desired = desired;
+    }
+
+    /// Records the containers and Swarm tasks that joined or left a service.
+    fn record_joins(&self, new: &DesiredState) {
+        for m in crate::events::membership(&self.desired, new) {
+            info!(service = %m.service, backend = %m.backend, "{}", m.message);
+            self.events
+                .record(m.kind, Some(&m.service), Some(&m.backend), m.message);
+        }
     }
 
     /// Drains or undrains a backend; `reply` gets the answer once that is applied.
@@ -278,10 +297,15 @@ impl Agent {
                 return;
             }
         };
+        let events = self.events.clone();
         let waiter = move |result: &Result<_>| {
             let _ = reply.send(match result {
                 Ok(_) => {
                     info!(%service, backend = %endpoint, "backend {verb}");
+                    let kind = if drain { Kind::Drain } else { Kind::Undrain };
+                    let backend = endpoint.to_string();
+                    let message = format!("backend {verb} through the control API");
+                    events.record(kind, Some(&service), Some(&backend), message);
                     Ok(format!("{service} {endpoint} {verb}"))
                 }
                 Err(e) => Err(format!("{e:#}")),
@@ -336,6 +360,7 @@ impl Agent {
     fn publish(&mut self) {
         let services = self.reconciled.services.clone();
         self.announce(&services);
+        self.record_problems();
         self.applied.send_replace(Arc::new(Applied {
             desired: self.desired.clone(),
             services,
@@ -343,5 +368,44 @@ impl Agent {
             drained: self.drained.clone(),
             problems: self.reconciled.problems.clone(),
         }));
+    }
+}
+
+impl Agent {
+    /// Records each service that got a problem (not applied, or no backend can take new
+    /// flows), or lost it.
+    fn record_problems(&mut self) {
+        let mut now = BTreeMap::new();
+        for name in self.desired.services.keys() {
+            let view = self.reconciled.services.iter().find(|v| &v.name == name);
+            let problem = match (self.reconciled.problems.get(name), view) {
+                (Some(e), _) => Some(format!("not applied: {e}")),
+                (None, Some(v)) if v.table_size == 0 => {
+                    let down = v.backends.values().filter(|b| !b.alive).count();
+                    Some(format!(
+                        "no backend can take new flows ({} backends, {down} down)",
+                        v.backends.len()
+                    ))
+                }
+                _ => None,
+            };
+            if let Some(problem) = problem {
+                now.insert(name.clone(), problem);
+            }
+        }
+        for (name, problem) in &now {
+            if self.problems_seen.get(name) != Some(problem) {
+                self.events
+                    .record(Kind::ServiceProblem, Some(name), None, problem.clone());
+            }
+        }
+        for (name, was) in &self.problems_seen {
+            if !now.contains_key(name) && self.desired.services.contains_key(name) {
+                let message = format!("no problem any more (was: {was})");
+                self.events
+                    .record(Kind::ServiceOk, Some(name), None, message);
+            }
+        }
+        self.problems_seen = now;
     }
 }

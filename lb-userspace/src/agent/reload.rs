@@ -12,7 +12,8 @@ use tracing::{info, warn};
 
 use super::Agent;
 use crate::{
-    config::Config, discovery::Sources, health::State, loader, netdev::ifindex, reconcile::Changes,
+    config::Config, discovery::Sources, events::Kind, health::State, loader, netdev::ifindex,
+    reconcile::Changes,
 };
 
 /// Why a reload did not take effect.
@@ -41,8 +42,19 @@ impl std::fmt::Display for ReloadError {
 }
 
 impl Agent {
-    /// Re-reads the config and applies all of it, or none of it.
+    /// Re-reads the config and applies all of it, or none of it; records which.
     pub(super) async fn reload(&mut self, sources: &mut Sources) -> Result<String, ReloadError> {
+        let result = self.try_reload(sources).await;
+        match &result {
+            Ok(msg) => self.events.record(Kind::Reload, None, None, msg.clone()),
+            Err(e) => self
+                .events
+                .record(Kind::ReloadRejected, None, None, e.to_string()),
+        }
+        result
+    }
+
+    async fn try_reload(&mut self, sources: &mut Sources) -> Result<String, ReloadError> {
         let config =
             Config::load(&self.config_path).map_err(|e| ReloadError::Rejected(e.into()))?;
         interfaces_exist(&config).map_err(ReloadError::Rejected)?;

@@ -22,6 +22,7 @@ use checker::{Checker, Timing};
 
 use crate::{
     config::{HealthConfig, HealthKind},
+    events::{EventLog, Kind},
     metrics::ProbeLatency,
     reconcile::Liveness,
     state::{DesiredState, Endpoint},
@@ -81,6 +82,7 @@ pub struct HealthMonitor {
     table: Table,
     changes: mpsc::UnboundedSender<Key>,
     latency: ProbeLatency,
+    events: EventLog,
 }
 
 impl HealthMonitor {
@@ -92,7 +94,14 @@ impl HealthMonitor {
             table: Arc::default(),
             changes,
             latency: ProbeLatency::default(),
+            events: EventLog::default(),
         }
+    }
+
+    /// Backends going up and down are recorded in `events` too.
+    pub fn with_events(mut self, events: EventLog) -> Self {
+        self.events = events;
+        self
     }
 
     /// Probe latency histograms, for /metrics.
@@ -156,8 +165,11 @@ impl HealthMonitor {
                 state,
                 self.prober.clone(),
                 self.table.clone(),
-                self.changes.clone(),
-                self.latency.clone(),
+                Reports {
+                    changes: self.changes.clone(),
+                    latency: self.latency.clone(),
+                    events: self.events.clone(),
+                },
             ));
             self.tasks.insert(key, Task { check, handle });
         }
@@ -209,6 +221,14 @@ impl Liveness for HealthView {
     }
 }
 
+/// Where a probe task tells what it found, besides its table entry.
+struct Reports {
+    /// The agent: to apply again.
+    changes: mpsc::UnboundedSender<Key>,
+    latency: ProbeLatency,
+    events: EventLog,
+}
+
 /// Probes one backend forever: at once, then at the interval its state asks for.
 async fn watch(
     key: Key,
@@ -216,9 +236,13 @@ async fn watch(
     initial: State,
     prober: Arc<dyn Prober>,
     table: Table,
-    changes: mpsc::UnboundedSender<Key>,
-    latency: ProbeLatency,
+    reports: Reports,
 ) {
+    let Reports {
+        changes,
+        latency,
+        events,
+    } = reports;
     let backend = key.1.to_string();
     let mut checker = Checker::new(initial, Timing::from(&check));
     loop {
@@ -249,9 +273,21 @@ async fn watch(
         }
         if let Some(state) = transition {
             let (service, endpoint) = (&key.0, key.1);
+            let backend = backend.as_str();
             match state {
-                State::Up => info!(%service, backend = %endpoint, "backend is up"),
-                _ => warn!(%service, backend = %endpoint, reason = %last.detail, "backend is down"),
+                State::Up => {
+                    info!(%service, backend = %endpoint, "backend is up");
+                    let message = format!(
+                        "backend is up: probe ok in {:.1} ms",
+                        last.latency.as_secs_f64() * 1000.0
+                    );
+                    events.record(Kind::BackendUp, Some(service), Some(backend), message);
+                }
+                _ => {
+                    warn!(%service, backend = %endpoint, reason = %last.detail, "backend is down");
+                    let message = format!("backend is down: {}", last.detail);
+                    events.record(Kind::BackendDown, Some(service), Some(backend), message);
+                }
             }
             if changes.send(key.clone()).is_err() {
                 return;
