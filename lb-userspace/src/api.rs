@@ -166,6 +166,8 @@ fn router(api: Api, gate: Gate) -> Router {
     Router::new()
         .route("/status", get(status))
         .route("/metrics", get(metrics))
+        .route("/explain", get(explain))
+        .route("/flows", get(flows))
         .route("/reload", post(reload))
         .route("/backends/{service}/{backend}/{action}", post(drain))
         .method_not_allowed_fallback(wrong_method)
@@ -175,7 +177,7 @@ fn router(api: Api, gate: Gate) -> Router {
 async fn wrong_method() -> Response {
     (
         StatusCode::METHOD_NOT_ALLOWED,
-        "GET /status and /metrics; POST /reload and /backends/SERVICE/BACKEND/drain|undrain \
+        "GET /status, /metrics, /explain and /flows; POST /reload and /backends/SERVICE/BACKEND/drain|undrain \
          (on the control socket)\n",
     )
         .into_response()
@@ -203,6 +205,57 @@ async fn metrics(State(Served { api, .. }): State<Served>) -> Response {
         )
             .into_response(),
         Err(e) => internal(e),
+    }
+}
+
+/// GET /explain?from=IP:PORT&to=VIP:PORT[&proto=tcp|udp]: the data path's answer for a flow.
+async fn explain(
+    State(Served { api, .. }): State<Served>,
+    extract::Query(q): extract::Query<ExplainQuery>,
+) -> Response {
+    let parse = |what: &str, text: &str| {
+        text.parse::<std::net::SocketAddr>()
+            .map_err(|_| format!("{what}={text}: not IP:PORT ([IPv6]:PORT)\n"))
+    };
+    let query = match (parse("from", &q.from), parse("to", &q.to)) {
+        (Ok(from), Ok(to)) => crate::explain::Query {
+            from,
+            to,
+            proto: q.proto.unwrap_or_default(),
+        },
+        (Err(e), _) | (_, Err(e)) => return (StatusCode::BAD_REQUEST, e).into_response(),
+    };
+    match api
+        .status()
+        .and_then(|status| crate::explain::explain(&api.datapath, &status, &query))
+    {
+        Ok(answer) => Json(answer).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ExplainQuery {
+    from: String,
+    to: String,
+    proto: Option<crate::config::Protocol>,
+}
+
+/// GET /flows[?service=S&backend=ADDR:PORT&limit=N]: flows in the tables, least idle first.
+async fn flows(
+    State(Served { api, .. }): State<Served>,
+    extract::Query(filter): extract::Query<crate::flows::Filter>,
+) -> Response {
+    // A full table takes tens of milliseconds to read: off the async workers.
+    let listed = tokio::task::spawn_blocking(move || {
+        let status = api.status()?;
+        crate::flows::list(&api.datapath, &status, &filter)
+    })
+    .await;
+    match listed {
+        Ok(Ok(list)) => Json(list).into_response(),
+        Ok(Err(e)) => internal(e),
+        Err(e) => internal(e.into()),
     }
 }
 
