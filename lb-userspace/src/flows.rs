@@ -179,13 +179,13 @@ impl FlowList {
     pub fn render(&self) -> String {
         use std::fmt::Write as _;
         let mut out = format!(
-            "{:<22} {:<22} {:<4} {:<12} {:<22} {:<7} {:<9} {:>8}  STATE\n",
+            "{:<22} {:<22} {:<5} {:<12} {:<22} {:<7} {:<9} {:>8}  STATE\n",
             "CLIENT", "VIP", "PROTO", "SERVICE", "BACKEND", "MODE", "TABLE", "IDLE"
         );
         for f in &self.flows {
             let _ = writeln!(
                 out,
-                "{:<22} {:<22} {:<4} {:<12} {:<22} {:<7} {:<9} {:>7.1}s  {}{}",
+                "{:<22} {:<22} {:<5} {:<12} {:<22} {:<7} {:<9} {:>7.1}s  {}{}",
                 f.client,
                 f.vip,
                 f.protocol,
