@@ -136,7 +136,7 @@ fn explain_matches_the_answers(
     let mut conns = Vec::new();
     let mut answered = BTreeMap::new();
     for &port in &ports {
-        let before = explain(&agent, client(port), vip(80));
+        let before = explain(agent, client(port), vip(80));
         assert_eq!(before["verdict"], "forward", "{before}");
         assert_eq!(before["reason"], "new_flow", "{before}");
         assert!(before["ring"]["slot"].is_u64(), "{before}");
@@ -151,7 +151,7 @@ fn explain_matches_the_answers(
         assert_eq!(conn.1, predicted, "port {port}: explain said {before}");
         answered.insert(port, conn.1.clone());
 
-        let during = explain(&agent, client(port), vip(80));
+        let during = explain(agent, client(port), vip(80));
         assert_eq!(during["reason"], "known_flow", "{during}");
         let table = during["entry"]["table"].as_str().unwrap_or_default();
         assert!(table == "flows" || table == "flows_new", "{during}");
@@ -163,7 +163,7 @@ fn explain_matches_the_answers(
     let used: std::collections::BTreeSet<_> = answered.values().collect();
     assert!(used.len() > 1, "{answered:?}");
 
-    let listed = flows(&agent, &["--service", "web", "--limit", "1000"]);
+    let listed = flows(agent, &["--service", "web", "--limit", "1000"]);
     let list = listed["flows"].as_array().unwrap();
     for (port, name) in &answered {
         let client = format!("{CLIENT_ADDR}:{port}");
@@ -176,11 +176,11 @@ fn explain_matches_the_answers(
         assert_eq!(flow["vip"], vip(80).to_string().as_str(), "{flow}");
     }
     // --limit bounds the answer, --backend filters it.
-    let two = flows(&agent, &["--limit", "2"]);
+    let two = flows(agent, &["--limit", "2"]);
     assert_eq!(two["flows"].as_array().unwrap().len(), 2, "{two}");
     assert!(two["matching"].as_u64().unwrap() >= 20, "{two}");
     let (addr, name) = names.iter().find(|(_, n)| used.contains(n)).unwrap();
-    let one = flows(&agent, &["--backend", addr, "--limit", "1000"]);
+    let one = flows(agent, &["--backend", addr, "--limit", "1000"]);
     let only = one["flows"].as_array().unwrap();
     let want = answered.values().filter(|n| *n == name).count();
     assert!(only.len() >= want, "{one}");
