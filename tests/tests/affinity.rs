@@ -118,6 +118,21 @@ fn real_connections_of_one_client_stick_to_one_backend() {
     agent.wait_up("web", 3, Duration::from_secs(5));
     let got = names(&topo.client, topo.vip(80), 60);
     assert_eq!(distinct(&got).len(), 1, "hash = source: {got:?}");
+    // xlb explain gives any new port of this client that backend, by the client's hash.
+    for port in [45000, 45001, 61234] {
+        let from = format!("{}:{port}", xlb_tests::topology::CLIENT_ADDR);
+        let to = topo.vip(80).to_string();
+        let (ok, out) = agent.cli(&["explain", "--from", &from, "--to", &to, "--json"]);
+        assert!(ok, "{out}");
+        let answer: serde_json::Value = serde_json::from_str(&out).expect("json");
+        assert_eq!(answer["service"]["hash"], "source", "{answer}");
+        let addr = answer["backend"]["address"].as_str().unwrap_or_default();
+        let named = topo
+            .backends
+            .iter()
+            .find(|b| format!("{}:8080", b.addr) == addr);
+        assert_eq!(named.map(|b| &b.name), Some(&got[0]), "{answer}");
+    }
 
     // The same connections by flow spread (a reload switches the service's hash).
     let (ok, out) = agent.reload(&config);
