@@ -158,7 +158,10 @@ pub struct Flow {
     pub snat_port: u16,
     /// `FLOW_*` bits.
     pub state: u8,
-    pub _pad: [u8; 5],
+    pub _pad: u8,
+    /// Seconds of the data path's clock when the flow was placed (for `xlb explain` and
+    /// `xlb flows`; 0 in entries older than this field, which was padding).
+    pub created_s: u32,
 }
 
 /// `Flow::state`: a reply of the flow was seen (nat and fullnat, where replies pass the LB).

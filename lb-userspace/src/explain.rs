@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     config::Protocol,
     datapath::Datapath,
-    flows::{endpoint_text, mode_name, state_text},
+    flows::{age_s, endpoint_text, mode_name, state_text},
     flowtables::monotonic_ns,
     reconcile::Maps as _,
     status::Status,
@@ -75,6 +75,9 @@ pub struct EntryInfo {
     pub table: String,
     /// Since the entry was last refreshed (the data path refreshes it at most once a second).
     pub idle_ms: u64,
+    /// Since the flow was placed, to the second (None: an entry from before this was kept).
+    #[serde(default)]
+    pub age_s: Option<u64>,
     pub state: String,
 }
 
@@ -174,6 +177,7 @@ pub fn explain(datapath: &Datapath, status: &Status, q: &Query) -> Result<Explan
                 out.entry = Some(EntryInfo {
                     table: table.into(),
                     idle_ms: idle / 1_000_000,
+                    age_s: age_s(&flow),
                     state: state_text(proto, established, flow.state),
                 });
                 out.backend = backend_info(flow.backend_id);
@@ -285,9 +289,10 @@ impl Explanation {
         };
         let _ = writeln!(out, "why      {}", self.why);
         if let Some(e) = &self.entry {
+            let age = e.age_s.map_or_else(|| "?".into(), |s| format!("{s}s"));
             let _ = writeln!(
                 out,
-                "entry    table {}, state {}, idle {:.1}s",
+                "entry    table {}, state {}, age {age}, idle {:.1}s",
                 e.table,
                 e.state,
                 e.idle_ms as f64 / 1000.0
@@ -334,6 +339,7 @@ mod tests {
             entry: Some(EntryInfo {
                 table: "flows".into(),
                 idle_ms: 1500,
+                age_s: Some(42),
                 state: "established".into(),
             }),
             ring: None,
@@ -345,7 +351,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("entry    table flows, state established, idle 1.5s"),
+            text.contains("entry    table flows, state established, age 42s, idle 1.5s"),
             "{text}"
         );
     }

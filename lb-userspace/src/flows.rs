@@ -48,6 +48,9 @@ pub struct FlowInfo {
     pub table: String,
     /// Since the entry was last refreshed (at most once a second while packets flow).
     pub idle_ms: u64,
+    /// Since the flow was placed, to the second (None: an entry from before this was kept).
+    #[serde(default)]
+    pub age_s: Option<u64>,
     pub state: String,
     /// fullnat: the LB address and port the backend sees.
     pub snat: Option<String>,
@@ -83,6 +86,7 @@ pub fn list(datapath: &Datapath, status: &Status, filter: &Filter) -> Result<Flo
             mode: mode.clone(),
             table: if *established { "flows" } else { "flows_new" }.into(),
             idle_ms: now.saturating_sub(flow.last_seen_ns) / 1_000_000,
+            age_s: age_s(flow),
             state: state_text(key.proto, *established, flow.state),
             snat: (flow.snat_port != 0).then(|| endpoint_text(&flow.snat, flow.snat_port)),
         });
@@ -115,6 +119,12 @@ fn service_name(datapath: &Datapath, status: &Status, id: u32) -> (String, Strin
         .find(|s| s.vip == vip && s.port == port && s.protocol == proto_name(svc.vip.proto))
         .map_or_else(|| format!("id {id}"), |s| s.name.clone());
     (name, mode_name(svc.mode).into())
+}
+
+/// Seconds since the flow was placed; None for an entry made before `created_s` existed.
+pub fn age_s(flow: &lb_common::Flow) -> Option<u64> {
+    (flow.created_s != 0)
+        .then(|| (monotonic_ns() / 1_000_000_000).saturating_sub(flow.created_s.into()))
 }
 
 pub fn mode_name(mode: u8) -> &'static str {
@@ -179,13 +189,13 @@ impl FlowList {
     pub fn render(&self) -> String {
         use std::fmt::Write as _;
         let mut out = format!(
-            "{:<22} {:<22} {:<5} {:<12} {:<22} {:<7} {:<9} {:>8}  STATE\n",
-            "CLIENT", "VIP", "PROTO", "SERVICE", "BACKEND", "MODE", "TABLE", "IDLE"
+            "{:<22} {:<22} {:<5} {:<12} {:<22} {:<7} {:<9} {:>6} {:>8}  STATE\n",
+            "CLIENT", "VIP", "PROTO", "SERVICE", "BACKEND", "MODE", "TABLE", "AGE", "IDLE"
         );
         for f in &self.flows {
             let _ = writeln!(
                 out,
-                "{:<22} {:<22} {:<5} {:<12} {:<22} {:<7} {:<9} {:>7.1}s  {}{}",
+                "{:<22} {:<22} {:<5} {:<12} {:<22} {:<7} {:<9} {:>6} {:>7.1}s  {}{}",
                 f.client,
                 f.vip,
                 f.protocol,
@@ -193,6 +203,7 @@ impl FlowList {
                 f.backend,
                 f.mode,
                 f.table,
+                f.age_s.map_or_else(|| "?".into(), |s| format!("{s}s")),
                 f.idle_ms as f64 / 1000.0,
                 f.state,
                 f.snat

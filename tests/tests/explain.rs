@@ -155,6 +155,8 @@ fn explain_matches_the_answers(
         assert_eq!(during["reason"], "known_flow", "{during}");
         let table = during["entry"]["table"].as_str().unwrap_or_default();
         assert!(table == "flows" || table == "flows_new", "{during}");
+        let age = during["entry"]["age_s"].as_u64();
+        assert!(age.is_some_and(|a| a < 60), "the entry's age: {during}");
         let named = &names[during["backend"]["address"].as_str().unwrap()];
         assert_eq!(named, &conn.1, "port {port}: {during}");
         conns.push(conn);
