@@ -228,6 +228,21 @@ fn explain_says_why_nothing_is_forwarded() {
         (Some("pass"), Some("pass_not_vip")),
         "{none}"
     );
+    // UDP: the dns service's ring.
+    let (ok, out) = agent.cli(&[
+        "explain",
+        "--from",
+        "10.99.1.2:5353",
+        "--to",
+        "10.99.100.1:53",
+        "--proto",
+        "udp",
+        "--json",
+    ]);
+    assert!(ok, "{out}");
+    let udp: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(udp["service"]["name"], "dns", "{udp}");
+    assert_eq!(udp["reason"], "new_flow", "{udp}");
     // The agent refuses an address it cannot read.
     let (ok, out) = agent.cli(&["explain", "--from", "nonsense", "--to", "10.99.100.1:80"]);
     assert!(!ok, "{out}");
