@@ -38,6 +38,34 @@ pub const fn flow_hash(key: &FlowKey) -> u32 {
     finish(h)
 }
 
+/// Hash of a client address alone (`hash = "source"`): the source address, the VIP and the
+/// protocol, no ports, so every flow of one client to a VIP gets one ring slot (IPVS
+/// persistence, Katran's no-source-port hashing). Fixed like `flow_hash`.
+#[inline(always)]
+pub const fn source_hash(key: &FlowKey) -> u32 {
+    let mut h = mix(0x2f1c_a3b5, key.src[0]);
+    h = mix(h, key.src[1]);
+    h = mix(h, key.src[2]);
+    h = mix(h, key.src[3]);
+    h = mix(h, key.dst[0]);
+    h = mix(h, key.dst[1]);
+    h = mix(h, key.dst[2]);
+    h = mix(h, key.dst[3]);
+    h = mix(h, key.proto as u32);
+    finish(h)
+}
+
+/// The hash that picks a flow's ring slot in a service with these `Service::flags`: the
+/// data path and `xlb explain` both call this. `flow` is the flow's `flow_hash`.
+#[inline(always)]
+pub const fn ring_hash(key: &FlowKey, flow: u32, service_flags: u8) -> u32 {
+    if service_flags & crate::SERVICE_SOURCE_HASH != 0 {
+        source_hash(key)
+    } else {
+        flow
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,6 +160,27 @@ mod tests {
         for (what, key, want) in GOLDEN {
             assert_eq!(flow_hash(&key), want, "{what}: {:#010x}", flow_hash(&key));
         }
+    }
+
+    /// `source_hash` of GOLDEN[0] (10.99.1.2 tcp -> 10.99.100.1), also from a Python version.
+    const SOURCE_GOLDEN: u32 = 0x88b8_64ef;
+
+    #[test]
+    fn source_hash_ignores_ports_but_not_the_client() {
+        for (what, key, _) in GOLDEN {
+            let mut other = key;
+            other.src_port ^= 0x1234;
+            other.dst_port ^= 0x0101;
+            assert_eq!(source_hash(&other), source_hash(&key), "{what}");
+            let mut client = key;
+            client.src[0] ^= 0x0100_0000;
+            assert_ne!(source_hash(&client), source_hash(&key), "{what}");
+            let flags = crate::SERVICE_SOURCE_HASH;
+            assert_eq!(ring_hash(&key, 7, flags), source_hash(&key), "{what}");
+            assert_eq!(ring_hash(&key, 7, crate::SERVICE_ALLOW), 7, "{what}");
+        }
+        // Fixed like flow_hash: LB nodes of different versions must agree.
+        assert_eq!(source_hash(&GOLDEN[0].1), SOURCE_GOLDEN);
     }
 
     #[test]

@@ -10,7 +10,7 @@ pub mod allow;
 pub mod hash;
 pub mod sizes;
 
-pub use hash::flow_hash;
+pub use hash::{flow_hash, ring_hash, source_hash};
 
 /// Address family tags (not the libc values: these are ours and stable).
 pub const FAMILY_V4: u8 = 4;
@@ -32,6 +32,9 @@ pub const SERVICE_GUE: u8 = 1;
 /// `Service::flags`: the service has an `allow` list: a source must match one of its
 /// prefixes in `ALLOW` (allow.rs). Services without one never look there.
 pub const SERVICE_ALLOW: u8 = 2;
+/// `Service::flags`: `hash = "source"`: the ring slot comes from the client address, the
+/// VIP and the protocol only (`hash::source_hash`); flow tables still key on the 5-tuple.
+pub const SERVICE_SOURCE_HASH: u8 = 4;
 /// UDP destination port of GUE-encapsulated packets (the port Katran uses, so its decap
 /// interoperates).
 pub const GUE_PORT: u16 = 9886;
@@ -155,7 +158,10 @@ pub struct Flow {
     pub snat_port: u16,
     /// `FLOW_*` bits.
     pub state: u8,
-    pub _pad: [u8; 5],
+    pub _pad: u8,
+    /// Seconds of the data path's clock when the flow was placed (for `xlb explain` and
+    /// `xlb flows`; 0 in entries older than this field, which was padding).
+    pub created_s: u32,
 }
 
 /// `Flow::state`: a reply of the flow was seen (nat and fullnat, where replies pass the LB).

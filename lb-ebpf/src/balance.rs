@@ -3,7 +3,7 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     Backend, FAMILY_V4, FlowKey, MODE_FULLNAT, PROTO_TCP, Reason, SERVICE_ALLOW, VipAddrKey,
-    VipKey, flow_hash,
+    VipKey, flow_hash, ring_hash,
 };
 
 use crate::{
@@ -227,7 +227,10 @@ fn decide<H: Hook>(ctx: &H, slow: &Slow, out: &mut Decided) -> Outcome {
             if svc.mode == MODE_FULLNAT && pkt.proto == PROTO_TCP && !pkt.syn {
                 return Outcome::Done(Verdict::Drop(Reason::DropNoFlow));
             }
-            let Some((backend_id, backend)) = maglev::pick(svc, hash) else {
+            // `hash = "source"` picks by the client address alone; the flow tables, the cache
+            // and SNAT keep the 5-tuple hash.
+            let slot_hash = ring_hash(flow, hash, svc.flags);
+            let Some((backend_id, backend)) = maglev::pick(svc, slot_hash) else {
                 return Outcome::Done(Verdict::Drop(Reason::DropNoBackend));
             };
             if svc.mode == MODE_FULLNAT {

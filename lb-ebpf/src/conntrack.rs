@@ -172,7 +172,8 @@ pub fn insert_new(
     s.flow.snat = [snat.addr, 0, 0, 0];
     s.flow.snat_port = snat.port;
     s.flow.state = closing_bits(pkt.fin, pkt.rst, FLOW_FIN_CLIENT);
-    s.flow._pad = [0; 5];
+    s.flow._pad = 0;
+    s.flow.created_s = (now / 1_000_000_000) as u32;
     if !insert(&CONNTRACK_NEW, FlowTable::FlowsNew, key, &s.flow) {
         stats::count(Reason::ConntrackFull);
     }

@@ -13,7 +13,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     FAMILY_V4, FlowKey, MODE_DSR, MODE_FULLNAT, MODE_NAT, PROTO_TCP, PROTO_UDP, Reason,
-    SERVICE_GUE, VIP_ADDR_ECHO, VipAddrKey, VipKey, flow_hash,
+    SERVICE_GUE, VIP_ADDR_ECHO, VipAddrKey, VipKey, flow_hash, ring_hash,
 };
 
 use crate::{
@@ -193,7 +193,7 @@ pub fn owner<C: PacketBuf>(ctx: &C, icmp: &IcmpPacket) -> Option<Owner> {
         None => unsafe { CONNTRACK_NEW.get(&*flow) },
     }
     .map(|f| (f.service_id, f.backend_id, f.snat[0], f.snat_port));
-    let hash = flow_hash(flow);
+    let hash = ring_hash(flow, flow_hash(flow), svc.flags);
     let (backend_id, snat) = match known {
         Some((service_id, backend_id, addr, port)) if service_id == svc.id => {
             (backend_id, Endpoint { addr, port })

@@ -189,6 +189,8 @@ fn router(api: Api, gate: Gate, history: history::History) -> Router {
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/events", get(events))
+        .route("/explain", get(explain))
+        .route("/flows", get(flows))
         .route("/reload", post(reload))
         .route("/backends/{service}/{backend}/{action}", post(drain))
         .method_not_allowed_fallback(wrong_method)
@@ -198,7 +200,7 @@ fn router(api: Api, gate: Gate, history: history::History) -> Router {
 async fn wrong_method() -> Response {
     (
         StatusCode::METHOD_NOT_ALLOWED,
-        "GET /, /status, /metrics, /events and /history; POST /reload and /backends/SERVICE/BACKEND/drain|undrain \
+        "GET /, /status, /metrics, /events, /history, /explain and /flows; POST /reload and /backends/SERVICE/BACKEND/drain|undrain \
          (on the control socket)\n",
     )
         .into_response()
@@ -240,6 +242,32 @@ async fn status_page(State(Served { api, .. }): State<Served>) -> Response {
     }
 }
 
+/// GET /explain?from=IP:PORT&to=VIP:PORT[&proto=tcp|udp]: the data path's answer for a flow.
+async fn explain(
+    State(Served { api, .. }): State<Served>,
+    extract::Query(q): extract::Query<ExplainQuery>,
+) -> Response {
+    let parse = |what: &str, text: &str| {
+        text.parse::<std::net::SocketAddr>()
+            .map_err(|_| format!("{what}={text}: not IP:PORT ([IPv6]:PORT)\n"))
+    };
+    let query = match (parse("from", &q.from), parse("to", &q.to)) {
+        (Ok(from), Ok(to)) => crate::explain::Query {
+            from,
+            to,
+            proto: q.proto.unwrap_or_default(),
+        },
+        (Err(e), _) | (_, Err(e)) => return (StatusCode::BAD_REQUEST, e).into_response(),
+    };
+    match api
+        .status()
+        .and_then(|status| crate::explain::explain(&api.datapath, &status, &query))
+    {
+        Ok(answer) => Json(answer).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
 /// GET /history: per service and backend, packets/s and new flows/s of the last 10 minutes.
 async fn rates(State(Served { history, .. }): State<Served>) -> Response {
     Json(history.json()).into_response()
@@ -272,6 +300,31 @@ fn query_value<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
         .filter_map(|pair| pair.split_once('='))
         .find(|(k, _)| *k == name)
         .map(|(_, v)| v)
+}
+
+#[derive(serde::Deserialize)]
+struct ExplainQuery {
+    from: String,
+    to: String,
+    proto: Option<crate::config::Protocol>,
+}
+
+/// GET /flows[?service=S&backend=ADDR:PORT&limit=N]: flows in the tables, least idle first.
+async fn flows(
+    State(Served { api, .. }): State<Served>,
+    extract::Query(filter): extract::Query<crate::flows::Filter>,
+) -> Response {
+    // A full table takes tens of milliseconds to read: off the async workers.
+    let listed = tokio::task::spawn_blocking(move || {
+        let status = api.status()?;
+        crate::flows::list(&api.datapath, &status, &filter)
+    })
+    .await;
+    match listed {
+        Ok(Ok(list)) => Json(list).into_response(),
+        Ok(Err(e)) => internal(e),
+        Err(e) => internal(e.into()),
+    }
 }
 
 async fn reload(State(served): State<Served>, headers: HeaderMap) -> Response {

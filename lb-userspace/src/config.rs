@@ -120,6 +120,9 @@ pub struct ServiceConfig {
     pub snat: Vec<IpAddr>,
     /// dsr: encapsulation.
     pub encap: Option<Encap>,
+    /// What picks a new flow's backend: the 5-tuple, or the client address (affinity).
+    #[serde(default)]
+    pub hash: HashMode,
     /// The LB answers echo requests (ping) to the VIP.
     #[serde(default = "yes")]
     pub icmp_echo: bool,
@@ -204,6 +207,27 @@ impl Mode {
             Mode::Nat => lb_common::MODE_NAT,
             Mode::Fullnat => lb_common::MODE_FULLNAT,
             Mode::Dsr => lb_common::MODE_DSR,
+        }
+    }
+}
+
+/// `hash`: what the Maglev ring is indexed by for a new flow.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HashMode {
+    /// The 5-tuple: each connection on its own.
+    #[default]
+    Flow,
+    /// The client address (with the VIP and protocol): all of a client's flows go to one
+    /// backend, on every LB node with the same config.
+    Source,
+}
+
+impl HashMode {
+    pub const fn name(self) -> &'static str {
+        match self {
+            HashMode::Flow => "flow",
+            HashMode::Source => "source",
         }
     }
 }

@@ -119,6 +119,40 @@ impl Datapath {
         self.flow_tables.snat()
     }
 
+    /// The service id a VIP key leads to (None: no such VIP), as the data path reads it.
+    pub fn vip_service(&self, key: &VipKey) -> Result<Option<u32>> {
+        match self.vips.get(key, 0) {
+            Ok(id) => Ok(Some(id)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The current copy of backend slot `id`.
+    pub fn backend(&self, id: u32) -> Option<Backend> {
+        self.backends.current(id)
+    }
+
+    /// The backend id in ring slot `index` of the whole ring map.
+    pub fn ring_slot(&self, index: u32) -> Option<u32> {
+        self.rings
+            .as_slice()
+            .as_flattened()
+            .get(index as usize)
+            .copied()
+    }
+
+    /// Whether `addr` (network order) matches a prefix of service `service_id`'s allow
+    /// list, the lookup the data path makes.
+    pub fn allowed(&self, service_id: u32, addr: u32) -> Result<bool> {
+        let key = Key::new(ALLOW_SERVICE_BITS + 32, AllowKey { service_id, addr });
+        match self.allow.get(&key, 0) {
+            Ok(_) => Ok(true),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     pub fn flow_tables(&self) -> &FlowTables {
         &self.flow_tables
     }

@@ -96,6 +96,31 @@ impl FlowTables {
         })
     }
 
+    /// A flow's entry, main table first (true: established), as the data path looks it up.
+    /// A lookup from user space does not mark an LRU entry used.
+    pub fn flow(&self, key: &FlowKey) -> Result<Option<(bool, Flow)>> {
+        for (established, map) in [(true, &self.flows), (false, &self.flows_new)] {
+            match map.get(key, 0) {
+                Ok(flow) => return Ok(Some((established, flow))),
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Every flow with its generation (true: established), read in batches, which neither
+    /// marks LRU entries used nor costs two syscalls an entry.
+    pub fn flows_batched(&self) -> Result<Vec<(bool, FlowKey, Flow)>> {
+        let main = batch_entries(&self.flows)?
+            .into_iter()
+            .map(|(k, f)| (true, k, f));
+        let new = batch_entries(&self.flows_new)?;
+        Ok(main
+            .chain(new.into_iter().map(|(k, f)| (false, k, f)))
+            .collect())
+    }
+
     /// Every nat reply mapping.
     pub fn rev_nat(&self) -> Result<Vec<(FlowKey, RevNat)>> {
         Ok(entries(&self.rev_nat)?

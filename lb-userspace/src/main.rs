@@ -38,6 +38,42 @@ enum Command {
     },
     /// Show services, backends and counters of the running agent (its read-only API).
     Status {
+        #[arg(long, conflicts_with = "watch")]
+        json: bool,
+        /// Redraw every second with rates (packets/s, new flows/s) instead of totals, until
+        /// Ctrl-C. Without a terminal, frames are printed one after another.
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Which backend the data path gives a flow, and why: its flow-table entry, or the ring
+    /// slot a new flow takes; an allow-list refusal, no VIP, no backend. Read-only.
+    Explain {
+        /// The client: IP:PORT.
+        #[arg(long, value_name = "IP:PORT")]
+        from: std::net::SocketAddr,
+        /// The VIP: VIP:PORT.
+        #[arg(long, value_name = "VIP:PORT")]
+        to: std::net::SocketAddr,
+        #[arg(long, default_value = "tcp", value_parser = ["tcp", "udp"])]
+        proto: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// The flows in the data path's tables, least idle first. Read-only.
+    Flows {
+        /// Only this service's flows.
+        #[arg(long)]
+        service: Option<String>,
+        /// Only flows to this backend (ADDRESS:PORT, as `xlb status` shows it).
+        #[arg(long)]
+        backend: Option<String>,
+        /// At most this many (the agent caps it at 10000).
+        #[arg(long, default_value_t = xlb::flows::DEFAULT_LIMIT)]
+        limit: usize,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -187,11 +223,54 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 backends
             );
         }
-        Command::Status { json, api } => {
-            let (code, body) = runtime.block_on(api::request(&api.listen()?, "GET", "/status"))?;
-            if code != 200 {
-                anyhow::bail!("the agent answered {code}: {body}");
+        Command::Status {
+            watch: true, api, ..
+        } => runtime.block_on(watch(&api.listen()?))?,
+        Command::Explain {
+            from,
+            to,
+            proto,
+            json,
+            api,
+        } => {
+            let path = format!(
+                "/explain?from={}&to={}&proto={proto}",
+                query_text(&from.to_string()),
+                query_text(&to.to_string())
+            );
+            let body = get(&runtime, &api, &path)?;
+            if json {
+                println!("{body}");
+            } else {
+                let answer: xlb::explain::Explanation =
+                    serde_json::from_str(&body).context("parsing the answer")?;
+                print!("{}", answer.render());
             }
+        }
+        Command::Flows {
+            service,
+            backend,
+            limit,
+            json,
+            api,
+        } => {
+            let mut path = format!("/flows?limit={limit}");
+            for (name, value) in [("service", service), ("backend", backend)] {
+                if let Some(value) = value {
+                    path += &format!("&{name}={}", query_text(&value));
+                }
+            }
+            let body = get(&runtime, &api, &path)?;
+            if json {
+                println!("{body}");
+            } else {
+                let list: xlb::flows::FlowList =
+                    serde_json::from_str(&body).context("parsing the flows")?;
+                print!("{}", list.render());
+            }
+        }
+        Command::Status { json, api, .. } => {
+            let body = get(&runtime, &api, "/status")?;
             if json {
                 println!("{body}");
             } else {
@@ -271,6 +350,58 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// GET `path` from the read API; the body of a 200 answer.
+fn get(runtime: &tokio::runtime::Runtime, api: &ApiArgs, path: &str) -> Result<String> {
+    let (code, body) = runtime.block_on(api::request(&api.listen()?, "GET", path))?;
+    if code != 200 {
+        anyhow::bail!("the agent answered {code}: {body}");
+    }
+    Ok(body)
+}
+
+/// `text` percent-encoded for a query string (all but unreserved characters and ':').
+fn query_text(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b':' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// `xlb status --watch`: a frame a second until Ctrl-C (SIGINT ends the process).
+async fn watch(listen: &ApiListen) -> Result<()> {
+    use std::io::{IsTerminal as _, Write as _};
+    let tty = std::io::stdout().is_terminal();
+    let fetch = || async {
+        let (code, body) = api::request(listen, "GET", "/status").await?;
+        if code != 200 {
+            anyhow::bail!("the agent answered {code}: {body}");
+        }
+        let status: Status = serde_json::from_str(&body).context("parsing the status")?;
+        Ok((status, std::time::Instant::now()))
+    };
+    let mut ticks = tokio::time::interval(std::time::Duration::from_secs(1));
+    ticks.tick().await;
+    let (mut before, mut then) = fetch().await?;
+    loop {
+        ticks.tick().await;
+        let (now, at) = fetch().await?;
+        let frame = xlb::watch::render(&before, &now, at - then);
+        let mut out = std::io::stdout().lock();
+        if tty {
+            // Home and clear: the table is redrawn in place.
+            write!(out, "\x1b[H\x1b[2J{frame}")?;
+        } else {
+            writeln!(out, "{frame}")?;
+        }
+        out.flush()?;
+        (before, then) = (now, at);
+    }
 }
 
 /// A CIDR, or a bare address (a /32).

@@ -123,6 +123,8 @@ pub struct ServiceSpec {
     pub snat: Vec<IpAddr>,
     /// dsr: GUE instead of IPIP.
     pub gue: bool,
+    /// New flows are placed by the 5-tuple or by the client address.
+    pub hash: crate::config::HashMode,
     /// The LB answers ping to the VIP.
     pub icmp_echo: bool,
     /// Sources that may reach the service (empty: everyone).
@@ -204,6 +206,7 @@ impl ServiceSpec {
             mode: svc.mode,
             snat: svc.snat.clone(),
             gue: svc.encap == Some(crate::config::Encap::Gue),
+            hash: svc.hash,
             icmp_echo: svc.icmp_echo,
             allow: svc.allow_nets(),
             table_size: svc.table_size,

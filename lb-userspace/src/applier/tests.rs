@@ -94,6 +94,7 @@ fn web(backends: u8) -> DesiredState {
         mode: Mode::Nat,
         snat: Vec::new(),
         gue: false,
+        hash: Default::default(),
         icmp_echo: true,
         allow: Vec::new(),
         table_size: 101,

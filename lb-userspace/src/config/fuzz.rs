@@ -525,6 +525,7 @@ fn service() -> impl Strategy<Value = ServiceConfig> {
                     table_size,
                     snat,
                     encap,
+                    hash: Default::default(),
                     icmp_echo: true,
                     allow: Vec::new(),
                     health,

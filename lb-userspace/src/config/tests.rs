@@ -365,3 +365,15 @@ fn a_config_that_trips_toml_edit_is_an_error() {
     let result = std::panic::catch_unwind(|| Config::parse(Path::new("x.toml"), &text));
     assert!(matches!(result, Ok(Err(_))), "parsed, or panicked");
 }
+
+#[test]
+fn hash_is_flow_by_default_and_source_on_request() {
+    assert_eq!(parse(MINIMAL).unwrap().services[0].hash, HashMode::Flow);
+    let source = parse(&format!("{MINIMAL}hash = \"source\"\n")).unwrap();
+    assert_eq!(source.services[0].hash, HashMode::Source);
+    let errs = errors(&format!("{MINIMAL}hash = \"sticky\"\n"));
+    assert!(
+        errs[0].starts_with("xlb.toml:9: service[0].hash: unknown variant `sticky`"),
+        "{errs:?}"
+    );
+}

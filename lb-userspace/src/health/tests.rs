@@ -71,6 +71,7 @@ fn desired(check: HealthConfig) -> DesiredState {
         mode: Mode::Nat,
         snat: Vec::new(),
         gue: false,
+        hash: Default::default(),
         icmp_echo: true,
         allow: Vec::new(),
         table_size: 101,

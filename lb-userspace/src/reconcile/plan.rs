@@ -4,13 +4,14 @@
 use std::collections::BTreeMap;
 
 use lb_common::{
-    BACKEND_ALIVE, BACKEND_IN_USE, Backend, SERVICE_ALLOW, SERVICE_GUE, Service, SnatPool, VipKey,
-    addr_words,
+    BACKEND_ALIVE, BACKEND_IN_USE, Backend, SERVICE_ALLOW, SERVICE_GUE, SERVICE_SOURCE_HASH,
+    Service, SnatPool, VipKey, addr_words,
 };
 
 use super::{AppliedBackend, Liveness};
 use crate::{
     bridgeport::VethPort,
+    config::HashMode,
     maglev::{self, MaglevBackend},
     state::{Delivery, Endpoint, ServiceSpec},
 };
@@ -193,6 +194,11 @@ pub fn service_value(spec: &ServiceSpec, id: u32, ring_offset: u32, table_size: 
                 0
             } else {
                 SERVICE_ALLOW
+            }
+            | if spec.hash == HashMode::Source {
+                SERVICE_SOURCE_HASH
+            } else {
+                0
             },
         _pad: 0,
         snat: snat_pool(spec),

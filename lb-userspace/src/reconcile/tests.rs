@@ -35,6 +35,7 @@ fn service(name: &str, vip_last: u8, backends: &[(u8, u32)]) -> ServiceSpec {
         mode: Mode::Nat,
         snat: Vec::new(),
         gue: false,
+        hash: Default::default(),
         icmp_echo: true,
         allow: Vec::new(),
         table_size: 101,
