@@ -155,7 +155,10 @@ pub struct Flow {
     pub snat_port: u16,
     /// `FLOW_*` bits.
     pub state: u8,
-    pub _pad: [u8; 5],
+    pub _pad: u8,
+    /// mode nat: the interface the flow came in on (a new flow's replies are redirected out
+    /// of it; once established, its `RevNat` says it). 0: unknown.
+    pub ifindex: u32,
 }
 
 /// `Flow::state`: a reply of the flow was seen (nat and fullnat, where replies pass the LB).

@@ -11,6 +11,7 @@ pub struct Scratch {
     pub flow: Flow,
     pub rev_nat: RevNat,
     pub snat: SnatRev,
+    pub endpoint: VipKey,
 }
 
 /// This CPU's scratch room.
@@ -99,6 +100,12 @@ pub static REV_NAT: LruHashMap<FlowKey, RevNat> = LruHashMap::pinned(REV_NAT_SIZ
 /// Reply mappings of new flows.
 #[map(name = "XLB_REV_NAT_NEW_V1")]
 pub static REV_NAT_NEW: LruHashMap<FlowKey, RevNat> = LruHashMap::pinned(EMBRYONIC_SIZE, 0);
+
+/// Backend endpoint (address, port, protocol) -> the one backend id whose new nat flows
+/// need no reply mapping of their own (replies.rs). Written by the data path, once per
+/// endpoint; the agent removes entries whose backend is gone.
+#[map(name = "XLB_REPLY_ENDPOINTS_V1")]
+pub static REPLY_ENDPOINTS: HashMap<VipKey, u32> = HashMap::pinned(REPLY_ENDPOINTS_SIZE, 0);
 
 /// fullnat: reply 5-tuple (backend -> SNAT address:port) -> client and VIP. An entry is
 /// what reserves its SNAT port (snat.rs).

@@ -30,9 +30,11 @@ pub const SERVICE_STATS: &str = "XLB_SVC_STATS_V1";
 pub const BACKEND_STATS: &str = "XLB_BE_STATS_V1";
 pub const REASONS: &str = "XLB_REASONS_V7";
 pub const ALLOW: &str = "XLB_ALLOW_V1";
+/// Written by the data path; the sweep removes stale entries (replyendpoints.rs).
+pub const REPLY_ENDPOINTS: &str = "XLB_REPLY_ENDPOINTS_V1";
 
 /// Every map, in the order they are pinned.
-pub const ALL_MAPS: [&str; 17] = [
+pub const ALL_MAPS: [&str; 18] = [
     VIPS,
     SERVICES,
     VIP_ADDRS,
@@ -50,6 +52,7 @@ pub const ALL_MAPS: [&str; 17] = [
     BACKEND_STATS,
     REASONS,
     ALLOW,
+    REPLY_ENDPOINTS,
 ];
 
 pub struct Datapath {

@@ -21,5 +21,6 @@ pub mod metrics;
 pub mod netdev;
 pub mod privilege;
 pub mod reconcile;
+pub mod replyendpoints;
 pub mod state;
 pub mod status;
