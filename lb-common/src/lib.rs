@@ -9,6 +9,7 @@
 pub mod allow;
 pub mod hash;
 pub mod sizes;
+pub mod trace;
 
 pub use hash::flow_hash;
 

@@ -24,6 +24,7 @@ mod replies;
 mod route;
 mod snat;
 mod stats;
+mod trace;
 
 use aya_ebpf::{
     bindings::{

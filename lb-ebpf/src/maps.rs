@@ -21,13 +21,14 @@ pub fn scratch() -> Option<&'static mut Scratch> {
 }
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 use lb_common::{
     Backend, Counters, DoubleBuffer, Flow, FlowKey, FlowTable, Reason, RevNat, Service, SnatRev,
     TableCounters, VipAddrKey, VipKey,
     allow::{ALLOW_SERVICE_BITS, AllowKey},
     sizes::*,
+    trace::{TRACE_RING_BYTES, TraceBudget, TraceFilter},
 };
 
 /// BPF_F_MMAPABLE: the agent writes rings through a memory mapping instead of 65537 syscalls,
@@ -153,6 +154,18 @@ pub static TABLE_STATS: PerCpuArray<TableCounters> = PerCpuArray::pinned(2 * Flo
 /// Per-CPU verdict counters, indexed by `lb_common::Reason`.
 #[map(name = "XLB_REASONS_V7")]
 pub static REASONS: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);
+
+/// `xlb trace`: element 0 says whether a trace runs and what it matches (trace.rs).
+#[map(name = "XLB_TRACE_FILTER_V1")]
+pub static TRACE_FILTER: Array<TraceFilter> = Array::pinned(1, 0);
+
+/// Records of traced packets, read by the agent while a trace runs.
+#[map(name = "XLB_TRACE_V1")]
+pub static TRACE: RingBuf = RingBuf::pinned(TRACE_RING_BYTES, 0);
+
+/// Per-CPU record budget of the current second (not pinned: a new program starts afresh).
+#[map(name = "XLB_TRACE_BUDGET")]
+pub static TRACE_BUDGET: PerCpuArray<TraceBudget> = PerCpuArray::with_max_entries(1, 0);
 
 /// The current copy of a service's value.
 #[inline(always)]

@@ -32,9 +32,12 @@ pub const REASONS: &str = "XLB_REASONS_V7";
 pub const ALLOW: &str = "XLB_ALLOW_V1";
 /// Written by the data path; the sweep removes stale entries (replyendpoints.rs).
 pub const REPLY_ENDPOINTS: &str = "XLB_REPLY_ENDPOINTS_V1";
+/// `xlb trace` (trace.rs): the data path's filter and its ring buffer of records.
+pub const TRACE_FILTER: &str = "XLB_TRACE_FILTER_V1";
+pub const TRACE: &str = "XLB_TRACE_V1";
 
 /// Every map, in the order they are pinned.
-pub const ALL_MAPS: [&str; 18] = [
+pub const ALL_MAPS: [&str; 20] = [
     VIPS,
     SERVICES,
     VIP_ADDRS,
@@ -53,6 +56,8 @@ pub const ALL_MAPS: [&str; 18] = [
     REASONS,
     ALLOW,
     REPLY_ENDPOINTS,
+    TRACE_FILTER,
+    TRACE,
 ];
 
 pub struct Datapath {

@@ -24,3 +24,4 @@ pub mod reconcile;
 pub mod replyendpoints;
 pub mod state;
 pub mod status;
+pub mod trace;

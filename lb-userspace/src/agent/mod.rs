@@ -160,6 +160,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
     agent.announcer = agent.config.agent.announce_table.map(Announcer::new);
     agent.publish();
 
+    // A trace a crashed agent left on stops here.
+    crate::trace::reset(&pin_path)?;
     let (tables_tx, tables_rx) = watch::channel(Vec::new());
     crate::flowtables::sweep_in_background(&pin_path, tables_tx)?;
     let (commands_tx, mut commands) = mpsc::channel(8);
@@ -171,6 +173,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         health: agent.health.reader(),
         flow_tables: tables_rx,
         discovery: sources.board(),
+        pin_path: pin_path.clone(),
     };
     let _servers = listeners.serve(api);
 
