@@ -9,6 +9,7 @@
 pub mod allow;
 pub mod hash;
 pub mod sizes;
+pub mod trace;
 
 pub use hash::{flow_hash, ring_hash, source_hash};
 
@@ -160,8 +161,12 @@ pub struct Flow {
     pub state: u8,
     pub _pad: u8,
     /// Seconds of the data path's clock when the flow was placed (for `xlb explain` and
-    /// `xlb flows`; 0 in entries older than this field, which was padding).
+    /// `xlb flows`).
     pub created_s: u32,
+    /// mode nat: the interface the flow came in on (a new flow's replies are redirected out
+    /// of it; once established, its `RevNat` says it). 0: unknown.
+    pub ifindex: u32,
+    pub _pad2: u32,
 }
 
 /// `Flow::state`: a reply of the flow was seen (nat and fullnat, where replies pass the LB).
@@ -600,7 +605,7 @@ mod tests {
         assert!(size_of::<DoubleBuffer<Backend>>().is_multiple_of(8));
         assert_eq!(size_of::<Backend>(), 44);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<Flow>(), 40);
+        assert_eq!(size_of::<Flow>(), 48);
         assert_eq!(size_of::<SnatRev>(), 56);
         assert_eq!(size_of::<SnatPool>(), 136);
         assert_eq!(size_of::<RevNat>(), 28);

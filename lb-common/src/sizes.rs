@@ -36,6 +36,9 @@ pub const REV_NAT_SIZE: u32 = 262_144;
 /// handshake even at a million a second; one evicted before its handshake completes is
 /// balanced again by Maglev, to the same backend.
 pub const EMBRYONIC_SIZE: u32 = 65_536;
+/// Backend endpoints whose new flows' replies are found without a reply mapping per flow
+/// (twice the backends: stale endpoints linger until the agent's sweep).
+pub const REPLY_ENDPOINTS_SIZE: u32 = 2 * MAX_BACKENDS;
 /// Slots of the per-CPU flow cache in front of conntrack (a power of two).
 pub const FLOW_CACHE_SLOTS: u32 = 4096;
 /// fullnat reverse mappings (LRU), one per fullnat flow.

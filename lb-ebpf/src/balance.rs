@@ -12,7 +12,7 @@ use crate::{
     maps::{self, VIP_ADDRS, VIPS},
     nat::Endpoint,
     parse::{IcmpPacket, L4Packet, PacketBuf, Parsed, parse},
-    snat, stats,
+    snat, stats, trace,
 };
 
 pub enum Verdict {
@@ -278,6 +278,7 @@ fn forward<H: Hook>(
     if !matches!(verdict, Verdict::Drop(_)) {
         stats::count_traffic(target.service_id, target.backend_id, len, new_flow);
     }
+    trace::packet(ctx, pkt, target, &verdict, new_flow);
     verdict
 }
 

@@ -1,7 +1,8 @@
 //! Flow tables: pin a flow to its backend while the backend set changes.
 //!
 //! A new flow goes into the embryonic tables (`CONNTRACK_NEW`, and its reply mapping or SNAT
-//! port in `REV_NAT_NEW` / `SNAT_REV_NEW`). It moves to the main tables once it proves
+//! port in `SNAT_REV_NEW`; a nat flow's replies find it through its backend's endpoint,
+//! replies.rs, or through its own mapping in `REV_NAT_NEW`). It moves to the main tables once it proves
 //! two-way: in nat and fullnat, where replies pass the LB, a reply was seen and then a client
 //! packet that is not a SYN (the handshake's ACK; a UDP flow's next datagram); in dsr, whose
 //! replies skip the LB, a client packet that is not a SYN after the first. A flood of new
@@ -22,7 +23,7 @@ use crate::{
     maps::{self, CONNTRACK, CONNTRACK_NEW, REV_NAT, REV_NAT_NEW, SNAT_REV, SNAT_REV_NEW, Scratch},
     nat::Endpoint,
     parse::L4Packet,
-    snat,
+    replies, snat,
     stats::{self, TableOp},
 };
 
@@ -103,7 +104,7 @@ pub fn lookup(
         flow.last_seen_ns = now;
         // The reply mapping ages with the flow: a lookup marks it used for the LRU.
         if svc.mode == MODE_NAT {
-            touch_rev_nat(table, key, backend, svc.id, ifindex);
+            touch_rev_nat(table, key, (flow.backend_id, backend), svc.id, ifindex);
         }
     }
     let promote =
@@ -174,10 +175,14 @@ pub fn insert_new(
     s.flow.state = closing_bits(pkt.fin, pkt.rst, FLOW_FIN_CLIENT);
     s.flow._pad = 0;
     s.flow.created_s = (now / 1_000_000_000) as u32;
+    s.flow.ifindex = ifindex;
+    s.flow._pad2 = 0;
     if !insert(&CONNTRACK_NEW, FlowTable::FlowsNew, key, &s.flow) {
         stats::count(Reason::ConntrackFull);
     }
-    if svc.mode == MODE_NAT {
+    // Replies find the flow through its backend's endpoint, unless that stands for another
+    // backend id.
+    if svc.mode == MODE_NAT && !replies::claim(&mut s.endpoint, backend_id, backend, key.proto) {
         rev_nat_entry(s, key, backend, svc.id, ifindex);
         if !insert(&REV_NAT_NEW, FlowTable::RevNatNew, &s.key, &s.rev_nat) {
             stats::count(Reason::ConntrackFull);
@@ -237,35 +242,67 @@ pub fn promote(key: &FlowKey, known: &Known, svc: &Service, now: u64, ifindex: u
 /// flow replied, and records the backend's FIN or RST.
 #[inline(always)]
 pub fn reply_seen(forward: &FlowKey, table: Table, fin: bool, rst: bool) {
-    let bits = closing_bits(fin, rst, FLOW_FIN_SERVER)
-        | if table == Table::New { FLOW_REPLIED } else { 0 };
-    if bits == 0 {
-        return;
-    }
     let (map, _) = table.flows();
     if let Some(flow) = map.get_ptr_mut(forward) {
-        let flow = unsafe { &mut *flow };
-        if flow.state | bits != flow.state {
-            flow.state |= bits;
-        }
+        mark_reply(flow, table, fin, rst);
     }
 }
 
-/// The reply mapping of a nat flow, main table first; and which table it is in.
+/// The same, for a flow entry at hand.
 #[inline(always)]
-pub fn reply_mapping(reply: &FlowKey) -> Option<(&'static RevNat, Table)> {
-    if let Some(rev) = unsafe { REV_NAT.get(reply) } {
-        return Some((rev, Table::Main));
+pub fn mark_reply(flow: *mut Flow, table: Table, fin: bool, rst: bool) {
+    let bits = closing_bits(fin, rst, FLOW_FIN_SERVER)
+        | if table == Table::New { FLOW_REPLIED } else { 0 };
+    let flow = unsafe { &mut *flow };
+    if flow.state | bits != flow.state {
+        flow.state |= bits;
     }
-    unsafe { REV_NAT_NEW.get(reply) }.map(|rev| (rev, Table::New))
+}
+
+/// Where a nat reply goes back to.
+pub struct ReplyTo {
+    pub vip: u32,
+    pub vip_port: u16,
+    /// The flow's ingress interface.
+    pub ifindex: u32,
+    pub table: Table,
+    /// The embryonic entry, when the reply found it through its backend's endpoint.
+    pub flow: Option<*mut Flow>,
+}
+
+/// The reply mapping of a nat flow: its own (main table first), or an embryonic flow's
+/// found through its backend's endpoint.
+#[inline(always)]
+pub fn reply_mapping(reply: &FlowKey) -> Option<ReplyTo> {
+    let own = |rev: &RevNat, table| ReplyTo {
+        vip: rev.vip[0],
+        vip_port: rev.vip_port,
+        ifindex: rev.ifindex,
+        table,
+        flow: None,
+    };
+    if let Some(rev) = unsafe { REV_NAT.get(reply) } {
+        return Some(own(rev, Table::Main));
+    }
+    let s = maps::scratch()?;
+    if let Some(e) = replies::embryonic(reply, &mut s.endpoint, &mut s.key) {
+        return Some(ReplyTo {
+            vip: e.vip[0],
+            vip_port: e.vip_port,
+            ifindex: unsafe { (*e.flow).ifindex },
+            table: Table::New,
+            flow: Some(e.flow),
+        });
+    }
+    unsafe { REV_NAT_NEW.get(reply) }.map(|rev| own(rev, Table::New))
 }
 
 /// The client -> VIP key of the flow a nat reply (backend -> client) belongs to.
 #[inline(always)]
-pub fn forward_of_reply(reply: &FlowKey, rev: &RevNat) -> FlowKey {
+pub fn forward_of_reply(reply: &FlowKey, rev: &ReplyTo) -> FlowKey {
     FlowKey {
         src: reply.dst,
-        dst: rev.vip,
+        dst: [rev.vip, 0, 0, 0],
         src_port: reply.dst_port,
         dst_port: rev.vip_port,
         proto: reply.proto,
@@ -293,13 +330,22 @@ fn rev_nat_entry(s: &mut Scratch, key: &FlowKey, backend: &Backend, service_id: 
 }
 
 /// Marks an established flow's reply mapping used (so LRU keeps it as long as the flow),
-/// and puts it back if it was lost.
+/// and puts it back if it was lost. A new flow whose replies find it through its backend's
+/// endpoint has none.
 #[inline(always)]
-fn touch_rev_nat(table: Table, key: &FlowKey, backend: &Backend, service_id: u32, ifindex: u32) {
+fn touch_rev_nat(
+    table: Table,
+    key: &FlowKey,
+    (backend_id, backend): (u32, &Backend),
+    service_id: u32,
+    ifindex: u32,
+) {
     let (map, which) = table.rev_nat();
     let Some(s) = maps::scratch() else { return };
     rev_nat_entry(s, key, backend, service_id, ifindex);
-    if unsafe { map.get(&s.key) }.is_none() {
+    if unsafe { map.get(&s.key) }.is_none()
+        && !(table == Table::New && replies::claim(&mut s.endpoint, backend_id, backend, key.proto))
+    {
         insert(map, which, &s.key, &s.rev_nat);
     }
 }

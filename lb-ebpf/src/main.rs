@@ -20,9 +20,11 @@ mod maps;
 mod nat;
 mod object;
 mod parse;
+mod replies;
 mod route;
 mod snat;
 mod stats;
+mod trace;
 
 use aya_ebpf::{
     bindings::{
@@ -123,15 +125,17 @@ fn reverse_nat(ctx: &TcContext) -> Option<u32> {
         _ => return None,
     };
     let reply = pkt.flow_key();
-    let (rev, table) = conntrack::reply_mapping(&reply)?;
-    let (vip, vip_port, ifindex) = (rev.vip[0], rev.vip_port, rev.ifindex);
-    if table == Table::New || pkt.closing {
-        conntrack::reply_seen(
-            &conntrack::forward_of_reply(&reply, rev),
-            table,
+    let rev = conntrack::reply_mapping(&reply)?;
+    let (vip, vip_port, ifindex) = (rev.vip, rev.vip_port, rev.ifindex);
+    match rev.flow {
+        Some(flow) => conntrack::mark_reply(flow, rev.table, pkt.fin, pkt.rst),
+        None if rev.table == Table::New || pkt.closing => conntrack::reply_seen(
+            &conntrack::forward_of_reply(&reply, &rev),
+            rev.table,
             pkt.fin,
             pkt.rst,
-        );
+        ),
+        None => {}
     }
     match nat::rewrite_tc(ctx, &pkt, End::Source, vip, vip_port) {
         Ok(()) => stats::count(Reason::RevNat),

@@ -11,6 +11,7 @@ pub struct Scratch {
     pub flow: Flow,
     pub rev_nat: RevNat,
     pub snat: SnatRev,
+    pub endpoint: VipKey,
 }
 
 /// This CPU's scratch room.
@@ -20,13 +21,14 @@ pub fn scratch() -> Option<&'static mut Scratch> {
 }
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 use lb_common::{
     Backend, Counters, DoubleBuffer, Flow, FlowKey, FlowTable, Reason, RevNat, Service, SnatRev,
     TableCounters, VipAddrKey, VipKey,
     allow::{ALLOW_SERVICE_BITS, AllowKey},
     sizes::*,
+    trace::{TRACE_RING_BYTES, TraceBudget, TraceFilter},
 };
 
 /// BPF_F_MMAPABLE: the agent writes rings through a memory mapping instead of 65537 syscalls,
@@ -80,11 +82,11 @@ pub static RINGS: Array<[u32; RING_CHUNK as usize]> = Array::pinned(RING_CHUNKS,
 /// Client -> VIP 5-tuple -> backend, for established flows. Shared by all CPUs so a flow
 /// keeps its backend whichever queue its packets arrive on. Only flows that proved two-way
 /// get here (conntrack.rs), so new flows, however many, never evict these.
-#[map(name = "XLB_CONNTRACK_V2")]
+#[map(name = "XLB_CONNTRACK_V3")]
 pub static CONNTRACK: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(CONNTRACK_SIZE, 0);
 
 /// The same for new flows, until they prove two-way.
-#[map(name = "XLB_CONNTRACK_NEW_V1")]
+#[map(name = "XLB_CONNTRACK_NEW_V2")]
 pub static CONNTRACK_NEW: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(EMBRYONIC_SIZE, 0);
 
 /// Per-CPU cache of recent conntrack decisions (flowcache.rs). Not pinned: it is only a
@@ -99,6 +101,12 @@ pub static REV_NAT: LruHashMap<FlowKey, RevNat> = LruHashMap::pinned(REV_NAT_SIZ
 /// Reply mappings of new flows.
 #[map(name = "XLB_REV_NAT_NEW_V1")]
 pub static REV_NAT_NEW: LruHashMap<FlowKey, RevNat> = LruHashMap::pinned(EMBRYONIC_SIZE, 0);
+
+/// Backend endpoint (address, port, protocol) -> the one backend id whose new nat flows
+/// need no reply mapping of their own (replies.rs). Written by the data path, once per
+/// endpoint; the agent removes entries whose backend is gone.
+#[map(name = "XLB_REPLY_ENDPOINTS_V1")]
+pub static REPLY_ENDPOINTS: HashMap<VipKey, u32> = HashMap::pinned(REPLY_ENDPOINTS_SIZE, 0);
 
 /// fullnat: reply 5-tuple (backend -> SNAT address:port) -> client and VIP. An entry is
 /// what reserves its SNAT port (snat.rs).
@@ -146,6 +154,18 @@ pub static TABLE_STATS: PerCpuArray<TableCounters> = PerCpuArray::pinned(2 * Flo
 /// Per-CPU verdict counters, indexed by `lb_common::Reason`.
 #[map(name = "XLB_REASONS_V7")]
 pub static REASONS: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);
+
+/// `xlb trace`: element 0 says whether a trace runs and what it matches (trace.rs).
+#[map(name = "XLB_TRACE_FILTER_V1")]
+pub static TRACE_FILTER: Array<TraceFilter> = Array::pinned(1, 0);
+
+/// Records of traced packets, read by the agent while a trace runs.
+#[map(name = "XLB_TRACE_V1")]
+pub static TRACE: RingBuf = RingBuf::pinned(TRACE_RING_BYTES, 0);
+
+/// Per-CPU record budget of the current second (not pinned: a new program starts afresh).
+#[map(name = "XLB_TRACE_BUDGET")]
+pub static TRACE_BUDGET: PerCpuArray<TraceBudget> = PerCpuArray::with_max_entries(1, 0);
 
 /// The current copy of a service's value.
 #[inline(always)]

@@ -3,7 +3,8 @@
 //! text). The control socket (`agent.control`, a unix socket only root or
 //! `agent.control_group` may open) also takes `POST /reload` and
 //! `POST /backends/{service}/{backend}/drain` (or `/undrain`); the read API takes those only
-//! with the bearer token of `agent.control_token_file`. Handlers only read; changes go to the
+//! with the bearer token of `agent.control_token_file`, and so does `GET /trace` (it shows
+//! client addresses). Handlers only read; changes go to the
 //! agent loop as commands, so the agent stays the only writer.
 use std::{path::Path, sync::Arc};
 
@@ -37,6 +38,7 @@ mod gate;
 pub mod history;
 mod listen;
 mod page;
+mod trace;
 
 pub type Reply = oneshot::Sender<Result<String, String>>;
 
@@ -64,6 +66,8 @@ pub struct Api {
     pub discovery: Board,
     /// What changed recently, fed by the agent.
     pub events: EventLog,
+    /// Where the data path's maps are pinned (`xlb trace` opens its ring buffer there).
+    pub pin_path: std::path::PathBuf,
 }
 
 impl Api {
@@ -192,6 +196,7 @@ fn router(api: Api, gate: Gate, history: history::History) -> Router {
         .route("/explain", get(explain))
         .route("/flows", get(flows))
         .route("/reload", post(reload))
+        .route("/trace", get(trace::trace))
         .route("/backends/{service}/{backend}/{action}", post(drain))
         .method_not_allowed_fallback(wrong_method)
         .with_state(Served { api, gate, history })
@@ -396,6 +401,43 @@ pub async fn control(socket: &Path, method: &str, path: &str) -> Result<(u16, St
         ))
     })?;
     exchange(stream, method, path).await
+}
+
+/// A GET on the control socket whose body is JSON lines (`/trace`): each line goes to
+/// `line` as it arrives. Returns the status code, and the body when it is not 200.
+pub async fn control_lines(
+    socket: &Path,
+    path: &str,
+    mut line: impl FnMut(&str),
+) -> Result<(u16, String)> {
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .with_context(|| format!("connecting to the xlb control socket {}", socket.display()))?;
+    let req = hyper::Request::builder()
+        .method("GET")
+        .uri(path)
+        .header("host", "xlb")
+        .body(Empty::<Bytes>::new())?;
+    let response = http::send(stream, req).await?;
+    let code = response.status().as_u16();
+    let mut body = response.into_body();
+    if code != 200 {
+        let text = body.collect().await?.to_bytes();
+        return Ok((code, String::from_utf8_lossy(&text).into_owned()));
+    }
+    let mut pending = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        pending.extend_from_slice(&data);
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let rest = pending.split_off(end + 1);
+            line(String::from_utf8_lossy(&pending[..end]).as_ref());
+            pending = rest;
+        }
+    }
+    Ok((code, String::new()))
 }
 
 async fn exchange<S>(stream: S, method: &str, path: &str) -> Result<(u16, String)>

@@ -17,8 +17,8 @@ pub const SERVICES: &str = "XLB_SERVICES_V1";
 pub const VIP_ADDRS: &str = "XLB_VIP_ADDRS_V1";
 pub const BACKENDS: &str = "XLB_BACKENDS_V4";
 pub const RINGS: &str = "XLB_RINGS_V2";
-pub const CONNTRACK: &str = "XLB_CONNTRACK_V2";
-pub const CONNTRACK_NEW: &str = "XLB_CONNTRACK_NEW_V1";
+pub const CONNTRACK: &str = "XLB_CONNTRACK_V3";
+pub const CONNTRACK_NEW: &str = "XLB_CONNTRACK_NEW_V2";
 pub const REV_NAT: &str = "XLB_REV_NAT_V2";
 pub const REV_NAT_NEW: &str = "XLB_REV_NAT_NEW_V1";
 pub const SNAT_REV: &str = "XLB_SNAT_REV_V1";
@@ -30,9 +30,14 @@ pub const SERVICE_STATS: &str = "XLB_SVC_STATS_V1";
 pub const BACKEND_STATS: &str = "XLB_BE_STATS_V1";
 pub const REASONS: &str = "XLB_REASONS_V7";
 pub const ALLOW: &str = "XLB_ALLOW_V1";
+/// Written by the data path; the sweep removes stale entries (replyendpoints.rs).
+pub const REPLY_ENDPOINTS: &str = "XLB_REPLY_ENDPOINTS_V1";
+/// `xlb trace` (trace.rs): the data path's filter and its ring buffer of records.
+pub const TRACE_FILTER: &str = "XLB_TRACE_FILTER_V1";
+pub const TRACE: &str = "XLB_TRACE_V1";
 
 /// Every map, in the order they are pinned.
-pub const ALL_MAPS: [&str; 17] = [
+pub const ALL_MAPS: [&str; 20] = [
     VIPS,
     SERVICES,
     VIP_ADDRS,
@@ -50,6 +55,9 @@ pub const ALL_MAPS: [&str; 17] = [
     BACKEND_STATS,
     REASONS,
     ALLOW,
+    REPLY_ENDPOINTS,
+    TRACE_FILTER,
+    TRACE,
 ];
 
 pub struct Datapath {

@@ -27,8 +27,11 @@ use lb_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::datapath::{
-    CONNTRACK, CONNTRACK_NEW, REV_NAT, REV_NAT_NEW, SNAT_REV, SNAT_REV_NEW, TABLE_STATS,
+use crate::{
+    datapath::{
+        CONNTRACK, CONNTRACK_NEW, REV_NAT, REV_NAT_NEW, SNAT_REV, SNAT_REV_NEW, TABLE_STATS,
+    },
+    replyendpoints::ReplyEndpoints,
 };
 
 /// Index in `TABLE_STATS` of the agent's own removals from `table` (the data path counts
@@ -273,12 +276,14 @@ pub fn sweep_in_background(
     out: tokio::sync::watch::Sender<Vec<TableStatus>>,
 ) -> Result<()> {
     let mut tables = FlowTables::open_pinned(pin_path)?;
+    let mut endpoints = ReplyEndpoints::open_pinned(pin_path)?;
     std::thread::Builder::new()
         .name("xlb-sweep".into())
         .spawn(move || {
             let mut last_error = String::new();
             while !out.is_closed() {
-                match tables.sweep(monotonic_ns()) {
+                let swept = endpoints.sweep().and_then(|_| tables.sweep(monotonic_ns()));
+                match swept {
                     Ok(status) => {
                         out.send_replace(status);
                         last_error.clear();

@@ -24,6 +24,8 @@ pub mod metrics;
 pub mod netdev;
 pub mod privilege;
 pub mod reconcile;
+pub mod replyendpoints;
 pub mod state;
 pub mod status;
 pub mod watch;
+pub mod trace;

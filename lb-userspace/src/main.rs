@@ -90,6 +90,25 @@ enum Command {
     Drain(BackendArgs),
     /// Undo `xlb drain`. Through the control socket, as `reload`.
     Undrain(BackendArgs),
+    /// Print live records of the packets the data path balances (verdict, rewrite, backend,
+    /// interface), at most 1000 a second per CPU. Through the control socket, as `reload`
+    /// (records show client addresses). Tracing costs the data path nothing when none runs.
+    Trace {
+        /// Only this service's packets.
+        #[arg(long)]
+        service: Option<String>,
+        /// Only packets from this source (CIDR or address).
+        #[arg(long, value_name = "CIDR")]
+        from: Option<String>,
+        /// Stop after this many records (default: until interrupted).
+        #[arg(long)]
+        count: Option<usize>,
+        /// JSON lines instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
     /// Detach all programs and remove all pinned state. Refused while an agent runs on the
     /// pin path (stop it first), and for a pin path off a bpffs: only pins are removed.
     Detach {
@@ -283,6 +302,34 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Drain(target) => return target.post(&runtime, "drain"),
         Command::Undrain(target) => return target.post(&runtime, "undrain"),
+        Command::Trace {
+            service,
+            from,
+            count,
+            json,
+            control,
+        } => {
+            let mut query = Vec::new();
+            query.extend(service.map(|s| format!("service={s}")));
+            query.extend(from.map(|f| format!("from={f}")));
+            query.extend(count.map(|n| format!("count={n}")));
+            let path = format!("/trace?{}", query.join("&"));
+            let (code, body) =
+                runtime.block_on(api::control_lines(&control.socket()?, &path, |line| {
+                    if json {
+                        println!("{line}");
+                    } else {
+                        match serde_json::from_str::<xlb::trace::Line>(line) {
+                            Ok(l) => println!("{}", l.render()),
+                            Err(_) => println!("{line}"),
+                        }
+                    }
+                }))?;
+            if code != 200 {
+                eprint!("error: {body}");
+                return Ok(ExitCode::FAILURE);
+            }
+        }
         Command::Detach {
             pin_path,
             config,

@@ -10,8 +10,8 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddrV4},
 };
 
-use lb_common::{Counters, FlowKey, PROTO_TCP, Reason, addr_words};
-use xlb::{reconcile::Liveness, state::Endpoint};
+use lb_common::{Counters, FlowKey, PROTO_TCP, Reason, VipKey, addr_words};
+use xlb::{reconcile::Liveness, replyendpoints::ReplyEndpoints, state::Endpoint};
 use xlb_tests::testrun::*;
 
 #[path = "support/checksums.rs"]
@@ -240,16 +240,27 @@ fn assert_pinned(
         ..key
     };
     let rev_nat = dp.datapath().rev_nat().expect("reading rev nat");
-    let rev = rev_nat
-        .iter()
-        .find(|(k, _)| *k == reply)
-        .unwrap_or_else(|| {
-            panic!(
-                "{what}: no reverse NAT entry for {backend} -> {}",
-                pkt.src_sock()
-            )
-        })
-        .1;
+    let Some((_, rev)) = rev_nat.iter().find(|(k, _)| *k == reply) else {
+        // A new flow's replies may find it through its backend's endpoint instead.
+        let endpoint = VipKey {
+            addr: reply.src,
+            port: reply.src_port,
+            proto: reply.proto,
+            family: reply.family,
+        };
+        let claims = ReplyEndpoints::open_pinned(dp.pin_path())
+            .and_then(|e| e.claims())
+            .expect("reading the reply endpoints");
+        let embryonic = dp.datapath().flow_tables().flows_in(false).unwrap();
+        assert!(
+            claims.contains(&(endpoint, flow.backend_id))
+                && embryonic.iter().any(|(k, _)| *k == key),
+            "{what}: no reverse NAT entry for {backend} -> {}, and no claim of the endpoint \
+             by a new flow's backend",
+            pkt.src_sock()
+        );
+        return;
+    };
     assert_eq!(
         (rev.vip, rev.vip_port),
         (key.dst, key.dst_port),

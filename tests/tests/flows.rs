@@ -366,3 +366,47 @@ fn a_udp_scan_evicts_no_established_udp_flow() {
         assert_eq!(answer(*backend, *from), VIP, "reply of {from}");
     }
 }
+
+/// A new nat flow's SYN-ACK finds its flow through the backend's endpoint (no reply mapping
+/// per new flow), and where two services share a backend endpoint, the flows of the one that
+/// did not claim it keep a mapping each: every reply gets its own flow's VIP back.
+#[test]
+fn new_flows_need_no_reply_mapping_unless_their_backend_serves_two_services() {
+    let alt = SocketAddrV4::new(Ipv4Addr::new(10, 99, 100, 2), 80);
+    let dp = LoadedDatapath::new(&(nat_web() + &service_toml("alt", alt, "tcp", &backends())));
+    let syn = |from: SocketAddrV4, vip: SocketAddrV4| {
+        forwarded_to(&dp, &Packet::tcp(from, vip).with_tcp_flags(TCP_SYN))
+    };
+    let mappings = || dp.datapath().rev_nat().unwrap().len();
+    // web's first flows claim every backend's endpoint.
+    let web_flows: Vec<_> = (0..30).map(|n| (client(n), syn(client(n), WEB))).collect();
+    assert_eq!(mappings(), 0, "web's new flows take no reply mapping");
+    // alt's backends are the same endpoints, claimed by web's backend ids.
+    let alt_flows: Vec<_> = (30..60).map(|n| (client(n), syn(client(n), alt))).collect();
+    assert_eq!(mappings(), 30, "alt's new flows each keep one");
+    // The same client port to both VIPs at once (the backend sees them as one 4-tuple only
+    // if Maglev sends both to the same backend; the replies still name their own VIP).
+    let both = client(60);
+    let (to_web, to_alt) = (syn(both, WEB), syn(both, alt));
+    for (from, backend) in &web_flows {
+        assert_eq!(reply(&dp, *backend, *from, TCP_SYN | TCP_ACK), WEB);
+    }
+    for (from, backend) in &alt_flows {
+        assert_eq!(reply(&dp, *backend, *from, TCP_SYN | TCP_ACK), alt);
+    }
+    assert_eq!(reply(&dp, to_web, both, TCP_SYN | TCP_ACK), WEB);
+    if to_alt != to_web {
+        assert_eq!(reply(&dp, to_alt, both, TCP_SYN | TCP_ACK), alt);
+    }
+    // Replied, then the ACK: both kinds are promoted with a mapping in the main table.
+    for (from, backend) in web_flows.iter().chain(&alt_flows) {
+        let vip = if web_flows.contains(&(*from, *backend)) {
+            WEB
+        } else {
+            alt
+        };
+        assert_eq!(forwarded_to(&dp, &Packet::tcp(*from, vip)), *backend);
+        assert_eq!(reply(&dp, *backend, *from, TCP_ACK | TCP_PSH), vip);
+    }
+    assert!(established(&dp) >= 60);
+}

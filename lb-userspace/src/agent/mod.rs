@@ -168,6 +168,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
     agent.announcer = agent.config.agent.announce_table.map(Announcer::new);
     agent.publish();
 
+    // A trace a crashed agent left on stops here.
+    crate::trace::reset(&pin_path)?;
     let (tables_tx, tables_rx) = watch::channel(Vec::new());
     crate::flowtables::sweep_in_background(&pin_path, tables_tx)?;
     let (commands_tx, mut commands) = mpsc::channel(8);
@@ -180,6 +182,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         flow_tables: tables_rx,
         discovery: sources.board(),
         events,
+        pin_path: pin_path.clone(),
     };
     let _servers = listeners.serve(api);
 

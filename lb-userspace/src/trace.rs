@@ -1,0 +1,199 @@
+//! `xlb trace`, the agent's side. A trace writes the data path's filter (lb-ebpf/src/trace.rs),
+//! reads the trace ring buffer while its client listens, and clears the filter when it ends
+//! (count reached, client gone, agent restarted). One trace at a time: the filter is global.
+//! Records name clients, so traces go through the control socket only.
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Result, bail};
+use aya::maps::{Array, MapData, RingBuf};
+use ipnet::Ipv4Net;
+use lb_common::{
+    MODE_DSR, MODE_FULLNAT, PROTO_TCP, Reason,
+    trace::{TRACE_ANY_SERVICE, TraceFilter, TraceRecord},
+};
+use serde::{Deserialize, Serialize};
+use tokio::io::unix::AsyncFd;
+
+use crate::datapath::{TRACE, TRACE_FILTER, pinned_map};
+
+static RUNNING: AtomicBool = AtomicBool::new(false);
+
+/// A running trace; dropping it stops the data path's tracing.
+pub struct Session {
+    filter: Array<MapData, TraceFilter>,
+    ring: AsyncFd<RingBuf<MapData>>,
+}
+
+/// Clears the filter a crashed agent may have left on.
+pub fn reset(pin_path: &Path) -> Result<()> {
+    let mut filter: Array<MapData, TraceFilter> =
+        Array::try_from(pinned_map(pin_path, TRACE_FILTER)?)?;
+    filter.set(0, TraceFilter::default(), 0)?;
+    Ok(())
+}
+
+impl Session {
+    /// Starts tracing packets of `service_id` (None: every service) from `from`.
+    pub fn start(pin_path: &Path, service_id: Option<u32>, from: Option<Ipv4Net>) -> Result<Self> {
+        if RUNNING.swap(true, Ordering::SeqCst) {
+            bail!("a trace is already running (one at a time)");
+        }
+        let opened = (|| -> Result<Self> {
+            let ring = RingBuf::try_from(pinned_map(pin_path, TRACE)?)?;
+            // SAFETY: the RingBuf owns its map fd and keeps it open while the AsyncFd
+            // holds it.
+            let mut ring = unsafe { AsyncFd::register(ring)? };
+            // Records a crashed agent's trace left behind are not this trace's.
+            while ring.get_mut().next().is_some() {}
+            let mut filter: Array<MapData, TraceFilter> =
+                Array::try_from(pinned_map(pin_path, TRACE_FILTER)?)?;
+            let net = from.unwrap_or_default();
+            let value = TraceFilter {
+                enabled: 1,
+                service_id: service_id.unwrap_or(TRACE_ANY_SERVICE),
+                src_addr: u32::from_ne_bytes(net.network().octets()),
+                src_mask: u32::from_ne_bytes(net.netmask().octets()),
+            };
+            filter.set(0, value, 0)?;
+            Ok(Session { filter, ring })
+        })();
+        if opened.is_err() {
+            RUNNING.store(false, Ordering::SeqCst);
+        }
+        opened
+    }
+
+    /// The next record (waits for one).
+    pub async fn next(&mut self) -> Result<TraceRecord> {
+        loop {
+            let mut guard = self.ring.readable_mut().await?;
+            if let Some(item) = guard.get_inner_mut().next() {
+                if item.len() >= size_of::<TraceRecord>() {
+                    // SAFETY: the data path writes whole TraceRecords; read unaligned.
+                    return Ok(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+                }
+                continue;
+            }
+            guard.clear_ready();
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Err(e) = self.filter.set(0, TraceFilter::default(), 0) {
+            tracing::warn!(error = %e, "clearing the trace filter");
+        }
+        RUNNING.store(false, Ordering::SeqCst);
+    }
+}
+
+/// One traced packet as `xlb trace` prints it (a JSON line on the wire).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Line {
+    /// RFC 3339, microseconds.
+    pub time: String,
+    pub interface: String,
+    pub service: String,
+    pub proto: String,
+    pub client: SocketAddrV4,
+    pub vip: SocketAddrV4,
+    pub backend: SocketAddrV4,
+    pub mode: String,
+    pub new_flow: bool,
+    /// What the data path did (a verdict counter's name).
+    pub verdict: String,
+    /// The packet as it left.
+    pub rewrite: String,
+}
+
+fn sock(addr: u32, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from(addr.to_ne_bytes()), u16::from_be(port))
+}
+
+fn interface_name(ifindex: u32) -> String {
+    // IFNAMSIZ.
+    let mut buf = [0 as libc::c_char; 16];
+    // SAFETY: buf has IFNAMSIZ bytes, as if_indextoname requires.
+    let name = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if name.is_null() {
+        return format!("ifindex {ifindex}");
+    }
+    // SAFETY: if_indextoname wrote a NUL-terminated name into buf.
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+impl Line {
+    /// `service` names the record's service id; `boot_offset` turns its monotonic time into
+    /// wall-clock time.
+    pub fn from_record(r: &TraceRecord, service: &str, boot_offset: Duration) -> Line {
+        let client = sock(r.saddr, r.sport);
+        let vip = sock(r.daddr, r.dport);
+        let backend = sock(r.backend_addr, r.backend_port);
+        let (mode, rewrite) = match r.mode {
+            MODE_FULLNAT => (
+                "fullnat",
+                format!("{} -> {backend}", sock(r.snat_addr, r.snat_port)),
+            ),
+            MODE_DSR => ("dsr", format!("{client} -> {vip} in IPIP/GUE to {backend}")),
+            _ => ("nat", format!("{client} -> {backend}")),
+        };
+        let time = SystemTime::UNIX_EPOCH + boot_offset + Duration::from_nanos(r.time_ns);
+        Line {
+            time: humantime::format_rfc3339_micros(time).to_string(),
+            interface: interface_name(r.ifindex),
+            service: service.to_string(),
+            proto: if r.proto == PROTO_TCP { "tcp" } else { "udp" }.into(),
+            client,
+            vip,
+            backend,
+            mode: mode.into(),
+            new_flow: r.new_flow != 0,
+            verdict: Reason::ALL
+                .iter()
+                .find(|x| **x as u32 == r.reason)
+                .map_or("unknown", |x| x.name())
+                .into(),
+            rewrite,
+        }
+    }
+
+    /// One line of `xlb trace`.
+    pub fn render(&self) -> String {
+        format!(
+            "{} {} {} {} {} -> {} backend {} {}{} (rewritten {})",
+            self.time,
+            self.interface,
+            self.service,
+            self.proto,
+            self.client,
+            self.vip,
+            self.backend,
+            self.verdict,
+            if self.new_flow { ", new flow" } else { "" },
+            self.rewrite
+        )
+    }
+}
+
+/// Wall-clock time at CLOCK_MONOTONIC zero.
+pub fn boot_offset() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let mono = Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32);
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .saturating_sub(mono)
+}

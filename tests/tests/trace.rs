@@ -1,0 +1,115 @@
+//! `xlb trace`: live records of real connections through the control socket: `--count N`
+//! prints N records, each naming the backend that answered that connection, and `--from`
+//! leaves out other sources. Same netns topology as nat.rs. Run as root.
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use xlb::trace::Line;
+use xlb_tests::{
+    agent::Agent,
+    client::LineConn,
+    process::{Proc, binary},
+    topology::Topology,
+};
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 99, 1, 2);
+
+fn trace(topo: &Topology, agent: &Agent, name: &str, args: &[&str]) -> Proc {
+    let mut cmd = Command::new(binary("xlb"));
+    cmd.args(["trace", "--json"])
+        .args(args)
+        .env("XLB_CONTROL", &agent.control);
+    Proc::spawn(name, cmd, topo.dir.join(format!("{name}.log")))
+}
+
+fn lines(proc: &Proc) -> Vec<Line> {
+    proc.log_text()
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect()
+}
+
+/// Opens (and closes) one connection; its client port and the backend that answered.
+fn connect(topo: &Topology) -> (u16, String) {
+    let vip = topo.vip(80);
+    topo.client.run(move || {
+        let (conn, name) = LineConn::open(vip);
+        (conn.local_addr().expect("local address").port(), name)
+    })
+}
+
+#[test]
+fn trace_prints_count_records_naming_the_backend_that_answered_and_from_filters() {
+    let topo = Topology::new(3);
+    let all: Vec<_> = topo.backends.iter().collect();
+    let agent = Agent::start(&topo, &topo.config(&Agent::pin_path_for(&topo), &all));
+    agent.wait_up("web", 3, Duration::from_secs(5));
+    let address: BTreeMap<String, SocketAddrV4> = topo
+        .backends
+        .iter()
+        .map(|b| {
+            let ip: Ipv4Addr = b.addr.parse().expect("backend address");
+            (b.name.clone(), SocketAddrV4::new(ip, 8080))
+        })
+        .collect();
+
+    // Connections until the trace has its 8 records (bounded in count and time).
+    let mut traced = trace(
+        &topo,
+        &agent,
+        "trace",
+        &["--count", "8", "--from", "10.99.1.2/32"],
+    );
+    let mut answered = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while traced.is_running() && Instant::now() < deadline && answered.len() < 200 {
+        let (port, name) = connect(&topo);
+        answered.insert(port, name);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        traced.wait_exit(Duration::from_secs(5)).is_some(),
+        "the trace ended after its count: {}",
+        traced.log_text()
+    );
+    let records = lines(&traced);
+    assert_eq!(records.len(), 8, "{}", traced.log_text());
+    for r in &records {
+        assert_eq!(
+            (r.service.as_str(), *r.client.ip()),
+            ("web", CLIENT),
+            "{r:?}"
+        );
+        let name = answered
+            .get(&r.client.port())
+            .unwrap_or_else(|| panic!("a record of no connection made: {r:?}"));
+        assert_eq!(r.backend, address[name], "the record names {name}: {r:?}");
+        assert_eq!(r.vip, SocketAddrV4::new(Ipv4Addr::new(10, 99, 100, 1), 80));
+        assert_eq!(r.verdict, "forwarded", "{r:?}");
+    }
+    assert!(records.iter().any(|r| r.new_flow), "a SYN is a new flow");
+
+    // Another source's trace sees none of this client's packets.
+    let mut other = trace(
+        &topo,
+        &agent,
+        "other",
+        &["--count", "1", "--from", "10.99.9.0/24"],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..20 {
+        connect(&topo);
+    }
+    assert!(
+        other.is_running(),
+        "no record ended it: {}",
+        other.log_text()
+    );
+    other.stop(Duration::from_secs(5));
+    assert!(lines(&other).is_empty(), "{}", other.log_text());
+}
