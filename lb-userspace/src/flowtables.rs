@@ -21,8 +21,7 @@ use lb_common::{
     FLOW_FIN_CLIENT, FLOW_FIN_SERVER, Flow, FlowKey, FlowTable, PROTO_UDP, RevNat, SnatRev,
     TableCounters,
     sizes::{
-        CLOSED_LINGER_NS, CONNTRACK_SIZE, EMBRYONIC_IDLE_NS, EMBRYONIC_SIZE, HALF_CLOSED_IDLE_NS,
-        REV_NAT_SIZE, SNAT_REV_SIZE, TCP_IDLE_NS, UDP_IDLE_TIMEOUT_NS,
+        CLOSED_LINGER_NS, EMBRYONIC_IDLE_NS, HALF_CLOSED_IDLE_NS, TCP_IDLE_NS, UDP_IDLE_TIMEOUT_NS,
     },
 };
 use serde::{Deserialize, Serialize};
@@ -227,7 +226,7 @@ impl FlowTables {
             out.push(TableStatus {
                 name: table.name().into(),
                 entries: held,
-                capacity: capacity(table),
+                capacity: self.capacity(table)?,
                 insert_failures: ours.failed,
                 evictions: ours.added.saturating_sub(ours.removed + swept + held),
                 expired: swept,
@@ -272,13 +271,23 @@ pub fn sweep_in_background(
     Ok(())
 }
 
-fn capacity(table: FlowTable) -> u64 {
-    u64::from(match table {
-        FlowTable::Flows => CONNTRACK_SIZE,
-        FlowTable::RevNat => REV_NAT_SIZE,
-        FlowTable::SnatRev => SNAT_REV_SIZE,
-        FlowTable::FlowsNew | FlowTable::RevNatNew | FlowTable::SnatRevNew => EMBRYONIC_SIZE,
-    })
+impl FlowTables {
+    /// Entries `table` holds at most, as it was made (layout.rs).
+    pub fn capacity(&self, table: FlowTable) -> Result<u64> {
+        let map = match table {
+            FlowTable::Flows => map_data(&self.flows),
+            FlowTable::FlowsNew => map_data(&self.flows_new),
+            FlowTable::RevNat => map_data(&self.rev_nat),
+            FlowTable::RevNatNew => map_data(&self.rev_nat_new),
+            FlowTable::SnatRev => map_data(&self.snat),
+            FlowTable::SnatRevNew => map_data(&self.snat_new),
+        };
+        Ok(u64::from(map.info()?.max_entries()))
+    }
+}
+
+fn map_data<K: aya::Pod, V: aya::Pod>(map: &HashMap<MapData, K, V>) -> &MapData {
+    aya::maps::IterableMap::map(map)
 }
 
 /// Whether a flow entry is done: closed and lingered, half-closed and idle, or idle past
@@ -366,7 +375,7 @@ fn batch_entries<K: aya::Pod, V: aya::Pod>(map: &HashMap<MapData, K, V>) -> Resu
 }
 
 fn map_fd<K: aya::Pod, V: aya::Pod>(map: &HashMap<MapData, K, V>) -> i32 {
-    aya::maps::IterableMap::map(map).fd().as_fd().as_raw_fd()
+    map_data(map).fd().as_fd().as_raw_fd()
 }
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;

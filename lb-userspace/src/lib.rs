@@ -13,6 +13,7 @@ pub mod flowtables;
 pub mod health;
 pub mod http;
 pub mod iproute;
+pub mod layout;
 pub mod loader;
 pub mod lock;
 pub mod maglev;

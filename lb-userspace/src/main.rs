@@ -186,6 +186,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 cfg.services.len(),
                 backends
             );
+            let layout = xlb::layout::Layout::for_config(&cfg);
+            println!("{}", layout.describe(xlb::layout::possible_cpus()));
         }
         Command::Status { json, api } => {
             let (code, body) = runtime.block_on(api::request(&api.listen()?, "GET", "/status"))?;

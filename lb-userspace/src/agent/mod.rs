@@ -31,6 +31,7 @@ use crate::{
     datapath::Datapath,
     discovery::{self, Sources, labels::LabelError},
     health::{HealthMonitor, HealthView, Key, NetProber, State},
+    layout::Layout,
     loader,
     reconcile::{Reconciler, Snapshot},
     state::{DesiredState, Endpoint},
@@ -96,7 +97,19 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let listeners = api::Listeners::bind(&config.agent)
         .await
         .context("not starting")?;
-    let mut ebpf = loader::load(&pin_path)?;
+    let layout = Layout::for_config(&config);
+    if let Some(pinned) = Layout::of_pins(&pin_path)?
+        && pinned != layout
+    {
+        // Pinned maps are reused as they are, flows and all.
+        warn!(
+            pinned = ?pinned,
+            config = ?layout,
+            "the pinned maps keep their sizes, not the config's; `xlb detach` and a start \
+             make them anew (without the flows)"
+        );
+    }
+    let mut ebpf = loader::load_sized(&pin_path, &layout)?;
     let datapath = loader::datapath(&mut ebpf)?;
     let reconciler = Reconciler::adopt(&datapath)?;
     let reconciled = reconciler.snapshot();

@@ -12,7 +12,8 @@ use tracing::{info, warn};
 
 use super::Agent;
 use crate::{
-    config::Config, discovery::Sources, health::State, loader, netdev::ifindex, reconcile::Changes,
+    config::Config, discovery::Sources, health::State, layout::Layout, loader, netdev::ifindex,
+    reconcile::Changes,
 };
 
 /// Why a reload did not take effect.
@@ -46,6 +47,7 @@ impl Agent {
         let config =
             Config::load(&self.config_path).map_err(|e| ReloadError::Rejected(e.into()))?;
         interfaces_exist(&config).map_err(ReloadError::Rejected)?;
+        maps_fit(&self.config, &config).map_err(ReloadError::Rejected)?;
         let (new, old) = (&config.agent, &self.config.agent);
         let restart_only = (&new.pin_path, &new.api, new.api_public, &new.control)
             != (&old.pin_path, &old.api, old.api_public, &old.control)
@@ -179,6 +181,27 @@ impl Agent {
         .context("attaching as before")?;
         Ok(())
     }
+}
+
+/// A config that needs larger maps than those pinned (a larger `flow_table_size`, a first
+/// fullnat service) is refused: the maps keep their size while the agent runs.
+fn maps_fit(old: &Config, new: &Config) -> Result<()> {
+    let wanted = Layout::for_config(new);
+    if Layout::for_config(old).short_of(&wanted).is_empty() {
+        return Ok(());
+    }
+    let Some(pinned) = Layout::of_pins(&old.agent.pin_path)? else {
+        return Ok(());
+    };
+    let short = pinned.short_of(&wanted);
+    if !short.is_empty() {
+        bail!(
+            "the config needs larger maps than the running ones ({}); maps are not resized \
+             by a reload",
+            short.join("; ")
+        );
+    }
+    Ok(())
 }
 
 /// Every interface the config names must exist: checked before anything changes.
