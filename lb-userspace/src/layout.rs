@@ -225,6 +225,47 @@ impl Layout {
     }
 }
 
+/// One map of a loaded data path as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KernelMap {
+    pub name: String,
+    pub entries: u32,
+    /// `memlock` of /proc/self/fdinfo: the memory the kernel charges for the map.
+    pub memlock: u64,
+}
+
+/// Every map the loaded programs use (those of the BPF object, not pinned ones alone), with
+/// the memory the kernel charges for it.
+pub fn kernel_maps(ebpf: &aya::Ebpf) -> Result<Vec<KernelMap>> {
+    let mut ids = std::collections::BTreeSet::new();
+    for (_, program) in ebpf.programs() {
+        if let Some(map_ids) = program.info()?.map_ids()? {
+            ids.extend(map_ids);
+        }
+    }
+    let mut out = Vec::new();
+    for id in ids {
+        let map = aya::maps::MapData::from_id(id)?;
+        let info = map.info()?;
+        out.push(KernelMap {
+            name: info.name_as_str().unwrap_or_default().to_string(),
+            entries: info.max_entries(),
+            memlock: memlock(map.fd())?,
+        });
+    }
+    Ok(out)
+}
+
+fn memlock(fd: &aya::maps::MapFd) -> Result<u64> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let path = format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd());
+    let text = std::fs::read_to_string(&path)?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("{path} has no memlock line"))
+}
+
 /// Ring blocks the services need: the ring in use and the one being written, each.
 pub fn rings_needed(config: &Config) -> u32 {
     config

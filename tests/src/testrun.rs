@@ -20,6 +20,7 @@ use lb_common::{Counters, Reason};
 use xlb::{
     config::Config,
     datapath::Datapath,
+    layout::Layout,
     loader,
     reconcile::{AllAlive, Liveness, Reconciler},
     state::{DesiredState, Endpoint},
@@ -150,6 +151,11 @@ impl LoadedDatapath {
     /// Loads the programs under `/sys/fs/bpf/xlb-test-<pid>-<n>` and applies `services`,
     /// the `[[service]]` tables of an xlb.toml (see [`service_toml`]).
     pub fn new(services: &str) -> LoadedDatapath {
+        Self::sized(services, &Layout::default())
+    }
+
+    /// The same with the maps sized by `layout` (see `xlb::layout`).
+    pub fn sized(services: &str, layout: &Layout) -> LoadedDatapath {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let path = PathBuf::from(format!("/sys/fs/bpf/xlb-test-{}-{n}", std::process::id()));
@@ -159,7 +165,7 @@ impl LoadedDatapath {
                 .unwrap_or_else(|e| panic!("removing stale {}: {e:#}", path.display()));
         }
         let pins = PinDir(path);
-        let mut ebpf = loader::load(&pins.0).unwrap_or_else(|e| {
+        let mut ebpf = loader::load_sized(&pins.0, layout).unwrap_or_else(|e| {
             panic!(
                 "loading the data path under {} (root?): {e:#}",
                 pins.0.display()
@@ -181,6 +187,11 @@ impl LoadedDatapath {
 
     pub fn pin_path(&self) -> &Path {
         &self.pins.0
+    }
+
+    /// Every map of the loaded programs, with the memory the kernel charges for it.
+    pub fn kernel_maps(&self) -> Vec<xlb::layout::KernelMap> {
+        xlb::layout::kernel_maps(&self.ebpf).unwrap_or_else(|e| panic!("reading the maps: {e:#}"))
     }
 
     /// Applies a new set of services with every backend alive.

@@ -1,0 +1,145 @@
+//! Map sizes from the config (lb-userspace/src/layout.rs): what the kernel charges for the
+//! maps of a loaded data path, and the limits (256 services, 16384 backends) at work.
+//! BPF_PROG_TEST_RUN, as root.
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+};
+
+use lb_common::sizes::{MAX_BACKENDS, MAX_SERVICES};
+use xlb::{
+    config::Config,
+    layout::{Layout, possible_cpus},
+};
+use xlb_tests::testrun::{LoadedDatapath, Packet, XDP_PASS, ipv4_at, service_toml};
+
+fn config(agent: &str, services: &str) -> Config {
+    let text = format!("[agent]\ninterfaces = [\"xlbtest0\"]\n{agent}\n{services}");
+    Config::parse(Path::new("memory-test.toml"), &text)
+        .unwrap_or_else(|e| panic!("test config is invalid:\n{e}"))
+}
+
+fn one_service() -> String {
+    let vip = SocketAddrV4::new(Ipv4Addr::new(10, 99, 100, 1), 80);
+    let backend = SocketAddrV4::new(Ipv4Addr::new(10, 99, 2, 11), 8080);
+    service_toml("web", vip, "tcp", &[(backend, 100)])
+}
+
+const MIB: u64 = 1024 * 1024;
+
+/// Loads `services` with the maps `agent` sizes; returns the kernel's memlock of every map
+/// the programs use, and of the sized ones alone, with the layout's own estimate of those.
+fn measure(agent: &str, services: &str) -> (u64, u64, u64) {
+    let cfg = config(agent, services);
+    let layout = Layout::for_config(&cfg);
+    let dp = LoadedDatapath::sized(services, &layout);
+    let maps = dp.kernel_maps();
+    for (name, entries) in layout.max_entries() {
+        // The kernel truncates map names to 15 bytes.
+        let map = maps
+            .iter()
+            .find(|m| name.starts_with(&m.name) && !m.name.is_empty())
+            .unwrap_or_else(|| panic!("no map {name} in {maps:?}"));
+        assert_eq!(
+            map.entries, entries,
+            "{name} was made with the layout's size"
+        );
+    }
+    let sized: u64 = layout
+        .max_entries()
+        .iter()
+        .map(|(name, _)| {
+            maps.iter()
+                .find(|m| name.starts_with(&m.name))
+                .map_or(0, |m| m.memlock)
+        })
+        .sum();
+    let total = maps.iter().map(|m| m.memlock).sum();
+    eprintln!(
+        "{agent:?}: all maps {:.1} MiB, sized {:.1} MiB, layout estimate {:.1} MiB ({} CPUs)",
+        total as f64 / MIB as f64,
+        sized as f64 / MIB as f64,
+        layout.memory(possible_cpus()) as f64 / MIB as f64,
+        possible_cpus()
+    );
+    (total, sized, layout.memory(possible_cpus()))
+}
+
+/// The layout's estimate is what the kernel charges (what `xlb check` prints is true), and a
+/// one-service config with a 65536-flow table stays within 32 MiB of map memory in all.
+#[test]
+fn one_service_map_memory_as_the_kernel_counts_it() {
+    let (total, sized, estimate) = measure("flow_table_size = 65536", &one_service());
+    let off = sized.abs_diff(estimate) as f64 / sized as f64;
+    assert!(off < 0.02, "estimate {estimate} vs kernel {sized}");
+    assert!(total <= 32 * MIB, "{total} bytes of map memory");
+    // At the default flow table the flow tables dominate: still far below the fixed 175 MiB.
+    let (total, sized, estimate) = measure("", &one_service());
+    assert!(sized.abs_diff(estimate) as f64 / (sized as f64) < 0.02);
+    assert!(total <= 100 * MIB, "{total} bytes of map memory");
+}
+
+/// A 4M-flow table is made, and costs 144 bytes per established flow (40-byte key and value).
+#[test]
+fn four_million_flows() {
+    let cfg = config("flow_table_size = 4194304", &one_service());
+    let layout = Layout::for_config(&cfg);
+    let dp = LoadedDatapath::sized(&one_service(), &layout);
+    let maps = dp.kernel_maps();
+    let conntrack = maps
+        .iter()
+        .find(|m| "XLB_CONNTRACK_V2".starts_with(&m.name))
+        .expect("the flow table");
+    assert_eq!(conntrack.entries, 4_194_304);
+    let per_flow = conntrack.memlock as f64 / 4_194_304.0;
+    eprintln!("established-flow table: {per_flow:.1} bytes per flow");
+    assert!(per_flow <= 150.0, "{per_flow} bytes per flow");
+}
+
+/// 256 services with 64 backends each (16384 in all) apply, and every service forwards a
+/// new flow to one of its own backends.
+#[test]
+fn max_services_and_backends() {
+    let per_service = MAX_BACKENDS / MAX_SERVICES;
+    let vip = |i: u32| {
+        SocketAddrV4::new(
+            Ipv4Addr::new(10, 99, 100 + (i / 250) as u8, (1 + i % 250) as u8),
+            80,
+        )
+    };
+    let backends = |i: u32| -> Vec<(SocketAddrV4, u32)> {
+        (0..per_service)
+            .map(|j| {
+                let addr = Ipv4Addr::new(10, 99, 2 + (i % 64) as u8, (1 + j) as u8);
+                (SocketAddrV4::new(addr, 8000 + (i / 64) as u16), 100)
+            })
+            .collect()
+    };
+    let services: String = (0..MAX_SERVICES)
+        .map(|i| {
+            service_toml(&format!("s{i}"), vip(i), "tcp", &backends(i))
+                .replace("mode = \"nat\"\n", "mode = \"nat\"\ntable_size = 257\n")
+        })
+        .collect();
+    let layout = Layout::for_config(&config("", &services));
+    assert_eq!(layout.backends, MAX_BACKENDS);
+    let dp = LoadedDatapath::sized(&services, &layout);
+    assert_eq!(dp.service_ids().len(), MAX_SERVICES as usize);
+    let total: usize = (0..MAX_SERVICES)
+        .map(|i| dp.backend_ids(&format!("s{i}")).len())
+        .sum();
+    assert_eq!(total, MAX_BACKENDS as usize);
+    for i in 0..MAX_SERVICES {
+        let client = SocketAddrV4::new(Ipv4Addr::new(10, 99, 1, 2), 40000 + i as u16);
+        let out = dp.xdp(&Packet::tcp(client, vip(i)).build());
+        assert_eq!(out.action, XDP_PASS, "service s{i}");
+        let to = SocketAddrV4::new(
+            ipv4_at(&out.data, 14 + 16),
+            u16::from_be_bytes([out.data[36], out.data[37]]),
+        );
+        assert!(
+            backends(i).iter().any(|(b, _)| *b == to),
+            "service s{i} sent its flow to {to}"
+        );
+    }
+}
