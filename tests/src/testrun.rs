@@ -296,6 +296,27 @@ impl LoadedDatapath {
         run(input, loader::XDP_PROGRAM, |opts| prog.test_run(opts))
     }
 
+    /// Runs `input` through the XDP program once: its verdict, and the run's time as the
+    /// kernel measured it (one clock read included).
+    pub fn xdp_timed(&self, input: &[u8]) -> (u32, std::time::Duration) {
+        let prog: &Xdp = self
+            .ebpf
+            .program(loader::XDP_PROGRAM)
+            .expect("the object has the XDP program")
+            .try_into()
+            .expect("xlb_xdp is an XDP program");
+        let mut out = vec![0u8; input.len() + OUT_SLACK];
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(input),
+                data_out: Some(&mut out),
+                repeat: 1,
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of the XDP program: {e:?}"));
+        (result.return_value, result.duration)
+    }
+
     /// Runs `input` (an Ethernet frame) through the TC egress program once.
     pub fn tc_egress(&self, input: &[u8]) -> RunResult {
         self.tc(loader::TC_EGRESS_PROGRAM, input)

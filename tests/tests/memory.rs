@@ -143,3 +143,82 @@ fn max_services_and_backends() {
         );
     }
 }
+
+/// The established-flow cost with `flows` flows in a table of `table` entries: `samples`
+/// distinct flows (beyond the per-CPU flow cache's 4096 slots) run once each; the median of
+/// the kernel's single-run times. A measurement, not a test: run it with
+/// `cargo test -p xlb-tests --test memory -- --ignored --nocapture established_cost`.
+fn established_cost(table: u32, flows: u32, samples: u32) -> f64 {
+    use aya::maps::HashMap;
+    use lb_common::{FAMILY_V4, FLOW_REPLIED, Flow, FlowKey, PROTO_TCP};
+
+    let services = one_service();
+    let layout = Layout::for_config(&config(&format!("flow_table_size = {table}"), &services));
+    let dp = LoadedDatapath::sized(&services, &layout);
+    let service_id = dp.service_id("web");
+    let (_, backend_id) = dp.backend_ids("web")[0];
+    let vip = SocketAddrV4::new(Ipv4Addr::new(10, 99, 100, 1), 80);
+    // Flow n: 60000 ports per client address, addresses from 10.99.10.0 up (test range).
+    let client = |n: u32| {
+        let host = n / 60000;
+        SocketAddrV4::new(
+            Ipv4Addr::new(10, 99, 10 + (host / 256) as u8, (host % 256) as u8),
+            (1024 + n % 60000) as u16,
+        )
+    };
+    let map = xlb::datapath::pinned_map(dp.pin_path(), xlb::datapath::CONNTRACK).unwrap();
+    let mut conntrack: HashMap<_, FlowKey, Flow> = HashMap::try_from(map).unwrap();
+    let now = xlb::flowtables::monotonic_ns();
+    for n in 0..flows {
+        let c = client(n);
+        let key = FlowKey {
+            src: [u32::from_ne_bytes(c.ip().octets()), 0, 0, 0],
+            dst: [u32::from_ne_bytes(vip.ip().octets()), 0, 0, 0],
+            src_port: c.port().to_be(),
+            dst_port: vip.port().to_be(),
+            proto: PROTO_TCP,
+            family: FAMILY_V4,
+            _pad: 0,
+        };
+        let flow = Flow {
+            backend_id,
+            service_id,
+            last_seen_ns: now,
+            state: FLOW_REPLIED,
+            ..Default::default()
+        };
+        conntrack.insert(key, flow, 0).unwrap();
+    }
+    let new_before = dp.service_counters(service_id).new_flows;
+    let step = (flows / samples).max(1);
+    let mut times: Vec<u128> = (0..samples)
+        .map(|i| {
+            let pkt = Packet::tcp(client((i * step) % flows), vip).build();
+            let (action, took) = dp.xdp_timed(&pkt);
+            assert_eq!(action, XDP_PASS);
+            took.as_nanos()
+        })
+        .collect();
+    assert_eq!(
+        dp.service_counters(service_id).new_flows,
+        new_before,
+        "every sample was an established flow"
+    );
+    times.sort_unstable();
+    times[times.len() / 2] as f64
+}
+
+#[test]
+#[ignore = "a measurement: takes a minute and prints figures (docs/benchmarks.md)"]
+fn established_cost_at_10k_and_4m_flows() {
+    // Side by side, twice, so that a noisy moment shows as disagreement between rounds.
+    for round in 0..2 {
+        let small = established_cost(16_384, 10_000, 10_000);
+        let large = established_cost(4_194_304, 4_000_000, 10_000);
+        eprintln!(
+            "round {round}: established flow, median single run: {small:.0} ns at 10k flows, \
+             {large:.0} ns at 4M flows (ratio {:.3})",
+            large / small
+        );
+    }
+}
