@@ -149,9 +149,6 @@ fn max_services_and_backends() {
 /// the kernel's single-run times. A measurement, not a test: run it with
 /// `cargo test -p xlb-tests --test memory -- --ignored --nocapture established_cost`.
 fn established_cost(table: u32, flows: u32, samples: u32) -> f64 {
-    use aya::maps::HashMap;
-    use lb_common::{FAMILY_V4, FLOW_REPLIED, Flow, FlowKey, PROTO_TCP};
-
     let services = one_service();
     let layout = Layout::for_config(&config(&format!("flow_table_size = {table}"), &services));
     let dp = LoadedDatapath::sized(&services, &layout);
@@ -166,7 +163,37 @@ fn established_cost(table: u32, flows: u32, samples: u32) -> f64 {
             (1024 + n % 60000) as u16,
         )
     };
-    let map = xlb::datapath::pinned_map(dp.pin_path(), xlb::datapath::CONNTRACK).unwrap();
+    fill(dp.pin_path(), flows, vip, (service_id, backend_id), client);
+    let new_before = dp.service_counters(service_id).new_flows;
+    let step = (flows / samples).max(1);
+    let mut times: Vec<u128> = (0..samples)
+        .map(|i| {
+            let pkt = Packet::tcp(client((i * step) % flows), vip).build();
+            let (action, took) = dp.xdp_timed(&pkt);
+            assert_eq!(action, XDP_PASS);
+            took.as_nanos()
+        })
+        .collect();
+    assert_eq!(
+        dp.service_counters(service_id).new_flows,
+        new_before,
+        "every sample was an established flow"
+    );
+    times.sort_unstable();
+    times[times.len() / 2] as f64
+}
+
+/// Writes `flows` established flows from `client(n)` to `vip` into the pinned flow table.
+fn fill(
+    pin_path: &Path,
+    flows: u32,
+    vip: SocketAddrV4,
+    (service_id, backend_id): (u32, u32),
+    client: impl Fn(u32) -> SocketAddrV4,
+) {
+    use aya::maps::HashMap;
+    use lb_common::{FAMILY_V4, FLOW_REPLIED, Flow, FlowKey, PROTO_TCP};
+    let map = xlb::datapath::pinned_map(pin_path, xlb::datapath::CONNTRACK).unwrap();
     let mut conntrack: HashMap<_, FlowKey, Flow> = HashMap::try_from(map).unwrap();
     let now = xlb::flowtables::monotonic_ns();
     for n in 0..flows {
@@ -189,23 +216,6 @@ fn established_cost(table: u32, flows: u32, samples: u32) -> f64 {
         };
         conntrack.insert(key, flow, 0).unwrap();
     }
-    let new_before = dp.service_counters(service_id).new_flows;
-    let step = (flows / samples).max(1);
-    let mut times: Vec<u128> = (0..samples)
-        .map(|i| {
-            let pkt = Packet::tcp(client((i * step) % flows), vip).build();
-            let (action, took) = dp.xdp_timed(&pkt);
-            assert_eq!(action, XDP_PASS);
-            took.as_nanos()
-        })
-        .collect();
-    assert_eq!(
-        dp.service_counters(service_id).new_flows,
-        new_before,
-        "every sample was an established flow"
-    );
-    times.sort_unstable();
-    times[times.len() / 2] as f64
 }
 
 #[test]
@@ -221,4 +231,55 @@ fn established_cost_at_10k_and_4m_flows() {
             large / small
         );
     }
+}
+
+/// `VmRSS` and its kinds (kB) of a process, from /proc/PID/status.
+fn rss(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .filter(|l| {
+            ["VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"]
+                .iter()
+                .any(|k| l.starts_with(k))
+        })
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The agent's memory with a 4M-flow table, empty and then full (after its sweeps read it).
+#[test]
+#[ignore = "a measurement: prints the agent's RSS by kind (docs/benchmarks.md)"]
+fn agent_rss_at_4m_flows() {
+    use xlb_tests::{agent::Agent, topology::Topology};
+    let topo = Topology::new(1);
+    let all: Vec<_> = topo.backends.iter().collect();
+    let config = topo.config(&Agent::pin_path_for(&topo), &all).replacen(
+        "[agent]\n",
+        "[agent]\nflow_table_size = 4194304\n",
+        1,
+    );
+    let agent = Agent::start(&topo, &config);
+    agent.wait_up("web", 1, std::time::Duration::from_secs(10));
+    eprintln!("empty 4M-flow table: {}", rss(agent.pid()));
+    let vip = SocketAddrV4::new(Ipv4Addr::new(10, 99, 100, 1), 80);
+    let client = |n: u32| {
+        let host = n / 60000;
+        SocketAddrV4::new(
+            Ipv4Addr::new(10, 99, 10 + (host / 256) as u8, (host % 256) as u8),
+            (1024 + n % 60000) as u16,
+        )
+    };
+    // Ids as the agent gave them: service 0 and backend 0 are its first.
+    fill(
+        Path::new(&Agent::pin_path_for(&topo)),
+        4_000_000,
+        vip,
+        (0, 0),
+        client,
+    );
+    // Two sweeps (every 5 s) read the full table.
+    std::thread::sleep(std::time::Duration::from_secs(12));
+    eprintln!("4M flows, after two sweeps: {}", rss(agent.pid()));
 }
