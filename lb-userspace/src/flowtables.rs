@@ -325,7 +325,9 @@ fn entries<K: aya::Pod, V: aya::Pod>(map: &HashMap<MapData, K, V>) -> Result<Vec
 
 /// Reads a whole hash map with BPF_MAP_LOOKUP_BATCH: a few syscalls instead of two per
 /// entry, and without marking LRU entries used.
-fn batch_entries<K: aya::Pod, V: aya::Pod>(map: &HashMap<MapData, K, V>) -> Result<Vec<(K, V)>> {
+pub(crate) fn batch_entries<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+) -> Result<Vec<(K, V)>> {
     const CHUNK: usize = 4096;
     let fd = map_fd(map);
     let mut out = Vec::new();

@@ -184,7 +184,8 @@ impl Agent {
 }
 
 /// A config that needs larger maps than those pinned (a larger `flow_table_size`, a first
-/// fullnat service) is refused: the maps keep their size while the agent runs.
+/// fullnat service) is refused: the maps keep their size while the agent runs (a restart
+/// resizes the flow tables: loader/resize.rs).
 fn maps_fit(old: &Config, new: &Config) -> Result<()> {
     let wanted = Layout::for_config(new);
     if Layout::for_config(old).short_of(&wanted).is_empty() {
@@ -197,7 +198,7 @@ fn maps_fit(old: &Config, new: &Config) -> Result<()> {
     if !short.is_empty() {
         bail!(
             "the config needs larger maps than the running ones ({}); maps are not resized \
-             by a reload",
+             by a reload: a restart resizes the flow tables, and their flows move",
             short.join("; ")
         );
     }
