@@ -21,8 +21,9 @@ pub const EMBRYONIC_SHARE: u32 = 4;
 /// it must exist for the programs to load, nothing more.
 pub const UNUSED_TABLE_SIZE: u32 = 1024;
 /// Ring blocks a config gets beyond what its services need: room to grow a ring or add a
-/// service by a reload. A quarter more, and at least this many.
-pub const MIN_SPARE_RING_BLOCKS: u32 = 4;
+/// service by a reload. A quarter more, and at least this many: a reload can give any
+/// service the largest table (its new ring takes this and the block of its idle half).
+pub const MIN_SPARE_RING_BLOCKS: u32 = MAX_RING_SIZE.div_ceil(RING_BLOCK) - 1;
 /// Largest `RINGS` in blocks (256 MiB).
 pub const MAX_RING_BLOCKS: u32 = 1024;
 /// The Maglev table size a service gets unless it sets one (a prime).

@@ -175,6 +175,26 @@ impl Layout {
         }))
     }
 
+    /// The same for the flow tables alone.
+    pub fn flows_short_of(&self, wanted: &Layout) -> Vec<String> {
+        let flow_tables = [
+            CONNTRACK,
+            CONNTRACK_NEW,
+            REV_NAT,
+            REV_NAT_NEW,
+            SNAT_REV,
+            SNAT_REV_NEW,
+        ];
+        self.short_of(wanted)
+            .into_iter()
+            .filter(|line| {
+                flow_tables
+                    .iter()
+                    .any(|t| line.starts_with(&format!("{t} ")))
+            })
+            .collect()
+    }
+
     /// Why maps of this layout (the pinned ones) fall short of `wanted`: one line per map.
     pub fn short_of(&self, wanted: &Layout) -> Vec<String> {
         self.max_entries()

@@ -183,18 +183,19 @@ impl Agent {
     }
 }
 
-/// A config that needs larger maps than those pinned (a larger `flow_table_size`, a first
-/// fullnat service) is refused: the maps keep their size while the agent runs (a restart
-/// resizes the flow tables: loader/resize.rs).
+/// A config that needs larger flow tables than those pinned (a larger `flow_table_size`, a
+/// first fullnat service) is refused: the maps keep their size while the agent runs (a
+/// restart resizes the flow tables: loader/resize.rs). Ring space and backend slots are the
+/// reconciler's to check: it knows what is really in use.
 fn maps_fit(old: &Config, new: &Config) -> Result<()> {
     let wanted = Layout::for_config(new);
-    if Layout::for_config(old).short_of(&wanted).is_empty() {
+    if Layout::for_config(old).flows_short_of(&wanted).is_empty() {
         return Ok(());
     }
     let Some(pinned) = Layout::of_pins(&old.agent.pin_path)? else {
         return Ok(());
     };
-    let short = pinned.short_of(&wanted);
+    let short = pinned.flows_short_of(&wanted);
     if !short.is_empty() {
         bail!(
             "the config needs larger maps than the running ones ({}); maps are not resized \
