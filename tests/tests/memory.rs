@@ -283,3 +283,52 @@ fn agent_rss_at_4m_flows() {
     std::thread::sleep(std::time::Duration::from_secs(12));
     eprintln!("4M flows, after two sweeps: {}", rss(agent.pid()));
 }
+
+/// The sweep reads the tables in chunks and keeps only hashes of the live flows: a reply
+/// mapping whose flow is gone (evicted) goes at the second sweep that finds it so (it may
+/// belong to a flow made after the first read the flow tables); one with its flow stays.
+#[test]
+fn a_reply_mapping_without_its_flow_goes_at_the_second_sweep() {
+    use aya::maps::HashMap;
+    use lb_common::{Flow, FlowKey};
+    use xlb::flowtables::monotonic_ns;
+
+    let mut dp = LoadedDatapath::new(&one_service());
+    let vip = SocketAddrV4::new(Ipv4Addr::new(10, 99, 100, 1), 80);
+    for port in [40001, 40002] {
+        let client = SocketAddrV4::new(Ipv4Addr::new(10, 99, 1, 2), port);
+        let syn = Packet::tcp(client, vip).with_tcp_flags(xlb_tests::testrun::TCP_SYN);
+        assert_eq!(dp.xdp(&syn.build()).action, XDP_PASS);
+    }
+    assert_eq!(dp.datapath().rev_nat().unwrap().len(), 2);
+    // As if the kernel evicted the first flow.
+    let map = xlb::datapath::pinned_map(dp.pin_path(), xlb::datapath::CONNTRACK_NEW).unwrap();
+    let mut new: HashMap<_, FlowKey, Flow> = HashMap::try_from(map).unwrap();
+    let evicted = new
+        .keys()
+        .map(Result::unwrap)
+        .find(|k| k.src_port == 40001u16.to_be())
+        .expect("the first flow");
+    new.remove(&evicted).unwrap();
+
+    let sweep = |dp: &mut LoadedDatapath| {
+        dp.datapath_mut()
+            .flow_tables_mut()
+            .sweep(monotonic_ns())
+            .unwrap();
+    };
+    sweep(&mut dp);
+    assert_eq!(
+        dp.datapath().rev_nat().unwrap().len(),
+        2,
+        "kept at the first sweep"
+    );
+    sweep(&mut dp);
+    let left = dp.datapath().rev_nat().unwrap();
+    assert_eq!(left.len(), 1, "gone at the second: {left:?}");
+    assert_eq!(
+        left[0].0.dst_port,
+        40002u16.to_be(),
+        "the live flow's mapping stays"
+    );
+}
