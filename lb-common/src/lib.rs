@@ -150,24 +150,27 @@ pub struct FlowKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
-    pub backend_id: u32,
-    pub service_id: u32,
-    /// bpf_ktime_get_coarse_ns() when the flow was last refreshed (at most once a second).
-    pub last_seen_ns: u64,
-    /// fullnat: the LB source address and port this flow was given (network order).
-    pub snat: [u32; 4],
+    /// Ids fit 16 bits (MAX_BACKENDS, MAX_SERVICES): the entry stays 40 bytes, and the flow
+    /// table's memory per flow with it.
+    pub backend_id: u16,
+    pub service_id: u16,
     pub snat_port: u16,
     /// `FLOW_*` bits.
     pub state: u8,
     pub _pad: u8,
+    /// bpf_ktime_get_coarse_ns() when the flow was last refreshed (at most once a second).
+    pub last_seen_ns: u64,
+    /// fullnat: the LB source address and port this flow was given (network order).
+    pub snat: [u32; 4],
     /// Seconds of the data path's clock when the flow was placed (for `xlb explain` and
     /// `xlb flows`).
     pub created_s: u32,
     /// mode nat: the interface the flow came in on (a new flow's replies are redirected out
     /// of it; once established, its `RevNat` says it). 0: unknown.
     pub ifindex: u32,
-    pub _pad2: u32,
 }
+
+const _: () = assert!(sizes::MAX_BACKENDS <= 1 << 16 && sizes::MAX_SERVICES <= 1 << 16);
 
 /// `Flow::state`: a reply of the flow was seen (nat and fullnat, where replies pass the LB).
 pub const FLOW_REPLIED: u8 = 1;
@@ -605,7 +608,7 @@ mod tests {
         assert!(size_of::<DoubleBuffer<Backend>>().is_multiple_of(8));
         assert_eq!(size_of::<Backend>(), 44);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<Flow>(), 48);
+        assert_eq!(size_of::<Flow>(), 40);
         assert_eq!(size_of::<SnatRev>(), 56);
         assert_eq!(size_of::<SnatPool>(), 136);
         assert_eq!(size_of::<RevNat>(), 28);

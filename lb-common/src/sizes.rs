@@ -1,11 +1,31 @@
-//! Every map's size. The BPF side (lb-ebpf/src/maps.rs) declares the maps with these, and the
-//! agent uses them to lay out rings and allocate ids. Changing one changes a pinned map's
-//! layout: bump the map's version suffix in maps.rs too.
+//! Every map's size, default and limit. The BPF side (lb-ebpf/src/maps.rs) declares the maps
+//! with the defaults; the agent sizes them from its config at load time
+//! (lb-userspace/src/layout.rs) within the limits here. Changing a key or value layout
+//! changes a pinned map: bump the map's version suffix in maps.rs too.
 
 /// Services (VIP:port:proto) at most; also the size of the per-service counters.
-pub const MAX_SERVICES: u32 = 128;
+pub const MAX_SERVICES: u32 = 256;
 /// Backends at most, over all services (a backend is one endpoint of one service).
-pub const MAX_BACKENDS: u32 = 8192;
+pub const MAX_BACKENDS: u32 = 16_384;
+/// Backend slots a config gets at least: room for discovered containers and tasks, whose
+/// number no config says.
+pub const MIN_BACKEND_SLOTS: u32 = 4096;
+/// `agent.flow_table_size` unless the config sets it.
+pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 262_144;
+/// Smallest and largest `agent.flow_table_size`.
+pub const MIN_FLOW_TABLE_SIZE: u32 = 1024;
+pub const MAX_FLOW_TABLE_SIZE: u32 = 16_777_216;
+/// Each embryonic table holds 1/EMBRYONIC_SHARE of the flow table (65536 at the default).
+pub const EMBRYONIC_SHARE: u32 = 4;
+/// Entries of a reply table no configured mode uses (nat: `REV_NAT`, fullnat: `SNAT_REV`):
+/// it must exist for the programs to load, nothing more.
+pub const UNUSED_TABLE_SIZE: u32 = 1024;
+/// Ring blocks a config gets beyond what its services need: room to grow a ring or add a
+/// service by a reload. A quarter more, and at least this many: a reload can give any
+/// service the largest table (its new ring takes this and the block of its idle half).
+pub const MIN_SPARE_RING_BLOCKS: u32 = MAX_RING_SIZE.div_ceil(RING_BLOCK) - 1;
+/// Largest `RINGS` in blocks (256 MiB).
+pub const MAX_RING_BLOCKS: u32 = 1024;
 /// The Maglev table size a service gets unless it sets one (a prime).
 pub const DEFAULT_RING_SIZE: u32 = 65537;
 /// Largest Maglev table a service may use (a prime just below 2^21). Larger tables move fewer
@@ -20,29 +40,30 @@ pub const RING_CHUNK: u32 = 16;
 pub const RING_BLOCK: u32 = DEFAULT_RING_SIZE.div_ceil(RING_CHUNK) * RING_CHUNK;
 /// Each service needs room for two rings: the one in use and the one being written.
 pub const RING_HALVES: u32 = 2;
-/// Blocks in `RINGS`: two default-sized rings for every service.
-pub const RING_BLOCKS: u32 = MAX_SERVICES * RING_HALVES;
+/// Blocks in `RINGS` as the BPF object declares it (a load without a config): two
+/// default-sized rings for 128 services.
+pub const RING_BLOCKS: u32 = 128 * RING_HALVES;
 /// Slots of all rings (64 MiB of u32).
 pub const RING_SLOTS: u32 = RING_BLOCKS * RING_BLOCK;
 /// Elements of the `RINGS` array.
 pub const RING_CHUNKS: u32 = RING_SLOTS / RING_CHUNK;
-/// Conntrack entries of established flows (LRU, shared by all CPUs).
-pub const CONNTRACK_SIZE: u32 = 262_144;
-/// Reverse NAT entries (LRU), one per established NATed flow.
-pub const REV_NAT_SIZE: u32 = 262_144;
+/// Conntrack entries of established flows (LRU, shared by all CPUs), by default.
+pub const CONNTRACK_SIZE: u32 = DEFAULT_FLOW_TABLE_SIZE;
+/// Reverse NAT entries (LRU), one per established NATed flow, by default.
+pub const REV_NAT_SIZE: u32 = DEFAULT_FLOW_TABLE_SIZE;
 /// Entries of each embryonic table (new flows, their reply mappings and SNAT ports) until
 /// they prove two-way. A flood fills these, never the main tables. Under a flood of R new
 /// flows a second an entry lives about EMBRYONIC_SIZE / R seconds, far longer than a
 /// handshake even at a million a second; one evicted before its handshake completes is
 /// balanced again by Maglev, to the same backend.
-pub const EMBRYONIC_SIZE: u32 = 65_536;
+pub const EMBRYONIC_SIZE: u32 = DEFAULT_FLOW_TABLE_SIZE / EMBRYONIC_SHARE;
 /// Backend endpoints whose new flows' replies are found without a reply mapping per flow
 /// (twice the backends: stale endpoints linger until the agent's sweep).
 pub const REPLY_ENDPOINTS_SIZE: u32 = 2 * MAX_BACKENDS;
 /// Slots of the per-CPU flow cache in front of conntrack (a power of two).
 pub const FLOW_CACHE_SLOTS: u32 = 4096;
-/// fullnat reverse mappings (LRU), one per fullnat flow.
-pub const SNAT_REV_SIZE: u32 = 262_144;
+/// fullnat reverse mappings (LRU), one per fullnat flow, by default.
+pub const SNAT_REV_SIZE: u32 = DEFAULT_FLOW_TABLE_SIZE;
 /// Per-CPU next-hop cache: 2^HOP_CACHE_BITS slots (route.rs).
 pub const HOP_CACHE_BITS: u32 = 8;
 /// A cached FIB answer is used this long.

@@ -87,8 +87,8 @@ pub fn lookup(
     let idle = now.saturating_sub(flow.last_seen_ns);
     let stale =
         (key.proto == PROTO_UDP && idle > UDP_IDLE_TIMEOUT_NS) || (pkt.syn && flow.is_closed());
-    let backend = maps::backend(flow.backend_id)
-        .filter(|b| flow.service_id == svc.id && b.is_alive() && b.service_id == svc.id);
+    let backend = maps::backend(flow.backend_id.into())
+        .filter(|b| u32::from(flow.service_id) == svc.id && b.is_alive() && b.service_id == svc.id);
     let Some(backend) = backend.filter(|_| !stale) else {
         if !stale {
             stats::count(Reason::Rehashed);
@@ -104,14 +104,20 @@ pub fn lookup(
         flow.last_seen_ns = now;
         // The reply mapping ages with the flow: a lookup marks it used for the LRU.
         if svc.mode == MODE_NAT {
-            touch_rev_nat(table, key, (flow.backend_id, backend), svc.id, ifindex);
+            touch_rev_nat(
+                table,
+                key,
+                (flow.backend_id.into(), backend),
+                svc.id,
+                ifindex,
+            );
         }
     }
     let promote =
         table == Table::New && !pkt.syn && (svc.mode == MODE_DSR || state & FLOW_REPLIED != 0);
     Some(Known {
         table,
-        backend_id: flow.backend_id,
+        backend_id: flow.backend_id.into(),
         backend,
         snat: Endpoint {
             addr: flow.snat[0],
@@ -167,8 +173,9 @@ pub fn insert_new(
     ifindex: u32,
 ) {
     let Some(s) = maps::scratch() else { return };
-    s.flow.backend_id = backend_id;
-    s.flow.service_id = svc.id;
+    // Ids are below MAX_BACKENDS and MAX_SERVICES (lb-common asserts they fit).
+    s.flow.backend_id = backend_id as u16;
+    s.flow.service_id = svc.id as u16;
     s.flow.last_seen_ns = now;
     s.flow.snat = [snat.addr, 0, 0, 0];
     s.flow.snat_port = snat.port;
@@ -176,7 +183,6 @@ pub fn insert_new(
     s.flow._pad = 0;
     s.flow.created_s = (now / 1_000_000_000) as u32;
     s.flow.ifindex = ifindex;
-    s.flow._pad2 = 0;
     if !insert(&CONNTRACK_NEW, FlowTable::FlowsNew, key, &s.flow) {
         stats::count(Reason::ConntrackFull);
     }

@@ -192,7 +192,14 @@ pub fn owner<C: PacketBuf>(ctx: &C, icmp: &IcmpPacket) -> Option<Owner> {
         Some(f) => Some(f),
         None => unsafe { CONNTRACK_NEW.get(&*flow) },
     }
-    .map(|f| (f.service_id, f.backend_id, f.snat[0], f.snat_port));
+    .map(|f| {
+        (
+            u32::from(f.service_id),
+            u32::from(f.backend_id),
+            f.snat[0],
+            f.snat_port,
+        )
+    });
     let hash = ring_hash(flow, flow_hash(flow), svc.flags);
     let (backend_id, snat) = match known {
         Some((service_id, backend_id, addr, port)) if service_id == svc.id => {

@@ -69,7 +69,7 @@ pub fn embryonic(reply: &FlowKey, key: &mut VipKey, forward: &mut FlowKey) -> Op
     forward._pad = 0;
     let flow = CONNTRACK_NEW.get_ptr_mut(forward)?;
     let f = unsafe { &*flow };
-    if f.backend_id != backend_id || f.service_id != backend.service_id {
+    if u32::from(f.backend_id) != backend_id || u32::from(f.service_id) != backend.service_id {
         return None;
     }
     Some(Embryonic {

@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use lb_common::sizes::DEFAULT_RING_SIZE;
+use lb_common::sizes::{DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE};
 use serde::{Deserialize, Serialize};
 
 mod claims;
@@ -51,6 +51,9 @@ pub struct AgentConfig {
     /// Kernel routing table where each VIP with a backend up gets a /32 route, for a
     /// routing daemon (BIRD, FRR) to announce (announce.rs). None: announce nothing.
     pub announce_table: Option<u32>,
+    /// Flows tracked (the established-flow table's entries; layout.rs sizes the others
+    /// from it).
+    pub flow_table_size: u32,
 }
 
 impl Default for AgentConfig {
@@ -65,6 +68,7 @@ impl Default for AgentConfig {
             control_token_file: None,
             pin_path: "/sys/fs/bpf/xlb".into(),
             announce_table: None,
+            flow_table_size: DEFAULT_FLOW_TABLE_SIZE,
         }
     }
 }

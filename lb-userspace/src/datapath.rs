@@ -278,6 +278,16 @@ impl Maps for Datapath {
     fn grace_period(&mut self) -> Result<()> {
         crate::mapped::grace_period()
     }
+
+    /// As the maps were made (a pinned map keeps the size it was made with).
+    fn slots(&self) -> (u32, u32, u32) {
+        let ring_blocks = self.rings.len() as u32 * RING_CHUNK / lb_common::sizes::RING_BLOCK;
+        (
+            self.services.len() as u32,
+            self.backends.len() as u32,
+            ring_blocks,
+        )
+    }
 }
 
 fn allow_key(service_id: u32, net: &Ipv4Net) -> Key<AllowKey> {

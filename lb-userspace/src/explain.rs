@@ -167,9 +167,9 @@ pub fn explain(datapath: &Datapath, status: &Status, q: &Query) -> Result<Explan
     // The flow tables, as conntrack::lookup: an entry holds while its backend lives.
     if let Some((established, flow)) = datapath.flow_tables().flow(&key)? {
         let idle = monotonic_ns().saturating_sub(flow.last_seen_ns);
-        let backend = datapath
-            .backend(flow.backend_id)
-            .filter(|b| flow.service_id == svc.id && b.is_alive() && b.service_id == svc.id);
+        let backend = datapath.backend(flow.backend_id.into()).filter(|b| {
+            u32::from(flow.service_id) == svc.id && b.is_alive() && b.service_id == svc.id
+        });
         let table = if established { "flows" } else { "flows_new" };
         let stale_udp = proto == PROTO_UDP && idle > UDP_IDLE_TIMEOUT_NS;
         match backend {
@@ -180,7 +180,7 @@ pub fn explain(datapath: &Datapath, status: &Status, q: &Query) -> Result<Explan
                     age_s: age_s(&flow),
                     state: state_text(proto, established, flow.state),
                 });
-                out.backend = backend_info(flow.backend_id);
+                out.backend = backend_info(flow.backend_id.into());
                 out.verdict = "forward".into();
                 out.reason = "known_flow".into();
                 out.why = format!(

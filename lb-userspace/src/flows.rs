@@ -64,12 +64,13 @@ pub fn list(datapath: &Datapath, status: &Status, filter: &Filter) -> Result<Flo
     let mut backends: HashMap<u32, String> = HashMap::new();
     let mut flows = Vec::new();
     for (established, key, flow) in &all {
+        let (service_id, backend_id) = (u32::from(flow.service_id), u32::from(flow.backend_id));
         let (service, mode) = services
-            .entry(flow.service_id)
-            .or_insert_with(|| service_name(datapath, status, flow.service_id));
-        let backend = backends.entry(flow.backend_id).or_insert_with(|| {
+            .entry(service_id)
+            .or_insert_with(|| service_name(datapath, status, service_id));
+        let backend = backends.entry(backend_id).or_insert_with(|| {
             datapath
-                .backend(flow.backend_id)
+                .backend(backend_id)
                 .map_or_else(|| "gone".into(), |b| endpoint_text(&b.addr, b.port))
         });
         if filter.service.as_ref().is_some_and(|s| s != service)

@@ -21,8 +21,7 @@ use lb_common::{
     FLOW_FIN_CLIENT, FLOW_FIN_SERVER, Flow, FlowKey, FlowTable, PROTO_UDP, RevNat, SnatRev,
     TableCounters,
     sizes::{
-        CLOSED_LINGER_NS, CONNTRACK_SIZE, EMBRYONIC_IDLE_NS, EMBRYONIC_SIZE, HALF_CLOSED_IDLE_NS,
-        REV_NAT_SIZE, SNAT_REV_SIZE, TCP_IDLE_NS, UDP_IDLE_TIMEOUT_NS,
+        CLOSED_LINGER_NS, EMBRYONIC_IDLE_NS, HALF_CLOSED_IDLE_NS, TCP_IDLE_NS, UDP_IDLE_TIMEOUT_NS,
     },
 };
 use serde::{Deserialize, Serialize};
@@ -62,6 +61,8 @@ pub struct FlowTables {
     snat: HashMap<MapData, FlowKey, SnatRev>,
     snat_new: HashMap<MapData, FlowKey, SnatRev>,
     stats: PerCpuArray<MapData, TableCounters>,
+    /// Reply mappings the last sweep found without their flow (see `sweep`).
+    suspects: HashSet<FlowKey>,
 }
 
 impl FlowTables {
@@ -74,6 +75,7 @@ impl FlowTables {
             snat: HashMap::try_from(take(SNAT_REV)?)?,
             snat_new: HashMap::try_from(take(SNAT_REV_NEW)?)?,
             stats: PerCpuArray::try_from(take(TABLE_STATS)?)?,
+            suspects: HashSet::new(),
         })
     }
 
@@ -167,14 +169,16 @@ impl FlowTables {
     }
 
     /// Removes closed, idle and orphaned entries (`now` in the data path's clock,
-    /// CLOCK_MONOTONIC); returns each table's state afterwards.
+    /// CLOCK_MONOTONIC); returns each table's state afterwards. Each table is read in chunks
+    /// and the live flows kept as 32-bit hashes, so a sweep of millions of flows needs a few
+    /// MiB. The flow tables are read first: a reply mapping whose flow this sweep removed goes
+    /// at once; one whose flow it did not find may belong to a flow made after the flow
+    /// tables were read, so it goes only when the next sweep finds it orphaned again.
     pub fn sweep(&mut self, now: u64) -> Result<Vec<TableStatus>> {
-        let rev_nat = batch_entries(&self.rev_nat)?;
-        let rev_nat_new = batch_entries(&self.rev_nat_new)?;
-        let snat = batch_entries(&self.snat)?;
-        let snat_new = batch_entries(&self.snat_new)?;
         let hasher = RandomState::new();
-        let mut alive = HashSet::new();
+        let hash = |key: &FlowKey| hasher.hash_one(key) as u32;
+        let mut alive: Vec<u32> = Vec::new();
+        let mut gone: HashSet<u32> = HashSet::new();
         let mut removed = [0u64; FlowTable::COUNT as usize];
         let mut entries = [0u64; FlowTable::COUNT as usize];
         for (table, established) in [(FlowTable::FlowsNew, false), (FlowTable::Flows, true)] {
@@ -183,17 +187,21 @@ impl FlowTables {
             } else {
                 &mut self.flows_new
             };
-            for (key, flow) in batch_entries(map)? {
-                if expired(&key, &flow, established, now) {
-                    if map.remove(&key).is_ok() {
-                        removed[table as usize] += 1;
+            for_each_chunk(map, |map, chunk| {
+                for (key, flow) in chunk {
+                    if expired(&key, &flow, established, now) {
+                        if map.remove(&key).is_ok() {
+                            removed[table as usize] += 1;
+                            gone.insert(hash(&key));
+                        }
+                    } else {
+                        alive.push(hash(&key));
+                        entries[table as usize] += 1;
                     }
-                } else {
-                    alive.insert(hasher.hash_one(key));
-                    entries[table as usize] += 1;
                 }
-            }
+            })?;
         }
+        alive.sort_unstable();
         let forward_of = |reply: &FlowKey, client: [u32; 4], port: u16, vip, vip_port| FlowKey {
             src: client,
             dst: vip,
@@ -203,50 +211,62 @@ impl FlowTables {
             family: reply.family,
             _pad: 0,
         };
-        let orphan = |forward: FlowKey| !alive.contains(&hasher.hash_one(forward));
-        let nat = [
-            (FlowTable::RevNat, rev_nat),
-            (FlowTable::RevNatNew, rev_nat_new),
-        ];
-        for (table, list) in nat {
+        let previous = std::mem::take(&mut self.suspects);
+        let mut suspects = HashSet::new();
+        // Whether to remove reply mapping `reply` of the flow `forward` now.
+        let mut orphan = |reply: &FlowKey, forward: FlowKey| {
+            let h = hash(&forward);
+            if alive.binary_search(&h).is_ok() {
+                return false;
+            }
+            if gone.contains(&h) || previous.contains(reply) {
+                return true;
+            }
+            suspects.insert(*reply);
+            false
+        };
+        for table in [FlowTable::RevNat, FlowTable::RevNatNew] {
             let map = if table == FlowTable::RevNat {
                 &mut self.rev_nat
             } else {
                 &mut self.rev_nat_new
             };
-            for (reply, rev) in list {
-                let forward = forward_of(&reply, reply.dst, reply.dst_port, rev.vip, rev.vip_port);
-                if orphan(forward) {
-                    removed[table as usize] += u64::from(map.remove(&reply).is_ok());
-                } else {
-                    entries[table as usize] += 1;
+            for_each_chunk(map, |map, chunk| {
+                for (reply, rev) in chunk {
+                    let forward =
+                        forward_of(&reply, reply.dst, reply.dst_port, rev.vip, rev.vip_port);
+                    if orphan(&reply, forward) {
+                        removed[table as usize] += u64::from(map.remove(&reply).is_ok());
+                    } else {
+                        entries[table as usize] += 1;
+                    }
                 }
-            }
+            })?;
         }
-        for (table, list) in [
-            (FlowTable::SnatRev, snat),
-            (FlowTable::SnatRevNew, snat_new),
-        ] {
+        for table in [FlowTable::SnatRev, FlowTable::SnatRevNew] {
             let map = if table == FlowTable::SnatRev {
                 &mut self.snat
             } else {
                 &mut self.snat_new
             };
-            for (reply, entry) in list {
-                let forward = forward_of(
-                    &reply,
-                    entry.client,
-                    entry.client_port,
-                    entry.vip,
-                    entry.vip_port,
-                );
-                if orphan(forward) {
-                    removed[table as usize] += u64::from(map.remove(&reply).is_ok());
-                } else {
-                    entries[table as usize] += 1;
+            for_each_chunk(map, |map, chunk| {
+                for (reply, entry) in chunk {
+                    let forward = forward_of(
+                        &reply,
+                        entry.client,
+                        entry.client_port,
+                        entry.vip,
+                        entry.vip_port,
+                    );
+                    if orphan(&reply, forward) {
+                        removed[table as usize] += u64::from(map.remove(&reply).is_ok());
+                    } else {
+                        entries[table as usize] += 1;
+                    }
                 }
-            }
+            })?;
         }
+        self.suspects = suspects;
         let mut out = Vec::new();
         for table in FlowTable::ALL {
             self.count_swept(table, removed[table as usize])?;
@@ -255,7 +275,7 @@ impl FlowTables {
             out.push(TableStatus {
                 name: table.name().into(),
                 entries: held,
-                capacity: capacity(table),
+                capacity: self.capacity(table)?,
                 insert_failures: ours.failed,
                 evictions: ours.added.saturating_sub(ours.removed + swept + held),
                 expired: swept,
@@ -302,13 +322,23 @@ pub fn sweep_in_background(
     Ok(())
 }
 
-fn capacity(table: FlowTable) -> u64 {
-    u64::from(match table {
-        FlowTable::Flows => CONNTRACK_SIZE,
-        FlowTable::RevNat => REV_NAT_SIZE,
-        FlowTable::SnatRev => SNAT_REV_SIZE,
-        FlowTable::FlowsNew | FlowTable::RevNatNew | FlowTable::SnatRevNew => EMBRYONIC_SIZE,
-    })
+impl FlowTables {
+    /// Entries `table` holds at most, as it was made (layout.rs).
+    pub fn capacity(&self, table: FlowTable) -> Result<u64> {
+        let map = match table {
+            FlowTable::Flows => map_data(&self.flows),
+            FlowTable::FlowsNew => map_data(&self.flows_new),
+            FlowTable::RevNat => map_data(&self.rev_nat),
+            FlowTable::RevNatNew => map_data(&self.rev_nat_new),
+            FlowTable::SnatRev => map_data(&self.snat),
+            FlowTable::SnatRevNew => map_data(&self.snat_new),
+        };
+        Ok(u64::from(map.info()?.max_entries()))
+    }
+}
+
+fn map_data<K: aya::Pod, V: aya::Pod>(map: &HashMap<MapData, K, V>) -> &MapData {
+    aya::maps::IterableMap::map(map)
 }
 
 /// Whether a flow entry is done: closed and lingered, half-closed and idle, or idle past
@@ -344,59 +374,96 @@ fn entries<K: aya::Pod, V: aya::Pod>(map: &HashMap<MapData, K, V>) -> Result<Vec
     Ok(map.iter().collect::<Result<_, _>>()?)
 }
 
-/// Reads a whole hash map with BPF_MAP_LOOKUP_BATCH: a few syscalls instead of two per
-/// entry, and without marking LRU entries used.
-fn batch_entries<K: aya::Pod, V: aya::Pod>(map: &HashMap<MapData, K, V>) -> Result<Vec<(K, V)>> {
-    const CHUNK: usize = 4096;
-    let fd = map_fd(map);
-    let mut out = Vec::new();
-    let mut keys: Vec<K> = Vec::with_capacity(CHUNK);
-    let mut values: Vec<V> = Vec::with_capacity(CHUNK);
-    let mut token = [0u64; 1];
-    let mut first = true;
+/// Reads a hash map in chunks with BPF_MAP_LOOKUP_BATCH (as `batch_entries`), handing each
+/// chunk to `each` with the map, which may remove entries of the chunk (their buckets are
+/// behind the batch's position).
+fn for_each_chunk<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    mut each: impl FnMut(&mut HashMap<MapData, K, V>, Vec<(K, V)>),
+) -> Result<()> {
+    let mut token = None;
     loop {
-        let mut next = [0u64; 1];
-        let mut attr = BatchAttr {
-            in_batch: if first { 0 } else { token.as_mut_ptr() as u64 },
-            out_batch: next.as_mut_ptr() as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: CHUNK as u32,
-            map_fd: fd as u32,
-            elem_flags: 0,
-            flags: 0,
-        };
-        // SAFETY: BPF_MAP_LOOKUP_BATCH writes at most `count` keys and values into buffers
-        // of that capacity, and a 4-byte token into `next`.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                size_of::<BatchAttr>(),
-            )
-        };
-        let err = std::io::Error::last_os_error();
-        let done = rc != 0 && err.raw_os_error() == Some(libc::ENOENT);
-        if rc != 0 && !done {
-            return Err(err).context("reading a flow table (BPF_MAP_LOOKUP_BATCH)");
+        let (chunk, next) = batch_chunk(map, token)?;
+        each(map, chunk);
+        match next {
+            Some(next) => token = Some(next),
+            None => return Ok(()),
         }
-        // SAFETY: the kernel filled `count` entries of each.
-        unsafe {
-            keys.set_len(attr.count as usize);
-            values.set_len(attr.count as usize);
-        }
-        out.extend(keys.drain(..).zip(values.drain(..)));
-        if done {
-            return Ok(out);
-        }
-        token = next;
-        first = false;
     }
 }
 
+/// Reads a whole hash map with BPF_MAP_LOOKUP_BATCH: a few syscalls instead of two per
+/// entry, and without marking LRU entries used.
+pub(crate) fn batch_entries<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+) -> Result<Vec<(K, V)>> {
+    let mut out = Vec::new();
+    let mut token = None;
+    loop {
+        let (chunk, next) = batch_chunk(map, token)?;
+        out.extend(chunk);
+        match next {
+            Some(next) => token = Some(next),
+            None => return Ok(out),
+        }
+    }
+}
+
+/// Entries read by one batch call, and the token of the next.
+type Chunk<K, V> = (Vec<(K, V)>, Option<u64>);
+
+/// One BPF_MAP_LOOKUP_BATCH call from `token` (None: the start): the entries, and the token
+/// of the next call (None: that was the last).
+fn batch_chunk<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    token: Option<u64>,
+) -> Result<Chunk<K, V>> {
+    const CHUNK: usize = 4096;
+    let fd = map_fd(map);
+    let mut keys: Vec<K> = Vec::with_capacity(CHUNK);
+    let mut values: Vec<V> = Vec::with_capacity(CHUNK);
+    let mut current = [token.unwrap_or(0)];
+    let mut next = [0u64; 1];
+    let mut attr = BatchAttr {
+        in_batch: if token.is_none() {
+            0
+        } else {
+            current.as_mut_ptr() as u64
+        },
+        out_batch: next.as_mut_ptr() as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: values.as_mut_ptr() as u64,
+        count: CHUNK as u32,
+        map_fd: fd as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: BPF_MAP_LOOKUP_BATCH writes at most `count` keys and values into buffers of
+    // that capacity, and a 4-byte token into `next`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_BATCH,
+            &mut attr as *mut BatchAttr,
+            size_of::<BatchAttr>(),
+        )
+    };
+    let err = std::io::Error::last_os_error();
+    let done = rc != 0 && err.raw_os_error() == Some(libc::ENOENT);
+    if rc != 0 && !done {
+        return Err(err).context("reading a flow table (BPF_MAP_LOOKUP_BATCH)");
+    }
+    // SAFETY: the kernel filled `count` entries of each.
+    unsafe {
+        keys.set_len(attr.count as usize);
+        values.set_len(attr.count as usize);
+    }
+    let chunk = keys.into_iter().zip(values).collect();
+    Ok((chunk, (!done).then_some(next[0])))
+}
+
 fn map_fd<K: aya::Pod, V: aya::Pod>(map: &HashMap<MapData, K, V>) -> i32 {
-    aya::maps::IterableMap::map(map).fd().as_fd().as_raw_fd()
+    map_data(map).fd().as_fd().as_raw_fd()
 }
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;

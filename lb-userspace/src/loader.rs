@@ -15,9 +15,10 @@ use aya::{
 };
 use tracing::info;
 
-use crate::{config::XdpMode, datapath::Datapath};
+use crate::{config::XdpMode, datapath::Datapath, layout::Layout};
 
 mod attach;
+pub mod resize;
 pub(crate) use attach::attach_xdp;
 pub use attach::{attach, attach_reply};
 
@@ -100,14 +101,23 @@ pub struct Attachment {
 }
 
 /// Loads the object with every map pinned under (or reused from) the pin path, and pins the
-/// programs. Nothing is attached yet.
+/// programs. Nothing is attached yet. Maps made anew have the sizes the BPF object declares.
 pub fn load(pin_path: &Path) -> Result<Ebpf> {
+    load_sized(pin_path, &Layout::default())
+}
+
+/// `load`, with maps made anew sized by `sizes` (a map pinned already keeps its size).
+pub fn load_sized(pin_path: &Path, sizes: &Layout) -> Result<Ebpf> {
     crate::bpffs::ensure(pin_path)?;
     let layout = PinLayout::new(pin_path);
     fs::create_dir_all(layout.programs()).context("creating the pin directory")?;
     fs::create_dir_all(layout.links()).context("creating the pin directory")?;
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(pin_path)
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(pin_path);
+    for (name, entries) in sizes.max_entries() {
+        loader.map_max_entries(name, entries);
+    }
+    let mut ebpf = loader
         .load(EBPF_OBJECT)
         .context("loading the BPF object (are you root?)")?;
 

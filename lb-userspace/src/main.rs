@@ -241,6 +241,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 cfg.services.len(),
                 backends
             );
+            let layout = xlb::layout::Layout::for_config(&cfg);
+            println!("{}", layout.describe(xlb::layout::possible_cpus()));
         }
         Command::Status {
             watch: true, api, ..

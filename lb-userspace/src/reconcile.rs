@@ -60,6 +60,11 @@ pub trait Maps {
     fn reset_backend_counters(&mut self, id: u32) -> Result<()>;
     /// Returns once every packet that was in the data path when it was called is done.
     fn grace_period(&mut self) -> Result<()>;
+    /// Slots the maps hold: (services, backends, ring blocks). By default what the BPF
+    /// object declares; the real maps say what was made (layout.rs).
+    fn slots(&self) -> (u32, u32, u32) {
+        (MAX_SERVICES, MAX_BACKENDS, lb_common::sizes::RING_BLOCKS)
+    }
 }
 
 /// Tells whether a backend may take traffic (health checks; always true without them).
@@ -218,7 +223,9 @@ impl Reconciler {
             .map(|s| s.value.id)
             .chain(stale_allow.iter().map(|(id, _)| *id))
             .collect();
-        let rings = RingSpace::new(
+        let (service_slots, backend_slots, ring_blocks) = maps.slots();
+        let rings = RingSpace::with_blocks(
+            ring_blocks,
             services
                 .values()
                 .map(|s| (s.value.ring_offset, s.value.table_size)),
@@ -226,8 +233,8 @@ impl Reconciler {
         Ok(Self {
             rings,
             vip_addrs: maps.vip_addrs()?.into_iter().collect(),
-            service_ids: IdPool::new(MAX_SERVICES, &service_ids),
-            backend_ids: IdPool::new(MAX_BACKENDS, &backend_ids),
+            service_ids: IdPool::new(service_slots, &service_ids),
+            backend_ids: IdPool::new(backend_slots, &backend_ids),
             services,
             orphans,
             stale_vips,

@@ -168,6 +168,14 @@ impl Agent {
         }
     }
 
+    /// Stops the agent (its pins stay) and starts it again on `config`.
+    pub fn restart_with(&mut self, config: &str) {
+        self.stop();
+        let (config, _) = with_control(config, &self.control);
+        std::fs::write(&self.config_path, config).expect("write config");
+        self.launch();
+    }
+
     /// SIGKILL: the agent dies wherever it is, as in a crash; its pins stay.
     pub fn kill(&mut self) {
         if let Some(mut p) = self.proc.take() {

@@ -20,6 +20,7 @@ use lb_common::{Counters, Reason};
 use xlb::{
     config::Config,
     datapath::Datapath,
+    layout::Layout,
     loader,
     reconcile::{AllAlive, Liveness, Reconciler},
     state::{DesiredState, Endpoint},
@@ -150,6 +151,11 @@ impl LoadedDatapath {
     /// Loads the programs under `/sys/fs/bpf/xlb-test-<pid>-<n>` and applies `services`,
     /// the `[[service]]` tables of an xlb.toml (see [`service_toml`]).
     pub fn new(services: &str) -> LoadedDatapath {
+        Self::sized(services, &Layout::default())
+    }
+
+    /// The same with the maps sized by `layout` (see `xlb::layout`).
+    pub fn sized(services: &str, layout: &Layout) -> LoadedDatapath {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let path = PathBuf::from(format!("/sys/fs/bpf/xlb-test-{}-{n}", std::process::id()));
@@ -159,7 +165,7 @@ impl LoadedDatapath {
                 .unwrap_or_else(|e| panic!("removing stale {}: {e:#}", path.display()));
         }
         let pins = PinDir(path);
-        let mut ebpf = loader::load(&pins.0).unwrap_or_else(|e| {
+        let mut ebpf = loader::load_sized(&pins.0, layout).unwrap_or_else(|e| {
             panic!(
                 "loading the data path under {} (root?): {e:#}",
                 pins.0.display()
@@ -181,6 +187,11 @@ impl LoadedDatapath {
 
     pub fn pin_path(&self) -> &Path {
         &self.pins.0
+    }
+
+    /// Every map of the loaded programs, with the memory the kernel charges for it.
+    pub fn kernel_maps(&self) -> Vec<xlb::layout::KernelMap> {
+        xlb::layout::kernel_maps(&self.ebpf).unwrap_or_else(|e| panic!("reading the maps: {e:#}"))
     }
 
     /// Applies a new set of services with every backend alive.
@@ -283,6 +294,27 @@ impl LoadedDatapath {
             .try_into()
             .expect("xlb_xdp is an XDP program");
         run(input, loader::XDP_PROGRAM, |opts| prog.test_run(opts))
+    }
+
+    /// Runs `input` through the XDP program once: its verdict, and the run's time as the
+    /// kernel measured it (one clock read included).
+    pub fn xdp_timed(&self, input: &[u8]) -> (u32, std::time::Duration) {
+        let prog: &Xdp = self
+            .ebpf
+            .program(loader::XDP_PROGRAM)
+            .expect("the object has the XDP program")
+            .try_into()
+            .expect("xlb_xdp is an XDP program");
+        let mut out = vec![0u8; input.len() + OUT_SLACK];
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(input),
+                data_out: Some(&mut out),
+                repeat: 1,
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of the XDP program: {e:?}"));
+        (result.return_value, result.duration)
     }
 
     /// Runs `input` (an Ethernet frame) through the TC egress program once.

@@ -221,12 +221,12 @@ fn assert_pinned(
         })
         .1;
     assert_eq!(
-        flow.backend_id,
+        u32::from(flow.backend_id),
         dp.backend_id(service, backend),
         "{what}: conntrack backend id"
     );
     assert_eq!(
-        flow.service_id,
+        u32::from(flow.service_id),
         dp.service_id(service),
         "{what}: conntrack service id"
     );
@@ -253,7 +253,7 @@ fn assert_pinned(
             .expect("reading the reply endpoints");
         let embryonic = dp.datapath().flow_tables().flows_in(false).unwrap();
         assert!(
-            claims.contains(&(endpoint, flow.backend_id))
+            claims.contains(&(endpoint, u32::from(flow.backend_id)))
                 && embryonic.iter().any(|(k, _)| *k == key),
             "{what}: no reverse NAT entry for {backend} -> {}, and no claim of the endpoint \
              by a new flow's backend",

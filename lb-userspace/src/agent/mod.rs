@@ -32,6 +32,7 @@ use crate::{
     discovery::{self, Sources, labels::LabelError},
     events::{EventLog, Kind},
     health::{HealthMonitor, HealthView, Key, NetProber, State},
+    layout::Layout,
     loader,
     reconcile::{Reconciler, Snapshot},
     state::{DesiredState, Endpoint},
@@ -101,7 +102,22 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let listeners = api::Listeners::bind(&config.agent)
         .await
         .context("not starting")?;
-    let mut ebpf = loader::load(&pin_path)?;
+    let layout = Layout::for_config(&config);
+    // Flow tables of another size are made anew, their flows moved (resize.rs)...
+    let resize = loader::resize::prepare(&pin_path, &layout)?;
+    if let Some(pinned) = Layout::of_pins(&pin_path)?
+        && !pinned.short_of(&layout).is_empty()
+    {
+        // ...the other maps are reused as they are.
+        warn!(
+            short = ?pinned.short_of(&layout),
+            "these pinned maps keep their sizes, smaller than the config's; `xlb detach` and \
+             a start make them anew (without the flows)"
+        );
+    }
+    let mut ebpf = loader::load_sized(&pin_path, &layout)?;
+    // Before any new program is attached (the first apply moves the reply links).
+    resize.copy()?;
     let datapath = loader::datapath(&mut ebpf)?;
     let reconciler = Reconciler::adopt(&datapath)?;
     let reconciled = reconciler.snapshot();
@@ -156,6 +172,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     // Maps first, then links: a new data path is complete before it sees a packet.
     let first = agent.apply()?;
     agent.wait_for(first).await?;
+    resize.copy()?; // what came meanwhile
     agent.attachments = loader::attach(
         &mut agent.ebpf,
         &pin_path,
@@ -165,6 +182,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
     for a in &agent.attachments {
         info!(interface = %a.interface, xdp_mode = %a.xdp_mode, adopted = a.adopted, "attached");
     }
+    // The old programs are gone from every link: what they added meanwhile moves too.
+    resize.finish()?;
     agent.announcer = agent.config.agent.announce_table.map(Announcer::new);
     agent.publish();
 

@@ -12,8 +12,8 @@ use tracing::{info, warn};
 
 use super::Agent;
 use crate::{
-    config::Config, discovery::Sources, events::Kind, health::State, loader, netdev::ifindex,
-    reconcile::Changes,
+    config::Config, discovery::Sources, events::Kind, health::State, layout::Layout, loader,
+    netdev::ifindex, reconcile::Changes,
 };
 
 /// Why a reload did not take effect.
@@ -58,6 +58,7 @@ impl Agent {
         let config =
             Config::load(&self.config_path).map_err(|e| ReloadError::Rejected(e.into()))?;
         interfaces_exist(&config).map_err(ReloadError::Rejected)?;
+        maps_fit(&self.config, &config).map_err(ReloadError::Rejected)?;
         let (new, old) = (&config.agent, &self.config.agent);
         let restart_only = (&new.pin_path, &new.api, new.api_public, &new.control)
             != (&old.pin_path, &old.api, old.api_public, &old.control)
@@ -191,6 +192,29 @@ impl Agent {
         .context("attaching as before")?;
         Ok(())
     }
+}
+
+/// A config that needs larger flow tables than those pinned (a larger `flow_table_size`, a
+/// first fullnat service) is refused: the maps keep their size while the agent runs (a
+/// restart resizes the flow tables: loader/resize.rs). Ring space and backend slots are the
+/// reconciler's to check: it knows what is really in use.
+fn maps_fit(old: &Config, new: &Config) -> Result<()> {
+    let wanted = Layout::for_config(new);
+    if Layout::for_config(old).flows_short_of(&wanted).is_empty() {
+        return Ok(());
+    }
+    let Some(pinned) = Layout::of_pins(&old.agent.pin_path)? else {
+        return Ok(());
+    };
+    let short = pinned.flows_short_of(&wanted);
+    if !short.is_empty() {
+        bail!(
+            "the config needs larger maps than the running ones ({}); maps are not resized \
+             by a reload: a restart resizes the flow tables, and their flows move",
+            short.join("; ")
+        );
+    }
+    Ok(())
 }
 
 /// Every interface the config names must exist: checked before anything changes.

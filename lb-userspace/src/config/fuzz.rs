@@ -371,6 +371,7 @@ fn agent() -> impl Strategy<Value = AgentConfig> {
                     control_token_file: token.map(PathBuf::from),
                     pin_path: PathBuf::from(pin),
                     announce_table,
+                    ..AgentConfig::default()
                 }
             },
         )

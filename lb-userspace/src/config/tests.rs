@@ -97,20 +97,20 @@ fn table_size_must_be_prime() {
 
 #[test]
 fn large_tables_must_fit_the_ring_space() {
-    // Each service needs two rings; 2097143 slots take 32 of the 256 blocks.
+    // Each service needs two rings; 2097143 slots take 32 of the 1024 blocks at most.
     let service = |i: usize| {
         format!(
             "[[service]]\nname = \"s{i}\"\nvip = \"10.99.100.{i}\"\nport = 80\ntable_size = 2097143\n"
         )
     };
     let head = "[agent]\ninterfaces = [\"eth0\"]\n";
-    let fits: String = (1..=4).map(service).collect();
+    let fits: String = (1..=16).map(service).collect();
     assert!(parse(&format!("{head}{fits}")).is_ok());
-    let too_many: String = (1..=5).map(service).collect();
+    let too_many: String = (1..=17).map(service).collect();
     let errs = errors(&format!("{head}{too_many}"));
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert!(
-        errs[0].starts_with("xlb.toml:27: service[4].table_size: the services' tables need more"),
+        errs[0].starts_with("xlb.toml:87: service[16].table_size: the services' tables need more"),
         "{errs:?}"
     );
 }

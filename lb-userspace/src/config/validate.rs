@@ -4,8 +4,8 @@ use std::{collections::HashSet, net::IpAddr, time::Duration};
 
 use ipnet::{IpNet, Ipv4Net};
 use lb_common::sizes::{
-    MAX_ALLOW_PREFIXES, MAX_BACKENDS, MAX_RING_SIZE, MAX_SERVICES, RING_BLOCK, RING_BLOCKS,
-    RING_HALVES, ring_blocks,
+    MAX_ALLOW_PREFIXES, MAX_BACKENDS, MAX_FLOW_TABLE_SIZE, MAX_RING_BLOCKS, MAX_RING_SIZE,
+    MAX_SERVICES, MIN_FLOW_TABLE_SIZE, RING_BLOCK, RING_HALVES, ring_blocks,
 };
 
 use super::{ApiListen, Config, HealthConfig, HealthKind, claims, modes, parse_control};
@@ -70,6 +70,15 @@ impl Config {
             out.push((
                 "agent.announce_table".into(),
                 format!("{table} is reserved; use a table of its own, such as 100"),
+            ));
+        }
+        if !(MIN_FLOW_TABLE_SIZE..=MAX_FLOW_TABLE_SIZE).contains(&agent.flow_table_size) {
+            out.push((
+                "agent.flow_table_size".into(),
+                format!(
+                    "{} is outside {MIN_FLOW_TABLE_SIZE}..={MAX_FLOW_TABLE_SIZE}",
+                    agent.flow_table_size
+                ),
             ));
         }
         if let Some(docker) = &self.docker {
@@ -142,13 +151,13 @@ impl Config {
                 // Room for the ring in use and the one being written.
                 let before = ring_space;
                 ring_space += RING_HALVES * ring_blocks(svc.table_size);
-                if ring_space > RING_BLOCKS && before <= RING_BLOCKS {
+                if ring_space > MAX_RING_BLOCKS && before <= MAX_RING_BLOCKS {
                     out.push((
                         at("table_size"),
                         format!(
                             "the services' tables need more than the ring space of {} slots \
                              (each service needs twice its table_size, rounded up to {RING_BLOCK})",
-                            RING_BLOCKS * RING_BLOCK
+                            MAX_RING_BLOCKS * RING_BLOCK
                         ),
                     ));
                 }

@@ -3,7 +3,7 @@
 //! free blocks and the service flipped to it; the blocks it replaced stay untouched until an
 //! RCU grace period has passed, so a packet that read the old service value just before the
 //! flip still finds the old ring.
-use lb_common::sizes::{RING_BLOCK, RING_BLOCKS, ring_blocks};
+use lb_common::sizes::{RING_BLOCK, ring_blocks};
 
 pub struct RingSpace {
     used: Vec<bool>,
@@ -12,10 +12,17 @@ pub struct RingSpace {
 }
 
 impl RingSpace {
-    /// Space with these rings (offset, table_size) in use, e.g. those a previous agent left.
+    /// Space with these rings (offset, table_size) in use, e.g. those a previous agent left,
+    /// in a `RINGS` of the BPF object's size.
+    #[cfg(test)]
     pub fn new(in_use: impl IntoIterator<Item = (u32, u32)>) -> Self {
+        Self::with_blocks(lb_common::sizes::RING_BLOCKS, in_use)
+    }
+
+    /// The same in a `RINGS` of `blocks` blocks (layout.rs sizes it from the config).
+    pub fn with_blocks(blocks: u32, in_use: impl IntoIterator<Item = (u32, u32)>) -> Self {
         let mut space = Self {
-            used: vec![false; RING_BLOCKS as usize],
+            used: vec![false; blocks as usize],
             retired: Vec::new(),
         };
         for (offset, table_size) in in_use {
@@ -32,11 +39,12 @@ impl RingSpace {
         if blocks == 0 {
             return Some(0);
         }
+        let total = self.used.len() as u32;
         let fits = |&start: &u32| (start..start + blocks).all(|b| !self.used[b as usize]);
         let start = if blocks == 1 {
-            (0..RING_BLOCKS).find(fits)
+            (0..total).find(fits)
         } else {
-            (0..=RING_BLOCKS - blocks).rev().find(fits)
+            (0..=total.checked_sub(blocks)?).rev().find(fits)
         }?;
         self.mark(start, blocks, true);
         Some(start * RING_BLOCK)
@@ -71,7 +79,7 @@ impl RingSpace {
 
     fn mark(&mut self, start: u32, blocks: u32, used: bool) {
         // Clamped: a pinned offset from a differently sized build must not panic here.
-        let end = (start + blocks).min(RING_BLOCKS);
+        let end = (start + blocks).min(self.used.len() as u32);
         for b in &mut self.used[start.min(end) as usize..end as usize] {
             *b = used;
         }
@@ -80,7 +88,7 @@ impl RingSpace {
 
 #[cfg(test)]
 mod tests {
-    use lb_common::sizes::{DEFAULT_RING_SIZE, MAX_RING_SIZE};
+    use lb_common::sizes::{DEFAULT_RING_SIZE, MAX_RING_SIZE, RING_BLOCKS};
 
     use super::*;
 

@@ -688,7 +688,7 @@ pub fn check_flow_maps(dp: &LoadedDatapath, model: &Model, run: &Run, track: &Tr
         .conntrack()
         .expect("reading conntrack")
         .into_iter()
-        .map(|(k, f)| (k, (f.backend_id, f.service_id)))
+        .map(|(k, f)| (k, (u32::from(f.backend_id), u32::from(f.service_id))))
         .collect();
     if got != want {
         let missing = want.keys().filter(|k| !got.contains_key(k)).count();
