@@ -114,6 +114,20 @@ pub fn balance<H: Hook>(ctx: &H) -> Verdict {
             }
         }
     }
+    send_placed(ctx, &pkt, &decided, hash, now)
+}
+
+/// Sends a packet of a placed flow to its backend. A subprogram: the target and what the
+/// sender and the trace keep alive stay off the balancer's frame, which the verifier adds
+/// to the slow path's and the ICMP handler's (512 bytes a call chain).
+#[inline(never)]
+fn send_placed<H: Hook>(
+    ctx: &H,
+    pkt: &L4Packet,
+    decided: &Decided,
+    hash: u32,
+    now: u64,
+) -> Verdict {
     let Some(backend) = maps::backend(decided.backend_id) else {
         return Verdict::Drop(Reason::DropNoBackend);
     };
@@ -125,7 +139,7 @@ pub fn balance<H: Hook>(ctx: &H) -> Verdict {
         backend,
         snat: decided.snat,
     };
-    forward(ctx, &pkt, &target, hash, now, decided.new_flow)
+    forward(ctx, pkt, &target, hash, now, decided.new_flow)
 }
 
 /// What the slow path works from.

@@ -200,14 +200,17 @@ pub fn owner<C: PacketBuf>(ctx: &C, icmp: &IcmpPacket) -> Option<Owner> {
             f.snat_port,
         )
     });
-    let hash = ring_hash(flow, flow_hash(flow), svc.flags);
+    let hash = flow_hash(flow);
     let (backend_id, snat) = match known {
         Some((service_id, backend_id, addr, port)) if service_id == svc.id => {
             (backend_id, Endpoint { addr, port })
         }
         // fullnat cannot translate without the flow's SNAT port.
         _ if svc.mode == MODE_FULLNAT => return None,
-        _ => (maglev::pick(svc, hash)?.0, Endpoint::default()),
+        _ => (
+            maglev::pick(svc, ring_hash(flow, hash, svc.flags))?.0,
+            Endpoint::default(),
+        ),
     };
     let backend = maps::backend(backend_id).filter(|b| b.service_id == svc.id)?;
     Some(Owner {
