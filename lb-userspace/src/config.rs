@@ -318,9 +318,14 @@ pub struct BackendConfig {
     #[serde(default)]
     pub health: HealthOverride,
     /// A bridge on this host the backend sits on (like a container's): packets are handed
-    /// to it directly, never through the host's netfilter.
+    /// to it directly, never through the host's netfilter. Without it, a nat backend whose
+    /// route goes out of a bridge of this host is delivered there all the same;
+    /// [`BRIDGE_ROUTED`] opts out (the kernel routes).
     pub bridge: Option<String>,
 }
+
+/// `bridge = "none"`: the kernel routes to this backend, even if it is on a local bridge.
+pub const BRIDGE_ROUTED: &str = "none";
 
 fn default_weight() -> u32 {
     100

@@ -14,6 +14,7 @@ pub mod health;
 pub mod http;
 pub mod iproute;
 pub mod loader;
+pub mod localbridge;
 pub mod lock;
 pub mod maglev;
 pub mod mapped;

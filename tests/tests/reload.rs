@@ -119,6 +119,9 @@ fn a_reload_that_cannot_take_effect_in_full_changes_nothing() {
     let all: Vec<_> = topo.backends.iter().collect();
     let agent = Agent::start(&topo, &topo.config(&pin, &all));
     agent.wait_up("web", 2, Duration::from_secs(10));
+    // The backends are on br0: their veths are found (and the reply program attached there)
+    // before the state is taken.
+    agent.wait_for_veths(4, Duration::from_secs(15));
     let state = || {
         let mut links = agent.links();
         links.sort();
