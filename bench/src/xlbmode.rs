@@ -4,6 +4,7 @@ use std::{net::Ipv4Addr, path::Path, process::Command};
 
 use anyhow::{Result, bail};
 use xlb_tests::{
+    agent::XDP_MODE_AS_WRITTEN,
     process::binary,
     topology::{FRONT, VIP},
 };
@@ -21,7 +22,10 @@ pub fn config(mode: Mode, pin_path: &str, backends: &[Ipv4Addr]) -> String {
     } else {
         format!("\"{FRONT}\"")
     };
-    let mut config = format!("[agent]\ninterfaces = [{interfaces}]\npin_path = \"{pin_path}\"\n");
+    // The test harness sets xdp_mode = "driver" on a config without one, unless told not to.
+    let mut config = format!(
+        "{XDP_MODE_AS_WRITTEN}[agent]\ninterfaces = [{interfaces}]\npin_path = \"{pin_path}\"\n"
+    );
     // The tuned rows choose their attach mode; the default config leaves it to `auto`.
     match mode {
         Mode::XlbTc => config += "xdp_mode = \"tc\"\n",

@@ -324,6 +324,13 @@ pub struct BackendConfig {
     pub bridge: Option<String>,
 }
 
+impl Config {
+    /// Every service is mode nat: `xdp_mode = "auto"` may put the TC balancer on a veth.
+    pub fn nat_only(&self) -> bool {
+        self.services.iter().all(|s| s.mode == Mode::Nat)
+    }
+}
+
 /// `bridge = "none"`: the kernel routes to this backend, even if it is on a local bridge.
 pub const BRIDGE_ROUTED: &str = "none";
 

@@ -18,6 +18,7 @@ use tracing::info;
 use crate::{config::XdpMode, datapath::Datapath};
 
 mod attach;
+pub mod automode;
 pub(crate) use attach::attach_xdp;
 pub use attach::{attach, attach_reply};
 

@@ -1,9 +1,14 @@
-//! Static backends on a bridge of the lb host, with no `bridge` key: the agent finds the
-//! bridge by the backends' route and delivers straight to each backend's veth, as it does
-//! for a container. Run as root.
+//! The default config: static backends on a bridge of the lb host, with no `bridge` key
+//! and no `xdp_mode` (`auto`). The agent finds the bridge by the backends' route and delivers
+//! straight to each backend's veth, as it does for a container; on the veth front `auto`
+//! picks the TC balancer. Run as root.
 use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
-use xlb_tests::{agent::Agent, client::tcp_name, topology::Topology};
+use xlb_tests::{
+    agent::{Agent, XDP_MODE_AS_WRITTEN},
+    client::tcp_name,
+    topology::Topology,
+};
 
 /// What Docker does to a host: the lb namespace forwards nothing unless a rule allows it.
 /// Only delivery on the bridge reaches the backends then.
@@ -28,8 +33,10 @@ fn deliveries(agent: &Agent) -> Vec<String> {
 fn static_backends_on_a_local_bridge_are_delivered_to_their_veths_without_a_key() {
     let topo = Topology::new(3);
     let all: Vec<_> = topo.backends.iter().collect();
-    let config = topo.config(&Agent::pin_path_for(&topo), &all);
+    // The default config: no bridge key, no xdp_mode (the harness would set "driver").
+    let config = XDP_MODE_AS_WRITTEN.to_string() + &topo.config(&Agent::pin_path_for(&topo), &all);
     assert!(!config.contains("bridge"), "no bridge key: {config}");
+    assert!(!config.contains("xdp_mode ="), "no attach mode: {config}");
     forward_nothing(&topo);
     let direct: SocketAddr = "10.99.2.11:8080".parse().expect("addr");
     assert!(
@@ -73,6 +80,13 @@ fn static_backends_on_a_local_bridge_are_delivered_to_their_veths_without_a_key(
         log.contains("on a bridge of this host (by its route)"),
         "the agent says why: {log}"
     );
+    // `auto` put the TC balancer on the veth front, and said why.
+    assert_eq!(agent.status()["interfaces"][0]["xdp_mode"], "tc");
+    let why = log
+        .lines()
+        .find(|l| l.contains("xdp_mode auto:"))
+        .unwrap_or_else(|| panic!("no line on the attach mode: {log}"));
+    assert!(why.contains("veth") && why.contains("tc"), "{why}");
 }
 
 #[test]

@@ -282,9 +282,9 @@ fn invalid_reload_keeps_the_running_state() {
     );
     let (ok, out) = agent.reload(&bad);
     assert!(!ok, "an invalid config must be rejected");
-    // Line 10: the harness adds agent.control on line 2.
+    // Line 11: the harness adds agent.xdp_mode and agent.control on lines 2 and 3.
     assert!(
-        out.contains("xlb.toml:10: service[0].table_size: 65536 must be a prime"),
+        out.contains("xlb.toml:11: service[0].table_size: 65536 must be a prime"),
         "{out}"
     );
     assert_eq!(shape(&agent), before);

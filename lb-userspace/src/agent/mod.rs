@@ -154,6 +154,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         &pin_path,
         &agent.config.agent.interfaces,
         agent.config.agent.xdp_mode,
+        agent.config.nat_only(),
     )?;
     for a in &agent.attachments {
         info!(interface = %a.interface, xdp_mode = %a.xdp_mode, adopted = a.adopted, "attached");
