@@ -72,7 +72,9 @@ impl Default for AgentConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum XdpMode {
-    /// Driver mode, falling back to skb mode with a warning.
+    /// Per interface by its device kind (loader/automode.rs): the TC balancer on a veth
+    /// when every service is nat, skb mode on a bridge, else driver mode (skb if the driver
+    /// has none, with a warning).
     Auto,
     Driver,
     Skb,
