@@ -34,7 +34,7 @@ const FLOOD_SOURCES: &str = "10.99.128.0/17";
 const FLOOD_NICE: i32 = -10;
 
 /// The modes compared under a flood.
-pub const MODES: [Mode; 3] = [Mode::Nft, Mode::Haproxy, Mode::Xlb];
+pub const MODES: [Mode; 3] = [Mode::Nft, Mode::Haproxy, Mode::XlbDefault];
 
 /// Goal of issue 15: the share of the legitimate throughput kept under the flood.
 pub const RETAINED_GOAL: f64 = 0.90;
@@ -376,7 +376,7 @@ pub fn summarize(runs: &[FloodRun]) -> Vec<FloodSummary> {
 /// The goal: xlb keeps >= 90% of both loads, and more than either peer.
 pub fn goal(summary: &[FloodSummary], rate: u64) -> Option<Goal> {
     let of = |m| summary.iter().find(|s| s.mode == m);
-    let xlb = of(Mode::Xlb)?;
+    let xlb = of(Mode::XlbDefault)?;
     let peers: Vec<&FloodSummary> = [Mode::Nft, Mode::Haproxy]
         .into_iter()
         .filter_map(of)
@@ -450,9 +450,9 @@ mod tests {
             all.push(xlb);
             goal(&all, 20_000).unwrap().met
         };
-        assert_eq!(with(summary(Mode::Xlb, 0.95, 0.93)), Some(true));
-        assert_eq!(with(summary(Mode::Xlb, 0.95, 0.89)), Some(false));
-        assert_eq!(with(summary(Mode::Xlb, 0.84, 0.95)), Some(false));
+        assert_eq!(with(summary(Mode::XlbDefault, 0.95, 0.93)), Some(true));
+        assert_eq!(with(summary(Mode::XlbDefault, 0.95, 0.89)), Some(false));
+        assert_eq!(with(summary(Mode::XlbDefault, 0.84, 0.95)), Some(false));
         assert!(goal(&peers, 20_000).is_none(), "no xlb run, no verdict");
     }
 
@@ -460,7 +460,7 @@ mod tests {
     fn retained_is_the_median_ratio_per_repetition() {
         let run = |rep, ka: f64, kaf: f64| FloodRun {
             rep,
-            mode: Mode::Xlb,
+            mode: Mode::XlbDefault,
             keep_alive: ka,
             keep_alive_flooded: kaf,
             close: 100.0,

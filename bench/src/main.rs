@@ -395,8 +395,8 @@ fn throughput(
                     continue;
                 }
             };
-            // The other xlb modes attach differently (tc; fullnat adds br0 in skb mode).
-            if mode == Mode::Xlb {
+            // How the default config attached (the tuned modes choose theirs).
+            if mode == Mode::XlbDefault {
                 context.xdp_mode.clone_from(&active.xdp_mode);
             }
             if !args.quick {
@@ -446,7 +446,7 @@ fn throughput(
                 runs.push(run);
                 stopped()?;
             }
-            if mode == Mode::Xlb && rep == 0 {
+            if mode == Mode::XlbDefault && rep == 0 {
                 profile_xlb(args, &wrk, bed, &active, seconds.min(2), profile)?;
             }
             drop(active);

@@ -21,14 +21,17 @@ pub enum Mode {
     Nft,
     /// HAProxy `mode tcp` in the lb namespace, round robin.
     Haproxy,
-    /// xlb's XDP program on the lb namespace's front interface; the backends on br0 are
+    /// xlb as a user's first config writes it: interfaces, VIPs and backend addresses, and
+    /// nothing else (no `bridge` key, `xdp_mode` unset). The goals are judged on it.
+    XlbDefault,
+    /// Tuned: xlb's XDP program on the lb namespace's front interface; the backends on br0 are
     /// local (`bridge = "br0"`): TC hands each packet to the backend's eth0 through its
     /// veth (`bpf_redirect_peer`), and replies leave through TC on br0, so neither
     /// direction is routed.
     Xlb,
     /// xlb with `xdp_mode = "tc"`: the balancer at TC ingress, delivery as in `Xlb`.
     XlbTc,
-    /// Diagnostic: xlb attached as in `Xlb`, but the client drives the backends directly as
+    /// Diagnostic: xlb attached as in `XlbDefault`, but the client drives the backends directly as
     /// in `Direct`, so every packet takes XDP_PASS (not a VIP) and TC finds no reverse NAT.
     /// Its gap to direct is the cost of having the programs on the interface at all.
     XdpPass,
@@ -40,10 +43,11 @@ pub enum Mode {
     XlbDsr,
 }
 
-pub const ALL: [Mode; 8] = [
+pub const ALL: [Mode; 9] = [
     Mode::Direct,
     Mode::Nft,
     Mode::Haproxy,
+    Mode::XlbDefault,
     Mode::Xlb,
     Mode::XlbTc,
     Mode::XdpPass,
@@ -57,6 +61,7 @@ impl Mode {
             Mode::Direct => "direct",
             Mode::Nft => "nft DNAT",
             Mode::Haproxy => "HAProxy",
+            Mode::XlbDefault => "xlb, default config",
             Mode::Xlb => "xlb",
             Mode::XlbTc => "xlb, mode tc",
             Mode::XdpPass => "direct, xlb attached",
@@ -79,6 +84,7 @@ impl Mode {
             Mode::XlbTc => "10.99.1.7",
             Mode::XlbFullnat => "10.99.1.8",
             Mode::XlbDsr => "10.99.1.9",
+            Mode::XlbDefault => "10.99.1.10",
         }
     }
 
@@ -86,7 +92,12 @@ impl Mode {
     pub fn runs_xlb(self) -> bool {
         matches!(
             self,
-            Mode::Xlb | Mode::XlbTc | Mode::XdpPass | Mode::XlbFullnat | Mode::XlbDsr
+            Mode::XlbDefault
+                | Mode::Xlb
+                | Mode::XlbTc
+                | Mode::XdpPass
+                | Mode::XlbFullnat
+                | Mode::XlbDsr
         )
     }
 
@@ -186,7 +197,12 @@ impl<'a> Active<'a> {
                     bed.scratch().join("haproxy.log"),
                 ));
             }
-            Mode::Xlb | Mode::XlbTc | Mode::XdpPass | Mode::XlbFullnat | Mode::XlbDsr => {
+            Mode::XlbDefault
+            | Mode::Xlb
+            | Mode::XlbTc
+            | Mode::XdpPass
+            | Mode::XlbFullnat
+            | Mode::XlbDsr => {
                 if mode == Mode::XlbDsr {
                     active.decap = Some(Decap::attach(bed)?);
                 }
@@ -305,7 +321,12 @@ impl Drop for Active<'_> {
                     .args(["addr", "del", &format!("{VIP}/32"), "dev", "lo"])
                     .output();
             }
-            Mode::Xlb | Mode::XlbTc | Mode::XdpPass | Mode::XlbFullnat | Mode::XlbDsr => {
+            Mode::XlbDefault
+            | Mode::Xlb
+            | Mode::XlbTc
+            | Mode::XdpPass
+            | Mode::XlbFullnat
+            | Mode::XlbDsr => {
                 // Stops the agent, unpins the links (detaching XDP and TC) and removes the pins.
                 self.agent.take();
                 self.decap.take();

@@ -15,6 +15,7 @@ fn color(mode: Mode) -> RGBColor {
         Mode::Direct => RGBColor(150, 150, 150),
         Mode::Nft => RGBColor(70, 120, 200),
         Mode::Haproxy => RGBColor(230, 140, 40),
+        Mode::XlbDefault => RGBColor(200, 50, 50),
         Mode::Xlb => RGBColor(40, 160, 80),
         Mode::XlbTc => RGBColor(20, 110, 50),
         Mode::XdpPass => RGBColor(170, 215, 170),
@@ -98,7 +99,7 @@ pub fn plot(path: &Path, summary: &[Summary]) -> Result<()> {
                 )
             }))
             .map_err(plot_err)?;
-        if mode == Mode::Xlb {
+        if mode == Mode::XlbDefault {
             chart
                 .draw_series(bars.iter().map(|(x, s)| {
                     let goal = match s.load {

@@ -217,30 +217,22 @@ pub fn goals(
         (Load::KeepAlive, "keep-alive req/s vs direct", 0.98),
         (Load::Udp, "UDP pps delivered vs routed", 1.0),
     ] {
-        // An operator picks the attach mode that suits the NIC: judge the better one.
-        let best = [Mode::Xlb, Mode::XlbTc]
-            .into_iter()
-            .filter(|m| find(load, *m).is_some())
-            .max_by(|a, b| {
-                ratio(load, *a)
-                    .partial_cmp(&ratio(load, *b))
-                    .expect("ratios")
-            })
-            .unwrap_or(Mode::Xlb);
+        // Judged on what a user gets without tuning; the tuned rows are quoted beside it.
+        let best = Mode::XlbDefault;
         let mine = ratio(load, best);
         let here: Vec<String> = [Mode::Xlb, Mode::XlbTc, Mode::Nft, Mode::Haproxy]
             .into_iter()
-            .filter(|m| *m != best)
             .filter_map(|m| Some(format!("{} {:.2}", m.name(), ratio(load, m)?)))
             .collect();
         out.push(Goal {
             what: what.into(),
-            target: format!("≥ {min:.2}"),
+            target: format!("≥ {min:.2}, > nft DNAT"),
             measured: mine.map_or("not run".into(), |r| format!("{r:.3}")),
+            // And ahead of nft DNAT in the same run (when it ran).
             met: if contended {
                 None
             } else {
-                mine.map(|r| r >= min)
+                mine.map(|r| r >= min && ratio(load, Mode::Nft).is_none_or(|n| r > n))
             },
             note: format!(
                 "{}; CPU ratio {}; this run: {}{}",
@@ -520,13 +512,30 @@ mod tests {
     }
 
     #[test]
+    fn a_default_config_behind_nft_misses_the_goal() {
+        let run: Vec<Summary> = [
+            summary(Load::Udp, Mode::Direct, 1.0),
+            summary(Load::Udp, Mode::XlbDefault, 1.05),
+            summary(Load::Udp, Mode::Nft, 1.1),
+        ]
+        .into();
+        let goals = goals(&run, None, &[], 0.0);
+        let udp = goals
+            .iter()
+            .find(|g| g.what.contains("UDP"))
+            .expect("UDP goal");
+        assert_eq!(udp.met, Some(false), "{udp:?}");
+    }
+
+    #[test]
     fn throughput_goals_quote_only_this_run() {
         let run: Vec<Summary> = load::ALL
             .into_iter()
             .flat_map(|l| {
                 [
                     summary(l, Mode::Direct, 1.0),
-                    summary(l, Mode::Xlb, 1.25),
+                    summary(l, Mode::XlbDefault, 1.25),
+                    summary(l, Mode::Xlb, 1.5),
                     summary(l, Mode::Nft, 0.7),
                 ]
             })
@@ -534,11 +543,12 @@ mod tests {
         let goals = goals(&run, None, &[], 0.0);
         assert_eq!(goals.len(), 3);
         for g in &goals {
+            // Judged on the default config, not on the better tuned row.
             assert_eq!(g.measured, "1.250", "{}", g.what);
             assert_eq!(g.met, Some(true), "{}", g.what);
             // HAProxy and mode tc did not run: no figure of theirs may appear.
             assert_eq!(
-                g.note, "xlb; CPU ratio 1.000; this run: nft DNAT 0.70",
+                g.note, "xlb, default config; CPU ratio 1.000; this run: xlb 1.50, nft DNAT 0.70",
                 "{}",
                 g.what
             );

@@ -4,6 +4,7 @@ use std::{net::Ipv4Addr, path::Path, process::Command};
 
 use anyhow::{Result, bail};
 use xlb_tests::{
+    agent::XDP_MODE_AS_WRITTEN,
     process::binary,
     topology::{FRONT, VIP},
 };
@@ -21,13 +22,22 @@ pub fn config(mode: Mode, pin_path: &str, backends: &[Ipv4Addr]) -> String {
     } else {
         format!("\"{FRONT}\"")
     };
-    let mut config = format!("[agent]\ninterfaces = [{interfaces}]\npin_path = \"{pin_path}\"\n");
-    if mode == Mode::XlbTc {
-        config += "xdp_mode = \"tc\"\n";
+    // The test harness sets xdp_mode = "driver" on a config without one, unless told not to.
+    let mut config = format!(
+        "{XDP_MODE_AS_WRITTEN}[agent]\ninterfaces = [{interfaces}]\npin_path = \"{pin_path}\"\n"
+    );
+    // The tuned rows choose their attach mode; the default config leaves it to `auto`.
+    match mode {
+        Mode::XlbTc => config += "xdp_mode = \"tc\"\n",
+        Mode::Xlb => config += "xdp_mode = \"driver\"\n",
+        _ => {}
     }
+    // The default config (and the diagnostic that measures it) names no bridge: the agent
+    // finds br0 by the backends' route. The tuned rows name it.
     let (forwarding, bridge) = match mode {
         Mode::XlbFullnat => ("fullnat", ""),
         Mode::XlbDsr => ("dsr", ""),
+        Mode::XlbDefault | Mode::XdpPass => ("nat", ""),
         _ => ("nat", "bridge = \"br0\"\n"),
     };
     // Backends listen on the VIP's ports, which dsr requires (it does not rewrite ports).

@@ -48,6 +48,8 @@ pub struct Link {
     pub controller: Option<u32>,
     /// A veth whose other end is in another network namespace.
     pub veth_to_other_netns: bool,
+    /// A Linux bridge.
+    pub bridge: bool,
 }
 
 /// The host's links, IPv4 neighbours and bridge forwarding entries, read once per pass.
@@ -130,6 +132,9 @@ fn link_of(msg: &LinkMessage) -> (u32, Link) {
                 veth = infos
                     .iter()
                     .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
+                link.bridge = infos
+                    .iter()
+                    .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Bridge)));
             }
             _ => {}
         }
@@ -180,7 +185,10 @@ fn add_neighbour(
 
 /// rtnetlink multicast groups of link and neighbour changes; the bridge's forwarding entries
 /// come as neighbours (family AF_BRIDGE).
-const WATCHED_GROUPS: u32 = (libc::RTMGRP_LINK | libc::RTMGRP_NEIGH) as u32;
+/// Routes too: they say which bridge a backend is reached through (localbridge.rs).
+const WATCHED_GROUPS: u32 =
+    (libc::RTMGRP_LINK | libc::RTMGRP_NEIGH | libc::RTMGRP_IPV4_ROUTE | libc::RTMGRP_IPV6_ROUTE)
+        as u32;
 /// Changes are reported at most this often: neighbour states change all the time on a busy
 /// host, and one read of the tables covers any number of them.
 const CHANGE_COALESCE: Duration = Duration::from_millis(100);
@@ -240,11 +248,23 @@ fn drain(socket: &mut Socket, buf: &mut [u8]) -> bool {
 
 /// One rtnetlink dump request and all its answers.
 pub(crate) fn dump(request: RouteNetlinkMessage) -> io::Result<Vec<RouteNetlinkMessage>> {
+    ask(request, NLM_F_REQUEST | NLM_F_DUMP)
+}
+
+/// One rtnetlink request that is not a dump (a route lookup, say): its one answer.
+pub(crate) fn get(request: RouteNetlinkMessage) -> io::Result<RouteNetlinkMessage> {
+    ask(request, NLM_F_REQUEST)?
+        .pop()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "no answer"))
+}
+
+fn ask(request: RouteNetlinkMessage, flags: u16) -> io::Result<Vec<RouteNetlinkMessage>> {
+    let dumping = flags & NLM_F_DUMP != 0;
     let mut socket = Socket::new(NETLINK_ROUTE)?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
     let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.flags = flags;
     let mut msg = NetlinkMessage::new(header, NetlinkPayload::from(request));
     msg.finalize();
     let mut out = vec![0; msg.header.length as usize];
@@ -265,7 +285,12 @@ pub(crate) fn dump(request: RouteNetlinkMessage) -> io::Result<Vec<RouteNetlinkM
                 NetlinkPayload::Error(e) => {
                     return Err(io::Error::other(format!("netlink error {e:?}")));
                 }
-                NetlinkPayload::InnerMessage(inner) => answers.push(inner),
+                NetlinkPayload::InnerMessage(inner) => {
+                    answers.push(inner);
+                    if !dumping {
+                        return Ok(answers);
+                    }
+                }
                 _ => {}
             }
             if len == 0 {
@@ -307,6 +332,7 @@ mod tests {
             mac: Some(BRIDGE_MAC),
             controller,
             veth_to_other_netns: veth,
+            bridge: false,
         }
     }
 

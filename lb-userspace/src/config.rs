@@ -76,7 +76,9 @@ impl Default for AgentConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum XdpMode {
-    /// Driver mode, falling back to skb mode with a warning.
+    /// Per interface by its device kind (loader/automode.rs): the TC balancer on a veth
+    /// when every service is nat, skb mode on a bridge, else driver mode (skb if the driver
+    /// has none, with a warning).
     Auto,
     Driver,
     Skb,
@@ -346,9 +348,21 @@ pub struct BackendConfig {
     #[serde(default)]
     pub health: HealthOverride,
     /// A bridge on this host the backend sits on (like a container's): packets are handed
-    /// to it directly, never through the host's netfilter.
+    /// to it directly, never through the host's netfilter. Without it, a nat backend whose
+    /// route goes out of a bridge of this host is delivered there all the same;
+    /// [`BRIDGE_ROUTED`] opts out (the kernel routes).
     pub bridge: Option<String>,
 }
+
+impl Config {
+    /// Every service is mode nat: `xdp_mode = "auto"` may put the TC balancer on a veth.
+    pub fn nat_only(&self) -> bool {
+        self.services.iter().all(|s| s.mode == Mode::Nat)
+    }
+}
+
+/// `bridge = "none"`: the kernel routes to this backend, even if it is on a local bridge.
+pub const BRIDGE_ROUTED: &str = "none";
 
 fn default_weight() -> u32 {
     100

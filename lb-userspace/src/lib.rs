@@ -18,6 +18,7 @@ pub mod http;
 pub mod iproute;
 pub mod layout;
 pub mod loader;
+pub mod localbridge;
 pub mod lock;
 pub mod maglev;
 pub mod mapped;

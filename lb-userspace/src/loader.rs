@@ -18,6 +18,7 @@ use tracing::info;
 use crate::{config::XdpMode, datapath::Datapath, layout::Layout};
 
 mod attach;
+pub mod automode;
 pub mod resize;
 pub(crate) use attach::attach_xdp;
 pub use attach::{attach, attach_reply};

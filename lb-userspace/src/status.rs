@@ -97,8 +97,9 @@ pub struct BackendStatus {
     pub drained: bool,
     pub last_probe: Option<ProbeStatus>,
     pub counters: CounterStatus,
-    /// How packets reach it: "routed" (the kernel), "bridge" (redirected to its local
+    /// How packets reach it: "routed" (the kernel), "bridge NAME" (redirected to its local
     /// bridge), or "veth NAME" (handed to the container's eth0 through its host-side veth).
+    /// A nat backend is on a local bridge by its `bridge` key or else by its route.
     #[serde(default)]
     pub delivery: String,
 }
@@ -357,7 +358,10 @@ impl Status {
 fn delivery_text(delivery: &Delivery) -> String {
     match (delivery.bridge, delivery.veth) {
         (0, _) => "routed".into(),
-        (_, None) => "bridge".into(),
+        (bridge, None) => match index_name(bridge) {
+            Some(name) => format!("bridge {name}"),
+            None => "bridge".into(),
+        },
         (_, Some(veth)) => match index_name(veth.ifindex) {
             Some(name) => format!("veth {name}"),
             None => format!("veth ifindex {}", veth.ifindex),

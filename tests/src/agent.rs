@@ -382,7 +382,44 @@ impl Agent {
 /// `config` with `control = "<default>"` on the line after `[agent]` if its agent table
 /// sets no control socket (the lines below move down by one), and the control socket it
 /// then names. Text that is not TOML, or has no `[agent]` line, is left as it is.
+/// Also sets `xdp_mode = "driver"` if the config sets none: most tests exercise XDP on the
+/// front, which is a veth here, where `auto` would pick the TC balancer (see
+/// xlb::loader::automode). A config with the comment line [`XDP_MODE_AS_WRITTEN`] is left
+/// without one (the default, `auto`, as a user's config gets it).
 pub fn with_control(config: &str, default: &Path) -> (String, PathBuf) {
+    let (config, control) = with_control_only(config, default);
+    (with_xdp_mode(&config), control)
+}
+
+/// A comment line that keeps the harness from setting `xdp_mode` (see [`with_control`]).
+pub const XDP_MODE_AS_WRITTEN: &str = "# xlb-tests: xdp_mode as written (unset: auto)\n";
+
+/// `config` with `xdp_mode = "driver"` after `[agent]` if its agent table sets no mode.
+fn with_xdp_mode(config: &str) -> String {
+    let Ok(doc) = config.parse::<toml::Table>() else {
+        return config.to_string();
+    };
+    if config.contains(XDP_MODE_AS_WRITTEN.trim_end()) {
+        return config.to_string();
+    }
+    let agent = doc.get("agent");
+    if agent.is_none() || agent.and_then(|a| a.get("xdp_mode")).is_some() {
+        return config.to_string();
+    }
+    let mut out = String::with_capacity(config.len() + 24);
+    let mut added = false;
+    for line in config.split_inclusive('\n') {
+        out.push_str(line);
+        if !added && line.split('#').next().unwrap_or_default().trim() == "[agent]" {
+            let ending = if line.ends_with('\n') { "" } else { "\n" };
+            out.push_str(&format!("{ending}xdp_mode = \"driver\"\n"));
+            added = true;
+        }
+    }
+    out
+}
+
+fn with_control_only(config: &str, default: &Path) -> (String, PathBuf) {
     let Ok(doc) = config.parse::<toml::Table>() else {
         return (config.to_string(), default.into());
     };

@@ -234,11 +234,16 @@ fn detach_leaves_nothing_attached_or_pinned() {
 
     // Stopping the agent leaves forwarding in place (XDP, TC ingress and egress links).
     agent.stop();
+    // (And the reply program on br0 and the backends' veths: they are on a local bridge.)
     let links = agent
         .pin_path
         .join("links")
         .read_dir()
         .expect("links")
+        .filter(|l| {
+            let name = l.as_ref().expect("link").file_name();
+            !name.to_string_lossy().starts_with("tc_reply_")
+        })
         .count();
     assert_eq!(links, 3);
     let name = topo
@@ -297,9 +302,11 @@ fn local_bridge_delivery_bypasses_a_forward_drop_policy() {
         "client address kept: {log}"
     );
 
-    // Removing the bridge from the config detaches the reply program.
+    // Routing the backends (`bridge = "none"`) detaches the reply program.
     let all: Vec<_> = topo.backends.iter().collect();
-    let plain = topo.config(&Agent::pin_path_for(&topo), &all);
+    let plain = topo
+        .config(&Agent::pin_path_for(&topo), &all)
+        .replace("  port = 8080\n", "  port = 8080\n  bridge = \"none\"\n");
     let (ok, out) = agent.reload(&plain);
     assert!(ok, "{out}");
     assert!(!agent.pin_path.join("links/tc_reply_br0").exists());

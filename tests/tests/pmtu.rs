@@ -140,7 +140,7 @@ fn fullnat_and_dsr_backends_learn_the_path_mtu_from_errors_sent_to_the_vip() {
 /// bridge (the reply program).
 #[test]
 fn a_nat_backends_port_unreachable_reaches_the_client_about_the_vip() {
-    for bridge in ["", "  bridge = \"br0\"\n"] {
+    for bridge in ["bridge = \"none\"\n", "  bridge = \"br0\"\n"] {
         let topo = Topology::new(1);
         let pin = Agent::pin_path_for(&topo);
         let backend = &topo.backends[0];
@@ -154,7 +154,7 @@ fn a_nat_backends_port_unreachable_reaches_the_client_about_the_vip() {
         let agent = Agent::start(&topo, &config);
         agent.wait_up("closed", 1, Duration::from_secs(10));
         let outcome = refused(&topo.client, topo.vip(54));
-        let how = if bridge.is_empty() {
+        let how = if bridge.contains("none") {
             "routed"
         } else {
             "on the bridge"

@@ -119,6 +119,9 @@ fn a_reload_that_cannot_take_effect_in_full_changes_nothing() {
     let all: Vec<_> = topo.backends.iter().collect();
     let agent = Agent::start(&topo, &topo.config(&pin, &all));
     agent.wait_up("web", 2, Duration::from_secs(10));
+    // The backends are on br0: their veths are found (and the reply program attached there)
+    // before the state is taken.
+    agent.wait_for_veths(4, Duration::from_secs(15));
     let state = || {
         let mut links = agent.links();
         links.sort();
@@ -161,8 +164,11 @@ fn a_reload_that_cannot_take_effect_in_full_changes_nothing() {
         assert_eq!(served_by(&topo), both, "{what}");
     }
 
-    // A valid change applies in full.
-    let (ok, out) = agent.reload(&fronts("interfaces = [\"front\", \"extra0\"]"));
+    // A valid change applies in full (`auto`: extra0, a bridge, gets skb mode).
+    let (ok, out) = agent.reload(&with_mode(
+        &fronts("interfaces = [\"front\", \"extra0\"]"),
+        "auto",
+    ));
     assert!(ok, "{out}");
     let links = agent.links();
     assert!(links.contains(&"xdp_extra0".to_string()), "{links:?}");
@@ -170,7 +176,7 @@ fn a_reload_that_cannot_take_effect_in_full_changes_nothing() {
     assert_eq!(web.len(), 1, "{web:?}");
     assert_eq!(served_by(&topo), ["be1".to_string()].into());
 
-    // A mode switch that fails half way (extra0: skb, as auto fell back to, to driver) is
+    // A mode switch that fails half way (extra0: skb, as auto picked for a bridge, to driver) is
     // undone too: extra0 is back in skb mode, behind its own links only.
     let applied = state();
     assert_eq!(applied.2[1]["xdp_mode"], "skb", "{:?}", applied.2);

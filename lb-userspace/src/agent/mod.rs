@@ -26,7 +26,7 @@ use crate::{
     announce::Announcer,
     api::{self, Command},
     applier::Applier,
-    bridgeport::{self, VethPort},
+    bridgeport,
     config::Config,
     datapath::Datapath,
     discovery::{self, Sources, labels::LabelError},
@@ -55,8 +55,9 @@ const VETH_POLL_WATCHED: Duration = Duration::from_secs(30);
 /// How often an apply that left services behind is tried again.
 const APPLY_RETRY: Duration = Duration::from_secs(2);
 
-/// (bridge, backend address) -> its host-side veth, if found.
-type Veths = BTreeMap<(String, IpAddr), Option<VethPort>>;
+/// (a backend's `bridge` key, its address) -> the local bridge it is on and its veth;
+/// absent: routed by the kernel.
+type Veths = BTreeMap<(Option<String>, IpAddr), delivery::Local>;
 
 struct Agent {
     config_path: PathBuf,
@@ -178,6 +179,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         &pin_path,
         &agent.config.agent.interfaces,
         agent.config.agent.xdp_mode,
+        agent.config.nat_only(),
     )?;
     for a in &agent.attachments {
         info!(interface = %a.interface, xdp_mode = %a.xdp_mode, adopted = a.adopted, "attached");

@@ -70,10 +70,19 @@ impl Agent {
                  effect on restart only"
             );
         }
-        let attach = new.interfaces != old.interfaces || new.xdp_mode != old.xdp_mode;
+        // A fullnat or dsr service coming or going can change what `auto` picks.
+        let nat_only = config.nat_only();
+        let attach = new.interfaces != old.interfaces
+            || new.xdp_mode != old.xdp_mode
+            || nat_only != self.config.nat_only();
         if attach {
-            let attached =
-                loader::attach(&mut self.ebpf, &old.pin_path, &new.interfaces, new.xdp_mode);
+            let attached = loader::attach(
+                &mut self.ebpf,
+                &old.pin_path,
+                &new.interfaces,
+                new.xdp_mode,
+                nat_only,
+            );
             match attached {
                 Ok(a) => self.attachments = a,
                 Err(e) => {
@@ -188,6 +197,7 @@ impl Agent {
             &agent.pin_path,
             &agent.interfaces,
             agent.xdp_mode,
+            self.config.nat_only(),
         )
         .context("attaching as before")?;
         Ok(())

@@ -44,7 +44,11 @@ pub(super) fn problems(svc: &ServiceConfig, xdp_mode: XdpMode) -> Vec<(String, S
                     ),
                 ));
             }
-            if be.bridge.is_some() {
+            if be
+                .bridge
+                .as_deref()
+                .is_some_and(|b| b != super::BRIDGE_ROUTED)
+            {
                 out.push((
                     format!("backend[{j}].bridge"),
                     "dsr sends to the backend's host; a bridge is for mode nat".into(),

@@ -32,22 +32,26 @@ use tracing::{info, warn};
 
 use super::{
     Attachment, PinLayout, REPLY_LINK_PREFIX, TC_BALANCE_PROGRAM, TC_EGRESS_PROGRAM,
-    TC_INGRESS_PROGRAM, TC_REPLY_PROGRAM, XDP_PROGRAM, pinned_links, program, unpin_link,
+    TC_INGRESS_PROGRAM, TC_REPLY_PROGRAM, XDP_PROGRAM, automode, pinned_links, program, unpin_link,
 };
 use crate::{config::XdpMode, datapath::TX_PORTS, netdev::ifindex};
 
 /// Attaches XDP and TC ingress and egress to every front interface, taking over pinned
 /// links, and detaches pinned links of front interfaces that are no longer configured.
+/// `auto` picks each interface's mode by its kind (automode.rs); `nat_only`: every
+/// service is mode nat, so `auto` may pick the TC balancer.
 pub fn attach(
     ebpf: &mut Ebpf,
     pin_path: &Path,
     interfaces: &[String],
     mode: XdpMode,
+    nat_only: bool,
 ) -> Result<Vec<Attachment>> {
     let layout = PinLayout::new(pin_path);
+    let modes = interface_modes(interfaces, mode, nat_only);
     let mut out = Vec::new();
-    for interface in interfaces {
-        out.push(attach_front(ebpf, &layout, interface, mode)?);
+    for (interface, mode) in &modes {
+        out.push(attach_front(ebpf, &layout, interface, *mode)?);
     }
     set_tx_ports(ebpf, &out)?;
     for stale in pinned_links(&layout)? {
@@ -55,15 +59,39 @@ pub fn attach(
             .file_name()
             .is_some_and(|n| n.to_string_lossy().starts_with(REPLY_LINK_PREFIX));
         let keep = reply
-            || interfaces
+            || modes
                 .iter()
-                .any(|i| layout.front_links(i, mode).contains(&stale));
+                .any(|(i, mode)| layout.front_links(i, *mode).contains(&stale));
         if !keep {
             info!(link = %stale.display(), "detaching link of an interface no longer configured");
             unpin_link(&stale)?;
         }
     }
     Ok(out)
+}
+
+/// Each interface's attach mode: `mode`, or for `auto` the one its device kind gets
+/// (logged with the reason, one line per interface).
+fn interface_modes(interfaces: &[String], mode: XdpMode, nat_only: bool) -> Vec<(String, XdpMode)> {
+    if mode != XdpMode::Auto {
+        return interfaces.iter().map(|i| (i.clone(), mode)).collect();
+    }
+    let kinds = automode::device_kinds(interfaces);
+    interfaces
+        .iter()
+        .map(|interface| {
+            let kind = &kinds[interface];
+            let (chosen, why) = automode::choose(kind, nat_only);
+            let shown = match chosen {
+                XdpMode::Auto => "driver",
+                XdpMode::Driver => "driver",
+                XdpMode::Skb => "skb",
+                XdpMode::Tc => "tc",
+            };
+            info!(%interface, device = kind.name(), xdp_mode = shown, "xdp_mode auto: {why}");
+            (interface.clone(), chosen)
+        })
+        .collect()
 }
 
 /// The XDP program on an interface as the kernel reports it.
