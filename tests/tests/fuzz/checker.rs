@@ -709,14 +709,15 @@ pub fn check_flow_maps(dp: &LoadedDatapath, model: &Model, run: &Run, track: &Tr
             run.replay()
         );
     }
-    let want: HashMap<FlowKey, ([u32; 4], u16)> = track
-        .rev_nat
-        .iter()
-        .map(|(reply, vip)| {
-            let vip_words = addr_words(IpAddr::V4(*vip.ip())).1;
-            (key(reply), (vip_words, vip.port().to_be()))
-        })
-        .collect();
+    // A new nat flow has a reply mapping of its own, or its backend's endpoint is claimed by
+    // its backend id (replies then find the flow's embryonic entry through it).
+    let claims: HashMap<([u32; 4], u16, u8), u32> =
+        xlb::replyendpoints::ReplyEndpoints::open_pinned(dp.pin_path())
+            .and_then(|e| e.claims())
+            .expect("reading the reply endpoints")
+            .into_iter()
+            .map(|(k, id)| ((k.addr, k.port, k.proto), id))
+            .collect();
     let got: HashMap<FlowKey, ([u32; 4], u16)> = dp
         .datapath()
         .rev_nat()
@@ -724,11 +725,33 @@ pub fn check_flow_maps(dp: &LoadedDatapath, model: &Model, run: &Run, track: &Tr
         .into_iter()
         .map(|(k, r)| (k, (r.vip, r.vip_port)))
         .collect();
+    let mut problems = Vec::new();
+    let mut own = 0;
+    for (reply, vip) in &track.rev_nat {
+        let vip_words = addr_words(IpAddr::V4(*vip.ip())).1;
+        let k = key(reply);
+        match got.get(&k) {
+            Some(v) if *v == (vip_words, vip.port().to_be()) => own += 1,
+            Some(v) => problems.push(format!("{reply:?} maps to {v:?}, not {vip}")),
+            None => {
+                let forward = (reply.2, reply.3, *vip.ip(), vip.port(), reply.4);
+                let backend_id = track.flows.get(&forward).map(|f| f.backend_id);
+                let claimed = claims.get(&(k.src, k.src_port, k.proto)).copied();
+                if backend_id.is_none() || claimed != backend_id {
+                    problems.push(format!(
+                        "{reply:?}: no mapping, endpoint claimed by {claimed:?}, flow's backend {backend_id:?}"
+                    ));
+                }
+            }
+        }
+    }
+    let extra = got.len() - own;
     assert!(
-        got == want,
-        "reverse NAT holds {} entries, the model {} (or they differ)\n{}",
+        problems.is_empty() && extra == 0,
+        "reverse NAT holds {} entries ({extra} the model has not), the model {}: {:?}\n{}",
         got.len(),
-        want.len(),
+        track.rev_nat.len(),
+        &problems[..problems.len().min(3)],
         run.replay()
     );
 }
