@@ -361,14 +361,7 @@ fn throughput(
     let started = Instant::now();
     let retries = args.retries;
     let scratch = bed.scratch();
-    let wrk = load::Wrk {
-        client: &bed.topo.client,
-        cpu: args.load_cpu,
-        threads: args.threads,
-        connections: args.connections,
-        seconds,
-        scratch: &scratch,
-    };
+    let wrk = wrk_of(args, bed, seconds, &scratch);
     for rep in 0..reps {
         let modes: Vec<Mode> = modes::ALL
             .into_iter()
@@ -468,14 +461,7 @@ fn under_flood(
     step("adding the flooding client");
     let flooder = flood::Flooder::new(bed);
     let scratch = bed.scratch();
-    let wrk = load::Wrk {
-        client: &bed.topo.client,
-        cpu: args.load_cpu,
-        threads: args.threads,
-        connections: args.connections,
-        seconds,
-        scratch: &scratch,
-    };
+    let wrk = wrk_of(args, bed, seconds, &scratch);
     let generator_ns =
         flooder.generator_ns_per_packet(bed, args.load_cpu, args.flood_rate, seconds)?;
     eprintln!("    the flood generator alone: {generator_ns:.0} ns CPU per packet");
@@ -487,6 +473,18 @@ fn under_flood(
         generator_ns,
     };
     flood::run(&wrk, bed, &flooder, &settings)
+}
+
+/// wrk as the arguments set it, from the client namespace.
+fn wrk_of<'a>(args: &Args, bed: &'a Testbed, seconds: u64, scratch: &'a Path) -> load::Wrk<'a> {
+    load::Wrk {
+        client: &bed.topo.client,
+        cpu: args.load_cpu,
+        threads: args.threads,
+        connections: args.connections,
+        seconds,
+        scratch,
+    }
 }
 
 fn stopped_now() -> bool {
