@@ -61,7 +61,7 @@ pub const EMBRYONIC_SIZE: u32 = DEFAULT_FLOW_TABLE_SIZE / EMBRYONIC_SHARE;
 /// (twice the backends: stale endpoints linger until the agent's sweep).
 pub const REPLY_ENDPOINTS_SIZE: u32 = 2 * MAX_BACKENDS;
 /// Slots of the per-CPU flow cache in front of conntrack (a power of two).
-pub const FLOW_CACHE_SLOTS: u32 = 4096;
+pub const FLOW_CACHE_SLOTS: u32 = 2048;
 /// fullnat reverse mappings (LRU), one per fullnat flow, by default.
 pub const SNAT_REV_SIZE: u32 = DEFAULT_FLOW_TABLE_SIZE;
 /// Per-CPU next-hop cache: 2^HOP_CACHE_BITS slots (route.rs).

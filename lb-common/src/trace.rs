@@ -6,7 +6,7 @@ pub const TRACE_ANY_SERVICE: u32 = u32::MAX;
 /// Records each CPU writes per second at most while a trace runs.
 pub const TRACE_RATE_PER_CPU: u32 = 1000;
 /// Bytes of the trace ring buffer (a power of two, a multiple of the page size).
-pub const TRACE_RING_BYTES: u32 = 256 * 1024;
+pub const TRACE_RING_BYTES: u32 = 128 * 1024;
 
 /// Element 0 of the trace filter map. `enabled == 0`: no trace runs, and the data path reads
 /// nothing else.

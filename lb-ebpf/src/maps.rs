@@ -106,7 +106,10 @@ pub static REV_NAT_NEW: LruHashMap<FlowKey, RevNat> = LruHashMap::pinned(EMBRYON
 /// need no reply mapping of their own (replies.rs). Written by the data path, once per
 /// endpoint; the agent removes entries whose backend is gone.
 #[map(name = "XLB_REPLY_ENDPOINTS_V1")]
-pub static REPLY_ENDPOINTS: HashMap<VipKey, u32> = HashMap::pinned(REPLY_ENDPOINTS_SIZE, 0);
+/// Not preallocated: few endpoints are ever claimed, and a preallocated table of every
+/// backend slot would cost a one-service config most of a MiB.
+pub static REPLY_ENDPOINTS: HashMap<VipKey, u32> =
+    HashMap::pinned(REPLY_ENDPOINTS_SIZE, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 /// fullnat: reply 5-tuple (backend -> SNAT address:port) -> client and VIP. An entry is
 /// what reserves its SNAT port (snat.rs).

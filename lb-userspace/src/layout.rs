@@ -318,7 +318,8 @@ fn bytes(name: &str, entries: u32, cpus: u32) -> u64 {
     match name {
         VIPS => hash(size_of::<VipKey>(), 4),
         VIP_ADDRS => hash(size_of::<VipAddrKey>(), 4),
-        REPLY_ENDPOINTS => hash(size_of::<VipKey>(), 4),
+        // Not preallocated: the buckets, and elements only once claimed.
+        REPLY_ENDPOINTS => u64::from(entries.next_power_of_two()) * 16,
         SERVICES => mmapable(size_of::<DoubleBuffer<Service>>()),
         BACKENDS => mmapable(size_of::<DoubleBuffer<Backend>>()),
         RINGS => mmapable(4 * RING_CHUNK as usize),

@@ -295,6 +295,17 @@ fn a_reply_mapping_without_its_flow_goes_at_the_second_sweep() {
 
     let mut dp = LoadedDatapath::new(&one_service());
     let vip = SocketAddrV4::new(Ipv4Addr::new(10, 99, 100, 1), 80);
+    // The backend's endpoint claimed by another backend id (as when it serves two
+    // services): its new flows get reply mappings of their own, which the sweep tends.
+    let claims = xlb::datapath::pinned_map(dp.pin_path(), xlb::datapath::REPLY_ENDPOINTS).unwrap();
+    let mut claims: HashMap<_, lb_common::VipKey, u32> = HashMap::try_from(claims).unwrap();
+    let endpoint = lb_common::VipKey {
+        addr: lb_common::addr_words(std::net::IpAddr::V4(Ipv4Addr::new(10, 99, 2, 11))).1,
+        port: 8080u16.to_be(),
+        proto: lb_common::PROTO_TCP,
+        family: lb_common::FAMILY_V4,
+    };
+    claims.insert(endpoint, 4095, 0).unwrap();
     for port in [40001, 40002] {
         let client = SocketAddrV4::new(Ipv4Addr::new(10, 99, 1, 2), port);
         let syn = Packet::tcp(client, vip).with_tcp_flags(xlb_tests::testrun::TCP_SYN);
