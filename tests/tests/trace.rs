@@ -90,7 +90,11 @@ fn trace_prints_count_records_naming_the_backend_that_answered_and_from_filters(
             .unwrap_or_else(|| panic!("a record of no connection made: {r:?}"));
         assert_eq!(r.backend, address[name], "the record names {name}: {r:?}");
         assert_eq!(r.vip, SocketAddrV4::new(Ipv4Addr::new(10, 99, 100, 1), 80));
-        assert_eq!(r.verdict, "forwarded", "{r:?}");
+        // Routed, or (a backend on a local bridge) handed to its veth.
+        assert!(
+            r.verdict == "forwarded" || r.verdict == "delivered_peer",
+            "{r:?}"
+        );
     }
     assert!(records.iter().any(|r| r.new_flow), "a SYN is a new flow");
 
