@@ -76,8 +76,13 @@ pub fn ensure(pin_path: &Path) -> Result<()> {
         return Err(BpffsError::Private(target).into());
     }
     fs::create_dir_all(&target).with_context(|| format!("creating {}", target.display()))?;
-    mount(&target)?;
-    info!(path = %target.display(), "mounted a BPF filesystem");
+    // Two loaders at once (parallel tests, two agents) would stack two mounts, and the
+    // second hides the pins made under the first: mount under a lock, and only if none is.
+    let _guard = mount_lock()?;
+    if !is_bpffs(&target)? {
+        mount(&target)?;
+        info!(path = %target.display(), "mounted a BPF filesystem");
+    }
     fs::create_dir_all(pin_path)
         .with_context(|| format!("creating the pin directory {}", pin_path.display()))?;
     Ok(())
@@ -136,6 +141,30 @@ pub fn remove_pin_dir(root: &Path) -> Result<()> {
         }
         Err(e) => Err(e).with_context(|| format!("removing {}", root.display())),
     }
+}
+
+/// Held while a bpffs is checked for and mounted; released when the file closes.
+const MOUNT_LOCK: &str = "/run/xlb-bpffs-mount.lock";
+
+/// None where /run cannot hold it (a bare container): then no other mounter shares it either.
+fn mount_lock() -> Result<Option<fs::File>> {
+    let file = match fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(MOUNT_LOCK)
+    {
+        Ok(file) => file,
+        Err(e) => {
+            warn!("cannot open {MOUNT_LOCK} ({e}); mounting without the lock");
+            return Ok(None);
+        }
+    };
+    // SAFETY: flock on a descriptor we own; it blocks until the other mounter is done.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) } != 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("locking {MOUNT_LOCK}"));
+    }
+    Ok(Some(file))
 }
 
 fn mount(target: &Path) -> Result<()> {
