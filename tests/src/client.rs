@@ -16,9 +16,14 @@ pub struct LineConn {
 
 impl LineConn {
     pub fn connect(addr: SocketAddr) -> io::Result<LineConn> {
-        let stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
-        stream.set_read_timeout(Some(TIMEOUT))?;
-        stream.set_write_timeout(Some(TIMEOUT))?;
+        Self::connect_within(addr, TIMEOUT)
+    }
+
+    /// The same with each step bounded by `timeout`.
+    pub fn connect_within(addr: SocketAddr, timeout: Duration) -> io::Result<LineConn> {
+        let stream = TcpStream::connect_timeout(&addr, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
         stream.set_nodelay(true)?;
         Ok(LineConn {
             reader: BufReader::new(stream),
@@ -95,6 +100,17 @@ pub struct LoadLoop {
 impl LoadLoop {
     /// At most `max` requests, one every `every`, each bounded by `TIMEOUT`.
     pub fn start(client_ns: &str, addr: SocketAddr, every: Duration, max: usize) -> LoadLoop {
+        Self::start_within(client_ns, addr, every, max, TIMEOUT)
+    }
+
+    /// The same with each request bounded by `timeout`.
+    pub fn start_within(
+        client_ns: &str,
+        addr: SocketAddr,
+        every: Duration,
+        max: usize,
+        timeout: Duration,
+    ) -> LoadLoop {
         use std::sync::atomic::Ordering;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
@@ -106,7 +122,9 @@ impl LoadLoop {
             let mut samples = Vec::new();
             while !flag.load(Ordering::SeqCst) && samples.len() < max {
                 let at = std::time::Instant::now();
-                let answer = tcp_name(addr).map_err(|e| e.to_string());
+                let answer = LineConn::connect_within(addr, timeout)
+                    .and_then(|mut conn| conn.ask())
+                    .map_err(|e| e.to_string());
                 samples.push(Sample { at, answer });
                 count.fetch_add(1, Ordering::Relaxed);
                 std::thread::sleep(every.saturating_sub(at.elapsed()));
