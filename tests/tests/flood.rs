@@ -176,7 +176,7 @@ fn a_syn_flood_fails_no_legitimate_request() {
     let count = 4 * u64::from(EMBRYONIC_SIZE);
     // A legitimate packet lost with the flood before any program sees it is retried by TCP
     // (SYN after 1 s, then 3 s): each request may take two retransmits, as a user's would.
-    // xlb's own drops show in the verdicts and fail the test through the failed request.
+    // A packet xlb itself drops fails the test through its drop_* verdict (checked below).
     let load = LoadLoop::start_within(
         &topo.client.path(),
         vip,
