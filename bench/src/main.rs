@@ -22,6 +22,7 @@ mod report;
 mod runs;
 mod tables;
 mod testbed;
+mod tracecost;
 mod xlbmode;
 
 use std::{
@@ -268,6 +269,15 @@ fn run(args: Args) -> Result<()> {
             "    established {:.1} ns (repeat), {:.1} ns (one run per packet); new flow {:.1} ns, {:.1} ns with conntrack full",
             x.established_repeat_ns, x.established_single_ns, x.new_flow_ns, x.new_flow_full_ns
         );
+        if let Some(t) = &x.trace {
+            eprintln!(
+                "    tracing off: {:.1} ns vs {:.1} ns with the hooks removed ({:+.1} ns); a trace for other sources: {:.1} ns",
+                t.off_ns,
+                t.removed_ns,
+                t.off_overhead_ns(),
+                t.other_source_ns
+            );
+        }
         xdp = Some(x);
         stopped()?;
         step("Maglev: moved fraction (and criterion's build times)");

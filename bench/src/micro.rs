@@ -72,6 +72,9 @@ pub struct XdpResult {
     pub tc_reply_repeat_ns: f64,
     /// The empty classifier under the same `repeat`.
     pub tc_empty_repeat_ns: f64,
+    /// What tracing costs (None in reports from before it was measured).
+    #[serde(default)]
+    pub trace: Option<crate::tracecost::TraceCost>,
 }
 
 /// Pinned maps and programs of this benchmark, removed on drop.
@@ -85,16 +88,41 @@ impl Drop for Pins {
     }
 }
 
-pub fn xdp(quick: bool, cpu: usize) -> Result<XdpResult> {
-    crate::cpu::pin_thread(cpu)?;
-    let pins = Pins(PathBuf::from(format!(
-        "/sys/fs/bpf/xlb-bench-{}",
-        std::process::id()
-    )));
-    if pins.0.exists() {
-        loader::detach(&pins.0)?;
+/// One loaded object with the benchmark's services applied; unpinned on drop.
+pub(crate) struct Instance {
+    pub ebpf: aya::Ebpf,
+    pub datapath: Datapath,
+    pub web_id: u32,
+    pub loop_id: u32,
+    pub pin_path: PathBuf,
+    _reconciler: Reconciler,
+    _pins: Pins,
+}
+
+impl Instance {
+    /// The XDP program's fd.
+    pub fn xdp_fd(&self) -> Result<i32> {
+        let prog: &Xdp = self
+            .ebpf
+            .program(loader::XDP_PROGRAM)
+            .context("no XDP program in the object")?
+            .try_into()?;
+        Ok(prog.fd()?.as_fd().as_raw_fd())
     }
-    let mut ebpf = loader::load(&pins.0)?;
+}
+
+/// Loads the object under a pin path of its own (`name`) and applies the two services.
+pub(crate) fn instance(name: &str, trace_hooks: bool) -> Result<Instance> {
+    let pin_path = PathBuf::from(format!("/sys/fs/bpf/{name}-{}", std::process::id()));
+    if pin_path.exists() {
+        loader::detach(&pin_path)?;
+    }
+    let pins = Pins(pin_path.clone());
+    let mut ebpf = if trace_hooks {
+        loader::load(&pin_path)?
+    } else {
+        loader::load_without_trace_hooks(&pin_path)?
+    };
     let mut datapath = loader::datapath(&mut ebpf)?;
     let mut reconciler = Reconciler::adopt(&datapath)?;
     let backends: Vec<(SocketAddrV4, u32)> = (11..=13)
@@ -122,15 +150,28 @@ pub fn xdp(quick: bool, cpu: usize) -> Result<XdpResult> {
             .expect("applied")
     };
     let (web_id, loop_id) = (id("web"), id("loop"));
+    Ok(Instance {
+        ebpf,
+        datapath,
+        web_id,
+        loop_id,
+        pin_path,
+        _reconciler: reconciler,
+        _pins: pins,
+    })
+}
 
-    let prog: &Xdp = ebpf
-        .program(loader::XDP_PROGRAM)
-        .context("no XDP program in the object")?
-        .try_into()?;
-    let xlb_fd = prog.fd()?.as_fd().as_raw_fd();
+pub fn xdp(quick: bool, cpu: usize) -> Result<XdpResult> {
+    crate::cpu::pin_thread(cpu)?;
+    let main = instance("xlb-bench", true)?;
+    let (datapath, web_id, loop_id) = (&main.datapath, main.web_id, main.loop_id);
+    let xlb_fd = main.xdp_fd()?;
+    let web = SocketAddrV4::new(VIP, 80);
+    let looped = SocketAddrV4::new(LOOP_VIP, 80);
     let empty = load_empty(BPF_PROG_TYPE_XDP, XDP_PASS as i32)?;
     let empty_fd = empty.as_raw_fd();
-    let tc: &SchedClassifier = ebpf
+    let tc: &SchedClassifier = main
+        .ebpf
         .program(loader::TC_EGRESS_PROGRAM)
         .context("no TC egress program in the object")?
         .try_into()?;
@@ -148,14 +189,14 @@ pub fn xdp(quick: bool, cpu: usize) -> Result<XdpResult> {
     let pkt = Packet::tcp(client, looped).build();
     let (ret, _) = test_run(xlb_fd, &pkt, 1)?;
     check_pass(ret)?;
-    let before = (forwarded(&datapath)?, datapath.service_counters(loop_id)?);
+    let before = (forwarded(datapath)?, datapath.service_counters(loop_id)?);
     let mut times = Vec::new();
     for _ in 0..calls {
         let (ret, ns) = test_run(xlb_fd, &pkt, repeat)?;
         check_pass(ret)?;
         times.push(ns as f64);
     }
-    let after = (forwarded(&datapath)?, datapath.service_counters(loop_id)?);
+    let after = (forwarded(datapath)?, datapath.service_counters(loop_id)?);
     let runs = u64::from(repeat) * u64::from(calls);
     if after.0 - before.0 != runs
         || after.1.packets - before.1.packets != runs
@@ -170,6 +211,7 @@ pub fn xdp(quick: bool, cpu: usize) -> Result<XdpResult> {
         );
     }
     let established_repeat_ns = median(&mut times);
+    let trace = crate::tracecost::measure(&main, &pkt, repeat, calls)?;
     let mut empty_times = Vec::new();
     for _ in 0..calls {
         empty_times.push(test_run(empty_fd, &pkt, repeat)?.1 as f64);
@@ -179,7 +221,7 @@ pub fn xdp(quick: bool, cpu: usize) -> Result<XdpResult> {
     // The reply of that flow through TC egress (reverse NAT from "backend" VIP:80 to VIP:80:
     // the same idempotent rewrite).
     let reply = Packet::tcp(looped, client).build();
-    let rev_before = reason(&datapath, Reason::RevNat)?;
+    let rev_before = reason(datapath, Reason::RevNat)?;
     let mut tc_times = Vec::new();
     let mut tc_empty_times = Vec::new();
     for _ in 0..calls {
@@ -190,7 +232,7 @@ pub fn xdp(quick: bool, cpu: usize) -> Result<XdpResult> {
         tc_times.push(ns as f64);
         tc_empty_times.push(test_run(tc_empty.as_raw_fd(), &reply, repeat)?.1 as f64);
     }
-    let rev_moved = reason(&datapath, Reason::RevNat)? - rev_before;
+    let rev_moved = reason(datapath, Reason::RevNat)? - rev_before;
     if rev_moved != runs {
         bail!("TC egress rewrote {rev_moved} of {runs} replies");
     }
@@ -199,7 +241,7 @@ pub fn xdp(quick: bool, cpu: usize) -> Result<XdpResult> {
     let packets: Vec<Vec<u8>> = (0..flows).map(|i| syn(i, web)).collect();
     let empty_single = single_runs(empty_fd, &packets, None)?;
     let new_before = datapath.service_counters(web_id)?;
-    let new = single_runs(xlb_fd, &packets, Some(&datapath))?;
+    let new = single_runs(xlb_fd, &packets, Some(datapath))?;
     let new_after = datapath.service_counters(web_id)?;
     if new_after.new_flows - new_before.new_flows != flows as u64 {
         bail!(
@@ -207,7 +249,7 @@ pub fn xdp(quick: bool, cpu: usize) -> Result<XdpResult> {
             new_after.new_flows - new_before.new_flows
         );
     }
-    let est = single_runs(xlb_fd, &packets, Some(&datapath))?;
+    let est = single_runs(xlb_fd, &packets, Some(datapath))?;
     if datapath.service_counters(web_id)?.new_flows != new_after.new_flows {
         bail!("known flows were counted as new");
     }
@@ -221,7 +263,7 @@ pub fn xdp(quick: bool, cpu: usize) -> Result<XdpResult> {
     let more: Vec<Vec<u8>> = (flows + CONNTRACK_ENTRIES..2 * flows + CONNTRACK_ENTRIES)
         .map(|i| syn(i, web))
         .collect();
-    let full = single_runs(xlb_fd, &more, Some(&datapath))?;
+    let full = single_runs(xlb_fd, &more, Some(datapath))?;
 
     let base = empty_single.median;
     Ok(XdpResult {
@@ -238,6 +280,7 @@ pub fn xdp(quick: bool, cpu: usize) -> Result<XdpResult> {
         established_single_mean_ns: est.mean - empty_single.mean,
         tc_reply_repeat_ns: median(&mut tc_times),
         tc_empty_repeat_ns: median(&mut tc_empty_times),
+        trace: Some(trace),
     })
 }
 
@@ -287,14 +330,14 @@ fn reason(dp: &Datapath, which: Reason) -> Result<u64> {
         .map_or(0, |(_, n)| n))
 }
 
-fn check_pass(ret: u32) -> Result<()> {
+pub(crate) fn check_pass(ret: u32) -> Result<()> {
     if ret != XDP_PASS {
         bail!("the XDP program returned {ret}, not XDP_PASS");
     }
     Ok(())
 }
 
-pub fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
@@ -388,7 +431,7 @@ fn load_empty(prog_type: u32, ret: i32) -> Result<OwnedFd> {
 }
 
 /// One BPF_PROG_TEST_RUN: (return value, mean ns per run as the kernel measured it).
-fn test_run(prog_fd: i32, data: &[u8], repeat: u32) -> Result<(u32, u32)> {
+pub(crate) fn test_run(prog_fd: i32, data: &[u8], repeat: u32) -> Result<(u32, u32)> {
     let mut attr = TestRunAttr {
         prog_fd: prog_fd as u32,
         data_size_in: data.len() as u32,

@@ -272,6 +272,19 @@ pub fn goals(
             ),
         });
     }
+    if let Some(t) = xdp.and_then(|x| x.trace.as_ref()) {
+        let overhead = t.off_overhead_ns();
+        out.push(Goal {
+            what: "Tracing off (no `xlb trace` running)".into(),
+            target: "≤ 1 ns/packet over the object without trace hooks".into(),
+            measured: format!("{overhead:+.1} ns"),
+            met: Some(overhead <= 1.0),
+            note: format!(
+                "established flow, repeat, {} alternating calls: {:.1} ns normal, {:.1} ns with the hooks removed at load; {:.1} ns while a trace runs for other sources",
+                t.calls, t.off_ns, t.removed_ns, t.other_source_ns
+            ),
+        });
+    }
     if let Some(m) = maglev.iter().find(|m| m.backends == 1000) {
         let (ns, how) = match &m.build {
             Some(c) => (c.median_ns, "criterion median"),

@@ -138,6 +138,34 @@ pub fn xdp_table(x: &XdpResult) -> String {
     for (case, ns, how) in rows {
         let _ = writeln!(s, "| {case} | {ns:.1} | {how} |");
     }
+    if let Some(t) = &x.trace {
+        let trace_rows = [
+            (
+                "established flow, trace hooks removed at load",
+                t.removed_ns,
+                format!(
+                    "the same object with XLB_TRACE_HOOKS=0 (JIT size {} vs {} bytes); repeat={} ×{} calls alternating with the next two rows",
+                    t.jited_bytes_removed, t.jited_bytes, x.repeat, t.calls
+                ),
+            ),
+            (
+                "established flow, normal object, no trace running",
+                t.off_ns,
+                format!(
+                    "what tracing costs while off: {:+.1} ns",
+                    t.off_overhead_ns()
+                ),
+            ),
+            (
+                "established flow, a trace running for other sources",
+                t.other_source_ns,
+                "the filter is read and misses".into(),
+            ),
+        ];
+        for (case, ns, how) in trace_rows {
+            let _ = writeln!(s, "| {case} | {ns:.1} | {how} |");
+        }
+    }
     s
 }
 

@@ -44,7 +44,8 @@ pub struct TraceRecord {
     pub mode: u8,
     /// 1: the packet started a new flow.
     pub new_flow: u8,
-    pub _pad: u8,
+    /// 0: dropped before a backend was chosen (the backend fields are zero).
+    pub has_backend: u8,
     /// `Reason` of the verdict.
     pub reason: u32,
     pub service_id: u32,

@@ -87,14 +87,15 @@ pub fn balance<H: Hook>(ctx: &H) -> Verdict {
         None
     };
     let mut decided = Decided::default();
-    match cached {
+    let dropped = match cached {
         // A flow of a service that had a list when the slow path saw it (at most
         // FLOW_REFRESH_NS ago) is checked again: a list narrowed or removed since applies at
         // once, a list that is new within that second. Services without one pay nothing.
-        Some(hit) if hit.flags & SERVICE_ALLOW != 0 && !still_allowed(&hit, pkt.saddr) => {
-            return Verdict::Drop(Reason::DropNotAllowed);
+        Some(hit) => {
+            decided = hit;
+            (hit.flags & SERVICE_ALLOW != 0 && !still_allowed(&hit, pkt.saddr))
+                .then_some(Reason::DropNotAllowed)
         }
-        Some(hit) => decided = hit,
         None => {
             let slow = Slow {
                 pkt: &pkt,
@@ -103,8 +104,8 @@ pub fn balance<H: Hook>(ctx: &H) -> Verdict {
                 now,
             };
             match decide(ctx, &slow, &mut decided) {
-                Outcome::Forward => {}
-                Outcome::Done(verdict) => return verdict,
+                Outcome::Forward => None,
+                Outcome::Drop(reason) => Some(reason),
                 Outcome::NotVip => {
                     return match ctx.reverse(&pkt, now) {
                         Some(verdict) => verdict,
@@ -113,8 +114,19 @@ pub fn balance<H: Hook>(ctx: &H) -> Verdict {
                 }
             }
         }
+    };
+    if let Some(reason) = dropped {
+        return drop_traced(ctx, &pkt, &decided, reason);
     }
     send_placed(ctx, &pkt, &decided, hash, now)
+}
+
+/// Drops a packet of a VIP flow before it got a backend. A subprogram of one call site, so
+/// the trace check stays off the balancer's frame (the verifier's 512 bytes a call chain).
+#[inline(never)]
+fn drop_traced<H: Hook>(ctx: &H, pkt: &L4Packet, decided: &Decided, reason: Reason) -> Verdict {
+    trace::dropped(ctx, pkt, decided, reason);
+    Verdict::Drop(reason)
 }
 
 /// Sends a packet of a placed flow to its backend. A subprogram: the target and what the
@@ -129,7 +141,7 @@ fn send_placed<H: Hook>(
     now: u64,
 ) -> Verdict {
     let Some(backend) = maps::backend(decided.backend_id) else {
-        return Verdict::Drop(Reason::DropNoBackend);
+        return drop_traced(ctx, pkt, decided, Reason::DropNoBackend);
     };
     let target = Target {
         service_id: decided.service_id,
@@ -139,7 +151,7 @@ fn send_placed<H: Hook>(
         backend,
         snat: decided.snat,
     };
-    forward(ctx, pkt, &target, hash, now, decided.new_flow)
+    forward(ctx, pkt, decided, &target, hash, now)
 }
 
 /// What the slow path works from.
@@ -168,7 +180,8 @@ enum Outcome {
     Forward,
     /// Not for a VIP (maybe a fullnat reply).
     NotVip,
-    Done(Verdict),
+    /// Dropped for this reason (`out` names the service).
+    Drop(Reason),
 }
 
 /// The slow path: VIP, flow tables or Maglev. Fills `out` to forward the packet there. A subprogram of its own: the verifier then checks
@@ -196,13 +209,16 @@ fn decide<H: Hook>(ctx: &H, slow: &Slow, out: &mut Decided) -> Outcome {
     else {
         return Outcome::NotVip;
     };
+    // Named before any drop, for the trace.
+    out.service_id = svc.id;
+    out.mode = svc.mode;
     // Before any flow table: an outside source neither creates nor refreshes an entry, and
     // an established flow from a source a reload took out of the list is cut.
     if svc.flags & SERVICE_ALLOW != 0 && !maps::allowed(svc.id, pkt.saddr) {
-        return Outcome::Done(Verdict::Drop(Reason::DropNotAllowed));
+        return Outcome::Drop(Reason::DropNotAllowed);
     }
     if pkt.has_ip_options {
-        return Outcome::Done(Verdict::Drop(Reason::DropIpOptions));
+        return Outcome::Drop(Reason::DropIpOptions);
     }
 
     let ifindex = ctx.ingress_ifindex();
@@ -239,17 +255,17 @@ fn decide<H: Hook>(ctx: &H, slow: &Slow, out: &mut Decided) -> Outcome {
         None => {
             // fullnat can only start a flow with a packet that may open one.
             if svc.mode == MODE_FULLNAT && pkt.proto == PROTO_TCP && !pkt.syn {
-                return Outcome::Done(Verdict::Drop(Reason::DropNoFlow));
+                return Outcome::Drop(Reason::DropNoFlow);
             }
             // `hash = "source"` picks by the client address alone; the flow tables, the cache
             // and SNAT keep the 5-tuple hash.
             let slot_hash = ring_hash(flow, hash, svc.flags);
             let Some((backend_id, backend)) = maglev::pick(svc, slot_hash) else {
-                return Outcome::Done(Verdict::Drop(Reason::DropNoBackend));
+                return Outcome::Drop(Reason::DropNoBackend);
             };
             if svc.mode == MODE_FULLNAT {
                 let Some(source) = ctx.source_towards(backend.addr[0], now) else {
-                    return Outcome::Done(Verdict::Drop(Reason::DropNoRoute));
+                    return Outcome::Drop(Reason::DropNoRoute);
                 };
                 let request = snat::Request {
                     key: flow,
@@ -259,7 +275,7 @@ fn decide<H: Hook>(ctx: &H, slow: &Slow, out: &mut Decided) -> Outcome {
                     fib_source: source,
                 };
                 let Some((addr, port)) = snat::allocate(&request) else {
-                    return Outcome::Done(Verdict::Drop(Reason::DropSnatExhausted));
+                    return Outcome::Drop(Reason::DropSnatExhausted);
                 };
                 out.snat = Endpoint { addr, port };
             }
@@ -282,17 +298,17 @@ fn decide<H: Hook>(ctx: &H, slow: &Slow, out: &mut Decided) -> Outcome {
 fn forward<H: Hook>(
     ctx: &H,
     pkt: &L4Packet,
+    decided: &Decided,
     target: &Target,
     hash: u32,
     now: u64,
-    new_flow: bool,
 ) -> Verdict {
     let len = ctx.len() as u64;
     let verdict = ctx.send(pkt, target, hash, now);
     if !matches!(verdict, Verdict::Drop(_)) {
-        stats::count_traffic(target.service_id, target.backend_id, len, new_flow);
+        stats::count_traffic(target.service_id, target.backend_id, len, decided.new_flow);
     }
-    trace::packet(ctx, pkt, target, &verdict, new_flow);
+    trace::packet(ctx, pkt, decided, target.backend, &verdict);
     verdict
 }
 

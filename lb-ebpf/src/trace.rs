@@ -3,15 +3,20 @@
 //! load and a branch.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
-    Reason,
+    Backend, Reason,
     trace::{TRACE_ANY_SERVICE, TRACE_RATE_PER_CPU, TraceRecord},
 };
 
 use crate::{
-    balance::{Hook, Target, Verdict},
+    balance::{Decided, Hook, Verdict},
     maps::{TRACE, TRACE_BUDGET, TRACE_FILTER},
     parse::L4Packet,
 };
+
+/// 0 at load time takes the trace hooks out of the program (the verifier removes the dead
+/// code): the benchmark's baseline for what tracing costs while no trace runs.
+#[unsafe(no_mangle)]
+static XLB_TRACE_HOOKS: u8 = 1;
 
 /// The reason a verdict is counted under.
 #[inline(always)]
@@ -23,38 +28,58 @@ fn reason(verdict: &Verdict) -> Reason {
     }
 }
 
-/// Records a packet of a VIP flow and what was done with it, if a trace asks for it.
+/// Whether a running trace asks for this packet of this service.
+#[inline(always)]
+fn wanted(pkt: &L4Packet, service_id: u32) -> bool {
+    if unsafe { core::ptr::read_volatile(&XLB_TRACE_HOOKS) } == 0 {
+        return false;
+    }
+    let Some(filter) = TRACE_FILTER.get(0) else {
+        return false;
+    };
+    filter.enabled != 0
+        && (filter.service_id == TRACE_ANY_SERVICE || filter.service_id == service_id)
+        && pkt.saddr & filter.src_mask == filter.src_addr
+}
+
+/// Records a packet of a VIP flow sent to its backend, and what was done with it.
 #[inline(always)]
 pub fn packet<H: Hook>(
     ctx: &H,
     pkt: &L4Packet,
-    target: &Target,
+    decided: &Decided,
+    backend: &Backend,
     verdict: &Verdict,
-    new_flow: bool,
 ) {
-    let Some(filter) = TRACE_FILTER.get(0) else {
-        return;
-    };
-    if filter.enabled == 0 {
-        return;
+    if wanted(pkt, decided.service_id) {
+        record(
+            pkt,
+            decided,
+            Some(backend),
+            reason(verdict),
+            ctx.ingress_ifindex(),
+        );
     }
-    if (filter.service_id != TRACE_ANY_SERVICE && filter.service_id != target.service_id)
-        || pkt.saddr & filter.src_mask != filter.src_addr
-    {
-        return;
+}
+
+/// Records a packet of a VIP flow dropped before it got a backend (allow list, no backend,
+/// no flow, no route, SNAT ports).
+#[inline(always)]
+pub fn dropped<H: Hook>(ctx: &H, pkt: &L4Packet, decided: &Decided, reason: Reason) {
+    if wanted(pkt, decided.service_id) {
+        record(pkt, decided, None, reason, ctx.ingress_ifindex());
     }
-    record(
-        pkt,
-        target,
-        reason(verdict),
-        new_flow,
-        ctx.ingress_ifindex(),
-    );
 }
 
 /// Only while a trace runs: a subprogram, so the hot path does not carry it.
 #[inline(never)]
-fn record(pkt: &L4Packet, target: &Target, reason: Reason, new_flow: bool, ifindex: u32) {
+fn record(
+    pkt: &L4Packet,
+    decided: &Decided,
+    backend: Option<&Backend>,
+    reason: Reason,
+    ifindex: u32,
+) {
     let now = unsafe { bpf_ktime_get_ns() };
     let Some(budget) = TRACE_BUDGET.get_ptr_mut(0) else {
         return;
@@ -72,6 +97,10 @@ fn record(pkt: &L4Packet, target: &Target, reason: Reason, new_flow: bool, ifind
         return;
     };
     budget.used += 1;
+    let (has_backend, backend_addr, backend_port) = match backend {
+        Some(b) => (1, b.addr[0], b.port),
+        None => (0, 0, 0),
+    };
     let r = entry.as_mut_ptr();
     unsafe {
         (*r).time_ns = now;
@@ -80,16 +109,16 @@ fn record(pkt: &L4Packet, target: &Target, reason: Reason, new_flow: bool, ifind
         (*r).sport = pkt.sport;
         (*r).dport = pkt.dport;
         (*r).proto = pkt.proto;
-        (*r).mode = target.mode;
-        (*r).new_flow = new_flow as u8;
-        (*r)._pad = 0;
+        (*r).mode = decided.mode;
+        (*r).new_flow = (decided.new_flow && has_backend != 0) as u8;
+        (*r).has_backend = has_backend;
         (*r).reason = reason as u32;
-        (*r).service_id = target.service_id;
-        (*r).backend_id = target.backend_id;
-        (*r).backend_addr = target.backend.addr[0];
-        (*r).backend_port = target.backend.port;
-        (*r).snat_port = target.snat.port;
-        (*r).snat_addr = target.snat.addr;
+        (*r).service_id = decided.service_id;
+        (*r).backend_id = decided.backend_id;
+        (*r).backend_addr = backend_addr;
+        (*r).backend_port = backend_port;
+        (*r).snat_port = decided.snat.port;
+        (*r).snat_addr = decided.snat.addr;
         (*r).ifindex = ifindex;
         (*r)._pad2 = 0;
     }

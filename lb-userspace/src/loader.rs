@@ -89,6 +89,8 @@ impl PinLayout {
 }
 
 const REPLY_LINK_PREFIX: &str = "tc_reply_";
+/// lb-ebpf/src/trace.rs: 0 removes the trace hooks from the loaded programs.
+const TRACE_HOOKS_GLOBAL: &str = "XLB_TRACE_HOOKS";
 
 /// How the XDP program ended up attached to one interface.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -109,6 +111,16 @@ pub fn load(pin_path: &Path) -> Result<Ebpf> {
 
 /// `load`, with maps made anew sized by `sizes` (a map pinned already keeps its size).
 pub fn load_sized(pin_path: &Path, sizes: &Layout) -> Result<Ebpf> {
+    load_with(pin_path, sizes, true)
+}
+
+/// `load` with the trace hooks taken out at load time: the benchmark's baseline for what
+/// tracing costs while no trace runs. Not for the agent (`xlb trace` would see nothing).
+pub fn load_without_trace_hooks(pin_path: &Path) -> Result<Ebpf> {
+    load_with(pin_path, &Layout::default(), false)
+}
+
+fn load_with(pin_path: &Path, sizes: &Layout, trace_hooks: bool) -> Result<Ebpf> {
     crate::bpffs::ensure(pin_path)?;
     let layout = PinLayout::new(pin_path);
     fs::create_dir_all(layout.programs()).context("creating the pin directory")?;
@@ -118,6 +130,9 @@ pub fn load_sized(pin_path: &Path, sizes: &Layout) -> Result<Ebpf> {
     for (name, entries) in sizes.max_entries() {
         loader.map_max_entries(name, entries);
     }
+    // A read-only global: the verifier knows its value and drops the code it guards.
+    let hooks = u8::from(trace_hooks);
+    loader.override_global(TRACE_HOOKS_GLOBAL, &hooks, true);
     let mut ebpf = loader
         .load(EBPF_OBJECT)
         .context("loading the BPF object (are you root?)")?;

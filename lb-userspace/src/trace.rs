@@ -103,12 +103,13 @@ pub struct Line {
     pub proto: String,
     pub client: SocketAddrV4,
     pub vip: SocketAddrV4,
-    pub backend: SocketAddrV4,
+    /// None: dropped before a backend was chosen (see `verdict`).
+    pub backend: Option<SocketAddrV4>,
     pub mode: String,
     pub new_flow: bool,
     /// What the data path did (a verdict counter's name).
     pub verdict: String,
-    /// The packet as it left.
+    /// The packet as it left ("none" when dropped).
     pub rewrite: String,
 }
 
@@ -136,14 +137,19 @@ impl Line {
     pub fn from_record(r: &TraceRecord, service: &str, boot_offset: Duration) -> Line {
         let client = sock(r.saddr, r.sport);
         let vip = sock(r.daddr, r.dport);
-        let backend = sock(r.backend_addr, r.backend_port);
-        let (mode, rewrite) = match r.mode {
-            MODE_FULLNAT => (
-                "fullnat",
-                format!("{} -> {backend}", sock(r.snat_addr, r.snat_port)),
-            ),
-            MODE_DSR => ("dsr", format!("{client} -> {vip} in IPIP/GUE to {backend}")),
-            _ => ("nat", format!("{client} -> {backend}")),
+        let backend = (r.has_backend != 0).then(|| sock(r.backend_addr, r.backend_port));
+        let mode = match r.mode {
+            MODE_FULLNAT => "fullnat",
+            MODE_DSR => "dsr",
+            _ => "nat",
+        };
+        let rewrite = match backend {
+            None => "none".to_string(),
+            Some(to) if r.mode == MODE_FULLNAT => {
+                format!("{} -> {to}", sock(r.snat_addr, r.snat_port))
+            }
+            Some(to) if r.mode == MODE_DSR => format!("{client} -> {vip} in IPIP/GUE to {to}"),
+            Some(to) => format!("{client} -> {to}"),
         };
         let time = SystemTime::UNIX_EPOCH + boot_offset + Duration::from_nanos(r.time_ns);
         Line {
@@ -167,19 +173,19 @@ impl Line {
 
     /// One line of `xlb trace`.
     pub fn render(&self) -> String {
-        format!(
-            "{} {} {} {} {} -> {} backend {} {}{} (rewritten {})",
-            self.time,
-            self.interface,
-            self.service,
-            self.proto,
-            self.client,
-            self.vip,
-            self.backend,
-            self.verdict,
-            if self.new_flow { ", new flow" } else { "" },
-            self.rewrite
-        )
+        let head = format!(
+            "{} {} {} {} {} -> {}",
+            self.time, self.interface, self.service, self.proto, self.client, self.vip
+        );
+        match self.backend {
+            Some(backend) => format!(
+                "{head} backend {backend} {}{} (rewritten {})",
+                self.verdict,
+                if self.new_flow { ", new flow" } else { "" },
+                self.rewrite
+            ),
+            None => format!("{head} no backend: {}", self.verdict),
+        }
     }
 }
 
@@ -196,4 +202,56 @@ pub fn boot_offset() -> Duration {
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
         .saturating_sub(mono)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(has_backend: u8, reason: Reason) -> TraceRecord {
+        let mut r: TraceRecord = unsafe { core::mem::zeroed() };
+        r.saddr = u32::from_ne_bytes([10, 99, 1, 2]);
+        r.sport = 40000u16.to_be();
+        r.daddr = u32::from_ne_bytes([10, 99, 0, 10]);
+        r.dport = 80u16.to_be();
+        r.proto = PROTO_TCP;
+        r.new_flow = 1;
+        r.has_backend = has_backend;
+        r.reason = reason as u32;
+        if has_backend != 0 {
+            r.backend_addr = u32::from_ne_bytes([10, 99, 2, 11]);
+            r.backend_port = 8080u16.to_be();
+        }
+        r
+    }
+
+    #[test]
+    fn a_forwarded_packet_names_its_backend_and_rewrite() {
+        let line = Line::from_record(&record(1, Reason::Tx), "web", Duration::ZERO);
+        assert_eq!(line.backend, Some("10.99.2.11:8080".parse().unwrap()));
+        assert_eq!(line.rewrite, "10.99.1.2:40000 -> 10.99.2.11:8080");
+        assert!(
+            line.render().ends_with(
+                "web tcp 10.99.1.2:40000 -> 10.99.0.10:80 backend 10.99.2.11:8080 tx, new flow \
+                 (rewritten 10.99.1.2:40000 -> 10.99.2.11:8080)"
+            ),
+            "{}",
+            line.render()
+        );
+    }
+
+    #[test]
+    fn a_packet_dropped_before_a_backend_says_why_and_names_none() {
+        let line = Line::from_record(&record(0, Reason::DropNotAllowed), "admin", Duration::ZERO);
+        assert_eq!((line.backend, line.rewrite.as_str()), (None, "none"));
+        assert!(
+            line.render().ends_with(
+                "admin tcp 10.99.1.2:40000 -> 10.99.0.10:80 no backend: drop_not_allowed"
+            ),
+            "{}",
+            line.render()
+        );
+        let json = serde_json::to_string(&line).unwrap();
+        assert!(json.contains("\"backend\":null"), "{json}");
+    }
 }

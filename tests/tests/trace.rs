@@ -88,7 +88,11 @@ fn trace_prints_count_records_naming_the_backend_that_answered_and_from_filters(
         let name = answered
             .get(&r.client.port())
             .unwrap_or_else(|| panic!("a record of no connection made: {r:?}"));
-        assert_eq!(r.backend, address[name], "the record names {name}: {r:?}");
+        assert_eq!(
+            r.backend,
+            Some(address[name]),
+            "the record names {name}: {r:?}"
+        );
         assert_eq!(r.vip, SocketAddrV4::new(Ipv4Addr::new(10, 99, 100, 1), 80));
         // Routed, or (a backend on a local bridge) handed to its veth.
         assert!(
@@ -116,4 +120,88 @@ fn trace_prints_count_records_naming_the_backend_that_answered_and_from_filters(
     );
     other.stop(Duration::from_secs(5));
     assert!(lines(&other).is_empty(), "{}", other.log_text());
+}
+
+/// Packets dropped before a backend is chosen are traced too, with the reason: an allow list
+/// that refuses the client, and a service whose only backend is down.
+#[test]
+fn trace_shows_drops_before_a_backend_is_chosen() {
+    let mut topo = Topology::new(1);
+    let all: Vec<_> = topo.backends.iter().collect();
+    let mut config = topo.config(&Agent::pin_path_for(&topo), &all);
+    let vip = topo.vip(80).ip().to_string();
+    config += &format!(
+        "\n[[service]]\nname = \"admin\"\nvip = \"{vip}\"\nport = 82\nallow = [\"10.99.3.0/24\"]\n\
+         [service.health]\n  type = \"tcp\"\n  interval = \"200ms\"\n  timeout = \"100ms\"\n\
+         [[service.backend]]\n  address = \"{}\"\n  port = 8080\n",
+        topo.backends[0].addr
+    );
+    let agent = Agent::start(&topo, &config);
+    agent.wait_up("web", 1, Duration::from_secs(5));
+
+    let refused = |topo: &Topology, port: u16| {
+        let vip = topo.vip(port);
+        topo.client.run(move || {
+            let _ = LineConn::connect_within(vip, Duration::from_millis(300));
+        });
+    };
+    let mut traced = trace(
+        &topo,
+        &agent,
+        "admin",
+        &["--count", "1", "--service", "admin"],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..10 {
+        if !traced.is_running() {
+            break;
+        }
+        refused(&topo, 82);
+    }
+    assert!(
+        traced.wait_exit(Duration::from_secs(5)).is_some(),
+        "no record of {} drops: {}",
+        agent.verdicts("drop_not_allowed"),
+        traced.log_text()
+    );
+    let records = lines(&traced);
+    assert_eq!(records.len(), 1, "{}", traced.log_text());
+    let r = &records[0];
+    assert_eq!(
+        (
+            r.service.as_str(),
+            r.verdict.as_str(),
+            r.backend,
+            r.rewrite.as_str()
+        ),
+        ("admin", "drop_not_allowed", None, "none"),
+        "{r:?}"
+    );
+    assert_eq!(*r.client.ip(), CLIENT);
+
+    // The only backend of web killed: once it is down, a new flow has nowhere to go.
+    let down = format!("{}:8080", topo.backends[0].addr);
+    topo.kill_backend(0);
+    agent.wait_state("web", &down, "down", Duration::from_secs(5));
+    let mut traced = trace(&topo, &agent, "web", &["--count", "1", "--service", "web"]);
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..10 {
+        if !traced.is_running() {
+            break;
+        }
+        refused(&topo, 80);
+    }
+    assert!(
+        traced.wait_exit(Duration::from_secs(5)).is_some(),
+        "{}",
+        traced.log_text()
+    );
+    let records = lines(&traced);
+    assert_eq!(records.len(), 1, "{}", traced.log_text());
+    assert_eq!(
+        (records[0].verdict.as_str(), records[0].backend),
+        ("drop_no_backend", None),
+        "{:?}",
+        records[0]
+    );
 }
