@@ -3,12 +3,14 @@
 //! reloads, unless the config sets `agent.control`). Drop stops it and removes everything
 //! it pinned.
 use std::{
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Command, ExitStatus},
     time::Duration,
 };
 
 use crate::{
+    client::http_get,
     netns::Netns,
     process::{Proc, binary, wait_for},
     topology::Topology,
@@ -352,6 +354,60 @@ impl Agent {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// GET `path` on the agent's read-only API (`agent.api` of its config, a TCP address;
+    /// else 127.0.0.1:9900), from inside its namespace.
+    pub fn api_get(&self, path: &str) -> String {
+        let config = std::fs::read_to_string(&self.config_path).unwrap_or_default();
+        let api: SocketAddr = config
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|t| t.get("agent")?.get("api")?.as_str()?.parse().ok())
+            .unwrap_or_else(|| "127.0.0.1:9900".parse().expect("addr"));
+        let (ns, path) = (self.ns_path.clone(), path.to_string());
+        std::thread::spawn(move || {
+            crate::netns::enter(&ns);
+            http_get(api, &path).unwrap_or_else(|e| panic!("GET {path}: {e}"))
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+
+    /// The events of `GET /events` (after event `since`, if given), each line parsed.
+    pub fn events(&self, since: Option<u64>) -> Vec<serde_json::Value> {
+        let path = match since {
+            Some(seq) => format!("/events?since={seq}"),
+            None => "/events".into(),
+        };
+        self.api_get(&path)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+            .collect()
+    }
+
+    /// (kind, service, backend, message) of each event of `kinds` (after `since`), oldest
+    /// first.
+    pub fn events_of(&self, since: Option<u64>, kinds: &[&str]) -> Vec<[String; 4]> {
+        let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+        self.events(since)
+            .iter()
+            .filter(|e| kinds.iter().any(|k| e["kind"] == *k))
+            .map(|e| {
+                [
+                    text(&e["kind"]),
+                    text(&e["service"]),
+                    text(&e["backend"]),
+                    text(&e["message"]),
+                ]
+            })
+            .collect()
+    }
+
+    /// The sequence number of the newest event (0 if none).
+    pub fn last_event(&self) -> u64 {
+        let events = self.events(None);
+        events.last().and_then(|e| e["seq"].as_u64()).unwrap_or(0)
     }
 
     pub fn status(&self) -> serde_json::Value {

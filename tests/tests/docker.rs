@@ -25,6 +25,9 @@ fn labelled_containers_join_leave_on_stop_and_new_ones_serve_at_once() {
         .collect();
     let agent = Agent::start_in(&host.host, &host.dir, &host.prefix, &config(&host));
     agent.wait_up("web", 5, Duration::from_secs(5));
+    let addr = |id: &str| format!("{}:{TCP_PORT}", host.inspect_ip(id, "bridge"));
+    // Taken while they run: a stopped container has no address.
+    let addrs: Vec<String> = ids.iter().map(|id| addr(id)).collect();
     assert!(
         agent.pin_path.join("links/tc_reply_docker0").exists(),
         "replies are caught on docker0"
@@ -86,6 +89,32 @@ fn labelled_containers_join_leave_on_stop_and_new_ones_serve_at_once() {
     assert!(
         logs.contains(&format!("{new_name} tcp from 10.99.1.2:")),
         "{logs}"
+    );
+
+    // GET /events: the five that ran before the agent joined, then web3 left, then web6
+    // joined; each names the service, the backend's address and the container.
+    let event = |kind: &str, name: &str, addr: &str| {
+        let verb = kind.trim_start_matches("container_");
+        [kind, "web", addr, &format!("container {name} {verb}")].map(String::from)
+    };
+    let kinds = ["container_joined", "container_left"];
+    let seen = wait_for(Duration::from_secs(3), || {
+        let seen = agent.events_of(None, &kinds);
+        (seen.len() >= 7).then_some(seen)
+    })
+    .unwrap_or_else(|| panic!("7 joins and leaves: {:#?}", agent.events(None)));
+    let first: BTreeSet<[String; 4]> = seen[..5].iter().cloned().collect();
+    let ran: BTreeSet<[String; 4]> = (0..5)
+        .map(|i| event("container_joined", &format!("web{}", i + 1), &addrs[i]))
+        .collect();
+    assert_eq!(first, ran, "{seen:#?}");
+    assert_eq!(
+        seen[5..],
+        [
+            event("container_left", "web3", &addrs[2]),
+            event("container_joined", "web6", &addr(&fresh)),
+        ],
+        "{seen:#?}"
     );
 }
 

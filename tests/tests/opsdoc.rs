@@ -6,12 +6,40 @@ use std::time::Duration;
 use xlb_tests::{
     agent::Agent,
     client::{LineConn, tcp_name},
+    process::{Proc, binary},
     topology::{CLIENT_ADDR, Topology, VIP},
 };
 
 fn show(agent: &Agent, args: &[&str]) {
     let (_, out) = agent.cli(args);
     println!("$ xlb {}\n{out}", args.join(" "));
+}
+
+/// Prints `xlb trace ARGS` (it ends after its `--count`) while `traffic` runs, at most 10 s.
+fn show_trace(
+    topo: &Topology,
+    agent: &Agent,
+    args: &[&str],
+    traffic: impl FnOnce() + Send + 'static,
+) {
+    let mut cmd = std::process::Command::new(binary("xlb"));
+    cmd.arg("trace")
+        .args(args)
+        .env("XLB_CONTROL", &agent.control);
+    let mut trace = Proc::spawn("trace", cmd, topo.dir.join("trace.log"));
+    // The trace is on once the agent has its request.
+    std::thread::sleep(Duration::from_millis(300));
+    topo.client.run(traffic);
+    let ended = trace.wait_exit(Duration::from_secs(10)).is_some();
+    if !ended {
+        trace.stop(Duration::from_secs(5));
+    }
+    let note = if ended {
+        ""
+    } else {
+        "   (still running after 10 s: stopped)"
+    };
+    println!("$ xlb trace {}{note}\n{}", args.join(" "), trace.log_text());
 }
 
 #[test]
@@ -105,4 +133,35 @@ fn capture_operations_doc_output() {
         verdicts.join("\n")
     );
     drop(load);
+
+    // Traces: one connection's packets to web; the allow list refusing the client on admin.
+    show_trace(
+        &topo,
+        &agent,
+        &["--service", "web", "--count", "6"],
+        move || {
+            for _ in 0..3 {
+                let _ = tcp_name(vip);
+            }
+        },
+    );
+    show_trace(
+        &topo,
+        &agent,
+        &["--from", "10.99.1.0/24", "--count", "2"],
+        move || {
+            let _ = LineConn::connect(admin);
+        },
+    );
+
+    // The events: the killed backend back, a reload, then what GET /events has.
+    topo.restart_backend(1);
+    agent.wait_state("web", &format!("{down}:8080"), "up", Duration::from_secs(5));
+    show(&agent, &["reload"]);
+    let events = topo
+        .lb
+        .exec(&["curl", "-s", "http://127.0.0.1:9900/events"]);
+    println!("$ curl -s 127.0.0.1:9900/events\n{events}");
+    let page = topo.lb.exec(&["curl", "-s", "http://127.0.0.1:9900/"]);
+    println!("GET / is {} bytes of HTML", page.len());
 }

@@ -1,14 +1,10 @@
 //! What the read API shows an operator: the recent events (`GET /events`) and the status
 //! page (`GET /`), here also in headless Chromium. Same netns topology as nat.rs; health
 //! checks probe every 200 ms with fall 2 / rise 2. Run as root.
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{path::Path, time::Duration};
 
 use xlb_tests::{
-    agent::Agent,
-    browser::Browser,
-    client::{LoadLoop, http_get},
-    process::wait_for,
-    topology::Topology,
+    agent::Agent, browser::Browser, client::LoadLoop, process::wait_for, topology::Topology,
 };
 
 fn start(backends: usize) -> (Topology, Agent) {
@@ -18,26 +14,6 @@ fn start(backends: usize) -> (Topology, Agent) {
     (topo, agent)
 }
 
-/// GET `path` on the agent's API, from inside its namespace.
-fn api_get(topo: &Topology, path: &str) -> String {
-    let api: SocketAddr = "127.0.0.1:9900".parse().unwrap();
-    let path = path.to_string();
-    topo.lb
-        .run(move || http_get(api, &path).unwrap_or_else(|e| panic!("GET {path}: {e}")))
-}
-
-/// The events of `GET /events?since=...`, each line parsed.
-fn events(topo: &Topology, since: Option<u64>) -> Vec<serde_json::Value> {
-    let path = match since {
-        Some(seq) => format!("/events?since={seq}"),
-        None => "/events".into(),
-    };
-    api_get(topo, &path)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
-        .collect()
-}
-
 #[test]
 fn a_killed_backend_is_a_down_event_with_its_reason() {
     let (mut topo, agent) = start(2);
@@ -45,7 +21,7 @@ fn a_killed_backend_is_a_down_event_with_its_reason() {
     topo.kill_backend(1);
     agent.wait_state("web", "10.99.2.12:8080", "down", Duration::from_secs(3));
 
-    let all = events(&topo, None);
+    let all = agent.events(None);
     let seqs: Vec<u64> = all.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert!(
         seqs.windows(2).all(|w| w[0] < w[1]),
@@ -75,20 +51,20 @@ fn a_killed_backend_is_a_down_event_with_its_reason() {
 
     // ?since= gives only what is newer.
     let seq = down["seq"].as_u64().unwrap();
-    let newer = events(&topo, Some(seq));
+    let newer = agent.events(Some(seq));
     assert!(
         newer.iter().all(|e| e["seq"].as_u64().unwrap() > seq),
         "{newer:#?}"
     );
     let last = *seqs.last().unwrap();
-    assert!(events(&topo, Some(last)).is_empty());
+    assert!(agent.events(Some(last)).is_empty());
 
     // A drain and a rejected reload are events too.
     let (ok, out) = agent.cli(&["drain", "web", "10.99.2.11:8080"]);
     assert!(ok, "{out}");
     let (ok, out) = agent.reload("this is not toml");
     assert!(!ok, "{out}");
-    let later = events(&topo, Some(last));
+    let later = agent.events(Some(last));
     let kinds: Vec<&str> = later.iter().map(|e| e["kind"].as_str().unwrap()).collect();
     assert!(kinds.contains(&"drain"), "{later:#?}");
     // be2 down and be1 drained: web takes no new flow, and says so.
@@ -108,7 +84,7 @@ fn a_killed_backend_is_a_down_event_with_its_reason() {
     // Back up after rise good probes.
     topo.restart_backend(1);
     agent.wait_state("web", "10.99.2.12:8080", "up", Duration::from_secs(3));
-    let back = events(&topo, Some(last));
+    let back = agent.events(Some(last));
     assert!(
         back.iter().any(|e| e["kind"] == "backend_up"
             && e["backend"] == "10.99.2.12:8080"
@@ -183,7 +159,7 @@ fn the_status_page_in_chromium_shows_the_backends_of_status_and_a_killed_one_dow
 
     // Two samples give the charts a rate; then the screenshot.
     let sampled = wait_for(Duration::from_secs(15), || {
-        let history: serde_json::Value = serde_json::from_str(&api_get(&topo, "/history")).unwrap();
+        let history: serde_json::Value = serde_json::from_str(&agent.api_get("/history")).unwrap();
         let samples = history["samples"].as_array().cloned().unwrap_or_default();
         (samples.len() >= 2).then_some(samples)
     })

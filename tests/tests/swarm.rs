@@ -13,7 +13,7 @@ use xlb_tests::{
     client::{LoadLoop, failures, tcp_name},
     docker::TCP_PORT,
     process::wait_for,
-    swarm::Swarm,
+    swarm::{Swarm, Task},
 };
 
 const VIP: &str = "10.99.100.1";
@@ -72,6 +72,19 @@ fn names(swarm: &Swarm, n: usize) -> Vec<String> {
     })
 }
 
+/// The `task_joined` and `task_left` events after `since`: (kind, service, backend, message).
+fn task_events(agent: &Agent, since: Option<u64>) -> Vec<[String; 4]> {
+    agent.events_of(since, &["task_joined", "task_left"])
+}
+
+/// The event `kind` of task `t` of `web`: it names the task's node address and published port.
+fn task_event(kind: &str, t: &Task) -> [String; 4] {
+    let endpoint = t.endpoint(TCP_PORT).expect("a published port").to_string();
+    let verb = kind.trim_start_matches("task_");
+    let message = format!("swarm task {} {verb}", t.id);
+    [kind, "web", &endpoint, &message].map(String::from)
+}
+
 fn task_names(swarm: &Swarm) -> BTreeSet<String> {
     swarm
         .running_tasks("web")
@@ -86,6 +99,12 @@ fn swarm_services_scale_update_and_drain_without_failures() {
 
     // Balanced over the tasks on every node.
     let tasks = swarm.running_tasks("web");
+    // Each task that ran before the agent is a join in GET /events.
+    let joined: BTreeSet<[String; 4]> =
+        tasks.iter().map(|t| task_event("task_joined", t)).collect();
+    let seen = task_events(&agent, None);
+    assert_eq!(seen.iter().cloned().collect::<BTreeSet<_>>(), joined);
+    assert_eq!(seen.len(), 4, "{seen:#?}");
     let nodes: BTreeSet<Option<usize>> = tasks.iter().map(|t| t.node).collect();
     assert_eq!(nodes.len(), 3, "tasks on all nodes: {tasks:?}");
     let answers = names(&swarm, 200);
@@ -104,6 +123,7 @@ fn swarm_services_scale_update_and_drain_without_failures() {
 
     // Scale to 6: the new tasks serve within 2 s of running.
     let before = task_names(&swarm);
+    let seq = agent.last_event();
     swarm.scale("web", 6);
     swarm.wait_running("web", 6, Duration::from_secs(30));
     let running = Instant::now();
@@ -118,6 +138,16 @@ fn swarm_services_scale_update_and_drain_without_failures() {
         served <= Duration::from_secs(2),
         "new tasks served after {served:?}"
     );
+    // They joined, and nothing left.
+    let joined: BTreeSet<[String; 4]> = swarm
+        .running_tasks("web")
+        .iter()
+        .filter(|t| new.contains(&t.name))
+        .map(|t| task_event("task_joined", t))
+        .collect();
+    let seen = task_events(&agent, Some(seq));
+    assert_eq!(seen.iter().cloned().collect::<BTreeSet<_>>(), joined);
+    assert_eq!(seen.len(), 2, "{seen:#?}");
 
     // A rolling update under a request loop: no failed request.
     let load = LoadLoop::start(&swarm.client.path(), vip(), PACE, 5000);
@@ -168,6 +198,33 @@ fn swarm_services_scale_update_and_drain_without_failures() {
         "failures in the node drain: {:?}",
         failures(&samples)
     );
+
+    // Scale to 4: the two tasks told to stop leave once they stopped (drained until then),
+    // each a task_left naming its endpoint; none joins.
+    let six = swarm.running_tasks("web");
+    let seq = agent.last_event();
+    swarm.scale("web", 4);
+    let four: BTreeSet<String> = swarm
+        .wait_running("web", 4, Duration::from_secs(30))
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    let left: Vec<[String; 4]> = six
+        .iter()
+        .filter(|t| !four.contains(&t.name))
+        .map(|t| task_event("task_left", t))
+        .collect();
+    assert_eq!(left.len(), 2, "{six:?} -> {four:?}");
+    let seen = wait_for(Duration::from_secs(10), || {
+        let seen = task_events(&agent, Some(seq));
+        (seen.len() >= 2).then_some(seen)
+    })
+    .unwrap_or_else(|| panic!("2 tasks left: {:#?}", agent.events(Some(seq))));
+    assert_eq!(
+        seen.iter().cloned().collect::<BTreeSet<_>>(),
+        left.into_iter().collect::<BTreeSet<_>>(),
+    );
+    assert_eq!(seen.len(), 2, "{seen:#?}");
 
     // The service removed: its backends go.
     swarm.service_rm("web");
