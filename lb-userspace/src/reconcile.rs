@@ -20,11 +20,13 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 mod allow;
+mod changes;
 mod ids;
 mod plan;
 mod rings;
 mod steps;
 
+pub use self::changes::Changes;
 pub use self::plan::{SNAT_PORTS_OWN, SNAT_PORTS_SHARED, snat_pool, vip_key};
 use self::{
     ids::IdPool,
@@ -107,24 +109,6 @@ struct AppliedService {
     backends: BTreeMap<Endpoint, AppliedBackend>,
     /// The source prefixes the `allow` trie holds for this service's id.
     allow: BTreeSet<Ipv4Net>,
-}
-
-/// What one `apply` changed, and which services it could not apply.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Changes {
-    pub services_added: usize,
-    pub services_removed: usize,
-    pub rings_written: usize,
-    pub backends_added: usize,
-    pub backends_removed: usize,
-    /// Service name -> why it keeps its previous state.
-    pub failed: BTreeMap<String, String>,
-}
-
-impl Changes {
-    pub fn is_empty(&self) -> bool {
-        *self == Changes::default()
-    }
 }
 
 /// Backends that leave once no ring names them (after a grace period).

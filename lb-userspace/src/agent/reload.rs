@@ -129,7 +129,7 @@ impl Agent {
             self.set_announce_table(self.config.agent.announce_table);
         }
         self.publish();
-        let msg = format!("reloaded {}: {changes:?}", self.config_path.display());
+        let msg = format!("reloaded {}: {changes}", self.config_path.display());
         info!("{msg}");
         Ok(msg)
     }
