@@ -17,6 +17,10 @@ pub use hash::{flow_hash, ring_hash, source_hash};
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
 
+/// The IPv6 extension headers (hop-by-hop, routing, fragment, destination options) the data
+/// path walks before the upper-layer header: RFC 8200's order has at most five.
+pub const IPV6_MAX_EXT_HEADERS: usize = 6;
+
 /// IP protocol numbers.
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -429,10 +433,13 @@ pub enum Reason {
     IcmpToBackend,
     /// XDP_DROP: the source is outside the service's `allow` list (before any flow table).
     DropNotAllowed,
+    /// XDP_DROP: an IPv6 packet to a VIP address with more than `IPV6_MAX_EXT_HEADERS`
+    /// extension headers before its upper-layer header (no ports within reach).
+    DropExtHeaders,
 }
 
 impl Reason {
-    pub const COUNT: u32 = Reason::DropNotAllowed as u32 + 1;
+    pub const COUNT: u32 = Reason::DropExtHeaders as u32 + 1;
     pub const ALL: [Reason; Reason::COUNT as usize] = [
         Reason::PassNotIp,
         Reason::PassIpv6,
@@ -467,6 +474,7 @@ impl Reason {
         Reason::PassIcmp,
         Reason::IcmpToBackend,
         Reason::DropNotAllowed,
+        Reason::DropExtHeaders,
     ];
 
     /// Stable name used in metrics and status output.
@@ -505,6 +513,7 @@ impl Reason {
             Reason::PassIcmp => "pass_icmp",
             Reason::IcmpToBackend => "icmp_to_backend",
             Reason::DropNotAllowed => "drop_not_allowed",
+            Reason::DropExtHeaders => "drop_ext_headers",
         }
     }
 }

@@ -7,6 +7,7 @@ use lb_common::{
 };
 
 use crate::{
+    balance6::balance6,
     conntrack::{self, Table},
     flowcache, maglev,
     maps::{self, VIP_ADDRS, VIPS},
@@ -63,6 +64,7 @@ pub fn balance<H: Hook>(ctx: &H) -> Verdict {
     let pkt = match parse(ctx) {
         Parsed::L4(pkt) => pkt,
         Parsed::Pass(reason) => return Verdict::Pass(reason),
+        Parsed::Ipv6(l3_off) => return balance6(ctx, l3_off),
         Parsed::Icmp(icmp) => return ctx.icmp(&icmp, unsafe { bpf_ktime_get_coarse_ns() }),
         // Odd packets are ours to drop only when they are addressed to a VIP.
         Parsed::Fragment(daddr) if is_vip_addr(daddr) => {

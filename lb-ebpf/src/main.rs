@@ -7,6 +7,7 @@
 #![allow(clippy::needless_borrows_for_generic_args)]
 
 mod balance;
+mod balance6;
 mod conntrack;
 mod csum;
 mod deliver;
@@ -20,6 +21,7 @@ mod maps;
 mod nat;
 mod object;
 mod parse;
+mod parse6;
 mod replies;
 mod route;
 mod snat;

@@ -155,7 +155,7 @@ pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_BACKEN
 pub static TABLE_STATS: PerCpuArray<TableCounters> = PerCpuArray::pinned(2 * FlowTable::COUNT, 0);
 
 /// Per-CPU verdict counters, indexed by `lb_common::Reason`.
-#[map(name = "XLB_REASONS_V7")]
+#[map(name = "XLB_REASONS_V8")]
 pub static REASONS: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);
 
 /// `xlb trace`: element 0 says whether a trace runs and what it matches (trace.rs).

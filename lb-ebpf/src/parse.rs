@@ -47,9 +47,9 @@ pub const IPV4_HLEN: usize = size_of::<Ipv4Hdr>();
 /// The first 20 bytes of TCP and 8 of UDP share the port layout; we read only what we need.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Ports {
-    src: u16,
-    dst: u16,
+pub struct Ports {
+    pub src: u16,
+    pub dst: u16,
 }
 
 #[repr(C)]
@@ -188,6 +188,8 @@ pub enum Parsed {
     Fragment(u32),
     /// A broken IPv4/TCP/UDP header, with the destination address if it could be read.
     Malformed(Option<u32>),
+    /// IPv6 at this offset: `parse6` reads it, in a frame of its own.
+    Ipv6(usize),
     Pass(Reason),
 }
 
@@ -207,7 +209,7 @@ pub fn parse<B: PacketBuf>(buf: &B) -> Parsed {
         l3_off += VLAN_HLEN;
     }
     if eth_type == ETH_P_IPV6 {
-        return Parsed::Pass(Reason::PassIpv6);
+        return Parsed::Ipv6(l3_off);
     }
     if eth_type != ETH_P_IP {
         return Parsed::Pass(Reason::PassNotIp);
@@ -253,48 +255,75 @@ pub fn parse<B: PacketBuf>(buf: &B) -> Parsed {
     let saddr = load(unsafe { &raw const (*ip).saddr });
 
     let l4_off = l3_off + ihl;
-    let l4_len = tot_len - ihl;
-    let mut syn = false;
-    let mut fin = false;
-    let mut rst = false;
-    let (ports, csum_off) = if proto == PROTO_TCP {
-        let Some(tcp) = buf.ptr_at::<TcpHdr>(l4_off) else {
-            return Parsed::Malformed(Some(daddr));
-        };
-        let doff_flags = u16::from_be(load(unsafe { &raw const (*tcp).doff_flags }));
-        let doff = (doff_flags >> 12) as usize * 4;
-        if doff < size_of::<TcpHdr>() || doff > l4_len {
-            return Parsed::Malformed(Some(daddr));
-        }
-        syn = doff_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-        fin = doff_flags & TCP_FIN != 0;
-        rst = doff_flags & TCP_RST != 0;
-        (load(unsafe { &raw const (*tcp).ports }), TCP_CSUM_OFF)
-    } else {
-        let Some(udp) = buf.ptr_at::<UdpHdr>(l4_off) else {
-            return Parsed::Malformed(Some(daddr));
-        };
-        let udp_len = u16::from_be(load(unsafe { &raw const (*udp).len })) as usize;
-        if udp_len < size_of::<UdpHdr>() || udp_len > l4_len {
-            return Parsed::Malformed(Some(daddr));
-        }
-        (load(unsafe { &raw const (*udp).ports }), UDP_CSUM_OFF)
+    let Some(l4) = l4_header(buf, proto, l4_off, tot_len - ihl) else {
+        return Parsed::Malformed(Some(daddr));
     };
 
     Parsed::L4(L4Packet {
         l3_off,
         l4_off,
-        csum_off: l4_off + csum_off,
+        csum_off: l4_off + l4.csum_off,
         proto,
         tot_len: tot_len as u16,
         has_ip_options: ihl > size_of::<Ipv4Hdr>(),
-        syn,
-        closing: fin || rst,
-        fin,
-        rst,
+        syn: l4.syn,
+        closing: l4.fin || l4.rst,
+        fin: l4.fin,
+        rst: l4.rst,
         saddr,
         daddr,
-        sport: ports.src,
-        dport: ports.dst,
+        sport: l4.ports.src,
+        dport: l4.ports.dst,
     })
+}
+
+/// What the balancer reads of a TCP or UDP header (either IP version).
+pub struct L4Header {
+    pub ports: Ports,
+    /// Of the checksum field, from the L4 header.
+    pub csum_off: usize,
+    /// A SYN without ACK.
+    pub syn: bool,
+    pub fin: bool,
+    pub rst: bool,
+}
+
+/// The TCP or UDP header at `l4_off`, of an L4 payload of `l4_len` bytes; None if it is
+/// cut short or its length fields do not fit (TCP data offset < 5 or past the payload, UDP
+/// length < 8 or past the payload).
+#[inline(always)]
+pub fn l4_header<B: PacketBuf>(
+    buf: &B,
+    proto: u8,
+    l4_off: usize,
+    l4_len: usize,
+) -> Option<L4Header> {
+    if proto == PROTO_TCP {
+        let tcp = buf.ptr_at::<TcpHdr>(l4_off)?;
+        let doff_flags = u16::from_be(load(unsafe { &raw const (*tcp).doff_flags }));
+        let doff = (doff_flags >> 12) as usize * 4;
+        if doff < size_of::<TcpHdr>() || doff > l4_len {
+            return None;
+        }
+        Some(L4Header {
+            ports: load(unsafe { &raw const (*tcp).ports }),
+            csum_off: TCP_CSUM_OFF,
+            syn: doff_flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
+            fin: doff_flags & TCP_FIN != 0,
+            rst: doff_flags & TCP_RST != 0,
+        })
+    } else {
+        let udp = buf.ptr_at::<UdpHdr>(l4_off)?;
+        let udp_len = u16::from_be(load(unsafe { &raw const (*udp).len })) as usize;
+        if udp_len < size_of::<UdpHdr>() || udp_len > l4_len {
+            return None;
+        }
+        Some(L4Header {
+            ports: load(unsafe { &raw const (*udp).ports }),
+            csum_off: UDP_CSUM_OFF,
+            syn: false,
+            fin: false,
+            rst: false,
+        })
+    }
 }

@@ -28,7 +28,7 @@ pub const TABLE_STATS: &str = "XLB_TABLE_STATS_V1";
 pub const TX_PORTS: &str = "XLB_TX_PORTS_V1";
 pub const SERVICE_STATS: &str = "XLB_SVC_STATS_V1";
 pub const BACKEND_STATS: &str = "XLB_BE_STATS_V1";
-pub const REASONS: &str = "XLB_REASONS_V7";
+pub const REASONS: &str = "XLB_REASONS_V8";
 pub const ALLOW: &str = "XLB_ALLOW_V1";
 /// Written by the data path; the sweep removes stale entries (replyendpoints.rs).
 pub const REPLY_ENDPOINTS: &str = "XLB_REPLY_ENDPOINTS_V1";

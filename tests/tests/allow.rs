@@ -312,22 +312,22 @@ fn a_client_address_outside_the_list_is_refused_end_to_end() {
     assert!(tcp.is_ok(), "after the reload: {tcp:?}");
 }
 
-/// Pins left by the version before `allow` (its verdict counters as XLB_REASONS_V6, no
+/// Pins left by a version before `allow` (its verdict counters under an older name, no
 /// allow trie): a new agent loads over them, pins the new maps, unpins the old counters, and
 /// adopts the running services.
 #[test]
 fn an_agent_adopts_the_pins_of_the_version_before_allow() {
     let dp = LoadedDatapath::new(&web(None));
     let pins = dp.pin_path().to_path_buf();
-    std::fs::rename(pins.join("XLB_REASONS_V7"), pins.join("XLB_REASONS_V6")).unwrap();
+    std::fs::rename(pins.join("XLB_REASONS_V8"), pins.join("XLB_REASONS_V7")).unwrap();
     std::fs::remove_file(pins.join("XLB_ALLOW_V1")).unwrap();
 
     let mut ebpf = xlb::loader::load(&pins).unwrap_or_else(|e| panic!("loading over: {e:#}"));
     assert!(
-        !pins.join("XLB_REASONS_V6").exists(),
+        !pins.join("XLB_REASONS_V7").exists(),
         "the old counters stay pinned"
     );
-    for name in ["XLB_REASONS_V7", "XLB_ALLOW_V1"] {
+    for name in ["XLB_REASONS_V8", "XLB_ALLOW_V1"] {
         assert!(pins.join(name).exists(), "{name} is not pinned");
     }
     let datapath = xlb::loader::datapath(&mut ebpf).unwrap();

@@ -553,7 +553,11 @@ fn traffic_not_for_a_vip_passes_untouched() {
             arp_request(CLIENT, VIP),
             Reason::PassNotIp,
         ),
-        ("IPv6 TCP SYN", ipv6_tcp_syn(80), Reason::PassIpv6),
+        (
+            "IPv6 TCP SYN to no VIP address",
+            ipv6_tcp_syn(80),
+            Reason::PassNotVip,
+        ),
         (
             "LLDP",
             {
@@ -655,7 +659,7 @@ fn vlan_tagged_vip_packets() {
         f.extend_from_slice(&plain[12..]);
         f
     };
-    untouched(&dp, "802.1Q IPv6", &ipv6, XDP_PASS, Reason::PassIpv6);
+    untouched(&dp, "802.1Q IPv6", &ipv6, XDP_PASS, Reason::PassNotVip);
 }
 
 #[test]

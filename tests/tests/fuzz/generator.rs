@@ -262,8 +262,8 @@ fn ipv4_frame(rng: &mut Rng, src: SocketAddrV4, dst: SocketAddrV4, proto: u8, wh
 fn ipv6_frame(rng: &mut Rng) -> Frame {
     let (tags, tags_what) = vlan_tags(rng);
     let any = rng.u8();
-    let next = rng.pick(&[PROTO_TCP, PROTO_UDP, 58, 0, 44, any]);
-    let mut l4 = match next {
+    let upper = rng.pick(&[PROTO_TCP, PROTO_UDP, PROTO_TCP, 58, 59, 50, any]);
+    let mut l4 = match upper {
         PROTO_TCP => {
             let mut t = vec![0; 20];
             put_be16(&mut t, L4_SPORT, 40000);
@@ -277,14 +277,46 @@ fn ipv6_frame(rng: &mut Rng) -> Frame {
             put_be16(&mut u, L4_DPORT, some_port(rng));
             u
         }
+        58 => vec![
+            rng.pick(&[128, 129, 133, 134, 135, 136, 137, 1, 2, any]),
+            0,
+            0,
+            0,
+        ],
         _ => vec![],
     };
     let n = payload_len(rng).min(200);
     l4.extend(rng.bytes(n));
-    if next == PROTO_UDP {
+    if upper == PROTO_UDP {
         let len = l4.len() as u16;
         put_be16(&mut l4, UDP_LEN, len);
     }
+    // Extension headers before it: none, a few, or more than the data path walks.
+    let count = match rng.below(4) {
+        0 | 1 => 0,
+        2 => 1 + rng.below(3),
+        _ => rng.below(lb_common::IPV6_MAX_EXT_HEADERS + 3),
+    };
+    let kinds: Vec<u8> = (0..count).map(|_| rng.pick(&[0, 43, 60, 44])).collect();
+    let mut chain = Vec::new();
+    for (i, &kind) in kinds.iter().enumerate() {
+        let following = kinds.get(i + 1).copied().unwrap_or(upper);
+        if kind == 44 {
+            // Mostly an atomic fragment (a whole packet); else a real one.
+            let field: u16 = if rng.chance(60) { 0 } else { rng.u16() };
+            chain.extend_from_slice(&[following, 0]);
+            chain.extend_from_slice(&field.to_be_bytes());
+            chain.extend(rng.bytes(4));
+        } else {
+            let len = rng.below(3);
+            chain.extend_from_slice(&[following, len as u8]);
+            chain.extend(rng.bytes(6 + 8 * len));
+        }
+    }
+    let next = kinds.first().copied().unwrap_or(upper);
+    let l4_at = chain.len();
+    chain.extend(l4);
+    let l4 = chain;
     let mut f = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02];
     f.extend_from_slice(&ETH_P_IPV6.to_be_bytes());
     let version = if rng.chance(80) { 6 } else { rng.u8() >> 4 };
@@ -300,7 +332,7 @@ fn ipv6_frame(rng: &mut Rng) -> Frame {
     let dst: [u8; 16] = match rng.below(3) {
         // v4-mapped VIP: still IPv6.
         0 => Ipv4Addr::to_ipv6_mapped(&VIP1).octets(),
-        1 => [0xfd, 0x99, 0x64, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+        1 => super::VIP6.octets(),
         _ => rng.bytes(16).try_into().expect("16 bytes"),
     };
     f.extend_from_slice(&dst);
@@ -309,8 +341,8 @@ fn ipv6_frame(rng: &mut Rng) -> Frame {
     Frame {
         bytes: with_tags(f, &tags),
         l3,
-        l4: l3 + 40,
-        what: format!("IPv6, next header {next}{tags_what}"),
+        l4: l3 + 40 + l4_at,
+        what: format!("IPv6, {count} extension headers, then {upper}{tags_what}"),
     }
 }
 

@@ -32,6 +32,7 @@
 mod checker;
 mod generator;
 mod model;
+mod model6;
 mod modes;
 
 #[allow(dead_code)]
@@ -42,7 +43,7 @@ mod routed;
 
 use std::{
     fmt::Write as _,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4},
     time::{Duration, Instant},
 };
 
@@ -76,11 +77,14 @@ const VIP2: Ipv4Addr = Ipv4Addr::new(10, 99, 100, 7);
 /// Next to the VIPs, but no VIP.
 const NOT_VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 100, 2);
 const PROTO_ICMP: u8 = 1;
+/// A v6 VIP address (put into the map directly: the config takes none yet), the destination
+/// of `ipv6_tcp_syn`.
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd99, 0x6400, 0, 0, 0, 0, 0, 1);
 
 /// The verdicts this corpus reaches: every XDP packet counts under exactly one. Its services
 /// are in mode nat and the test namespace has no front NIC, so the fullnat/dsr verdicts and
 /// XDP's own sends (tx, redirected, handed_to_tc) must stay at zero like the events.
-const VERDICTS: [Reason; 13] = [
+const VERDICTS: [Reason; 14] = [
     Reason::PassNotIp,
     Reason::PassIpv6,
     Reason::PassNotL4,
@@ -94,6 +98,7 @@ const VERDICTS: [Reason; 13] = [
     Reason::Forwarded,
     Reason::IcmpEcho,
     Reason::PassIcmp,
+    Reason::DropExtHeaders,
 ];
 
 fn is_drop(reason: Reason) -> bool {
@@ -103,7 +108,23 @@ fn is_drop(reason: Reason) -> bool {
             | Reason::DropFragment
             | Reason::DropIpOptions
             | Reason::DropNoBackend
+            | Reason::DropExtHeaders
     )
+}
+
+/// Makes `VIP6` a VIP address of the data path.
+fn add_vip6(dp: &mut LoadedDatapath) {
+    use xlb::reconcile::Maps as _;
+    let (family, addr) = lb_common::addr_words(VIP6.into());
+    let key = lb_common::VipAddrKey {
+        addr,
+        family,
+        _pad0: 0,
+        _pad1: 0,
+    };
+    dp.datapath_mut()
+        .set_vip_addr(&key, 0)
+        .expect("adding the v6 VIP address");
 }
 
 fn sock(a: [u8; 4], port: u16) -> SocketAddrV4 {
@@ -172,7 +193,8 @@ fn xdp_and_tc_egress_survive_random_and_mutated_frames() {
         run.seed,
         run.replay()
     );
-    let dp = LoadedDatapath::new(&services_toml());
+    let mut dp = LoadedDatapath::new(&services_toml());
+    add_vip6(&mut dp);
     let model = Model::applied(&dp);
     let mut track = Tracker {
         services: vec![Tally::default(); model.services.len()],

@@ -61,7 +61,8 @@ impl Headers {
 pub enum Parsed {
     /// Not IPv4 or IPv6, or more than one VLAN tag (or a tag cut short).
     NotIp,
-    Ipv6,
+    /// IPv6, its header at this offset.
+    Ipv6(usize),
     /// IPv4, but the frame ends inside the 20-byte header: no destination to judge.
     TooShort,
     /// Bad version or IHL, total length below the IHL or past the frame; with the
@@ -99,7 +100,7 @@ pub fn parse(f: &[u8]) -> Parsed {
     }
     // A second tag shows up here as an ethertype that is neither IPv4 nor IPv6.
     match ethertype {
-        ETH_P_IPV6 => return Parsed::Ipv6,
+        ETH_P_IPV6 => return Parsed::Ipv6(l3),
         ETH_P_IP => {}
         _ => return Parsed::NotIp,
     }
@@ -231,7 +232,7 @@ impl Model {
         let ours = |addr: Ipv4Addr| self.vip_addrs.contains(&addr);
         let reason = match parse(frame) {
             Parsed::NotIp => Reason::PassNotIp,
-            Parsed::Ipv6 => Reason::PassIpv6,
+            Parsed::Ipv6(l3) => super::model6::verdict6(frame, l3, |a| a == super::VIP6),
             Parsed::TooShort => Reason::PassMalformed,
             Parsed::NotL4(l3) => match self.icmp(frame, l3) {
                 None => Reason::PassNotL4,
@@ -516,7 +517,20 @@ fn reference_model_follows_the_verdict_table() {
             Reason::PassNotIp,
         ),
         ("ARP", arp_request(*client.ip(), VIP1), Reason::PassNotIp),
-        ("IPv6", ipv6_tcp_syn(80), Reason::PassIpv6),
+        (
+            "IPv6 TCP to a VIP address",
+            ipv6_tcp_syn(80),
+            Reason::PassIpv6,
+        ),
+        (
+            "IPv6 TCP to no VIP address",
+            {
+                let mut f = ipv6_tcp_syn(80);
+                f[14 + 39] = 2;
+                f
+            },
+            Reason::PassNotVip,
+        ),
     ];
     for (what, frame, reason) in cases {
         assert_eq!(

@@ -1,0 +1,153 @@
+//! IPv6: the fixed header, a bounded chain of extension headers, then the TCP/UDP ports or
+//! the ICMPv6 type. Checked like `parse` (every read against `data_end`); nothing here writes.
+use lb_common::{IPV6_MAX_EXT_HEADERS, PROTO_TCP, PROTO_UDP};
+
+use crate::parse::{L4Header, PacketBuf, l4_header, load};
+
+pub const IPV6_HLEN: usize = 40;
+
+/// Extension headers (RFC 8200 4.1) the parser walks past.
+const NEXT_HOP_BY_HOP: u8 = 0;
+const NEXT_ROUTING: u8 = 43;
+const NEXT_FRAGMENT: u8 = 44;
+const NEXT_DEST_OPTS: u8 = 60;
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// Fragment offset and M flag of a fragment header, in host order.
+const FRAG_OFFSET_MORE: u16 = 0xfff9;
+
+#[repr(C)]
+#[allow(dead_code)] // full layout, only some fields are read
+pub struct Ipv6Hdr {
+    pub version_class_flow: u32,
+    pub payload_len: u16,
+    pub next_header: u8,
+    pub hop_limit: u8,
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+}
+
+/// An IPv6 address as four words in network order, as lb-common's keys hold it.
+pub type Addr6 = [u32; 4];
+
+/// An IPv6 TCP/UDP packet with what the balancer needs. Addresses and ports are in network
+/// byte order; the offsets are what a rewrite needs (no IP checksum in v6).
+#[allow(dead_code)] // the v6 balancer's input; only the VIP check reads it yet
+pub struct L4Packet6 {
+    pub l3_off: usize,
+    pub l4_off: usize,
+    /// Offset of the L4 checksum field.
+    pub csum_off: usize,
+    pub proto: u8,
+    /// The IPv6 payload length (extension headers and L4).
+    pub payload_len: u16,
+    /// Extension headers came before the L4 header.
+    pub has_ext_headers: bool,
+    pub l4: L4Header,
+    pub saddr: Addr6,
+    pub daddr: Addr6,
+}
+
+/// An ICMPv6 message, with what the balancer reads of it.
+#[allow(dead_code)] // for echo and errors to v6 VIPs; only the VIP check reads it yet
+pub struct Icmp6Packet {
+    pub icmp_off: usize,
+    pub kind: u8,
+    pub code: u8,
+    pub daddr: Addr6,
+}
+
+pub enum Parsed6 {
+    L4(L4Packet6),
+    Icmp(Icmp6Packet),
+    /// A fragment (offset or more-fragments set): no ports to hash.
+    Fragment(Addr6),
+    /// A broken header, with the destination address if it could be read.
+    Malformed(Option<Addr6>),
+    /// More than `IPV6_MAX_EXT_HEADERS` extension headers.
+    TooManyExtHeaders(Addr6),
+    /// Neither TCP, UDP nor ICMPv6 (ESP, AH, no next header, ...).
+    NotL4,
+}
+
+/// Parses the IPv6 packet at `l3_off`.
+#[inline(always)]
+pub fn parse6<B: PacketBuf>(buf: &B, l3_off: usize) -> Parsed6 {
+    let Some(ip) = buf.ptr_at::<Ipv6Hdr>(l3_off) else {
+        return Parsed6::Malformed(None);
+    };
+    let daddr = load(unsafe { &raw const (*ip).daddr });
+    let version = load(unsafe { &raw const (*ip).version_class_flow }).to_ne_bytes()[0] >> 4;
+    let payload_len = u16::from_be(load(unsafe { &raw const (*ip).payload_len })) as usize;
+    // Trailing Ethernet padding is allowed; a payload past the packet is not. (Jumbograms,
+    // payload length 0 with a hop-by-hop option, do not fit an Ethernet frame.)
+    if version != 6 || l3_off + IPV6_HLEN + payload_len > buf.len() {
+        return Parsed6::Malformed(Some(daddr));
+    }
+    let end = l3_off + IPV6_HLEN + payload_len;
+    let mut next = load(unsafe { &raw const (*ip).next_header });
+    let mut off = l3_off + IPV6_HLEN;
+    for _ in 0..IPV6_MAX_EXT_HEADERS {
+        match next {
+            NEXT_HOP_BY_HOP | NEXT_ROUTING | NEXT_DEST_OPTS => {
+                let Some(ext) = buf.ptr_at::<[u8; 2]>(off) else {
+                    return Parsed6::Malformed(Some(daddr));
+                };
+                let [following, len] = load(ext);
+                next = following;
+                off += (len as usize + 1) * 8;
+            }
+            NEXT_FRAGMENT => {
+                let Some(frag) = buf.ptr_at::<[u8; 4]>(off) else {
+                    return Parsed6::Malformed(Some(daddr));
+                };
+                let [following, _, hi, lo] = load(frag);
+                // An atomic fragment (offset 0, no more) is a whole packet (RFC 6946).
+                if u16::from_be_bytes([hi, lo]) & FRAG_OFFSET_MORE != 0 {
+                    return Parsed6::Fragment(daddr);
+                }
+                next = following;
+                off += 8;
+            }
+            _ => break,
+        }
+    }
+    if matches!(
+        next,
+        NEXT_HOP_BY_HOP | NEXT_ROUTING | NEXT_DEST_OPTS | NEXT_FRAGMENT
+    ) {
+        return Parsed6::TooManyExtHeaders(daddr);
+    }
+    if off > end {
+        return Parsed6::Malformed(Some(daddr));
+    }
+    if next == PROTO_ICMPV6 {
+        let Some(icmp) = buf.ptr_at::<[u8; 2]>(off) else {
+            return Parsed6::Malformed(Some(daddr));
+        };
+        let [kind, code] = load(icmp);
+        return Parsed6::Icmp(Icmp6Packet {
+            icmp_off: off,
+            kind,
+            code,
+            daddr,
+        });
+    }
+    if next != PROTO_TCP && next != PROTO_UDP {
+        return Parsed6::NotL4;
+    }
+    let Some(l4) = l4_header(buf, next, off, end - off) else {
+        return Parsed6::Malformed(Some(daddr));
+    };
+    Parsed6::L4(L4Packet6 {
+        l3_off,
+        l4_off: off,
+        csum_off: off + l4.csum_off,
+        proto: next,
+        payload_len: payload_len as u16,
+        has_ext_headers: off != l3_off + IPV6_HLEN,
+        l4,
+        saddr: load(unsafe { &raw const (*ip).saddr }),
+        daddr,
+    })
+}
