@@ -222,6 +222,22 @@ impl LoadedDatapath {
         &mut self.datapath
     }
 
+    /// Makes `addr` a VIP address of the data path, behind the reconciler's back (the config
+    /// takes no IPv6 VIP yet).
+    pub fn add_vip_addr(&mut self, addr: std::net::IpAddr) {
+        use xlb::reconcile::Maps as _;
+        let (family, addr) = lb_common::addr_words(addr);
+        let key = lb_common::VipAddrKey {
+            addr,
+            family,
+            _pad0: 0,
+            _pad1: 0,
+        };
+        self.datapath
+            .set_vip_addr(&key, 0)
+            .expect("adding a VIP address");
+    }
+
     pub fn service_id(&self, name: &str) -> u32 {
         self.service_ids()
             .into_iter()

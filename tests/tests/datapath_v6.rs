@@ -5,8 +5,7 @@
 //! none yet). Needs root and BPF, like datapath.rs.
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
 
-use lb_common::{IPV6_MAX_EXT_HEADERS, PROTO_TCP, PROTO_UDP, Reason, VipAddrKey, addr_words};
-use xlb::reconcile::Maps as _;
+use lb_common::{IPV6_MAX_EXT_HEADERS, PROTO_TCP, PROTO_UDP, Reason};
 use xlb_tests::testrun::*;
 
 const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd99, 0x100, 0, 0, 0, 0, 0, 1);
@@ -107,16 +106,7 @@ fn datapath() -> LoadedDatapath {
     let vip = SocketAddrV4::new(Ipv4Addr::new(10, 99, 100, 1), 80);
     let backend = SocketAddrV4::new(Ipv4Addr::new(10, 99, 2, 11), 8080);
     let mut dp = LoadedDatapath::new(&service_toml("web", vip, "tcp", &[(backend, 1)]));
-    let (family, addr) = addr_words(VIP6.into());
-    let key = VipAddrKey {
-        addr,
-        family,
-        _pad0: 0,
-        _pad1: 0,
-    };
-    dp.datapath_mut()
-        .set_vip_addr(&key, 0)
-        .expect("adding the v6 VIP address");
+    dp.add_vip_addr(VIP6.into());
     dp
 }
 

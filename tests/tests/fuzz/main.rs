@@ -112,21 +112,6 @@ fn is_drop(reason: Reason) -> bool {
     )
 }
 
-/// Makes `VIP6` a VIP address of the data path.
-fn add_vip6(dp: &mut LoadedDatapath) {
-    use xlb::reconcile::Maps as _;
-    let (family, addr) = lb_common::addr_words(VIP6.into());
-    let key = lb_common::VipAddrKey {
-        addr,
-        family,
-        _pad0: 0,
-        _pad1: 0,
-    };
-    dp.datapath_mut()
-        .set_vip_addr(&key, 0)
-        .expect("adding the v6 VIP address");
-}
-
 fn sock(a: [u8; 4], port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::from(a), port)
 }
@@ -194,7 +179,7 @@ fn xdp_and_tc_egress_survive_random_and_mutated_frames() {
         run.replay()
     );
     let mut dp = LoadedDatapath::new(&services_toml());
-    add_vip6(&mut dp);
+    dp.add_vip_addr(VIP6.into());
     let model = Model::applied(&dp);
     let mut track = Tracker {
         services: vec![Tally::default(); model.services.len()],
