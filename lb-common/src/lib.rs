@@ -359,7 +359,7 @@ impl Counters {
 pub enum Reason {
     /// XDP_PASS: not IPv4/IPv6 (ARP, LLDP, ...), or more than one VLAN tag.
     PassNotIp = 0,
-    /// XDP_PASS: IPv6 (not balanced yet).
+    /// XDP_PASS: IPv6 not to a VIP address with more extension headers than the parser walks.
     PassIpv6,
     /// XDP_PASS: IPv4 that is neither TCP nor UDP (ICMP, ...).
     PassNotL4,

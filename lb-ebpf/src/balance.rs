@@ -2,8 +2,8 @@
 //! Maglev, counters. The hook (hooks.rs) rewrites and sends the packet in the service's mode.
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    Backend, FAMILY_V4, FlowKey, MODE_FULLNAT, PROTO_TCP, Reason, SERVICE_ALLOW, VipAddrKey,
-    VipKey, flow_hash, ring_hash,
+    Backend, FAMILY_V4, FlowKey, MODE_FULLNAT, MODE_NAT, PROTO_TCP, Reason, SERVICE_ALLOW,
+    VipAddrKey, VipKey, flow_hash, ring_hash,
 };
 
 use crate::{
@@ -12,7 +12,8 @@ use crate::{
     flowcache, maglev,
     maps::{self, VIP_ADDRS, VIPS},
     nat::Endpoint,
-    parse::{IcmpPacket, L4Packet, PacketBuf, Parsed, parse},
+    parse::{IcmpPacket, L4Packet, PacketBuf, Parsed, Segment, parse},
+    parse6::L4Packet6,
     snat, stats, trace,
 };
 
@@ -57,6 +58,8 @@ pub trait Hook: PacketBuf {
     fn reverse(&self, pkt: &L4Packet, now: u64) -> Option<Verdict>;
     /// ICMP (to a VIP or not).
     fn icmp(&self, icmp: &IcmpPacket, now: u64) -> Verdict;
+    /// `send` for IPv6 (mode nat).
+    fn send6(&self, pkt: &L4Packet6, target: &Target, now: u64) -> Verdict;
 }
 
 #[inline(always)]
@@ -76,58 +79,119 @@ pub fn balance<H: Hook>(ctx: &H) -> Verdict {
         }
         Parsed::Malformed(_) => return Verdict::Pass(Reason::PassMalformed),
     };
+    balance_flow(ctx, &pkt)
+}
 
+/// A TCP/UDP packet of either family, as the flow pipeline reads it.
+pub trait FlowPacket: Segment + Sized {
+    const FAMILY: u8;
+    fn flow_key(&self) -> FlowKey;
+    fn vip_key(&self) -> VipKey;
+    /// IPv4 options: a VIP's packets with them are dropped.
+    fn has_ip_options(&self) -> bool;
+    /// Whether the service's allow list takes the packet's source.
+    fn source_allowed(&self, service_id: u32) -> bool;
+    /// Rewrites the packet for its target and sends it (the hook's sender of this family).
+    fn send<H: Hook>(&self, ctx: &H, target: &Target, hash: u32, now: u64) -> Verdict;
+    /// Not for a VIP: maybe a fullnat reply, else the kernel's.
+    fn not_vip<H: Hook>(&self, ctx: &H, now: u64) -> Verdict;
+    fn trace_packet<H: Hook>(&self, ctx: &H, decided: &Decided, backend: &Backend, v: &Verdict);
+    fn trace_dropped<H: Hook>(&self, ctx: &H, decided: &Decided, reason: Reason);
+}
+
+impl FlowPacket for L4Packet {
+    const FAMILY: u8 = FAMILY_V4;
+    #[inline(always)]
+    fn flow_key(&self) -> FlowKey {
+        L4Packet::flow_key(self)
+    }
+    #[inline(always)]
+    fn vip_key(&self) -> VipKey {
+        VipKey {
+            addr: [self.daddr, 0, 0, 0],
+            port: self.dport,
+            proto: self.proto,
+            family: FAMILY_V4,
+        }
+    }
+    #[inline(always)]
+    fn has_ip_options(&self) -> bool {
+        self.has_ip_options
+    }
+    #[inline(always)]
+    fn source_allowed(&self, service_id: u32) -> bool {
+        maps::allowed(service_id, self.saddr)
+    }
+    #[inline(always)]
+    fn send<H: Hook>(&self, ctx: &H, target: &Target, hash: u32, now: u64) -> Verdict {
+        ctx.send(self, target, hash, now)
+    }
+    #[inline(always)]
+    fn not_vip<H: Hook>(&self, ctx: &H, now: u64) -> Verdict {
+        match ctx.reverse(self, now) {
+            Some(verdict) => verdict,
+            None => Verdict::Pass(Reason::PassNotVip),
+        }
+    }
+    #[inline(always)]
+    fn trace_packet<H: Hook>(&self, ctx: &H, decided: &Decided, backend: &Backend, v: &Verdict) {
+        trace::packet(ctx, self, decided, backend, v);
+    }
+    #[inline(always)]
+    fn trace_dropped<H: Hook>(&self, ctx: &H, decided: &Decided, reason: Reason) {
+        trace::dropped(ctx, self, decided, reason);
+    }
+}
+
+/// The flow pipeline: flow cache or slow path, then the send in the service's mode.
+#[inline(always)]
+pub fn balance_flow<H: Hook, P: FlowPacket>(ctx: &H, pkt: &P) -> Verdict {
     let flow = pkt.flow_key();
     let hash = flow_hash(&flow);
     // Coarse (jiffies) time is plenty for idle timeouts, and cheaper.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     // Options to a VIP are dropped below, so such a packet skips the cache, as does a SYN,
     // which starts a flow, and a FIN or RST, which the slow path records.
-    let cached = if !pkt.has_ip_options && !pkt.syn && !pkt.closing {
-        flowcache::lookup(&flow, hash, now)
-    } else {
-        None
-    };
     let mut decided = Decided::default();
-    let dropped = match cached {
+    let cached = !pkt.has_ip_options()
+        && !pkt.syn()
+        && !pkt.closing()
+        && flowcache::lookup(&flow, hash, now, &mut decided);
+    let dropped = if cached {
         // A flow of a service that had a list when the slow path saw it (at most
         // FLOW_REFRESH_NS ago) is checked again: a list narrowed or removed since applies at
         // once, a list that is new within that second. Services without one pay nothing.
-        Some(hit) => {
-            decided = hit;
-            (hit.flags & SERVICE_ALLOW != 0 && !still_allowed(&hit, pkt.saddr))
-                .then_some(Reason::DropNotAllowed)
-        }
-        None => {
-            let slow = Slow {
-                pkt: &pkt,
-                flow: &flow,
-                hash,
-                now,
-            };
-            match decide(ctx, &slow, &mut decided) {
-                Outcome::Forward => None,
-                Outcome::Drop(reason) => Some(reason),
-                Outcome::NotVip => {
-                    return match ctx.reverse(&pkt, now) {
-                        Some(verdict) => verdict,
-                        None => Verdict::Pass(Reason::PassNotVip),
-                    };
-                }
-            }
+        (decided.flags & SERVICE_ALLOW != 0 && !still_allowed(&decided, pkt))
+            .then_some(Reason::DropNotAllowed)
+    } else {
+        let slow = Slow {
+            pkt,
+            flow: &flow,
+            hash,
+            now,
+        };
+        match decide(ctx, &slow, &mut decided) {
+            Outcome::Forward => None,
+            Outcome::Drop(reason) => Some(reason),
+            Outcome::NotVip => return pkt.not_vip(ctx, now),
         }
     };
     if let Some(reason) = dropped {
-        return drop_traced(ctx, &pkt, &decided, reason);
+        return drop_traced(ctx, pkt, &decided, reason);
     }
-    send_placed(ctx, &pkt, &decided, hash, now)
+    send_placed(ctx, pkt, &decided, hash, now)
 }
 
 /// Drops a packet of a VIP flow before it got a backend. A subprogram of one call site, so
 /// the trace check stays off the balancer's frame (the verifier's 512 bytes a call chain).
 #[inline(never)]
-fn drop_traced<H: Hook>(ctx: &H, pkt: &L4Packet, decided: &Decided, reason: Reason) -> Verdict {
-    trace::dropped(ctx, pkt, decided, reason);
+fn drop_traced<H: Hook, P: FlowPacket>(
+    ctx: &H,
+    pkt: &P,
+    decided: &Decided,
+    reason: Reason,
+) -> Verdict {
+    pkt.trace_dropped(ctx, decided, reason);
     Verdict::Drop(reason)
 }
 
@@ -135,9 +199,9 @@ fn drop_traced<H: Hook>(ctx: &H, pkt: &L4Packet, decided: &Decided, reason: Reas
 /// sender and the trace keep alive stay off the balancer's frame, which the verifier adds
 /// to the slow path's and the ICMP handler's (512 bytes a call chain).
 #[inline(never)]
-fn send_placed<H: Hook>(
+fn send_placed<H: Hook, P: FlowPacket>(
     ctx: &H,
-    pkt: &L4Packet,
+    pkt: &P,
     decided: &Decided,
     hash: u32,
     now: u64,
@@ -157,8 +221,8 @@ fn send_placed<H: Hook>(
 }
 
 /// What the slow path works from.
-struct Slow<'a> {
-    pkt: &'a L4Packet,
+struct Slow<'a, P> {
+    pkt: &'a P,
     flow: &'a FlowKey,
     hash: u32,
     now: u64,
@@ -190,19 +254,14 @@ enum Outcome {
 /// its many branches once, not once for every way the packet is sent afterwards, and its
 /// stack is not added to the senders'.
 #[inline(never)]
-fn decide<H: Hook>(ctx: &H, slow: &Slow, out: &mut Decided) -> Outcome {
+fn decide<H: Hook, P: FlowPacket>(ctx: &H, slow: &Slow<P>, out: &mut Decided) -> Outcome {
     let Slow {
         pkt,
         flow,
         hash,
         now,
     } = *slow;
-    let vip = VipKey {
-        addr: [pkt.daddr, 0, 0, 0],
-        port: pkt.dport,
-        proto: pkt.proto,
-        family: FAMILY_V4,
-    };
+    let vip = pkt.vip_key();
     // A service whose recorded VIP differs was reached through a VIP map element the kernel
     // just reused for another VIP: not ours.
     let Some(svc) = (unsafe { VIPS.get(vip) })
@@ -216,17 +275,21 @@ fn decide<H: Hook>(ctx: &H, slow: &Slow, out: &mut Decided) -> Outcome {
     out.mode = svc.mode;
     // Before any flow table: an outside source neither creates nor refreshes an entry, and
     // an established flow from a source a reload took out of the list is cut.
-    if svc.flags & SERVICE_ALLOW != 0 && !maps::allowed(svc.id, pkt.saddr) {
+    if svc.flags & SERVICE_ALLOW != 0 && !pkt.source_allowed(svc.id) {
         return Outcome::Drop(Reason::DropNotAllowed);
     }
-    if pkt.has_ip_options {
+    if pkt.has_ip_options() {
         return Outcome::Drop(Reason::DropIpOptions);
+    }
+    // IPv6 is balanced in mode nat only (the config takes no other).
+    if P::FAMILY != FAMILY_V4 && svc.mode != MODE_NAT {
+        return Outcome::Drop(Reason::DropUnsupportedMode);
     }
 
     let ifindex = ctx.ingress_ifindex();
     let known = conntrack::lookup(flow, svc, pkt, now, ifindex).filter(|known| {
         let owned =
-            svc.mode != MODE_FULLNAT || conntrack::still_owns_port(known, flow, now, pkt.closing);
+            svc.mode != MODE_FULLNAT || conntrack::still_owns_port(known, flow, now, pkt.closing());
         if !owned {
             conntrack::remove(known.table, flow);
         }
@@ -256,7 +319,7 @@ fn decide<H: Hook>(ctx: &H, slow: &Slow, out: &mut Decided) -> Outcome {
         }
         None => {
             // fullnat can only start a flow with a packet that may open one.
-            if svc.mode == MODE_FULLNAT && pkt.proto == PROTO_TCP && !pkt.syn {
+            if svc.mode == MODE_FULLNAT && flow.proto == PROTO_TCP && !pkt.syn() {
                 return Outcome::Drop(Reason::DropNoFlow);
             }
             // `hash = "source"` picks by the client address alone; the flow tables, the cache
@@ -297,29 +360,29 @@ fn decide<H: Hook>(ctx: &H, slow: &Slow, out: &mut Decided) -> Outcome {
 }
 
 #[inline(always)]
-fn forward<H: Hook>(
+fn forward<H: Hook, P: FlowPacket>(
     ctx: &H,
-    pkt: &L4Packet,
+    pkt: &P,
     decided: &Decided,
     target: &Target,
     hash: u32,
     now: u64,
 ) -> Verdict {
     let len = ctx.len() as u64;
-    let verdict = ctx.send(pkt, target, hash, now);
+    let verdict = pkt.send(ctx, target, hash, now);
     if !matches!(verdict, Verdict::Drop(_)) {
         stats::count_traffic(target.service_id, target.backend_id, len, decided.new_flow);
     }
-    trace::packet(ctx, pkt, decided, target.backend, &verdict);
+    pkt.trace_packet(ctx, decided, target.backend, &verdict);
     verdict
 }
 
 /// Whether a cached flow of a service that had an allow list may go on: the service has none
 /// any more, or the source is in it.
 #[inline(always)]
-fn still_allowed(hit: &Decided, saddr: u32) -> bool {
+fn still_allowed<P: FlowPacket>(hit: &Decided, pkt: &P) -> bool {
     match maps::service(hit.service_id) {
-        Some(svc) if svc.flags & SERVICE_ALLOW != 0 => maps::allowed(hit.service_id, saddr),
+        Some(svc) if svc.flags & SERVICE_ALLOW != 0 => pkt.source_allowed(hit.service_id),
         _ => true,
     }
 }

@@ -1,20 +1,18 @@
-//! IPv6 at the balancer. Not balanced yet: the odd packets of a VIP address are dropped
-//! with a reason, as for IPv4, and everything else goes to the kernel.
-use lb_common::{FAMILY_V6, Reason, VipAddrKey};
+//! IPv6 at the balancer: TCP and UDP to a v6 VIP go through the flow pipeline of
+//! balance.rs (mode nat); the odd packets of a VIP address are dropped with a reason, as for
+//! IPv4, and everything else (neighbour discovery included) goes to the kernel.
+use lb_common::{Backend, FAMILY_V6, FlowKey, Reason, VipAddrKey, VipKey};
 
 use crate::{
-    balance::Verdict,
+    balance::{Decided, FlowPacket, Hook, Target, Verdict, balance_flow},
     maps::VIP_ADDRS,
-    parse::PacketBuf,
-    parse6::{Addr6, Parsed6, parse6},
+    parse6::{Addr6, L4Packet6, Parsed6, parse6},
 };
 
 #[inline(always)]
-pub fn balance6<B: PacketBuf>(buf: &B, l3_off: usize) -> Verdict {
-    match parse6(buf, l3_off) {
-        // The v6 services' seam: their VIP addresses cannot be configured yet.
-        Parsed6::L4(pkt) if is_vip_addr6(&pkt.daddr) => Verdict::Pass(Reason::PassIpv6),
-        Parsed6::L4(_) => Verdict::Pass(Reason::PassNotVip),
+pub fn balance6<H: Hook>(ctx: &H, l3_off: usize) -> Verdict {
+    match parse6(ctx, l3_off) {
+        Parsed6::L4(pkt) => balance_flow(ctx, &pkt),
         // Neighbour discovery included: it always reaches the kernel.
         Parsed6::Icmp(icmp) if is_vip_addr6(&icmp.daddr) => Verdict::Pass(Reason::PassIcmp),
         Parsed6::Icmp(_) | Parsed6::NotL4 => Verdict::Pass(Reason::PassNotL4),
@@ -29,6 +27,46 @@ pub fn balance6<B: PacketBuf>(buf: &B, l3_off: usize) -> Verdict {
         }
         Parsed6::TooManyExtHeaders(_) => Verdict::Pass(Reason::PassIpv6),
     }
+}
+
+impl FlowPacket for L4Packet6 {
+    const FAMILY: u8 = FAMILY_V6;
+    #[inline(always)]
+    fn flow_key(&self) -> FlowKey {
+        L4Packet6::flow_key(self)
+    }
+    #[inline(always)]
+    fn vip_key(&self) -> VipKey {
+        VipKey {
+            addr: self.daddr,
+            port: self.dport,
+            proto: self.proto,
+            family: FAMILY_V6,
+        }
+    }
+    /// Extension headers are forwarded as they came.
+    #[inline(always)]
+    fn has_ip_options(&self) -> bool {
+        false
+    }
+    /// Allow lists hold IPv4 ranges (the config takes none on a v6 service).
+    #[inline(always)]
+    fn source_allowed(&self, _service_id: u32) -> bool {
+        false
+    }
+    #[inline(always)]
+    fn send<H: Hook>(&self, ctx: &H, target: &Target, _hash: u32, now: u64) -> Verdict {
+        ctx.send6(self, target, now)
+    }
+    #[inline(always)]
+    fn not_vip<H: Hook>(&self, _ctx: &H, _now: u64) -> Verdict {
+        Verdict::Pass(Reason::PassNotVip)
+    }
+    /// `xlb trace` records IPv4 flows only.
+    #[inline(always)]
+    fn trace_packet<H: Hook>(&self, _: &H, _: &Decided, _: &Backend, _: &Verdict) {}
+    #[inline(always)]
+    fn trace_dropped<H: Hook>(&self, _: &H, _: &Decided, _: Reason) {}
 }
 
 #[inline(always)]

@@ -14,15 +14,15 @@ use aya_ebpf::{
     maps::LruHashMap,
 };
 use lb_common::{
-    Backend, FAMILY_V4, FLOW_FIN_CLIENT, FLOW_FIN_SERVER, FLOW_REPLIED, FLOW_RST, Flow, FlowKey,
-    FlowTable, MODE_DSR, MODE_FULLNAT, MODE_NAT, PROTO_UDP, Reason, RevNat, Service,
+    Backend, FLOW_FIN_CLIENT, FLOW_FIN_SERVER, FLOW_REPLIED, FLOW_RST, Flow, FlowKey, FlowTable,
+    MODE_DSR, MODE_FULLNAT, MODE_NAT, PROTO_UDP, Reason, RevNat, Service,
     sizes::{FLOW_REFRESH_NS, UDP_IDLE_TIMEOUT_NS},
 };
 
 use crate::{
     maps::{self, CONNTRACK, CONNTRACK_NEW, REV_NAT, REV_NAT_NEW, SNAT_REV, SNAT_REV_NEW, Scratch},
     nat::Endpoint,
-    parse::L4Packet,
+    parse::Segment,
     replies, snat,
     stats::{self, TableOp},
 };
@@ -72,10 +72,10 @@ pub struct Known {
 /// died (a drained one keeps its flows), a UDP flow idled past its timeout, or a SYN reopens
 /// a closed flow. Records the client's FIN and RST.
 #[inline(always)]
-pub fn lookup(
+pub fn lookup<P: Segment>(
     key: &FlowKey,
     svc: &Service,
-    pkt: &L4Packet,
+    pkt: &P,
     now: u64,
     ifindex: u32,
 ) -> Option<Known> {
@@ -86,7 +86,7 @@ pub fn lookup(
     let flow = unsafe { &mut *flow };
     let idle = now.saturating_sub(flow.last_seen_ns);
     let stale =
-        (key.proto == PROTO_UDP && idle > UDP_IDLE_TIMEOUT_NS) || (pkt.syn && flow.is_closed());
+        (key.proto == PROTO_UDP && idle > UDP_IDLE_TIMEOUT_NS) || (pkt.syn() && flow.is_closed());
     let backend = maps::backend(flow.backend_id.into())
         .filter(|b| u32::from(flow.service_id) == svc.id && b.is_alive() && b.service_id == svc.id);
     let Some(backend) = backend.filter(|_| !stale) else {
@@ -96,7 +96,7 @@ pub fn lookup(
         remove(table, key);
         return None;
     };
-    let state = flow.state | closing_bits(pkt.fin, pkt.rst, FLOW_FIN_CLIENT);
+    let state = flow.state | closing_bits(pkt.fin(), pkt.rst(), FLOW_FIN_CLIENT);
     if state != flow.state {
         flow.state = state;
     }
@@ -114,7 +114,7 @@ pub fn lookup(
         }
     }
     let promote =
-        table == Table::New && !pkt.syn && (svc.mode == MODE_DSR || state & FLOW_REPLIED != 0);
+        table == Table::New && !pkt.syn() && (svc.mode == MODE_DSR || state & FLOW_REPLIED != 0);
     Some(Known {
         table,
         backend_id: flow.backend_id.into(),
@@ -163,9 +163,9 @@ fn insert<V>(map: &LruHashMap<FlowKey, V>, which: FlowTable, key: &FlowKey, valu
 /// came in. Without room the packet is still
 /// forwarded: Maglev sends the flow's next packets to the same backend.
 #[inline(always)]
-pub fn insert_new(
+pub fn insert_new<P: Segment>(
     key: &FlowKey,
-    pkt: &L4Packet,
+    pkt: &P,
     svc: &Service,
     (backend_id, backend): (u32, &Backend),
     snat: Endpoint,
@@ -179,7 +179,7 @@ pub fn insert_new(
     s.flow.last_seen_ns = now;
     s.flow.snat = [snat.addr, 0, 0, 0];
     s.flow.snat_port = snat.port;
-    s.flow.state = closing_bits(pkt.fin, pkt.rst, FLOW_FIN_CLIENT);
+    s.flow.state = closing_bits(pkt.fin(), pkt.rst(), FLOW_FIN_CLIENT);
     s.flow._pad = 0;
     s.flow.created_s = (now / 1_000_000_000) as u32;
     s.flow.ifindex = ifindex;
@@ -267,7 +267,7 @@ pub fn mark_reply(flow: *mut Flow, table: Table, fin: bool, rst: bool) {
 
 /// Where a nat reply goes back to.
 pub struct ReplyTo {
-    pub vip: u32,
+    pub vip: [u32; 4],
     pub vip_port: u16,
     /// The flow's ingress interface.
     pub ifindex: u32,
@@ -281,7 +281,7 @@ pub struct ReplyTo {
 #[inline(always)]
 pub fn reply_mapping(reply: &FlowKey) -> Option<ReplyTo> {
     let own = |rev: &RevNat, table| ReplyTo {
-        vip: rev.vip[0],
+        vip: rev.vip,
         vip_port: rev.vip_port,
         ifindex: rev.ifindex,
         table,
@@ -293,7 +293,7 @@ pub fn reply_mapping(reply: &FlowKey) -> Option<ReplyTo> {
     let s = maps::scratch()?;
     if let Some(e) = replies::embryonic(reply, &mut s.endpoint, &mut s.key) {
         return Some(ReplyTo {
-            vip: e.vip[0],
+            vip: e.vip,
             vip_port: e.vip_port,
             ifindex: unsafe { (*e.flow).ifindex },
             table: Table::New,
@@ -308,7 +308,7 @@ pub fn reply_mapping(reply: &FlowKey) -> Option<ReplyTo> {
 pub fn forward_of_reply(reply: &FlowKey, rev: &ReplyTo) -> FlowKey {
     FlowKey {
         src: reply.dst,
-        dst: [rev.vip, 0, 0, 0],
+        dst: rev.vip,
         src_port: reply.dst_port,
         dst_port: rev.vip_port,
         proto: reply.proto,
@@ -325,7 +325,7 @@ fn rev_nat_entry(s: &mut Scratch, key: &FlowKey, backend: &Backend, service_id: 
     s.key.src_port = backend.port;
     s.key.dst_port = key.src_port;
     s.key.proto = key.proto;
-    s.key.family = FAMILY_V4;
+    s.key.family = key.family;
     s.key._pad = 0;
     s.rev_nat.vip = key.dst;
     s.rev_nat.vip_port = key.dst_port;

@@ -43,3 +43,14 @@ pub fn replace2(check: u16, old: u16, new: u16) -> u16 {
     let sum = (!check) as u32 + (!old) as u32 + new as u32;
     fold(sum)
 }
+
+/// Checksum after a 128-bit field (an IPv6 address in a pseudo-header) changed.
+#[inline(always)]
+pub fn replace16(check: u16, old: &[u32; 4], new: &[u32; 4]) -> u16 {
+    let mut sum = (!check) as u32;
+    for i in 0..4 {
+        let (old, new) = (!old[i], new[i]);
+        sum += (old >> 16) + (old & 0xffff) + (new >> 16) + (new & 0xffff);
+    }
+    fold(sum)
+}

@@ -31,19 +31,24 @@ fn slot(hash: u32) -> u32 {
     hash & (FLOW_CACHE_SLOTS - 1)
 }
 
-/// The target of a flow the slow path saw less than a second ago, whose backend still
-/// takes it.
+/// Writes the target of a flow the slow path saw less than a second ago, whose backend
+/// still takes it, into `out`; false (and `out` untouched) if there is none. In place: a
+/// returned copy would take another slot of the balancer's stack.
 #[inline(always)]
-pub fn lookup(key: &FlowKey, hash: u32, now: u64) -> Option<Decided> {
-    let entry = FLOW_CACHE.get(slot(hash))?;
+pub fn lookup(key: &FlowKey, hash: u32, now: u64, out: &mut Decided) -> bool {
+    let Some(entry) = FLOW_CACHE.get(slot(hash)) else {
+        return false;
+    };
     if entry.key != *key || now.wrapping_sub(entry.checked_ns) > FLOW_REFRESH_NS {
-        return None;
+        return false;
     }
-    let backend = maps::backend(entry.backend_id)?;
+    let Some(backend) = maps::backend(entry.backend_id) else {
+        return false;
+    };
     if !backend.is_alive() || backend.service_id != entry.service_id {
-        return None;
+        return false;
     }
-    Some(Decided {
+    *out = Decided {
         service_id: entry.service_id,
         mode: entry.mode,
         flags: entry.flags,
@@ -53,7 +58,8 @@ pub fn lookup(key: &FlowKey, hash: u32, now: u64) -> Option<Decided> {
             addr: entry.snat_addr,
             port: entry.snat_port,
         },
-    })
+    };
+    true
 }
 
 /// Records what the slow path decided (overwriting whatever flow had the slot).

@@ -12,7 +12,8 @@ use crate::{
     encap, icmp, icmp_tc,
     nat::{self, End, Endpoint},
     parse::{ETH_HLEN, IcmpPacket, L4Packet},
-    route::{self, Fallback},
+    parse6::L4Packet6,
+    route::{self, Decrement, Fallback},
     snat, stats,
 };
 
@@ -52,6 +53,14 @@ impl Hook for XdpContext {
     fn icmp(&self, icmp: &IcmpPacket, now: u64) -> Verdict {
         icmp::handle(self, icmp, now)
     }
+
+    #[inline(always)]
+    fn send6(&self, pkt: &L4Packet6, target: &Target, _now: u64) -> Verdict {
+        if target.mode != MODE_NAT {
+            return Verdict::Drop(Reason::DropUnsupportedMode);
+        }
+        send_nat6(self, pkt, target)
+    }
 }
 
 /// What a sender needs. Each mode's sender is a subprogram: the verifier checks it once per
@@ -80,10 +89,26 @@ fn send_nat(ctx: &XdpContext, out: &Outgoing) -> Verdict {
         return Verdict::Drop(Reason::DropMalformed);
     }
     if target.backend.deliver_ifindex != 0 {
-        return local_delivery(pkt, target);
+        return local_delivery(pkt.l3_off, target);
     }
     let hop = route::lookup(ctx, backend.addr, 0, out.now);
-    let (action, reason) = route::transmit(ctx, &hop, pkt.l3_off, true, Fallback::Kernel);
+    let (action, reason) = route::transmit(ctx, &hop, pkt.l3_off, Decrement::Ttl, Fallback::Kernel);
+    Verdict::Sent(action, reason)
+}
+
+/// DNAT66 to the backend, sent as v4 nat is (local bridge, or the FIB's next hop).
+#[inline(never)]
+fn send_nat6(ctx: &XdpContext, pkt: &L4Packet6, target: &Target) -> Verdict {
+    let backend = target.backend;
+    if nat::dnat_v6(ctx, pkt, &backend.addr, backend.port).is_none() {
+        return Verdict::Drop(Reason::DropMalformed);
+    }
+    if backend.deliver_ifindex != 0 {
+        return local_delivery(pkt.l3_off, target);
+    }
+    let hop = route::lookup6(ctx, &backend.addr);
+    let (action, reason) =
+        route::transmit(ctx, &hop, pkt.l3_off, Decrement::HopLimit, Fallback::Kernel);
     Verdict::Sent(action, reason)
 }
 
@@ -94,7 +119,7 @@ fn send_fullnat(ctx: &XdpContext, out: &Outgoing) -> Verdict {
     if nat::full_nat_v4(ctx, pkt, out.target.snat, backend).is_none() {
         return Verdict::Drop(Reason::DropMalformed);
     }
-    let (action, reason) = route::transmit(ctx, &hop, pkt.l3_off, true, Fallback::Tc);
+    let (action, reason) = route::transmit(ctx, &hop, pkt.l3_off, Decrement::Ttl, Fallback::Tc);
     Verdict::Sent(action, reason)
 }
 
@@ -128,7 +153,7 @@ fn send_dsr(ctx: &XdpContext, out: &Outgoing) -> Verdict {
     {
         return Verdict::Drop(Reason::DropMalformed);
     }
-    let (action, reason) = route::transmit(ctx, &hop, ETH_HLEN, false, Fallback::Tc);
+    let (action, reason) = route::transmit(ctx, &hop, ETH_HLEN, Decrement::No, Fallback::Tc);
     Verdict::Sent(action, reason)
 }
 
@@ -162,15 +187,15 @@ fn reverse_fullnat(ctx: &XdpContext, pkt: &L4Packet, now: u64) -> Option<Verdict
         return Some(Verdict::Drop(Reason::DropMalformed));
     }
     stats::count(Reason::RevSnat);
-    let (action, reason) = route::transmit(ctx, &hop, pkt.l3_off, true, Fallback::Tc);
+    let (action, reason) = route::transmit(ctx, &hop, pkt.l3_off, Decrement::Ttl, Fallback::Tc);
     Some(Verdict::Sent(action, reason))
 }
 
 /// A packet for a local container: straight to its eth0 once the agent knows its host-side
 /// veth (and the frame has no VLAN tag to strip), else through its bridge.
 #[inline(always)]
-fn local_delivery(pkt: &L4Packet, target: &Target) -> Verdict {
-    if pkt.l3_off == ETH_HLEN && target.backend.port_ifindex != 0 {
+fn local_delivery(l3_off: usize, target: &Target) -> Verdict {
+    if l3_off == ETH_HLEN && target.backend.port_ifindex != 0 {
         Verdict::ToContainer {
             backend_id: target.backend_id,
         }
@@ -203,7 +228,22 @@ impl Hook for TcContext {
         if backend.deliver_ifindex == 0 {
             return Verdict::Forward { deliver_to: 0 };
         }
-        local_delivery(pkt, target)
+        local_delivery(pkt.l3_off, target)
+    }
+
+    #[inline(always)]
+    fn send6(&self, pkt: &L4Packet6, target: &Target, _now: u64) -> Verdict {
+        if target.mode != MODE_NAT {
+            return Verdict::Drop(Reason::DropUnsupportedMode);
+        }
+        let backend = target.backend;
+        if nat::rewrite_tc6(self, pkt, End::Destination, &backend.addr, backend.port).is_err() {
+            return Verdict::Drop(Reason::DropMalformed);
+        }
+        if backend.deliver_ifindex == 0 {
+            return Verdict::Forward { deliver_to: 0 };
+        }
+        local_delivery(pkt.l3_off, target)
     }
 
     fn reverse(&self, _pkt: &L4Packet, _now: u64) -> Option<Verdict> {

@@ -22,7 +22,7 @@ use crate::{
     maps::{self, CONNTRACK, CONNTRACK_NEW, VIP_ADDRS, VIPS},
     nat::Endpoint,
     parse::{ETH_HLEN, IPV4_HLEN, IcmpPacket, Ipv4Hdr, L4Packet, PROTO_ICMP, PacketBuf, load},
-    route::{self, Fallback},
+    route::{self, Decrement, Fallback},
     snat, stats,
 };
 
@@ -249,13 +249,15 @@ fn to_backend(ctx: &XdpContext, icmp: &IcmpPacket, now: u64) -> Option<Verdict> 
                 });
             }
             let hop = route::lookup(ctx, to.addr, 0, now);
-            let (action, reason) = route::transmit(ctx, &hop, icmp.l3_off, true, Fallback::Kernel);
+            let (action, reason) =
+                route::transmit(ctx, &hop, icmp.l3_off, Decrement::Ttl, Fallback::Kernel);
             Some(Verdict::Sent(action, reason))
         }
         MODE_FULLNAT => {
             let hop = route::lookup(ctx, to.addr, 0, now);
             translate(ctx, icmp, &q, Some(snat.addr), to, Some(snat))?;
-            let (action, reason) = route::transmit(ctx, &hop, icmp.l3_off, true, Fallback::Tc);
+            let (action, reason) =
+                route::transmit(ctx, &hop, icmp.l3_off, Decrement::Ttl, Fallback::Tc);
             Some(Verdict::Sent(action, reason))
         }
         MODE_DSR => {
@@ -265,7 +267,8 @@ fn to_backend(ctx: &XdpContext, icmp: &IcmpPacket, now: u64) -> Option<Verdict> 
             let hop = route::lookup(ctx, to.addr, outer_len, now);
             let source = hop.source().filter(|_| !hop.too_big())?;
             encap::encap_v4(ctx, icmp.l3_off, icmp.tot_len, source, to.addr, gue, hash)?;
-            let (action, reason) = route::transmit(ctx, &hop, ETH_HLEN, false, Fallback::Tc);
+            let (action, reason) =
+                route::transmit(ctx, &hop, ETH_HLEN, Decrement::No, Fallback::Tc);
             Some(Verdict::Sent(action, reason))
         }
         _ => None,
@@ -298,7 +301,7 @@ fn from_fullnat_backend(ctx: &XdpContext, icmp: &IcmpPacket, now: u64) -> Option
     let hop = route::lookup(ctx, client.addr, 0, now);
     translate(ctx, icmp, &q, outer_src, client, Some(vip))?;
     stats::count(Reason::RevSnat);
-    let (action, reason) = route::transmit(ctx, &hop, icmp.l3_off, true, Fallback::Tc);
+    let (action, reason) = route::transmit(ctx, &hop, icmp.l3_off, Decrement::Ttl, Fallback::Tc);
     Some(Verdict::Sent(action, reason))
 }
 

@@ -114,7 +114,7 @@ pub fn reverse_nat(ctx: &TcContext, icmp: &IcmpPacket) -> Option<u32> {
         _pad: 0,
     };
     let rev = conntrack::reply_mapping(&reply)?;
-    let (vip, vip_port, ifindex) = (rev.vip, rev.vip_port, rev.ifindex);
+    let (vip, vip_port, ifindex) = (rev.vip[0], rev.vip_port, rev.ifindex);
     match rewrite(ctx, icmp, &q, vip, vip_port) {
         Ok(()) => stats::count(Reason::RevNat),
         Err(_) => stats::count(Reason::RevNatError),

@@ -36,14 +36,15 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use lb_common::Reason;
+use lb_common::{FlowKey, Reason};
 
 use crate::{
     balance::Verdict,
     conntrack::Table,
     deliver::Marked,
     nat::End,
-    parse::{Parsed, parse},
+    parse::{Parsed, Segment, parse},
+    parse6::{Parsed6, parse6},
 };
 
 /// tcx "next" / cls_act "unspec": let the packet continue to other programs and the stack.
@@ -108,6 +109,14 @@ pub fn xlb_tc_ingress(ctx: TcContext) -> i32 {
 
 /// Eth + VLAN + IPv4 with options + TCP: all the headers the reverse NAT reads.
 const MAX_HEADERS: usize = parse::ETH_HLEN + 4 + 60 + 20;
+/// The same for IPv6, with room for a few extension headers.
+const MAX_HEADERS6: usize = parse::ETH_HLEN + 4 + parse6::IPV6_HLEN + 64 + 20;
+
+/// Whether part of the skb's data is outside its linear buffer (where headers may be).
+#[inline(always)]
+fn nonlinear(ctx: &TcContext) -> bool {
+    ctx.data_end() - ctx.data() < ctx.len() as usize
+}
 
 /// Rewrites a reply of a NATed flow (or an ICMP error about one) back to its VIP; returns the flow's ingress interface.
 #[inline(always)]
@@ -115,9 +124,10 @@ fn reverse_nat(ctx: &TcContext) -> Option<u32> {
     let pkt = match parse(ctx) {
         Parsed::L4(pkt) => pkt,
         Parsed::Icmp(icmp) => return icmp_tc::reverse_nat(ctx, &icmp),
+        Parsed::Ipv6(l3_off) => return reverse_nat6(ctx, l3_off),
         // Headers partly outside the linear buffer: pull them in and look again. Only
         // then, since pulling can copy the skb head.
-        Parsed::Malformed(_) if ctx.data_end() - ctx.data() < ctx.len() as usize => {
+        Parsed::Malformed(_) if nonlinear(ctx) => {
             ctx.pull_data(ctx.len().min(MAX_HEADERS as u32)).ok()?;
             match parse(ctx) {
                 Parsed::L4(pkt) => pkt,
@@ -126,24 +136,65 @@ fn reverse_nat(ctx: &TcContext) -> Option<u32> {
         }
         _ => return None,
     };
-    let reply = pkt.flow_key();
-    let rev = conntrack::reply_mapping(&reply)?;
-    let (vip, vip_port, ifindex) = (rev.vip, rev.vip_port, rev.ifindex);
+    let rev = reply_of(&pkt.flow_key(), &pkt)?;
+    count_rewrite(nat::rewrite_tc(
+        ctx,
+        &pkt,
+        End::Source,
+        rev.vip[0],
+        rev.vip_port,
+    ));
+    Some(rev.ifindex)
+}
+
+/// `reverse_nat` for IPv6 at `l3_off`.
+#[inline(always)]
+fn reverse_nat6(ctx: &TcContext, l3_off: usize) -> Option<u32> {
+    let pkt = match parse6(ctx, l3_off) {
+        Parsed6::L4(pkt) => pkt,
+        Parsed6::Malformed(_) if nonlinear(ctx) => {
+            ctx.pull_data(ctx.len().min(MAX_HEADERS6 as u32)).ok()?;
+            match parse6(ctx, l3_off) {
+                Parsed6::L4(pkt) => pkt,
+                _ => return None,
+            }
+        }
+        _ => return None,
+    };
+    let rev = reply_of(&pkt.flow_key(), &pkt)?;
+    count_rewrite(nat::rewrite_tc6(
+        ctx,
+        &pkt,
+        End::Source,
+        &rev.vip,
+        rev.vip_port,
+    ));
+    Some(rev.ifindex)
+}
+
+/// The mapping of a nat flow's reply, with the reply's FIN or RST recorded on the flow.
+#[inline(always)]
+fn reply_of<P: Segment>(reply: &FlowKey, pkt: &P) -> Option<conntrack::ReplyTo> {
+    let rev = conntrack::reply_mapping(reply)?;
     match rev.flow {
-        Some(flow) => conntrack::mark_reply(flow, rev.table, pkt.fin, pkt.rst),
-        None if rev.table == Table::New || pkt.closing => conntrack::reply_seen(
-            &conntrack::forward_of_reply(&reply, &rev),
+        Some(flow) => conntrack::mark_reply(flow, rev.table, pkt.fin(), pkt.rst()),
+        None if rev.table == Table::New || pkt.closing() => conntrack::reply_seen(
+            &conntrack::forward_of_reply(reply, &rev),
             rev.table,
-            pkt.fin,
-            pkt.rst,
+            pkt.fin(),
+            pkt.rst(),
         ),
         None => {}
     }
-    match nat::rewrite_tc(ctx, &pkt, End::Source, vip, vip_port) {
+    Some(rev)
+}
+
+#[inline(always)]
+fn count_rewrite(result: Result<(), i64>) {
+    match result {
         Ok(()) => stats::count(Reason::RevNat),
         Err(_) => stats::count(Reason::RevNatError),
     }
-    Some(ifindex)
 }
 
 /// TC egress of a front NIC: replies routed by the kernel get the VIP back as source.

@@ -8,6 +8,7 @@ use lb_common::PROTO_UDP;
 use crate::{
     csum,
     parse::{Ipv4Hdr, L4Packet, PacketBuf, load},
+    parse6::{Addr6, Ipv6Hdr, L4Packet6},
 };
 
 /// Offsets of the IPv4 checksum and addresses within the header.
@@ -80,6 +81,29 @@ fn rewrite_v4(
     Some(())
 }
 
+/// DNAT66 in XDP: destination address and port become the backend's. v6 has no IP
+/// checksum; the L4 one covers both addresses through the pseudo-header.
+#[inline(always)]
+pub fn dnat_v6(ctx: &XdpContext, pkt: &L4Packet6, addr: &Addr6, port: u16) -> Option<()> {
+    let ip = ctx.ptr_at::<Ipv6Hdr>(pkt.l3_off)?;
+    let check = ctx.ptr_at::<u16>(pkt.csum_off())?;
+    let ports = ctx.ptr_at::<[u16; 2]>(pkt.l4_off)?;
+    store(unsafe { &raw mut (*ip).daddr }, *addr);
+    store(unsafe { &raw mut (*ports)[1] }, port);
+    let l4_check = load(check);
+    // UDP over v6 must carry a checksum; one that does not is left as it came.
+    if pkt.proto == PROTO_UDP && l4_check == 0 {
+        return Some(());
+    }
+    let mut l4_check = csum::replace16(l4_check, &pkt.daddr, addr);
+    l4_check = csum::replace2(l4_check, pkt.dport, port);
+    if pkt.proto == PROTO_UDP && l4_check == 0 {
+        l4_check = 0xffff;
+    }
+    store(check, l4_check);
+    Some(())
+}
+
 /// Which end of a packet a TC rewrite changes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum End {
@@ -116,6 +140,42 @@ pub fn rewrite_tc(
     ctx.l4_csum_replace(pkt.csum_off, old_port as u64, port as u64, udp_flag | 2)?;
     ctx.l3_csum_replace(pkt.l3_off + IP_CSUM_OFF, old_addr as u64, addr as u64, 4)?;
     ctx.store(pkt.l3_off + addr_off, &addr, 0)?;
+    ctx.store(pkt.l4_off + port_off, &port, 0)?;
+    Ok(())
+}
+
+/// Offsets of the IPv6 addresses within the header.
+const IP6_SADDR_OFF: usize = 8;
+const IP6_DADDR_OFF: usize = 24;
+
+/// `rewrite_tc` for IPv6: the address word by word into the L4 checksum (pseudo-header).
+#[inline(always)]
+pub fn rewrite_tc6(
+    ctx: &TcContext,
+    pkt: &L4Packet6,
+    end: End,
+    addr: &Addr6,
+    port: u16,
+) -> Result<(), i64> {
+    let (old_addr, addr_off, old_port, port_off) = match end {
+        End::Source => (&pkt.saddr, IP6_SADDR_OFF, pkt.sport, 0),
+        End::Destination => (&pkt.daddr, IP6_DADDR_OFF, pkt.dport, 2),
+    };
+    let udp_flag = if pkt.proto == PROTO_UDP {
+        BPF_F_MARK_MANGLED_0 as u64
+    } else {
+        0
+    };
+    for i in 0..4 {
+        ctx.l4_csum_replace(
+            pkt.csum_off(),
+            old_addr[i] as u64,
+            addr[i] as u64,
+            BPF_F_PSEUDO_HDR as u64 | udp_flag | 4,
+        )?;
+    }
+    ctx.l4_csum_replace(pkt.csum_off(), old_port as u64, port as u64, udp_flag | 2)?;
+    ctx.store(pkt.l3_off + addr_off, addr, 0)?;
     ctx.store(pkt.l4_off + port_off, &port, 0)?;
     Ok(())
 }

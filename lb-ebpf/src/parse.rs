@@ -168,6 +168,34 @@ impl L4Packet {
     }
 }
 
+/// The TCP flags the flow tables follow, of a packet of either family (all false for UDP).
+pub trait Segment {
+    /// A SYN without ACK: the first packet of a connection.
+    fn syn(&self) -> bool;
+    fn fin(&self) -> bool;
+    fn rst(&self) -> bool;
+    /// A FIN or RST: the connection is ending.
+    #[inline(always)]
+    fn closing(&self) -> bool {
+        self.fin() || self.rst()
+    }
+}
+
+impl Segment for L4Packet {
+    #[inline(always)]
+    fn syn(&self) -> bool {
+        self.syn
+    }
+    #[inline(always)]
+    fn fin(&self) -> bool {
+        self.fin
+    }
+    #[inline(always)]
+    fn rst(&self) -> bool {
+        self.rst
+    }
+}
+
 /// An ICMP message in IPv4 (without IP options), with what the balancer reads of it.
 pub struct IcmpPacket {
     pub l3_off: usize,

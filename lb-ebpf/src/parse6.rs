@@ -2,7 +2,9 @@
 //! the ICMPv6 type. Checked like `parse` (every read against `data_end`); nothing here writes.
 use lb_common::{IPV6_MAX_EXT_HEADERS, PROTO_TCP, PROTO_UDP};
 
-use crate::parse::{L4Header, PacketBuf, l4_header, load};
+use lb_common::{FAMILY_V6, FlowKey};
+
+use crate::parse::{PacketBuf, Segment, TCP_CSUM_OFF, UDP_CSUM_OFF, l4_header, load};
 
 pub const IPV6_HLEN: usize = 40;
 
@@ -32,20 +34,60 @@ pub type Addr6 = [u32; 4];
 
 /// An IPv6 TCP/UDP packet with what the balancer needs. Addresses and ports are in network
 /// byte order; the offsets are what a rewrite needs (no IP checksum in v6).
-#[allow(dead_code)] // the v6 balancer's input; only the VIP check reads it yet
 pub struct L4Packet6 {
     pub l3_off: usize,
     pub l4_off: usize,
-    /// Offset of the L4 checksum field.
-    pub csum_off: usize,
     pub proto: u8,
-    /// The IPv6 payload length (extension headers and L4).
-    pub payload_len: u16,
-    /// Extension headers came before the L4 header.
-    pub has_ext_headers: bool,
-    pub l4: L4Header,
+    /// As in `L4Header` (the fields, not the header: a smaller frame for the balancer).
+    pub syn: bool,
+    pub fin: bool,
+    pub rst: bool,
+    pub sport: u16,
+    pub dport: u16,
     pub saddr: Addr6,
     pub daddr: Addr6,
+}
+
+impl L4Packet6 {
+    /// Offset of the L4 checksum field (computed: one field less on the balancer's stack).
+    #[inline(always)]
+    pub fn csum_off(&self) -> usize {
+        self.l4_off
+            + if self.proto == PROTO_TCP {
+                TCP_CSUM_OFF
+            } else {
+                UDP_CSUM_OFF
+            }
+    }
+
+    /// The packet's 5-tuple, source first.
+    #[inline(always)]
+    pub fn flow_key(&self) -> FlowKey {
+        FlowKey {
+            src: self.saddr,
+            dst: self.daddr,
+            src_port: self.sport,
+            dst_port: self.dport,
+            proto: self.proto,
+            family: FAMILY_V6,
+            _pad: 0,
+        }
+    }
+}
+
+impl Segment for L4Packet6 {
+    #[inline(always)]
+    fn syn(&self) -> bool {
+        self.syn
+    }
+    #[inline(always)]
+    fn fin(&self) -> bool {
+        self.fin
+    }
+    #[inline(always)]
+    fn rst(&self) -> bool {
+        self.rst
+    }
 }
 
 /// An ICMPv6 message, with what the balancer reads of it.
@@ -142,11 +184,12 @@ pub fn parse6<B: PacketBuf>(buf: &B, l3_off: usize) -> Parsed6 {
     Parsed6::L4(L4Packet6 {
         l3_off,
         l4_off: off,
-        csum_off: off + l4.csum_off,
         proto: next,
-        payload_len: payload_len as u16,
-        has_ext_headers: off != l3_off + IPV6_HLEN,
-        l4,
+        syn: l4.syn,
+        fin: l4.fin,
+        rst: l4.rst,
+        sport: l4.ports.src,
+        dport: l4.ports.dst,
         saddr: load(unsafe { &raw const (*ip).saddr }),
         daddr,
     })

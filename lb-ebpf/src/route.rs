@@ -21,9 +21,11 @@ use crate::{
     deliver,
     maps::{FIB_PARAMS, HOP_CACHE, TX_PORTS},
     parse::{ETH_HLEN, Ipv4Hdr, PacketBuf, load},
+    parse6::{Addr6, Ipv6Hdr},
 };
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 const ETH_P_IP: u16 = 0x0800;
 
 /// Destination then source MAC as 16-bit words in wire order: twelve separate bytes would
@@ -113,30 +115,54 @@ pub fn lookup(ctx: &XdpContext, daddr: u32, tot_len: u16, now: u64) -> NextHop {
 
 #[inline(always)]
 fn fib(ctx: &XdpContext, ingress: u32, daddr: u32, tot_len: u16) -> NextHop {
-    // The parameters live in a per-CPU map value, not on the stack (512 bytes in all).
-    let Some(params) = FIB_PARAMS.get_ptr_mut(0) else {
+    let Some(params) = fib_params() else {
         return NextHop {
             rc: BPF_FIB_LKUP_RET_NOT_FWDED,
             ..NextHop::default()
         };
-    };
-    let params = unsafe {
-        core::ptr::write_bytes(params, 0, 1);
-        &mut *params
     };
     params.family = AF_INET;
     params.__bindgen_anon_1.tot_len = tot_len;
     params.ifindex = ingress;
     params.__bindgen_anon_4.ipv4_dst = daddr;
     // The source is asked for always, so one answer serves every use of the route.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.as_ptr(),
-            params,
-            size_of::<FibParams>() as i32,
-            BPF_FIB_LOOKUP_SRC,
-        )
-    } as u32;
+    let mut hop = ask(ctx, ingress, params, BPF_FIB_LOOKUP_SRC);
+    hop.src = unsafe { params.__bindgen_anon_3.ipv4_src };
+    hop
+}
+
+/// The next hop towards the IPv6 address `daddr`. Not cached (yet): the hop cache is keyed
+/// by IPv4 address. The source is not needed: nat, the only v6 mode, keeps the client's.
+#[inline(always)]
+pub fn lookup6(ctx: &XdpContext, daddr: &Addr6) -> NextHop {
+    let ingress = ctx.ingress_ifindex() as u32;
+    let Some(params) = fib_params() else {
+        return NextHop {
+            rc: BPF_FIB_LKUP_RET_NOT_FWDED,
+            ..NextHop::default()
+        };
+    };
+    params.family = AF_INET6;
+    params.ifindex = ingress;
+    params.__bindgen_anon_4.ipv6_dst = *daddr;
+    ask(ctx, ingress, params, 0)
+}
+
+/// Zeroed FIB parameters: in a per-CPU map value, not on the stack (512 bytes in all).
+#[inline(always)]
+fn fib_params() -> Option<&'static mut FibParams> {
+    let params = FIB_PARAMS.get_ptr_mut(0)?;
+    unsafe {
+        core::ptr::write_bytes(params, 0, 1);
+        Some(&mut *params)
+    }
+}
+
+/// Asks the FIB with `params` filled in (family, destination, ingress); `flags`: BPF_FIB_LOOKUP_*.
+#[inline(always)]
+fn ask(ctx: &XdpContext, ingress: u32, params: &mut FibParams, flags: u32) -> NextHop {
+    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), params, size_of::<FibParams>() as i32, flags) }
+        as u32;
     let dmac: [u16; 3] = unsafe { core::ptr::read_unaligned(params.dmac.as_ptr().cast()) };
     let smac: [u16; 3] = unsafe { core::ptr::read_unaligned(params.smac.as_ptr().cast()) };
     let macs = [dmac[0], dmac[1], dmac[2], smac[0], smac[1], smac[2]];
@@ -144,7 +170,7 @@ fn fib(ctx: &XdpContext, ingress: u32, daddr: u32, tot_len: u16) -> NextHop {
     NextHop {
         rc,
         ifindex,
-        src: unsafe { params.__bindgen_anon_3.ipv4_src },
+        src: 0,
         macs,
         own_port: ifindex == ingress || TX_PORTS.get_ifindex(ifindex).is_some(),
         _pad: 0,
@@ -162,13 +188,24 @@ pub enum Fallback {
     Tc,
 }
 
-/// Sends a rewritten packet (IPv4 at `l3_off`) to `hop`; returns the XDP action.
+/// What a router decrements in the packet at `l3_off` before XDP sends it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Decrement {
+    /// Nothing: the LB is the packet's source (an encapsulation, an answer).
+    No,
+    /// The IPv4 TTL.
+    Ttl,
+    /// The IPv6 hop limit.
+    HopLimit,
+}
+
+/// Sends a rewritten packet (IP at `l3_off`) to `hop`; returns the XDP action.
 #[inline(always)]
 pub fn transmit(
     ctx: &XdpContext,
     hop: &NextHop,
     l3_off: usize,
-    decrement_ttl: bool,
+    decrement: Decrement,
     fallback: Fallback,
 ) -> (u32, Reason) {
     let ifindex = hop.ifindex;
@@ -187,7 +224,12 @@ pub fn transmit(
         // The kernel forwards it, and decrements the TTL itself.
         _ => return (XDP_PASS, Reason::Forwarded),
     };
-    if decrement_ttl && !decrement(ctx, l3_off) {
+    let alive = match decrement {
+        Decrement::No => true,
+        Decrement::Ttl => decrement_ttl(ctx, l3_off),
+        Decrement::HopLimit => decrement_hop_limit(ctx, l3_off),
+    };
+    if !alive {
         return (XDP_PASS, Reason::PassTtl);
     }
     if !by_xdp {
@@ -219,7 +261,7 @@ pub fn write_eth_ipv4(ctx: &XdpContext, macs: Macs) -> Option<()> {
 
 /// Decrements the TTL as a router does (RFC 1624 update); false if it would reach zero.
 #[inline(always)]
-fn decrement(ctx: &XdpContext, l3_off: usize) -> bool {
+fn decrement_ttl(ctx: &XdpContext, l3_off: usize) -> bool {
     let Some(ip) = ctx.ptr_at::<Ipv4Hdr>(l3_off) else {
         return false;
     };
@@ -233,6 +275,22 @@ fn decrement(ctx: &XdpContext, l3_off: usize) -> bool {
         let check = u16::from_be(load(&raw const (*ip).check)) as u32 + 0x0100;
         let check = (check + (check >> 16)) as u16;
         core::ptr::write(&raw mut (*ip).check, check.to_be());
+    }
+    true
+}
+
+/// Decrements the IPv6 hop limit (no checksum covers it); false if it would reach zero.
+#[inline(always)]
+fn decrement_hop_limit(ctx: &XdpContext, l3_off: usize) -> bool {
+    let Some(ip) = ctx.ptr_at::<Ipv6Hdr>(l3_off) else {
+        return false;
+    };
+    unsafe {
+        let hops = load(&raw const (*ip).hop_limit);
+        if hops <= 1 {
+            return false;
+        }
+        (*ip).hop_limit = hops - 1;
     }
     true
 }

@@ -86,6 +86,17 @@ pub struct ServiceStatus {
     pub backends: Vec<BackendStatus>,
 }
 
+impl ServiceStatus {
+    /// `VIP:port`, an IPv6 VIP in brackets (`[fd99:100::1]:80`).
+    pub fn vip_port(&self) -> String {
+        if self.vip.contains(':') {
+            format!("[{}]:{}", self.vip, self.port)
+        } else {
+            format!("{}:{}", self.vip, self.port)
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BackendStatus {
     pub address: String,
@@ -284,10 +295,9 @@ impl Status {
             let up = svc.backends.iter().filter(|b| b.state == "up").count();
             let _ = writeln!(
                 out,
-                "\nSERVICE {}  {}:{}/{}  mode {}  backends {}/{} up  packets {}  bytes {}  new flows {}",
+                "\nSERVICE {}  {}/{}  mode {}  backends {}/{} up  packets {}  bytes {}  new flows {}",
                 svc.name,
-                svc.vip,
-                svc.port,
+                svc.vip_port(),
                 svc.protocol,
                 svc.mode,
                 up,

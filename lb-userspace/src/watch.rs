@@ -57,10 +57,9 @@ pub fn render(before: &Status, now: &Status, elapsed: Duration) -> String {
         let up = svc.backends.iter().filter(|b| b.state == "up").count();
         let _ = writeln!(
             out,
-            "\nSERVICE {}  {}:{}/{}  mode {}  backends {}/{} up  {:.1} pkt/s  {}  {:.1} new flows/s",
+            "\nSERVICE {}  {}/{}  mode {}  backends {}/{} up  {:.1} pkt/s  {}  {:.1} new flows/s",
             svc.name,
-            svc.vip,
-            svc.port,
+            svc.vip_port(),
             svc.protocol,
             svc.mode,
             up,

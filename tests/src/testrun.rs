@@ -222,8 +222,8 @@ impl LoadedDatapath {
         &mut self.datapath
     }
 
-    /// Makes `addr` a VIP address of the data path, behind the reconciler's back (the config
-    /// takes no IPv6 VIP yet).
+    /// Makes `addr` a VIP address of the data path, behind the reconciler's back (a VIP
+    /// address without a service).
     pub fn add_vip_addr(&mut self, addr: std::net::IpAddr) {
         use xlb::reconcile::Maps as _;
         let (family, addr) = lb_common::addr_words(addr);
@@ -438,12 +438,13 @@ pub fn unchecked_desired_state(services: &str) -> DesiredState {
 }
 
 /// One `[[service]]` table in nat mode, health checks off, with `(backend, weight)` pairs.
-pub fn service_toml(
+pub fn service_toml<A: Into<std::net::SocketAddr> + Copy>(
     name: &str,
-    vip: SocketAddrV4,
+    vip: A,
     protocol: &str,
-    backends: &[(SocketAddrV4, u32)],
+    backends: &[(A, u32)],
 ) -> String {
+    let vip: std::net::SocketAddr = vip.into();
     let mut s = format!(
         "[[service]]\nname = \"{name}\"\nvip = \"{}\"\nport = {}\nprotocol = \"{protocol}\"\nmode = \"nat\"\n\
          [service.health]\ntype = \"none\"\n",
@@ -451,6 +452,7 @@ pub fn service_toml(
         vip.port()
     );
     for (backend, weight) in backends {
+        let backend: std::net::SocketAddr = (*backend).into();
         let _ = write!(
             s,
             "[[service.backend]]\naddress = \"{}\"\nport = {}\nweight = {weight}\n",

@@ -13,6 +13,11 @@ use crate::{
 };
 
 pub const VIP: &str = "10.99.100.1";
+/// The dual-stack topology's IPv6 addresses (`Topology::dual_stack`): the same links, with
+/// fd99:1::/64 for the client's, fd99:2::/64 for the backends' (be N at fd99:2::1N).
+pub const VIP6: &str = "fd99:100::1";
+pub const FRONT_ADDR6: &str = "fd99:1::1";
+pub const CLIENT_ADDR6: &str = "fd99:1::2";
 /// The LB's client-facing interface, and the addresses on that link.
 pub const FRONT: &str = "front";
 pub const FRONT_ADDR: &str = "10.99.1.1";
@@ -83,6 +88,13 @@ pub struct Backend {
     pub proc: Option<Proc>,
 }
 
+impl Backend {
+    /// Its IPv6 address in a dual-stack topology (be N at fd99:2::1N).
+    pub fn addr6(&self) -> String {
+        format!("fd99:2::1{}", &self.name[2..])
+    }
+}
+
 pub struct Topology {
     pub prefix: String,
     /// Scratch directory for configs and logs.
@@ -93,6 +105,8 @@ pub struct Topology {
     pub lb: Netns,
     /// A router between client and lb (`behind_router`).
     pub router: Option<Netns>,
+    /// Every link has an IPv6 address too, and servers listen on both families.
+    pub dual_stack: bool,
 }
 
 impl Topology {
@@ -129,10 +143,35 @@ impl Topology {
             client,
             lb,
             router: None,
+            dual_stack: false,
         };
         wire_client(&topo.client, &topo.lb);
         topo.wire_lb();
         topo
+    }
+
+    /// `new` with IPv6 on every link besides IPv4 (addresses without duplicate address
+    /// detection, so they work at once); the lb forwards both.
+    pub fn dual_stack(backends: usize) -> Topology {
+        let mut topo = Topology::without_backends();
+        topo.dual_stack = true;
+        let add6 = |ns: &Netns, addr: &str, dev: &str| {
+            ns.ip(&["-6", "addr", "add", addr, "dev", dev, "nodad"]);
+        };
+        add6(&topo.client, &format!("{CLIENT_ADDR6}/64"), "eth0");
+        topo.client
+            .ip(&["-6", "route", "add", "default", "via", FRONT_ADDR6]);
+        add6(&topo.lb, &format!("{FRONT_ADDR6}/64"), FRONT);
+        add6(&topo.lb, "fd99:2::1/64", "br0");
+        topo.lb.sysctl("net.ipv6.conf.all.forwarding", "1");
+        for _ in 0..backends {
+            topo.add_backend();
+        }
+        topo
+    }
+
+    pub fn vip6(&self, port: u16) -> SocketAddr {
+        format!("[{VIP6}]:{port}").parse().expect("addr")
     }
 
     /// The same, but the client reaches the lb through a router ("rt"), whose link towards
@@ -168,6 +207,7 @@ impl Topology {
             client,
             lb,
             router: Some(router),
+            dual_stack: false,
         };
         topo.wire_lb();
         for _ in 0..backends {
@@ -239,19 +279,29 @@ impl Topology {
         ]);
         ns.ip(&["link", "set", "eth0", "up"]);
         ns.ip(&["route", "add", "default", "via", "10.99.2.1"]);
+        if self.dual_stack {
+            let addr6 = format!("{}/64", backend.addr6());
+            ns.ip(&["-6", "addr", "add", &addr6, "dev", "eth0", "nodad"]);
+            ns.ip(&["-6", "route", "add", "default", "via", "fd99:2::1"]);
+        }
         ns.no_tx_offload("eth0");
     }
 
     fn start_server(&self, backend: &Backend) -> Proc {
+        // A socket on [::] takes IPv4 too (as v4-mapped addresses).
+        let any = if self.dual_stack { "[::]" } else { "0.0.0.0" };
+        let (tcp, udp, http) = (
+            format!("{any}:8080"),
+            format!("{any}:8080"),
+            format!("{any}:8081"),
+        );
+        let push = if self.dual_stack {
+            "[::]:7000"
+        } else {
+            PUSH_LISTEN
+        };
         let listeners = [
-            "--tcp",
-            "0.0.0.0:8080",
-            "--udp",
-            "0.0.0.0:8080",
-            "--http",
-            "0.0.0.0:8081",
-            "--push",
-            PUSH_LISTEN,
+            "--tcp", &tcp, "--udp", &udp, "--http", &http, "--push", push,
         ];
         let log = self.dir.join(format!("{}.log", backend.name));
         start_test_backend(&backend.ns, &backend.name, &listeners, &self.dir, log)

@@ -8,7 +8,7 @@ use lb_common::sizes::{
     MAX_SERVICES, MIN_FLOW_TABLE_SIZE, RING_BLOCK, RING_HALVES, ring_blocks,
 };
 
-use super::{ApiListen, Config, HealthConfig, HealthKind, claims, modes, parse_control};
+use super::{ApiListen, Config, HealthConfig, HealthKind, Mode, claims, modes, parse_control};
 
 impl Config {
     /// Semantic checks: (field path, reason) for each problem.
@@ -121,13 +121,26 @@ impl Config {
                 out.push((
                     at("vip"),
                     format!(
-                        "{}:{}/{} is used by another service",
-                        svc.vip, svc.port, svc.protocol
+                        "{}/{} is used by another service",
+                        std::net::SocketAddr::new(svc.vip, svc.port),
+                        svc.protocol
                     ),
                 ));
             }
-            if svc.vip.is_ipv6() {
-                out.push((at("vip"), "IPv6 VIPs are not supported yet".into()));
+            if svc.vip.is_ipv6() && svc.mode != Mode::Nat {
+                out.push((
+                    at("mode"),
+                    format!(
+                        "{} over IPv6 is not built yet: an IPv6 VIP takes mode \"nat\"",
+                        svc.mode.name()
+                    ),
+                ));
+            }
+            if svc.vip.is_ipv6() && !svc.allow.is_empty() {
+                out.push((
+                    at("allow"),
+                    "lists IPv4 ranges; an IPv6 service takes none yet".into(),
+                ));
             }
             if svc.port == 0 {
                 out.push((at("port"), "must be 1-65535".into()));
@@ -206,7 +219,10 @@ impl Config {
                 if !seen.insert((be.address, be.port)) {
                     out.push((
                         at("address"),
-                        format!("{}:{} is listed twice", be.address, be.port),
+                        format!(
+                            "{} is listed twice",
+                            std::net::SocketAddr::new(be.address, be.port)
+                        ),
                     ));
                 }
             }

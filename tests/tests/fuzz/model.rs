@@ -518,9 +518,9 @@ fn reference_model_follows_the_verdict_table() {
         ),
         ("ARP", arp_request(*client.ip(), VIP1), Reason::PassNotIp),
         (
-            "IPv6 TCP to a VIP address",
+            "IPv6 TCP to a VIP address without a v6 service",
             ipv6_tcp_syn(80),
-            Reason::PassIpv6,
+            Reason::PassNotVip,
         ),
         (
             "IPv6 TCP to no VIP address",

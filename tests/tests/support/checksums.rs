@@ -58,3 +58,46 @@ pub fn checksum_problem(frame: &[u8], l3: usize) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Panics unless the checksum of the IPv6 packet at `l3` is valid, whose upper layer
+/// (`proto`, TCP or UDP) starts at `l4`, after any extension headers. In v6 a UDP checksum
+/// of 0 is wrong too.
+#[allow(dead_code)] // only the v6 test files call it
+pub fn verify_checksums6(frame: &[u8], l3: usize, l4: usize, proto: u8, what: &str) {
+    if let Err(problem) = checksum_problem6(frame, l3, l4, proto) {
+        panic!("{what}: {problem}\nframe:\n{}", hexdump(frame, usize::MAX));
+    }
+}
+
+#[allow(dead_code)] // as verify_checksums6
+fn checksum_problem6(frame: &[u8], l3: usize, l4: usize, proto: u8) -> Result<(), String> {
+    let (ip, _) = etherparse::Ipv6Header::from_slice(&frame[l3..])
+        .map_err(|e| format!("bad IPv6 header: {e}"))?;
+    let end = l3 + 40 + usize::from(ip.payload_length);
+    let segment = frame.get(l4..end).ok_or("payload length past the frame")?;
+    let (got, want, name) = if proto == IpNumber::TCP.0 {
+        let (tcp, payload) =
+            TcpHeader::from_slice(segment).map_err(|e| format!("bad TCP header: {e}"))?;
+        let want = tcp
+            .calc_checksum_ipv6(&ip, payload)
+            .map_err(|e| e.to_string())?;
+        (tcp.checksum, want, "TCP")
+    } else {
+        let (udp, rest) =
+            UdpHeader::from_slice(segment).map_err(|e| format!("bad UDP header: {e}"))?;
+        let payload = usize::from(udp.length)
+            .checked_sub(UdpHeader::LEN)
+            .and_then(|n| rest.get(..n))
+            .ok_or("bad UDP length")?;
+        let want = udp
+            .calc_checksum_ipv6(&ip, payload)
+            .map_err(|e| e.to_string())?;
+        (udp.checksum, want, "UDP")
+    };
+    if got != want {
+        return Err(format!(
+            "{name} checksum {got:#06x} is wrong, expected {want:#06x}"
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,193 @@
+//! Mode `nat` over IPv6 end to end, in the dual-stack topology (`Topology::dual_stack`):
+//! client fd99:1::2 -> lb (xlb attached) -> br0 fd99:2::1 -> backends fd99:2::1N, and the
+//! same links in IPv4 beside it. A v6 service and a v4 one serve side by side. Real TCP/UDP
+//! stacks verify the rewritten checksums (TX offload is off on every endpoint). Run as root.
+use std::{
+    collections::BTreeMap,
+    net::{SocketAddr, UdpSocket},
+    time::Duration,
+};
+
+use xlb_tests::{
+    agent::Agent,
+    client::{LineConn, tcp_name, udp_name},
+    topology::{CLIENT_ADDR6, FRONT, Topology, VIP, VIP6},
+};
+
+fn count_names(names: &[String]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for n in names {
+        *counts.entry(n.clone()).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// A v4 TCP service beside a v6 TCP and a v6 UDP one, over the same backends; `delivery`
+/// is put under each backend (`bridge = "..."`, or nothing for the detected default).
+fn config(topo: &Topology, delivery: &str) -> String {
+    let mut text = format!(
+        "[agent]\ninterfaces = [\"{FRONT}\"]\npin_path = \"{}\"\n",
+        Agent::pin_path_for(topo)
+    );
+    for (name, vip, port, protocol) in [
+        ("web", VIP, 80, "tcp"),
+        ("web6", VIP6, 80, "tcp"),
+        ("dns6", VIP6, 53, "udp"),
+    ] {
+        text += &format!(
+            "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = {port}\n\
+             protocol = \"{protocol}\"\n  [service.health]\n  type = \"tcp\"\n  \
+             interval = \"200ms\"\n  timeout = \"100ms\"\n  fall = 2\n  rise = 2\n"
+        );
+        for b in &topo.backends {
+            let addr = if vip == VIP {
+                b.addr.clone()
+            } else {
+                b.addr6()
+            };
+            text += &format!(
+                "  [[service.backend]]\n  address = \"{addr}\"\n  port = 8080\n{delivery}"
+            );
+        }
+    }
+    text
+}
+
+fn start(backends: usize, delivery: &str) -> (Topology, Agent) {
+    let topo = Topology::dual_stack(backends);
+    let agent = Agent::start(&topo, &config(&topo, delivery));
+    agent.wait_up("web6", backends, Duration::from_secs(5));
+    agent.wait_up("dns6", backends, Duration::from_secs(5));
+    (topo, agent)
+}
+
+/// 600 new v6 connections spread over every backend, each answered by the backend's
+/// server, which saw the client's own address; the v4 service serves beside it.
+fn spread_and_client_address(delivery: &str) {
+    let (topo, agent) = start(3, delivery);
+    let (vip6, vip4) = (topo.vip6(80), topo.vip(80));
+    let (names, v4) = topo.client.run(move || {
+        let names: Vec<String> = (0..600)
+            .map(|i| tcp_name(vip6).unwrap_or_else(|e| panic!("v6 connection {i}: {e}")))
+            .collect();
+        (names, tcp_name(vip4).expect("v4 beside v6"))
+    });
+    assert!(v4.starts_with("be"), "v4 answered {v4}");
+    let counts = count_names(&names);
+    assert_eq!(counts.len(), 3, "every backend answers: {counts:?}");
+    for (name, n) in &counts {
+        let share = *n as f64 / 600.0;
+        assert!(
+            (0.25..=0.42).contains(&share),
+            "{name} got {share:.3} of 600: {counts:?}"
+        );
+    }
+    let web6 = agent.service("web6");
+    assert_eq!(web6["counters"]["new_flows"], 600, "{web6}");
+    let log = topo.backends[0].proc.as_ref().expect("running").log_text();
+    assert!(
+        log.contains(&format!("be1 tcp from [{CLIENT_ADDR6}]:")),
+        "the backend sees the client's v6 address: {log}"
+    );
+    // Status names the v6 endpoints in brackets.
+    let (ok, text) = agent.cli(&["status"]);
+    assert!(ok, "{text}");
+    assert!(text.contains(&format!("[{VIP6}]:80/tcp")), "{text}");
+    assert!(text.contains("[fd99:2::11]:8080"), "{text}");
+}
+
+#[test]
+fn v6_connections_spread_with_the_detected_delivery() {
+    spread_and_client_address("");
+}
+
+#[test]
+fn v6_connections_spread_when_routed_by_the_kernel() {
+    spread_and_client_address("  bridge = \"none\"\n");
+}
+
+#[test]
+fn v6_connection_stays_while_a_backend_is_added() {
+    let (mut topo, agent) = start(3, "");
+    let vip = topo.vip6(80);
+    let (conn, first) = topo.client.run(move || LineConn::open(vip));
+    topo.add_backend();
+    let (ok, out) = agent.reload(&config(&topo, ""));
+    assert!(ok, "reload failed: {out}");
+    agent.wait_up("web6", 4, Duration::from_secs(5));
+    let (same, fresh) = topo.client.run(move || {
+        let mut c = conn;
+        let same: Vec<String> = (0..20).map(|_| c.ask().expect("old connection")).collect();
+        let fresh: Vec<String> = (0..200).map(|_| tcp_name(vip).expect("new")).collect();
+        (same, fresh)
+    });
+    assert!(
+        same.iter().all(|n| *n == first),
+        "moved from {first}: {same:?}"
+    );
+    let be4 = count_names(&fresh).get("be4").copied().unwrap_or(0);
+    assert!((20..=90).contains(&be4), "be4 got {be4} of 200");
+}
+
+#[test]
+fn v6_udp_flow_sticks_and_source_ports_spread() {
+    let (topo, _agent) = start(3, "");
+    let vip = topo.vip6(53);
+    let (sticky, spread) = topo.client.run(move || {
+        let socket = UdpSocket::bind(format!("[{CLIENT_ADDR6}]:40000")).expect("bind");
+        let sticky: Vec<String> = (0..30)
+            .map(|_| udp_name(&socket, vip).expect("udp answer"))
+            .collect();
+        let spread: Vec<String> = (0..90)
+            .map(|i| {
+                let s = UdpSocket::bind(format!("[{CLIENT_ADDR6}]:{}", 41000 + i)).expect("bind");
+                udp_name(&s, vip).expect("udp answer")
+            })
+            .collect();
+        (sticky, spread)
+    });
+    assert!(
+        sticky.iter().all(|n| *n == sticky[0]),
+        "one source port, one backend: {sticky:?}"
+    );
+    assert_eq!(count_names(&spread).len(), 3, "{spread:?}");
+}
+
+/// v6 traffic to a backend's own address is routed through the LB untouched, and neighbour
+/// discovery works through the XDP program (the client resolved the front's address).
+#[test]
+fn v6_traffic_not_for_a_vip_routes_and_ndp_works() {
+    let (topo, agent) = start(3, "");
+    let direct: SocketAddr = "[fd99:2::12]:8080".parse().expect("addr");
+    let (tcp, udp) = topo.client.run(move || {
+        let tcp = tcp_name(direct).expect("direct TCP to a backend");
+        let socket = UdpSocket::bind(format!("[{CLIENT_ADDR6}]:0")).expect("bind");
+        (tcp, udp_name(&socket, direct).expect("direct UDP"))
+    });
+    assert_eq!((tcp.as_str(), udp.as_str()), ("be2", "be2"));
+    assert!(agent.verdicts("pass_not_vip") >= 2);
+    let neigh = topo.client.ip(&["-6", "neigh", "show", "dev", "eth0"]);
+    assert!(
+        neigh.contains("fd99:1::1") && !neigh.contains("FAILED"),
+        "the front's address resolved by NDP: {neigh}"
+    );
+}
+
+#[test]
+fn v6_config_refuses_what_is_not_built_yet() {
+    let topo = Topology::dual_stack(1);
+    let text = config(&topo, "").replacen(
+        &format!("vip = \"{VIP6}\"\nport = 80\nprotocol = \"tcp\"\n"),
+        &format!("vip = \"{VIP6}\"\nport = 80\nprotocol = \"tcp\"\nmode = \"dsr\"\n"),
+        1,
+    );
+    let refused = Agent::start_refused(&topo, &text);
+    assert!(
+        refused.contains("service[1].mode") && refused.contains("IPv6"),
+        "{refused}"
+    );
+    let mixed =
+        config(&topo, "").replacen("address = \"fd99:2::11\"", "address = \"10.99.2.11\"", 1);
+    let refused = Agent::start_refused(&topo, &mixed);
+    assert!(refused.contains("same IP family"), "{refused}");
+}
