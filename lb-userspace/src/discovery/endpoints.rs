@@ -64,7 +64,7 @@ pub fn add_containers(
         if c.health.as_deref().is_some_and(|h| h != "healthy") {
             continue;
         }
-        let target = match c.target(&spec, prefix, service.protocol) {
+        let target = match c.target(&spec, prefix, service.protocol, service.vip.is_ipv6()) {
             Ok(t) => t,
             Err(e) => {
                 errors.push(e);
@@ -145,14 +145,15 @@ pub fn add_tasks(
             errors.push(bad("service", reason));
             continue;
         };
-        let (endpoint, network) = match task_endpoint(task, &spec, service.protocol) {
-            Ok(Some(e)) => e,
-            Ok(None) => continue,
-            Err((label, reason)) => {
-                errors.push(bad(label, reason));
-                continue;
-            }
-        };
+        let (endpoint, network) =
+            match task_endpoint(task, &spec, service.protocol, service.vip.is_ipv6()) {
+                Ok(Some(e)) => e,
+                Ok(None) => continue,
+                Err((label, reason)) => {
+                    errors.push(bad(label, reason));
+                    continue;
+                }
+            };
         let claim = Claim {
             owner: &owner,
             prefix,
@@ -185,11 +186,13 @@ pub fn add_tasks(
 type TaskEndpoint = (Endpoint, Option<String>);
 
 /// Where a task is reached, and on which network (None: its node's published port);
-/// Ok(None) for a task on a node without an address yet.
+/// Ok(None) for a task on a node without an address yet. A task on a dual-stack network
+/// has an address of each family there: the one of the VIP's family (`v6`) counts.
 fn task_endpoint(
     task: &SwarmTask,
     spec: &LabelSpec,
     protocol: Protocol,
+    v6: bool,
 ) -> Result<Option<TaskEndpoint>, (&'static str, String)> {
     let published: Vec<&(u16, u16, String)> = task
         .published
@@ -214,7 +217,7 @@ fn task_endpoint(
                 format!("{} is not a published port", spec.port.unwrap_or(0)),
             ));
         };
-        return Ok(task.node_addr.map(|addr| {
+        return Ok(task.node_addr.filter(|a| a.is_ipv6() == v6).map(|addr| {
             let endpoint = Endpoint {
                 addr,
                 port: *published_port,
@@ -228,7 +231,13 @@ fn task_endpoint(
             "required: the service publishes no port in host mode".into(),
         ));
     };
-    let (network, ip) = match (&spec.network, task.networks.as_slice()) {
+    let nets: Vec<(String, IpAddr)> = task
+        .networks
+        .iter()
+        .filter(|(_, ip)| ip.is_ipv6() == v6)
+        .cloned()
+        .collect();
+    let (network, ip) = match (&spec.network, nets.as_slice()) {
         (Some(name), nets) => nets
             .iter()
             .find(|(n, _)| n == name)

@@ -34,6 +34,8 @@ pub struct ContainerInfo {
 pub struct NetworkInfo {
     pub name: String,
     pub ip: Option<IpAddr>,
+    /// The global IPv6 address on an IPv6-enabled network (`GlobalIPv6Address`).
+    pub ip6: Option<IpAddr>,
     /// The Linux bridge of a bridge network on this host.
     pub bridge: Option<String>,
 }
@@ -160,20 +162,27 @@ impl ContainerInfo {
         )
     }
 
-    /// The address and port of this container for a service using `protocol`: the
-    /// network must be unambiguous (or named), and so must the port.
+    /// The address and port of this container for a service using `protocol` whose VIP is
+    /// IPv6 (`v6`) or not: the network must be unambiguous among those where the container
+    /// has an address of that family (or named), and so must the port.
     pub fn target(
         &self,
         spec: &LabelSpec,
         prefix: &str,
         protocol: Protocol,
+        v6: bool,
     ) -> Result<ContainerTarget, LabelError> {
         let bad = |label: &str, reason: String| LabelError {
             owner: self.owner(),
             label: format!("{prefix}.{label}"),
             reason,
         };
-        let attached: Vec<&NetworkInfo> = self.networks.iter().filter(|n| n.ip.is_some()).collect();
+        let address = |n: &NetworkInfo| if v6 { n.ip6 } else { n.ip };
+        let attached: Vec<&NetworkInfo> = self
+            .networks
+            .iter()
+            .filter(|n| address(n).is_some())
+            .collect();
         let network = match &spec.network {
             Some(name) => *attached.iter().find(|n| n.name == *name).ok_or_else(|| {
                 let on: Vec<&str> = attached.iter().map(|n| n.name.as_str()).collect();
@@ -184,7 +193,11 @@ impl ContainerInfo {
             })?,
             None => match attached.as_slice() {
                 [one] => *one,
-                [] => return Err(bad("network", "the container has no IP address".into())),
+                [] => {
+                    let family = if v6 { "IPv6" } else { "IPv4" };
+                    let reason = format!("the container has no {family} address");
+                    return Err(bad("network", reason));
+                }
                 several => {
                     let on: Vec<&str> = several.iter().map(|n| n.name.as_str()).collect();
                     let reason = format!("required: the container is on {}", on.join(", "));
@@ -215,7 +228,7 @@ impl ContainerInfo {
         };
         Ok(ContainerTarget {
             network: network.name.clone(),
-            ip: network.ip.expect("filtered on ip"),
+            ip: address(network).expect("filtered on the address"),
             port,
             bridge: network.bridge.clone(),
         })

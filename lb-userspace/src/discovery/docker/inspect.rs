@@ -146,15 +146,19 @@ async fn running(
         .and_then(|n| n.networks)
         .unwrap_or_default();
     for (name, endpoint) in endpoints {
-        let ip = endpoint
-            .ip_address
-            .as_deref()
-            .and_then(|ip| IpAddr::from_str(ip).ok());
+        let parse = |ip: Option<&str>| ip.and_then(|ip| IpAddr::from_str(ip).ok());
+        let ip = parse(endpoint.ip_address.as_deref());
+        let ip6 = parse(endpoint.global_ipv6_address.as_deref()).filter(IpAddr::is_ipv6);
         let bridge = match endpoint.network_id.as_deref() {
             Some(id) if !id.is_empty() => networks.bridge(docker, id).await?,
             _ => None,
         };
-        attached.push(NetworkInfo { name, ip, bridge });
+        attached.push(NetworkInfo {
+            name,
+            ip,
+            ip6,
+            bridge,
+        });
     }
     attached.sort_by(|a, b| a.name.cmp(&b.name));
     let stop_signal = config

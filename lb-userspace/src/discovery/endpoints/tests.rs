@@ -35,6 +35,7 @@ fn container(name: &str, labels: &[(&str, &str)], health: Option<&str>) -> Conta
         networks: vec![NetworkInfo {
             name: "bridge".into(),
             ip: Some(format!("172.17.0.{}", name.len()).parse().unwrap()),
+            ip6: None,
             bridge: Some("docker0".into()),
         }],
         exposed: vec![(8080, Protocol::Tcp), (5353, Protocol::Udp)],
@@ -198,6 +199,102 @@ fn swarm_tasks_join_by_published_port_or_network_address() {
             "swarm service websvc: label xlb.port: required: the service publishes no port in host mode",
             "swarm service websvc: label xlb.port: required: ports 8080, 9000 are published",
         ]
+    );
+}
+
+/// A v4 and a v6 service over the same port, for the dual-stack tests.
+fn dual_stack_config() -> Config {
+    let text = r#"
+[agent]
+interfaces = ["eth0"]
+[docker]
+[[service]]
+name = "web"
+vip = "10.99.100.1"
+port = 80
+[[service]]
+name = "web6"
+vip = "fd99:100::1"
+port = 80
+"#;
+    Config::parse(Path::new("xlb.toml"), text).unwrap()
+}
+
+#[test]
+fn a_container_joins_a_v6_service_by_its_global_ipv6_address() {
+    let config = dual_stack_config();
+    let mut dual = container(
+        "dual",
+        &[("xlb.service", "web6"), ("xlb.port", "8080")],
+        None,
+    );
+    dual.networks[0].ip6 = Some("fd00:17::4".parse().unwrap());
+    let mut v4_only = container(
+        "v4only",
+        &[("xlb.service", "web6"), ("xlb.port", "8080")],
+        None,
+    );
+    v4_only.networks[0].ip6 = None;
+    let mut for_v4 = dual.clone();
+    for_v4.name = "dual4".into();
+    for_v4.labels.insert("xlb.service".into(), "web".into());
+    let mut desired = DesiredState::from_config(&config);
+    let errors = add_containers(&mut desired, &config, &[dual, v4_only, for_v4], "xlb");
+    let web6: Vec<String> = desired.services["web6"]
+        .backends
+        .keys()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(web6, ["[fd00:17::4]:8080"]);
+    let web: Vec<String> = desired.services["web"]
+        .backends
+        .keys()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        web,
+        ["172.17.0.4:8080"],
+        "a v4 service takes the v4 address"
+    );
+    let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        messages,
+        ["container v4only (v4only012345): label xlb.network: the container has no IPv6 address"]
+    );
+}
+
+#[test]
+fn a_task_on_a_dual_stack_network_joins_by_the_vips_family() {
+    let config = dual_stack_config();
+    let labels = |svc| [("xlb.service", svc), ("xlb.port", "8080")];
+    let nets = [("app", "10.0.1.7"), ("app", "fd00:1::7")];
+    let mut desired = DesiredState::from_config(&config);
+    let errors = add_tasks(
+        &mut desired,
+        &config,
+        &[
+            task("t1", &labels("web"), &[], &nets),
+            task("t2", &labels("web6"), &[], &nets),
+        ],
+        "xlb",
+    );
+    assert!(errors.is_empty(), "{errors:?}");
+    let web: Vec<String> = desired.services["web"]
+        .backends
+        .keys()
+        .map(ToString::to_string)
+        .collect();
+    let web6: Vec<String> = desired.services["web6"]
+        .backends
+        .keys()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        (web.as_slice(), web6.as_slice()),
+        (
+            &["10.0.1.7:8080".to_string()][..],
+            &["[fd00:1::7]:8080".to_string()][..]
+        )
     );
 }
 

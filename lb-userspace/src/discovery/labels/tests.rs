@@ -21,6 +21,7 @@ fn container(
             .map(|(name, ip)| NetworkInfo {
                 name: name.to_string(),
                 ip: ip.parse().ok(),
+                ip6: None,
                 bridge: Some(format!("br-{name}")),
             })
             .collect(),
@@ -116,7 +117,7 @@ fn the_prefix_is_configurable() {
 #[test]
 fn one_network_and_one_exposed_port_need_no_labels() {
     let c = container(&[("xlb.service", "web")], &[("app", "172.18.0.2")], &[8080]);
-    let t = c.target(&spec(&c), "xlb", Protocol::Tcp).unwrap();
+    let t = c.target(&spec(&c), "xlb", Protocol::Tcp, false).unwrap();
     assert_eq!(
         t,
         ContainerTarget {
@@ -132,7 +133,9 @@ fn one_network_and_one_exposed_port_need_no_labels() {
 fn several_networks_need_a_network_label_never_a_guess() {
     let nets = [("app", "172.18.0.2"), ("db", "172.19.0.2")];
     let c = container(&[("xlb.service", "web")], &nets, &[8080]);
-    let err = c.target(&spec(&c), "xlb", Protocol::Tcp).unwrap_err();
+    let err = c
+        .target(&spec(&c), "xlb", Protocol::Tcp, false)
+        .unwrap_err();
     assert_eq!(err.label, "xlb.network");
     assert_eq!(err.reason, "required: the container is on app, db");
     let c = container(
@@ -141,7 +144,7 @@ fn several_networks_need_a_network_label_never_a_guess() {
         &[8080],
     );
     assert_eq!(
-        c.target(&spec(&c), "xlb", Protocol::Tcp)
+        c.target(&spec(&c), "xlb", Protocol::Tcp, false)
             .unwrap()
             .ip
             .to_string(),
@@ -152,7 +155,9 @@ fn several_networks_need_a_network_label_never_a_guess() {
         &nets,
         &[8080],
     );
-    let err = c.target(&spec(&c), "xlb", Protocol::Tcp).unwrap_err();
+    let err = c
+        .target(&spec(&c), "xlb", Protocol::Tcp, false)
+        .unwrap_err();
     assert_eq!(err.reason, "not attached to `cache` (it is on: app, db)");
 }
 
@@ -160,28 +165,32 @@ fn several_networks_need_a_network_label_never_a_guess() {
 fn several_or_no_exposed_ports_need_a_port_label() {
     let net = [("app", "172.18.0.2")];
     let c = container(&[("xlb.service", "web")], &net, &[8080, 9000]);
-    let err = c.target(&spec(&c), "xlb", Protocol::Tcp).unwrap_err();
+    let err = c
+        .target(&spec(&c), "xlb", Protocol::Tcp, false)
+        .unwrap_err();
     assert_eq!(
         (err.label.as_str(), err.reason.as_str()),
         ("xlb.port", "required: tcp ports 8080, 9000 exposed")
     );
     let c = container(&[("xlb.service", "web")], &net, &[]);
     assert_eq!(
-        c.target(&spec(&c), "xlb", Protocol::Tcp)
+        c.target(&spec(&c), "xlb", Protocol::Tcp, false)
             .unwrap_err()
             .reason,
         "required: no tcp port exposed"
     );
     // A UDP service only counts UDP ports.
     let c = container(&[("xlb.service", "dns")], &net, &[8080]);
-    assert!(c.target(&spec(&c), "xlb", Protocol::Udp).is_err());
+    assert!(c.target(&spec(&c), "xlb", Protocol::Udp, false).is_err());
     let c = container(
         &[("xlb.service", "web"), ("xlb.port", "9000")],
         &net,
         &[8080, 9000],
     );
     assert_eq!(
-        c.target(&spec(&c), "xlb", Protocol::Tcp).unwrap().port,
+        c.target(&spec(&c), "xlb", Protocol::Tcp, false)
+            .unwrap()
+            .port,
         9000
     );
 }
@@ -190,10 +199,10 @@ fn several_or_no_exposed_ports_need_a_port_label() {
 fn a_container_without_an_address_is_an_error() {
     let c = container(&[("xlb.service", "web")], &[("host", "")], &[8080]);
     assert_eq!(
-        c.target(&spec(&c), "xlb", Protocol::Tcp)
+        c.target(&spec(&c), "xlb", Protocol::Tcp, false)
             .unwrap_err()
             .reason,
-        "the container has no IP address"
+        "the container has no IPv4 address"
     );
 }
 
