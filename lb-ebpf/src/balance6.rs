@@ -1,10 +1,12 @@
 //! IPv6 at the balancer: TCP and UDP to a v6 VIP go through the flow pipeline of
-//! balance.rs (mode nat); the odd packets of a VIP address are dropped with a reason, as for
-//! IPv4, and everything else (neighbour discovery included) goes to the kernel.
-use lb_common::{Backend, FAMILY_V6, FlowKey, Reason, VipAddrKey, VipKey};
+//! balance.rs (mode nat); an echo request to a VIP address is answered; the odd packets of a
+//! VIP address are dropped with a reason, as for IPv4, and everything else (neighbour
+//! discovery included) goes to the kernel.
+use lb_common::{Backend, FAMILY_V6, FlowKey, Reason, VIP_ADDR_ECHO, VipAddrKey, VipKey};
 
 use crate::{
     balance::{Decided, FlowPacket, Hook, Target, Verdict, balance_flow},
+    icmp6::{self, ICMPV6_ECHO_REQUEST},
     maps::VIP_ADDRS,
     parse6::{Addr6, L4Packet6, Parsed6, parse6},
 };
@@ -14,8 +16,18 @@ pub fn balance6<H: Hook>(ctx: &H, l3_off: usize) -> Verdict {
     match parse6(ctx, l3_off) {
         Parsed6::L4(pkt) => balance_flow(ctx, &pkt),
         // Neighbour discovery included: it always reaches the kernel.
-        Parsed6::Icmp(icmp) if is_vip_addr6(&icmp.daddr) => Verdict::Pass(Reason::PassIcmp),
-        Parsed6::Icmp(_) | Parsed6::NotL4 => Verdict::Pass(Reason::PassNotL4),
+        Parsed6::Icmp(icmp) => match vip_addr6(&icmp.daddr) {
+            Some(flags)
+                if icmp.kind == ICMPV6_ECHO_REQUEST
+                    && flags & VIP_ADDR_ECHO != 0
+                    && icmp6::echo_reply(ctx, &icmp).is_some() =>
+            {
+                Verdict::Bounce(Reason::IcmpEcho)
+            }
+            Some(_) => Verdict::Pass(Reason::PassIcmp),
+            None => Verdict::Pass(Reason::PassNotL4),
+        },
+        Parsed6::NotL4 => Verdict::Pass(Reason::PassNotL4),
         Parsed6::Fragment(daddr) if is_vip_addr6(&daddr) => Verdict::Drop(Reason::DropFragment),
         Parsed6::Fragment(_) => Verdict::Pass(Reason::PassFragment),
         Parsed6::Malformed(Some(daddr)) if is_vip_addr6(&daddr) => {
@@ -71,11 +83,17 @@ impl FlowPacket for L4Packet6 {
 
 #[inline(always)]
 fn is_vip_addr6(daddr: &Addr6) -> bool {
+    vip_addr6(daddr).is_some()
+}
+
+/// The `VIP_ADDR_*` flags of the v6 VIP address `daddr`, if it is one.
+#[inline(always)]
+fn vip_addr6(daddr: &Addr6) -> Option<u32> {
     let key = VipAddrKey {
         addr: *daddr,
         family: FAMILY_V6,
         _pad0: 0,
         _pad1: 0,
     };
-    unsafe { VIP_ADDRS.get(key) }.is_some()
+    unsafe { VIP_ADDRS.get(key) }.copied()
 }

@@ -15,6 +15,7 @@ mod encap;
 mod flowcache;
 mod hooks;
 mod icmp;
+mod icmp6;
 mod icmp_tc;
 mod maglev;
 mod maps;

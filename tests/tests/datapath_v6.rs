@@ -78,13 +78,23 @@ impl Frame6 {
         self
     }
 
-    /// With a valid upper-layer checksum (the pseudo-header of RFC 8200 8.1).
-    fn checksummed(mut self) -> Frame6 {
+    /// With a valid TCP or UDP checksum.
+    fn checksummed(self) -> Frame6 {
         let at = if self.upper == PROTO_TCP {
             TCP_CSUM
         } else {
             UDP_CSUM
         };
+        self.with_checksum_at(at)
+    }
+
+    /// With a valid ICMPv6 checksum.
+    fn checksummed_icmp(self) -> Frame6 {
+        self.with_checksum_at(2)
+    }
+
+    /// The upper layer's checksum at `at` computed over the pseudo-header of RFC 8200 8.1.
+    fn with_checksum_at(mut self, at: usize) -> Frame6 {
         put_be16(&mut self.upper_bytes, at, 0);
         let len = (self.upper_bytes.len() as u32).to_be_bytes();
         let sum = checksum(&[
@@ -557,4 +567,58 @@ fn v6_is_balanced_by_the_tc_hook_too() {
         let udp = Frame6::udp(VIP6).between(CLIENT6, sport, 53).checksummed();
         balanced("UDP at TC", &udp, |f| dp.tc_balance(f), TC_ACT_UNSPEC);
     }
+}
+
+#[test]
+fn an_echo_request_to_a_v6_vip_is_answered() {
+    let dp = balancing();
+    let request = Frame6::upper(
+        VIP6,
+        ICMPV6,
+        vec![128, 0, 0, 0, 0x12, 0x34, 0, 7, b'p', b'i'],
+    )
+    .checksummed_icmp();
+    let input = request.build();
+    let before = dp.reasons();
+    let out = dp.xdp(&input);
+    assert_eq!(out.action, XDP_TX, "{}", xdp_action_name(out.action));
+    dp.reasons()
+        .assert_moved(&before, &[(Reason::IcmpEcho, 1)], "echo");
+    let f = &out.data;
+    assert_eq!(
+        (&f[0..6], &f[6..12]),
+        (&input[6..12], &input[0..6]),
+        "MACs swapped"
+    );
+    assert_eq!(
+        (ipv6_at(f, 22), ipv6_at(f, 38)),
+        (VIP6, CLIENT6),
+        "addresses swapped"
+    );
+    assert_eq!(f[21], 64, "hop limit");
+    assert_eq!(f[54], 129, "an echo reply");
+    assert_eq!(&f[58..], &input[58..], "identifier, sequence and data kept");
+    let len = ((f.len() - 54) as u32).to_be_bytes();
+    let sum = checksum(&[&f[22..38], &f[38..54], &len, &[0, 0, 0, ICMPV6], &f[54..]]);
+    assert_eq!(sum, 0, "ICMPv6 checksum\n{}", hexdump(f, usize::MAX));
+
+    // Other ICMPv6 to the VIP, and an echo after an extension header, reach the kernel.
+    let other = Frame6::upper(VIP6, ICMPV6, vec![1, 4, 0, 0, 0, 0, 0, 0]).checksummed_icmp();
+    expect(
+        &dp,
+        "unreachable to the VIP",
+        &other.build(),
+        XDP_PASS,
+        Reason::PassIcmp,
+    );
+    let after_ext = Frame6::upper(VIP6, ICMPV6, vec![128, 0, 0, 0, 0, 1, 0, 1])
+        .with_ext(DEST_OPTS)
+        .checksummed_icmp();
+    expect(
+        &dp,
+        "echo after options",
+        &after_ext.build(),
+        XDP_PASS,
+        Reason::PassIcmp,
+    );
 }
