@@ -113,6 +113,7 @@ impl Default for DockerConfig {
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     pub name: String,
+    #[serde(deserialize_with = "one_vip")]
     pub vip: IpAddr,
     pub port: u16,
     #[serde(default)]
@@ -158,6 +159,21 @@ impl ServiceConfig {
 
 fn yes() -> bool {
     true
+}
+
+/// `vip`: one address. A list (a dual-stack service) is refused with what to write instead.
+fn one_vip<'de, D: serde::Deserializer<'de>>(d: D) -> Result<IpAddr, D::Error> {
+    use serde::de::Error as _;
+    match toml::Value::deserialize(d)? {
+        toml::Value::String(text) => text
+            .parse()
+            .map_err(|_| D::Error::custom(format!("`{text}` is not an IP address"))),
+        toml::Value::Array(_) => Err(D::Error::custom(
+            "one address per service: a dual-stack service is, for now, two services \
+             (one `vip` each, with the backends of its family)",
+        )),
+        _ => Err(D::Error::custom("expected an IP address")),
+    }
 }
 
 fn default_table_size() -> u32 {

@@ -377,3 +377,35 @@ fn hash_is_flow_by_default_and_source_on_request() {
         "{errs:?}"
     );
 }
+
+#[test]
+fn ipv6_services_take_mode_nat_and_backends_of_their_family() {
+    let v6 = MINIMAL.replace("10.99.100.1", "fd99:100::1");
+    let ok = format!("{v6}  [[service.backend]]\n  address = \"fd99:2::11\"\n  port = 8080\n");
+    assert!(parse(&ok).is_ok(), "{:?}", parse(&ok).err());
+    let mixed = format!("{v6}  [[service.backend]]\n  address = \"10.99.2.11\"\n  port = 8080\n");
+    assert_eq!(
+        errors(&mixed),
+        ["xlb.toml:10: service[0].backend[0].address: must be of the same IP family as the VIP"]
+    );
+    let dsr = v6.replace("port = 80\n", "port = 80\nmode = \"dsr\"\n");
+    assert_eq!(
+        errors(&dsr),
+        [
+            "xlb.toml:9: service[0].mode: dsr over IPv6 is not built yet: an IPv6 VIP takes mode \"nat\""
+        ]
+    );
+    let allow = v6.replace("port = 80\n", "port = 80\nallow = [\"10.0.0.0/8\"]\n");
+    assert_eq!(
+        errors(&allow),
+        ["xlb.toml:9: service[0].allow: lists IPv4 ranges; an IPv6 service takes none yet"]
+    );
+    let list = MINIMAL.replace("\"10.99.100.1\"", "[\"10.99.100.1\", \"fd99:100::1\"]");
+    assert_eq!(
+        errors(&list),
+        [
+            "xlb.toml:7: service[0].vip: one address per service: a dual-stack service is, for \
+          now, two services (one `vip` each, with the backends of its family)"
+        ]
+    );
+}
