@@ -181,20 +181,28 @@ pub trait Segment {
     }
 }
 
-impl Segment for L4Packet {
-    #[inline(always)]
-    fn syn(&self) -> bool {
-        self.syn
-    }
-    #[inline(always)]
-    fn fin(&self) -> bool {
-        self.fin
-    }
-    #[inline(always)]
-    fn rst(&self) -> bool {
-        self.rst
-    }
+/// `Segment` of a packet struct with `syn`, `fin` and `rst` fields.
+macro_rules! segment_of_fields {
+    ($packet:ty) => {
+        impl $crate::parse::Segment for $packet {
+            #[inline(always)]
+            fn syn(&self) -> bool {
+                self.syn
+            }
+            #[inline(always)]
+            fn fin(&self) -> bool {
+                self.fin
+            }
+            #[inline(always)]
+            fn rst(&self) -> bool {
+                self.rst
+            }
+        }
+    };
 }
+pub(crate) use segment_of_fields;
+
+segment_of_fields!(L4Packet);
 
 /// An ICMP message in IPv4 (without IP options), with what the balancer reads of it.
 pub struct IcmpPacket {

@@ -4,7 +4,7 @@ use lb_common::{IPV6_MAX_EXT_HEADERS, PROTO_TCP, PROTO_UDP};
 
 use lb_common::{FAMILY_V6, FlowKey};
 
-use crate::parse::{PacketBuf, Segment, TCP_CSUM_OFF, UDP_CSUM_OFF, l4_header, load};
+use crate::parse::{PacketBuf, TCP_CSUM_OFF, UDP_CSUM_OFF, l4_header, load, segment_of_fields};
 
 pub const IPV6_HLEN: usize = 40;
 
@@ -75,20 +75,7 @@ impl L4Packet6 {
     }
 }
 
-impl Segment for L4Packet6 {
-    #[inline(always)]
-    fn syn(&self) -> bool {
-        self.syn
-    }
-    #[inline(always)]
-    fn fin(&self) -> bool {
-        self.fin
-    }
-    #[inline(always)]
-    fn rst(&self) -> bool {
-        self.rst
-    }
-}
+segment_of_fields!(L4Packet6);
 
 /// An ICMPv6 message, with what the balancer reads of it.
 #[allow(dead_code)] // for echo and errors to v6 VIPs; only the VIP check reads it yet

@@ -189,3 +189,27 @@ pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<String> {
     }
     Ok(body.to_string())
 }
+
+/// How many times each backend name occurs.
+pub fn count_names(names: &[String]) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for n in names {
+        *counts.entry(n.clone()).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Panics unless `names` come from exactly `backends` names, each with a share of them in
+/// `share` (the spread of new flows over a Maglev ring).
+pub fn assert_spread(names: &[String], backends: usize, share: std::ops::RangeInclusive<f64>) {
+    let counts = count_names(names);
+    assert_eq!(counts.len(), backends, "every backend answers: {counts:?}");
+    for (name, n) in &counts {
+        let got = *n as f64 / names.len() as f64;
+        assert!(
+            share.contains(&got),
+            "{name} got {got:.3} of {}: {counts:?}",
+            names.len()
+        );
+    }
+}

@@ -9,18 +9,10 @@ use std::{
 
 use xlb_tests::{
     agent::Agent,
-    client::{LineConn, tcp_name, udp_name},
+    client::{LineConn, assert_spread, count_names, tcp_name, udp_name},
     process::wait_for,
     topology::{FRONT, Topology},
 };
-
-fn count_names(names: &[String]) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for n in names {
-        *counts.entry(n.clone()).or_insert(0) += 1;
-    }
-    counts
-}
 
 /// `n` answers on one open connection.
 fn answers(conn: &mut LineConn, n: usize) -> Vec<String> {
@@ -73,15 +65,7 @@ fn new_connections_spread_over_all_backends() {
             .map(|i| tcp_name(vip).unwrap_or_else(|e| panic!("connection {i}: {e}")))
             .collect()
     });
-    let counts = count_names(&names);
-    assert_eq!(counts.len(), 3, "every backend answers: {counts:?}");
-    for (name, n) in &counts {
-        let share = *n as f64 / 600.0;
-        assert!(
-            (0.25..=0.42).contains(&share),
-            "{name} got {share:.3} of 600: {counts:?}"
-        );
-    }
+    assert_spread(&names, 3, 0.25..=0.42);
 
     // The data path counted each connection once, per service and per backend.
     let web = agent.service("web");

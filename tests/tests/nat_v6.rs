@@ -3,24 +3,15 @@
 //! same links in IPv4 beside it. A v6 service and a v4 one serve side by side. Real TCP/UDP
 //! stacks verify the rewritten checksums (TX offload is off on every endpoint). Run as root.
 use std::{
-    collections::BTreeMap,
     net::{SocketAddr, UdpSocket},
     time::Duration,
 };
 
 use xlb_tests::{
     agent::Agent,
-    client::{LineConn, tcp_name, udp_name},
+    client::{LineConn, assert_spread, count_names, tcp_name, udp_name},
     topology::{CLIENT_ADDR6, FRONT, Topology, VIP, VIP6},
 };
-
-fn count_names(names: &[String]) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for n in names {
-        *counts.entry(n.clone()).or_insert(0) += 1;
-    }
-    counts
-}
 
 /// A v4 TCP service beside a v6 TCP and a v6 UDP one, over the same backends; `delivery`
 /// is put under each backend (`bridge = "..."`, or nothing for the detected default).
@@ -73,15 +64,7 @@ fn spread_and_client_address(delivery: &str) {
         (names, tcp_name(vip4).expect("v4 beside v6"))
     });
     assert!(v4.starts_with("be"), "v4 answered {v4}");
-    let counts = count_names(&names);
-    assert_eq!(counts.len(), 3, "every backend answers: {counts:?}");
-    for (name, n) in &counts {
-        let share = *n as f64 / 600.0;
-        assert!(
-            (0.25..=0.42).contains(&share),
-            "{name} got {share:.3} of 600: {counts:?}"
-        );
-    }
+    assert_spread(&names, 3, 0.25..=0.42);
     let web6 = agent.service("web6");
     assert_eq!(web6["counters"]["new_flows"], 600, "{web6}");
     let log = topo.backends[0].proc.as_ref().expect("running").log_text();
