@@ -23,17 +23,26 @@ fuzz_target!(|data: &[u8]| {
         };
         map.insert(key, v.to_string());
     }
-    let net = |name: &str, ip: &str| NetworkInfo {
+    let net = |name: &str, ip: &str, ip6: &str| NetworkInfo {
         name: name.into(),
         ip: ip.parse::<IpAddr>().ok(),
+        ip6: ip6.parse::<IpAddr>().ok(),
         bridge: Some(format!("br-{name}")),
     };
     let c = ContainerInfo {
         id,
         name: "fuzz".into(),
         labels: map,
-        networks: vec![net("front", "10.99.2.11"), net("back", "10.99.3.11"), net("none", "")],
-        exposed: vec![(80, Protocol::Tcp), (53, Protocol::Udp), (8080, Protocol::Tcp)],
+        networks: vec![
+            net("front", "10.99.2.11", "fd99:2::11"),
+            net("back", "10.99.3.11", ""),
+            net("none", "", ""),
+        ],
+        exposed: vec![
+            (80, Protocol::Tcp),
+            (53, Protocol::Udp),
+            (8080, Protocol::Tcp),
+        ],
         health: None,
         stopping: false,
         created: None,
@@ -42,7 +51,9 @@ fuzz_target!(|data: &[u8]| {
     match labels::parse(&owner, &c.labels, "xlb") {
         Ok(Some(spec)) => {
             for proto in [Protocol::Tcp, Protocol::Udp] {
-                let _ = c.target(&spec, "xlb", proto);
+                for v6 in [false, true] {
+                    let _ = c.target(&spec, "xlb", proto, v6);
+                }
             }
             let _ = HealthConfig::default().with(&spec.health);
         }
