@@ -58,7 +58,7 @@ pub trait Hook: PacketBuf {
     fn reverse(&self, pkt: &L4Packet, now: u64) -> Option<Verdict>;
     /// ICMP (to a VIP or not).
     fn icmp(&self, icmp: &IcmpPacket, now: u64) -> Verdict;
-    /// `send` for IPv6 (mode nat).
+    /// `send` for IPv6: mode nat, the only one `decide` lets a v6 flow have.
     fn send6(&self, pkt: &L4Packet6, target: &Target, now: u64) -> Verdict;
 }
 

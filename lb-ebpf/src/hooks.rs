@@ -56,9 +56,6 @@ impl Hook for XdpContext {
 
     #[inline(always)]
     fn send6(&self, pkt: &L4Packet6, target: &Target, _now: u64) -> Verdict {
-        if target.mode != MODE_NAT {
-            return Verdict::Drop(Reason::DropUnsupportedMode);
-        }
         send_nat6(self, pkt, target)
     }
 }
@@ -233,9 +230,6 @@ impl Hook for TcContext {
 
     #[inline(always)]
     fn send6(&self, pkt: &L4Packet6, target: &Target, _now: u64) -> Verdict {
-        if target.mode != MODE_NAT {
-            return Verdict::Drop(Reason::DropUnsupportedMode);
-        }
         let backend = target.backend;
         if nat::rewrite_tc6(self, pkt, End::Destination, &backend.addr, backend.port).is_err() {
             return Verdict::Drop(Reason::DropMalformed);

@@ -126,11 +126,7 @@ pub fn rewrite_tc(
         End::Source => (pkt.saddr, IP_SADDR_OFF, pkt.sport, 0),
         End::Destination => (pkt.daddr, IP_DADDR_OFF, pkt.dport, 2),
     };
-    let udp_flag = if pkt.proto == PROTO_UDP {
-        BPF_F_MARK_MANGLED_0 as u64
-    } else {
-        0
-    };
+    let udp_flag = udp_mangled(pkt.proto);
     ctx.l4_csum_replace(
         pkt.csum_off,
         old_addr as u64,
@@ -142,6 +138,17 @@ pub fn rewrite_tc(
     ctx.store(pkt.l3_off + addr_off, &addr, 0)?;
     ctx.store(pkt.l4_off + port_off, &port, 0)?;
     Ok(())
+}
+
+/// The skb checksum helpers' flag for UDP: a checksum that comes out 0 is written as
+/// 0xffff (0 means "none").
+#[inline(always)]
+fn udp_mangled(proto: u8) -> u64 {
+    if proto == PROTO_UDP {
+        BPF_F_MARK_MANGLED_0 as u64
+    } else {
+        0
+    }
 }
 
 /// Offsets of the IPv6 addresses within the header.
@@ -161,11 +168,7 @@ pub fn rewrite_tc6(
         End::Source => (&pkt.saddr, IP6_SADDR_OFF, pkt.sport, 0),
         End::Destination => (&pkt.daddr, IP6_DADDR_OFF, pkt.dport, 2),
     };
-    let udp_flag = if pkt.proto == PROTO_UDP {
-        BPF_F_MARK_MANGLED_0 as u64
-    } else {
-        0
-    };
+    let udp_flag = udp_mangled(pkt.proto);
     for i in 0..4 {
         ctx.l4_csum_replace(
             pkt.csum_off(),

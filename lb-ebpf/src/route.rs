@@ -115,20 +115,12 @@ pub fn lookup(ctx: &XdpContext, daddr: u32, tot_len: u16, now: u64) -> NextHop {
 
 #[inline(always)]
 fn fib(ctx: &XdpContext, ingress: u32, daddr: u32, tot_len: u16) -> NextHop {
-    let Some(params) = fib_params() else {
-        return NextHop {
-            rc: BPF_FIB_LKUP_RET_NOT_FWDED,
-            ..NextHop::default()
-        };
-    };
-    params.family = AF_INET;
-    params.__bindgen_anon_1.tot_len = tot_len;
-    params.ifindex = ingress;
-    params.__bindgen_anon_4.ipv4_dst = daddr;
     // The source is asked for always, so one answer serves every use of the route.
-    let mut hop = ask(ctx, ingress, params, BPF_FIB_LOOKUP_SRC);
-    hop.src = unsafe { params.__bindgen_anon_3.ipv4_src };
-    hop
+    ask(ctx, ingress, BPF_FIB_LOOKUP_SRC, |params| {
+        params.family = AF_INET;
+        params.__bindgen_anon_1.tot_len = tot_len;
+        params.__bindgen_anon_4.ipv4_dst = daddr;
+    })
 }
 
 /// The next hop towards the IPv6 address `daddr`. Not cached (yet): the hop cache is keyed
@@ -136,31 +128,29 @@ fn fib(ctx: &XdpContext, ingress: u32, daddr: u32, tot_len: u16) -> NextHop {
 #[inline(always)]
 pub fn lookup6(ctx: &XdpContext, daddr: &Addr6) -> NextHop {
     let ingress = ctx.ingress_ifindex() as u32;
-    let Some(params) = fib_params() else {
+    ask(ctx, ingress, 0, |params| {
+        params.family = AF_INET6;
+        params.__bindgen_anon_4.ipv6_dst = *daddr;
+    })
+}
+
+/// Asks the FIB from `ingress` with the family and destination `fill` writes; `flags`:
+/// BPF_FIB_LOOKUP_*. The parameters live in a per-CPU map value, not on the stack (512
+/// bytes in all).
+#[inline(always)]
+fn ask(ctx: &XdpContext, ingress: u32, flags: u32, fill: impl FnOnce(&mut FibParams)) -> NextHop {
+    let Some(params) = FIB_PARAMS.get_ptr_mut(0) else {
         return NextHop {
             rc: BPF_FIB_LKUP_RET_NOT_FWDED,
             ..NextHop::default()
         };
     };
-    params.family = AF_INET6;
-    params.ifindex = ingress;
-    params.__bindgen_anon_4.ipv6_dst = *daddr;
-    ask(ctx, ingress, params, 0)
-}
-
-/// Zeroed FIB parameters: in a per-CPU map value, not on the stack (512 bytes in all).
-#[inline(always)]
-fn fib_params() -> Option<&'static mut FibParams> {
-    let params = FIB_PARAMS.get_ptr_mut(0)?;
-    unsafe {
+    let params = unsafe {
         core::ptr::write_bytes(params, 0, 1);
-        Some(&mut *params)
-    }
-}
-
-/// Asks the FIB with `params` filled in (family, destination, ingress); `flags`: BPF_FIB_LOOKUP_*.
-#[inline(always)]
-fn ask(ctx: &XdpContext, ingress: u32, params: &mut FibParams, flags: u32) -> NextHop {
+        &mut *params
+    };
+    params.ifindex = ingress;
+    fill(params);
     let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), params, size_of::<FibParams>() as i32, flags) }
         as u32;
     let dmac: [u16; 3] = unsafe { core::ptr::read_unaligned(params.dmac.as_ptr().cast()) };
@@ -170,7 +160,11 @@ fn ask(ctx: &XdpContext, ingress: u32, params: &mut FibParams, flags: u32) -> Ne
     NextHop {
         rc,
         ifindex,
-        src: 0,
+        src: if params.family == AF_INET {
+            unsafe { params.__bindgen_anon_3.ipv4_src }
+        } else {
+            0
+        },
         macs,
         own_port: ifindex == ingress || TX_PORTS.get_ifindex(ifindex).is_some(),
         _pad: 0,
