@@ -1,5 +1,5 @@
 //! VIP announcement for several LB nodes behind ECMP. Each VIP that can take new flows gets a
-//! /32 route in a kernel routing table of the operator's choice (`agent.announce_table`); a
+//! /32 (IPv6: /128) route in a kernel routing table of the operator's choice (`agent.announce_table`); a
 //! routing daemon on the node (BIRD's `kernel` protocol with `learn`, FRR's `redistribute
 //! table`) advertises those routes to the routers. The route goes when no backend of the VIP
 //! is up and when the agent stops, so the routers move the VIP's flows to the other nodes.
@@ -30,20 +30,27 @@ impl Announcer {
     pub fn new(table: u32) -> Self {
         // A table with no route yet does not exist: nothing to take over.
         let table_name = table.to_string();
-        let text = ip(&[
-            "-j",
-            "route",
-            "show",
-            "table",
-            &table_name,
-            "proto",
-            "static",
-        ])
-        .unwrap_or_default();
-        let routes: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap_or_default();
-        let announced = routes
-            .iter()
-            .filter_map(|r| r["dst"].as_str()?.parse().ok())
+        let announced = ["-4", "-6"]
+            .into_iter()
+            .flat_map(|family| {
+                let text = ip(&[
+                    family,
+                    "-j",
+                    "route",
+                    "show",
+                    "table",
+                    &table_name,
+                    "proto",
+                    "static",
+                ])
+                .unwrap_or_default();
+                let routes: Vec<serde_json::Value> =
+                    serde_json::from_str(&text).unwrap_or_default();
+                routes
+                    .iter()
+                    .filter_map(|r| r["dst"].as_str()?.parse().ok())
+                    .collect::<Vec<IpAddr>>()
+            })
             .collect();
         Self { table, announced }
     }

@@ -113,8 +113,7 @@ impl Default for DockerConfig {
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     pub name: String,
-    #[serde(deserialize_with = "one_vip")]
-    pub vip: IpAddr,
+    pub vip: Vips,
     pub port: u16,
     #[serde(default)]
     pub protocol: Protocol,
@@ -161,18 +160,108 @@ fn yes() -> bool {
     true
 }
 
-/// `vip`: one address. A list (a dual-stack service) is refused with what to write instead.
-fn one_vip<'de, D: serde::Deserializer<'de>>(d: D) -> Result<IpAddr, D::Error> {
-    use serde::de::Error as _;
-    match toml::Value::deserialize(d)? {
-        toml::Value::String(text) => text
-            .parse()
-            .map_err(|_| D::Error::custom(format!("`{text}` is not an IP address"))),
-        toml::Value::Array(_) => Err(D::Error::custom(
-            "one address per service: a dual-stack service is, for now, two services \
-             (one `vip` each, with the backends of its family)",
-        )),
-        _ => Err(D::Error::custom("expected an IP address")),
+/// `vip`: one address, or one of each family (a dual-stack service: each VIP balances the
+/// backends of its family). Written as a string or a list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vips(Vec<IpAddr>);
+
+/// The suffix of the IPv6 half of a dual-stack service: no name a user writes has a dot, so
+/// `web.v6` is never taken by another service.
+pub const V6_HALF_SUFFIX: &str = ".v6";
+
+impl Vips {
+    pub fn one(addr: IpAddr) -> Self {
+        Self(vec![addr])
+    }
+
+    /// A dual-stack pair: the caller gives one address of each family.
+    pub fn dual(v4: IpAddr, v6: IpAddr) -> Self {
+        debug_assert!(v4.is_ipv4() && v6.is_ipv6());
+        Self(vec![v4, v6])
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.0.iter().copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn first(&self) -> IpAddr {
+        self.0[0]
+    }
+
+    pub fn has_v6(&self) -> bool {
+        self.0.iter().any(IpAddr::is_ipv6)
+    }
+
+    /// A VIP of the family of `addr` (the one its backends of that family serve).
+    pub fn of_family(&self, addr: IpAddr) -> Option<IpAddr> {
+        self.iter().find(|v| v.is_ipv4() == addr.is_ipv4())
+    }
+}
+
+impl From<IpAddr> for Vips {
+    fn from(addr: IpAddr) -> Self {
+        Self::one(addr)
+    }
+}
+
+impl Serialize for Vips {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [one] => one.serialize(s),
+            all => all.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Vips {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let parse = |v: &toml::Value| match v {
+            toml::Value::String(text) => text
+                .parse::<IpAddr>()
+                .map_err(|_| D::Error::custom(format!("`{text}` is not an IP address"))),
+            _ => Err(D::Error::custom("expected an IP address")),
+        };
+        let addrs = match toml::Value::deserialize(d)? {
+            toml::Value::Array(list) => list.iter().map(parse).collect::<Result<Vec<_>, _>>()?,
+            one => vec![parse(&one)?],
+        };
+        match addrs.as_slice() {
+            [_] => {}
+            [a, b] if a.is_ipv4() != b.is_ipv4() => {}
+            [] => return Err(D::Error::custom("lists no address")),
+            _ => {
+                return Err(D::Error::custom(
+                    "one or two addresses, one of each family (a dual-stack service: \
+                     [\"IPv4\", \"IPv6\"]); two VIPs of one family are two services",
+                ));
+            }
+        }
+        Ok(Self(addrs))
+    }
+}
+
+impl ServiceConfig {
+    /// The services this one is in the data path: one per VIP, each with its name (the IPv6
+    /// half of a dual-stack service is `NAME.v6`) and the backends of its family.
+    pub fn halves(&self) -> impl Iterator<Item = (String, IpAddr)> + '_ {
+        let dual = self.vip.len() > 1;
+        self.vip.iter().map(move |vip| {
+            let name = if dual && vip.is_ipv6() {
+                format!("{}{V6_HALF_SUFFIX}", self.name)
+            } else {
+                self.name.clone()
+            };
+            (name, vip)
+        })
     }
 }
 

@@ -11,7 +11,10 @@ use lb_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{datapath::Datapath, flowtables::monotonic_ns, reconcile::Maps as _, status::Status};
+use crate::{
+    datapath::Datapath, flowtables::monotonic_ns, reconcile::Maps as _, state::DesiredState,
+    status::Status,
+};
 
 /// Flows listed when the request names no limit.
 pub const DEFAULT_LIMIT: usize = 100;
@@ -73,7 +76,10 @@ pub fn list(datapath: &Datapath, status: &Status, filter: &Filter) -> Result<Flo
                 .backend(backend_id)
                 .map_or_else(|| "gone".into(), |b| endpoint_text(&b.addr, b.port))
         });
-        if filter.service.as_ref().is_some_and(|s| s != service)
+        if filter
+            .service
+            .as_ref()
+            .is_some_and(|s| !DesiredState::names(s, service))
             || filter.backend.as_ref().is_some_and(|b| b != backend)
         {
             continue;

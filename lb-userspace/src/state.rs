@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::{
     bridgeport::VethPort,
-    config::{Config, HealthConfig, HealthOverride, Mode, Protocol, ServiceConfig},
+    config::{Config, HealthConfig, HealthOverride, Mode, Protocol, ServiceConfig, V6_HALF_SUFFIX},
 };
 
 /// Where a backend listens.
@@ -142,17 +142,43 @@ pub struct DesiredState {
 }
 
 impl DesiredState {
-    /// The services of a (validated) config with their static backends.
+    /// The services of a (validated) config with their static backends: a dual-stack
+    /// service is two, one per family (`ServiceConfig::halves`).
     pub fn from_config(config: &Config) -> Self {
         let services = config
             .services
             .iter()
-            .map(|svc| (svc.name.clone(), ServiceSpec::from_config(svc)))
+            .flat_map(|svc| {
+                svc.halves()
+                    .map(|(name, vip)| (name.clone(), ServiceSpec::from_config(svc, name, vip)))
+            })
             .collect();
         Self {
             services,
             conflicts: Vec::new(),
         }
+    }
+
+    /// The services a name in a label or a command means: the service itself and, for a
+    /// dual-stack service, its IPv6 half (`NAME.v6`).
+    pub fn halves_of<'a>(&'a self, name: &str) -> Vec<&'a ServiceSpec> {
+        let v6 = format!("{name}{V6_HALF_SUFFIX}");
+        [name, v6.as_str()]
+            .into_iter()
+            .filter_map(|n| self.services.get(n))
+            .collect()
+    }
+
+    /// `name` is `of` or the IPv6 half of the dual-stack service `of`.
+    pub fn names(of: &str, name: &str) -> bool {
+        name == of || name.strip_suffix(V6_HALF_SUFFIX) == Some(of)
+    }
+
+    /// Of the services `name` means, the one that balances addresses of `addr`'s family.
+    pub fn half_for(&self, name: &str, addr: IpAddr) -> Option<&ServiceSpec> {
+        self.halves_of(name)
+            .into_iter()
+            .find(|s| s.vip.is_ipv4() == addr.is_ipv4())
     }
 
     /// Adds a backend of `service`. False, and nothing changes, when there is no such
@@ -179,10 +205,11 @@ impl DesiredState {
 }
 
 impl ServiceSpec {
-    fn from_config(svc: &ServiceConfig) -> Self {
+    fn from_config(svc: &ServiceConfig, name: String, vip: IpAddr) -> Self {
         let backends = svc
             .backends
             .iter()
+            .filter(|b| b.address.is_ipv4() == vip.is_ipv4())
             .map(|b| {
                 let endpoint = Endpoint {
                     addr: b.address,
@@ -199,8 +226,8 @@ impl ServiceSpec {
             })
             .collect();
         Self {
-            name: svc.name.clone(),
-            vip: svc.vip,
+            name,
+            vip,
             port: svc.port,
             protocol: svc.protocol,
             mode: svc.mode,

@@ -1,12 +1,12 @@
-//! Docker discovery over IPv6: containers on a dual-stack Docker network join the v6 service
-//! their label names by their GlobalIPv6Address, and answer the client on the v6 VIP
-//! through xlb's bridge delivery, while the v4 service on the same host keeps serving. Run
-//! as root.
+//! Docker discovery over IPv6: containers on a dual-stack Docker network join both VIPs of
+//! the dual-stack service their label names (the v6 one by their GlobalIPv6Address) and
+//! answer the client on each through xlb's bridge delivery; a v4-only container of the same
+//! service joins its v4 VIP. Run as root.
 use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
 #[path = "support/docker_lb.rs"]
 mod docker_lb;
-use docker_lb::{config_with, docker_host, names, short};
+use docker_lb::{VIP, config_with, docker_host, names_on, short};
 use xlb_tests::{
     agent::Agent,
     client::tcp_name,
@@ -14,11 +14,13 @@ use xlb_tests::{
 };
 
 const VIP6: &str = "fd99:100::1";
+/// The dual-stack service's port (`web` and `api` of `config_with` take 80 and 81).
+const PORT: u16 = 82;
 /// The v6 listener each container adds (the image's own listeners are IPv4).
 const PORT6: &str = "9001";
 
 #[test]
-fn containers_on_a_dual_stack_network_answer_on_the_v6_vip() {
+fn containers_on_a_dual_stack_network_answer_on_both_vips() {
     let host = docker_host(DaemonOptions::default());
     // The client reaches the v6 VIP through the host's front, as for v4.
     host.client
@@ -38,36 +40,37 @@ fn containers_on_a_dual_stack_network_answer_on_the_v6_vip() {
         "fd00:30::/64",
         "dual",
     ]);
-    let v6_labels = [("xlb.service", "web6"), ("xlb.port", PORT6)];
-    let listen6 = format!("[::]:{PORT6}");
+    let labels = [("xlb.service", "dual"), ("xlb.port", PORT6)];
+    // One listener on [::] takes both families.
+    let listen = format!("[::]:{PORT6}");
     let ids: Vec<String> = (1..=3)
         .map(|i| {
             host.run_image(
-                &format!("v6web{i}"),
-                &v6_labels,
+                &format!("dual{i}"),
+                &labels,
                 &["--network", "dual"],
                 IMAGE,
-                &["--tcp", &listen6],
+                &["--tcp", &listen],
             )
         })
         .collect();
-    // A v4 backend of `web` beside them, on the default bridge.
+    // A v4-only container of the same service, on the default bridge: it joins the v4 VIP.
     let v4 = host.run_backend(
-        "v4web",
-        &[("xlb.service", "web"), ("xlb.port", "9000")],
+        "v4only",
+        &[("xlb.service", "dual"), ("xlb.port", "9000")],
         &[],
     );
     let extra = format!(
-        "\n[[service]]\nname = \"web6\"\nvip = \"{VIP6}\"\nport = 80\n  [service.health]\n  \
-         interval = \"200ms\"\n  timeout = \"100ms\"\n  fall = 2\n  rise = 2\n"
+        "\n[[service]]\nname = \"dual\"\nvip = [\"{VIP}\", \"{VIP6}\"]\nport = {PORT}\n  \
+         [service.health]\n  interval = \"200ms\"\n  timeout = \"100ms\"\n  fall = 2\n  rise = 2\n"
     );
     let config = config_with(&host, &host.endpoint(), "3s", &extra);
     let agent = Agent::start_in(&host.host, &host.dir, &host.prefix, &config);
-    agent.wait_up("web6", 3, Duration::from_secs(10));
-    agent.wait_up("web", 1, Duration::from_secs(10));
+    agent.wait_up("dual", 4, Duration::from_secs(10));
+    agent.wait_up("dual.v6", 3, Duration::from_secs(10));
 
     let backends: Vec<String> = agent
-        .backends("web6")
+        .backends("dual.v6")
         .into_iter()
         .map(|(address, _)| address)
         .collect();
@@ -75,20 +78,25 @@ fn containers_on_a_dual_stack_network_answer_on_the_v6_vip() {
         backends
             .iter()
             .all(|a| a.starts_with("[fd00:30::") && a.ends_with(&format!("]:{PORT6}"))),
-        "joined by their v6 addresses: {backends:?}"
+        "joined the v6 VIP by their v6 addresses: {backends:?}"
     );
 
-    let vip6: SocketAddr = format!("[{VIP6}]:80").parse().expect("addr");
+    let vip6: SocketAddr = format!("[{VIP6}]:{PORT}").parse().expect("addr");
     let answered: BTreeSet<String> = host.client.run(move || {
         (0..60)
             .map(|i| tcp_name(vip6).unwrap_or_else(|e| panic!("v6 request {i}: {e}")))
             .collect()
     });
-    let expected: BTreeSet<String> = ids.iter().map(|id| short(id)).collect();
+    let dual: BTreeSet<String> = ids.iter().map(|id| short(id)).collect();
     assert_eq!(
-        answered, expected,
-        "every v6 container answers on the v6 VIP"
+        answered, dual,
+        "every dual-stack container answers on the v6 VIP"
     );
-    let v4_names: BTreeSet<String> = names(&host, 10).into_iter().collect();
-    assert_eq!(v4_names, BTreeSet::from([short(&v4)]), "v4 beside v6");
+    let v4_names: BTreeSet<String> = names_on(&host, PORT, 80).into_iter().collect();
+    let mut all = dual.clone();
+    all.insert(short(&v4));
+    assert_eq!(
+        v4_names, all,
+        "the dual-stack containers and the v4-only one answer on the v4 VIP"
+    );
 }

@@ -13,29 +13,28 @@ use xlb_tests::{
     topology::{CLIENT_ADDR6, FRONT, Topology, VIP, VIP6},
 };
 
-/// A v4 TCP service beside a v6 TCP and a v6 UDP one, over the same backends; `delivery`
-/// is put under each backend (`bridge = "..."`, or nothing for the detected default).
+/// A dual-stack TCP service (`web`: a VIP of each family, each with the backends of its
+/// family) beside a v6 UDP one; `delivery` is put under each backend (`bridge = "..."`, or
+/// nothing for the detected default).
 fn config(topo: &Topology, delivery: &str) -> String {
     let mut text = format!(
         "[agent]\ninterfaces = [\"{FRONT}\"]\npin_path = \"{}\"\n",
         Agent::pin_path_for(topo)
     );
     for (name, vip, port, protocol) in [
-        ("web", VIP, 80, "tcp"),
-        ("web6", VIP6, 80, "tcp"),
-        ("dns6", VIP6, 53, "udp"),
+        ("web", format!("[\"{VIP}\", \"{VIP6}\"]"), 80, "tcp"),
+        ("dns6", format!("\"{VIP6}\""), 53, "udp"),
     ] {
         text += &format!(
-            "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = {port}\n\
+            "\n[[service]]\nname = \"{name}\"\nvip = {vip}\nport = {port}\n\
              protocol = \"{protocol}\"\n  [service.health]\n  type = \"tcp\"\n  \
              interval = \"200ms\"\n  timeout = \"100ms\"\n  fall = 2\n  rise = 2\n"
         );
-        for b in &topo.backends {
-            let addr = if vip == VIP {
-                b.addr.clone()
-            } else {
-                b.addr6()
-            };
+        let addrs = topo.backends.iter().flat_map(|b| {
+            let v4 = (name == "web").then(|| b.addr.clone());
+            v4.into_iter().chain([b.addr6()])
+        });
+        for addr in addrs {
             text += &format!(
                 "  [[service.backend]]\n  address = \"{addr}\"\n  port = 8080\n{delivery}"
             );
@@ -47,13 +46,15 @@ fn config(topo: &Topology, delivery: &str) -> String {
 fn start(backends: usize, delivery: &str) -> (Topology, Agent) {
     let topo = Topology::dual_stack(backends);
     let agent = Agent::start(&topo, &config(&topo, delivery));
-    agent.wait_up("web6", backends, Duration::from_secs(5));
+    agent.wait_up("web", backends, Duration::from_secs(5));
+    agent.wait_up("web.v6", backends, Duration::from_secs(5));
     agent.wait_up("dns6", backends, Duration::from_secs(5));
     (topo, agent)
 }
 
 /// 600 new v6 connections spread over every backend, each answered by the backend's
-/// server, which saw the client's own address; the v4 service serves beside it.
+/// server, which saw the client's own address; the service's v4 VIP serves beside it, over
+/// the v4 backends.
 fn spread_and_client_address(delivery: &str) {
     let (topo, agent) = start(3, delivery);
     let (vip6, vip4) = (topo.vip6(80), topo.vip(80));
@@ -61,12 +62,18 @@ fn spread_and_client_address(delivery: &str) {
         let names: Vec<String> = (0..600)
             .map(|i| tcp_name(vip6).unwrap_or_else(|e| panic!("v6 connection {i}: {e}")))
             .collect();
-        (names, tcp_name(vip4).expect("v4 beside v6"))
+        let v4: Vec<String> = (0..60)
+            .map(|i| tcp_name(vip4).unwrap_or_else(|e| panic!("v4 connection {i}: {e}")))
+            .collect();
+        (names, v4)
     });
-    assert!(v4.starts_with("be"), "v4 answered {v4}");
     assert_spread(&names, 3, 0.25..=0.42);
-    let web6 = agent.service("web6");
+    assert_eq!(count_names(&v4).len(), 3, "the v4 VIP spreads too: {v4:?}");
+    let web6 = agent.service("web.v6");
     assert_eq!(web6["counters"]["new_flows"], 600, "{web6}");
+    let web4 = agent.service("web");
+    assert_eq!(web4["counters"]["new_flows"], 60, "{web4}");
+    assert_eq!(web4["vip"], VIP, "{web4}");
     let log = topo.backends[0].proc.as_ref().expect("running").log_text();
     assert!(
         log.contains(&format!("be1 tcp from [{CLIENT_ADDR6}]:")),
@@ -77,6 +84,22 @@ fn spread_and_client_address(delivery: &str) {
     assert!(ok, "{text}");
     assert!(text.contains(&format!("[{VIP6}]:80/tcp")), "{text}");
     assert!(text.contains("[fd99:2::11]:8080"), "{text}");
+    // The service's name drains a backend of either family.
+    for backend in ["[fd99:2::11]:8080", "10.99.2.12:8080"] {
+        let (ok, out) = agent.cli(&["drain", "web", backend]);
+        assert!(ok, "drain web {backend}: {out}");
+    }
+    let drained = |service: &str, address: &str| {
+        let svc = agent.service(service);
+        let backends = svc["backends"].as_array().cloned().unwrap_or_default();
+        let backend = backends.iter().find(|b| b["address"] == address).cloned();
+        backend.unwrap_or_default()["drained"] == true
+    };
+    assert!(drained("web.v6", "[fd99:2::11]:8080") && drained("web", "10.99.2.12:8080"));
+    assert!(
+        !drained("web", "10.99.2.11:8080"),
+        "only the v6 endpoint of be1 drained"
+    );
 }
 
 #[test]
@@ -97,7 +120,7 @@ fn v6_connection_stays_while_a_backend_is_added() {
     topo.add_backend();
     let (ok, out) = agent.reload(&config(&topo, ""));
     assert!(ok, "reload failed: {out}");
-    agent.wait_up("web6", 4, Duration::from_secs(5));
+    agent.wait_up("web.v6", 4, Duration::from_secs(5));
     let (same, fresh) = topo.client.run(move || {
         let mut c = conn;
         let same: Vec<String> = (0..20).map(|_| c.ask().expect("old connection")).collect();
@@ -160,8 +183,8 @@ fn v6_traffic_not_for_a_vip_routes_and_ndp_works() {
 fn v6_config_refuses_what_is_not_built_yet() {
     let topo = Topology::dual_stack(1);
     let text = config(&topo, "").replacen(
-        &format!("vip = \"{VIP6}\"\nport = 80\nprotocol = \"tcp\"\n"),
-        &format!("vip = \"{VIP6}\"\nport = 80\nprotocol = \"tcp\"\nmode = \"dsr\"\n"),
+        "port = 53\nprotocol = \"udp\"\n",
+        "port = 53\nprotocol = \"udp\"\nmode = \"dsr\"\n",
         1,
     );
     let refused = Agent::start_refused(&topo, &text);
@@ -169,8 +192,48 @@ fn v6_config_refuses_what_is_not_built_yet() {
         refused.contains("service[1].mode") && refused.contains("IPv6"),
         "{refused}"
     );
-    let mixed =
-        config(&topo, "").replacen("address = \"fd99:2::11\"", "address = \"10.99.2.11\"", 1);
+    let mixed = config(&topo, "").replace(
+        &format!("vip = \"{VIP6}\"\nport = 53"),
+        &format!("vip = \"{VIP}\"\nport = 53"),
+    );
     let refused = Agent::start_refused(&topo, &mixed);
     assert!(refused.contains("same IP family"), "{refused}");
+}
+
+/// With `announce_table`, each VIP of the dual-stack service gets its host route (/32 and
+/// /128) while it can serve, and a v6 route a dead agent left behind for a VIP the config no
+/// longer has is withdrawn on start.
+#[test]
+fn both_vips_are_announced_and_a_stale_v6_route_is_withdrawn() {
+    let topo = Topology::dual_stack(2);
+    topo.lb.ip(&[
+        "-6",
+        "route",
+        "add",
+        "fd99:100::99/128",
+        "dev",
+        "lo",
+        "table",
+        "77",
+        "proto",
+        "static",
+    ]);
+    let text = config(&topo, "").replacen("[agent]\n", "[agent]\nannounce_table = 77\n", 1);
+    let agent = Agent::start(&topo, &text);
+    agent.wait_up("web.v6", 2, Duration::from_secs(5));
+    agent.wait_up("web", 2, Duration::from_secs(5));
+    let routes = || {
+        let v4 = topo.lb.ip(&["-4", "route", "show", "table", "77"]);
+        v4 + &topo.lb.ip(&["-6", "route", "show", "table", "77"])
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !(routes().contains(VIP6) && routes().contains(VIP)) {
+        assert!(std::time::Instant::now() < deadline, "{}", routes());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !routes().contains("fd99:100::99"),
+        "stale route kept: {}",
+        routes()
+    );
 }

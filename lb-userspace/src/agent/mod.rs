@@ -347,13 +347,18 @@ impl Agent {
         drain: bool,
     ) -> Result<(Key, Option<u64>)> {
         let endpoint: Endpoint = backend.parse().map_err(anyhow::Error::msg)?;
-        let Some(svc) = self.desired.services.get(&service) else {
+        if self.desired.halves_of(&service).is_empty() {
             bail!("no service `{service}`");
-        };
-        if !svc.backends.contains_key(&endpoint) {
-            bail!("service `{service}` has no backend {endpoint}");
         }
-        let key = (service, endpoint);
+        // `web` also names the IPv6 half (`web.v6`) of a dual-stack service.
+        let Some(svc) = self
+            .desired
+            .half_for(&service, endpoint.addr)
+            .filter(|s| s.backends.contains_key(&endpoint))
+        else {
+            bail!("service `{service}` has no backend {endpoint}");
+        };
+        let key = (svc.name.clone(), endpoint);
         let changed = if drain {
             self.drained.insert(key.clone())
         } else {

@@ -477,7 +477,7 @@ fn backend() -> impl Strategy<Value = BackendConfig> {
 fn service() -> impl Strategy<Value = ServiceConfig> {
     (
         "[a-z0-9_-]{1,63}",
-        any::<Ipv4Addr>(),
+        (any::<Ipv4Addr>(), option::of(any::<u64>())),
         1u16..,
         select(&[Protocol::Tcp, Protocol::Udp][..]),
         select(&[3u32, 5, 7, 251, 4099, 65521, 65537, 1_048_573, 2_097_143][..]),
@@ -493,7 +493,24 @@ fn service() -> impl Strategy<Value = ServiceConfig> {
         }),
     )
         .prop_map(
-            |(name, vip, port, protocol, table_size, (mode, snat, encap), health, mut backends)| {
+            |(
+                name,
+                (vip, v6),
+                port,
+                protocol,
+                table_size,
+                (mode, snat, encap),
+                health,
+                mut backends,
+            )| {
+                // A dual-stack VIP where the v6 half can serve (mode nat).
+                let vip = match v6.filter(|_| mode == Mode::Nat) {
+                    Some(low) => {
+                        let v6 = std::net::Ipv6Addr::from(0xfd99_u128 << 112 | low as u128);
+                        Vips::dual(vip.into(), v6.into())
+                    }
+                    None => Vips::one(vip.into()),
+                };
                 // Only what the mode uses, as validation demands.
                 let snat = match mode {
                     Mode::Fullnat => snat
@@ -519,7 +536,7 @@ fn service() -> impl Strategy<Value = ServiceConfig> {
                 }
                 ServiceConfig {
                     name,
-                    vip: vip.into(),
+                    vip,
                     port,
                     protocol,
                     mode,
@@ -544,13 +561,17 @@ fn config() -> impl Strategy<Value = Config> {
         vec(service(), 0..4).prop_filter("names and VIPs unique", |s| {
             let mut names = HashSet::new();
             let mut vips = HashSet::new();
-            s.iter()
-                .all(|s| names.insert(s.name.clone()) && vips.insert((s.vip, s.port, s.protocol)))
+            s.iter().all(|s| {
+                names.insert(s.name.clone())
+                    && s.vip
+                        .iter()
+                        .all(|vip| vips.insert((vip, s.port, s.protocol)))
+            })
         }),
     )
         .prop_map(|(agent, docker, mut services)| {
             // Only addresses that can be backends, as validation demands.
-            let vips: Vec<IpAddr> = services.iter().map(|s| s.vip).collect();
+            let vips: Vec<IpAddr> = services.iter().flat_map(|s| s.vip.iter()).collect();
             for svc in &mut services {
                 svc.backends
                     .retain(|b| unusable_backend(b.address, &vips).is_none());

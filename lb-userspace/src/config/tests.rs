@@ -386,7 +386,10 @@ fn ipv6_services_take_mode_nat_and_backends_of_their_family() {
     let mixed = format!("{v6}  [[service.backend]]\n  address = \"10.99.2.11\"\n  port = 8080\n");
     assert_eq!(
         errors(&mixed),
-        ["xlb.toml:10: service[0].backend[0].address: must be of the same IP family as the VIP"]
+        [
+            "xlb.toml:10: service[0].backend[0].address: must be of the same IP family as the VIP \
+             (a dual-stack service lists a VIP of each family)"
+        ]
     );
     let dsr = v6.replace("port = 80\n", "port = 80\nmode = \"dsr\"\n");
     assert_eq!(
@@ -400,12 +403,58 @@ fn ipv6_services_take_mode_nat_and_backends_of_their_family() {
         errors(&allow),
         ["xlb.toml:9: service[0].allow: lists IPv4 ranges; an IPv6 service takes none yet"]
     );
-    let list = MINIMAL.replace("\"10.99.100.1\"", "[\"10.99.100.1\", \"fd99:100::1\"]");
-    assert_eq!(
-        errors(&list),
-        [
-            "xlb.toml:7: service[0].vip: one address per service: a dual-stack service is, for \
-          now, two services (one `vip` each, with the backends of its family)"
-        ]
+}
+
+#[test]
+fn a_dual_stack_service_is_two_in_the_data_path_each_with_the_backends_of_its_family() {
+    let dual = MINIMAL.replace("\"10.99.100.1\"", "[\"10.99.100.1\", \"fd99:100::1\"]");
+    let with_backends = format!(
+        "{dual}  [[service.backend]]\n  address = \"10.99.2.11\"\n  port = 8080\n  \
+         [[service.backend]]\n  address = \"fd99:2::11\"\n  port = 8080\n"
     );
+    let config = parse(&with_backends).unwrap();
+    let desired = crate::state::DesiredState::from_config(&config);
+    let names: Vec<&str> = desired.services.keys().map(String::as_str).collect();
+    assert_eq!(names, ["web", "web.v6"]);
+    let backends = |name: &str| -> Vec<String> {
+        let svc = &desired.services[name];
+        svc.backends.keys().map(|e| e.to_string()).collect()
+    };
+    assert_eq!(backends("web"), ["10.99.2.11:8080"]);
+    assert_eq!(backends("web.v6"), ["[fd99:2::11]:8080"]);
+    assert_eq!(desired.services["web.v6"].vip.to_string(), "fd99:100::1");
+    let halves: Vec<&str> = desired
+        .halves_of("web")
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect();
+    assert_eq!(halves, ["web", "web.v6"]);
+    // Written back as it was read.
+    let text = toml::to_string(&config).unwrap();
+    assert_eq!(parse(&text).unwrap(), config);
+
+    let same_family = MINIMAL.replace("\"10.99.100.1\"", "[\"10.99.100.1\", \"10.99.100.2\"]");
+    let errs = errors(&same_family);
+    assert!(
+        errs[0].starts_with("xlb.toml:7: service[0].vip: one or two addresses, one of each family"),
+        "{errs:?}"
+    );
+    let none = MINIMAL.replace("\"10.99.100.1\"", "[]");
+    assert_eq!(
+        errors(&none),
+        ["xlb.toml:7: service[0].vip: lists no address"]
+    );
+    let three = MINIMAL.replace(
+        "\"10.99.100.1\"",
+        "[\"10.99.100.1\", \"fd99:100::1\", \"fd99:100::2\"]",
+    );
+    assert!(errors(&three)[0].contains("one or two addresses"));
+    // The v6 half has the limits of a v6 service.
+    let dsr = dual.replace("port = 80\n", "port = 80\nmode = \"dsr\"\n");
+    assert!(errors(&dsr)[0].contains("dsr over IPv6 is not built yet"));
+    let allow = dual.replace("port = 80\n", "port = 80\nallow = [\"10.0.0.0/8\"]\n");
+    assert!(errors(&allow)[0].contains("an IPv6 service takes none yet"));
+    // A VIP of a dual-stack service is taken for every other service.
+    let taken = format!("{dual}\n[[service]]\nname = \"api\"\nvip = \"fd99:100::1\"\nport = 80\n");
+    assert!(errors(&taken)[0].contains("[fd99:100::1]:80/tcp is used by another service"));
 }

@@ -91,10 +91,15 @@ impl Config {
                 }
             }
         }
-        if self.services.len() > MAX_SERVICES as usize {
+        // A dual-stack service is two in the data path.
+        let data_path_services: usize = self.services.iter().map(|s| s.vip.len()).sum();
+        if data_path_services > MAX_SERVICES as usize {
             out.push((
                 "service".into(),
-                format!("at most {MAX_SERVICES} services are supported"),
+                format!(
+                    "at most {MAX_SERVICES} services are supported (a dual-stack service \
+                     counts twice)"
+                ),
             ));
         }
         let mut names = HashSet::new();
@@ -102,7 +107,7 @@ impl Config {
         let mut backends = 0;
         let mut allow_prefixes = 0;
         let mut ring_space = 0;
-        let all_vips: Vec<IpAddr> = self.services.iter().map(|s| s.vip).collect();
+        let all_vips: Vec<IpAddr> = self.services.iter().flat_map(|s| s.vip.iter()).collect();
         for (i, svc) in self.services.iter().enumerate() {
             let at = |field: &str| format!("service[{i}].{field}");
             if !valid_name(&svc.name) {
@@ -117,17 +122,19 @@ impl Config {
                     format!("`{}` is used by another service", svc.name),
                 ));
             }
-            if !vips.insert((svc.vip, svc.port, svc.protocol)) {
-                out.push((
-                    at("vip"),
-                    format!(
-                        "{}/{} is used by another service",
-                        std::net::SocketAddr::new(svc.vip, svc.port),
-                        svc.protocol
-                    ),
-                ));
+            for vip in svc.vip.iter() {
+                if !vips.insert((vip, svc.port, svc.protocol)) {
+                    out.push((
+                        at("vip"),
+                        format!(
+                            "{}/{} is used by another service",
+                            std::net::SocketAddr::new(vip, svc.port),
+                            svc.protocol
+                        ),
+                    ));
+                }
             }
-            if svc.vip.is_ipv6() && svc.mode != Mode::Nat {
+            if svc.vip.has_v6() && svc.mode != Mode::Nat {
                 out.push((
                     at("mode"),
                     format!(
@@ -136,7 +143,7 @@ impl Config {
                     ),
                 ));
             }
-            if svc.vip.is_ipv6() && !svc.allow.is_empty() {
+            if svc.vip.has_v6() && !svc.allow.is_empty() {
                 out.push((
                     at("allow"),
                     "lists IPv4 ranges; an IPv6 service takes none yet".into(),
@@ -163,7 +170,7 @@ impl Config {
             } else {
                 // Room for the ring in use and the one being written.
                 let before = ring_space;
-                ring_space += RING_HALVES * ring_blocks(svc.table_size);
+                ring_space += svc.vip.len() as u32 * RING_HALVES * ring_blocks(svc.table_size);
                 if ring_space > MAX_RING_BLOCKS && before <= MAX_RING_BLOCKS {
                     out.push((
                         at("table_size"),
@@ -189,10 +196,12 @@ impl Config {
             let mut seen = HashSet::new();
             for (j, be) in svc.backends.iter().enumerate() {
                 let at = |field: &str| format!("service[{i}].backend[{j}].{field}");
-                if be.address.is_ipv4() != svc.vip.is_ipv4() {
+                if svc.vip.of_family(be.address).is_none() {
                     out.push((
                         at("address"),
-                        "must be of the same IP family as the VIP".into(),
+                        "must be of the same IP family as the VIP (a dual-stack service lists \
+                         a VIP of each family)"
+                            .into(),
                     ));
                 }
                 if be.port == 0 {

@@ -18,7 +18,7 @@ use super::{
 /// The weight `claim` may have in the service its labels name (checked against every VIP
 /// of the config and that service's claim limits), or why it may not claim there.
 fn admitted(config: &Config, claim: &Claim, spec: &LabelSpec) -> Result<u32, LabelError> {
-    let vips: Vec<IpAddr> = config.services.iter().map(|s| s.vip).collect();
+    let vips: Vec<IpAddr> = config.services.iter().flat_map(|s| s.vip.iter()).collect();
     let default = ClaimLimits::default();
     let limits = config
         .services
@@ -53,63 +53,108 @@ pub fn add_containers(
                 continue;
             }
         };
-        let Some(service) = desired.services.get(&spec.service) else {
+        let halves = half_keys(desired, &spec.service);
+        if halves.is_empty() {
             errors.push(LabelError {
                 owner: c.owner(),
                 label: format!("{prefix}.service"),
                 reason: format!("`{}` is not a service in the config", spec.service),
             });
             continue;
-        };
+        }
         if c.health.as_deref().is_some_and(|h| h != "healthy") {
             continue;
         }
-        let target = match c.target(&spec, prefix, service.protocol, service.vip.is_ipv6()) {
-            Ok(t) => t,
-            Err(e) => {
-                errors.push(e);
-                continue;
-            }
-        };
-        if target.ip.is_ipv4() != service.vip.is_ipv4() {
-            errors.push(LabelError {
-                owner: c.owner(),
-                label: format!("{prefix}.network"),
-                reason: format!("{} is not of the VIP's IP family", target.ip),
-            });
-            continue;
-        }
-        let owner = c.owner();
-        let claim = Claim {
-            owner: &owner,
-            prefix,
-            labels: &c.labels,
-            project_label: COMPOSE_PROJECT,
-            network: Some(&target.network),
-            addr: target.ip,
-            addr_label: "network",
-        };
-        let weight = match admitted(config, &claim, &spec) {
-            Ok(w) => w,
-            Err(e) => {
-                errors.push(e);
-                continue;
-            }
-        };
-        let endpoint = Endpoint {
-            addr: target.ip,
-            port: target.port,
-        };
-        let backend = BackendSpec {
-            weight: if c.stopping { 0 } else { weight },
-            source: Source::Docker(c.name.clone()),
-            health: spec.health,
-            bridge: target.bridge,
-            delivery: Delivery::default(),
-        };
-        desired.add_backend(&spec.service, endpoint, backend);
+        let joined: Vec<_> = halves
+            .iter()
+            .map(|half| container_backend(config, c, &spec, half, prefix))
+            .collect();
+        join_halves(desired, &halves, joined, &mut errors);
     }
     errors
+}
+
+/// What a service name in a label means: the service, or both halves of a dual-stack one.
+struct Half {
+    name: String,
+    protocol: Protocol,
+    vip: IpAddr,
+}
+
+fn half_keys(desired: &DesiredState, name: &str) -> Vec<Half> {
+    desired
+        .halves_of(name)
+        .into_iter()
+        .map(|s| Half {
+            name: s.name.clone(),
+            protocol: s.protocol,
+            vip: s.vip,
+        })
+        .collect()
+}
+
+/// Adds each half's backend. A claim that fits no half is an error (the first half's); one
+/// that fits a half is not, as a v4-only container on a dual-stack service joins its v4 VIP.
+fn join_halves(
+    desired: &mut DesiredState,
+    halves: &[Half],
+    joined: Vec<Result<(Endpoint, BackendSpec), LabelError>>,
+    errors: &mut Vec<LabelError>,
+) {
+    let fits = joined.iter().any(Result::is_ok);
+    let mut first_error = None;
+    for (half, result) in halves.iter().zip(joined) {
+        match result {
+            Ok((endpoint, backend)) => {
+                desired.add_backend(&half.name, endpoint, backend);
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    errors.extend(first_error.filter(|_| !fits));
+}
+
+/// The backend a container is in one service (half), or why it is not.
+fn container_backend(
+    config: &Config,
+    c: &ContainerInfo,
+    spec: &LabelSpec,
+    half: &Half,
+    prefix: &str,
+) -> Result<(Endpoint, BackendSpec), LabelError> {
+    let target = c.target(spec, prefix, half.protocol, half.vip.is_ipv6())?;
+    if target.ip.is_ipv4() != half.vip.is_ipv4() {
+        return Err(LabelError {
+            owner: c.owner(),
+            label: format!("{prefix}.network"),
+            reason: format!("{} is not of the VIP's IP family", target.ip),
+        });
+    }
+    let owner = c.owner();
+    let claim = Claim {
+        owner: &owner,
+        prefix,
+        labels: &c.labels,
+        project_label: COMPOSE_PROJECT,
+        network: Some(&target.network),
+        addr: target.ip,
+        addr_label: "network",
+    };
+    let weight = admitted(config, &claim, spec)?;
+    let endpoint = Endpoint {
+        addr: target.ip,
+        port: target.port,
+    };
+    let backend = BackendSpec {
+        weight: if c.stopping { 0 } else { weight },
+        source: Source::Docker(c.name.clone()),
+        health: spec.health.clone(),
+        bridge: target.bridge,
+        delivery: Delivery::default(),
+    };
+    Ok((endpoint, backend))
 }
 
 /// Adds the Swarm tasks of services whose labels name a configured service: at
@@ -140,46 +185,63 @@ pub fn add_tasks(
             label: format!("{prefix}.{label}"),
             reason,
         };
-        let Some(service) = desired.services.get(&spec.service) else {
+        let halves = half_keys(desired, &spec.service);
+        if halves.is_empty() {
             let reason = format!("`{}` is not a service in the config", spec.service);
             errors.push(bad("service", reason));
             continue;
-        };
-        let (endpoint, network) =
-            match task_endpoint(task, &spec, service.protocol, service.vip.is_ipv6()) {
-                Ok(Some(e)) => e,
-                Ok(None) => continue,
-                Err((label, reason)) => {
-                    errors.push(bad(label, reason));
-                    continue;
-                }
-            };
-        let claim = Claim {
-            owner: &owner,
-            prefix,
-            labels: &task.labels,
-            project_label: STACK_NAMESPACE,
-            network: network.as_deref(),
-            addr: endpoint.addr,
-            addr_label: if network.is_some() { "network" } else { "port" },
-        };
-        let weight = match admitted(config, &claim, &spec) {
-            Ok(w) => w,
-            Err(e) => {
-                errors.push(e);
-                continue;
-            }
-        };
-        let backend = BackendSpec {
-            weight: if task.draining { 0 } else { weight },
-            source: Source::Swarm(task.id.clone()),
-            health: spec.health,
-            bridge: None,
-            delivery: Delivery::default(),
-        };
-        desired.add_backend(&spec.service, endpoint, backend);
+        }
+        // A half without an address of its family yet is left out, not an error.
+        let (joins, joined): (Vec<Half>, Vec<_>) = halves
+            .into_iter()
+            .filter_map(|half| {
+                let result = task_backend(config, task, &spec, &half, prefix).transpose()?;
+                Some((half, result))
+            })
+            .unzip();
+        join_halves(desired, &joins, joined, &mut errors);
     }
     errors
+}
+
+/// The backend a task is in one service (half), None while it has no address of the half's
+/// family, or why it is not.
+fn task_backend(
+    config: &Config,
+    task: &SwarmTask,
+    spec: &LabelSpec,
+    half: &Half,
+    prefix: &str,
+) -> Result<Option<(Endpoint, BackendSpec)>, LabelError> {
+    let owner = format!("swarm service {}", task.service);
+    let found = task_endpoint(task, spec, half.protocol, half.vip.is_ipv6()).map_err(
+        |(label, reason)| LabelError {
+            owner: owner.clone(),
+            label: format!("{prefix}.{label}"),
+            reason,
+        },
+    )?;
+    let Some((endpoint, network)) = found else {
+        return Ok(None);
+    };
+    let claim = Claim {
+        owner: &owner,
+        prefix,
+        labels: &task.labels,
+        project_label: STACK_NAMESPACE,
+        network: network.as_deref(),
+        addr: endpoint.addr,
+        addr_label: if network.is_some() { "network" } else { "port" },
+    };
+    let weight = admitted(config, &claim, spec)?;
+    let backend = BackendSpec {
+        weight: if task.draining { 0 } else { weight },
+        source: Source::Swarm(task.id.clone()),
+        health: spec.health.clone(),
+        bridge: None,
+        delivery: Delivery::default(),
+    };
+    Ok(Some((endpoint, backend)))
 }
 
 /// A task's endpoint and the network its address is on (None: its node's published port).

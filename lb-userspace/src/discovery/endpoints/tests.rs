@@ -298,6 +298,87 @@ fn a_task_on_a_dual_stack_network_joins_by_the_vips_family() {
     );
 }
 
+/// One dual-stack service: `vip` lists an address of each family.
+fn one_dual_stack_service() -> Config {
+    let text = r#"
+[agent]
+interfaces = ["eth0"]
+[docker]
+[[service]]
+name = "web"
+vip = ["10.99.100.1", "fd99:100::1"]
+port = 80
+"#;
+    Config::parse(Path::new("xlb.toml"), text).unwrap()
+}
+
+fn backends_of(desired: &DesiredState, name: &str) -> Vec<String> {
+    let svc = &desired.services[name];
+    svc.backends.keys().map(ToString::to_string).collect()
+}
+
+#[test]
+fn a_dual_stack_container_joins_both_vips_and_a_single_stack_one_its_family() {
+    let config = one_dual_stack_service();
+    let labels = [("xlb.service", "web"), ("xlb.port", "8080")];
+    let mut dual = container("dual", &labels, None);
+    dual.networks[0].ip6 = Some("fd00:17::4".parse().unwrap());
+    let v4_only = container("v4only", &labels, None);
+    let mut v6_only = container("v6only", &labels, None);
+    v6_only.networks[0].ip = None;
+    v6_only.networks[0].ip6 = Some("fd00:17::6".parse().unwrap());
+    let mut no_address = container("none", &labels, None);
+    no_address.networks[0].ip = None;
+    let mut desired = DesiredState::from_config(&config);
+    let errors = add_containers(
+        &mut desired,
+        &config,
+        &[dual, v4_only, v6_only, no_address],
+        "xlb",
+    );
+    assert_eq!(
+        backends_of(&desired, "web"),
+        ["172.17.0.4:8080", "172.17.0.6:8080"]
+    );
+    assert_eq!(
+        backends_of(&desired, "web.v6"),
+        ["[fd00:17::4]:8080", "[fd00:17::6]:8080"]
+    );
+    let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        messages,
+        ["container none (none01234567): label xlb.network: the container has no IPv4 address"],
+        "only a container that fits neither VIP is an error, and once"
+    );
+}
+
+#[test]
+fn a_task_joins_each_vip_of_a_dual_stack_service_it_has_an_address_for() {
+    let config = one_dual_stack_service();
+    let labels = [("xlb.service", "web"), ("xlb.port", "8080")];
+    let mut desired = DesiredState::from_config(&config);
+    let errors = add_tasks(
+        &mut desired,
+        &config,
+        &[
+            task(
+                "t1",
+                &labels,
+                &[],
+                &[("app", "10.0.1.7"), ("app", "fd00:1::7")],
+            ),
+            task("t2", &labels, &[], &[("app", "10.0.1.8")]),
+        ],
+        "xlb",
+    );
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(
+        backends_of(&desired, "web"),
+        ["10.0.1.7:8080", "10.0.1.8:8080"]
+    );
+    assert_eq!(backends_of(&desired, "web.v6"), ["[fd00:1::7]:8080"]);
+}
+
 #[test]
 fn stopping_containers_and_shutting_down_tasks_drain() {
     let mut desired = DesiredState::from_config(&config());
