@@ -13,7 +13,7 @@ use crate::{
     maps::{self, VIP_ADDRS, VIPS},
     nat::Endpoint,
     parse::{IcmpPacket, L4Packet, PacketBuf, Parsed, Segment, parse},
-    parse6::L4Packet6,
+    parse6::{Icmp6Packet, L4Packet6},
     snat, stats, trace,
 };
 
@@ -60,6 +60,8 @@ pub trait Hook: PacketBuf {
     fn icmp(&self, icmp: &IcmpPacket, now: u64) -> Verdict;
     /// `send` for IPv6: mode nat, the only one `decide` lets a v6 flow have.
     fn send6(&self, pkt: &L4Packet6, target: &Target, now: u64) -> Verdict;
+    /// Sends an ICMPv6 error `icmp6::to_backend` rewrote for `backend`.
+    fn icmp6_to_backend(&self, icmp: &Icmp6Packet, backend: &Backend) -> Verdict;
 }
 
 #[inline(always)]

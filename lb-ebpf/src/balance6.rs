@@ -1,5 +1,6 @@
 //! IPv6 at the balancer: TCP and UDP to a v6 VIP go through the flow pipeline of
-//! balance.rs (mode nat); an echo request to a VIP address is answered; the odd packets of a
+//! balance.rs (mode nat); an echo request to a VIP address is answered, an error about a
+//! flow goes to its backend (icmp6.rs); the odd packets of a
 //! VIP address are dropped with a reason, as for IPv4, and everything else (neighbour
 //! discovery included) goes to the kernel.
 use lb_common::{Backend, FAMILY_V6, FlowKey, Reason, VIP_ADDR_ECHO, VipAddrKey, VipKey};
@@ -9,6 +10,7 @@ use crate::{
     icmp6::{self, ICMPV6_ECHO_REQUEST},
     maps::VIP_ADDRS,
     parse6::{Addr6, L4Packet6, Parsed6, parse6},
+    stats,
 };
 
 #[inline(always)]
@@ -24,6 +26,13 @@ pub fn balance6<H: Hook>(ctx: &H, l3_off: usize) -> Verdict {
             {
                 Verdict::Bounce(Reason::IcmpEcho)
             }
+            Some(_) if icmp6::is_error(icmp.kind) => match icmp6::to_backend(ctx, &icmp) {
+                Some(backend) => {
+                    stats::count(Reason::IcmpToBackend);
+                    ctx.icmp6_to_backend(&icmp, backend)
+                }
+                None => Verdict::Pass(Reason::PassIcmp),
+            },
             Some(_) => Verdict::Pass(Reason::PassIcmp),
             None => Verdict::Pass(Reason::PassNotL4),
         },

@@ -4,7 +4,9 @@ use aya_ebpf::{
     bindings::xdp_action::XDP_TX,
     programs::{TcContext, XdpContext},
 };
-use lb_common::{FAMILY_V4, FlowKey, MODE_DSR, MODE_FULLNAT, MODE_NAT, Reason, SERVICE_GUE};
+use lb_common::{
+    Backend, FAMILY_V4, FlowKey, MODE_DSR, MODE_FULLNAT, MODE_NAT, Reason, SERVICE_GUE,
+};
 
 use crate::{
     balance::{Hook, Target, Verdict},
@@ -12,7 +14,7 @@ use crate::{
     encap, icmp, icmp_tc,
     nat::{self, End, Endpoint},
     parse::{ETH_HLEN, IcmpPacket, L4Packet},
-    parse6::L4Packet6,
+    parse6::{Icmp6Packet, L4Packet6},
     route::{self, Decrement, Fallback},
     snat, stats,
 };
@@ -57,6 +59,25 @@ impl Hook for XdpContext {
     #[inline(always)]
     fn send6(&self, pkt: &L4Packet6, target: &Target, _now: u64) -> Verdict {
         send_nat6(self, pkt, target)
+    }
+
+    /// To the backend's bridge, or the FIB's next hop, as the flow's packets go.
+    #[inline(always)]
+    fn icmp6_to_backend(&self, icmp: &Icmp6Packet, backend: &Backend) -> Verdict {
+        if backend.deliver_ifindex != 0 {
+            return Verdict::Forward {
+                deliver_to: backend.deliver_ifindex,
+            };
+        }
+        let hop = route::lookup6(self, &backend.addr);
+        let (action, reason) = route::transmit(
+            self,
+            &hop,
+            icmp.l3_off,
+            Decrement::HopLimit,
+            Fallback::Kernel,
+        );
+        Verdict::Sent(action, reason)
     }
 }
 
@@ -247,5 +268,12 @@ impl Hook for TcContext {
     /// As XDP for mode nat (the only mode of the TC balancer).
     fn icmp(&self, icmp: &IcmpPacket, _now: u64) -> Verdict {
         icmp_tc::handle(self, icmp)
+    }
+
+    /// The kernel routes it, or the backend's bridge takes it.
+    fn icmp6_to_backend(&self, _icmp: &Icmp6Packet, backend: &Backend) -> Verdict {
+        Verdict::Forward {
+            deliver_to: backend.deliver_ifindex,
+        }
     }
 }

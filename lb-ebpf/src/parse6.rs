@@ -80,7 +80,10 @@ segment_of_fields!(L4Packet6);
 /// An ICMPv6 message, with what the balancer reads of it.
 #[allow(dead_code)] // for echo and errors to v6 VIPs; only the VIP check reads it yet
 pub struct Icmp6Packet {
+    pub l3_off: usize,
     pub icmp_off: usize,
+    /// Where the IPv6 payload ends (Ethernet padding may follow).
+    pub end: usize,
     pub kind: u8,
     pub code: u8,
     pub daddr: Addr6,
@@ -156,7 +159,9 @@ pub fn parse6<B: PacketBuf>(buf: &B, l3_off: usize) -> Parsed6 {
         };
         let [kind, code] = load(icmp);
         return Parsed6::Icmp(Icmp6Packet {
+            l3_off,
             icmp_off: off,
+            end,
             kind,
             code,
             daddr,

@@ -216,6 +216,55 @@ impl Topology {
         topo
     }
 
+    /// [`Topology::behind_router`] with IPv6 on every link as well (client fd99:1::2 via the
+    /// router's fd99:1::1; router "uplink" fd99:3::1, lb "front" fd99:3::2; the backends as
+    /// in [`Topology::dual_stack`]).
+    pub fn behind_router_dual_stack(backends: usize, client_mtu: &str) -> Topology {
+        let mut topo = Topology::behind_router(0, client_mtu);
+        topo.dual_stack = true;
+        let router = topo.router.as_ref().expect("a router");
+        let add6 = |ns: &Netns, addr: &str, dev: &str| {
+            ns.ip(&["-6", "addr", "add", addr, "dev", dev, "nodad"]);
+        };
+        add6(&topo.client, &format!("{CLIENT_ADDR6}/64"), "eth0");
+        topo.client
+            .ip(&["-6", "route", "add", "default", "via", FRONT_ADDR6]);
+        add6(router, &format!("{FRONT_ADDR6}/64"), FRONT);
+        add6(router, "fd99:3::1/64", "uplink");
+        for net in [VIP6, "fd99:2::/64"] {
+            router.ip(&["-6", "route", "add", net, "via", "fd99:3::2"]);
+        }
+        router.sysctl("net.ipv6.conf.all.forwarding", "1");
+        add6(&topo.lb, "fd99:3::2/64", FRONT);
+        add6(&topo.lb, "fd99:2::1/64", "br0");
+        topo.lb
+            .ip(&["-6", "route", "add", "fd99:1::/64", "via", "fd99:3::1"]);
+        topo.lb.sysctl("net.ipv6.conf.all.forwarding", "1");
+        topo.wait_routed6("fd99:3::2");
+        for _ in 0..backends {
+            topo.add_backend();
+        }
+        topo
+    }
+
+    /// Waits (at most 5 s) until the client reaches `addr` over IPv6 and back: a TCP
+    /// connection to a closed port there is refused. The new links' link-local addresses go
+    /// through duplicate address detection first, and until then the router does not forward.
+    fn wait_routed6(&self, addr: &str) {
+        let to: SocketAddr = format!("[{addr}]:9").parse().expect("addr");
+        let reached = self.client.run(move || {
+            (0..50).any(|_| {
+                let refused = std::net::TcpStream::connect_timeout(&to, Duration::from_millis(100))
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused);
+                if !refused {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                refused
+            })
+        });
+        assert!(reached, "{addr} not reachable over IPv6 from the client");
+    }
+
     /// The lb's bridge to the backends.
     fn wire_lb(&self) {
         let lb = &self.lb;

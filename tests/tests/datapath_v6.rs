@@ -622,3 +622,90 @@ fn an_echo_request_to_a_v6_vip_is_answered() {
         Reason::PassIcmp,
     );
 }
+
+/// An ICMPv6 error from `from` to the VIP quoting the VIP's reply to `client_port` (TCP,
+/// VIP6:80 -> CLIENT6), with a valid checksum.
+fn error_about_a_reply(from: Ipv6Addr, kind: u8, code: u8, client_port: u16) -> Frame6 {
+    let reply = Frame6::tcp(CLIENT6)
+        .between(VIP6, 80, client_port)
+        .with_tcp_flags(TCP_ACK)
+        .checksummed();
+    let quoted = &reply.build()[14..];
+    let mut message = vec![kind, code, 0, 0, 0, 0, 0x05, 0x00];
+    message.extend_from_slice(quoted);
+    let mut error = Frame6::upper(VIP6, ICMPV6, message);
+    error.src = from;
+    error.checksummed_icmp()
+}
+
+/// Packet too big, unreachable and time exceeded about a v6 VIP flow go to the flow's
+/// backend: the outer destination and the quoted source become the backend's, the quoted
+/// port its port, and the ICMPv6 checksum stays valid (computed here over the pseudo-header).
+/// Both hooks. An error quoting another source, or cut short, reaches the kernel untouched.
+#[test]
+fn icmpv6_errors_about_a_v6_flow_go_to_its_backend() {
+    let dp = balancing();
+    let router = Ipv6Addr::new(0xfd99, 1, 0, 0, 0, 0, 0, 0xfe);
+    for (i, (kind, code)) in [(2u8, 0u8), (1, 4), (3, 0)].into_iter().enumerate() {
+        let client_port = 45000 + i as u16;
+        let syn = Frame6::tcp(VIP6)
+            .between(CLIENT6, client_port, 80)
+            .checksummed();
+        let backend = balanced("SYN", &syn, |f| dp.xdp(f), XDP_PASS);
+        for (hook, run) in [("XDP", true), ("TC", false)] {
+            let what = format!("ICMPv6 type {kind} at {hook}");
+            let input = error_about_a_reply(router, kind, code, client_port).build();
+            let before = dp.reasons();
+            let out = if run {
+                dp.xdp(&input)
+            } else {
+                dp.tc_balance(&input)
+            };
+            let pass = if run { XDP_PASS } else { TC_ACT_UNSPEC };
+            assert_eq!(out.action, pass, "{what}");
+            let to_backend = |counts: &ReasonCounts| counts.get(Reason::IcmpToBackend);
+            assert_eq!(to_backend(&dp.reasons()) - to_backend(&before), 1, "{what}");
+            let f = &out.data;
+            assert_eq!(ipv6_at(f, 22), router, "{what}: source kept");
+            assert_eq!(ipv6_at(f, 38), backend, "{what}: to the flow's backend");
+            let quote = 54 + 8;
+            assert_eq!(ipv6_at(f, quote + 8), backend, "{what}: quoted source");
+            assert_eq!(
+                ipv6_at(f, quote + 24),
+                CLIENT6,
+                "{what}: quoted destination"
+            );
+            assert_eq!(be16(f, quote + 40), 8080, "{what}: quoted port");
+            assert_eq!(be16(f, quote + 42), client_port, "{what}");
+            let len = ((f.len() - 54) as u32).to_be_bytes();
+            let sum = checksum(&[&f[22..38], &f[38..54], &len, &[0, 0, 0, ICMPV6], &f[54..]]);
+            assert_eq!(
+                sum,
+                0,
+                "{what}: ICMPv6 checksum\n{}",
+                hexdump(f, usize::MAX)
+            );
+        }
+    }
+    // Quoting a packet the VIP did not send, and a quote cut before its ports.
+    let mut forged = error_about_a_reply(router, 2, 0, 45000);
+    forged.upper_bytes[8 + 8..8 + 24].copy_from_slice(&OTHER6.octets());
+    let forged = forged.checksummed_icmp();
+    expect(
+        &dp,
+        "forged quote",
+        &forged.build(),
+        XDP_PASS,
+        Reason::PassIcmp,
+    );
+    let mut short = error_about_a_reply(router, 2, 0, 45000);
+    short.upper_bytes.truncate(8 + 40 + 2);
+    let short = short.checksummed_icmp();
+    expect(
+        &dp,
+        "short quote",
+        &short.build(),
+        XDP_PASS,
+        Reason::PassIcmp,
+    );
+}

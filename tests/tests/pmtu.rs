@@ -13,7 +13,7 @@ use xlb_tests::{
     client::http_fetch,
     netns::Netns,
     remote::{HTTP_PORT, Remote},
-    topology::{FRONT, Topology, VIP},
+    topology::{CLIENT_ADDR6, FRONT, Topology, VIP, VIP6},
 };
 
 const BIG: usize = 64 * 1024;
@@ -80,6 +80,34 @@ fn nat_backends_learn_the_path_mtu(agent_extra: &str) {
             learned_mtu(&b.ns, "10.99.1.2"),
             Some(1280),
             "{} towards the client",
+            b.name
+        );
+    }
+}
+
+/// The same over IPv6: the router's "packet too big" to the v6 VIP reaches the backend
+/// whose reply it quotes (the link's 1280 is IPv6's minimum MTU).
+#[test]
+fn nat_backends_learn_the_path_mtu_over_ipv6() {
+    let topo = Topology::behind_router_dual_stack(3, "1280");
+    let pin = Agent::pin_path_for(&topo);
+    let mut config = format!("[agent]\ninterfaces = [\"{FRONT}\"]\npin_path = \"{pin}\"\n");
+    config += &format!("\n[[service]]\nname = \"http\"\nvip = \"{VIP6}\"\nport = 81\n");
+    for b in &topo.backends {
+        config += &format!(
+            "  [[service.backend]]\n  address = \"{}\"\n  port = 8081\n",
+            b.addr6()
+        );
+    }
+    let agent = Agent::start(&topo, &config);
+    agent.wait_up("http", 3, Duration::from_secs(10));
+    let served = fetch_big(&topo.client, topo.vip6(81));
+    assert!(reason(&agent, "icmp_to_backend") > 0, "{}", agent.status());
+    for b in topo.backends.iter().filter(|b| served.contains(&b.name)) {
+        let route = b.ns.ip(&["-6", "route", "get", CLIENT_ADDR6]);
+        assert!(
+            route.contains("mtu 1280"),
+            "{} towards the client: {route}",
             b.name
         );
     }
