@@ -1,15 +1,21 @@
 //! ICMPv6 to a v6 VIP address, as for v4: echo requests answered by the LB (`icmp_echo`);
 //! errors about a nat flow (packet too big, unreachable, time exceeded: the quoted packet
-//! is one the VIP sent) go to the flow's backend, so its path MTU discovery works.
+//! is one the VIP sent) go to the flow's backend, so its path MTU discovery works; and on
+//! the reply paths, an error a backend (or a router on its side) sends a client about a nat
+//! flow gets the VIP back in its quote, as the flow's replies do (`reverse_nat`).
 //! Everything else (neighbour discovery above all) goes to the kernel.
-use lb_common::{Backend, FAMILY_V6, MODE_NAT, PROTO_TCP, PROTO_UDP, VipKey, flow_hash, ring_hash};
+use aya_ebpf::{bindings::BPF_F_PSEUDO_HDR, programs::TcContext};
+use lb_common::{
+    Backend, FAMILY_V6, FlowKey, MODE_NAT, PROTO_TCP, PROTO_UDP, Reason, VipKey, flow_hash,
+    ring_hash,
+};
 
 use crate::{
-    csum, maglev,
+    conntrack, csum, maglev,
     maps::{self, CONNTRACK, CONNTRACK_NEW, VIPS},
     parse::{ETH_HLEN, PacketBuf, load},
     parse6::{IPV6_HLEN, Icmp6Packet, Ipv6Hdr},
-    route,
+    route, stats,
 };
 
 pub const ICMPV6_ECHO_REQUEST: u8 = 128;
@@ -19,6 +25,9 @@ const ICMPV6_PACKET_TOO_BIG: u8 = 2;
 const ICMPV6_TIME_EXCEEDED: u8 = 3;
 /// Type, code, checksum and the 4 bytes (MTU, pointer or unused) before the quote.
 const ICMPV6_HLEN: usize = 8;
+const ICMPV6_CSUM_OFF: usize = 2;
+const IP6_SADDR_OFF: usize = 8;
+const IP6_DADDR_OFF: usize = 24;
 
 /// An error whose quote is a packet the error's destination sent.
 #[inline(always)]
@@ -122,4 +131,78 @@ pub fn echo_reply<C: PacketBuf>(ctx: &C, icmp: &Icmp6Packet) -> Option<()> {
         core::ptr::write_unaligned(header, [reply, check]);
     }
     Some(())
+}
+
+/// An error to a client about a nat flow's request (the quote: client -> backend, as the
+/// backend got it), which the client's stack cannot match to its socket: the quoted
+/// destination and port become the VIP's again, and an error the backend sent itself leaves
+/// from the VIP. Returns the flow's ingress interface, as for its replies; None: about no
+/// flow of this LB, untouched. Inlined: its locals share the reply path's frame (the L4
+/// branch's), where a subprogram's would add to it.
+#[inline(always)]
+pub fn reverse_nat(ctx: &TcContext, icmp: &Icmp6Packet) -> Option<u32> {
+    if !is_error(icmp.kind) {
+        return None;
+    }
+    let off = icmp.icmp_off + ICMPV6_HLEN;
+    if off + IPV6_HLEN + 4 > icmp.end {
+        return None;
+    }
+    let inner = ctx.ptr_at::<Ipv6Hdr>(off)?;
+    let proto = load(unsafe { &raw const (*inner).next_header });
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return None;
+    }
+    let [client_port, backend_port] = load(ctx.ptr_at::<[u16; 2]>(off + IPV6_HLEN)?);
+    // The flow's reply direction (backend -> client), as its reverse NAT entry is keyed.
+    let reply = FlowKey {
+        src: load(unsafe { &raw const (*inner).daddr }),
+        dst: load(unsafe { &raw const (*inner).saddr }),
+        src_port: backend_port,
+        dst_port: client_port,
+        proto,
+        family: FAMILY_V6,
+        _pad: 0,
+    };
+    // An error goes to the source of the packet it quotes.
+    if reply.dst != icmp.daddr {
+        return None;
+    }
+    let rev = conntrack::reply_mapping(&reply)?;
+    match rewrite_quote(ctx, icmp, off, &reply, &rev.vip, rev.vip_port) {
+        Ok(()) => stats::count(Reason::RevNat),
+        Err(_) => stats::count(Reason::RevNatError),
+    }
+    Some(rev.ifindex)
+}
+
+/// With the skb checksum helpers, as the v6 replies are rewritten (nat.rs): the quoted
+/// destination and port (the backend's: `reply`'s source), and the outer source when the
+/// backend sent the error (that one is in the pseudo-header).
+#[inline(always)]
+fn rewrite_quote(
+    ctx: &TcContext,
+    icmp: &Icmp6Packet,
+    off: usize,
+    reply: &FlowKey,
+    vip: &[u32; 4],
+    vip_port: u16,
+) -> Result<(), i64> {
+    let outer_src: [u32; 4] = ctx.load(icmp.l3_off + IP6_SADDR_OFF)?;
+    let from_backend = outer_src == reply.src;
+    let check = icmp.icmp_off + ICMPV6_CSUM_OFF;
+    for i in 0..4 {
+        let (old, new) = (reply.src[i] as u64, vip[i] as u64);
+        ctx.l4_csum_replace(check, old, new, 4)?;
+        if from_backend {
+            ctx.l4_csum_replace(check, old, new, BPF_F_PSEUDO_HDR as u64 | 4)?;
+        }
+    }
+    ctx.l4_csum_replace(check, reply.src_port as u64, vip_port as u64, 2)?;
+    ctx.store(off + IP6_DADDR_OFF, vip, 0)?;
+    ctx.store(off + IPV6_HLEN + 2, &vip_port, 0)?;
+    if from_backend {
+        ctx.store(icmp.l3_off + IP6_SADDR_OFF, vip, 0)?;
+    }
+    Ok(())
 }

@@ -153,6 +153,7 @@ fn reverse_nat(ctx: &TcContext) -> Option<u32> {
 fn reverse_nat6(ctx: &TcContext, l3_off: usize) -> Option<u32> {
     let pkt = match parse6(ctx, l3_off) {
         Parsed6::L4(pkt) => pkt,
+        Parsed6::Icmp(icmp) => return icmp6::reverse_nat(ctx, &icmp),
         Parsed6::Malformed(_) if nonlinear(ctx) => {
             ctx.pull_data(ctx.len().min(MAX_HEADERS6 as u32)).ok()?;
             match parse6(ctx, l3_off) {

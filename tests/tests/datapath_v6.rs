@@ -709,3 +709,59 @@ fn icmpv6_errors_about_a_v6_flow_go_to_its_backend() {
         Reason::PassIcmp,
     );
 }
+
+/// On the reply paths (TC egress here): an ICMPv6 error to the client about its nat flow
+/// quotes the request as the backend got it (client -> backend:8080); it leaves quoting
+/// client -> VIP, from the VIP when the backend sent it itself, its checksum valid. So a
+/// connected UDP socket of the client sees "port unreachable".
+#[test]
+fn icmpv6_errors_from_a_backend_get_the_vip_back_in_their_quote() {
+    let dp = balancing();
+    let router = Ipv6Addr::new(0xfd99, 2, 0, 0, 0, 0, 0, 0xfe);
+    for (i, from_backend) in [true, false].into_iter().enumerate() {
+        let sport = 46000 + i as u16;
+        let request = Frame6::udp(VIP6).between(CLIENT6, sport, 53).checksummed();
+        let backend = balanced("request", &request, |f| dp.xdp(f), XDP_PASS);
+        let got = Frame6::udp(backend)
+            .between(CLIENT6, sport, 8080)
+            .checksummed();
+        let mut message = vec![1, 4, 0, 0, 0, 0, 0, 0];
+        message.extend_from_slice(&got.build()[14..]);
+        let mut error = Frame6::upper(CLIENT6, ICMPV6, message);
+        error.src = if from_backend { backend } else { router };
+        let input = error.checksummed_icmp().build();
+        let before = dp.reasons();
+        let out = dp.tc_egress(&input);
+        let what = format!("unreachable, from the backend: {from_backend}");
+        assert_eq!(out.action, TC_ACT_UNSPEC, "{what}");
+        dp.reasons()
+            .assert_moved(&before, &[(Reason::RevNat, 1)], &what);
+        let f = &out.data;
+        let outer_src = if from_backend { VIP6 } else { router };
+        assert_eq!(ipv6_at(f, 22), outer_src, "{what}: outer source");
+        assert_eq!(ipv6_at(f, 38), CLIENT6, "{what}");
+        let quote = 54 + 8;
+        assert_eq!(ipv6_at(f, quote + 8), CLIENT6, "{what}: quoted source");
+        assert_eq!(ipv6_at(f, quote + 24), VIP6, "{what}: quoted destination");
+        assert_eq!(be16(f, quote + 40), sport, "{what}");
+        assert_eq!(be16(f, quote + 42), 53, "{what}: quoted port");
+        let len = ((f.len() - 54) as u32).to_be_bytes();
+        let sum = checksum(&[&f[22..38], &f[38..54], &len, &[0, 0, 0, ICMPV6], &f[54..]]);
+        assert_eq!(
+            sum,
+            0,
+            "{what}: ICMPv6 checksum\n{}",
+            hexdump(f, usize::MAX)
+        );
+    }
+    // About no flow of this LB: untouched.
+    let stray = Frame6::udp(BACKENDS6[0])
+        .between(CLIENT6, 47000, 8080)
+        .checksummed();
+    let mut message = vec![1, 4, 0, 0, 0, 0, 0, 0];
+    message.extend_from_slice(&stray.build()[14..]);
+    let error = Frame6::upper(CLIENT6, ICMPV6, message)
+        .checksummed_icmp()
+        .build();
+    assert_frame_eq(&error, &dp.tc_egress(&error).data, "no flow");
+}

@@ -168,20 +168,39 @@ fn fullnat_and_dsr_backends_learn_the_path_mtu_from_errors_sent_to_the_vip() {
 /// bridge (the reply program).
 #[test]
 fn a_nat_backends_port_unreachable_reaches_the_client_about_the_vip() {
+    port_unreachable_reaches_the_client(false);
+}
+
+/// The same over IPv6 (ICMPv6 destination unreachable, translated by icmp6.rs).
+#[test]
+fn a_nat_backends_port_unreachable_reaches_a_v6_client_about_the_vip() {
+    port_unreachable_reaches_the_client(true);
+}
+
+fn port_unreachable_reaches_the_client(v6: bool) {
     for bridge in ["bridge = \"none\"\n", "  bridge = \"br0\"\n"] {
-        let topo = Topology::new(1);
+        let topo = if v6 {
+            Topology::dual_stack(1)
+        } else {
+            Topology::new(1)
+        };
         let pin = Agent::pin_path_for(&topo);
         let backend = &topo.backends[0];
+        let (vip, address) = if v6 {
+            (VIP6, backend.addr6())
+        } else {
+            (VIP, backend.addr.clone())
+        };
         let config = format!(
             "[agent]\ninterfaces = [\"{FRONT}\"]\npin_path = \"{pin}\"\n\n\
-             [[service]]\nname = \"closed\"\nvip = \"{VIP}\"\nport = 54\nprotocol = \"udp\"\n\
+             [[service]]\nname = \"closed\"\nvip = \"{vip}\"\nport = 54\nprotocol = \"udp\"\n\
              [service.health]\ntype = \"none\"\n\
-             [[service.backend]]\naddress = \"{}\"\nport = 9\n{bridge}",
-            backend.addr
+             [[service.backend]]\naddress = \"{address}\"\nport = 9\n{bridge}",
         );
         let agent = Agent::start(&topo, &config);
         agent.wait_up("closed", 1, Duration::from_secs(10));
-        let outcome = refused(&topo.client, topo.vip(54));
+        let to = if v6 { topo.vip6(54) } else { topo.vip(54) };
+        let outcome = refused(&topo.client, to);
         let how = if bridge.contains("none") {
             "routed"
         } else {
@@ -219,7 +238,8 @@ fn a_fullnat_backends_port_unreachable_reaches_the_client_about_the_vip() {
 /// port unreachable about them). Backends rate-limit their ICMP: a few tries.
 fn refused(client: &Netns, vip: SocketAddr) -> Result<(), String> {
     client.run(move || {
-        let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        let any = if vip.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+        let socket = std::net::UdpSocket::bind(any).expect("bind");
         socket.connect(vip).expect("connect");
         socket
             .set_read_timeout(Some(Duration::from_secs(3)))
