@@ -191,8 +191,8 @@ fn rewrite_quote(
     let outer_src: [u32; 4] = ctx.load(icmp.l3_off + IP6_SADDR_OFF)?;
     let from_backend = outer_src == reply.src;
     let check = icmp.icmp_off + ICMPV6_CSUM_OFF;
-    for i in 0..4 {
-        let (old, new) = (reply.src[i] as u64, vip[i] as u64);
+    for (old, new) in reply.src.iter().zip(vip) {
+        let (old, new) = (*old as u64, *new as u64);
         ctx.l4_csum_replace(check, old, new, 4)?;
         if from_backend {
             ctx.l4_csum_replace(check, old, new, BPF_F_PSEUDO_HDR as u64 | 4)?;
