@@ -7,7 +7,7 @@ use std::{fmt::Write as _, net::SocketAddr};
 
 use anyhow::Result;
 use lb_common::{
-    BACKEND_IN_USE, FAMILY_V4, FlowKey, MODE_FULLNAT, PROTO_TCP, PROTO_UDP, Reason, SERVICE_ALLOW,
+    BACKEND_IN_USE, FlowKey, MODE_FULLNAT, PROTO_TCP, PROTO_UDP, Reason, SERVICE_ALLOW,
     SERVICE_SOURCE_HASH, VipKey, addr_words, flow_hash, ring_hash, sizes::UDP_IDLE_TIMEOUT_NS,
 };
 use serde::{Deserialize, Serialize};
@@ -95,14 +95,15 @@ pub fn explain(datapath: &Datapath, status: &Status, q: &Query) -> Result<Explan
         flow: format!("{} -> {}/{}", q.from, q.to, q.proto),
         ..Explanation::default()
     };
-    let (SocketAddr::V4(from), SocketAddr::V4(to)) = (q.from, q.to) else {
+    let (from, to) = (q.from, q.to);
+    if from.is_ipv4() != to.is_ipv4() {
         return Ok(out.pass(
-            Reason::PassIpv6,
-            "IPv6 is not balanced yet: the kernel gets it",
+            Reason::PassNotVip,
+            "the client and the VIP are of different IP families: no such packet is balanced",
         ));
-    };
+    }
     let proto = q.proto.number();
-    let (family, vip_addr) = addr_words(std::net::IpAddr::V4(*to.ip()));
+    let (family, vip_addr) = addr_words(to.ip());
     let vip = VipKey {
         addr: vip_addr,
         port: to.port().to_be(),
@@ -137,20 +138,25 @@ pub fn explain(datapath: &Datapath, status: &Status, q: &Query) -> Result<Explan
         .into(),
         allow_list: svc.flags & SERVICE_ALLOW != 0,
     });
-    let saddr = vip_addr_of(from);
-    if svc.flags & SERVICE_ALLOW != 0 && !datapath.allowed(svc.id, saddr)? {
+    let (_, saddr) = addr_words(from.ip());
+    // Allow lists hold IPv4 ranges: the data path takes no IPv6 source from one.
+    let allowed = |datapath: &Datapath| match from {
+        SocketAddr::V4(_) => datapath.allowed(svc.id, saddr[0]),
+        SocketAddr::V6(_) => Ok(false),
+    };
+    if svc.flags & SERVICE_ALLOW != 0 && !allowed(datapath)? {
         out.verdict = "drop".into();
         out.reason = Reason::DropNotAllowed.name().into();
         out.why = format!("{} is outside the service's allow list", from.ip());
         return Ok(out);
     }
     let key = FlowKey {
-        src: [saddr, 0, 0, 0],
+        src: saddr,
         dst: vip.addr,
         src_port: from.port().to_be(),
         dst_port: vip.port,
         proto,
-        family: FAMILY_V4,
+        family,
         _pad: 0,
     };
     let backend_info = |id: u32| -> Option<BackendInfo> {
@@ -254,10 +260,6 @@ pub fn explain(datapath: &Datapath, status: &Status, q: &Query) -> Result<Explan
         );
     }
     Ok(out)
-}
-
-fn vip_addr_of(addr: std::net::SocketAddrV4) -> u32 {
-    u32::from_ne_bytes(addr.ip().octets())
 }
 
 impl Explanation {

@@ -237,3 +237,35 @@ fn both_vips_are_announced_and_a_stale_v6_route_is_withdrawn() {
         routes()
     );
 }
+
+/// `xlb explain` answers for v6 flows: a port that never connected gets the ring's pick of
+/// a v6 backend, and an open connection its flow-table entry, naming the backend that
+/// answered it.
+#[test]
+fn explain_names_the_backend_of_a_v6_flow() {
+    let (topo, agent) = start(3, "");
+    let vip = topo.vip6(80);
+    let (conn, answered) = topo.client.run(move || LineConn::open(vip));
+    let local = conn.local_addr().expect("local address");
+    let explain = |from: String| {
+        let to = format!("[{VIP6}]:80");
+        let (ok, out) = agent.cli(&["explain", "--from", &from, "--to", &to, "--json"]);
+        assert!(ok, "{out}");
+        serde_json::from_str::<serde_json::Value>(&out).expect("json")
+    };
+    let open = explain(local.to_string());
+    assert_eq!(open["reason"], "known_flow", "{open}");
+    assert_eq!(open["service"]["name"], "web.v6", "{open}");
+    let be = &topo.backends[answered[2..].parse::<usize>().expect("beN") - 1];
+    assert_eq!(
+        open["backend"]["address"],
+        format!("[{}]:8080", be.addr6()),
+        "{open}"
+    );
+    let fresh = explain(format!("[{CLIENT_ADDR6}]:1"));
+    assert_eq!(fresh["reason"], "new_flow", "{fresh}");
+    assert!(fresh["ring"]["slot"].is_u64(), "{fresh}");
+    let picked = fresh["backend"]["address"].as_str().unwrap_or_default();
+    assert!(picked.starts_with("[fd99:2::1"), "{fresh}");
+    drop(conn);
+}
