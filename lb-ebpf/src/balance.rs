@@ -122,7 +122,7 @@ impl FlowPacket for L4Packet {
     }
     #[inline(always)]
     fn source_allowed(&self, service_id: u32) -> bool {
-        maps::allowed(service_id, self.saddr)
+        maps::allowed(service_id, FAMILY_V4, [self.saddr, 0, 0, 0])
     }
     #[inline(always)]
     fn send<H: Hook>(&self, ctx: &H, target: &Target, hash: u32, now: u64) -> Verdict {

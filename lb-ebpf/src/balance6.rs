@@ -8,7 +8,7 @@ use lb_common::{Backend, FAMILY_V6, FlowKey, Reason, VIP_ADDR_ECHO, VipAddrKey, 
 use crate::{
     balance::{Decided, FlowPacket, Hook, Target, Verdict, balance_flow},
     icmp6::{self, ICMPV6_ECHO_REQUEST},
-    maps::VIP_ADDRS,
+    maps::{self, VIP_ADDRS},
     parse6::{Addr6, L4Packet6, Parsed6, parse6},
     stats,
 };
@@ -70,10 +70,9 @@ impl FlowPacket for L4Packet6 {
     fn has_ip_options(&self) -> bool {
         false
     }
-    /// Allow lists hold IPv4 ranges (the config takes none on a v6 service).
     #[inline(always)]
-    fn source_allowed(&self, _service_id: u32) -> bool {
-        false
+    fn source_allowed(&self, service_id: u32) -> bool {
+        maps::allowed(service_id, FAMILY_V6, self.saddr)
     }
     #[inline(always)]
     fn send<H: Hook>(&self, ctx: &H, target: &Target, _hash: u32, now: u64) -> Verdict {

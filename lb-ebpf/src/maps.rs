@@ -24,8 +24,8 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 use lb_common::{
-    Backend, Counters, DoubleBuffer, Flow, FlowKey, FlowTable, Reason, RevNat, Service, SnatRev,
-    TableCounters, VipAddrKey, VipKey,
+    Backend, Counters, DoubleBuffer, FAMILY_V4, Flow, FlowKey, FlowTable, Reason, RevNat, Service,
+    SnatRev, TableCounters, VipAddrKey, VipKey,
     allow::{ALLOW_SERVICE_BITS, AllowKey},
     sizes::*,
     trace::{TRACE_RING_BYTES, TraceBudget, TraceFilter},
@@ -51,19 +51,21 @@ pub static SERVICES: Array<DoubleBuffer<Service>> = Array::pinned(MAX_SERVICES, 
 #[map(name = "XLB_VIP_ADDRS_V1")]
 pub static VIP_ADDRS: HashMap<VipAddrKey, u32> = HashMap::pinned(MAX_VIP_ADDRS, 0);
 
-/// (service id, source prefix) -> 1: the `allow` lists of the services that have one
-/// (`SERVICE_ALLOW`). Read before any flow table, on every packet of such a service.
-#[map(name = "XLB_ALLOW_V1")]
+/// (service id, family, source prefix) -> 1: the `allow` lists of the services that have
+/// one (`SERVICE_ALLOW`). Read before any flow table, on every packet of such a service.
+#[map(name = "XLB_ALLOW_V2")]
 pub static ALLOW: LpmTrie<AllowKey, u32> = LpmTrie::pinned(MAX_ALLOW_PREFIXES, 0);
 
-/// Whether `saddr` (network order) may reach service `service_id`, whose value has
-/// `SERVICE_ALLOW`.
+/// Whether the source `saddr` (network order; IPv4 in the first word) may reach service
+/// `service_id`, whose value has `SERVICE_ALLOW`.
 #[inline(always)]
-pub fn allowed(service_id: u32, saddr: u32) -> bool {
+pub fn allowed(service_id: u32, family: u8, saddr: [u32; 4]) -> bool {
+    let bits = if family == FAMILY_V4 { 32 } else { 128 };
     let key = Key::new(
-        ALLOW_SERVICE_BITS + 32,
+        ALLOW_SERVICE_BITS + bits,
         AllowKey {
             service_id,
+            family: family as u32,
             addr: saddr,
         },
     );

@@ -132,7 +132,8 @@ pub struct ServiceConfig {
     /// The LB answers echo requests (ping) to the VIP.
     #[serde(default = "yes")]
     pub icmp_echo: bool,
-    /// Source ranges (IPv4 CIDRs) that may reach the service; empty: everyone.
+    /// Source ranges (CIDRs of the VIPs' families) that may reach the service; empty:
+    /// everyone.
     #[serde(default)]
     pub allow: Vec<String>,
     #[serde(default)]
@@ -146,7 +147,7 @@ pub struct ServiceConfig {
 
 impl ServiceConfig {
     /// The `allow` list, each range once (validated: entries that do not parse are left out).
-    pub fn allow_nets(&self) -> Vec<ipnet::Ipv4Net> {
+    pub fn allow_nets(&self) -> Vec<ipnet::IpNet> {
         let nets: std::collections::BTreeSet<_> = self
             .allow
             .iter()

@@ -1,15 +1,17 @@
 //! The data path's maps in domain terms (services, backends, rings, counters). Callers never
 //! see a file descriptor or a raw key layout. Map names match lb-ebpf/src/maps.rs.
-use std::path::Path;
+use std::{net::IpAddr, path::Path};
 
 use crate::{flowtables::FlowTables, mapped::MappedArray, reconcile::Maps};
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use lb_common::{
     Backend, Counters, DoubleBuffer, FlowKey, Reason, RevNat, Service, SnatRev, VipAddrKey, VipKey,
+    addr_words,
     allow::{ALLOW_SERVICE_BITS, AllowKey},
     sizes::{MAX_RING_SIZE, RING_CHUNK},
+    words_addr,
 };
 
 pub const VIPS: &str = "XLB_VIPS_V2";
@@ -29,7 +31,7 @@ pub const TX_PORTS: &str = "XLB_TX_PORTS_V1";
 pub const SERVICE_STATS: &str = "XLB_SVC_STATS_V1";
 pub const BACKEND_STATS: &str = "XLB_BE_STATS_V1";
 pub const REASONS: &str = "XLB_REASONS_V8";
-pub const ALLOW: &str = "XLB_ALLOW_V1";
+pub const ALLOW: &str = "XLB_ALLOW_V2";
 /// Written by the data path; the sweep removes stale entries (replyendpoints.rs).
 pub const REPLY_ENDPOINTS: &str = "XLB_REPLY_ENDPOINTS_V1";
 /// `xlb trace` (trace.rs): the data path's filter and its ring buffer of records.
@@ -150,10 +152,10 @@ impl Datapath {
             .copied()
     }
 
-    /// Whether `addr` (network order) matches a prefix of service `service_id`'s allow
-    /// list, the lookup the data path makes.
-    pub fn allowed(&self, service_id: u32, addr: u32) -> Result<bool> {
-        let key = Key::new(ALLOW_SERVICE_BITS + 32, AllowKey { service_id, addr });
+    /// Whether `addr` matches a prefix of service `service_id`'s allow list, the lookup
+    /// the data path makes.
+    pub fn allowed(&self, service_id: u32, addr: IpAddr) -> Result<bool> {
+        let key = allow_key(service_id, &IpNet::from(addr));
         match self.allow.get(&key, 0) {
             Ok(_) => Ok(true),
             Err(aya::maps::MapError::KeyNotFound) => Ok(false),
@@ -205,25 +207,23 @@ impl Maps for Datapath {
         Ok(self.vip_addrs.remove(key)?)
     }
 
-    fn allow_prefixes(&self) -> Result<Vec<(u32, Ipv4Net)>> {
+    fn allow_prefixes(&self) -> Result<Vec<(u32, IpNet)>> {
         let mut out = Vec::new();
         for key in self.allow.keys() {
             let key = key?;
             let (len, data) = (key.prefix_len(), key.data());
-            let net = Ipv4Net::new(
-                std::net::Ipv4Addr::from(data.addr.to_ne_bytes()),
-                len.saturating_sub(ALLOW_SERVICE_BITS) as u8,
-            )?;
+            let addr = words_addr(data.family as u8, data.addr);
+            let net = IpNet::new(addr, len.saturating_sub(ALLOW_SERVICE_BITS) as u8)?;
             out.push((data.service_id, net));
         }
         Ok(out)
     }
 
-    fn insert_allow(&mut self, service_id: u32, net: &Ipv4Net) -> Result<()> {
+    fn insert_allow(&mut self, service_id: u32, net: &IpNet) -> Result<()> {
         Ok(self.allow.insert(&allow_key(service_id, net), 1, 0)?)
     }
 
-    fn remove_allow(&mut self, service_id: u32, net: &Ipv4Net) -> Result<()> {
+    fn remove_allow(&mut self, service_id: u32, net: &IpNet) -> Result<()> {
         Ok(self.allow.remove(&allow_key(service_id, net))?)
     }
 
@@ -290,9 +290,13 @@ impl Maps for Datapath {
     }
 }
 
-fn allow_key(service_id: u32, net: &Ipv4Net) -> Key<AllowKey> {
-    let addr = u32::from_ne_bytes(net.network().octets());
-    let data = AllowKey { service_id, addr };
+fn allow_key(service_id: u32, net: &IpNet) -> Key<AllowKey> {
+    let (family, addr) = addr_words(net.network());
+    let data = AllowKey {
+        service_id,
+        family: family.into(),
+        addr,
+    };
     Key::new(ALLOW_SERVICE_BITS + u32::from(net.prefix_len()), data)
 }
 

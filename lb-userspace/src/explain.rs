@@ -139,12 +139,7 @@ pub fn explain(datapath: &Datapath, status: &Status, q: &Query) -> Result<Explan
         allow_list: svc.flags & SERVICE_ALLOW != 0,
     });
     let (_, saddr) = addr_words(from.ip());
-    // Allow lists hold IPv4 ranges: the data path takes no IPv6 source from one.
-    let allowed = |datapath: &Datapath| match from {
-        SocketAddr::V4(_) => datapath.allowed(svc.id, saddr[0]),
-        SocketAddr::V6(_) => Ok(false),
-    };
-    if svc.flags & SERVICE_ALLOW != 0 && !allowed(datapath)? {
+    if svc.flags & SERVICE_ALLOW != 0 && !datapath.allowed(svc.id, from.ip())? {
         out.verdict = "drop".into();
         out.reason = Reason::DropNotAllowed.name().into();
         out.why = format!("{} is outside the service's allow list", from.ip());

@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context as _, Result, bail};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use lb_common::{
     Backend, Service, VIP_ADDR_ECHO, VipAddrKey, VipKey,
     sizes::{MAX_BACKENDS, MAX_SERVICES},
@@ -56,9 +56,9 @@ pub trait Maps {
     fn write_ring(&mut self, offset: u32, slots: &[u32]) -> Result<()>;
     fn reset_service_counters(&mut self, id: u32) -> Result<()>;
     /// (service id, source prefix) entries of the `allow` trie.
-    fn allow_prefixes(&self) -> Result<Vec<(u32, Ipv4Net)>>;
-    fn insert_allow(&mut self, service_id: u32, net: &Ipv4Net) -> Result<()>;
-    fn remove_allow(&mut self, service_id: u32, net: &Ipv4Net) -> Result<()>;
+    fn allow_prefixes(&self) -> Result<Vec<(u32, IpNet)>>;
+    fn insert_allow(&mut self, service_id: u32, net: &IpNet) -> Result<()>;
+    fn remove_allow(&mut self, service_id: u32, net: &IpNet) -> Result<()>;
     fn reset_backend_counters(&mut self, id: u32) -> Result<()>;
     /// Returns once every packet that was in the data path when it was called is done.
     fn grace_period(&mut self) -> Result<()>;
@@ -108,7 +108,7 @@ struct AppliedService {
     ring_input: Option<RingInput>,
     backends: BTreeMap<Endpoint, AppliedBackend>,
     /// The source prefixes the `allow` trie holds for this service's id.
-    allow: BTreeSet<Ipv4Net>,
+    allow: BTreeSet<IpNet>,
 }
 
 /// Backends that leave once no ring names them (after a grace period).
@@ -130,7 +130,7 @@ pub struct Reconciler {
     /// Pinned VIP entries that name another VIP's slot; removed by the next apply.
     stale_vips: Vec<VipKey>,
     /// Pinned allow entries of ids no service holds (kept from reuse until removed).
-    stale_allow: Vec<(u32, Ipv4Net)>,
+    stale_allow: Vec<(u32, IpNet)>,
     vip_addrs: BTreeMap<VipAddrKey, u32>,
     service_ids: IdPool,
     backend_ids: IdPool,

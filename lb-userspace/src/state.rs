@@ -128,7 +128,7 @@ pub struct ServiceSpec {
     /// The LB answers ping to the VIP.
     pub icmp_echo: bool,
     /// Sources that may reach the service (empty: everyone).
-    pub allow: Vec<ipnet::Ipv4Net>,
+    pub allow: Vec<ipnet::IpNet>,
     pub table_size: u32,
     pub health: HealthConfig,
     pub backends: BTreeMap<Endpoint, BackendSpec>,
@@ -235,7 +235,11 @@ impl ServiceSpec {
             gue: svc.encap == Some(crate::config::Encap::Gue),
             hash: svc.hash,
             icmp_echo: svc.icmp_echo,
-            allow: svc.allow_nets(),
+            allow: svc
+                .allow_nets()
+                .into_iter()
+                .filter(|n| n.addr().is_ipv4() == vip.is_ipv4())
+                .collect(),
             table_size: svc.table_size,
             health: svc.health.clone(),
             backends,

@@ -244,7 +244,7 @@ fn xlb_check_rejects_a_bad_range_with_file_line_and_field() {
     let file = path.display();
     for expected in [
         format!("{file}:10: service[0].allow[1]: `10.1.2.3/16` has host bits set"),
-        format!("{file}:11: service[0].allow[2]: `fd00::/8`: IPv6 ranges are not supported"),
+        format!("{file}:11: service[0].allow[2]: `fd00::/8` is not of the VIP's IP family"),
         format!("{file}:12: service[0].allow[3]: `nonsense` is not a CIDR"),
     ] {
         assert!(text.contains(&expected), "missing {expected:?} in:\n{text}");
@@ -320,14 +320,14 @@ fn an_agent_adopts_the_pins_of_the_version_before_allow() {
     let dp = LoadedDatapath::new(&web(None));
     let pins = dp.pin_path().to_path_buf();
     std::fs::rename(pins.join("XLB_REASONS_V8"), pins.join("XLB_REASONS_V7")).unwrap();
-    std::fs::remove_file(pins.join("XLB_ALLOW_V1")).unwrap();
+    std::fs::remove_file(pins.join("XLB_ALLOW_V2")).unwrap();
 
     let mut ebpf = xlb::loader::load(&pins).unwrap_or_else(|e| panic!("loading over: {e:#}"));
     assert!(
         !pins.join("XLB_REASONS_V7").exists(),
         "the old counters stay pinned"
     );
-    for name in ["XLB_REASONS_V8", "XLB_ALLOW_V1"] {
+    for name in ["XLB_REASONS_V8", "XLB_ALLOW_V2"] {
         assert!(pins.join(name).exists(), "{name} is not pinned");
     }
     let datapath = xlb::loader::datapath(&mut ebpf).unwrap();

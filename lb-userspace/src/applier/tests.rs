@@ -70,13 +70,13 @@ impl Maps for Gated {
     fn reset_backend_counters(&mut self, id: u32) -> Result<()> {
         self.maps.reset_backend_counters(id)
     }
-    fn allow_prefixes(&self) -> Result<Vec<(u32, ipnet::Ipv4Net)>> {
+    fn allow_prefixes(&self) -> Result<Vec<(u32, ipnet::IpNet)>> {
         self.maps.allow_prefixes()
     }
-    fn insert_allow(&mut self, id: u32, net: &ipnet::Ipv4Net) -> Result<()> {
+    fn insert_allow(&mut self, id: u32, net: &ipnet::IpNet) -> Result<()> {
         self.maps.insert_allow(id, net)
     }
-    fn remove_allow(&mut self, id: u32, net: &ipnet::Ipv4Net) -> Result<()> {
+    fn remove_allow(&mut self, id: u32, net: &ipnet::IpNet) -> Result<()> {
         self.maps.remove_allow(id, net)
     }
     fn grace_period(&mut self) -> Result<()> {

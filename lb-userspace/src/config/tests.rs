@@ -401,8 +401,24 @@ fn ipv6_services_take_mode_nat_and_backends_of_their_family() {
     let allow = v6.replace("port = 80\n", "port = 80\nallow = [\"10.0.0.0/8\"]\n");
     assert_eq!(
         errors(&allow),
-        ["xlb.toml:9: service[0].allow: lists IPv4 ranges; an IPv6 service takes none yet"]
+        [
+            "xlb.toml:9: service[0].allow[0]: `10.0.0.0/8` is not of the VIP's IP family: it \
+             would match nothing"
+        ]
     );
+    let v6_allow = v6.replace(
+        "port = 80\n",
+        "port = 80\nallow = [\"fd99:1::/64\", \"fd00::7\"]\n",
+    );
+    let config = parse(&v6_allow).unwrap();
+    let nets: Vec<String> = config.services[0]
+        .allow_nets()
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(nets, ["fd00::7/128", "fd99:1::/64"]);
+    let host_bits = v6.replace("port = 80\n", "port = 80\nallow = [\"fd99:1::1/64\"]\n");
+    assert!(errors(&host_bits)[0].contains("has host bits set; the range is fd99:1::/64"));
 }
 
 #[test]
@@ -452,8 +468,29 @@ fn a_dual_stack_service_is_two_in_the_data_path_each_with_the_backends_of_its_fa
     // The v6 half has the limits of a v6 service.
     let dsr = dual.replace("port = 80\n", "port = 80\nmode = \"dsr\"\n");
     assert!(errors(&dsr)[0].contains("dsr over IPv6 is not built yet"));
+    // Each VIP takes the allow ranges of its family, and must get some.
     let allow = dual.replace("port = 80\n", "port = 80\nallow = [\"10.0.0.0/8\"]\n");
-    assert!(errors(&allow)[0].contains("an IPv6 service takes none yet"));
+    assert_eq!(
+        errors(&allow),
+        [
+            "xlb.toml:9: service[0].allow: lists no range of fd99:100::1's family: list one \
+             for each VIP of a dual-stack service (`::/0` or `0.0.0.0/0` for everyone)"
+        ]
+    );
+    let both = dual.replace(
+        "port = 80\n",
+        "port = 80\nallow = [\"10.0.0.0/8\", \"fd99:1::/64\"]\n",
+    );
+    let desired = crate::state::DesiredState::from_config(&parse(&both).unwrap());
+    let allow_of = |name: &str| -> Vec<String> {
+        desired.services[name]
+            .allow
+            .iter()
+            .map(|n| n.to_string())
+            .collect()
+    };
+    assert_eq!(allow_of("web"), ["10.0.0.0/8"]);
+    assert_eq!(allow_of("web.v6"), ["fd99:1::/64"]);
     // A VIP of a dual-stack service is taken for every other service.
     let taken = format!("{dual}\n[[service]]\nname = \"api\"\nvip = \"fd99:100::1\"\nport = 80\n");
     assert!(errors(&taken)[0].contains("[fd99:100::1]:80/tcp is used by another service"));

@@ -2,7 +2,7 @@
 //! line is found by locate.rs).
 use std::{collections::HashSet, net::IpAddr, time::Duration};
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 use lb_common::sizes::{
     MAX_ALLOW_PREFIXES, MAX_BACKENDS, MAX_FLOW_TABLE_SIZE, MAX_RING_BLOCKS, MAX_RING_SIZE,
     MAX_SERVICES, MIN_FLOW_TABLE_SIZE, RING_BLOCK, RING_HALVES, ring_blocks,
@@ -143,12 +143,6 @@ impl Config {
                     ),
                 ));
             }
-            if svc.vip.has_v6() && !svc.allow.is_empty() {
-                out.push((
-                    at("allow"),
-                    "lists IPv4 ranges; an IPv6 service takes none yet".into(),
-                ));
-            }
             if svc.port == 0 {
                 out.push((at("port"), "must be 1-65535".into()));
             }
@@ -188,8 +182,29 @@ impl Config {
                     .map(|(f, r)| (at(&format!("health.{f}")), r)),
             );
             for (j, range) in svc.allow.iter().enumerate() {
-                if let Err(e) = parse_allow(range) {
-                    out.push((format!("service[{i}].allow[{j}]"), e));
+                match parse_allow(range) {
+                    Err(e) => out.push((format!("service[{i}].allow[{j}]"), e)),
+                    Ok(net) if svc.vip.of_family(net.addr()).is_none() => out.push((
+                        format!("service[{i}].allow[{j}]"),
+                        format!("`{range}` is not of the VIP's IP family: it would match nothing"),
+                    )),
+                    Ok(_) => {}
+                }
+            }
+            // Each VIP of a dual-stack service takes the ranges of its family: a list with
+            // one family only would leave the other VIP open to everyone.
+            let nets = svc.allow_nets();
+            if svc.vip.len() > 1 && !nets.is_empty() {
+                for vip in svc.vip.iter() {
+                    if !nets.iter().any(|n| n.addr().is_ipv4() == vip.is_ipv4()) {
+                        out.push((
+                            at("allow"),
+                            format!(
+                                "lists no range of {vip}'s family: list one for each VIP of a \
+                                 dual-stack service (`::/0` or `0.0.0.0/0` for everyone)"
+                            ),
+                        ));
+                    }
                 }
             }
             allow_prefixes += svc.allow.len();
@@ -253,19 +268,15 @@ impl Config {
     }
 }
 
-/// One `allow` entry: an IPv4 CIDR (`10.0.0.0/8`) or a single address (a /32).
-pub fn parse_allow(text: &str) -> Result<Ipv4Net, String> {
+/// One `allow` entry: a CIDR (`10.0.0.0/8`, `fd00::/8`) or a single address (a /32 or
+/// /128).
+pub fn parse_allow(text: &str) -> Result<IpNet, String> {
     let net = match text.parse::<IpNet>() {
         Ok(net) => net,
         Err(_) => match text.parse::<std::net::IpAddr>() {
             Ok(addr) => IpNet::from(addr),
             Err(_) => return Err(format!("`{text}` is not a CIDR (ADDRESS/LENGTH)")),
         },
-    };
-    let IpNet::V4(net) = net else {
-        return Err(format!(
-            "`{text}`: IPv6 ranges are not supported yet (the data path balances IPv4 only)"
-        ));
     };
     if net.addr() != net.network() {
         return Err(format!(

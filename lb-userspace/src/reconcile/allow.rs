@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context as _, Result};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 use super::{AppliedService, Maps};
 use crate::state::ServiceSpec;
@@ -30,10 +30,10 @@ pub fn leave(svc: &mut AppliedService, spec: &ServiceSpec, maps: &mut impl Maps)
 /// Removes every prefix of the service but `keep` (all of them when the service goes).
 pub fn remove_except(
     svc: &mut AppliedService,
-    keep: &BTreeSet<Ipv4Net>,
+    keep: &BTreeSet<IpNet>,
     maps: &mut impl Maps,
 ) -> Result<()> {
-    let gone: Vec<Ipv4Net> = svc.allow.difference(keep).copied().collect();
+    let gone: Vec<IpNet> = svc.allow.difference(keep).copied().collect();
     for net in gone {
         maps.remove_allow(svc.value.id, &net)
             .with_context(|| format!("removing {net} from the allow list"))?;
@@ -47,7 +47,7 @@ pub fn remove_except(
 pub fn adopt(
     maps: &impl Maps,
     services: &mut BTreeMap<lb_common::VipKey, AppliedService>,
-) -> Result<Vec<(u32, Ipv4Net)>> {
+) -> Result<Vec<(u32, IpNet)>> {
     let mut stale = Vec::new();
     for (id, net) in maps
         .allow_prefixes()
@@ -65,10 +65,10 @@ pub fn adopt(
 
 /// Removes stale entries; returns those that failed (to retry) and the ids left clean.
 pub fn clear_stale(
-    stale: Vec<(u32, Ipv4Net)>,
+    stale: Vec<(u32, IpNet)>,
     maps: &mut impl Maps,
     failed: &mut Vec<String>,
-) -> (Vec<(u32, Ipv4Net)>, Vec<u32>) {
+) -> (Vec<(u32, IpNet)>, Vec<u32>) {
     let ids: BTreeSet<u32> = stale.iter().map(|(id, _)| *id).collect();
     let mut left = Vec::new();
     for (id, net) in stale {

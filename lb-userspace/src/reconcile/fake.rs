@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{Result, bail};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use lb_common::{BACKEND_IN_USE, Backend, Service, VipAddrKey, VipKey, sizes::RING_SLOTS};
 
 use super::Maps;
@@ -21,7 +21,7 @@ pub struct FakeMaps {
     pub backends: HashMap<u32, Backend>,
     pub rings: HashMap<u32, u32>,
     /// The `allow` trie: (service id, prefix).
-    pub allow: BTreeSet<(u32, Ipv4Net)>,
+    pub allow: BTreeSet<(u32, IpNet)>,
     pub log: Vec<String>,
     pub ring_reads: Cell<usize>,
     /// Writes made so far (every call that changes a map counts, failed ones too).
@@ -169,15 +169,15 @@ impl Maps for FakeMaps {
             self.log.pop();
         })
     }
-    fn allow_prefixes(&self) -> Result<Vec<(u32, Ipv4Net)>> {
+    fn allow_prefixes(&self) -> Result<Vec<(u32, IpNet)>> {
         Ok(self.allow.iter().copied().collect())
     }
-    fn insert_allow(&mut self, service_id: u32, net: &Ipv4Net) -> Result<()> {
+    fn insert_allow(&mut self, service_id: u32, net: &IpNet) -> Result<()> {
         self.write(format!("allow {service_id} {net}"))?;
         self.allow.insert((service_id, *net));
         Ok(())
     }
-    fn remove_allow(&mut self, service_id: u32, net: &Ipv4Net) -> Result<()> {
+    fn remove_allow(&mut self, service_id: u32, net: &IpNet) -> Result<()> {
         self.write(format!("remove allow {service_id} {net}"))?;
         self.allow.remove(&(service_id, *net));
         Ok(())

@@ -77,8 +77,8 @@ const VIP2: Ipv4Addr = Ipv4Addr::new(10, 99, 100, 7);
 /// Next to the VIPs, but no VIP.
 const NOT_VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 100, 2);
 const PROTO_ICMP: u8 = 1;
-/// A v6 VIP address (put into the map directly: the config takes none yet), the destination
-/// of `ipv6_tcp_syn`.
+/// A v6 VIP address without a service (put into the map directly), the destination of
+/// `ipv6_tcp_syn`.
 const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd99, 0x6400, 0, 0, 0, 0, 0, 1);
 
 /// The verdicts this corpus reaches: every XDP packet counts under exactly one. Its services

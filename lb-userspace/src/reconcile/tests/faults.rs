@@ -84,7 +84,7 @@ fn rings_by_endpoint(rec: &Reconciler, maps: &FakeMaps) -> BTreeMap<String, Vec<
         .collect()
 }
 
-fn nets(list: &[&str]) -> Vec<ipnet::Ipv4Net> {
+fn nets(list: &[&str]) -> Vec<ipnet::IpNet> {
     list.iter().map(|n| n.parse().unwrap()).collect()
 }
 
@@ -323,7 +323,7 @@ fn a_pinned_vip_naming_another_slot_is_dropped_not_followed() {
 #[test]
 fn pinned_allow_entries_of_no_service_are_removed_before_the_id_is_reused() {
     let mut maps = FakeMaps::default();
-    let net: ipnet::Ipv4Net = "10.9.0.0/16".parse().unwrap();
+    let net: ipnet::IpNet = "10.9.0.0/16".parse().unwrap();
     maps.allow.insert((0, net));
     let mut rec = Reconciler::adopt(&maps).unwrap();
     assert_eq!(rec.stale_allow, vec![(0, net)]);
