@@ -66,9 +66,10 @@ pub fn measure(main: &Instance, packet: &[u8], repeat: u32, calls: u32) -> Resul
     let other = Ipv4Addr::new(10, 99, 9, 0);
     let trace_other = TraceFilter {
         enabled: 1,
-        service_id: TRACE_ANY_SERVICE,
-        src_addr: u32::from_ne_bytes(other.octets()),
-        src_mask: u32::from_ne_bytes([255, 255, 255, 0]),
+        service_ids: [TRACE_ANY_SERVICE; 2],
+        family: lb_common::FAMILY_V4.into(),
+        src_addr: [u32::from_ne_bytes(other.octets()), 0, 0, 0],
+        src_mask: [u32::from_ne_bytes([255, 255, 255, 0]), 0, 0, 0],
     };
     let (mut off, mut removed, mut traced) = (Vec::new(), Vec::new(), Vec::new());
     // More calls than the other cases: the differences are a few ns.

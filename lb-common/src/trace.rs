@@ -14,11 +14,14 @@ pub const TRACE_RING_BYTES: u32 = 128 * 1024;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TraceFilter {
     pub enabled: u32,
-    /// A service id, or `TRACE_ANY_SERVICE`.
-    pub service_id: u32,
-    /// Client source prefix: `saddr & src_mask == src_addr` (network order; mask 0: any).
-    pub src_addr: u32,
-    pub src_mask: u32,
+    /// Service ids, or `TRACE_ANY_SERVICE` first: both halves of a dual-stack service (the
+    /// same id twice for one service).
+    pub service_ids: [u32; 2],
+    /// 0: sources of any family; `FAMILY_V4`/`FAMILY_V6`: only that family's, with
+    /// `saddr & src_mask == src_addr` word by word (network order).
+    pub family: u32,
+    pub src_addr: [u32; 4],
+    pub src_mask: [u32; 4],
 }
 
 /// Per-CPU budget of the current second.
@@ -30,14 +33,14 @@ pub struct TraceBudget {
     pub _pad: u32,
 }
 
-/// One traced packet. Addresses and ports in network order.
+/// One traced packet. Addresses (IPv4 in the first word) and ports in network order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TraceRecord {
     /// bpf_ktime_get_ns (CLOCK_MONOTONIC).
     pub time_ns: u64,
-    pub saddr: u32,
-    pub daddr: u32,
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
@@ -50,14 +53,16 @@ pub struct TraceRecord {
     pub reason: u32,
     pub service_id: u32,
     pub backend_id: u32,
-    pub backend_addr: u32,
+    pub backend_addr: [u32; 4],
     pub backend_port: u16,
     /// fullnat: the source port the packet got.
     pub snat_port: u16,
     pub snat_addr: u32,
     /// The interface the packet came in on.
     pub ifindex: u32,
-    pub _pad2: u32,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    pub _pad: [u8; 7],
 }
 
 #[cfg(feature = "user")]

@@ -93,6 +93,9 @@ pub trait FlowPacket: Segment + Sized {
     fn has_ip_options(&self) -> bool;
     /// Whether the service's allow list takes the packet's source.
     fn source_allowed(&self, service_id: u32) -> bool;
+    /// Whether the source is in the prefix `addr`/`mask` (words in network order; IPv4:
+    /// the first).
+    fn source_in(&self, addr: &[u32; 4], mask: &[u32; 4]) -> bool;
     /// Rewrites the packet for its target and sends it (the hook's sender of this family).
     fn send<H: Hook>(&self, ctx: &H, target: &Target, hash: u32, now: u64) -> Verdict;
     /// Not for a VIP: maybe a fullnat reply, else the kernel's.
@@ -123,6 +126,10 @@ impl FlowPacket for L4Packet {
     #[inline(always)]
     fn source_allowed(&self, service_id: u32) -> bool {
         maps::allowed(service_id, FAMILY_V4, [self.saddr, 0, 0, 0])
+    }
+    #[inline(always)]
+    fn source_in(&self, addr: &[u32; 4], mask: &[u32; 4]) -> bool {
+        self.saddr & mask[0] == addr[0]
     }
     #[inline(always)]
     fn send<H: Hook>(&self, ctx: &H, target: &Target, hash: u32, now: u64) -> Verdict {

@@ -10,7 +10,7 @@ use crate::{
     icmp6::{self, ICMPV6_ECHO_REQUEST},
     maps::{self, VIP_ADDRS},
     parse6::{Addr6, L4Packet6, Parsed6, parse6},
-    stats,
+    stats, trace,
 };
 
 #[inline(always)]
@@ -75,6 +75,10 @@ impl FlowPacket for L4Packet6 {
         maps::allowed(service_id, FAMILY_V6, self.saddr)
     }
     #[inline(always)]
+    fn source_in(&self, addr: &[u32; 4], mask: &[u32; 4]) -> bool {
+        (0..4).all(|i| self.saddr[i] & mask[i] == addr[i])
+    }
+    #[inline(always)]
     fn send<H: Hook>(&self, ctx: &H, target: &Target, _hash: u32, now: u64) -> Verdict {
         ctx.send6(self, target, now)
     }
@@ -82,11 +86,14 @@ impl FlowPacket for L4Packet6 {
     fn not_vip<H: Hook>(&self, _ctx: &H, _now: u64) -> Verdict {
         Verdict::Pass(Reason::PassNotVip)
     }
-    /// `xlb trace` records IPv4 flows only.
     #[inline(always)]
-    fn trace_packet<H: Hook>(&self, _: &H, _: &Decided, _: &Backend, _: &Verdict) {}
+    fn trace_packet<H: Hook>(&self, ctx: &H, decided: &Decided, backend: &Backend, v: &Verdict) {
+        trace::packet(ctx, self, decided, backend, v);
+    }
     #[inline(always)]
-    fn trace_dropped<H: Hook>(&self, _: &H, _: &Decided, _: Reason) {}
+    fn trace_dropped<H: Hook>(&self, ctx: &H, decided: &Decided, reason: Reason) {
+        trace::dropped(ctx, self, decided, reason);
+    }
 }
 
 #[inline(always)]

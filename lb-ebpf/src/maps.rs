@@ -161,11 +161,11 @@ pub static TABLE_STATS: PerCpuArray<TableCounters> = PerCpuArray::pinned(2 * Flo
 pub static REASONS: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);
 
 /// `xlb trace`: element 0 says whether a trace runs and what it matches (trace.rs).
-#[map(name = "XLB_TRACE_FILTER_V1")]
+#[map(name = "XLB_TRACE_FILTER_V2")]
 pub static TRACE_FILTER: Array<TraceFilter> = Array::pinned(1, 0);
 
 /// Records of traced packets, read by the agent while a trace runs.
-#[map(name = "XLB_TRACE_V1")]
+#[map(name = "XLB_TRACE_V2")]
 pub static TRACE: RingBuf = RingBuf::pinned(TRACE_RING_BYTES, 0);
 
 /// Per-CPU record budget of the current second (not pinned: a new program starts afresh).

@@ -8,9 +8,8 @@ use lb_common::{
 };
 
 use crate::{
-    balance::{Decided, Hook, Verdict},
+    balance::{Decided, FlowPacket, Hook, Verdict},
     maps::{TRACE, TRACE_BUDGET, TRACE_FILTER},
-    parse::L4Packet,
 };
 
 /// 0 at load time takes the trace hooks out of the program (the verifier removes the dead
@@ -30,23 +29,26 @@ fn reason(verdict: &Verdict) -> Reason {
 
 /// Whether a running trace asks for this packet of this service.
 #[inline(always)]
-fn wanted(pkt: &L4Packet, service_id: u32) -> bool {
+fn wanted<P: FlowPacket>(pkt: &P, service_id: u32) -> bool {
     if unsafe { core::ptr::read_volatile(&XLB_TRACE_HOOKS) } == 0 {
         return false;
     }
     let Some(filter) = TRACE_FILTER.get(0) else {
         return false;
     };
+    let [first, second] = filter.service_ids;
     filter.enabled != 0
-        && (filter.service_id == TRACE_ANY_SERVICE || filter.service_id == service_id)
-        && pkt.saddr & filter.src_mask == filter.src_addr
+        && (first == TRACE_ANY_SERVICE || first == service_id || second == service_id)
+        && (filter.family == 0
+            || (filter.family == P::FAMILY as u32
+                && pkt.source_in(&filter.src_addr, &filter.src_mask)))
 }
 
 /// Records a packet of a VIP flow sent to its backend, and what was done with it.
 #[inline(always)]
-pub fn packet<H: Hook>(
+pub fn packet<H: Hook, P: FlowPacket>(
     ctx: &H,
-    pkt: &L4Packet,
+    pkt: &P,
     decided: &Decided,
     backend: &Backend,
     verdict: &Verdict,
@@ -65,7 +67,7 @@ pub fn packet<H: Hook>(
 /// Records a packet of a VIP flow dropped before it got a backend (allow list, no backend,
 /// no flow, no route, SNAT ports).
 #[inline(always)]
-pub fn dropped<H: Hook>(ctx: &H, pkt: &L4Packet, decided: &Decided, reason: Reason) {
+pub fn dropped<H: Hook, P: FlowPacket>(ctx: &H, pkt: &P, decided: &Decided, reason: Reason) {
     if wanted(pkt, decided.service_id) {
         record(pkt, decided, None, reason, ctx.ingress_ifindex());
     }
@@ -73,8 +75,8 @@ pub fn dropped<H: Hook>(ctx: &H, pkt: &L4Packet, decided: &Decided, reason: Reas
 
 /// Only while a trace runs: a subprogram, so the hot path does not carry it.
 #[inline(never)]
-fn record(
-    pkt: &L4Packet,
+fn record<P: FlowPacket>(
+    pkt: &P,
     decided: &Decided,
     backend: Option<&Backend>,
     reason: Reason,
@@ -98,17 +100,18 @@ fn record(
     };
     budget.used += 1;
     let (has_backend, backend_addr, backend_port) = match backend {
-        Some(b) => (1, b.addr[0], b.port),
-        None => (0, 0, 0),
+        Some(b) => (1, b.addr, b.port),
+        None => (0, [0; 4], 0),
     };
+    let key = pkt.flow_key();
     let r = entry.as_mut_ptr();
     unsafe {
         (*r).time_ns = now;
-        (*r).saddr = pkt.saddr;
-        (*r).daddr = pkt.daddr;
-        (*r).sport = pkt.sport;
-        (*r).dport = pkt.dport;
-        (*r).proto = pkt.proto;
+        (*r).saddr = key.src;
+        (*r).daddr = key.dst;
+        (*r).sport = key.src_port;
+        (*r).dport = key.dst_port;
+        (*r).proto = key.proto;
         (*r).mode = decided.mode;
         (*r).new_flow = (decided.new_flow && has_backend != 0) as u8;
         (*r).has_backend = has_backend;
@@ -120,7 +123,8 @@ fn record(
         (*r).snat_port = decided.snat.port;
         (*r).snat_addr = decided.snat.addr;
         (*r).ifindex = ifindex;
-        (*r)._pad2 = 0;
+        (*r).family = P::FAMILY;
+        (*r)._pad = [0; 7];
     }
     entry.submit(0);
 }

@@ -3,7 +3,7 @@
 //! (count reached, client gone, agent restarted). One trace at a time: the filter is global.
 //! Records name clients, so traces go through the control socket only.
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::SocketAddr,
     path::Path,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, SystemTime},
@@ -11,10 +11,11 @@ use std::{
 
 use anyhow::{Result, bail};
 use aya::maps::{Array, MapData, RingBuf};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use lb_common::{
-    MODE_DSR, MODE_FULLNAT, PROTO_TCP, Reason,
+    MODE_DSR, MODE_FULLNAT, PROTO_TCP, Reason, addr_words,
     trace::{TRACE_ANY_SERVICE, TraceFilter, TraceRecord},
+    words_addr,
 };
 use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
@@ -38,8 +39,13 @@ pub fn reset(pin_path: &Path) -> Result<()> {
 }
 
 impl Session {
-    /// Starts tracing packets of `service_id` (None: every service) from `from`.
-    pub fn start(pin_path: &Path, service_id: Option<u32>, from: Option<Ipv4Net>) -> Result<Self> {
+    /// Starts tracing packets of `service_ids` (one, or both halves of a dual-stack
+    /// service; None: every service) from `from` (None: any source).
+    pub fn start(
+        pin_path: &Path,
+        service_ids: Option<[u32; 2]>,
+        from: Option<IpNet>,
+    ) -> Result<Self> {
         if RUNNING.swap(true, Ordering::SeqCst) {
             bail!("a trace is already running (one at a time)");
         }
@@ -52,12 +58,19 @@ impl Session {
             while ring.get_mut().next().is_some() {}
             let mut filter: Array<MapData, TraceFilter> =
                 Array::try_from(pinned_map(pin_path, TRACE_FILTER)?)?;
-            let net = from.unwrap_or_default();
+            let (family, src_addr, src_mask) = match from {
+                Some(net) => {
+                    let (family, addr) = addr_words(net.network());
+                    (u32::from(family), addr, addr_words(net.netmask()).1)
+                }
+                None => (0, [0; 4], [0; 4]),
+            };
             let value = TraceFilter {
                 enabled: 1,
-                service_id: service_id.unwrap_or(TRACE_ANY_SERVICE),
-                src_addr: u32::from_ne_bytes(net.network().octets()),
-                src_mask: u32::from_ne_bytes(net.netmask().octets()),
+                service_ids: service_ids.unwrap_or([TRACE_ANY_SERVICE; 2]),
+                family,
+                src_addr,
+                src_mask,
             };
             filter.set(0, value, 0)?;
             Ok(Session { filter, ring })
@@ -101,10 +114,10 @@ pub struct Line {
     pub interface: String,
     pub service: String,
     pub proto: String,
-    pub client: SocketAddrV4,
-    pub vip: SocketAddrV4,
+    pub client: SocketAddr,
+    pub vip: SocketAddr,
     /// None: dropped before a backend was chosen (see `verdict`).
-    pub backend: Option<SocketAddrV4>,
+    pub backend: Option<SocketAddr>,
     pub mode: String,
     pub new_flow: bool,
     /// What the data path did (a verdict counter's name).
@@ -113,8 +126,8 @@ pub struct Line {
     pub rewrite: String,
 }
 
-fn sock(addr: u32, port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::from(addr.to_ne_bytes()), u16::from_be(port))
+fn sock(family: u8, addr: [u32; 4], port: u16) -> SocketAddr {
+    SocketAddr::new(words_addr(family, addr), u16::from_be(port))
 }
 
 fn interface_name(ifindex: u32) -> String {
@@ -135,9 +148,9 @@ impl Line {
     /// `service` names the record's service id; `boot_offset` turns its monotonic time into
     /// wall-clock time.
     pub fn from_record(r: &TraceRecord, service: &str, boot_offset: Duration) -> Line {
-        let client = sock(r.saddr, r.sport);
-        let vip = sock(r.daddr, r.dport);
-        let backend = (r.has_backend != 0).then(|| sock(r.backend_addr, r.backend_port));
+        let client = sock(r.family, r.saddr, r.sport);
+        let vip = sock(r.family, r.daddr, r.dport);
+        let backend = (r.has_backend != 0).then(|| sock(r.family, r.backend_addr, r.backend_port));
         let mode = match r.mode {
             MODE_FULLNAT => "fullnat",
             MODE_DSR => "dsr",
@@ -146,7 +159,8 @@ impl Line {
         let rewrite = match backend {
             None => "none".to_string(),
             Some(to) if r.mode == MODE_FULLNAT => {
-                format!("{} -> {to}", sock(r.snat_addr, r.snat_port))
+                let snat = sock(r.family, [r.snat_addr, 0, 0, 0], r.snat_port);
+                format!("{snat} -> {to}")
             }
             Some(to) if r.mode == MODE_DSR => format!("{client} -> {vip} in IPIP/GUE to {to}"),
             Some(to) => format!("{client} -> {to}"),
@@ -210,16 +224,17 @@ mod tests {
 
     fn record(has_backend: u8, reason: Reason) -> TraceRecord {
         let mut r: TraceRecord = unsafe { core::mem::zeroed() };
-        r.saddr = u32::from_ne_bytes([10, 99, 1, 2]);
+        r.family = lb_common::FAMILY_V4;
+        r.saddr = [u32::from_ne_bytes([10, 99, 1, 2]), 0, 0, 0];
         r.sport = 40000u16.to_be();
-        r.daddr = u32::from_ne_bytes([10, 99, 0, 10]);
+        r.daddr = [u32::from_ne_bytes([10, 99, 0, 10]), 0, 0, 0];
         r.dport = 80u16.to_be();
         r.proto = PROTO_TCP;
         r.new_flow = 1;
         r.has_backend = has_backend;
         r.reason = reason as u32;
         if has_backend != 0 {
-            r.backend_addr = u32::from_ne_bytes([10, 99, 2, 11]);
+            r.backend_addr = [u32::from_ne_bytes([10, 99, 2, 11]), 0, 0, 0];
             r.backend_port = 8080u16.to_be();
         }
         r
@@ -253,5 +268,24 @@ mod tests {
         );
         let json = serde_json::to_string(&line).unwrap();
         assert!(json.contains("\"backend\":null"), "{json}");
+    }
+
+    #[test]
+    fn a_v6_packet_prints_bracketed_endpoints() {
+        let mut r = record(1, Reason::Forwarded);
+        let words = |a: &str| addr_words(a.parse().unwrap()).1;
+        r.family = lb_common::FAMILY_V6;
+        r.saddr = words("fd99:1::2");
+        r.daddr = words("fd99:100::1");
+        r.backend_addr = words("fd99:2::11");
+        let line = Line::from_record(&r, "web.v6", Duration::ZERO);
+        assert!(
+            line.render().ends_with(
+                "web.v6 tcp [fd99:1::2]:40000 -> [fd99:100::1]:80 backend [fd99:2::11]:8080 \
+                 forwarded, new flow (rewritten [fd99:1::2]:40000 -> [fd99:2::11]:8080)"
+            ),
+            "{}",
+            line.render()
+        );
     }
 }

@@ -81,8 +81,8 @@ fn trace_prints_count_records_naming_the_backend_that_answered_and_from_filters(
     assert_eq!(records.len(), 8, "{}", traced.log_text());
     for r in &records {
         assert_eq!(
-            (r.service.as_str(), *r.client.ip()),
-            ("web", CLIENT),
+            (r.service.as_str(), r.client.ip()),
+            ("web", CLIENT.into()),
             "{r:?}"
         );
         let name = answered
@@ -90,10 +90,13 @@ fn trace_prints_count_records_naming_the_backend_that_answered_and_from_filters(
             .unwrap_or_else(|| panic!("a record of no connection made: {r:?}"));
         assert_eq!(
             r.backend,
-            Some(address[name]),
+            Some(address[name].into()),
             "the record names {name}: {r:?}"
         );
-        assert_eq!(r.vip, SocketAddrV4::new(Ipv4Addr::new(10, 99, 100, 1), 80));
+        assert_eq!(
+            r.vip,
+            SocketAddrV4::new(Ipv4Addr::new(10, 99, 100, 1), 80).into()
+        );
         // Routed, or (a backend on a local bridge) handed to its veth.
         assert!(
             r.verdict == "forwarded" || r.verdict == "delivered_peer",
@@ -177,7 +180,7 @@ fn trace_shows_drops_before_a_backend_is_chosen() {
         ("admin", "drop_not_allowed", None, "none"),
         "{r:?}"
     );
-    assert_eq!(*r.client.ip(), CLIENT);
+    assert_eq!(r.client.ip(), CLIENT);
 
     // The only backend of web killed: once it is down, a new flow has nowhere to go.
     let down = format!("{}:8080", topo.backends[0].addr);

@@ -8,11 +8,14 @@ use axum::{
     http::{HeaderMap, StatusCode, Uri, header},
     response::{IntoResponse, Response},
 };
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use tokio::sync::mpsc;
 
 use super::Served;
-use crate::trace::{Line, Session, boot_offset};
+use crate::{
+    state::DesiredState,
+    trace::{Line, Session, boot_offset},
+};
 
 #[derive(Default)]
 struct TraceQuery {
@@ -64,18 +67,28 @@ pub async fn trace(State(served): State<Served>, headers: HeaderMap, uri: Uri) -
         .iter()
         .map(|s| (s.id, s.name.clone()))
         .collect();
-    let service_id = match &q.service {
+    // A dual-stack service's name traces both of its halves.
+    let service_ids = match &q.service {
         None => None,
-        Some(name) => match names.iter().find(|(_, n)| *n == name) {
-            Some((id, _)) => Some(*id),
-            None => return bad(format!("no service {name}")),
-        },
+        Some(name) => {
+            let mut ids: Vec<u32> = names
+                .iter()
+                .filter(|(_, n)| DesiredState::names(name, n))
+                .map(|(id, _)| *id)
+                .collect();
+            ids.sort_unstable();
+            match ids.as_slice() {
+                [] => return bad(format!("no service {name}")),
+                [one] => Some([*one; 2]),
+                [a, b, ..] => Some([*a, *b]),
+            }
+        }
     };
     let from = match q.from.as_deref().map(parse_from).transpose() {
         Ok(from) => from,
         Err(e) => return bad(e),
     };
-    let mut session = match Session::start(&served.api.pin_path, service_id, from) {
+    let mut session = match Session::start(&served.api.pin_path, service_ids, from) {
         Ok(s) => s,
         Err(e) => return (StatusCode::CONFLICT, format!("{e:#}\n")).into_response(),
     };
@@ -114,8 +127,8 @@ pub async fn trace(State(served): State<Served>, headers: HeaderMap, uri: Uri) -
 }
 
 /// A CIDR or a single address.
-fn parse_from(text: &str) -> Result<Ipv4Net, String> {
-    text.parse::<Ipv4Net>()
-        .or_else(|_| text.parse().map(|a| Ipv4Net::new(a, 32).expect("/32")))
-        .map_err(|_| format!("--from {text}: not an IPv4 address or CIDR"))
+fn parse_from(text: &str) -> Result<IpNet, String> {
+    text.parse::<IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("--from {text}: not an IP address or CIDR"))
 }
