@@ -13,3 +13,4 @@ pub mod soak;
 pub mod swarm;
 pub mod testrun;
 pub mod topology;
+pub mod trace;

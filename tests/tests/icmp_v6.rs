@@ -44,9 +44,7 @@ fn an_echo_request_to_a_v6_vip_is_answered() {
     assert_eq!(f[21], 64, "hop limit");
     assert_eq!(f[54], 129, "an echo reply");
     assert_eq!(&f[58..], &input[58..], "identifier, sequence and data kept");
-    let len = ((f.len() - 54) as u32).to_be_bytes();
-    let sum = checksum(&[&f[22..38], &f[38..54], &len, &[0, 0, 0, ICMPV6], &f[54..]]);
-    assert_eq!(sum, 0, "ICMPv6 checksum\n{}", hexdump(f, usize::MAX));
+    assert_icmpv6_checksum(f, "echo reply");
 
     // Other ICMPv6 to the VIP, and an echo after an extension header, reach the kernel.
     let other = Frame6::upper(VIP6, ICMPV6, vec![1, 4, 0, 0, 0, 0, 0, 0]).checksummed_icmp();
@@ -123,14 +121,7 @@ fn icmpv6_errors_about_a_v6_flow_go_to_its_backend() {
             );
             assert_eq!(be16(f, quote + 40), 8080, "{what}: quoted port");
             assert_eq!(be16(f, quote + 42), client_port, "{what}");
-            let len = ((f.len() - 54) as u32).to_be_bytes();
-            let sum = checksum(&[&f[22..38], &f[38..54], &len, &[0, 0, 0, ICMPV6], &f[54..]]);
-            assert_eq!(
-                sum,
-                0,
-                "{what}: ICMPv6 checksum\n{}",
-                hexdump(f, usize::MAX)
-            );
+            assert_icmpv6_checksum(f, &what);
         }
     }
     // Quoting a packet the VIP did not send, and a quote cut before its ports.
@@ -191,14 +182,7 @@ fn icmpv6_errors_from_a_backend_get_the_vip_back_in_their_quote() {
         assert_eq!(ipv6_at(f, quote + 24), VIP6, "{what}: quoted destination");
         assert_eq!(be16(f, quote + 40), sport, "{what}");
         assert_eq!(be16(f, quote + 42), 53, "{what}: quoted port");
-        let len = ((f.len() - 54) as u32).to_be_bytes();
-        let sum = checksum(&[&f[22..38], &f[38..54], &len, &[0, 0, 0, ICMPV6], &f[54..]]);
-        assert_eq!(
-            sum,
-            0,
-            "{what}: ICMPv6 checksum\n{}",
-            hexdump(f, usize::MAX)
-        );
+        assert_icmpv6_checksum(f, &what);
     }
     // About no flow of this LB: untouched.
     let stray = Frame6::udp(BACKENDS6[0])
@@ -210,4 +194,17 @@ fn icmpv6_errors_from_a_backend_get_the_vip_back_in_their_quote() {
         .checksummed_icmp()
         .build();
     assert_frame_eq(&error, &dp.tc_egress(&error).data, "no flow");
+}
+
+/// The frame's ICMPv6 checksum (untagged, no extension headers) is right: computed here over
+/// the pseudo-header of RFC 8200 8.1.
+fn assert_icmpv6_checksum(f: &[u8], what: &str) {
+    let len = ((f.len() - 54) as u32).to_be_bytes();
+    let sum = checksum(&[&f[22..38], &f[38..54], &len, &[0, 0, 0, ICMPV6], &f[54..]]);
+    assert_eq!(
+        sum,
+        0,
+        "{what}: ICMPv6 checksum\n{}",
+        hexdump(f, usize::MAX)
+    );
 }

@@ -11,6 +11,7 @@ use xlb_tests::{
     agent::Agent,
     client::{LineConn, assert_spread, count_names, tcp_name, udp_name},
     topology::{CLIENT_ADDR6, FRONT, Topology, VIP, VIP6},
+    trace,
 };
 
 /// A dual-stack TCP service (`web`: a VIP of each family, each with the backends of its
@@ -287,41 +288,18 @@ fn explain_names_the_backend_of_a_v6_flow() {
 #[test]
 fn trace_records_v6_packets_of_a_dual_stack_service() {
     let (topo, agent) = start(3, "");
-    let mut cmd = std::process::Command::new(xlb_tests::process::binary("xlb"));
-    cmd.args([
-        "trace",
-        "--json",
-        "--service",
-        "web",
-        "--from",
-        "fd99:1::/64",
-    ])
-    .args(["--count", "6"])
-    .env("XLB_CONTROL", &agent.control);
-    let mut traced = xlb_tests::process::Proc::spawn("trace", cmd, topo.dir.join("trace.log"));
+    let args = ["--service", "web", "--from", "fd99:1::/64", "--count", "6"];
+    let mut traced = trace::start(&topo, &agent, "trace", &args);
     let (vip6, vip4) = (topo.vip6(80), topo.vip(80));
-    let mut answered = std::collections::BTreeMap::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while traced.is_running() && std::time::Instant::now() < deadline && answered.len() < 200 {
-        let (port, name) = topo.client.run(move || {
+    let answered = trace::until_done(&mut traced, || {
+        topo.client.run(move || {
             let _ = tcp_name(vip4);
             let (conn, name) = LineConn::open(vip6);
             (conn.local_addr().expect("local address").port(), name)
-        });
-        answered.insert(port, name);
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(
-        traced.wait_exit(Duration::from_secs(5)).is_some(),
-        "the trace ended after its count: {}",
-        traced.log_text()
-    );
+        })
+    });
+    let records = trace::lines(&traced);
     let text = traced.log_text();
-    let records: Vec<xlb::trace::Line> = text
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
-        .collect();
     assert_eq!(records.len(), 6, "{text}");
     for r in &records {
         assert_eq!(r.service, "web.v6", "{r:?}");

@@ -4,35 +4,12 @@
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4},
-    process::Command,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use xlb::trace::Line;
-use xlb_tests::{
-    agent::Agent,
-    client::LineConn,
-    process::{Proc, binary},
-    topology::Topology,
-};
+use xlb_tests::{agent::Agent, client::LineConn, topology::Topology, trace};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 99, 1, 2);
-
-fn trace(topo: &Topology, agent: &Agent, name: &str, args: &[&str]) -> Proc {
-    let mut cmd = Command::new(binary("xlb"));
-    cmd.args(["trace", "--json"])
-        .args(args)
-        .env("XLB_CONTROL", &agent.control);
-    Proc::spawn(name, cmd, topo.dir.join(format!("{name}.log")))
-}
-
-fn lines(proc: &Proc) -> Vec<Line> {
-    proc.log_text()
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
-        .collect()
-}
 
 /// Opens (and closes) one connection; its client port and the backend that answered.
 fn connect(topo: &Topology) -> (u16, String) {
@@ -59,25 +36,14 @@ fn trace_prints_count_records_naming_the_backend_that_answered_and_from_filters(
         .collect();
 
     // Connections until the trace has its 8 records (bounded in count and time).
-    let mut traced = trace(
+    let mut traced = trace::start(
         &topo,
         &agent,
         "trace",
         &["--count", "8", "--from", "10.99.1.2/32"],
     );
-    let mut answered = BTreeMap::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while traced.is_running() && Instant::now() < deadline && answered.len() < 200 {
-        let (port, name) = connect(&topo);
-        answered.insert(port, name);
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(
-        traced.wait_exit(Duration::from_secs(5)).is_some(),
-        "the trace ended after its count: {}",
-        traced.log_text()
-    );
-    let records = lines(&traced);
+    let answered = trace::until_done(&mut traced, || connect(&topo));
+    let records = trace::lines(&traced);
     assert_eq!(records.len(), 8, "{}", traced.log_text());
     for r in &records {
         assert_eq!(
@@ -106,7 +72,7 @@ fn trace_prints_count_records_naming_the_backend_that_answered_and_from_filters(
     assert!(records.iter().any(|r| r.new_flow), "a SYN is a new flow");
 
     // Another source's trace sees none of this client's packets.
-    let mut other = trace(
+    let mut other = trace::start(
         &topo,
         &agent,
         "other",
@@ -122,7 +88,7 @@ fn trace_prints_count_records_naming_the_backend_that_answered_and_from_filters(
         other.log_text()
     );
     other.stop(Duration::from_secs(5));
-    assert!(lines(&other).is_empty(), "{}", other.log_text());
+    assert!(trace::lines(&other).is_empty(), "{}", other.log_text());
 }
 
 /// Packets dropped before a backend is chosen are traced too, with the reason: an allow list
@@ -148,7 +114,7 @@ fn trace_shows_drops_before_a_backend_is_chosen() {
             let _ = LineConn::connect_within(vip, Duration::from_millis(300));
         });
     };
-    let mut traced = trace(
+    let mut traced = trace::start(
         &topo,
         &agent,
         "admin",
@@ -167,7 +133,7 @@ fn trace_shows_drops_before_a_backend_is_chosen() {
         agent.verdicts("drop_not_allowed"),
         traced.log_text()
     );
-    let records = lines(&traced);
+    let records = trace::lines(&traced);
     assert_eq!(records.len(), 1, "{}", traced.log_text());
     let r = &records[0];
     assert_eq!(
@@ -186,7 +152,7 @@ fn trace_shows_drops_before_a_backend_is_chosen() {
     let down = format!("{}:8080", topo.backends[0].addr);
     topo.kill_backend(0);
     agent.wait_state("web", &down, "down", Duration::from_secs(5));
-    let mut traced = trace(&topo, &agent, "web", &["--count", "1", "--service", "web"]);
+    let mut traced = trace::start(&topo, &agent, "web", &["--count", "1", "--service", "web"]);
     std::thread::sleep(Duration::from_millis(300));
     for _ in 0..10 {
         if !traced.is_running() {
@@ -199,7 +165,7 @@ fn trace_shows_drops_before_a_backend_is_chosen() {
         "{}",
         traced.log_text()
     );
-    let records = lines(&traced);
+    let records = trace::lines(&traced);
     assert_eq!(records.len(), 1, "{}", traced.log_text());
     assert_eq!(
         (records[0].verdict.as_str(), records[0].backend),

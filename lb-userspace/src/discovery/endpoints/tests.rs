@@ -3,11 +3,15 @@ use std::path::Path;
 use super::*;
 use crate::{config::Config, discovery::labels::NetworkInfo};
 
+/// A config with Docker on and `services` (TOML).
+fn with_docker(services: &str) -> Config {
+    let text = format!("[agent]\ninterfaces = [\"eth0\"]\n[docker]\n{services}");
+    Config::parse(Path::new("xlb.toml"), &text).unwrap()
+}
+
 fn config() -> Config {
-    let text = r#"
-[agent]
-interfaces = ["eth0"]
-[docker]
+    with_docker(
+        r#"
 [[service]]
 name = "web"
 vip = "10.99.100.1"
@@ -20,8 +24,8 @@ name = "dns"
 vip = "10.99.100.1"
 port = 53
 protocol = "udp"
-"#;
-    Config::parse(Path::new("xlb.toml"), text).unwrap()
+"#,
+    )
 }
 
 fn container(name: &str, labels: &[(&str, &str)], health: Option<&str>) -> ContainerInfo {
@@ -204,10 +208,8 @@ fn swarm_tasks_join_by_published_port_or_network_address() {
 
 /// A v4 and a v6 service over the same port, for the dual-stack tests.
 fn dual_stack_config() -> Config {
-    let text = r#"
-[agent]
-interfaces = ["eth0"]
-[docker]
+    with_docker(
+        r#"
 [[service]]
 name = "web"
 vip = "10.99.100.1"
@@ -216,8 +218,8 @@ port = 80
 name = "web6"
 vip = "fd99:100::1"
 port = 80
-"#;
-    Config::parse(Path::new("xlb.toml"), text).unwrap()
+"#,
+    )
 }
 
 #[test]
@@ -300,16 +302,14 @@ fn a_task_on_a_dual_stack_network_joins_by_the_vips_family() {
 
 /// One dual-stack service: `vip` lists an address of each family.
 fn one_dual_stack_service() -> Config {
-    let text = r#"
-[agent]
-interfaces = ["eth0"]
-[docker]
+    with_docker(
+        r#"
 [[service]]
 name = "web"
 vip = ["10.99.100.1", "fd99:100::1"]
 port = 80
-"#;
-    Config::parse(Path::new("xlb.toml"), text).unwrap()
+"#,
+    )
 }
 
 fn backends_of(desired: &DesiredState, name: &str) -> Vec<String> {
