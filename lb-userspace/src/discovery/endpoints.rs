@@ -20,10 +20,11 @@ use super::{
 fn admitted(config: &Config, claim: &Claim, spec: &LabelSpec) -> Result<u32, LabelError> {
     let vips: Vec<IpAddr> = config.services.iter().flat_map(|s| s.vip.iter()).collect();
     let default = ClaimLimits::default();
+    // `web.v6` (a dual-stack service's v6 half) is held to the limits of `web`.
     let limits = config
         .services
         .iter()
-        .find(|s| s.name == spec.service)
+        .find(|s| DesiredState::names(&s.name, &spec.service))
         .map_or(&default, |s| &s.docker);
     claim.check(spec, limits, &spec.service, &vips)
 }

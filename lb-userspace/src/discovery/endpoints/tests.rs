@@ -352,6 +352,33 @@ fn a_dual_stack_container_joins_both_vips_and_a_single_stack_one_its_family() {
     );
 }
 
+/// A label naming the v6 half (`web.v6`) directly meets the limits of `web`.
+#[test]
+fn the_v6_half_of_a_dual_stack_service_keeps_the_services_claim_limits() {
+    let config = with_docker(
+        r#"
+[[service]]
+name = "web"
+vip = ["10.99.100.1", "fd99:100::1"]
+port = 80
+  [service.docker]
+  max_weight = 50
+"#,
+    );
+    let labels = [
+        ("xlb.service", "web.v6"),
+        ("xlb.port", "8080"),
+        ("xlb.weight", "80"),
+    ];
+    let mut heavy = container("heavy", &labels, None);
+    heavy.networks[0].ip6 = Some("fd00:17::5".parse().unwrap());
+    let mut desired = DesiredState::from_config(&config);
+    let errors = add_containers(&mut desired, &config, &[heavy], "xlb");
+    assert!(desired.services["web.v6"].backends.is_empty());
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].label, "xlb.weight", "{errors:?}");
+}
+
 #[test]
 fn a_task_joins_each_vip_of_a_dual_stack_service_it_has_an_address_for() {
     let config = one_dual_stack_service();
