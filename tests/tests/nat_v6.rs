@@ -311,3 +311,45 @@ fn trace_records_v6_packets_of_a_dual_stack_service() {
         assert_eq!(backend, format!("[{}]:8080", be.addr6()), "{r:?}");
     }
 }
+
+/// `allow` with a v6 range, end to end: UDP from a v6 client address inside it is answered,
+/// from one outside refused (`drop_not_allowed`).
+#[test]
+fn a_v6_allow_list_refuses_the_client_addresses_outside_it() {
+    const SECOND6: &str = "fd99:1::3";
+    let topo = Topology::dual_stack(2);
+    topo.client.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{SECOND6}/64"),
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    let text = config(&topo, "").replacen(
+        "protocol = \"udp\"\n",
+        &format!("protocol = \"udp\"\nallow = [\"{SECOND6}/128\"]\n"),
+        1,
+    );
+    let agent = Agent::start(&topo, &text);
+    agent.wait_up("dns6", 2, Duration::from_secs(5));
+    let vip = topo.vip6(53);
+    let (second, first) = topo.client.run(move || {
+        let from = |addr: &str| -> std::io::Result<String> {
+            let socket = UdpSocket::bind(format!("[{addr}]:0"))?;
+            udp_name(&socket, vip)
+        };
+        (
+            from(SECOND6).map_err(|e| e.to_string()),
+            from(CLIENT_ADDR6).map_err(|e| e.to_string()),
+        )
+    });
+    assert!(second.is_ok(), "{SECOND6} is allowed: {second:?}");
+    assert!(first.is_err(), "{CLIENT_ADDR6} is not, answered {first:?}");
+    assert!(
+        agent.verdicts("drop_not_allowed") >= 1,
+        "{}",
+        agent.status()
+    );
+}
