@@ -235,8 +235,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Check { config } => {
             let cfg = Config::load(&config)?;
             let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
+            let halves: usize = cfg.services.iter().map(|s| s.vip.len()).sum();
+            let dual = if halves > cfg.services.len() {
+                format!(", {halves} in the data path: a dual-stack service is two")
+            } else {
+                String::new()
+            };
             println!(
-                "{}: OK ({} services, {} static backends)",
+                "{}: OK ({} services{dual}, {} static backends)",
                 config.display(),
                 cfg.services.len(),
                 backends
