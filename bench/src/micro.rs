@@ -18,7 +18,7 @@
 //! - reply: the looped flow's reply through the TC egress program (reverse NAT), `repeat`,
 //!   with the same idempotent rewrite; the RevNat counter confirms every run rewrote.
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     time::Instant,
@@ -42,6 +42,10 @@ use xlb_tests::testrun::{Packet, TCP_SYN, XDP_PASS, service_toml, unchecked_desi
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 100, 1);
 /// The service whose backend is itself (see the module doc).
 const LOOP_VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 100, 2);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd99, 0x100, 0, 0, 0, 0, 0, 1);
+const LOOP_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd99, 0x100, 0, 0, 0, 0, 0, 2);
+/// Distinct v6 SYNs: with the v4 ones they stay within the embryonic table.
+const V6_FLOWS: usize = 10_000;
 /// XLB_CONNTRACK_V1's capacity (lb-common sizes).
 const CONNTRACK_ENTRIES: usize = 262_144;
 
@@ -75,6 +79,17 @@ pub struct XdpResult {
     /// What tracing costs (None in reports from before it was measured).
     #[serde(default)]
     pub trace: Option<crate::tracecost::TraceCost>,
+    /// The same cases over IPv6 (None in reports from before they were measured).
+    #[serde(default)]
+    pub v6: Option<V6Result>,
+}
+
+/// IPv6 (mode nat), measured as the v4 cases beside them in the same run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct V6Result {
+    pub established_repeat_ns: f64,
+    pub established_single_ns: f64,
+    pub new_flow_ns: f64,
 }
 
 /// Pinned maps and programs of this benchmark, removed on drop.
@@ -94,6 +109,8 @@ pub(crate) struct Instance {
     pub datapath: Datapath,
     pub web_id: u32,
     pub loop_id: u32,
+    pub web6_id: u32,
+    pub loop6_id: u32,
     pub pin_path: PathBuf,
     _reconciler: Reconciler,
     _pins: Pins,
@@ -130,8 +147,18 @@ pub(crate) fn instance(name: &str, trace_hooks: bool) -> Result<Instance> {
         .collect();
     let web = SocketAddrV4::new(VIP, 80);
     let looped = SocketAddrV4::new(LOOP_VIP, 80);
+    let backends6: Vec<(SocketAddr, u32)> = (0x11..=0x13)
+        .map(|i| {
+            let addr = Ipv6Addr::new(0xfd99, 2, 0, 0, 0, 0, 0, i);
+            (SocketAddr::new(addr.into(), 80), 100)
+        })
+        .collect();
+    let web6 = SocketAddr::new(VIP6.into(), 80);
+    let looped6 = SocketAddr::new(LOOP_VIP6.into(), 80);
     let services = service_toml("web", web, "tcp", &backends)
-        + &service_toml("loop", looped, "tcp", &[(looped, 100)]);
+        + &service_toml("loop", looped, "tcp", &[(looped, 100)])
+        + &service_toml("web6", web6, "tcp", &backends6)
+        + &service_toml("loop6", looped6, "tcp", &[(looped6, 100)]);
     // The looped service is one `xlb check` refuses (its backend is a VIP).
     reconciler.apply(
         &mut datapath,
@@ -155,6 +182,8 @@ pub(crate) fn instance(name: &str, trace_hooks: bool) -> Result<Instance> {
         datapath,
         web_id,
         loop_id,
+        web6_id: id("web6"),
+        loop6_id: id("loop6"),
         pin_path,
         _reconciler: reconciler,
         _pins: pins,
@@ -184,7 +213,7 @@ pub fn xdp(quick: bool, cpu: usize) -> Result<XdpResult> {
     } else {
         (1_000_000, 7, 50_000)
     };
-    const { assert!(50_000 < lb_common::sizes::EMBRYONIC_SIZE) };
+    const { assert!(50_000 + V6_FLOWS < lb_common::sizes::EMBRYONIC_SIZE as usize) };
 
     // Established, with repeat.
     let client = SocketAddrV4::new(Ipv4Addr::new(10, 99, 1, 2), 40000);
@@ -255,6 +284,8 @@ pub fn xdp(quick: bool, cpu: usize) -> Result<XdpResult> {
     if datapath.service_counters(web_id)?.new_flows != new_after.new_flows {
         bail!("known flows were counted as new");
     }
+    // IPv6 beside it, before conntrack is filled.
+    let v6 = xdp6(&main, repeat, calls, V6_FLOWS, empty_single.median)?;
 
     // Fill conntrack past its capacity, then new flows again: every insert evicts.
     let fill: Vec<Vec<u8>> = (flows..flows + CONNTRACK_ENTRIES)
@@ -283,7 +314,69 @@ pub fn xdp(quick: bool, cpu: usize) -> Result<XdpResult> {
         tc_reply_repeat_ns: median(&mut tc_times),
         tc_empty_repeat_ns: median(&mut tc_empty_times),
         trace: Some(trace),
+        v6: Some(v6),
     })
+}
+
+/// The established and new-flow cases over IPv6, as `xdp` takes them over IPv4 (`base`:
+/// the empty program's single-run time).
+fn xdp6(main: &Instance, repeat: u32, calls: u32, flows: usize, base: f64) -> Result<V6Result> {
+    let (datapath, fd) = (&main.datapath, main.xdp_fd()?);
+    let client = SocketAddrV6::new(Ipv6Addr::new(0xfd99, 1, 0, 0, 0, 0, 0, 2), 40000, 0, 0);
+    let looped = SocketAddrV6::new(LOOP_VIP6, 80, 0, 0);
+    let pkt = tcp6(client, looped, TCP_SYN);
+    check_pass(test_run(fd, &pkt, 1)?.0)?;
+    let before = datapath.service_counters(main.loop6_id)?;
+    let mut times = Vec::new();
+    for _ in 0..calls {
+        let (ret, ns) = test_run(fd, &pkt, repeat)?;
+        check_pass(ret)?;
+        times.push(f64::from(ns));
+    }
+    let after = datapath.service_counters(main.loop6_id)?;
+    let runs = u64::from(repeat) * u64::from(calls);
+    if after.packets - before.packets != runs || after.new_flows != before.new_flows {
+        bail!(
+            "the v6 repeat runs did not all take the established path: packets +{}, new \
+             flows +{}",
+            after.packets - before.packets,
+            after.new_flows - before.new_flows
+        );
+    }
+    let web = SocketAddrV6::new(VIP6, 80, 0, 0);
+    let packets: Vec<Vec<u8>> = (0..flows)
+        .map(|i| {
+            let src = Ipv6Addr::new(0xfd99, 0x64, 0, 0, 0, 0, (i / 50_000) as u16, 1);
+            let src = SocketAddrV6::new(src, 10_000 + (i % 50_000) as u16, 0, 0);
+            tcp6(src, web, TCP_SYN)
+        })
+        .collect();
+    let new_before = datapath.service_counters(main.web6_id)?;
+    let new = single_runs(fd, &packets, Some(datapath))?;
+    let made = datapath.service_counters(main.web6_id)?.new_flows - new_before.new_flows;
+    if made != flows as u64 {
+        bail!("{flows} distinct v6 SYNs made {made} new flows");
+    }
+    let est = single_runs(fd, &packets, Some(datapath))?;
+    Ok(V6Result {
+        established_repeat_ns: median(&mut times),
+        established_single_ns: est.median - base,
+        new_flow_ns: new.median - base,
+    })
+}
+
+/// An untagged IPv6 TCP frame without payload or extension headers (TestRun needs no valid
+/// checksum: the program updates it incrementally).
+fn tcp6(src: SocketAddrV6, dst: SocketAddrV6, flags: u8) -> Vec<u8> {
+    let mut f = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02, 0x86, 0xdd];
+    f.extend_from_slice(&[0x60, 0, 0, 0, 0, 20, lb_common::PROTO_TCP, 64]);
+    f.extend_from_slice(&src.ip().octets());
+    f.extend_from_slice(&dst.ip().octets());
+    f.extend_from_slice(&src.port().to_be_bytes());
+    f.extend_from_slice(&dst.port().to_be_bytes());
+    f.extend_from_slice(&[0; 8]);
+    f.extend_from_slice(&[5 << 4, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    f
 }
 
 /// Flow i: a SYN from a distinct (address, port) to `dst`.

@@ -138,6 +138,28 @@ pub fn xdp_table(x: &XdpResult) -> String {
     for (case, ns, how) in rows {
         let _ = writeln!(s, "| {case} | {ns:.1} | {how} |");
     }
+    if let Some(v6) = &x.v6 {
+        let v6_rows = [
+            (
+                "IPv6: established flow",
+                v6.established_repeat_ns,
+                "as the v4 row, over a v6 service in mode nat (DNAT66)",
+            ),
+            (
+                "IPv6: established flow, one run per packet",
+                v6.established_single_ns,
+                "as the v4 row",
+            ),
+            (
+                "IPv6: new flow (SYN), empty maps",
+                v6.new_flow_ns,
+                "as the v4 row with 10000 distinct SYNs, after it (its flows stay in the tables)",
+            ),
+        ];
+        for (case, ns, how) in v6_rows {
+            let _ = writeln!(s, "| {case} | {ns:.1} | {how} |");
+        }
+    }
     if let Some(t) = &x.trace {
         let trace_rows = [
             (

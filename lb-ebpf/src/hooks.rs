@@ -2,6 +2,7 @@
 //! ingress (`xdp_mode = "tc"`) rewrites for mode nat and leaves sending to the kernel.
 use aya_ebpf::{
     bindings::xdp_action::XDP_TX,
+    helpers::bpf_ktime_get_coarse_ns,
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
@@ -57,8 +58,8 @@ impl Hook for XdpContext {
     }
 
     #[inline(always)]
-    fn send6(&self, pkt: &L4Packet6, target: &Target, _now: u64) -> Verdict {
-        send_nat6(self, pkt, target)
+    fn send6(&self, pkt: &L4Packet6, target: &Target, now: u64) -> Verdict {
+        send_nat6(self, pkt, target, now)
     }
 
     /// To the backend's bridge, or the FIB's next hop, as the flow's packets go.
@@ -69,16 +70,19 @@ impl Hook for XdpContext {
                 deliver_to: backend.deliver_ifindex,
             };
         }
-        let hop = route::lookup6(self, &backend.addr);
-        let (action, reason) = route::transmit(
-            self,
-            &hop,
-            icmp.l3_off,
-            Decrement::HopLimit,
-            Fallback::Kernel,
-        );
-        Verdict::Sent(action, reason)
+        route_icmp6(self, icmp.l3_off, &backend.addr)
     }
+}
+
+/// A subprogram: the FIB lookup's locals would otherwise add to the entry point's frame,
+/// the first of the ICMP chain.
+#[inline(never)]
+fn route_icmp6(ctx: &XdpContext, l3_off: usize, to: &[u32; 4]) -> Verdict {
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let hop = route::lookup6(ctx, to, now);
+    let (action, reason) =
+        route::transmit(ctx, &hop, l3_off, Decrement::HopLimit, Fallback::Kernel);
+    Verdict::Sent(action, reason)
 }
 
 /// What a sender needs. Each mode's sender is a subprogram: the verifier checks it once per
@@ -116,7 +120,7 @@ fn send_nat(ctx: &XdpContext, out: &Outgoing) -> Verdict {
 
 /// DNAT66 to the backend, sent as v4 nat is (local bridge, or the FIB's next hop).
 #[inline(never)]
-fn send_nat6(ctx: &XdpContext, pkt: &L4Packet6, target: &Target) -> Verdict {
+fn send_nat6(ctx: &XdpContext, pkt: &L4Packet6, target: &Target, now: u64) -> Verdict {
     let backend = target.backend;
     if nat::dnat_v6(ctx, pkt, &backend.addr, backend.port).is_none() {
         return Verdict::Drop(Reason::DropMalformed);
@@ -124,7 +128,7 @@ fn send_nat6(ctx: &XdpContext, pkt: &L4Packet6, target: &Target) -> Verdict {
     if backend.deliver_ifindex != 0 {
         return local_delivery(pkt.l3_off, target);
     }
-    let hop = route::lookup6(ctx, &backend.addr);
+    let hop = route::lookup6(ctx, &backend.addr, now);
     let (action, reason) =
         route::transmit(ctx, &hop, pkt.l3_off, Decrement::HopLimit, Fallback::Kernel);
     Verdict::Sent(action, reason)

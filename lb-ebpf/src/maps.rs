@@ -2,7 +2,10 @@
 //! under the agent's pin path, so forwarding survives an agent restart. The `_V1` suffix is
 //! the layout version: a changed key/value layout gets a new suffix, so an old pinned map is
 //! never reused with the wrong layout.
-use crate::{flowcache::CachedFlow, route::CachedHop};
+use crate::{
+    flowcache::CachedFlow,
+    route::{CachedHop, CachedHop6},
+};
 
 /// See `SCRATCH`.
 #[repr(C)]
@@ -125,6 +128,11 @@ pub static SNAT_REV_NEW: LruHashMap<FlowKey, SnatRev> = LruHashMap::pinned(EMBRY
 /// Per-CPU cache of FIB answers (route.rs). Not pinned: only a cache.
 #[map(name = "XLB_HOP_CACHE")]
 pub static HOP_CACHE: PerCpuArray<CachedHop> =
+    PerCpuArray::with_max_entries(1 << HOP_CACHE_BITS, 0);
+
+/// The same for IPv6 destinations.
+#[map(name = "XLB_HOP_CACHE6")]
+pub static HOP_CACHE6: PerCpuArray<CachedHop6> =
     PerCpuArray::with_max_entries(1 << HOP_CACHE_BITS, 0);
 
 /// Per-CPU room for the keys and values the slow path builds (the stack has 512 bytes for

@@ -19,7 +19,7 @@ use lb_common::{
 
 use crate::{
     deliver,
-    maps::{FIB_PARAMS, HOP_CACHE, TX_PORTS},
+    maps::{FIB_PARAMS, HOP_CACHE, HOP_CACHE6, TX_PORTS},
     parse::{ETH_HLEN, Ipv4Hdr, PacketBuf, load},
     parse6::{Addr6, Ipv6Hdr},
 };
@@ -123,15 +123,50 @@ fn fib(ctx: &XdpContext, ingress: u32, daddr: u32, tot_len: u16) -> NextHop {
     })
 }
 
-/// The next hop towards the IPv6 address `daddr`. Not cached (yet): the hop cache is keyed
-/// by IPv4 address. The source is not needed: nat, the only v6 mode, keeps the client's.
+/// `CachedHop` for an IPv6 destination.
+#[repr(C)]
+pub struct CachedHop6 {
+    daddr: Addr6,
+    ingress: u32,
+    _pad: u32,
+    checked_ns: u64,
+    hop: NextHop,
+}
+
+/// The next hop towards the IPv6 address `daddr`, cached per CPU as `lookup` does. No MTU
+/// check and no source: nat, the only v6 mode, needs neither.
 #[inline(always)]
-pub fn lookup6(ctx: &XdpContext, daddr: &Addr6) -> NextHop {
+pub fn lookup6(ctx: &XdpContext, daddr: &Addr6, now: u64) -> NextHop {
     let ingress = ctx.ingress_ifindex() as u32;
-    ask(ctx, ingress, 0, |params| {
+    let mix = daddr[0] ^ daddr[1] ^ daddr[2] ^ daddr[3] ^ ingress;
+    let slot = mix.wrapping_mul(0x9e37_79b1) >> (32 - HOP_CACHE_BITS);
+    let cached = HOP_CACHE6.get_ptr_mut(slot);
+    if let Some(entry) = cached {
+        let entry = unsafe { &*entry };
+        if entry.daddr == *daddr
+            && entry.ingress == ingress
+            && now.wrapping_sub(entry.checked_ns) <= HOP_CACHE_NS
+        {
+            return entry.hop;
+        }
+    }
+    let hop = ask(ctx, ingress, 0, |params| {
         params.family = AF_INET6;
         params.__bindgen_anon_4.ipv6_dst = *daddr;
-    })
+    });
+    if !matches!(
+        hop.rc,
+        BPF_FIB_LKUP_RET_NO_NEIGH | BPF_FIB_LKUP_RET_FRAG_NEEDED
+    ) && let Some(entry) = cached
+    {
+        unsafe {
+            (*entry).daddr = *daddr;
+            (*entry).ingress = ingress;
+            (*entry).checked_ns = now;
+            (*entry).hop = hop;
+        }
+    }
+    hop
 }
 
 /// Asks the FIB from `ingress` with the family and destination `fill` writes; `flags`:
