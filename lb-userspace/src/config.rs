@@ -170,6 +170,11 @@ pub struct Vips(Vec<IpAddr>);
 /// `web.v6` is never taken by another service.
 pub const V6_HALF_SUFFIX: &str = ".v6";
 
+/// The name of the IPv6 half of the dual-stack service `name`.
+pub fn v6_half_name(name: &str) -> String {
+    format!("{name}{V6_HALF_SUFFIX}")
+}
+
 impl Vips {
     pub fn one(addr: IpAddr) -> Self {
         Self(vec![addr])
@@ -191,10 +196,6 @@ impl Vips {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
-    }
-
-    pub fn first(&self) -> IpAddr {
-        self.0[0]
     }
 
     pub fn has_v6(&self) -> bool {
@@ -257,7 +258,7 @@ impl ServiceConfig {
         let dual = self.vip.len() > 1;
         self.vip.iter().map(move |vip| {
             let name = if dual && vip.is_ipv6() {
-                format!("{}{V6_HALF_SUFFIX}", self.name)
+                v6_half_name(&self.name)
             } else {
                 self.name.clone()
             };

@@ -11,7 +11,10 @@ use serde::Serialize;
 
 use crate::{
     bridgeport::VethPort,
-    config::{Config, HealthConfig, HealthOverride, Mode, Protocol, ServiceConfig, V6_HALF_SUFFIX},
+    config::{
+        Config, HealthConfig, HealthOverride, Mode, Protocol, ServiceConfig, V6_HALF_SUFFIX,
+        v6_half_name,
+    },
 };
 
 /// Where a backend listens.
@@ -162,7 +165,7 @@ impl DesiredState {
     /// The services a name in a label or a command means: the service itself and, for a
     /// dual-stack service, its IPv6 half (`NAME.v6`).
     pub fn halves_of<'a>(&'a self, name: &str) -> Vec<&'a ServiceSpec> {
-        let v6 = format!("{name}{V6_HALF_SUFFIX}");
+        let v6 = v6_half_name(name);
         [name, v6.as_str()]
             .into_iter()
             .filter_map(|n| self.services.get(n))
