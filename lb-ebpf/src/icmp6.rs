@@ -46,17 +46,10 @@ pub fn is_error(kind: u8) -> bool {
 /// this LB can place; the packet is untouched.
 #[inline(never)]
 pub fn to_backend<C: PacketBuf>(ctx: &C, icmp: &Icmp6Packet) -> Option<&'static Backend> {
-    let off = icmp.icmp_off + ICMPV6_HLEN;
-    // The quoted header and ports lie inside the payload: a rewrite past it (in padding)
-    // would break the checksum.
-    if off + IPV6_HLEN + 4 > icmp.end {
-        return None;
-    }
-    let inner = ctx.ptr_at::<Ipv6Hdr>(off)?;
+    let (off, inner, proto) = quoted(ctx, icmp)?;
     let ports = ctx.ptr_at::<[u16; 2]>(off + IPV6_HLEN)?;
-    let proto = load(unsafe { &raw const (*inner).next_header });
     let vip = load(unsafe { &raw const (*inner).saddr });
-    if (proto != PROTO_TCP && proto != PROTO_UDP) || vip != icmp.daddr {
+    if vip != icmp.daddr {
         return None;
     }
     let [vip_port, client_port] = load(ports);
@@ -104,6 +97,20 @@ pub fn to_backend<C: PacketBuf>(ctx: &C, icmp: &Icmp6Packet) -> Option<&'static 
     Some(backend)
 }
 
+/// The packet an error quotes: its offset, header and protocol, when it is TCP or UDP right
+/// after the quoted header, with the header and ports inside the payload (a rewrite past
+/// it, in padding, would break the checksum).
+#[inline(always)]
+fn quoted<C: PacketBuf>(ctx: &C, icmp: &Icmp6Packet) -> Option<(usize, *mut Ipv6Hdr, u8)> {
+    let off = icmp.icmp_off + ICMPV6_HLEN;
+    if off + IPV6_HLEN + 4 > icmp.end {
+        return None;
+    }
+    let inner = ctx.ptr_at::<Ipv6Hdr>(off)?;
+    let proto = load(unsafe { &raw const (*inner).next_header });
+    (proto == PROTO_TCP || proto == PROTO_UDP).then_some((off, inner, proto))
+}
+
 /// Turns an echo request into its reply, in place, to go back out of the interface it came
 /// in on. Only an untagged frame without extension headers (what a ping sends): None
 /// otherwise, and the kernel answers if it holds the address. A subprogram: the ICMP chain
@@ -144,15 +151,7 @@ pub fn reverse_nat(ctx: &TcContext, icmp: &Icmp6Packet) -> Option<u32> {
     if !is_error(icmp.kind) {
         return None;
     }
-    let off = icmp.icmp_off + ICMPV6_HLEN;
-    if off + IPV6_HLEN + 4 > icmp.end {
-        return None;
-    }
-    let inner = ctx.ptr_at::<Ipv6Hdr>(off)?;
-    let proto = load(unsafe { &raw const (*inner).next_header });
-    if proto != PROTO_TCP && proto != PROTO_UDP {
-        return None;
-    }
+    let (off, inner, proto) = quoted(ctx, icmp)?;
     let [client_port, backend_port] = load(ctx.ptr_at::<[u16; 2]>(off + IPV6_HLEN)?);
     // The flow's reply direction (backend -> client), as its reverse NAT entry is keyed.
     let reply = FlowKey {

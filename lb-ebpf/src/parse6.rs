@@ -78,7 +78,6 @@ impl L4Packet6 {
 segment_of_fields!(L4Packet6);
 
 /// An ICMPv6 message, with what the balancer reads of it.
-#[allow(dead_code)] // for echo and errors to v6 VIPs; only the VIP check reads it yet
 pub struct Icmp6Packet {
     pub l3_off: usize,
     pub icmp_off: usize,
