@@ -57,12 +57,13 @@ pub struct TraceRecord {
     pub backend_port: u16,
     /// fullnat: the source port the packet got.
     pub snat_port: u16,
-    pub snat_addr: u32,
+    /// fullnat: the source address the packet got (IPv4 in the first word).
+    pub snat_addr: [u32; 4],
     /// The interface the packet came in on.
     pub ifindex: u32,
     /// `FAMILY_V4` or `FAMILY_V6`.
     pub family: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 3],
 }
 
 #[cfg(feature = "user")]

@@ -2,16 +2,17 @@
 //! Maglev, counters. The hook (hooks.rs) rewrites and sends the packet in the service's mode.
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    Backend, FAMILY_V4, FlowKey, MODE_FULLNAT, MODE_NAT, PROTO_TCP, Reason, SERVICE_ALLOW,
+    Backend, FAMILY_V4, FlowKey, MODE_DSR, MODE_FULLNAT, PROTO_TCP, Reason, SERVICE_ALLOW,
     VipAddrKey, VipKey, flow_hash, ring_hash,
 };
 
 use crate::{
     balance6::balance6,
     conntrack::{self, Table},
+    decided::Decided,
     flowcache, maglev,
     maps::{self, VIP_ADDRS, VIPS},
-    nat::Endpoint,
+    nat::Snat,
     parse::{IcmpPacket, L4Packet, PacketBuf, Parsed, Segment, parse},
     parse6::{Icmp6Packet, L4Packet6},
     snat, stats, trace,
@@ -37,29 +38,33 @@ pub enum Verdict {
 
 /// Where a flow goes: decided once per flow, then kept by conntrack and the flow cache.
 #[derive(Clone, Copy)]
-pub struct Target {
+pub struct Target<'a> {
     pub service_id: u32,
     pub mode: u8,
     pub flags: u8,
     pub backend_id: u32,
     pub backend: &'static Backend,
-    /// fullnat: the flow's SNAT address and port.
-    pub snat: Endpoint,
+    /// fullnat: the flow's SNAT address and port (in the decision's per-CPU room: 20 bytes
+    /// more on the sender's frame would overflow the 512 bytes of the dsr call chain).
+    pub snat: &'a Snat,
 }
 
 /// What differs between XDP and TC for the balancer.
 pub trait Hook: PacketBuf {
     fn ingress_ifindex(&self) -> u32;
-    /// The address the LB would send from towards `daddr` (fullnat's default source).
-    fn source_towards(&self, daddr: u32, now: u64) -> Option<u32>;
+    /// Writes the address the LB would send from towards `backend` (fullnat's default
+    /// source) into `out`; false if there is no route.
+    fn source_towards(&self, backend: &Backend, now: u64, out: &mut [u32; 4]) -> bool;
     /// Rewrites the packet for its target in the service's mode and sends it.
     fn send(&self, pkt: &L4Packet, target: &Target, hash: u32, now: u64) -> Verdict;
     /// A fullnat reply (backend -> SNAT address) translated back and sent, if it is one.
     fn reverse(&self, pkt: &L4Packet, now: u64) -> Option<Verdict>;
     /// ICMP (to a VIP or not).
     fn icmp(&self, icmp: &IcmpPacket, now: u64) -> Verdict;
-    /// `send` for IPv6: mode nat, the only one `decide` lets a v6 flow have.
+    /// `send` for IPv6: mode nat or fullnat, the ones `decide` lets a v6 flow have.
     fn send6(&self, pkt: &L4Packet6, target: &Target, now: u64) -> Verdict;
+    /// `reverse` for IPv6.
+    fn reverse6(&self, pkt: &L4Packet6, now: u64) -> Option<Verdict>;
     /// Sends an ICMPv6 error `icmp6::to_backend` rewrote for `backend`.
     fn icmp6_to_backend(&self, icmp: &Icmp6Packet, backend: &Backend) -> Verdict;
 }
@@ -161,16 +166,21 @@ pub fn balance_flow<H: Hook, P: FlowPacket>(ctx: &H, pkt: &P) -> Verdict {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     // Options to a VIP are dropped below, so such a packet skips the cache, as does a SYN,
     // which starts a flow, and a FIN or RST, which the slow path records.
-    let mut decided = Decided::default();
+    // In per-CPU room, not on the entry point's frame: the verifier adds that frame to the
+    // ICMP handler's (512 bytes a call chain), and a target of either family is 32 bytes.
+    let Some(decided) = maps::decided() else {
+        return Verdict::Pass(Reason::PassNotVip);
+    };
+    decided.reset(0, 0, 0, false);
     let cached = !pkt.has_ip_options()
         && !pkt.syn()
         && !pkt.closing()
-        && flowcache::lookup(&flow, hash, now, &mut decided);
+        && flowcache::lookup(&flow, hash, now, decided);
     let dropped = if cached {
         // A flow of a service that had a list when the slow path saw it (at most
         // FLOW_REFRESH_NS ago) is checked again: a list narrowed or removed since applies at
         // once, a list that is new within that second. Services without one pay nothing.
-        (decided.flags & SERVICE_ALLOW != 0 && !still_allowed(&decided, pkt))
+        (decided.flags & SERVICE_ALLOW != 0 && !still_allowed(decided, pkt))
             .then_some(Reason::DropNotAllowed)
     } else {
         let slow = Slow {
@@ -179,16 +189,16 @@ pub fn balance_flow<H: Hook, P: FlowPacket>(ctx: &H, pkt: &P) -> Verdict {
             hash,
             now,
         };
-        match decide(ctx, &slow, &mut decided) {
+        match decide(ctx, &slow, decided) {
             Outcome::Forward => None,
             Outcome::Drop(reason) => Some(reason),
             Outcome::NotVip => return pkt.not_vip(ctx, now),
         }
     };
     if let Some(reason) = dropped {
-        return drop_traced(ctx, pkt, &decided, reason);
+        return drop_traced(ctx, pkt, decided, reason);
     }
-    send_placed(ctx, pkt, &decided, hash, now)
+    send_placed(ctx, pkt, decided, hash, now)
 }
 
 /// Drops a packet of a VIP flow before it got a backend. A subprogram of one call site, so
@@ -224,7 +234,7 @@ fn send_placed<H: Hook, P: FlowPacket>(
         flags: decided.flags,
         backend_id: decided.backend_id,
         backend,
-        snat: decided.snat,
+        snat: &decided.snat,
     };
     forward(ctx, pkt, decided, &target, hash, now)
 }
@@ -235,18 +245,6 @@ struct Slow<'a, P> {
     flow: &'a FlowKey,
     hash: u32,
     now: u64,
-}
-
-/// A flow's target as the flow cache or the slow path decided it (its backend is looked up
-/// by id afterwards).
-#[derive(Clone, Copy, Default)]
-pub struct Decided {
-    pub service_id: u32,
-    pub mode: u8,
-    pub flags: u8,
-    pub new_flow: bool,
-    pub backend_id: u32,
-    pub snat: Endpoint,
 }
 
 /// What the slow path found.
@@ -290,8 +288,8 @@ fn decide<H: Hook, P: FlowPacket>(ctx: &H, slow: &Slow<P>, out: &mut Decided) ->
     if pkt.has_ip_options() {
         return Outcome::Drop(Reason::DropIpOptions);
     }
-    // IPv6 is balanced in mode nat only (the config takes no other).
-    if P::FAMILY != FAMILY_V4 && svc.mode != MODE_NAT {
+    // IPv6 is balanced in modes nat and fullnat (the config takes no other).
+    if P::FAMILY != FAMILY_V4 && svc.mode == MODE_DSR {
         return Outcome::Drop(Reason::DropUnsupportedMode);
     }
 
@@ -304,21 +302,14 @@ fn decide<H: Hook, P: FlowPacket>(ctx: &H, slow: &Slow<P>, out: &mut Decided) ->
         }
         owned
     });
-    *out = Decided {
-        service_id: svc.id,
-        mode: svc.mode,
-        flags: svc.flags,
-        new_flow: known.is_none(),
-        backend_id: 0,
-        snat: Endpoint { addr: 0, port: 0 },
-    };
+    out.reset(svc.id, svc.mode, svc.flags, known.is_none());
     match known {
         Some(known) => {
             if known.promote {
                 conntrack::promote(flow, &known, svc, now, ifindex);
             }
             out.backend_id = known.backend_id;
-            out.snat = known.snat;
+            known.write_snat(&mut out.snat);
             // Only established flows are cached: new ones (a SYN flood, UDP one-shots)
             // would only push out the flows worth keeping, and their next packets must reach
             // the promotion.
@@ -338,20 +329,19 @@ fn decide<H: Hook, P: FlowPacket>(ctx: &H, slow: &Slow<P>, out: &mut Decided) ->
                 return Outcome::Drop(Reason::DropNoBackend);
             };
             if svc.mode == MODE_FULLNAT {
-                let Some(source) = ctx.source_towards(backend.addr[0], now) else {
+                // The route's source is the pool when the service names none.
+                if svc.snat.count == 0 && !ctx.source_towards(backend, now, &mut out.snat.addr) {
                     return Outcome::Drop(Reason::DropNoRoute);
-                };
+                }
                 let request = snat::Request {
                     key: flow,
                     hash,
                     svc,
                     backend,
-                    fib_source: source,
                 };
-                let Some((addr, port)) = snat::allocate(&request) else {
+                if !snat::allocate(&request, &mut out.snat) {
                     return Outcome::Drop(Reason::DropSnatExhausted);
-                };
-                out.snat = Endpoint { addr, port };
+                }
             }
             out.backend_id = backend_id;
             conntrack::insert_new(
@@ -359,7 +349,7 @@ fn decide<H: Hook, P: FlowPacket>(ctx: &H, slow: &Slow<P>, out: &mut Decided) ->
                 pkt,
                 svc,
                 (backend_id, backend),
-                out.snat,
+                &out.snat,
                 now,
                 ifindex,
             );

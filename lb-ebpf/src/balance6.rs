@@ -1,12 +1,13 @@
 //! IPv6 at the balancer: TCP and UDP to a v6 VIP go through the flow pipeline of
-//! balance.rs (mode nat); an echo request to a VIP address is answered, an error about a
+//! balance.rs (modes nat and fullnat); an echo request to a VIP address is answered, an error about a
 //! flow goes to its backend (icmp6.rs); the odd packets of a
 //! VIP address are dropped with a reason, as for IPv4, and everything else (neighbour
 //! discovery included) goes to the kernel.
 use lb_common::{Backend, FAMILY_V6, FlowKey, Reason, VIP_ADDR_ECHO, VipAddrKey, VipKey};
 
 use crate::{
-    balance::{Decided, FlowPacket, Hook, Target, Verdict, balance_flow},
+    balance::{FlowPacket, Hook, Target, Verdict, balance_flow},
+    decided::Decided,
     icmp6::{self, ICMPV6_ECHO_REQUEST},
     maps::{self, VIP_ADDRS},
     parse6::{Addr6, L4Packet6, Parsed6, parse6},
@@ -83,8 +84,11 @@ impl FlowPacket for L4Packet6 {
         ctx.send6(self, target, now)
     }
     #[inline(always)]
-    fn not_vip<H: Hook>(&self, _ctx: &H, _now: u64) -> Verdict {
-        Verdict::Pass(Reason::PassNotVip)
+    fn not_vip<H: Hook>(&self, ctx: &H, now: u64) -> Verdict {
+        match ctx.reverse6(self, now) {
+            Some(verdict) => verdict,
+            None => Verdict::Pass(Reason::PassNotVip),
+        }
     }
     #[inline(always)]
     fn trace_packet<H: Hook>(&self, ctx: &H, decided: &Decided, backend: &Backend, v: &Verdict) {

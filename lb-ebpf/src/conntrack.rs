@@ -21,8 +21,9 @@ use lb_common::{
 
 use crate::{
     maps::{self, CONNTRACK, CONNTRACK_NEW, REV_NAT, REV_NAT_NEW, SNAT_REV, SNAT_REV_NEW, Scratch},
-    nat::Endpoint,
+    nat::Snat,
     parse::Segment,
+    parse6::copy_addr,
     replies, snat,
     stats::{self, TableOp},
 };
@@ -60,8 +61,6 @@ pub struct Known {
     pub table: Table,
     pub backend_id: u32,
     pub backend: &'static Backend,
-    /// fullnat: the flow's SNAT address and port.
-    pub snat: Endpoint,
     /// This packet proves an embryonic flow two-way: it moves to the main table.
     pub promote: bool,
     flow: *mut Flow,
@@ -119,10 +118,6 @@ pub fn lookup<P: Segment>(
         table,
         backend_id: flow.backend_id.into(),
         backend,
-        snat: Endpoint {
-            addr: flow.snat[0],
-            port: flow.snat_port,
-        },
         promote,
         flow,
     })
@@ -158,6 +153,23 @@ fn insert<V>(map: &LruHashMap<FlowKey, V>, which: FlowTable, key: &FlowKey, valu
     }
 }
 
+impl Known {
+    /// fullnat: the flow's SNAT address and port, in its entry.
+    #[inline(always)]
+    fn snat(&self) -> (&[u32; 4], u16) {
+        let flow = unsafe { &*self.flow };
+        (&flow.snat, flow.snat_port)
+    }
+
+    /// Writes the flow's SNAT address and port into `out`.
+    #[inline(always)]
+    pub fn write_snat(&self, out: &mut Snat) {
+        let (addr, port) = self.snat();
+        copy_addr(&mut out.addr, addr);
+        out.port = port;
+    }
+}
+
 /// Records a new flow (or a re-hashed one) in the embryonic table, with the FIN or RST its
 /// first packet carries, and, in mode nat, its reply mapping; `ifindex` is where the flow
 /// came in. Without room the packet is still
@@ -168,7 +180,7 @@ pub fn insert_new<P: Segment>(
     pkt: &P,
     svc: &Service,
     (backend_id, backend): (u32, &Backend),
-    snat: Endpoint,
+    snat: &Snat,
     now: u64,
     ifindex: u32,
 ) {
@@ -177,7 +189,7 @@ pub fn insert_new<P: Segment>(
     s.flow.backend_id = backend_id as u16;
     s.flow.service_id = svc.id as u16;
     s.flow.last_seen_ns = now;
-    s.flow.snat = [snat.addr, 0, 0, 0];
+    copy_addr(&mut s.flow.snat, &snat.addr);
     s.flow.snat_port = snat.port;
     s.flow.state = closing_bits(pkt.fin(), pkt.rst(), FLOW_FIN_CLIENT);
     s.flow._pad = 0;
@@ -204,13 +216,8 @@ pub fn promote(key: &FlowKey, known: &Known, svc: &Service, now: u64, ifindex: u
     let backend = known.backend;
     let Some(s) = maps::scratch() else { return };
     if svc.mode == MODE_FULLNAT {
-        snat::reply_key(
-            &mut s.key,
-            backend,
-            key.proto,
-            known.snat.addr,
-            known.snat.port,
-        );
+        let (addr, port) = known.snat();
+        snat::reply_key(&mut s.key, backend, key.proto, addr, port);
         let Some(reservation) = (unsafe { SNAT_REV_NEW.get(&s.key) }) else {
             return;
         };
@@ -320,14 +327,14 @@ pub fn forward_of_reply(reply: &FlowKey, rev: &ReplyTo) -> FlowKey {
 /// Writes a nat flow's reply key and mapping into the scratch room.
 #[inline(always)]
 fn rev_nat_entry(s: &mut Scratch, key: &FlowKey, backend: &Backend, service_id: u32, ifindex: u32) {
-    s.key.src = backend.addr;
-    s.key.dst = key.src;
+    copy_addr(&mut s.key.src, &backend.addr);
+    copy_addr(&mut s.key.dst, &key.src);
     s.key.src_port = backend.port;
     s.key.dst_port = key.src_port;
     s.key.proto = key.proto;
     s.key.family = key.family;
     s.key._pad = 0;
-    s.rev_nat.vip = key.dst;
+    copy_addr(&mut s.rev_nat.vip, &key.dst);
     s.rev_nat.vip_port = key.dst_port;
     s.rev_nat.family = key.family;
     s.rev_nat._pad = 0;
@@ -364,13 +371,5 @@ pub fn still_owns_port(known: &Known, key: &FlowKey, now: u64, closing: bool) ->
         Table::Main => &SNAT_REV,
         Table::New => &SNAT_REV_NEW,
     };
-    snat::still_owned(
-        map,
-        key,
-        known.backend,
-        known.snat.addr,
-        known.snat.port,
-        now,
-        closing,
-    )
+    snat::still_owned(map, key, known.backend, known.snat(), now, closing)
 }

@@ -7,12 +7,12 @@
 use lb_common::{FlowKey, sizes::FLOW_CACHE_SLOTS, sizes::FLOW_REFRESH_NS};
 
 use crate::{
-    balance::Decided,
+    decided::Decided,
     maps::{self, FLOW_CACHE},
-    nat::Endpoint,
+    parse6::copy_addr,
 };
 
-/// One cache line.
+/// One slot: a cache line and a quarter (the SNAT address is 16 bytes for either family).
 #[repr(C)]
 pub struct CachedFlow {
     key: FlowKey,
@@ -20,7 +20,7 @@ pub struct CachedFlow {
     backend_id: u32,
     /// When the slow path last vouched for this flow.
     checked_ns: u64,
-    snat_addr: u32,
+    snat_addr: [u32; 4],
     snat_port: u16,
     mode: u8,
     flags: u8,
@@ -48,17 +48,13 @@ pub fn lookup(key: &FlowKey, hash: u32, now: u64, out: &mut Decided) -> bool {
     if !backend.is_alive() || backend.service_id != entry.service_id {
         return false;
     }
-    *out = Decided {
-        service_id: entry.service_id,
-        mode: entry.mode,
-        flags: entry.flags,
-        new_flow: false,
-        backend_id: entry.backend_id,
-        snat: Endpoint {
-            addr: entry.snat_addr,
-            port: entry.snat_port,
-        },
-    };
+    out.service_id = entry.service_id;
+    out.mode = entry.mode;
+    out.flags = entry.flags;
+    out.new_flow = false;
+    out.backend_id = entry.backend_id;
+    copy_addr(&mut out.snat.addr, &entry.snat_addr);
+    out.snat.port = entry.snat_port;
     true
 }
 
@@ -72,7 +68,7 @@ pub fn remember(key: &FlowKey, hash: u32, target: &Decided, now: u64) {
             (*entry).service_id = target.service_id;
             (*entry).backend_id = target.backend_id;
             (*entry).checked_ns = now;
-            (*entry).snat_addr = target.snat.addr;
+            copy_addr(&mut (*entry).snat_addr, &target.snat.addr);
             (*entry).snat_port = target.snat.port;
             (*entry).mode = target.mode;
             (*entry).flags = target.flags;

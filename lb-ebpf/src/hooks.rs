@@ -6,14 +6,14 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    Backend, FAMILY_V4, FlowKey, MODE_DSR, MODE_FULLNAT, MODE_NAT, Reason, SERVICE_GUE,
+    Backend, FAMILY_V6, FlowKey, MODE_DSR, MODE_FULLNAT, MODE_NAT, Reason, SERVICE_GUE, SnatRev,
 };
 
 use crate::{
     balance::{Hook, Target, Verdict},
     conntrack::{self, Table},
     encap, icmp, icmp_tc,
-    nat::{self, End, Endpoint},
+    nat::{self, End, Endpoint, Snat},
     parse::{ETH_HLEN, IcmpPacket, L4Packet},
     parse6::{Icmp6Packet, L4Packet6},
     route::{self, Decrement, Fallback},
@@ -27,8 +27,17 @@ impl Hook for XdpContext {
     }
 
     #[inline(always)]
-    fn source_towards(&self, daddr: u32, now: u64) -> Option<u32> {
-        route::lookup(self, daddr, 0, now).source()
+    fn source_towards(&self, backend: &Backend, now: u64, out: &mut [u32; 4]) -> bool {
+        if backend.family == FAMILY_V6 {
+            return route::source6(self, &backend.addr, out);
+        }
+        match route::lookup(self, backend.addr[0], 0, now).source() {
+            Some(source) => {
+                *out = [source, 0, 0, 0];
+                true
+            }
+            None => false,
+        }
     }
 
     #[inline(always)]
@@ -59,7 +68,16 @@ impl Hook for XdpContext {
 
     #[inline(always)]
     fn send6(&self, pkt: &L4Packet6, target: &Target, now: u64) -> Verdict {
-        send_nat6(self, pkt, target, now)
+        match target.mode {
+            MODE_NAT => send_nat6(self, pkt, target, now),
+            MODE_FULLNAT => send_fullnat6(self, pkt, target, now),
+            _ => Verdict::Drop(Reason::DropUnsupportedMode),
+        }
+    }
+
+    #[inline(always)]
+    fn reverse6(&self, pkt: &L4Packet6, now: u64) -> Option<Verdict> {
+        reverse_fullnat6(self, pkt, now)
     }
 
     /// To the backend's bridge, or the FIB's next hop, as the flow's packets go.
@@ -89,7 +107,7 @@ fn route_icmp6(ctx: &XdpContext, l3_off: usize, to: &[u32; 4]) -> Verdict {
 /// call, and its stack is not added to the balancer's slow path.
 struct Outgoing<'a> {
     pkt: &'a L4Packet,
-    target: &'a Target,
+    target: &'a Target<'a>,
     hash: u32,
     now: u64,
 }
@@ -138,10 +156,23 @@ fn send_nat6(ctx: &XdpContext, pkt: &L4Packet6, target: &Target, now: u64) -> Ve
 fn send_fullnat(ctx: &XdpContext, out: &Outgoing) -> Verdict {
     let (pkt, backend) = (out.pkt, out.backend());
     let hop = route::lookup(ctx, backend.addr, 0, out.now);
-    if nat::full_nat_v4(ctx, pkt, out.target.snat, backend).is_none() {
+    if nat::full_nat_v4(ctx, pkt, out.target.snat.v4(), backend).is_none() {
         return Verdict::Drop(Reason::DropMalformed);
     }
     let (action, reason) = route::transmit(ctx, &hop, pkt.l3_off, Decrement::Ttl, Fallback::Tc);
+    Verdict::Sent(action, reason)
+}
+
+/// SNAT66 and DNAT66 (the flow's LB source, the backend), sent by the FIB as v4 fullnat is.
+#[inline(never)]
+fn send_fullnat6(ctx: &XdpContext, pkt: &L4Packet6, target: &Target, now: u64) -> Verdict {
+    let backend = target.backend;
+    let hop = route::lookup6(ctx, &backend.addr, now);
+    if nat::full_nat_v6(ctx, pkt, target.snat, &backend.addr, backend.port).is_none() {
+        return Verdict::Drop(Reason::DropMalformed);
+    }
+    let (action, reason) =
+        route::transmit(ctx, &hop, pkt.l3_off, Decrement::HopLimit, Fallback::Tc);
     Verdict::Sent(action, reason)
 }
 
@@ -182,20 +213,7 @@ fn send_dsr(ctx: &XdpContext, out: &Outgoing) -> Verdict {
 /// A fullnat reply (backend -> SNAT address:port), translated back to VIP -> client.
 #[inline(never)]
 fn reverse_fullnat(ctx: &XdpContext, pkt: &L4Packet, now: u64) -> Option<Verdict> {
-    let (entry, embryonic) = snat::reservation(&pkt.flow_key())?;
-    let entry = unsafe { &mut *entry };
-    snat::touch(entry, now, pkt.closing, embryonic);
-    let table = if embryonic { Table::New } else { Table::Main };
-    let forward = FlowKey {
-        src: entry.client,
-        dst: entry.vip,
-        src_port: entry.client_port,
-        dst_port: entry.vip_port,
-        proto: pkt.proto,
-        family: FAMILY_V4,
-        _pad: 0,
-    };
-    conntrack::reply_seen(&forward, table, pkt.fin, pkt.rst);
+    let entry = reply_seen(&pkt.flow_key(), pkt.fin, pkt.rst, now)?;
     let vip = Endpoint {
         addr: entry.vip[0],
         port: entry.vip_port,
@@ -211,6 +229,47 @@ fn reverse_fullnat(ctx: &XdpContext, pkt: &L4Packet, now: u64) -> Option<Verdict
     stats::count(Reason::RevSnat);
     let (action, reason) = route::transmit(ctx, &hop, pkt.l3_off, Decrement::Ttl, Fallback::Tc);
     Some(Verdict::Sent(action, reason))
+}
+
+/// A fullnat reply over IPv6 (backend -> SNAT address:port), translated back to VIP ->
+/// client.
+#[inline(never)]
+fn reverse_fullnat6(ctx: &XdpContext, pkt: &L4Packet6, now: u64) -> Option<Verdict> {
+    let entry = reply_seen(&pkt.flow_key(), pkt.fin, pkt.rst, now)?;
+    let vip = Snat {
+        addr: entry.vip,
+        port: entry.vip_port,
+    };
+    let hop = route::lookup6(ctx, &entry.client, now);
+    if nat::full_nat_v6(ctx, pkt, &vip, &entry.client, entry.client_port).is_none() {
+        return Some(Verdict::Drop(Reason::DropMalformed));
+    }
+    stats::count(Reason::RevSnat);
+    let (action, reason) =
+        route::transmit(ctx, &hop, pkt.l3_off, Decrement::HopLimit, Fallback::Tc);
+    Some(Verdict::Sent(action, reason))
+}
+
+/// The fullnat reservation of a reply (`reply`: backend -> SNAT address:port), with the
+/// reply recorded on it and on its flow. A subprogram: the forward key stays off the
+/// reverse senders' frames.
+#[inline(never)]
+fn reply_seen(reply: &FlowKey, fin: bool, rst: bool, now: u64) -> Option<&'static SnatRev> {
+    let (entry, embryonic) = snat::reservation(reply)?;
+    let entry = unsafe { &mut *entry };
+    snat::touch(entry, now, fin || rst, embryonic);
+    let table = if embryonic { Table::New } else { Table::Main };
+    let forward = FlowKey {
+        src: entry.client,
+        dst: entry.vip,
+        src_port: entry.client_port,
+        dst_port: entry.vip_port,
+        proto: reply.proto,
+        family: reply.family,
+        _pad: 0,
+    };
+    conntrack::reply_seen(&forward, table, fin, rst);
+    Some(entry)
 }
 
 /// A packet for a local container: straight to its eth0 once the agent knows its host-side
@@ -234,8 +293,8 @@ impl Hook for TcContext {
         unsafe { (*self.skb.skb).ingress_ifindex }
     }
 
-    fn source_towards(&self, _daddr: u32, _now: u64) -> Option<u32> {
-        None
+    fn source_towards(&self, _backend: &Backend, _now: u64, _out: &mut [u32; 4]) -> bool {
+        false
     }
 
     #[inline(always)]
@@ -266,6 +325,10 @@ impl Hook for TcContext {
     }
 
     fn reverse(&self, _pkt: &L4Packet, _now: u64) -> Option<Verdict> {
+        None
+    }
+
+    fn reverse6(&self, _pkt: &L4Packet6, _now: u64) -> Option<Verdict> {
         None
     }
 

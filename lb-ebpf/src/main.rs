@@ -10,6 +10,7 @@ mod balance;
 mod balance6;
 mod conntrack;
 mod csum;
+mod decided;
 mod deliver;
 mod encap;
 mod flowcache;

@@ -22,6 +22,7 @@ pub struct Scratch {
 pub fn scratch() -> Option<&'static mut Scratch> {
     SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
+use crate::decided::Decided;
 use aya_ebpf::{
     macros::map,
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
@@ -141,6 +142,17 @@ pub static HOP_CACHE6: PerCpuArray<CachedHop6> =
 #[map(name = "XLB_SCRATCH")]
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per-CPU room for the balancer's decision about the packet in hand (`decided`).
+#[map(name = "XLB_DECIDED")]
+pub static DECIDED: PerCpuArray<Decided> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's room for the packet's decision: apart from `scratch`, which the flow tables'
+/// writes use meanwhile.
+#[inline(always)]
+pub fn decided() -> Option<&'static mut Decided> {
+    DECIDED.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
 /// Per-CPU room for bpf_fib_lookup's parameters, which would take 64 bytes of the 512-byte
 /// stack at every call site.
 #[map(name = "XLB_FIB_PARAMS")]
@@ -173,7 +185,7 @@ pub static REASONS: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);
 pub static TRACE_FILTER: Array<TraceFilter> = Array::pinned(1, 0);
 
 /// Records of traced packets, read by the agent while a trace runs.
-#[map(name = "XLB_TRACE_V2")]
+#[map(name = "XLB_TRACE_V3")]
 pub static TRACE: RingBuf = RingBuf::pinned(TRACE_RING_BYTES, 0);
 
 /// Per-CPU record budget of the current second (not pinned: a new program starts afresh).

@@ -22,11 +22,40 @@ fn store<T>(p: *mut T, v: T) {
     unsafe { core::ptr::write(p, v) }
 }
 
+/// Writes an IPv6 address into a header word by word (a whole-array store may become a
+/// library memmove, whose byte loop the verifier walks at every call site).
+#[inline(always)]
+fn store_addr6(p: *mut Addr6, addr: &Addr6) {
+    let words = p.cast::<u32>();
+    for (i, word) in addr.iter().enumerate() {
+        unsafe { core::ptr::write_volatile(words.add(i), *word) };
+    }
+}
+
 /// A new address and port for one end of a packet (network order).
 #[derive(Clone, Copy, Default)]
 pub struct Endpoint {
     pub addr: u32,
     pub port: u16,
+}
+
+/// A fullnat flow's source: the LB's address (IPv4 in the first word) and port, network
+/// order.
+#[derive(Clone, Copy, Default)]
+pub struct Snat {
+    pub addr: [u32; 4],
+    pub port: u16,
+}
+
+impl Snat {
+    /// The IPv4 endpoint of a v4 flow's source.
+    #[inline(always)]
+    pub fn v4(&self) -> Endpoint {
+        Endpoint {
+            addr: self.addr[0],
+            port: self.port,
+        }
+    }
 }
 
 /// DNAT in XDP: destination address and port become the backend's.
@@ -85,17 +114,49 @@ fn rewrite_v4(
 /// checksum; the L4 one covers both addresses through the pseudo-header.
 #[inline(always)]
 pub fn dnat_v6(ctx: &XdpContext, pkt: &L4Packet6, addr: &Addr6, port: u16) -> Option<()> {
+    rewrite_v6(ctx, pkt, None, addr, port)
+}
+
+/// fullnat over IPv6 in XDP: the source becomes `src` (an LB address and port, or the VIP on
+/// a reply) and the destination `addr`:`port`.
+#[inline(always)]
+pub fn full_nat_v6(
+    ctx: &XdpContext,
+    pkt: &L4Packet6,
+    src: &Snat,
+    addr: &Addr6,
+    port: u16,
+) -> Option<()> {
+    rewrite_v6(ctx, pkt, Some(src), addr, port)
+}
+
+#[inline(always)]
+fn rewrite_v6(
+    ctx: &XdpContext,
+    pkt: &L4Packet6,
+    src: Option<&Snat>,
+    addr: &Addr6,
+    port: u16,
+) -> Option<()> {
     let ip = ctx.ptr_at::<Ipv6Hdr>(pkt.l3_off)?;
     let check = ctx.ptr_at::<u16>(pkt.csum_off())?;
     let ports = ctx.ptr_at::<[u16; 2]>(pkt.l4_off)?;
-    store(unsafe { &raw mut (*ip).daddr }, *addr);
+    if let Some(src) = src {
+        store_addr6(unsafe { &raw mut (*ip).saddr }, &src.addr);
+        store(unsafe { &raw mut (*ports)[0] }, src.port);
+    }
+    store_addr6(unsafe { &raw mut (*ip).daddr }, addr);
     store(unsafe { &raw mut (*ports)[1] }, port);
-    let l4_check = load(check);
+    let mut l4_check = load(check);
     // UDP over v6 must carry a checksum; one that does not is left as it came.
     if pkt.proto == PROTO_UDP && l4_check == 0 {
         return Some(());
     }
-    let mut l4_check = csum::replace16(l4_check, &pkt.daddr, addr);
+    if let Some(src) = src {
+        l4_check = csum::replace16(l4_check, &pkt.saddr, &src.addr);
+        l4_check = csum::replace2(l4_check, pkt.sport, src.port);
+    }
+    l4_check = csum::replace16(l4_check, &pkt.daddr, addr);
     l4_check = csum::replace2(l4_check, pkt.dport, port);
     if pkt.proto == PROTO_UDP && l4_check == 0 {
         l4_check = 0xffff;

@@ -142,8 +142,6 @@ pub struct L4Packet {
     pub has_ip_options: bool,
     /// A TCP SYN without ACK: the first packet of a connection.
     pub syn: bool,
-    /// A TCP FIN or RST: the connection is ending.
-    pub closing: bool,
     pub fin: bool,
     pub rst: bool,
     pub saddr: u32,
@@ -303,7 +301,6 @@ pub fn parse<B: PacketBuf>(buf: &B) -> Parsed {
         tot_len: tot_len as u16,
         has_ip_options: ihl > size_of::<Ipv4Hdr>(),
         syn: l4.syn,
-        closing: l4.fin || l4.rst,
         fin: l4.fin,
         rst: l4.rst,
         saddr,

@@ -12,11 +12,14 @@
 use aya_ebpf::bindings::BPF_NOEXIST;
 use lb_common::{Backend, Flow, FlowKey, MODE_NAT, VipKey};
 
-use crate::maps::{self, CONNTRACK_NEW, REPLY_ENDPOINTS};
+use crate::{
+    maps::{self, CONNTRACK_NEW, REPLY_ENDPOINTS},
+    parse6::copy_addr,
+};
 
 #[inline(always)]
-fn endpoint_key(key: &mut VipKey, addr: [u32; 4], port: u16, proto: u8, family: u8) {
-    key.addr = addr;
+fn endpoint_key(key: &mut VipKey, addr: &[u32; 4], port: u16, proto: u8, family: u8) {
+    copy_addr(&mut key.addr, addr);
     key.port = port;
     key.proto = proto;
     key.family = family;
@@ -26,7 +29,7 @@ fn endpoint_key(key: &mut VipKey, addr: [u32; 4], port: u16, proto: u8, family: 
 /// (then the flow needs no reply mapping of its own). `key` is scratch room.
 #[inline(always)]
 pub fn claim(key: &mut VipKey, backend_id: u32, backend: &Backend, proto: u8) -> bool {
-    endpoint_key(key, backend.addr, backend.port, proto, backend.family);
+    endpoint_key(key, &backend.addr, backend.port, proto, backend.family);
     if let Some(id) = unsafe { REPLY_ENDPOINTS.get(&*key) } {
         return *id == backend_id;
     }
@@ -49,7 +52,7 @@ pub struct Embryonic {
 /// stands for one backend and that backend's service has such a flow to it.
 #[inline(always)]
 pub fn embryonic(reply: &FlowKey, key: &mut VipKey, forward: &mut FlowKey) -> Option<Embryonic> {
-    endpoint_key(key, reply.src, reply.src_port, reply.proto, reply.family);
+    endpoint_key(key, &reply.src, reply.src_port, reply.proto, reply.family);
     let backend_id = *unsafe { REPLY_ENDPOINTS.get(key) }?;
     let backend = maps::backend(backend_id)?;
     let svc = maps::service(backend.service_id)?;
@@ -60,8 +63,8 @@ pub fn embryonic(reply: &FlowKey, key: &mut VipKey, forward: &mut FlowKey) -> Op
     {
         return None;
     }
-    forward.src = reply.dst;
-    forward.dst = svc.vip.addr;
+    copy_addr(&mut forward.src, &reply.dst);
+    copy_addr(&mut forward.dst, &svc.vip.addr);
     forward.src_port = reply.dst_port;
     forward.dst_port = svc.vip.port;
     forward.proto = reply.proto;

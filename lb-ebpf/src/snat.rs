@@ -10,8 +10,7 @@ use aya_ebpf::{
     maps::LruHashMap,
 };
 use lb_common::{
-    Backend, FAMILY_V4, FlowKey, FlowTable, PROTO_UDP, SNAT_CLOSING, SNAT_REPLIED, Service,
-    SnatRev,
+    Backend, FlowKey, FlowTable, PROTO_UDP, SNAT_CLOSING, SNAT_REPLIED, Service, SnatRev,
     sizes::{
         FLOW_REFRESH_NS, SNAT_CLOSED_REUSE_NS, SNAT_PORT_TRIES, SNAT_TCP_IDLE_REUSE_NS,
         SNAT_UNANSWERED_REUSE_NS, UDP_IDLE_TIMEOUT_NS,
@@ -21,18 +20,21 @@ use lb_common::{
 use crate::{
     conntrack::EEXIST,
     maps::{self, SNAT_REV, SNAT_REV_NEW},
+    nat::Snat,
+    parse6::copy_addr,
     stats::{self, TableOp},
 };
 
-/// Writes the reply 5-tuple of a fullnat flow (backend -> SNAT address:port) into `out`.
+/// Writes the reply 5-tuple of a fullnat flow (backend -> SNAT address:port) into `out`;
+/// the backend's family is the flow's.
 #[inline(always)]
-pub fn reply_key(out: &mut FlowKey, backend: &Backend, proto: u8, snat: u32, snat_port: u16) {
-    out.src = backend.addr;
-    out.dst = [snat, 0, 0, 0];
+pub fn reply_key(out: &mut FlowKey, backend: &Backend, proto: u8, snat: &[u32; 4], port: u16) {
+    copy_addr(&mut out.src, &backend.addr);
+    copy_addr(&mut out.dst, snat);
     out.src_port = backend.port;
-    out.dst_port = snat_port;
+    out.dst_port = port;
     out.proto = proto;
-    out.family = FAMILY_V4;
+    out.family = backend.family;
     out._pad = 0;
 }
 
@@ -59,36 +61,36 @@ pub struct Request<'a> {
     pub hash: u32,
     pub svc: &'a Service,
     pub backend: &'a Backend,
-    /// The LB's own address towards the backend, used when the service names none.
-    pub fib_source: u32,
 }
 
 /// Reserves a SNAT address and port (network order) for a new flow from its service's
-/// pool. None: every port tried is in use.
+/// pool into `out`, whose address is the LB's own towards the backend when the service
+/// names none. False: every port tried is in use.
 ///
 /// A port is reserved in the embryonic table first, then checked against the main one (and
 /// a promotion inserts into the main table before it deletes the embryonic entry), so a
 /// port is never held by two flows, whichever CPUs race.
 #[inline(always)]
-pub fn allocate(request: &Request) -> Option<(u32, u16)> {
+pub fn allocate(request: &Request, out: &mut Snat) -> bool {
     let Request {
         key,
         hash,
         svc,
         backend,
-        fib_source,
     } = *request;
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let pool = &svc.snat;
     let (port_min, port_max) = (pool.port_min as u32, pool.port_max as u32);
     if port_max < port_min {
-        return None;
+        return false;
     }
     let span = port_max - port_min + 1;
     // Key and value are built in the scratch room, not on the stack.
-    let s = maps::scratch()?;
-    s.snat.client = key.src;
-    s.snat.vip = key.dst;
+    let Some(s) = maps::scratch() else {
+        return false;
+    };
+    copy_addr(&mut s.snat.client, &key.src);
+    copy_addr(&mut s.snat.vip, &key.dst);
     s.snat.client_port = key.src_port;
     s.snat.vip_port = key.dst_port;
     s.snat.service_id = svc.id;
@@ -99,27 +101,25 @@ pub fn allocate(request: &Request) -> Option<(u32, u16)> {
     let mut seed = hash;
     for _ in 0..SNAT_PORT_TRIES {
         seed = seed.wrapping_mul(0x9e37_79b1).wrapping_add(0x7f4a_7c15);
-        let addr = if pool.count == 0 {
-            fib_source
-        } else {
+        if pool.count != 0 {
             let index = ((seed >> 24) % pool.count) as usize;
             match pool.addrs.get(index) {
-                Some(addr) => addr[0],
+                Some(addr) => copy_addr(&mut out.addr, addr),
                 None => continue,
             }
-        };
-        let port = ((port_min + seed % span) as u16).to_be();
-        reply_key(&mut s.key, backend, key.proto, addr, port);
+        }
+        out.port = ((port_min + seed % span) as u16).to_be();
+        reply_key(&mut s.key, backend, key.proto, &out.addr, out.port);
         if !reserve_new(&s.key, &s.snat, key.proto, now) {
             continue;
         }
         match unsafe { SNAT_REV.get(&s.key) } {
-            None => return Some((addr, port)),
+            None => return true,
             Some(old) if reusable(old, key.proto, now, false) => {
                 if SNAT_REV.remove(&s.key).is_ok() {
                     stats::table(FlowTable::SnatRev, TableOp::Removed);
                 }
-                return Some((addr, port));
+                return true;
             }
             Some(_) => {
                 if SNAT_REV_NEW.remove(&s.key).is_ok() {
@@ -128,7 +128,7 @@ pub fn allocate(request: &Request) -> Option<(u32, u16)> {
             }
         }
     }
-    None
+    false
 }
 
 /// Takes the port in the embryonic table: free, or held by an embryonic flow that is over.
@@ -157,15 +157,14 @@ pub fn still_owned(
     map: &LruHashMap<FlowKey, SnatRev>,
     key: &FlowKey,
     backend: &Backend,
-    snat: u32,
-    snat_port: u16,
+    (snat, port): (&[u32; 4], u16),
     now: u64,
     closing: bool,
 ) -> bool {
     let Some(s) = maps::scratch() else {
         return false;
     };
-    reply_key(&mut s.key, backend, key.proto, snat, snat_port);
+    reply_key(&mut s.key, backend, key.proto, snat, port);
     let Some(entry) = map.get_ptr_mut(&s.key) else {
         return false;
     };

@@ -8,7 +8,8 @@ use lb_common::{
 };
 
 use crate::{
-    balance::{Decided, FlowPacket, Hook, Verdict},
+    balance::{FlowPacket, Hook, Verdict},
+    decided::Decided,
     maps::{TRACE, TRACE_BUDGET, TRACE_FILTER},
 };
 
@@ -124,7 +125,7 @@ fn record<P: FlowPacket>(
         (*r).snat_addr = decided.snat.addr;
         (*r).ifindex = ifindex;
         (*r).family = P::FAMILY;
-        (*r)._pad = [0; 7];
+        (*r)._pad = [0; 3];
     }
     entry.submit(0);
 }

@@ -36,7 +36,7 @@ pub const ALLOW: &str = "XLB_ALLOW_V2";
 pub const REPLY_ENDPOINTS: &str = "XLB_REPLY_ENDPOINTS_V1";
 /// `xlb trace` (trace.rs): the data path's filter and its ring buffer of records.
 pub const TRACE_FILTER: &str = "XLB_TRACE_FILTER_V2";
-pub const TRACE: &str = "XLB_TRACE_V2";
+pub const TRACE: &str = "XLB_TRACE_V3";
 
 /// Every map, in the order they are pinned.
 pub const ALL_MAPS: [&str; 20] = [

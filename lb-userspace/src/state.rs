@@ -234,7 +234,12 @@ impl ServiceSpec {
             port: svc.port,
             protocol: svc.protocol,
             mode: svc.mode,
-            snat: svc.snat.clone(),
+            snat: svc
+                .snat
+                .iter()
+                .filter(|a| a.is_ipv4() == vip.is_ipv4())
+                .copied()
+                .collect(),
             gue: svc.encap == Some(crate::config::Encap::Gue),
             hash: svc.hash,
             icmp_echo: svc.icmp_echo,

@@ -159,7 +159,7 @@ impl Line {
         let rewrite = match backend {
             None => "none".to_string(),
             Some(to) if r.mode == MODE_FULLNAT => {
-                let snat = sock(r.family, [r.snat_addr, 0, 0, 0], r.snat_port);
+                let snat = sock(r.family, r.snat_addr, r.snat_port);
                 format!("{snat} -> {to}")
             }
             Some(to) if r.mode == MODE_DSR => format!("{client} -> {vip} in IPIP/GUE to {to}"),

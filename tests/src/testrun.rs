@@ -312,6 +312,14 @@ impl LoadedDatapath {
         run(input, loader::XDP_PROGRAM, |opts| prog.test_run(opts))
     }
 
+    /// `xdp`, the frame without the delivery metadata XDP puts in front of a packet it hands
+    /// to TC (BPF_PROG_TEST_RUN returns the metadata too).
+    pub fn xdp_unmarked(&self, input: &[u8]) -> RunResult {
+        let mut out = self.xdp(input);
+        out.data = strip_delivery_meta(out.data);
+        out
+    }
+
     /// Runs `input` through the XDP program once: its verdict, and the run's time as the
     /// kernel measured it (one clock read included).
     pub fn xdp_timed(&self, input: &[u8]) -> (u32, std::time::Duration) {
@@ -892,4 +900,13 @@ pub fn put_be16(frame: &mut [u8], off: usize, v: u16) {
 /// Reads an IPv4 address at `off`.
 pub fn ipv4_at(frame: &[u8], off: usize) -> Ipv4Addr {
     Ipv4Addr::new(frame[off], frame[off + 1], frame[off + 2], frame[off + 3])
+}
+
+/// `data` without the delivery metadata XDP puts in front of a packet it hands to TC.
+pub fn strip_delivery_meta(mut data: Vec<u8>) -> Vec<u8> {
+    let meta = size_of::<lb_common::DeliverMeta>();
+    if data.len() > meta && data[..4] == lb_common::DELIVER_MAGIC.to_ne_bytes() {
+        data.drain(..meta);
+    }
+    data
 }

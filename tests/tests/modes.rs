@@ -5,7 +5,7 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use aya::{EbpfLoader, maps::PerCpuArray, programs::Xdp};
-use lb_common::{DELIVER_MAGIC, DecapCounter, DeliverMeta, GUE_PORT, Reason};
+use lb_common::{DecapCounter, GUE_PORT, Reason};
 use xlb_tests::testrun::*;
 
 #[path = "support/checksums.rs"]
@@ -32,15 +32,8 @@ fn service(name: &str, port: u16, extra: &str, backend_port: u16) -> String {
     s
 }
 
-/// Runs `input` through XDP; the frame comes back without the delivery metadata XDP puts in
-/// front of a packet it hands to TC (BPF_PROG_TEST_RUN returns the metadata too).
 fn xdp(dp: &LoadedDatapath, input: &[u8]) -> RunResult {
-    let mut out = dp.xdp(input);
-    let meta = size_of::<DeliverMeta>();
-    if out.data.len() > meta && out.data[..4] == DELIVER_MAGIC.to_ne_bytes() {
-        out.data.drain(..meta);
-    }
-    out
+    dp.xdp_unmarked(input)
 }
 
 /// (source, destination) of the TCP/UDP packet with its IPv4 header at `l3`.

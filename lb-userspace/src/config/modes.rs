@@ -20,13 +20,22 @@ pub(super) fn problems(svc: &ServiceConfig, xdp_mode: XdpMode) -> Vec<(String, S
     if !svc.snat.is_empty() && svc.mode != Mode::Fullnat {
         out.push(("snat".into(), "only mode \"fullnat\" uses snat".into()));
     }
-    if svc.snat.len() > MAX_SNAT_ADDRS {
-        out.push(("snat".into(), format!("at most {MAX_SNAT_ADDRS} addresses")));
+    // Each VIP's half takes the addresses of its family.
+    for v4 in [true, false] {
+        if svc.snat.iter().filter(|a| a.is_ipv4() == v4).count() > MAX_SNAT_ADDRS {
+            out.push((
+                "snat".into(),
+                format!("at most {MAX_SNAT_ADDRS} addresses of each IP family"),
+            ));
+        }
     }
     if let Some(bad) = svc.snat.iter().find(|a| !usable_unicast(a)) {
+        out.push(("snat".into(), format!("{bad} is not a unicast IP address")));
+    }
+    if let Some(bad) = svc.snat.iter().find(|a| svc.vip.of_family(**a).is_none()) {
         out.push((
             "snat".into(),
-            format!("{bad} is not a unicast IPv4 address"),
+            format!("{bad} is not of the VIP's IP family: no flow could use it"),
         ));
     }
     if svc.encap.is_some() && svc.mode != Mode::Dsr {
@@ -64,6 +73,12 @@ fn usable_unicast(addr: &IpAddr) -> bool {
         IpAddr::V4(v4) => {
             !(v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() || v4.is_loopback())
         }
-        IpAddr::V6(_) => false,
+        // A link-local source would not leave the link towards the backend.
+        IpAddr::V6(v6) => {
+            !(v6.is_unspecified()
+                || v6.is_multicast()
+                || v6.is_loopback()
+                || v6.is_unicast_link_local())
+        }
     }
 }

@@ -379,7 +379,7 @@ fn hash_is_flow_by_default_and_source_on_request() {
 }
 
 #[test]
-fn ipv6_services_take_mode_nat_and_backends_of_their_family() {
+fn ipv6_services_take_modes_nat_and_fullnat_and_backends_of_their_family() {
     let v6 = MINIMAL.replace("10.99.100.1", "fd99:100::1");
     let ok = format!("{v6}  [[service.backend]]\n  address = \"fd99:2::11\"\n  port = 8080\n");
     assert!(parse(&ok).is_ok(), "{:?}", parse(&ok).err());
@@ -395,9 +395,29 @@ fn ipv6_services_take_mode_nat_and_backends_of_their_family() {
     assert_eq!(
         errors(&dsr),
         [
-            "xlb.toml:9: service[0].mode: dsr over IPv6 is not built yet: an IPv6 VIP takes mode \"nat\""
+            "xlb.toml:9: service[0].mode: dsr over IPv6 is not built yet: an IPv6 VIP takes mode \"nat\" or \"fullnat\""
         ]
     );
+    let fullnat = v6.replace(
+        "port = 80\n",
+        "port = 80\nmode = \"fullnat\"\nsnat = [\"fd99:3::1\"]\n",
+    );
+    assert!(parse(&fullnat).is_ok(), "{:?}", parse(&fullnat).err());
+    for (snat, why) in [
+        (
+            "10.99.3.1",
+            "10.99.3.1 is not of the VIP's IP family: no flow could use it",
+        ),
+        ("fe80::1", "fe80::1 is not a unicast IP address"),
+        ("ff02::1", "ff02::1 is not a unicast IP address"),
+    ] {
+        let text = fullnat.replace("fd99:3::1", snat);
+        assert_eq!(
+            errors(&text),
+            [format!("xlb.toml:10: service[0].snat: {why}")],
+            "{snat}"
+        );
+    }
     let allow = v6.replace("port = 80\n", "port = 80\nallow = [\"10.0.0.0/8\"]\n");
     assert_eq!(
         errors(&allow),
@@ -468,6 +488,21 @@ fn a_dual_stack_service_is_two_in_the_data_path_each_with_the_backends_of_its_fa
     // The v6 half has the limits of a v6 service.
     let dsr = dual.replace("port = 80\n", "port = 80\nmode = \"dsr\"\n");
     assert!(errors(&dsr)[0].contains("dsr over IPv6 is not built yet"));
+    // Each half's SNAT pool holds the addresses of its family.
+    let fullnat = with_backends.replace(
+        "port = 80\n",
+        "port = 80\nmode = \"fullnat\"\nsnat = [\"fd99:3::1\", \"10.99.3.1\", \"fd99:3::2\"]\n",
+    );
+    let desired = crate::state::DesiredState::from_config(&parse(&fullnat).unwrap());
+    let pool = |name: &str| -> Vec<String> {
+        desired.services[name]
+            .snat
+            .iter()
+            .map(|a| a.to_string())
+            .collect()
+    };
+    assert_eq!(pool("web"), ["10.99.3.1"]);
+    assert_eq!(pool("web.v6"), ["fd99:3::1", "fd99:3::2"]);
     // Each VIP takes the allow ranges of its family, and must get some.
     let allow = dual.replace("port = 80\n", "port = 80\nallow = [\"10.0.0.0/8\"]\n");
     assert_eq!(

@@ -134,13 +134,11 @@ impl Config {
                     ));
                 }
             }
-            if svc.vip.has_v6() && svc.mode != Mode::Nat {
+            if svc.vip.has_v6() && svc.mode == Mode::Dsr {
                 out.push((
                     at("mode"),
-                    format!(
-                        "{} over IPv6 is not built yet: an IPv6 VIP takes mode \"nat\"",
-                        svc.mode.name()
-                    ),
+                    "dsr over IPv6 is not built yet: an IPv6 VIP takes mode \"nat\" or \"fullnat\""
+                        .into(),
                 ));
             }
             if svc.port == 0 {

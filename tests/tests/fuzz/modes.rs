@@ -13,7 +13,7 @@
 //!   "Verdicts"); TC egress moves event counters only.
 use std::net::SocketAddrV4;
 
-use lb_common::{DELIVER_MAGIC, DeliverMeta, GUE_PORT, PROTO_TCP, PROTO_UDP, Reason};
+use lb_common::{GUE_PORT, PROTO_TCP, PROTO_UDP, Reason};
 use xlb_tests::testrun::*;
 
 use super::{
@@ -95,15 +95,6 @@ enum Done {
     Rewritten,
     Encapsulated,
     Icmp,
-}
-
-/// The frame without the delivery metadata XDP puts in front of a packet it hands to TC.
-fn strip_meta(mut data: Vec<u8>) -> Vec<u8> {
-    let meta = size_of::<DeliverMeta>();
-    if data.len() > meta && data[..4] == DELIVER_MAGIC.to_ne_bytes() {
-        data.drain(..meta);
-    }
-    data
 }
 
 /// Each checksum of `out` as right as in `input` (exactly the from-scratch value), or off by
@@ -309,7 +300,7 @@ fn check(
             &format!("returned {action:#x}, not one of {ok:x?}"),
         );
     }
-    let out = strip_meta(out);
+    let out = strip_delivery_meta(out);
     judge(&frame.bytes, &out).unwrap_or_else(|e| run.fail(what, index, frame, Some(&out), &e))
 }
 
@@ -343,7 +334,7 @@ fn every_mode_and_tc_program_survives_random_and_mutated_frames() {
             r.data.clone(),
         );
         xdp.add(done);
-        let out = strip_meta(r.data);
+        let out = strip_delivery_meta(r.data);
         if done == Done::Rewritten
             && replies.len() < 4096
             && let Parsed::Ok(h) = parse(&out)

@@ -1,0 +1,171 @@
+//! Mode fullnat over IPv6 under BPF_PROG_TEST_RUN: SNAT66 to the FIB's source or the
+//! service's pool, DNAT66 to the backend, and replies translated back to VIP -> client, the
+//! checksums checked by etherparse. In a namespace where the FIB answers (support/routed.rs).
+use std::net::{Ipv6Addr, SocketAddrV6};
+
+use lb_common::{PROTO_TCP, PROTO_UDP, Reason};
+use xlb_tests::testrun::*;
+
+#[path = "support/checksums.rs"]
+#[allow(dead_code)] // the v4 checks
+mod checksums;
+#[path = "support/frame6.rs"]
+#[allow(dead_code)] // each test file uses some
+mod frame6;
+#[path = "support/routed.rs"]
+mod routed;
+use frame6::{CLIENT6, Frame6, VIP6, ipv6_at};
+use routed::{HOSTS6, LB_BACK6, routed_namespace};
+
+const L3: usize = 14;
+const SADDR: usize = 8;
+const DADDR: usize = 24;
+const HOP_LIMIT: usize = 7;
+
+/// A fullnat service on [VIP6]:`port` to port 8080 of the three v6 hosts.
+fn service(port: u16, protocol: &str, extra: &str) -> String {
+    let mut s = format!(
+        "[[service]]\nname = \"web6\"\nvip = \"{VIP6}\"\nport = {port}\nprotocol = \"{protocol}\"\n\
+         mode = \"fullnat\"\n{extra}\n[service.health]\ntype = \"none\"\n"
+    );
+    for host in HOSTS6 {
+        s += &format!("[[service.backend]]\naddress = \"{host}\"\nport = 8080\n");
+    }
+    s
+}
+
+/// (source, destination) of the TCP/UDP packet of `frame` (no extension headers).
+fn endpoints(frame: &[u8]) -> (SocketAddrV6, SocketAddrV6) {
+    let l4 = L3 + 40;
+    let at = |addr, port| SocketAddrV6::new(ipv6_at(frame, addr), be16(frame, port), 0, 0);
+    (at(L3 + SADDR, l4), at(L3 + DADDR, l4 + 2))
+}
+
+/// The frame `from` -> `to` of `proto` (TCP with `flags`), with a valid checksum.
+fn frame(proto: u8, from: SocketAddrV6, to: SocketAddrV6, flags: u8) -> Frame6 {
+    let base = if proto == PROTO_TCP {
+        Frame6::tcp(*to.ip()).with_tcp_flags(flags)
+    } else {
+        Frame6::udp(*to.ip())
+    };
+    let mut f = base.between(*from.ip(), from.port(), to.port());
+    f.dst = *to.ip();
+    f.checksummed()
+}
+
+/// Sends a client packet and its backend's reply through fullnat; checks both rewrites and
+/// returns the source the backend saw.
+fn round_trip(dp: &LoadedDatapath, proto: u8, port: u16, what: &str) -> SocketAddrV6 {
+    let client = SocketAddrV6::new(CLIENT6, 40000, 0, 0);
+    let vip = SocketAddrV6::new(VIP6, port, 0, 0);
+    let first = if proto == PROTO_TCP { TCP_SYN } else { 0 };
+    let input = frame(proto, client, vip, first).build();
+    let before = dp.reasons();
+    let out = dp.xdp_unmarked(&input);
+    // The neighbour is known but the device is no front NIC: TC sends it.
+    assert_eq!(
+        out.action,
+        XDP_PASS,
+        "{what}: {}",
+        xdp_action_name(out.action)
+    );
+    dp.reasons()
+        .assert_moved(&before, &[(Reason::HandedToTc, 1)], what);
+    checksums::verify_checksums6(&out.data, L3, L3 + 40, proto, what);
+    let (snat, backend) = endpoints(&out.data);
+    assert!(HOSTS6.contains(backend.ip()), "{what}: to {backend}");
+    assert_eq!(backend.port(), 8080, "{what}");
+    assert_eq!(
+        out.data[L3 + HOP_LIMIT],
+        input[L3 + HOP_LIMIT] - 1,
+        "{what}: hop limit"
+    );
+
+    // The flow's next packet keeps its source port.
+    let next = frame(proto, client, vip, TCP_ACK).build();
+    let again = dp.xdp_unmarked(&next);
+    assert_eq!(
+        endpoints(&again.data),
+        (snat, backend),
+        "{what}: next packet"
+    );
+
+    let reply = frame(proto, backend, snat, TCP_SYN | TCP_ACK).build();
+    let before = dp.reasons();
+    let back = dp.xdp_unmarked(&reply);
+    dp.reasons().assert_moved(
+        &before,
+        &[(Reason::RevSnat, 1), (Reason::HandedToTc, 1)],
+        &format!("{what}: reply"),
+    );
+    checksums::verify_checksums6(&back.data, L3, L3 + 40, proto, what);
+    assert_eq!(endpoints(&back.data), (vip, client), "{what}: reply");
+    snat
+}
+
+#[test]
+fn fullnat_over_v6_rewrites_both_ends_and_translates_replies_back() {
+    let _ns = routed_namespace();
+    let dp = LoadedDatapath::new(&format!(
+        "{}{}",
+        service(81, "tcp", ""),
+        service(53, "udp", "").replace("\"web6\"", "\"dns6\"")
+    ));
+    for (proto, port, what) in [(PROTO_TCP, 81, "TCP"), (PROTO_UDP, 53, "UDP")] {
+        let snat = round_trip(&dp, proto, port, what);
+        assert_eq!(
+            *snat.ip(),
+            LB_BACK6,
+            "{what}: SNAT to the FIB's source address"
+        );
+        assert!((1024..=32767).contains(&snat.port()), "{what}: port {snat}");
+    }
+    // One reservation per flow, keyed by the v6 reply.
+    let reservations = dp.datapath().snat_rev().expect("snat map");
+    assert_eq!(reservations.len(), 2, "{reservations:?}");
+    assert!(
+        reservations
+            .iter()
+            .all(|(k, _)| k.family == lb_common::FAMILY_V6)
+    );
+}
+
+#[test]
+fn fullnat_over_v6_takes_the_services_pool_and_distinct_ports() {
+    let _ns = routed_namespace();
+    let pool: Ipv6Addr = "fd99:4::100".parse().unwrap();
+    let dp = LoadedDatapath::new(&service(81, "tcp", &format!("snat = [\"{pool}\"]")));
+    let snat = round_trip(&dp, PROTO_TCP, 81, "pool");
+    assert_eq!(*snat.ip(), pool);
+    assert!(snat.port() >= 1024, "{snat}");
+    // Concurrent flows from many client ports: no two share a (source port, backend).
+    let mut seen = std::collections::BTreeSet::new();
+    for sport in 0..200u16 {
+        let client = SocketAddrV6::new(CLIENT6, 20000 + sport, 0, 0);
+        let syn = frame(
+            PROTO_TCP,
+            client,
+            SocketAddrV6::new(VIP6, 81, 0, 0),
+            TCP_SYN,
+        );
+        let out = dp.xdp_unmarked(&syn.build());
+        let (src, backend) = endpoints(&out.data);
+        assert_eq!(*src.ip(), pool);
+        assert!(
+            seen.insert((src.port(), backend)),
+            "{src} -> {backend} twice"
+        );
+    }
+    // A packet from a backend to a port no flow holds is not ours.
+    let stray = frame(
+        PROTO_TCP,
+        SocketAddrV6::new(HOSTS6[0], 8080, 0, 0),
+        SocketAddrV6::new(pool, 1, 0, 0),
+        TCP_ACK,
+    );
+    let before = dp.reasons();
+    let out = dp.xdp(&stray.build());
+    assert_eq!(out.action, XDP_PASS);
+    dp.reasons()
+        .assert_moved(&before, &[(Reason::PassNotVip, 1)], "stray reply");
+}
