@@ -158,7 +158,10 @@ pub fn explain(datapath: &Datapath, status: &Status, q: &Query) -> Result<Explan
         let b = datapath.backend(id)?;
         let shown = view.and_then(|s| s.backends.iter().find(|b| b.id == id));
         Some(BackendInfo {
-            address: shown.map_or_else(|| endpoint_text(&b.addr, b.port), |s| s.address.clone()),
+            address: shown.map_or_else(
+                || endpoint_text(b.family, &b.addr, b.port),
+                |s| s.address.clone(),
+            ),
             id,
             state: shown.map_or_else(|| "unknown".into(), |s| s.state.clone()),
             weight: shown.map_or(0, |s| s.weight),
@@ -198,7 +201,7 @@ pub fn explain(datapath: &Datapath, status: &Status, q: &Query) -> Result<Explan
                 if svc.mode == MODE_FULLNAT {
                     out.notes.push(format!(
                         "fullnat: the flow keeps SNAT {} while it owns that port",
-                        endpoint_text(&flow.snat, flow.snat_port)
+                        endpoint_text(family, &flow.snat, flow.snat_port)
                     ));
                 }
                 return Ok(out);

@@ -6,8 +6,8 @@ use std::{collections::HashMap, net::IpAddr};
 
 use anyhow::Result;
 use lb_common::{
-    FAMILY_V4, FLOW_FIN_CLIENT, FLOW_FIN_SERVER, FLOW_REPLIED, FLOW_RST, MODE_DSR, MODE_FULLNAT,
-    MODE_NAT, PROTO_TCP, PROTO_UDP, words_addr,
+    FLOW_FIN_CLIENT, FLOW_FIN_SERVER, FLOW_REPLIED, FLOW_RST, MODE_DSR, MODE_FULLNAT, MODE_NAT,
+    PROTO_TCP, PROTO_UDP, words_addr,
 };
 use serde::{Deserialize, Serialize};
 
@@ -72,9 +72,10 @@ pub fn list(datapath: &Datapath, status: &Status, filter: &Filter) -> Result<Flo
             .entry(service_id)
             .or_insert_with(|| service_name(datapath, status, service_id));
         let backend = backends.entry(backend_id).or_insert_with(|| {
-            datapath
-                .backend(backend_id)
-                .map_or_else(|| "gone".into(), |b| endpoint_text(&b.addr, b.port))
+            datapath.backend(backend_id).map_or_else(
+                || "gone".into(),
+                |b| endpoint_text(b.family, &b.addr, b.port),
+            )
         });
         if filter
             .service
@@ -85,8 +86,8 @@ pub fn list(datapath: &Datapath, status: &Status, filter: &Filter) -> Result<Flo
             continue;
         }
         flows.push(FlowInfo {
-            client: endpoint_text(&key.src, key.src_port),
-            vip: endpoint_text(&key.dst, key.dst_port),
+            client: endpoint_text(key.family, &key.src, key.src_port),
+            vip: endpoint_text(key.family, &key.dst, key.dst_port),
             protocol: proto_name(key.proto).into(),
             service: service.clone(),
             backend: backend.clone(),
@@ -95,7 +96,8 @@ pub fn list(datapath: &Datapath, status: &Status, filter: &Filter) -> Result<Flo
             idle_ms: now.saturating_sub(flow.last_seen_ns) / 1_000_000,
             age_s: age_s(flow),
             state: state_text(key.proto, *established, flow.state),
-            snat: (flow.snat_port != 0).then(|| endpoint_text(&flow.snat, flow.snat_port)),
+            snat: (flow.snat_port != 0)
+                .then(|| endpoint_text(key.family, &flow.snat, flow.snat_port)),
         });
     }
     let matching = flows.len();
@@ -153,12 +155,7 @@ fn proto_name(proto: u8) -> &'static str {
 
 /// "ADDR:PORT" ("[ADDR]:PORT" for IPv6) of an IPv4 address word (or words) and a port in
 /// network order.
-pub fn endpoint_text(words: &[u32; 4], port_be: u16) -> String {
-    let family = if words[1..] == [0, 0, 0] {
-        FAMILY_V4
-    } else {
-        lb_common::FAMILY_V6
-    };
+pub fn endpoint_text(family: u8, words: &[u32; 4], port_be: u16) -> String {
     match words_addr(family, *words) {
         IpAddr::V4(a) => format!("{a}:{}", u16::from_be(port_be)),
         IpAddr::V6(a) => format!("[{a}]:{}", u16::from_be(port_be)),
@@ -250,8 +247,14 @@ mod tests {
     fn endpoints_are_written_in_host_order() {
         let addr = u32::from_ne_bytes([10, 99, 1, 2]);
         assert_eq!(
-            endpoint_text(&[addr, 0, 0, 0], 40000u16.to_be()),
+            endpoint_text(lb_common::FAMILY_V4, &[addr, 0, 0, 0], 40000u16.to_be()),
             "10.99.1.2:40000"
+        );
+        // A v6 address whose last 96 bits are zero stays v6.
+        let v6 = lb_common::addr_words("fd99:4::".parse().unwrap()).1;
+        assert_eq!(
+            endpoint_text(lb_common::FAMILY_V6, &v6, 40000u16.to_be()),
+            "[fd99:4::]:40000"
         );
     }
 }

@@ -7,7 +7,9 @@
 //!                           +-- br0 10.99.4.1 --- hostN ns "eth0" (10.99.4.(10+N))
 //! ```
 //! Hosts route everything via the router, so replies reach the client directly (dsr) or
-//! the LB only when addressed to it (fullnat). Links behind the router carry 1600-byte
+//! the LB only when addressed to it (fullnat). `Remote::dual_stack` adds IPv6 on every link:
+//! fd99:1::/64 to the client, fd99:(4+N)::/64 to lbN, fd99:4::/64 for the hosts
+//! (fd99:4::(10+N)), VIP6 via the LB nodes. Links behind the router carry 1600-byte
 //! frames, room for the dsr encapsulation of a full 1500-byte client packet.
 use std::path::PathBuf;
 
@@ -15,7 +17,7 @@ use crate::{
     agent::Agent,
     netns::{Netns, unique_prefix},
     process::{Proc, binary},
-    topology::{FRONT, VIP, start_test_backend, wire_client},
+    topology::{CLIENT_ADDR6, FRONT, FRONT_ADDR6, VIP, VIP6, start_test_backend, wire_client},
 };
 
 /// MTU behind the router: 1500 + the largest encapsulation (GUE, 28 bytes), rounded up.
@@ -31,6 +33,8 @@ pub struct Host {
     pub name: String,
     pub ns: Netns,
     pub addr: String,
+    /// In a dual-stack `Remote`.
+    pub addr6: Option<String>,
     pub proc: Option<Proc>,
     pub log: PathBuf,
 }
@@ -38,6 +42,8 @@ pub struct Host {
 pub struct LbNode {
     pub ns: Netns,
     pub addr: String,
+    /// In a dual-stack `Remote`.
+    pub addr6: Option<String>,
     /// The router's interface towards this node.
     pub router_if: String,
     pub dir: PathBuf,
@@ -61,6 +67,8 @@ pub struct Remote {
     pub birds: Vec<Proc>,
     /// Pass-through XDP on the router's LB-facing veths (see `xdp_pass`).
     router_xdp: Option<aya::Ebpf>,
+    /// IPv6 on every link too, and servers listening on both families.
+    pub dual_stack: bool,
     // Processes end before namespaces go: fields drop in this order.
     pub hosts: Vec<Host>,
     pub lbs: Vec<LbNode>,
@@ -75,6 +83,33 @@ impl Remote {
         let remote = Remote::unrouted(lbs, hosts);
         remote.route_vip();
         remote
+    }
+
+    /// `new` with IPv6 beside IPv4 on every link (addresses without duplicate address
+    /// detection, so they work at once), VIP6 routed over the LB nodes as VIP is.
+    pub fn dual_stack(lbs: usize, hosts: usize) -> Remote {
+        let remote = Remote::build(lbs, hosts, true);
+        remote.route_vip();
+        remote.route_vip6();
+        remote
+    }
+
+    /// The router's route for VIP6 over every LB node (ECMP when there are several).
+    pub fn route_vip6(&self) {
+        let mut args = vec!["-6", "route", "replace", VIP6];
+        let hops: Vec<&str> = self
+            .lbs
+            .iter()
+            .filter_map(|lb| lb.addr6.as_deref())
+            .collect();
+        if hops.len() == 1 {
+            args.extend(["via", hops[0]]);
+        } else {
+            for hop in &hops {
+                args.extend(["nexthop", "via", hop]);
+            }
+        }
+        self.router.ip(&args);
     }
 
     /// Like `new`, but the VIP route comes from BGP: BIRD on the router (AS 65000, ECMP over
@@ -129,6 +164,10 @@ impl Remote {
     }
 
     fn unrouted(lbs: usize, hosts: usize) -> Remote {
+        Remote::build(lbs, hosts, false)
+    }
+
+    fn build(lbs: usize, hosts: usize, dual_stack: bool) -> Remote {
         let prefix = unique_prefix();
         let dir = std::env::temp_dir().join(format!("xlb-test-{prefix}"));
         std::fs::create_dir_all(&dir).expect("scratch dir");
@@ -145,11 +184,20 @@ impl Remote {
         router.ip(&["link", "add", "br0", "mtu", INNER_MTU, "type", "bridge"]);
         router.ip(&["addr", "add", "10.99.4.1/24", "dev", "br0"]);
         router.ip(&["link", "set", "br0", "up"]);
+        if dual_stack {
+            add6(&client, &format!("{CLIENT_ADDR6}/64"), "eth0");
+            client.ip(&["-6", "route", "add", "default", "via", FRONT_ADDR6]);
+            add6(&router, &format!("{FRONT_ADDR6}/64"), FRONT);
+            add6(&router, "fd99:4::1/64", "br0");
+            router.sysctl("net.ipv6.conf.all.forwarding", "1");
+            router.sysctl("net.ipv6.fib_multipath_hash_policy", "1");
+        }
         let mut remote = Remote {
             prefix,
             dir,
             birds: Vec::new(),
             router_xdp: None,
+            dual_stack,
             hosts: Vec::new(),
             lbs: Vec::new(),
             client,
@@ -183,11 +231,20 @@ impl Remote {
         ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", FRONT]);
         ns.ip(&["route", "add", "default", "via", &gateway]);
         ns.sysctl("net.ipv4.ip_forward", "1");
+        let addr6 = self.dual_stack.then(|| {
+            let (addr6, gateway6) = (format!("fd99:{}::2", 4 + n), format!("fd99:{}::1", 4 + n));
+            add6(&self.router, &format!("{gateway6}/64"), &router_if);
+            add6(&ns, &format!("{addr6}/64"), FRONT);
+            ns.ip(&["-6", "route", "add", "default", "via", &gateway6]);
+            ns.sysctl("net.ipv6.conf.all.forwarding", "1");
+            addr6
+        });
         let dir = self.dir.join(format!("lb{n}"));
         std::fs::create_dir_all(&dir).expect("lb dir");
         self.lbs.push(LbNode {
             ns,
             addr,
+            addr6,
             router_if,
             dir,
             prefix,
@@ -238,16 +295,23 @@ impl Remote {
         let addr = format!("10.99.4.{}", 10 + n);
         ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
         ns.ip(&["route", "add", "default", "via", "10.99.4.1"]);
+        let addr6 = self.dual_stack.then(|| {
+            let addr6 = format!("fd99:4::{}", 10 + n);
+            add6(&ns, &format!("{addr6}/64"), "eth0");
+            ns.ip(&["-6", "route", "add", "default", "via", "fd99:4::1"]);
+            addr6
+        });
         ns.no_tx_offload("eth0");
         let log = self.dir.join(format!("{name}.log"));
         let mut host = Host {
             name,
             ns,
             addr,
+            addr6,
             proc: None,
             log,
         };
-        host.proc = Some(start_server(&host, &self.dir));
+        host.proc = Some(start_server(&host, &self.dir, self.dual_stack));
         self.hosts.push(host);
     }
 
@@ -307,19 +371,39 @@ impl Remote {
         self.serve_with(index, services, |config| config)
     }
 
+    /// `serve` with the services on VIP6 over the hosts' v6 addresses (a dual-stack Remote).
+    pub fn serve6(&self, index: usize, services: &[(&str, u16, u16, &str)]) -> Agent {
+        let lb = &self.lbs[index];
+        let agent = lb.start_agent(&self.config_of(&lb.pin_path(), services, true));
+        for (name, ..) in services {
+            agent.wait_up(name, self.hosts.len(), std::time::Duration::from_secs(5));
+        }
+        agent
+    }
+
     /// A config of TCP services (name, VIP port, backend port, extra lines such as mode,
     /// snat or encap), each to every host.
     pub fn config(&self, pin_path: &str, services: &[(&str, u16, u16, &str)]) -> String {
+        self.config_of(pin_path, services, false)
+    }
+
+    /// `config` on VIP6 and the hosts' v6 addresses when `v6`.
+    fn config_of(&self, pin_path: &str, services: &[(&str, u16, u16, &str)], v6: bool) -> String {
         let mut text = format!("[agent]\ninterfaces = [\"{FRONT}\"]\npin_path = \"{pin_path}\"\n");
+        let vip = if v6 { VIP6 } else { VIP };
         for (name, port, backend_port, extra) in services {
             text += &format!(
-                "\n[[service]]\nname = \"{name}\"\nvip = \"{VIP}\"\nport = {port}\n{extra}\n\
+                "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = {port}\n{extra}\n\
                  [service.health]\n  type = \"tcp\"\n  interval = \"200ms\"\n  timeout = \"100ms\"\n"
             );
             for host in &self.hosts {
+                let addr = if v6 {
+                    host.addr6.as_deref().expect("a dual-stack Remote")
+                } else {
+                    &host.addr
+                };
                 text += &format!(
-                    "  [[service.backend]]\n  address = \"{}\"\n  port = {backend_port}\n",
-                    host.addr
+                    "  [[service.backend]]\n  address = \"{addr}\"\n  port = {backend_port}\n"
                 );
             }
         }
@@ -415,6 +499,11 @@ fn start_bird(ns: &Netns, dir: &std::path::Path, conf: &str) -> Proc {
     Proc::spawn(&format!("bird in {}", ns.name), cmd, dir.join("bird.log"))
 }
 
+/// Adds the IPv6 address `addr` (with its prefix) to `dev` in `ns`, usable at once.
+fn add6(ns: &Netns, addr: &str, dev: &str) {
+    ns.ip(&["-6", "addr", "add", addr, "dev", dev, "nodad"]);
+}
+
 /// A veth pair `a_if` in `a` and `b_if` in `b`, both up, with room for encapsulation.
 fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
     crate::netns::veth(a, a_if, b, b_if, Some(INNER_MTU));
@@ -422,11 +511,13 @@ fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
     b.ip(&["link", "set", b_if, "up"]);
 }
 
-fn start_server(host: &Host, dir: &std::path::Path) -> Proc {
-    let addrs: Vec<String> = HOST_PORTS.iter().map(|p| format!("0.0.0.0:{p}")).collect();
+fn start_server(host: &Host, dir: &std::path::Path, dual_stack: bool) -> Proc {
+    // A socket on [::] takes IPv4 too (as v4-mapped addresses).
+    let any = if dual_stack { "[::]" } else { "0.0.0.0" };
+    let addrs: Vec<String> = HOST_PORTS.iter().map(|p| format!("{any}:{p}")).collect();
     let mut listeners: Vec<&str> = addrs.iter().flat_map(|a| ["--tcp", a.as_str()]).collect();
-    let push = format!("0.0.0.0:{}", crate::topology::PUSH_PORT);
-    let http = format!("0.0.0.0:{HTTP_PORT}");
+    let push = format!("{any}:{}", crate::topology::PUSH_PORT);
+    let http = format!("{any}:{HTTP_PORT}");
     listeners.extend(["--push", push.as_str(), "--http", http.as_str()]);
     start_test_backend(&host.ns, &host.name, &listeners, dir, host.log.clone())
 }

@@ -12,7 +12,7 @@ use xlb_tests::{
     client::{LineConn, LoadLoop, failures, tcp_name},
     process::{raise_fd_limit, wait_for},
     remote::{ANNOUNCE_TABLE, Remote},
-    topology::{CLIENT_ADDR, VIP},
+    topology::{CLIENT_ADDR, VIP, VIP6},
 };
 
 fn vip(port: u16) -> SocketAddr {
@@ -144,14 +144,35 @@ fn fullnat_holds_10k_connections_at_once_without_a_port_collision() {
     raise_fd_limit(12_000);
     let remote = Remote::new(1, 3);
     let agent = remote.serve(0, &[("web", 81, 8080, "mode = \"fullnat\"")]);
+    holds_10k_connections(&remote, &agent, vip(81), &remote.lbs[0].addr);
+}
 
+/// The same over IPv6: SNAT66 to the LB's v6 address, 10k flows at once, each its own port.
+#[test]
+fn fullnat_over_v6_holds_10k_connections_at_once_without_a_port_collision() {
+    raise_fd_limit(12_000);
+    let remote = Remote::dual_stack(1, 3);
+    let agent = remote.serve6(0, &[("web6", 81, 8080, "mode = \"fullnat\"")]);
+    let lb6 = format!("[{}]", remote.lbs[0].addr6.as_deref().expect("dual stack"));
+    holds_10k_connections(
+        &remote,
+        &agent,
+        format!("[{VIP6}]:81").parse().unwrap(),
+        &lb6,
+    );
+}
+
+/// Opens 10k connections to `addr` and keeps them all open while each asks again: each
+/// answered by the same host both times, every host saw them from `lb_source` (the LB's
+/// address), each on a source port of its own.
+fn holds_10k_connections(remote: &Remote, agent: &Agent, addr: SocketAddr, lb_source: &str) {
     const N: usize = 10_000;
     let (first, second) = remote.client.run(move || {
         let mut conns = Vec::with_capacity(N);
         let mut first = Vec::with_capacity(N);
         for i in 0..N {
             let mut conn =
-                LineConn::connect(vip(81)).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+                LineConn::connect(addr).unwrap_or_else(|e| panic!("connection {i}: {e}"));
             first.push(conn.ask().unwrap_or_else(|e| panic!("connection {i}: {e}")));
             conns.push(conn);
         }
@@ -170,7 +191,10 @@ fn fullnat_holds_10k_connections_at_once_without_a_port_collision() {
     // Each host saw one distinct LB source port per connection it served.
     let mut total = 0;
     for host in &remote.hosts {
-        let peers = Remote::peers_seen(host);
+        let peers: Vec<String> = Remote::peers_seen(host)
+            .into_iter()
+            .filter(|p| p.starts_with(&format!("{lb_source}:")))
+            .collect();
         let distinct: BTreeSet<&String> = peers.iter().collect();
         assert_eq!(
             distinct.len(),
@@ -181,7 +205,7 @@ fn fullnat_holds_10k_connections_at_once_without_a_port_collision() {
         total += peers.len();
     }
     assert!(total >= N, "hosts saw {total} connections");
-    assert_eq!(reason(&agent, "drop_snat_exhausted"), 0);
+    assert_eq!(reason(agent, "drop_snat_exhausted"), 0);
 }
 
 #[test]
