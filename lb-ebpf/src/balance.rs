@@ -67,6 +67,9 @@ pub trait Hook: PacketBuf {
     fn reverse6(&self, pkt: &L4Packet6, now: u64) -> Option<Verdict>;
     /// Sends an ICMPv6 error `icmp6::to_backend` rewrote for `backend`.
     fn icmp6_to_backend(&self, icmp: &Icmp6Packet, backend: &Backend) -> Verdict;
+    /// An ICMPv6 error to a fullnat flow's SNAT address, translated and sent to its client
+    /// (`icmp6::to_client`), if it is one.
+    fn icmp6_to_client(&self, icmp: &Icmp6Packet) -> Option<Verdict>;
 }
 
 #[inline(always)]

@@ -35,6 +35,11 @@ pub fn balance6<H: Hook>(ctx: &H, l3_off: usize) -> Verdict {
                 None => Verdict::Pass(Reason::PassIcmp),
             },
             Some(_) => Verdict::Pass(Reason::PassIcmp),
+            // Maybe about a fullnat flow, to its SNAT address.
+            None if icmp6::is_error(icmp.kind) => match ctx.icmp6_to_client(&icmp) {
+                Some(verdict) => verdict,
+                None => Verdict::Pass(Reason::PassNotL4),
+            },
             None => Verdict::Pass(Reason::PassNotL4),
         },
         Parsed6::NotL4 => Verdict::Pass(Reason::PassNotL4),

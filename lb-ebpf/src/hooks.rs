@@ -12,7 +12,7 @@ use lb_common::{
 use crate::{
     balance::{Hook, Target, Verdict},
     conntrack::{self, Table},
-    encap, icmp, icmp_tc,
+    encap, icmp, icmp_tc, icmp6, maps,
     nat::{self, End, Endpoint, Snat},
     parse::{ETH_HLEN, IcmpPacket, L4Packet},
     parse6::{Icmp6Packet, L4Packet6},
@@ -88,18 +88,29 @@ impl Hook for XdpContext {
                 deliver_to: backend.deliver_ifindex,
             };
         }
-        route_icmp6(self, icmp.l3_off, &backend.addr)
+        // A fullnat flow's error leaves from its SNAT address, which the kernel would not
+        // forward (martian): TC sends it, as the flow's packets.
+        let fallback = match maps::service(backend.service_id) {
+            Some(svc) if svc.mode == MODE_FULLNAT => Fallback::Tc,
+            _ => Fallback::Kernel,
+        };
+        route_icmp6(self, icmp.l3_off, &backend.addr, fallback)
+    }
+
+    #[inline(always)]
+    fn icmp6_to_client(&self, icmp: &Icmp6Packet) -> Option<Verdict> {
+        let client = icmp6::to_client(self, icmp)?;
+        Some(route_icmp6(self, icmp.l3_off, client, Fallback::Tc))
     }
 }
 
 /// A subprogram: the FIB lookup's locals would otherwise add to the entry point's frame,
 /// the first of the ICMP chain.
 #[inline(never)]
-fn route_icmp6(ctx: &XdpContext, l3_off: usize, to: &[u32; 4]) -> Verdict {
+fn route_icmp6(ctx: &XdpContext, l3_off: usize, to: &[u32; 4], fallback: Fallback) -> Verdict {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let hop = route::lookup6(ctx, to, now);
-    let (action, reason) =
-        route::transmit(ctx, &hop, l3_off, Decrement::HopLimit, Fallback::Kernel);
+    let (action, reason) = route::transmit(ctx, &hop, l3_off, Decrement::HopLimit, fallback);
     Verdict::Sent(action, reason)
 }
 
@@ -342,5 +353,10 @@ impl Hook for TcContext {
         Verdict::Forward {
             deliver_to: backend.deliver_ifindex,
         }
+    }
+
+    /// The TC balancer has no fullnat flows.
+    fn icmp6_to_client(&self, _icmp: &Icmp6Packet) -> Option<Verdict> {
+        None
     }
 }

@@ -2,12 +2,17 @@
 //! errors about a nat flow (packet too big, unreachable, time exceeded: the quoted packet
 //! is one the VIP sent) go to the flow's backend, so its path MTU discovery works; and on
 //! the reply paths, an error a backend (or a router on its side) sends a client about a nat
-//! flow gets the VIP back in its quote, as the flow's replies do (`reverse_nat`).
+//! flow gets the VIP back in its quote, as the flow's replies do (`reverse_nat`). fullnat
+//! flows likewise at XDP: an error to the VIP reaches the backend about the SNAT address
+//! (`to_backend`), one to the SNAT address reaches the client about the VIP (`to_client`).
 //! Everything else (neighbour discovery above all) goes to the kernel.
-use aya_ebpf::{bindings::BPF_F_PSEUDO_HDR, programs::TcContext};
+use aya_ebpf::{
+    bindings::BPF_F_PSEUDO_HDR,
+    programs::{TcContext, XdpContext},
+};
 use lb_common::{
-    Backend, FAMILY_V6, FlowKey, MODE_NAT, PROTO_TCP, PROTO_UDP, Reason, VipKey, flow_hash,
-    ring_hash,
+    Backend, FAMILY_V6, Flow, FlowKey, MODE_FULLNAT, MODE_NAT, PROTO_TCP, PROTO_UDP, Reason,
+    VipKey, flow_hash, ring_hash,
 };
 
 use crate::{
@@ -15,7 +20,7 @@ use crate::{
     maps::{self, CONNTRACK, CONNTRACK_NEW, VIPS},
     parse::{ETH_HLEN, PacketBuf, load},
     parse6::{IPV6_HLEN, Icmp6Packet, Ipv6Hdr},
-    route, stats,
+    route, snat, stats,
 };
 
 pub const ICMPV6_ECHO_REQUEST: u8 = 128;
@@ -59,8 +64,8 @@ pub fn to_backend<C: PacketBuf>(ctx: &C, icmp: &Icmp6Packet) -> Option<&'static 
         proto,
         family: FAMILY_V6,
     };
-    let svc =
-        maps::service(*unsafe { VIPS.get(key) }?).filter(|s| s.vip == key && s.mode == MODE_NAT)?;
+    let svc = maps::service(*unsafe { VIPS.get(key) }?)
+        .filter(|s| s.vip == key && (s.mode == MODE_NAT || s.mode == MODE_FULLNAT))?;
     // The flow's own key (client -> VIP), in the scratch room: the stack is short here.
     let flow = &mut maps::scratch()?.key;
     flow.src = load(unsafe { &raw const (*inner).daddr });
@@ -74,14 +79,27 @@ pub fn to_backend<C: PacketBuf>(ctx: &C, icmp: &Icmp6Packet) -> Option<&'static 
         Some(f) => Some(f),
         None => unsafe { CONNTRACK_NEW.get(&*flow) },
     }
-    .filter(|f| u32::from(f.service_id) == svc.id)
-    .map(|f| u32::from(f.backend_id));
+    .filter(|f| u32::from(f.service_id) == svc.id);
     let backend_id = match known {
-        Some(id) => id,
+        Some(f) => u32::from(f.backend_id),
+        // A fullnat flow has its SNAT address and port in its entry only.
+        None if svc.mode == MODE_FULLNAT => return None,
         None => maglev::pick(svc, ring_hash(flow, flow_hash(flow), svc.flags))?.0,
     };
     let backend = maps::backend(backend_id).filter(|b| b.service_id == svc.id)?;
     let outer = ctx.ptr_at::<Ipv6Hdr>(icmp.l3_off)?;
+    if svc.mode == MODE_FULLNAT {
+        // From the flow's SNAT address, about the packet the backend got from it.
+        let f: &Flow = known?;
+        let ends = Ends {
+            outer_src: Some(&f.snat),
+            outer_dst: &backend.addr,
+            inner_src: (&backend.addr, backend.port),
+            inner_dst: (&f.snat, f.snat_port),
+        };
+        translate(ctx, icmp, outer, inner, ports, &ends)?;
+        return Some(backend);
+    }
     let header = ctx.ptr_at::<[u16; 2]>(icmp.icmp_off)?;
     let [kind_code, check] = load(header);
     // The VIP leaves twice (pseudo-header and quote), the VIP's port once.
@@ -95,6 +113,115 @@ pub fn to_backend<C: PacketBuf>(ctx: &C, icmp: &Icmp6Packet) -> Option<&'static 
         core::ptr::write_unaligned(header, [kind_code, check]);
     }
     Some(backend)
+}
+
+/// An error to a fullnat flow's SNAT address about a packet the LB sent the backend (the
+/// quote: SNAT address:port -> backend), translated for the client: the outer destination
+/// and the quoted source become the client's, the quoted destination the VIP's, and an
+/// error the backend sent itself leaves from the VIP. Returns the client (XDP sends the
+/// error there as the flow's replies go); None: about no fullnat flow, untouched. XDP only:
+/// the TC balancer has no fullnat flows. A subprogram: the ICMP chain is the entry point's
+/// deepest.
+#[inline(never)]
+pub fn to_client(ctx: &XdpContext, icmp: &Icmp6Packet) -> Option<&'static [u32; 4]> {
+    let (off, inner, proto) = quoted(ctx, icmp)?;
+    let ports = ctx.ptr_at::<[u16; 2]>(off + IPV6_HLEN)?;
+    let outer = ctx.ptr_at::<Ipv6Hdr>(icmp.l3_off)?;
+    // The flow's reply direction (backend -> SNAT address:port), as reservations are keyed,
+    // in the scratch room: the stack is short here.
+    let reply = &mut maps::scratch()?.key;
+    reply.src = load(unsafe { &raw const (*inner).daddr });
+    reply.dst = load(unsafe { &raw const (*inner).saddr });
+    let [snat_port, backend_port] = load(ports);
+    reply.src_port = backend_port;
+    reply.dst_port = snat_port;
+    reply.proto = proto;
+    reply.family = FAMILY_V6;
+    reply._pad = 0;
+    // An error goes to the source of the packet it quotes.
+    if reply.dst != icmp.daddr {
+        return None;
+    }
+    let (entry, _) = snat::reservation(reply)?;
+    let entry = unsafe { &*entry };
+    let from_backend = load(unsafe { &raw const (*outer).saddr }) == reply.src;
+    let ends = Ends {
+        outer_src: from_backend.then_some(&entry.vip),
+        outer_dst: &entry.client,
+        inner_src: (&entry.client, entry.client_port),
+        inner_dst: (&entry.vip, entry.vip_port),
+    };
+    translate(ctx, icmp, outer, inner, ports, &ends)?;
+    stats::count(Reason::RevSnat);
+    Some(&entry.client)
+}
+
+/// The new ends of an ICMPv6 error and of the packet it quotes (addresses and ports in
+/// network order).
+struct Ends<'a> {
+    /// None: the outer source stays.
+    outer_src: Option<&'a [u32; 4]>,
+    outer_dst: &'a [u32; 4],
+    inner_src: (&'a [u32; 4], u16),
+    inner_dst: (&'a [u32; 4], u16),
+}
+
+/// Rewrites an error and its quote to `ends`, the ICMPv6 checksum updated word by word
+/// (the outer addresses are in its pseudo-header, the quote in its data).
+#[inline(always)]
+fn translate<C: PacketBuf>(
+    ctx: &C,
+    icmp: &Icmp6Packet,
+    outer: *mut Ipv6Hdr,
+    inner: *mut Ipv6Hdr,
+    ports: *mut [u16; 2],
+    ends: &Ends,
+) -> Option<()> {
+    let header = ctx.ptr_at::<[u16; 2]>(icmp.icmp_off)?;
+    rewrite(outer, inner, ports, header, ends);
+    Some(())
+}
+
+/// `translate` past the bounds checks. A subprogram of pointers into the packet: inlined,
+/// LLVM spills the sixteen words it rewrites past the stack's limit.
+#[inline(never)]
+fn rewrite(
+    outer: *mut Ipv6Hdr,
+    inner: *mut Ipv6Hdr,
+    ports: *mut [u16; 2],
+    header: *mut [u16; 2],
+    ends: &Ends,
+) {
+    let [kind_code, mut check] = load(header);
+    unsafe {
+        if let Some(src) = ends.outer_src {
+            check = swap_addr(check, &raw mut (*outer).saddr, src);
+        }
+        check = swap_addr(check, &raw mut (*outer).daddr, ends.outer_dst);
+        check = swap_addr(check, &raw mut (*inner).saddr, ends.inner_src.0);
+        check = swap_addr(check, &raw mut (*inner).daddr, ends.inner_dst.0);
+        let [old_src, old_dst] = load(ports);
+        check = csum::replace2(check, old_src, ends.inner_src.1);
+        check = csum::replace2(check, old_dst, ends.inner_dst.1);
+        core::ptr::write_unaligned(ports, [ends.inner_src.1, ends.inner_dst.1]);
+        core::ptr::write_unaligned(header, [kind_code, check]);
+    }
+}
+
+/// Writes `new` over the address at `at` word by word (no 16-byte copies on the stack) and
+/// returns `check` updated for the change.
+#[inline(always)]
+fn swap_addr(mut check: u16, at: *mut [u32; 4], new: &[u32; 4]) -> u16 {
+    let words = at.cast::<u32>();
+    for (i, word) in new.iter().enumerate() {
+        unsafe {
+            // Volatile: one word at a time, not sixteen loaded at once and spilled.
+            let old = core::ptr::read_volatile(words.add(i));
+            check = csum::replace4(check, old, *word);
+            core::ptr::write_volatile(words.add(i), *word);
+        }
+    }
+    check
 }
 
 /// The packet an error quotes: its offset, header and protocol, when it is TCP or UDP right

@@ -74,12 +74,7 @@ fn error_about_a_reply(from: Ipv6Addr, kind: u8, code: u8, client_port: u16) -> 
         .between(VIP6, 80, client_port)
         .with_tcp_flags(TCP_ACK)
         .checksummed();
-    let quoted = &reply.build()[14..];
-    let mut message = vec![kind, code, 0, 0, 0, 0, 0x05, 0x00];
-    message.extend_from_slice(quoted);
-    let mut error = Frame6::upper(VIP6, ICMPV6, message);
-    error.src = from;
-    error.checksummed_icmp()
+    icmp6_error(from, VIP6, kind, code, &reply)
 }
 
 /// Packet too big, unreachable and time exceeded about a v6 VIP flow go to the flow's
@@ -194,17 +189,4 @@ fn icmpv6_errors_from_a_backend_get_the_vip_back_in_their_quote() {
         .checksummed_icmp()
         .build();
     assert_frame_eq(&error, &dp.tc_egress(&error).data, "no flow");
-}
-
-/// The frame's ICMPv6 checksum (untagged, no extension headers) is right: computed here over
-/// the pseudo-header of RFC 8200 8.1.
-fn assert_icmpv6_checksum(f: &[u8], what: &str) {
-    let len = ((f.len() - 54) as u32).to_be_bytes();
-    let sum = checksum(&[&f[22..38], &f[38..54], &len, &[0, 0, 0, ICMPV6], &f[54..]]);
-    assert_eq!(
-        sum,
-        0,
-        "{what}: ICMPv6 checksum\n{}",
-        hexdump(f, usize::MAX)
-    );
 }

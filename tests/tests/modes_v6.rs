@@ -14,7 +14,7 @@ mod checksums;
 mod frame6;
 #[path = "support/routed.rs"]
 mod routed;
-use frame6::{CLIENT6, Frame6, VIP6, ipv6_at};
+use frame6::{CLIENT6, Frame6, VIP6, assert_icmpv6_checksum, icmp6_error, ipv6_at};
 use routed::{HOSTS6, LB_BACK6, routed_namespace};
 
 const L3: usize = 14;
@@ -168,4 +168,85 @@ fn fullnat_over_v6_takes_the_services_pool_and_distinct_ports() {
     assert_eq!(out.action, XDP_PASS);
     dp.reasons()
         .assert_moved(&before, &[(Reason::PassNotVip, 1)], "stray reply");
+}
+
+/// ICMPv6 errors about a fullnat flow, both ways: one to the VIP (a router on the client's
+/// side quotes the VIP's reply) reaches the backend from the flow's SNAT address, quoting the
+/// LB's packet to the backend; one to the SNAT address (the backend, or a router on its side,
+/// quotes that packet) reaches the client about the VIP, from the VIP when the backend sent
+/// it. Each ICMPv6 checksum is computed here.
+#[test]
+fn icmpv6_errors_about_a_fullnat_flow_are_translated_both_ways() {
+    let _ns = routed_namespace();
+    let dp = LoadedDatapath::new(&service(81, "tcp", ""));
+    let snat = round_trip(&dp, PROTO_TCP, 81, "flow");
+    let client = SocketAddrV6::new(CLIENT6, 40000, 0, 0);
+    let vip = SocketAddrV6::new(VIP6, 81, 0, 0);
+    let router = Ipv6Addr::new(0xfd99, 1, 0, 0, 0, 0, 0, 0xfe);
+    let quote = L3 + 40 + 8;
+    let quoted = |f: &[u8]| {
+        let at = |addr, port| SocketAddrV6::new(ipv6_at(f, quote + addr), be16(f, port), 0, 0);
+        (at(SADDR, quote + 40), at(DADDR, quote + 42))
+    };
+
+    // Towards the backend.
+    let reply = frame(PROTO_TCP, vip, client, TCP_ACK);
+    let too_big = icmp6_error(router, VIP6, 2, 0, &reply).build();
+    let before = dp.reasons();
+    let out = dp.xdp_unmarked(&too_big);
+    assert_eq!(out.action, XDP_PASS, "{}", xdp_action_name(out.action));
+    dp.reasons().assert_moved(
+        &before,
+        &[(Reason::IcmpToBackend, 1), (Reason::HandedToTc, 1)],
+        "to the backend",
+    );
+    let f = &out.data;
+    let backend = quoted(f).0;
+    assert!(HOSTS6.contains(backend.ip()), "quoted source {backend}");
+    assert_eq!(backend.port(), 8080);
+    assert_eq!(
+        quoted(f).1,
+        snat,
+        "quoted destination: the flow's SNAT address"
+    );
+    assert_eq!(ipv6_at(f, L3 + SADDR), *snat.ip(), "from the SNAT address");
+    assert_eq!(ipv6_at(f, L3 + DADDR), *backend.ip());
+    assert_icmpv6_checksum(f, "to the backend");
+
+    // Towards the client, from the backend and from a router on its side.
+    let request = frame(PROTO_TCP, snat, backend, TCP_ACK);
+    for (from, outer_src) in [(*backend.ip(), VIP6), (LB_BACK6, LB_BACK6)] {
+        let what = format!("from {from}");
+        let unreachable = icmp6_error(from, *snat.ip(), 1, 4, &request).build();
+        let before = dp.reasons();
+        let out = dp.xdp_unmarked(&unreachable);
+        assert_eq!(
+            out.action,
+            XDP_PASS,
+            "{what}: {}",
+            xdp_action_name(out.action)
+        );
+        dp.reasons().assert_moved(
+            &before,
+            &[(Reason::RevSnat, 1), (Reason::HandedToTc, 1)],
+            &what,
+        );
+        let f = &out.data;
+        assert_eq!(quoted(f), (client, vip), "{what}: the client's own packet");
+        assert_eq!(ipv6_at(f, L3 + SADDR), outer_src, "{what}: outer source");
+        assert_eq!(ipv6_at(f, L3 + DADDR), CLIENT6, "{what}");
+        assert_icmpv6_checksum(f, &what);
+    }
+
+    // About no flow (another SNAT port): untouched.
+    let other = frame(
+        PROTO_TCP,
+        SocketAddrV6::new(*snat.ip(), 1, 0, 0),
+        backend,
+        TCP_ACK,
+    );
+    let stray = icmp6_error(*backend.ip(), *snat.ip(), 1, 4, &other).build();
+    let out = dp.xdp(&stray);
+    assert_eq!(out.action, XDP_PASS);
+    assert_frame_eq(&stray, &out.data, "about no flow");
 }

@@ -239,3 +239,26 @@ pub fn balanced(
     checksums::verify_checksums6(&out.data, l3, l4, frame.upper, what);
     backend
 }
+
+/// An ICMPv6 error (`kind`, `code`; MTU 1280 for packet too big) from `from` to `to`
+/// quoting `quoted`'s IPv6 packet, with a valid checksum.
+pub fn icmp6_error(from: Ipv6Addr, to: Ipv6Addr, kind: u8, code: u8, quoted: &Frame6) -> Frame6 {
+    let mut message = vec![kind, code, 0, 0, 0, 0, 0x05, 0x00];
+    message.extend_from_slice(&quoted.build()[14..]);
+    let mut error = Frame6::upper(to, ICMPV6, message);
+    error.src = from;
+    error.checksummed_icmp()
+}
+
+/// Panics unless the untagged frame `f` carries an ICMPv6 message with a valid checksum,
+/// computed here over the pseudo-header.
+pub fn assert_icmpv6_checksum(f: &[u8], what: &str) {
+    let len = ((f.len() - 54) as u32).to_be_bytes();
+    let sum = checksum(&[&f[22..38], &f[38..54], &len, &[0, 0, 0, ICMPV6], &f[54..]]);
+    assert_eq!(
+        sum,
+        0,
+        "{what}: ICMPv6 checksum\n{}",
+        hexdump(f, usize::MAX)
+    );
+}
