@@ -373,8 +373,18 @@ impl Remote {
 
     /// `serve` with the services on VIP6 over the hosts' v6 addresses (a dual-stack Remote).
     pub fn serve6(&self, index: usize, services: &[(&str, u16, u16, &str)]) -> Agent {
+        self.serve6_with(index, services, |config| config)
+    }
+
+    /// `serve_with` on VIP6 over the hosts' v6 addresses.
+    pub fn serve6_with(
+        &self,
+        index: usize,
+        services: &[(&str, u16, u16, &str)],
+        edit: impl FnOnce(String) -> String,
+    ) -> Agent {
         let lb = &self.lbs[index];
-        let agent = lb.start_agent(&self.config_of(&lb.pin_path(), services, true));
+        let agent = lb.start_agent(&edit(self.config_of(&lb.pin_path(), services, true)));
         for (name, ..) in services {
             agent.wait_up(name, self.hosts.len(), std::time::Duration::from_secs(5));
         }

@@ -6,6 +6,7 @@ use std::{collections::BTreeMap, os::unix::fs::MetadataExt as _, path::Path, tim
 use xlb_tests::{
     agent::Agent,
     client::tcp_name,
+    process::wait_for,
     topology::{FRONT, Topology},
 };
 
@@ -14,6 +15,17 @@ fn start(backends: usize) -> (Topology, Agent) {
     let all: Vec<_> = topo.backends.iter().collect();
     let agent = Agent::start(&topo, &topo.config(&Agent::pin_path_for(&topo), &all));
     agent.wait_up("web", backends, Duration::from_secs(10));
+    // The first agent's own changes are over before a test compares pins: it attaches the
+    // reply program to each backend's veth once it finds it.
+    let replies = |links: Vec<String>| {
+        topo.backends
+            .iter()
+            .all(|b| links.contains(&format!("tc_reply_{}", b.name)))
+    };
+    let attached = wait_for(Duration::from_secs(10), || {
+        replies(agent.links()).then_some(())
+    });
+    assert!(attached.is_some(), "reply links: {:?}", agent.links());
     (topo, agent)
 }
 

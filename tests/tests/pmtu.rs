@@ -162,6 +162,26 @@ fn fullnat_and_dsr_backends_learn_the_path_mtu_from_errors_sent_to_the_vip() {
     }
 }
 
+/// fullnat over IPv6: the router's "packet too big" to the v6 VIP reaches the backend from
+/// the flow's SNAT address (the LB's v6 address), which its path MTU then holds.
+#[test]
+fn fullnat_backends_learn_the_path_mtu_over_ipv6() {
+    let remote = Remote::dual_stack(1, 3);
+    remote.router.ip(&["link", "set", FRONT, "mtu", "1280"]);
+    let agent = remote.serve6(0, &[("full", 85, HTTP_PORT, "mode = \"fullnat\"")]);
+    let lb_addr = remote.lbs[0].addr6.clone().expect("dual stack");
+    let served = fetch_big(&remote.client, SocketAddr::new(VIP6.parse().unwrap(), 85));
+    assert!(reason(&agent, "icmp_to_backend") > 0, "{}", agent.status());
+    for host in remote.hosts.iter().filter(|h| served.contains(&h.name)) {
+        assert_eq!(
+            learned_mtu(&host.ns, &lb_addr),
+            Some(1280),
+            "{} towards the LB",
+            host.name
+        );
+    }
+}
+
 /// A nat backend's "port unreachable" about a UDP flow reaches the client as one about the
 /// VIP: its connected socket sees the refusal at once instead of waiting out a timeout.
 /// Both reply paths: routed by the kernel (TC egress of the front NIC) and delivered on the
@@ -226,6 +246,25 @@ fn a_fullnat_backends_port_unreachable_reaches_the_client_about_the_vip() {
         |config| config.replace("type = \"tcp\"", "type = \"none\""),
     );
     let vip = SocketAddr::new(VIP.parse::<IpAddr>().unwrap(), 54);
+    assert_eq!(
+        refused(&remote.client, vip),
+        Ok(()),
+        "the client did not see the refusal; rev_snat {}",
+        reason(&agent, "rev_snat")
+    );
+}
+
+/// The same over IPv6: the backend's error goes to the LB's v6 address, and the LB sends it
+/// on to the client about the v6 VIP.
+#[test]
+fn a_fullnat_backends_port_unreachable_reaches_a_v6_client_about_the_vip() {
+    let remote = Remote::dual_stack(1, 1);
+    let agent = remote.serve6_with(
+        0,
+        &[("closed", 54, 9, "mode = \"fullnat\"\nprotocol = \"udp\"")],
+        |config| config.replace("type = \"tcp\"", "type = \"none\""),
+    );
+    let vip = SocketAddr::new(VIP6.parse::<IpAddr>().unwrap(), 54);
     assert_eq!(
         refused(&remote.client, vip),
         Ok(()),
