@@ -267,14 +267,18 @@ fn ipv6_frame(rng: &mut Rng) -> Frame {
         PROTO_TCP => {
             let mut t = vec![0; 20];
             put_be16(&mut t, L4_SPORT, 40000);
-            put_be16(&mut t, L4_DPORT, some_port(rng));
+            // Often the port of modes.rs's v6 service.
+            let port = if rng.chance(50) { 80 } else { some_port(rng) };
+            put_be16(&mut t, L4_DPORT, port);
             t[TCP_DOFF] = 5 << 4;
-            t[13] = rng.u8();
+            // Half of them a SYN: a v6 service's flows start with one.
+            t[13] = if rng.chance(50) { TCP_SYN } else { rng.u8() };
             t
         }
         PROTO_UDP => {
             let mut u = rng.bytes(8);
-            put_be16(&mut u, L4_DPORT, some_port(rng));
+            let port = if rng.chance(50) { 53 } else { some_port(rng) };
+            put_be16(&mut u, L4_DPORT, port);
             u
         }
         58 => vec![

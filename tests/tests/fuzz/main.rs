@@ -31,6 +31,7 @@
 
 mod checker;
 mod generator;
+mod judge6;
 mod model;
 mod model6;
 mod modes;

@@ -1,4 +1,5 @@
 //! Every mode and program beside XDP in mode nat: services in fullnat and dsr (IPIP and GUE),
+//! fullnat over IPv6 on the generator's v6 VIP (its frames judged by judge6.rs),
 //! XDP over random and mutated frames and over replies of the fullnat flows it opened, the
 //! TC egress and TC reply programs over what XDP sent, and the TC balancer over the same
 //! frames with the nat services of main.rs. There is no exact model of these paths here; what
@@ -17,12 +18,13 @@ use lb_common::{GUE_PORT, PROTO_TCP, PROTO_UDP, Reason};
 use xlb_tests::testrun::*;
 
 use super::{
-    Flow5, PROTO_ICMP, ServiceSpec, VIP1, VIP2,
+    Flow5, PROTO_ICMP, ServiceSpec, VIP1, VIP2, VIP6,
     checker::{Run, counter_problems, deltas},
     checksums::checksum_problem,
     generator::{Frame, frame_among, kernel_refuses_skb, xdp_frame},
+    judge6,
     model::{Headers, Model, Parsed, get16, ip_checksum, l4_checksum, parse, scratch_checksums},
-    routed::{HOSTS, routed_namespace},
+    routed::{HOSTS, HOSTS6, routed_namespace},
     services_toml,
 };
 
@@ -78,14 +80,28 @@ fn mode_services() -> Vec<(ServiceSpec, &'static str)> {
 }
 
 fn mode_toml() -> String {
-    mode_services()
+    let v4: String = mode_services()
         .into_iter()
         .map(|((name, vip, proto, backends), mode)| {
             let proto = if proto == PROTO_TCP { "tcp" } else { "udp" };
             service_toml(name, vip, proto, &backends)
                 .replace("mode = \"nat\"", &format!("mode = \"{mode}\""))
         })
-        .collect()
+        .collect();
+    // fullnat over IPv6 on the generator's v6 VIP (no model: judged by judge6.rs).
+    let v6: String = [("web6", 80, "tcp", 8080), ("dns6", 53, "udp", 53)]
+        .into_iter()
+        .map(|(name, port, proto, backend_port)| {
+            let backends: Vec<(std::net::SocketAddr, u32)> = HOSTS6
+                .iter()
+                .map(|h| (std::net::SocketAddr::new((*h).into(), backend_port), 100))
+                .collect();
+            let vip = std::net::SocketAddr::new(VIP6.into(), port);
+            service_toml(name, vip, proto, &backends)
+                .replace("mode = \"nat\"", "mode = \"fullnat\"")
+        })
+        .collect();
+    v4 + &v6
 }
 
 /// What a program did to a frame, judged well formed.
@@ -242,6 +258,12 @@ fn judge(input: &[u8], out: &[u8]) -> Result<Done, String> {
     if out == input {
         return Ok(Done::Untouched);
     }
+    if let Some(l3) = judge6::ipv6_l3(input) {
+        return match judge6::judge6(input, out, l3)? {
+            true => Ok(Done::Rewritten),
+            false => Ok(Done::Icmp),
+        };
+    }
     // A frame answered with ICMP (echo, fragmentation needed) or an ICMP error sent on.
     let icmp_out = |l3| {
         out_l3(out, &[14, l3]).is_ok_and(|o| out.get(o + 9) == Some(&PROTO_ICMP))
@@ -320,6 +342,7 @@ fn every_mode_and_tc_program_survives_random_and_mutated_frames() {
     let mut egress = Tally { done: [0; 4] };
     // (backend, port, SNAT address, port, protocol) of the fullnat flows XDP opened.
     let mut replies: Vec<Flow5> = Vec::new();
+    let mut v6_rewritten = 0;
     let before = dp.reasons();
     for index in 0..packets {
         let frame = frame_among(run.seed, 3, index, &model, &replies);
@@ -334,6 +357,9 @@ fn every_mode_and_tc_program_survives_random_and_mutated_frames() {
             r.data.clone(),
         );
         xdp.add(done);
+        if done == Done::Rewritten && judge6::ipv6_l3(&frame.bytes).is_some() {
+            v6_rewritten += 1;
+        }
         let out = strip_delivery_meta(r.data);
         if done == Done::Rewritten
             && replies.len() < 4096
@@ -367,7 +393,8 @@ fn every_mode_and_tc_program_survives_random_and_mutated_frames() {
         run.replay()
     );
     println!(
-        "xlb fuzz (modes): XDP {:?} (untouched, rewritten, encapsulated, ICMP), TC egress {:?}, {} fullnat flows",
+        "xlb fuzz (modes): XDP {:?} (untouched, rewritten, encapsulated, ICMP; {v6_rewritten} \
+         of them v6 rewrites), TC egress {:?}, {} fullnat flows",
         xdp.done,
         egress.done,
         replies.len()
@@ -386,6 +413,7 @@ fn every_mode_and_tc_program_survives_random_and_mutated_frames() {
         moved[Reason::HandedToTc as usize] > 0,
         "nothing was handed to TC"
     );
+    assert!(v6_rewritten > 0, "no v6 frame went through fullnat over v6");
 }
 
 #[test]
