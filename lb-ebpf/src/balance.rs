@@ -308,11 +308,13 @@ fn decide<H: Hook, P: FlowPacket>(ctx: &H, slow: &Slow<P>, out: &mut Decided) ->
     out.reset(svc.id, svc.mode, svc.flags, known.is_none());
     match known {
         Some(known) => {
+            // Read from the entry before the promotion deletes it: a deleted LRU element
+            // may be handed to another flow at once.
+            out.backend_id = known.backend_id;
+            known.write_snat(&mut out.snat);
             if known.promote {
                 conntrack::promote(flow, &known, svc, now, ifindex);
             }
-            out.backend_id = known.backend_id;
-            known.write_snat(&mut out.snat);
             // Only established flows are cached: new ones (a SYN flood, UDP one-shots)
             // would only push out the flows worth keeping, and their next packets must reach
             // the promotion.
