@@ -299,6 +299,27 @@ impl Agent {
         });
     }
 
+    /// `wait_up`, and each of them answered its last probe: on a first start backends are up
+    /// before any probe, and a probe lost while the programs attach takes them down again.
+    pub fn wait_probed_up(&self, service: &str, n: usize, within: Duration) {
+        let probed = || -> usize {
+            let status = self.status();
+            let services = status["services"].as_array().cloned().unwrap_or_default();
+            services
+                .iter()
+                .filter(|s| s["name"] == service)
+                .flat_map(|s| s["backends"].as_array().cloned().unwrap_or_default())
+                .filter(|b| b["state"] == "up" && b["last_probe"]["ok"] == true)
+                .count()
+        };
+        wait_for(within, || (probed() == n).then_some(())).unwrap_or_else(|| {
+            panic!(
+                "{n} backends of {service} not up and probed within {within:?}: {}",
+                self.status()
+            )
+        });
+    }
+
     /// Waits (bounded) until `address` of `service` is in `state`.
     pub fn wait_state(&self, service: &str, address: &str, state: &str, within: Duration) {
         let is = || {

@@ -384,9 +384,18 @@ impl Remote {
         edit: impl FnOnce(String) -> String,
     ) -> Agent {
         let lb = &self.lbs[index];
-        let agent = lb.start_agent(&edit(self.config_of(&lb.pin_path(), services, true)));
+        let config = edit(self.config_of(&lb.pin_path(), services, true));
+        let agent = lb.start_agent(&config);
+        let probed = !config.contains("type = \"none\"");
         for (name, ..) in services {
-            agent.wait_up(name, self.hosts.len(), std::time::Duration::from_secs(5));
+            let (n, within) = (self.hosts.len(), std::time::Duration::from_secs(10));
+            // Over v6 the first probes may be lost while the programs attach to the veth:
+            // connections wait for an answered probe, not the first start's default "up".
+            if probed {
+                agent.wait_probed_up(name, n, within);
+            } else {
+                agent.wait_up(name, n, within);
+            }
         }
         agent
     }

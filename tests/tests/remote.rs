@@ -414,3 +414,53 @@ fn bgp_announces_the_vip_from_each_serving_lb_and_withdraws_it() {
         agents[1].log_text()
     );
 }
+
+/// `xlb flows` and `xlb explain` over a v6 fullnat flow: its SNAT address is the LB's v6
+/// address, printed `[addr]:port`, and both name the backend that answered.
+#[test]
+fn flows_and_explain_show_a_v6_fullnat_flow() {
+    let remote = Remote::dual_stack(1, 3);
+    let agent = remote.serve6(0, &[("web6", 81, 8080, "mode = \"fullnat\"")]);
+    let vip: SocketAddr = format!("[{VIP6}]:81").parse().unwrap();
+    let (conn, answered) = remote.client.run(move || LineConn::open(vip));
+    let local = conn.local_addr().expect("local address");
+    let host = remote
+        .hosts
+        .iter()
+        .find(|h| h.name == answered)
+        .unwrap_or_else(|| panic!("{answered} is no host"));
+    let backend = format!("[{}]:8080", host.addr6.as_deref().expect("dual stack"));
+    let lb6 = format!("[{}]:", remote.lbs[0].addr6.as_deref().expect("dual stack"));
+
+    let (ok, out) = agent.cli(&["flows", "--service", "web6", "--json"]);
+    assert!(ok, "{out}");
+    let listed: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let flows = listed["flows"].as_array().cloned().unwrap_or_default();
+    let flow = flows
+        .iter()
+        .find(|f| f["client"] == local.to_string())
+        .unwrap_or_else(|| panic!("{local} not in {listed}"));
+    assert_eq!(flow["backend"], backend, "{flow}");
+    assert_eq!(flow["mode"], "fullnat", "{flow}");
+    let snat = flow["snat"].as_str().unwrap_or_default();
+    assert!(snat.starts_with(&lb6), "SNAT {snat}, not from {lb6}");
+
+    let to = vip.to_string();
+    let (ok, out) = agent.cli(&[
+        "explain",
+        "--from",
+        &local.to_string(),
+        "--to",
+        &to,
+        "--json",
+    ]);
+    assert!(ok, "{out}");
+    let explained: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(explained["reason"], "known_flow", "{explained}");
+    assert_eq!(explained["backend"]["address"], backend, "{explained}");
+    assert!(
+        explained["notes"].to_string().contains(snat),
+        "the note names SNAT {snat}: {explained}"
+    );
+    drop(conn);
+}
