@@ -201,6 +201,19 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The flow from `client` ("ADDR:PORT" as `xlb flows` prints it) that `xlb flows
+    /// --service SERVICE --json` lists; panics if it lists none.
+    pub fn flow_from(&self, service: &str, client: &str) -> serde_json::Value {
+        let (ok, out) = self.cli(&["flows", "--service", service, "--json"]);
+        assert!(ok, "{out}");
+        let listed: serde_json::Value = serde_json::from_str(&out).expect("json");
+        let flows = listed["flows"].as_array().cloned().unwrap_or_default();
+        flows
+            .into_iter()
+            .find(|f| f["client"] == client)
+            .unwrap_or_else(|| panic!("{client} not in {listed}"))
+    }
+
     /// Runs an `xlb` subcommand in the lb namespace; returns (success, stdout + stderr).
     /// Control commands go to this agent's control socket (XLB_CONTROL).
     pub fn cli(&self, args: &[&str]) -> (bool, String) {

@@ -358,12 +358,7 @@ impl Remote {
         services: &[(&str, u16, u16, &str)],
         edit: impl FnOnce(String) -> String,
     ) -> Agent {
-        let lb = &self.lbs[index];
-        let agent = lb.start_agent(&edit(self.config(&lb.pin_path(), services)));
-        for (name, ..) in services {
-            agent.wait_up(name, self.hosts.len(), std::time::Duration::from_secs(5));
-        }
-        agent
+        self.serve_family(index, services, edit, false)
     }
 
     /// `serve_with` the config as it is.
@@ -383,15 +378,25 @@ impl Remote {
         services: &[(&str, u16, u16, &str)],
         edit: impl FnOnce(String) -> String,
     ) -> Agent {
+        self.serve_family(index, services, edit, true)
+    }
+
+    fn serve_family(
+        &self,
+        index: usize,
+        services: &[(&str, u16, u16, &str)],
+        edit: impl FnOnce(String) -> String,
+        v6: bool,
+    ) -> Agent {
         let lb = &self.lbs[index];
-        let config = edit(self.config_of(&lb.pin_path(), services, true));
+        let config = edit(self.config_of(&lb.pin_path(), services, v6));
         let agent = lb.start_agent(&config);
-        let probed = !config.contains("type = \"none\"");
         for (name, ..) in services {
             let (n, within) = (self.hosts.len(), std::time::Duration::from_secs(10));
-            // Over v6 the first probes may be lost while the programs attach to the veth:
-            // connections wait for an answered probe, not the first start's default "up".
-            if probed {
+            // Over v6 the first probes may be slow (past the 100 ms timeout) after the
+            // programs attach: connections wait for an answered probe, not the first start's
+            // default "up", which a failed probe would take back.
+            if v6 && !config.contains("type = \"none\"") {
                 agent.wait_probed_up(name, n, within);
             } else {
                 agent.wait_up(name, n, within);

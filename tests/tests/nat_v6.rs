@@ -264,14 +264,7 @@ fn explain_names_the_backend_of_a_v6_flow() {
         "{open}"
     );
     // `xlb flows --service web` lists it too: the name takes both halves.
-    let (ok, out) = agent.cli(&["flows", "--service", "web", "--json"]);
-    assert!(ok, "{out}");
-    let listed: serde_json::Value = serde_json::from_str(&out).expect("json");
-    let flows = listed["flows"].as_array().cloned().unwrap_or_default();
-    let flow = flows
-        .iter()
-        .find(|f| f["client"] == local.to_string())
-        .unwrap_or_else(|| panic!("{local} not in {listed}"));
+    let flow = agent.flow_from("web", &local.to_string());
     assert_eq!(flow["service"], "web.v6", "{flow}");
     assert_eq!(flow["backend"], open["backend"]["address"], "{flow}");
     let fresh = explain(format!("[{CLIENT_ADDR6}]:1"));

@@ -239,32 +239,30 @@ fn port_unreachable_reaches_the_client(v6: bool) {
 /// to the client about the VIP.
 #[test]
 fn a_fullnat_backends_port_unreachable_reaches_the_client_about_the_vip() {
-    let remote = Remote::new(1, 1);
-    let agent = remote.serve_with(
-        0,
-        &[("closed", 54, 9, "mode = \"fullnat\"\nprotocol = \"udp\"")],
-        |config| config.replace("type = \"tcp\"", "type = \"none\""),
-    );
-    let vip = SocketAddr::new(VIP.parse::<IpAddr>().unwrap(), 54);
-    assert_eq!(
-        refused(&remote.client, vip),
-        Ok(()),
-        "the client did not see the refusal; rev_snat {}",
-        reason(&agent, "rev_snat")
-    );
+    fullnat_port_unreachable_reaches_the_client(false);
 }
 
 /// The same over IPv6: the backend's error goes to the LB's v6 address, and the LB sends it
 /// on to the client about the v6 VIP.
 #[test]
 fn a_fullnat_backends_port_unreachable_reaches_a_v6_client_about_the_vip() {
-    let remote = Remote::dual_stack(1, 1);
-    let agent = remote.serve6_with(
-        0,
-        &[("closed", 54, 9, "mode = \"fullnat\"\nprotocol = \"udp\"")],
-        |config| config.replace("type = \"tcp\"", "type = \"none\""),
-    );
-    let vip = SocketAddr::new(VIP6.parse::<IpAddr>().unwrap(), 54);
+    fullnat_port_unreachable_reaches_the_client(true);
+}
+
+fn fullnat_port_unreachable_reaches_the_client(v6: bool) {
+    let remote = if v6 {
+        Remote::dual_stack(1, 1)
+    } else {
+        Remote::new(1, 1)
+    };
+    let services = [("closed", 54, 9, "mode = \"fullnat\"\nprotocol = \"udp\"")];
+    let no_probes = |config: String| config.replace("type = \"tcp\"", "type = \"none\"");
+    let agent = if v6 {
+        remote.serve6_with(0, &services, no_probes)
+    } else {
+        remote.serve_with(0, &services, no_probes)
+    };
+    let vip = SocketAddr::new(if v6 { VIP6 } else { VIP }.parse::<IpAddr>().unwrap(), 54);
     assert_eq!(
         refused(&remote.client, vip),
         Ok(()),

@@ -432,14 +432,7 @@ fn flows_and_explain_show_a_v6_fullnat_flow() {
     let backend = format!("[{}]:8080", host.addr6.as_deref().expect("dual stack"));
     let lb6 = format!("[{}]:", remote.lbs[0].addr6.as_deref().expect("dual stack"));
 
-    let (ok, out) = agent.cli(&["flows", "--service", "web6", "--json"]);
-    assert!(ok, "{out}");
-    let listed: serde_json::Value = serde_json::from_str(&out).expect("json");
-    let flows = listed["flows"].as_array().cloned().unwrap_or_default();
-    let flow = flows
-        .iter()
-        .find(|f| f["client"] == local.to_string())
-        .unwrap_or_else(|| panic!("{local} not in {listed}"));
+    let flow = agent.flow_from("web6", &local.to_string());
     assert_eq!(flow["backend"], backend, "{flow}");
     assert_eq!(flow["mode"], "fullnat", "{flow}");
     let snat = flow["snat"].as_str().unwrap_or_default();
