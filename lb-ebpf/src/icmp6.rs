@@ -19,7 +19,7 @@ use crate::{
     conntrack, csum, maglev,
     maps::{self, CONNTRACK, CONNTRACK_NEW, VIPS},
     parse::{ETH_HLEN, PacketBuf, load},
-    parse6::{IPV6_HLEN, Icmp6Packet, Ipv6Hdr},
+    parse6::{IPV6_HLEN, Icmp6Packet, Ipv6Hdr, copy_addr, load_addr},
     route, snat, stats,
 };
 
@@ -68,8 +68,8 @@ pub fn to_backend<C: PacketBuf>(ctx: &C, icmp: &Icmp6Packet) -> Option<&'static 
         .filter(|s| s.vip == key && (s.mode == MODE_NAT || s.mode == MODE_FULLNAT))?;
     // The flow's own key (client -> VIP), in the scratch room: the stack is short here.
     let flow = &mut maps::scratch()?.key;
-    flow.src = load(unsafe { &raw const (*inner).daddr });
-    flow.dst = vip;
+    load_addr(&mut flow.src, unsafe { &raw const (*inner).daddr });
+    copy_addr(&mut flow.dst, &vip);
     flow.src_port = client_port;
     flow.dst_port = vip_port;
     flow.proto = proto;
@@ -130,8 +130,8 @@ pub fn to_client(ctx: &XdpContext, icmp: &Icmp6Packet) -> Option<&'static [u32; 
     // The flow's reply direction (backend -> SNAT address:port), as reservations are keyed,
     // in the scratch room: the stack is short here.
     let reply = &mut maps::scratch()?.key;
-    reply.src = load(unsafe { &raw const (*inner).daddr });
-    reply.dst = load(unsafe { &raw const (*inner).saddr });
+    load_addr(&mut reply.src, unsafe { &raw const (*inner).daddr });
+    load_addr(&mut reply.dst, unsafe { &raw const (*inner).saddr });
     let [snat_port, backend_port] = load(ports);
     reply.src_port = backend_port;
     reply.dst_port = snat_port;

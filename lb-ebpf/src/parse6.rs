@@ -111,6 +111,15 @@ pub fn copy_addr(dst: &mut Addr6, src: &Addr6) {
     }
 }
 
+/// `copy_addr` from a header field in the packet.
+#[inline(always)]
+pub fn load_addr(dst: &mut Addr6, src: *const Addr6) {
+    let words = src.cast::<u32>();
+    for (i, word) in dst.iter_mut().enumerate() {
+        *word = unsafe { core::ptr::read_volatile(words.add(i)) };
+    }
+}
+
 /// Parses the IPv6 packet at `l3_off`.
 #[inline(always)]
 pub fn parse6<B: PacketBuf>(buf: &B, l3_off: usize) -> Parsed6 {

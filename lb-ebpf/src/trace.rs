@@ -11,6 +11,7 @@ use crate::{
     balance::{FlowPacket, Hook, Verdict},
     decided::Decided,
     maps::{TRACE, TRACE_BUDGET, TRACE_FILTER},
+    parse6::copy_addr,
 };
 
 /// 0 at load time takes the trace hooks out of the program (the verifier removes the dead
@@ -100,16 +101,17 @@ fn record<P: FlowPacket>(
         return;
     };
     budget.used += 1;
+    const NO_ADDR: [u32; 4] = [0; 4];
     let (has_backend, backend_addr, backend_port) = match backend {
-        Some(b) => (1, b.addr, b.port),
-        None => (0, [0; 4], 0),
+        Some(b) => (1, &b.addr, b.port),
+        None => (0, &NO_ADDR, 0),
     };
     let key = pkt.flow_key();
     let r = entry.as_mut_ptr();
     unsafe {
         (*r).time_ns = now;
-        (*r).saddr = key.src;
-        (*r).daddr = key.dst;
+        copy_addr(&mut (*r).saddr, &key.src);
+        copy_addr(&mut (*r).daddr, &key.dst);
         (*r).sport = key.src_port;
         (*r).dport = key.dst_port;
         (*r).proto = key.proto;
@@ -119,13 +121,16 @@ fn record<P: FlowPacket>(
         (*r).reason = reason as u32;
         (*r).service_id = decided.service_id;
         (*r).backend_id = decided.backend_id;
-        (*r).backend_addr = backend_addr;
+        copy_addr(&mut (*r).backend_addr, backend_addr);
         (*r).backend_port = backend_port;
         (*r).snat_port = decided.snat.port;
-        (*r).snat_addr = decided.snat.addr;
+        copy_addr(&mut (*r).snat_addr, &decided.snat.addr);
         (*r).ifindex = ifindex;
         (*r).family = P::FAMILY;
-        (*r)._pad = [0; 3];
+        // Byte by byte: three zero bytes at once become a library memset call.
+        for byte in 0..3 {
+            core::ptr::write_volatile(&raw mut (*r)._pad[byte], 0);
+        }
     }
     entry.submit(0);
 }

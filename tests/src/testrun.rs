@@ -189,6 +189,23 @@ impl LoadedDatapath {
         &self.pins.0
     }
 
+    /// (name, instructions the verifier walked) of each program of the object, as the kernel
+    /// reports them (`verified_insns`).
+    pub fn verified_instructions(&self) -> Vec<(String, u32)> {
+        self.ebpf
+            .programs()
+            .map(|(name, prog)| {
+                let info = prog
+                    .info()
+                    .unwrap_or_else(|e| panic!("info of {name}: {e}"));
+                let count = info
+                    .verified_instruction_count()
+                    .unwrap_or_else(|| panic!("{name}: the kernel reports no verified count"));
+                (name.to_string(), count)
+            })
+            .collect()
+    }
+
     /// Every map of the loaded programs, with the memory the kernel charges for it.
     pub fn kernel_maps(&self) -> Vec<xlb::layout::KernelMap> {
         xlb::layout::kernel_maps(&self.ebpf).unwrap_or_else(|e| panic!("reading the maps: {e:#}"))
