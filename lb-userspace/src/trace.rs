@@ -287,5 +287,11 @@ mod tests {
             "{}",
             line.render()
         );
+        // In fullnat the rewrite names the v6 SNAT address the packet left from.
+        r.mode = MODE_FULLNAT;
+        r.snat_addr = words("fd99:5::2");
+        r.snat_port = 1234u16.to_be();
+        let line = Line::from_record(&r, "web.v6", Duration::ZERO);
+        assert_eq!(line.rewrite, "[fd99:5::2]:1234 -> [fd99:2::11]:8080");
     }
 }

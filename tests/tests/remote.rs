@@ -12,7 +12,7 @@ use xlb_tests::{
     client::{LineConn, LoadLoop, failures, tcp_name},
     process::{raise_fd_limit, wait_for},
     remote::{ANNOUNCE_TABLE, Remote},
-    topology::{CLIENT_ADDR, VIP, VIP6},
+    topology::{CLIENT_ADDR, FRONT, VIP, VIP6},
 };
 
 fn vip(port: u16) -> SocketAddr {
@@ -456,4 +456,50 @@ fn flows_and_explain_show_a_v6_fullnat_flow() {
         "the note names SNAT {snat}: {explained}"
     );
     drop(conn);
+}
+
+/// A dual-stack fullnat service: each VIP balances the hosts' addresses of its family, and
+/// each half takes the source addresses of its family (none listed here: the LB's own
+/// towards the hosts, v4 for the v4 VIP, v6 for the v6 one).
+#[test]
+fn a_dual_stack_fullnat_service_serves_each_family_from_the_lbs_address_of_it() {
+    let remote = Remote::dual_stack(1, 3);
+    let lb = &remote.lbs[0];
+    let mut config = format!(
+        "[agent]\ninterfaces = [\"{FRONT}\"]\npin_path = \"{}\"\n\n[[service]]\nname = \"web\"\n\
+         vip = [\"{VIP}\", \"{VIP6}\"]\nport = 81\nmode = \"fullnat\"\n[service.health]\n  \
+         type = \"tcp\"\n  interval = \"200ms\"\n  timeout = \"100ms\"\n",
+        lb.pin_path()
+    );
+    for host in &remote.hosts {
+        for addr in [&host.addr, host.addr6.as_ref().expect("dual stack")] {
+            config += &format!("  [[service.backend]]\n  address = \"{addr}\"\n  port = 8080\n");
+        }
+    }
+    let agent = lb.start_agent(&config);
+    for half in ["web", "web.v6"] {
+        agent.wait_probed_up(half, 3, Duration::from_secs(10));
+    }
+    let v6: SocketAddr = format!("[{VIP6}]:81").parse().unwrap();
+    for (addr, family) in [(vip(81), "v4"), (v6, "v6")] {
+        let counts = ask_many(&remote, addr, 60);
+        assert_eq!(counts.len(), 3, "{family}: every host answers: {counts:?}");
+    }
+    let lb6 = format!("[{}]:", lb.addr6.as_deref().expect("dual stack"));
+    for host in &remote.hosts {
+        // SNAT ports on the LB's own address are below the kernel's ephemeral range, where
+        // the health checks' are.
+        let peers: Vec<String> = Remote::peers_seen(host)
+            .into_iter()
+            .filter(|p| p.rsplit(':').next().and_then(|n| n.parse::<u16>().ok()) < Some(32768))
+            .collect();
+        // A [::] listener shows a v4 peer v4-mapped.
+        let from_v4 = peers
+            .iter()
+            .filter(|p| p.contains(&format!("{}]:", lb.addr)));
+        let from_v6 = peers.iter().filter(|p| p.starts_with(&lb6));
+        assert!(from_v4.count() > 0, "{}: {peers:?}", host.name);
+        assert!(from_v6.count() > 0, "{}: {peers:?}", host.name);
+    }
+    assert_eq!(reason(&agent, "drop_snat_exhausted"), 0);
 }
