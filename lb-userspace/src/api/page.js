@@ -71,10 +71,12 @@
       const page = await fetch("/", { cache: "no-store" });
       if (!page.ok) throw new Error("GET / answered " + page.status);
       const doc = new DOMParser().parseFromString(await page.text(), "text/html");
-      const fresh = doc.querySelector("main");
-      if (fresh) document.querySelector("main").replaceChildren(...fresh.childNodes);
       const answer = await fetch("/history", { cache: "no-store" });
       const history = await answer.json();
+      // Both answers in hand, the new tables go in and the charts are drawn at once: no
+      // moment without charts (a flicker, and what a reader of the page in between saw).
+      const fresh = doc.querySelector("main");
+      if (fresh) document.querySelector("main").replaceChildren(...fresh.childNodes);
       for (const figure of document.querySelectorAll("figure.chart")) chart(figure, history);
       live.textContent = "live, updated " + new Date().toLocaleTimeString();
       live.className = "";
