@@ -244,6 +244,7 @@ fn run(args: Args) -> Result<()> {
                 "each mode's load comes from its own client address ({})",
                 modes::ALL.map(|m| format!("{}: {}", m.name(), m.client_addr())).join(", ")
             ),
+            format!("HAProxy connects to the backends from {} on br0, not from the lb namespace's 10.99.2.1, which fullnat takes its ports on: the TIME_WAITs HAProxy's connections leave on the backends would meet fullnat's first SYNs", modes::HAPROXY_SOURCE),
             format!("MTU {} on br0, its ports and the backends' eth0: room for dsr's encapsulation of a full-size packet", testbed::INNER_MTU),
         ],
         xdp_mode: None,

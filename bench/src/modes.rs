@@ -108,6 +108,8 @@ impl Mode {
 }
 
 const NFT_TABLE: &str = "xlbbench_nat";
+/// HAProxy's address on br0, beside the lb namespace's own 10.99.2.1 that fullnat uses.
+pub const HAPROXY_SOURCE: &str = "10.99.2.2";
 /// New connections that check a mode before its load: with a hash, 60 of them miss one of
 /// three backends with a probability of 3 · (2/3)^60 ≈ 10⁻¹⁰.
 const PROBES: usize = 60;
@@ -176,12 +178,15 @@ impl<'a> Active<'a> {
             }
             Mode::Haproxy => {
                 lb.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"]);
+                // Its own source: the TIME_WAITs its connections leave on the backends must
+                // not meet the ports fullnat later takes on br0's address.
+                lb.ip(&["addr", "add", &format!("{HAPROXY_SOURCE}/32"), "dev", "br0"]);
                 let mut cfg = format!(
                     "global\n  nbthread 1\n  maxconn 8000\n\n\
                      defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  \
                      timeout server 60s\n\n\
                      frontend web\n  bind {VIP}:{HTTP_PORT}\n  default_backend nginx\n\n\
-                     backend nginx\n  balance roundrobin\n"
+                     backend nginx\n  balance roundrobin\n  source {HAPROXY_SOURCE}\n"
                 );
                 for (name, addr) in bed.backend_names().iter().zip(&backends) {
                     cfg += &format!("  server {name} {addr}:{HTTP_PORT}\n");
@@ -316,10 +321,12 @@ impl Drop for Active<'_> {
             }
             Mode::Haproxy => {
                 self.proxy.take();
-                let _ = lb
-                    .command("ip")
-                    .args(["addr", "del", &format!("{VIP}/32"), "dev", "lo"])
-                    .output();
+                for (addr, dev) in [(VIP, "lo"), (HAPROXY_SOURCE, "br0")] {
+                    let _ = lb
+                        .command("ip")
+                        .args(["addr", "del", &format!("{addr}/32"), "dev", dev])
+                        .output();
+                }
             }
             Mode::XlbDefault
             | Mode::Xlb
