@@ -503,3 +503,50 @@ fn a_dual_stack_fullnat_service_serves_each_family_from_the_lbs_address_of_it() 
     }
     assert_eq!(reason(&agent, "drop_snat_exhausted"), 0);
 }
+
+/// fullnat takes ports 1024-32767 on the LB's own address; on a host whose ephemeral range
+/// reaches down there, the agent reserves them, so its own connections to a backend (a
+/// proxy beside it, anything) never share a flow's reply 4-tuple. A dsr service takes no
+/// ports of the host and leaves the setting alone.
+#[test]
+fn fullnat_keeps_the_hosts_own_connections_off_its_ports() {
+    let remote = Remote::new(1, 1);
+    let lb = &remote.lbs[0];
+    let reserved = || {
+        lb.ns
+            .exec(&["cat", "/proc/sys/net/ipv4/ip_local_reserved_ports"])
+            .trim()
+            .to_string()
+    };
+    lb.ns.sysctl("net.ipv4.ip_local_port_range", "1024 65535");
+    let dsr = remote.serve(0, &[("dsr", 80, 80, "mode = \"dsr\"")]);
+    assert_eq!(reserved(), "", "dsr reserved ports");
+    drop(dsr);
+    let agent = remote.serve(0, &[("web", 81, 8080, "mode = \"fullnat\"")]);
+    wait_for(Duration::from_secs(5), || {
+        (reserved() == "1024-32767").then_some(())
+    })
+    .unwrap_or_else(|| panic!("reserved: {:?}\n{}", reserved(), agent.log_text()));
+
+    // The host's own connections to the backend now come from above the span...
+    let backend: SocketAddr = format!("{}:8080", remote.hosts[0].addr)
+        .parse()
+        .expect("addr");
+    let ports: Vec<u16> = lb.ns.run(move || {
+        let conns: Vec<_> = (0..300)
+            .map(|_| std::net::TcpStream::connect(backend).expect("connect to the backend"))
+            .collect();
+        conns
+            .iter()
+            .map(|c| c.local_addr().expect("local").port())
+            .collect()
+    });
+    let inside: Vec<_> = ports.iter().filter(|&&p| p <= 32767).collect();
+    assert!(
+        inside.is_empty(),
+        "host connections on fullnat ports: {inside:?}"
+    );
+    // ...and the service's flows still go through.
+    let counts = ask_many(&remote, vip(81), 30);
+    assert_eq!(counts.values().sum::<usize>(), 30, "{counts:?}");
+}

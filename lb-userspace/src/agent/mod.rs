@@ -27,7 +27,7 @@ use crate::{
     api::{self, Command},
     applier::Applier,
     bridgeport,
-    config::Config,
+    config::{Config, Mode},
     datapath::Datapath,
     discovery::{self, Sources, labels::LabelError},
     events::{EventLog, Kind},
@@ -35,7 +35,8 @@ use crate::{
     layout::Layout,
     loader,
     reconcile::{Reconciler, Snapshot},
-    state::{DesiredState, Endpoint},
+    snatports,
+    state::{DesiredState, Endpoint, ServiceSpec},
     status::Applied,
 };
 
@@ -91,6 +92,8 @@ struct Agent {
     events: EventLog,
     /// Each service's problem as last recorded in `events`.
     problems_seen: BTreeMap<String, String>,
+    /// fullnat's ports on the host's address are kept from the host's own connections.
+    snat_ports_reserved: bool,
 }
 
 pub async fn run(config_path: &Path) -> Result<()> {
@@ -153,6 +156,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         announcer: None,
         events: events.clone(),
         problems_seen: BTreeMap::new(),
+        snat_ports_reserved: false,
     };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -296,6 +300,30 @@ impl Agent {
         }
         self.record_joins(&desired);
         self.desired = desired;
+        self.reserve_snat_ports();
+    }
+
+    /// Once a fullnat service takes ports on the host's own address (before its first flow).
+    fn reserve_snat_ports(&mut self) {
+        let shared = |s: &ServiceSpec| s.mode == Mode::Fullnat && s.snat.is_empty();
+        if self.snat_ports_reserved || !self.desired.services.values().any(shared) {
+            return;
+        }
+        self.snat_ports_reserved = true;
+        let span = crate::reconcile::SNAT_PORTS_SHARED;
+        match snatports::reserve(span) {
+            Ok(Some(((low, high), list))) => warn!(
+                "the host's ephemeral ports ({low}-{high}) reach into fullnat's ({}-{}) on its \
+                 own address: net.ipv4.ip_local_reserved_ports = {list}, so that its own \
+                 connections never take a flow's port",
+                span.0, span.1
+            ),
+            Ok(None) => {}
+            Err(e) => warn!(
+                "could not keep fullnat's ports ({}-{}) from the host's own connections: {e:#}",
+                span.0, span.1
+            ),
+        }
     }
 
     /// Records the containers and Swarm tasks that joined or left a service.
