@@ -2,8 +2,8 @@
 //! Maglev, counters. The hook (hooks.rs) rewrites and sends the packet in the service's mode.
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    Backend, FAMILY_V4, FlowKey, MODE_DSR, MODE_FULLNAT, PROTO_TCP, Reason, SERVICE_ALLOW,
-    VipAddrKey, VipKey, flow_hash, ring_hash,
+    Backend, FAMILY_V4, FlowKey, MODE_FULLNAT, PROTO_TCP, Reason, SERVICE_ALLOW, VipAddrKey,
+    VipKey, flow_hash, ring_hash,
 };
 
 use crate::{
@@ -62,7 +62,7 @@ pub trait Hook: PacketBuf {
     /// ICMP (to a VIP or not).
     fn icmp(&self, icmp: &IcmpPacket, now: u64) -> Verdict;
     /// `send` for IPv6: mode nat or fullnat, the ones `decide` lets a v6 flow have.
-    fn send6(&self, pkt: &L4Packet6, target: &Target, now: u64) -> Verdict;
+    fn send6(&self, pkt: &L4Packet6, target: &Target, hash: u32, now: u64) -> Verdict;
     /// `reverse` for IPv6.
     fn reverse6(&self, pkt: &L4Packet6, now: u64) -> Option<Verdict>;
     /// Sends an ICMPv6 error `icmp6::to_backend` rewrote for `backend`.
@@ -290,10 +290,6 @@ fn decide<H: Hook, P: FlowPacket>(ctx: &H, slow: &Slow<P>, out: &mut Decided) ->
     }
     if pkt.has_ip_options() {
         return Outcome::Drop(Reason::DropIpOptions);
-    }
-    // IPv6 is balanced in modes nat and fullnat (the config takes no other).
-    if P::FAMILY != FAMILY_V4 && svc.mode == MODE_DSR {
-        return Outcome::Drop(Reason::DropUnsupportedMode);
     }
 
     let ifindex = ctx.ingress_ifindex();

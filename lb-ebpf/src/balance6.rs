@@ -85,8 +85,8 @@ impl FlowPacket for L4Packet6 {
         (0..4).all(|i| self.saddr[i] & mask[i] == addr[i])
     }
     #[inline(always)]
-    fn send<H: Hook>(&self, ctx: &H, target: &Target, _hash: u32, now: u64) -> Verdict {
-        ctx.send6(self, target, now)
+    fn send<H: Hook>(&self, ctx: &H, target: &Target, hash: u32, now: u64) -> Verdict {
+        ctx.send6(self, target, hash, now)
     }
     #[inline(always)]
     fn not_vip<H: Hook>(&self, ctx: &H, now: u64) -> Verdict {

@@ -1,14 +1,19 @@
-//! dsr: the client's packet, unchanged, inside an outer IPv4 header to the backend's host
-//! (IPIP, or GUE variant 1: outer IPv4 + UDP, the inner IPv4 right after). The backend
-//! decapsulates it (`xlb decap`) and answers the client directly from the VIP.
+//! dsr: the client's packet, unchanged, inside an outer IP header of its family to the
+//! backend's host (IPIP or IPv6-in-IPv6, or GUE variant 1: outer IP + UDP, the inner packet
+//! right after). The backend decapsulates it (`xlb decap`) and answers the client directly
+//! from the VIP.
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{GUE_PORT, PROTO_IPIP, PROTO_UDP};
 
 use crate::{
     csum,
     parse::{ETH_HLEN, IPV4_HLEN, Ipv4Hdr, PacketBuf, load},
+    parse6::{Addr6, IPV6_HLEN, Ipv6Hdr, copy_addr},
     route,
 };
+
+/// IPv6-in-IPv6 (RFC 2473).
+const NEXT_IPV6: u8 = 41;
 
 const UDP_HLEN: usize = size_of::<UdpHdr>();
 const DEFAULT_TTL: u8 = 64;
@@ -25,6 +30,19 @@ struct UdpHdr {
 #[inline(always)]
 pub const fn overhead(gue: bool) -> usize {
     if gue { IPV4_HLEN + UDP_HLEN } else { IPV4_HLEN }
+}
+
+/// The same for an IPv6 packet in IPv6.
+#[inline(always)]
+pub const fn overhead6(gue: bool) -> usize {
+    if gue { IPV6_HLEN + UDP_HLEN } else { IPV6_HLEN }
+}
+
+/// The GUE source port: the flow's entropy, so the backend's NIC spreads flows over its
+/// queues (RSS hashes the outer header).
+#[inline(always)]
+fn gue_sport(hash: u32) -> u16 {
+    (0xc000 | (hash as u16 & 0x3fff)).to_be()
 }
 
 /// Puts the outer headers in front of the packet's IP header. A VLAN tag is dropped: the
@@ -72,13 +90,60 @@ pub fn encap_v4(
     }
     if gue {
         let udp = ctx.ptr_at::<UdpHdr>(ETH_HLEN + IPV4_HLEN)?;
-        // The source port carries the flow's entropy, so the backend's NIC spreads flows
-        // over its queues (RSS hashes the outer header).
         let header = UdpHdr {
-            sport: (0xc000 | (hash as u16 & 0x3fff)).to_be(),
+            sport: gue_sport(hash),
             dport: GUE_PORT.to_be(),
             len: (inner_len + UDP_HLEN as u16).to_be(),
             // Optional in IPv4; the inner packet has its own.
+            check: 0,
+        };
+        unsafe { core::ptr::write_unaligned(udp, header) };
+    }
+    Some(())
+}
+
+/// `encap_v4` for an IPv6 packet of `inner_len` bytes (header included): an outer IPv6
+/// header (next header 41, or UDP to GUE_PORT) from `outer_src` to `outer_dst`, with the
+/// inner traffic class and the flow's hash as flow label (ECMP and RSS on the way hash it).
+/// GUE's UDP checksum is 0, as RFC 6935 allows tunnels over IPv6: the inner packet carries
+/// its own, and `xlb decap` takes the packet before the kernel's UDP would.
+#[inline(always)]
+pub fn encap_v6(
+    ctx: &XdpContext,
+    l3_off: usize,
+    inner_len: u16,
+    outer_src: &Addr6,
+    outer_dst: &Addr6,
+    gue: bool,
+    hash: u32,
+) -> Option<()> {
+    let ip = ctx.ptr_at::<Ipv6Hdr>(l3_off)?;
+    let class = u32::from_be(load(unsafe { &raw const (*ip).version_class_flow })) & 0x0ff0_0000;
+    let macs = load(ctx.ptr_at::<route::Macs>(0)?);
+    let grow = overhead6(gue) as i32 - (l3_off - ETH_HLEN) as i32;
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -grow) } != 0 {
+        return None;
+    }
+    route::write_eth_ipv6(ctx, macs)?;
+    let outer = ctx.ptr_at::<Ipv6Hdr>(ETH_HLEN)?;
+    let payload = inner_len + if gue { UDP_HLEN as u16 } else { 0 };
+    // Field by field: a whole header built first would take 40 bytes of the dsr chain's
+    // stack, which is at its 512-byte limit.
+    unsafe {
+        let first = (0x6000_0000 | class | (hash & 0x000f_ffff)).to_be();
+        core::ptr::write_unaligned(&raw mut (*outer).version_class_flow, first);
+        core::ptr::write_unaligned(&raw mut (*outer).payload_len, payload.to_be());
+        (*outer).next_header = if gue { PROTO_UDP } else { NEXT_IPV6 };
+        (*outer).hop_limit = DEFAULT_TTL;
+        copy_addr(&mut (*outer).saddr, outer_src);
+        copy_addr(&mut (*outer).daddr, outer_dst);
+    }
+    if gue {
+        let udp = ctx.ptr_at::<UdpHdr>(ETH_HLEN + IPV6_HLEN)?;
+        let header = UdpHdr {
+            sport: gue_sport(hash),
+            dport: GUE_PORT.to_be(),
+            len: payload.to_be(),
             check: 0,
         };
         unsafe { core::ptr::write_unaligned(udp, header) };

@@ -14,8 +14,8 @@ use crate::{
     conntrack::{self, Table},
     encap, icmp, icmp_tc, icmp6, maps,
     nat::{self, End, Endpoint, Snat},
-    parse::{ETH_HLEN, IcmpPacket, L4Packet},
-    parse6::{Icmp6Packet, L4Packet6},
+    parse::{ETH_HLEN, IcmpPacket, L4Packet, PacketBuf, load},
+    parse6::{IPV6_HLEN, Icmp6Packet, Ipv6Hdr, L4Packet6},
     route::{self, Decrement, Fallback},
     snat, stats,
 };
@@ -67,10 +67,19 @@ impl Hook for XdpContext {
     }
 
     #[inline(always)]
-    fn send6(&self, pkt: &L4Packet6, target: &Target, now: u64) -> Verdict {
+    fn send6(&self, pkt: &L4Packet6, target: &Target, hash: u32, now: u64) -> Verdict {
         match target.mode {
             MODE_NAT => send_nat6(self, pkt, target, now),
             MODE_FULLNAT => send_fullnat6(self, pkt, target, now),
+            // Sibling subprograms, not nested: see `dsr6_route`.
+            MODE_DSR => match dsr6_route(self, pkt, target, now) {
+                Dsr6Route::Ready => dsr6_send(self, pkt, target, hash),
+                Dsr6Route::TooBig(fits) => match icmp6::packet_too_big(self, pkt, fits) {
+                    Some(()) => Verdict::Sent(XDP_TX, Reason::FragNeeded),
+                    None => Verdict::Drop(Reason::DropTooBig),
+                },
+                Dsr6Route::Failed(reason) => Verdict::Drop(reason),
+            },
             _ => Verdict::Drop(Reason::DropUnsupportedMode),
         }
     }
@@ -221,6 +230,64 @@ fn send_dsr(ctx: &XdpContext, out: &Outgoing) -> Verdict {
     Verdict::Sent(action, reason)
 }
 
+/// What `dsr6_route` found.
+enum Dsr6Route {
+    /// The next hop and the source are in the scratch room.
+    Ready,
+    /// The packet would not fit once encapsulated: the client gets Packet Too Big from the
+    /// VIP with this MTU, as v4 gets "fragmentation needed".
+    TooBig(u16),
+    Failed(Reason),
+}
+
+/// dsr over IPv6, first half: the route to the backend's host for the packet once
+/// encapsulated, with the LB's source on it (into the scratch room). The halves and the
+/// Packet Too Big answer are sibling subprograms: nested, or as one frame, they would
+/// overflow the call chain's 512-byte stack.
+#[inline(never)]
+fn dsr6_route(ctx: &XdpContext, pkt: &L4Packet6, target: &Target, now: u64) -> Dsr6Route {
+    let gue = target.flags & SERVICE_GUE != 0;
+    let (Some(inner_len), Some(scratch)) = (ipv6_len(ctx, pkt.l3_off), maps::scratch()) else {
+        return Dsr6Route::Failed(Reason::DropMalformed);
+    };
+    let outer_len = inner_len.saturating_add(encap::overhead6(gue) as u16);
+    let source = &mut scratch.encap_src;
+    let hop = route::lookup6_sized(ctx, &target.backend.addr, outer_len, now, Some(source));
+    if hop.too_big() {
+        return Dsr6Route::TooBig(hop.mtu.saturating_sub(encap::overhead6(gue) as u16));
+    }
+    if !hop.routed() || source.iter().all(|w| *w == 0) {
+        return Dsr6Route::Failed(Reason::DropNoRoute);
+    }
+    scratch.encap_hop = hop;
+    Dsr6Route::Ready
+}
+
+/// dsr over IPv6, second half: the client's packet inside IPv6 (or GUE over IPv6) to the
+/// backend's host, from the source and to the next hop `dsr6_route` found.
+#[inline(never)]
+fn dsr6_send(ctx: &XdpContext, pkt: &L4Packet6, target: &Target, hash: u32) -> Verdict {
+    let gue = target.flags & SERVICE_GUE != 0;
+    let (Some(inner_len), Some(scratch)) = (ipv6_len(ctx, pkt.l3_off), maps::scratch()) else {
+        return Verdict::Drop(Reason::DropMalformed);
+    };
+    let (source, dst) = (&scratch.encap_src, &target.backend.addr);
+    if encap::encap_v6(ctx, pkt.l3_off, inner_len, source, dst, gue, hash).is_none() {
+        return Verdict::Drop(Reason::DropMalformed);
+    }
+    let hop = &scratch.encap_hop;
+    let (action, reason) = route::transmit(ctx, hop, ETH_HLEN, Decrement::No, Fallback::Tc);
+    Verdict::Sent(action, reason)
+}
+
+/// The length of the IPv6 packet at `l3_off`, its header included.
+#[inline(always)]
+fn ipv6_len(ctx: &XdpContext, l3_off: usize) -> Option<u16> {
+    let ip = ctx.ptr_at::<Ipv6Hdr>(l3_off)?;
+    let payload = u16::from_be(load(unsafe { &raw const (*ip).payload_len }));
+    Some(payload.saturating_add(IPV6_HLEN as u16))
+}
+
 /// A fullnat reply (backend -> SNAT address:port), translated back to VIP -> client.
 #[inline(never)]
 fn reverse_fullnat(ctx: &XdpContext, pkt: &L4Packet, now: u64) -> Option<Verdict> {
@@ -324,7 +391,10 @@ impl Hook for TcContext {
     }
 
     #[inline(always)]
-    fn send6(&self, pkt: &L4Packet6, target: &Target, _now: u64) -> Verdict {
+    fn send6(&self, pkt: &L4Packet6, target: &Target, _hash: u32, _now: u64) -> Verdict {
+        if target.mode != MODE_NAT {
+            return Verdict::Drop(Reason::DropUnsupportedMode);
+        }
         let backend = target.backend;
         if nat::rewrite_tc6(self, pkt, End::Destination, &backend.addr, backend.port).is_err() {
             return Verdict::Drop(Reason::DropMalformed);

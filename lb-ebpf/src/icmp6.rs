@@ -8,6 +8,7 @@
 //! Everything else (neighbour discovery above all) goes to the kernel.
 use aya_ebpf::{
     bindings::BPF_F_PSEUDO_HDR,
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
@@ -19,7 +20,7 @@ use crate::{
     conntrack, csum, maglev,
     maps::{self, CONNTRACK, CONNTRACK_NEW, VIPS},
     parse::{ETH_HLEN, PacketBuf, load},
-    parse6::{IPV6_HLEN, Icmp6Packet, Ipv6Hdr, copy_addr, load_addr},
+    parse6::{IPV6_HLEN, Icmp6Packet, Ipv6Hdr, L4Packet6, copy_addr, load_addr},
     route, snat, stats,
 };
 
@@ -32,6 +33,10 @@ const ICMPV6_TIME_EXCEEDED: u8 = 3;
 const ICMPV6_HLEN: usize = 8;
 const ICMPV6_CSUM_OFF: usize = 2;
 const IP6_SADDR_OFF: usize = 8;
+const NEXT_ICMPV6: u8 = 58;
+/// What a Packet Too Big quotes: the header and the ports, all the client's stack needs to
+/// find the connection (the answer stays small: no 1280-byte copy per oversized packet).
+const PTB_QUOTE_LEN: usize = IPV6_HLEN + 8;
 const IP6_DADDR_OFF: usize = 24;
 
 /// An error whose quote is a packet the error's destination sent.
@@ -331,4 +336,54 @@ fn rewrite_quote(
         ctx.store(icmp.l3_off + IP6_SADDR_OFF, vip, 0)?;
     }
     Ok(())
+}
+
+/// Turns a dsr packet that would not fit the route once encapsulated into Packet Too Big
+/// from the VIP to the client with `mtu` (to be sent back with XDP_TX). Only an untagged
+/// frame without extension headers: None otherwise, and the packet is dropped.
+#[inline(never)]
+pub fn packet_too_big(ctx: &XdpContext, pkt: &L4Packet6, mtu: u16) -> Option<()> {
+    if pkt.l3_off != ETH_HLEN || pkt.l4_off != ETH_HLEN + IPV6_HLEN {
+        return None;
+    }
+    let [d0, d1, d2, s0, s1, s2] = load(ctx.ptr_at::<route::Macs>(0)?);
+    // New IPv6 + ICMPv6 headers in front of the original header; the frame ends after the
+    // quote.
+    let grow = (IPV6_HLEN + ICMPV6_HLEN) as i32;
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -grow) } != 0 {
+        return None;
+    }
+    let keep = ETH_HLEN + IPV6_HLEN + ICMPV6_HLEN + PTB_QUOTE_LEN;
+    let trim = ctx.data_end() as i32 - ctx.data() as i32 - keep as i32;
+    if trim < 0 || unsafe { bpf_xdp_adjust_tail(ctx.ctx, -trim) } != 0 {
+        return None;
+    }
+    route::write_eth_ipv6(ctx, [s0, s1, s2, d0, d1, d2])?;
+    let length = (ICMPV6_HLEN + PTB_QUOTE_LEN) as u16;
+    let ip = ctx.ptr_at::<Ipv6Hdr>(ETH_HLEN)?;
+    let header = Ipv6Hdr {
+        version_class_flow: 0x6000_0000u32.to_be(),
+        payload_len: length.to_be(),
+        next_header: NEXT_ICMPV6,
+        hop_limit: 64,
+        saddr: pkt.daddr,
+        daddr: pkt.saddr,
+    };
+    unsafe { core::ptr::write_unaligned(ip, header) };
+    let icmp_off = ETH_HLEN + IPV6_HLEN;
+    let icmp = ctx.ptr_at::<[u16; ICMPV6_HLEN / 2]>(icmp_off)?;
+    let quote = ctx.ptr_at::<[u16; PTB_QUOTE_LEN / 2]>(icmp_off + ICMPV6_HLEN)?;
+    let kind_code = u16::from_be_bytes([ICMPV6_PACKET_TOO_BIG, 0]).to_be();
+    let mtu = (mtu as u32).to_be();
+    let mut words = [kind_code, 0, mtu as u16, (mtu >> 16) as u16];
+    // The pseudo-header: both addresses, the ICMPv6 length and next header.
+    let mut total = csum::sum(&words) + csum::sum(unsafe { &*quote });
+    for i in 0..4 {
+        let (a, b) = (pkt.saddr[i], pkt.daddr[i]);
+        total += (a >> 16) + (a & 0xffff) + (b >> 16) + (b & 0xffff);
+    }
+    total += length.to_be() as u32 + (NEXT_ICMPV6 as u16).to_be() as u32;
+    words[1] = csum::fold(total);
+    unsafe { core::ptr::write_unaligned(icmp, words) };
+    Some(())
 }

@@ -4,7 +4,7 @@
 //! never reused with the wrong layout.
 use crate::{
     flowcache::CachedFlow,
-    route::{CachedHop, CachedHop6},
+    route::{CachedHop, CachedHop6, NextHop},
 };
 
 /// See `SCRATCH`.
@@ -15,6 +15,10 @@ pub struct Scratch {
     pub rev_nat: RevNat,
     pub snat: SnatRev,
     pub endpoint: VipKey,
+    /// dsr over IPv6: the outer source and the next hop (the dsr chain's frames are at
+    /// the 512-byte limit).
+    pub encap_src: [u32; 4],
+    pub encap_hop: NextHop,
 }
 
 /// This CPU's scratch room.

@@ -21,12 +21,13 @@ use crate::{
     deliver,
     maps::{FIB_PARAMS, HOP_CACHE, HOP_CACHE6, TX_PORTS},
     parse::{ETH_HLEN, Ipv4Hdr, PacketBuf, load},
-    parse6::{Addr6, Ipv6Hdr},
+    parse6::{Addr6, Ipv6Hdr, copy_addr},
 };
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 
 /// Destination then source MAC as 16-bit words in wire order: twelve separate bytes would
 /// each take a register or an 8-byte stack slot.
@@ -58,6 +59,15 @@ impl NextHop {
             BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH
         ) && self.src != 0)
             .then_some(self.src)
+    }
+
+    /// The FIB found a route (the neighbour may be unresolved yet).
+    #[inline(always)]
+    pub fn routed(&self) -> bool {
+        matches!(
+            self.rc,
+            BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH
+        )
     }
 
     #[inline(always)]
@@ -123,20 +133,35 @@ fn fib(ctx: &XdpContext, ingress: u32, daddr: u32, tot_len: u16) -> NextHop {
     })
 }
 
-/// `CachedHop` for an IPv6 destination.
+/// `CachedHop` for an IPv6 destination, with the route's source (dsr's outer header).
 #[repr(C)]
 pub struct CachedHop6 {
     daddr: Addr6,
+    src: Addr6,
     ingress: u32,
-    _pad: u32,
+    checked_len: u16,
+    _pad: u16,
     checked_ns: u64,
     hop: NextHop,
 }
 
-/// The next hop towards the IPv6 address `daddr`, cached per CPU as `lookup` does. No MTU
-/// check and no source (nat and fullnat need no MTU check; `source6` finds a source).
+/// The next hop towards the IPv6 address `daddr`, cached per CPU as `lookup` does, without
+/// an MTU check (nat and fullnat need none).
 #[inline(always)]
 pub fn lookup6(ctx: &XdpContext, daddr: &Addr6, now: u64) -> NextHop {
+    lookup6_sized(ctx, daddr, 0, now, None)
+}
+
+/// `lookup6` for an IP packet of `tot_len` bytes (0: no MTU check), writing the route's
+/// source into `src` when asked (dsr; it is unset when the route has none).
+#[inline(always)]
+pub fn lookup6_sized(
+    ctx: &XdpContext,
+    daddr: &Addr6,
+    tot_len: u16,
+    now: u64,
+    src: Option<&mut Addr6>,
+) -> NextHop {
     let ingress = ctx.ingress_ifindex() as u32;
     let mix = daddr[0] ^ daddr[1] ^ daddr[2] ^ daddr[3] ^ ingress;
     let slot = mix.wrapping_mul(0x9e37_79b1) >> (32 - HOP_CACHE_BITS);
@@ -145,15 +170,28 @@ pub fn lookup6(ctx: &XdpContext, daddr: &Addr6, now: u64) -> NextHop {
         let entry = unsafe { &*entry };
         if entry.daddr == *daddr
             && entry.ingress == ingress
+            && tot_len <= entry.checked_len
             && now.wrapping_sub(entry.checked_ns) <= HOP_CACHE_NS
         {
+            if let Some(src) = src {
+                copy_addr(src, &entry.src);
+            }
             return entry.hop;
         }
     }
-    let hop = ask(ctx, ingress, 0, |params| {
+    // The source is asked for always, as for IPv4: one answer serves every use.
+    let hop = ask(ctx, ingress, BPF_FIB_LOOKUP_SRC, |params| {
         params.family = AF_INET6;
+        params.__bindgen_anon_1.tot_len = tot_len;
         params.__bindgen_anon_4.ipv6_dst = *daddr;
     });
+    let Some(params) = FIB_PARAMS.get_ptr(0) else {
+        return hop;
+    };
+    let found = unsafe { &(*params).__bindgen_anon_3.ipv6_src };
+    if let Some(src) = src {
+        copy_addr(src, found);
+    }
     if !matches!(
         hop.rc,
         BPF_FIB_LKUP_RET_NO_NEIGH | BPF_FIB_LKUP_RET_FRAG_NEEDED
@@ -161,7 +199,9 @@ pub fn lookup6(ctx: &XdpContext, daddr: &Addr6, now: u64) -> NextHop {
     {
         unsafe {
             (*entry).daddr = *daddr;
+            copy_addr(&mut (*entry).src, found);
             (*entry).ingress = ingress;
+            (*entry).checked_len = tot_len;
             (*entry).checked_ns = now;
             (*entry).hop = hop;
         }
@@ -305,9 +345,20 @@ pub fn transmit(
 /// packet: for frames whose head XDP moved (encapsulation, an ICMP answer).
 #[inline(always)]
 pub fn write_eth_ipv4(ctx: &XdpContext, macs: Macs) -> Option<()> {
+    write_eth(ctx, macs, ETH_P_IP)
+}
+
+/// `write_eth_ipv4` for an IPv6 packet.
+#[inline(always)]
+pub fn write_eth_ipv6(ctx: &XdpContext, macs: Macs) -> Option<()> {
+    write_eth(ctx, macs, ETH_P_IPV6)
+}
+
+#[inline(always)]
+fn write_eth(ctx: &XdpContext, macs: Macs, eth_type: u16) -> Option<()> {
     let eth = ctx.ptr_at::<[u16; ETH_HLEN / 2]>(0)?;
     let [d0, d1, d2, s0, s1, s2] = macs;
-    let header = [d0, d1, d2, s0, s1, s2, ETH_P_IP.to_be()];
+    let header = [d0, d1, d2, s0, s1, s2, eth_type.to_be()];
     unsafe { core::ptr::write_unaligned(eth, header) };
     Some(())
 }

@@ -1,6 +1,7 @@
-//! Mode fullnat over IPv6 under BPF_PROG_TEST_RUN: SNAT66 to the FIB's source or the
-//! service's pool, DNAT66 to the backend, and replies translated back to VIP -> client, the
-//! checksums checked by etherparse. In a namespace where the FIB answers (support/routed.rs).
+//! Modes fullnat and dsr over IPv6 under BPF_PROG_TEST_RUN: SNAT66 to the FIB's source or
+//! the service's pool, DNAT66 to the backend, and replies translated back to VIP -> client,
+//! the checksums checked by etherparse; dsr's IPv6-in-IPv6 and GUE over IPv6, and its Packet
+//! Too Big from the VIP. In a namespace where the FIB answers (support/routed.rs).
 use std::net::{Ipv6Addr, SocketAddrV6};
 
 use lb_common::{PROTO_TCP, PROTO_UDP, Reason};
@@ -249,4 +250,135 @@ fn icmpv6_errors_about_a_fullnat_flow_are_translated_both_ways() {
     let out = dp.xdp(&stray);
     assert_eq!(out.action, XDP_PASS);
     assert_frame_eq(&stray, &out.data, "about no flow");
+}
+
+/// A dsr service on [VIP6]:80 to the three v6 hosts (dsr keeps the port).
+fn dsr_service(extra: &str) -> String {
+    service(80, "tcp", extra)
+        .replace("mode = \"fullnat\"", "mode = \"dsr\"")
+        .replace("port = 8080", "port = 80")
+}
+
+/// A TCP packet from the client to [VIP6]:80 with `payload` bytes of data.
+fn dsr_request(payload: usize, flags: u8) -> Vec<u8> {
+    let mut f = Frame6::tcp(VIP6).with_tcp_flags(flags);
+    f.upper_bytes.extend(std::iter::repeat_n(b'x', payload));
+    f.checksummed().build()
+}
+
+/// Checks dsr's encapsulation of `input`; returns the backend host it went to.
+fn encapsulated6(dp: &LoadedDatapath, input: &[u8], gue: bool, what: &str) -> Ipv6Addr {
+    let out = dp.xdp_unmarked(input);
+    assert_eq!(
+        out.action,
+        XDP_PASS,
+        "{what}: {}",
+        xdp_action_name(out.action)
+    );
+    let overhead = if gue { 48 } else { 40 };
+    let inner = &input[L3..];
+    assert_eq!(
+        out.data.len(),
+        L3 + overhead + inner.len(),
+        "{what}: outer headers"
+    );
+    assert_eq!(be16(&out.data, 12), 0x86dd, "{what}: ethertype");
+    assert_eq!(&out.data[..12], &input[..12], "{what}: MACs kept for TC");
+    let outer = &out.data[L3..];
+    assert_eq!(outer[0] >> 4, 6, "{what}: version");
+    assert_eq!(
+        be16(outer, 4) as usize,
+        overhead - 40 + inner.len(),
+        "{what}: payload length"
+    );
+    assert_eq!(
+        outer[6],
+        if gue { PROTO_UDP } else { 41 },
+        "{what}: next header"
+    );
+    assert_eq!(outer[HOP_LIMIT], 64, "{what}: outer hop limit");
+    assert_eq!(
+        ipv6_at(&out.data, L3 + SADDR),
+        LB_BACK6,
+        "{what}: from the LB"
+    );
+    let host = ipv6_at(&out.data, L3 + DADDR);
+    assert!(HOSTS6.contains(&host), "{what}: to {host}");
+    if gue {
+        let udp = &outer[40..];
+        assert_eq!(be16(udp, 2), lb_common::GUE_PORT, "{what}: GUE port");
+        assert_eq!(be16(udp, 4) as usize, 8 + inner.len(), "{what}: UDP length");
+        assert_eq!(be16(udp, 6), 0, "{what}: zero UDP checksum (RFC 6935)");
+        assert!(
+            be16(udp, 0) >= 0xc000,
+            "{what}: source port from the flow hash"
+        );
+    }
+    assert_eq!(
+        &outer[overhead..],
+        inner,
+        "{what}: the client's packet, unchanged"
+    );
+    host
+}
+
+#[test]
+fn dsr_over_v6_encapsulates_in_ipv6_and_gue() {
+    let _ns = routed_namespace();
+    for (gue, extra) in [(false, ""), (true, "encap = \"gue\"")] {
+        let dp = LoadedDatapath::new(&dsr_service(extra));
+        let what = if gue { "GUE over v6" } else { "IPv6 in IPv6" };
+        let before = dp.reasons();
+        let host = encapsulated6(&dp, &dsr_request(6, TCP_SYN), gue, what);
+        dp.reasons()
+            .assert_moved(&before, &[(Reason::HandedToTc, 1)], what);
+        // The flow's next packet goes to the same host.
+        let next = encapsulated6(&dp, &dsr_request(100, TCP_ACK), gue, what);
+        assert_eq!(next, host, "{what}: one host per flow");
+    }
+}
+
+#[test]
+fn dsr_over_v6_answers_what_would_not_fit_with_packet_too_big_from_the_vip() {
+    let _ns = routed_namespace();
+    let dp = LoadedDatapath::new(&dsr_service(""));
+    // 1500 bytes of IPv6 (40 + 20 + 1440): 1540 encapsulated, over the link's 1500.
+    let input = dsr_request(1440, TCP_ACK);
+    assert_eq!(input.len(), L3 + 1500);
+    let before = dp.reasons();
+    let out = dp.xdp_unmarked(&input);
+    assert_eq!(out.action, XDP_TX, "{}", xdp_action_name(out.action));
+    dp.reasons()
+        .assert_moved(&before, &[(Reason::FragNeeded, 1)], "too big");
+    let f = &out.data;
+    assert_eq!(f.len(), L3 + 40 + 8 + 48, "headers and the quote");
+    assert_eq!(
+        (&f[..6], &f[6..12]),
+        (&input[6..12], &input[..6]),
+        "MACs swapped"
+    );
+    assert_eq!(be16(f, 12), 0x86dd);
+    assert_eq!(f[L3 + 6], 58, "next header ICMPv6");
+    assert_eq!(be16(f, L3 + 4), 56, "payload length");
+    assert_eq!(
+        (ipv6_at(f, L3 + SADDR), ipv6_at(f, L3 + DADDR)),
+        (VIP6, CLIENT6),
+        "from the VIP to the client"
+    );
+    let icmp = &f[L3 + 40..];
+    assert_eq!((icmp[0], icmp[1]), (2, 0), "Packet Too Big");
+    assert_eq!(
+        u32::from_be_bytes([icmp[4], icmp[5], icmp[6], icmp[7]]),
+        1500 - 40,
+        "the MTU that fits once encapsulated"
+    );
+    assert_icmpv6_checksum(f, "Packet Too Big");
+    assert_eq!(
+        &icmp[8..],
+        &input[L3..L3 + 48],
+        "quotes the client's packet"
+    );
+
+    // A packet that fits is encapsulated as usual.
+    encapsulated6(&dp, &dsr_request(1400, TCP_ACK), false, "fits");
 }

@@ -134,13 +134,6 @@ impl Config {
                     ));
                 }
             }
-            if svc.vip.has_v6() && svc.mode == Mode::Dsr {
-                out.push((
-                    at("mode"),
-                    "dsr over IPv6 is not built yet: an IPv6 VIP takes mode \"nat\" or \"fullnat\""
-                        .into(),
-                ));
-            }
             if svc.port == 0 {
                 out.push((at("port"), "must be 1-65535".into()));
             }
