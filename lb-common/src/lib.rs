@@ -26,6 +26,8 @@ pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 /// IP in IP (RFC 2003): dsr's plain encapsulation.
 pub const PROTO_IPIP: u8 = 4;
+/// IPv6 in IPv6 (RFC 2473): dsr's plain encapsulation to a v6 VIP.
+pub const PROTO_IPV6: u8 = 41;
 
 /// Forwarding modes (`Service::mode`).
 pub const MODE_NAT: u8 = 0;
@@ -526,23 +528,26 @@ pub enum DecapCounter {
     Decapsulated = 0,
     /// Encapsulated, but to an address that is not a served VIP: passed on untouched.
     UnknownVip,
-    /// Encapsulated, but the inner packet is not IPv4: passed on untouched.
+    /// Encapsulated in IPv4, but the inner packet is not IPv4: passed on untouched.
     NotIpv4,
     /// The driver refused to move the packet start: passed on untouched.
     Error,
     /// Encapsulated to a served VIP, but from an outer source outside `xlb decap --from`:
     /// dropped (it could carry a forged client address).
     RefusedSource,
+    /// Encapsulated in IPv6, but the inner packet is not IPv6: passed on untouched.
+    NotIpv6,
 }
 
 impl DecapCounter {
-    pub const COUNT: u32 = DecapCounter::RefusedSource as u32 + 1;
+    pub const COUNT: u32 = DecapCounter::NotIpv6 as u32 + 1;
     pub const ALL: [DecapCounter; DecapCounter::COUNT as usize] = [
         DecapCounter::Decapsulated,
         DecapCounter::UnknownVip,
         DecapCounter::NotIpv4,
         DecapCounter::Error,
         DecapCounter::RefusedSource,
+        DecapCounter::NotIpv6,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -552,6 +557,7 @@ impl DecapCounter {
             DecapCounter::NotIpv4 => "not_ipv4",
             DecapCounter::Error => "error",
             DecapCounter::RefusedSource => "refused_source",
+            DecapCounter::NotIpv6 => "not_ipv6",
         }
     }
 }

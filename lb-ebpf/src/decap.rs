@@ -1,6 +1,6 @@
-//! `xlb decap`: the backend-host side of mode dsr. Strips the IPIP or GUE header the
-//! balancer added, for packets to a VIP this host serves, so the kernel needs no ipip
-//! module. The host then answers the client directly from the VIP (on lo). A separate
+//! `xlb decap`: the backend-host side of mode dsr. Strips the IPIP, IPv6-in-IPv6 or GUE
+//! header the balancer added, for packets to a VIP this host serves, so the kernel needs no
+//! ipip or ip6_tunnel module. The host then answers the client directly from the VIP (on lo). A separate
 //! object from the balancer, so a backend host loads only this and two small maps.
 #![no_std]
 #![no_main]
@@ -15,13 +15,15 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    DecapCounter, FAMILY_V4, GUE_PORT, PROTO_IPIP, PROTO_UDP, VipAddrKey,
+    DecapCounter, FAMILY_V4, FAMILY_V6, GUE_PORT, PROTO_IPIP, PROTO_IPV6, PROTO_UDP, VipAddrKey,
     sizes::{MAX_DECAP_SOURCES, MAX_VIP_ADDRS},
 };
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 const IPV4_HLEN: usize = 20;
+const IPV6_HLEN: usize = 40;
 const UDP_HLEN: usize = 8;
 /// More-fragments flag and fragment offset, in host order.
 const IP_MF_OFFSET: u16 = 0x3fff;
@@ -36,8 +38,12 @@ static DECAP_VIPS: HashMap<VipAddrKey, u32> = HashMap::pinned(MAX_VIP_ADDRS, 0);
 #[map(name = "XLB_DECAP_SOURCES_V1")]
 static DECAP_SOURCES: LpmTrie<u32, u32> = LpmTrie::pinned(MAX_DECAP_SOURCES, 0);
 
-/// Per-CPU counters indexed by `lb_common::DecapCounter` (V2: RefusedSource added).
-#[map(name = "XLB_DECAP_STATS_V2")]
+/// The same for outer IPv6 sources (address bytes as on the wire); `::/0` without `--from`.
+#[map(name = "XLB_DECAP_SOURCES6_V1")]
+static DECAP_SOURCES6: LpmTrie<[u8; 16], u32> = LpmTrie::pinned(MAX_DECAP_SOURCES, 0);
+
+/// Per-CPU counters indexed by `lb_common::DecapCounter` (V3: NotIpv6 added).
+#[map(name = "XLB_DECAP_STATS_V3")]
 static DECAP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(DecapCounter::COUNT, 0);
 
 #[xdp]
@@ -71,9 +77,15 @@ fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
 /// None: not an encapsulated packet (left alone, uncounted).
 #[inline(always)]
 fn decap(ctx: &XdpContext) -> Option<DecapCounter> {
-    if u16::from_be(read(ctx, 12)?) != ETH_P_IP {
-        return None;
+    match u16::from_be(read(ctx, 12)?) {
+        ETH_P_IP => decap_v4(ctx),
+        ETH_P_IPV6 => decap_v6(ctx),
+        _ => None,
     }
+}
+
+#[inline(always)]
+fn decap_v4(ctx: &XdpContext) -> Option<DecapCounter> {
     let outer = ETH_HLEN;
     // Our balancer writes a plain 20-byte header and never fragments.
     if read::<u8>(ctx, outer)? != 0x45 || u16::from_be(read(ctx, outer + 6)?) & IP_MF_OFFSET != 0 {
@@ -104,7 +116,48 @@ fn decap(ctx: &XdpContext) -> Option<DecapCounter> {
     if DECAP_SOURCES.get(Key::new(32, source)).is_none() {
         return Some(DecapCounter::RefusedSource);
     }
-    // The Ethernet header moves up to sit right before the inner IP header.
+    strip(ctx, inner, ETH_P_IP)
+}
+
+/// The same checks behind an outer IPv6 header. The balancer writes exactly 40 bytes with
+/// no extension headers, so next header is the tunnel's (41) or UDP (GUE) or not ours; a
+/// fragment would show as 44, and is not ours either.
+#[inline(always)]
+fn decap_v6(ctx: &XdpContext) -> Option<DecapCounter> {
+    let outer = ETH_HLEN;
+    if read::<u8>(ctx, outer)? >> 4 != 6 {
+        return None;
+    }
+    let inner = match read::<u8>(ctx, outer + 6)? {
+        PROTO_IPV6 => outer + IPV6_HLEN,
+        PROTO_UDP if u16::from_be(read(ctx, outer + IPV6_HLEN + 2)?) == GUE_PORT => {
+            outer + IPV6_HLEN + UDP_HLEN
+        }
+        _ => return None,
+    };
+    if read::<u8>(ctx, inner)? >> 4 != 6 {
+        return Some(DecapCounter::NotIpv6);
+    }
+    let vip = VipAddrKey {
+        addr: read(ctx, inner + 24)?,
+        family: FAMILY_V6,
+        _pad0: 0,
+        _pad1: 0,
+    };
+    if unsafe { DECAP_VIPS.get(vip) }.is_none() {
+        return Some(DecapCounter::UnknownVip);
+    }
+    let source: [u8; 16] = read(ctx, outer + 8)?;
+    if DECAP_SOURCES6.get(Key::new(128, source)).is_none() {
+        return Some(DecapCounter::RefusedSource);
+    }
+    strip(ctx, inner, ETH_P_IPV6)
+}
+
+/// Drops everything between the Ethernet header and `inner`; the Ethernet header (the outer
+/// frame's MACs, `ethertype`) moves up to sit right before the inner IP header.
+#[inline(always)]
+fn strip(ctx: &XdpContext, inner: usize, ethertype: u16) -> Option<DecapCounter> {
     let macs: [u8; 12] = read(ctx, 0)?;
     let strip = inner - ETH_HLEN;
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, strip as i32) } != 0 {
@@ -113,7 +166,7 @@ fn decap(ctx: &XdpContext) -> Option<DecapCounter> {
     let eth = at::<[u8; ETH_HLEN]>(ctx, 0)?;
     let mut header = [0u8; ETH_HLEN];
     header[..12].copy_from_slice(&macs);
-    header[12..].copy_from_slice(&ETH_P_IP.to_be_bytes());
+    header[12..].copy_from_slice(&ethertype.to_be_bytes());
     unsafe { core::ptr::write_unaligned(eth, header) };
     Some(DecapCounter::Decapsulated)
 }
