@@ -121,22 +121,23 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// On a backend host of a dsr service: decapsulate the balancer's IPIP/GUE packets for
-    /// these VIPs and put the VIPs on lo. Stays attached after exit: the pin path must be on
+    /// On a backend host of a dsr service: decapsulate the balancer's IPIP, IPv6-in-IPv6 and
+    /// GUE (over IPv4 or IPv6) packets for these VIPs and put the VIPs on lo. Stays attached after exit: the pin path must be on
     /// the host's bpffs, so under `ip netns exec` (which remounts /sys) it refuses; use
     /// `nsenter --net=/run/netns/NS xlb decap ...` there.
     Decap {
         /// Interfaces where encapsulated packets arrive (repeat for several).
         #[arg(long = "interface", short, required_unless_present_any = ["detach", "status"])]
         interfaces: Vec<String>,
-        /// VIPs served by this host (repeat for several).
+        /// VIPs served by this host, IPv4 or IPv6 (repeat for several).
         #[arg(long = "vip", required_unless_present_any = ["detach", "status"])]
-        vips: Vec<std::net::Ipv4Addr>,
-        /// Accept encapsulated packets only from these outer sources (CIDR or address; the
-        /// LB nodes; repeat for several). Without it, from any source (a warning): anyone who
-        /// reaches this host could inject packets with a forged client address.
-        #[arg(long = "from", value_name = "CIDR", value_parser = parse_cidr)]
-        from: Vec<ipnet::Ipv4Net>,
+        vips: Vec<std::net::IpAddr>,
+        /// Accept encapsulated packets only from these outer sources (IPv4 or IPv6 CIDR or
+        /// address; the LB nodes; repeat for several). A family none is given for is refused.
+        /// Without it, from any source of both families (a warning): anyone who reaches this
+        /// host could inject packets with a forged client address.
+        #[arg(long = "from", value_name = "CIDR", value_parser = xlb::decap::parse_source)]
+        from: Vec<ipnet::IpNet>,
         /// auto (driver, falling back to skb), driver or skb.
         #[arg(long, default_value = "auto")]
         xdp_mode: String,
@@ -374,12 +375,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .collect();
                 println!("VIPs: {}", vips.join(", "));
                 let sources = xlb::decap::accepted_sources(&pin_path)?;
-                if sources.is_empty() || sources.iter().any(|n| n.prefix_len() == 0) {
-                    println!("from: any (warning: {})", xlb::decap::ANY_SOURCE_WARNING);
-                } else {
-                    let list: Vec<String> = sources.iter().map(|n| n.to_string()).collect();
-                    println!("from: {}", list.join(", "));
-                }
+                println!("from: {}", xlb::decap::describe_sources(&sources));
                 for (counter, n) in xlb::decap::counters(&pin_path)? {
                     println!("{:<13} {n}", counter.name());
                 }
@@ -457,13 +453,6 @@ async fn watch(listen: &ApiListen) -> Result<()> {
         out.flush()?;
         (before, then) = (now, at);
     }
-}
-
-/// A CIDR, or a bare address (a /32).
-fn parse_cidr(text: &str) -> Result<ipnet::Ipv4Net, String> {
-    text.parse::<ipnet::Ipv4Net>()
-        .or_else(|_| text.parse::<std::net::Ipv4Addr>().map(ipnet::Ipv4Net::from))
-        .map_err(|_| format!("{text}: not an IPv4 CIDR (10.0.0.0/24) or address"))
 }
 
 /// The pin path's lock for `xlb detach`; none if there is no pin path, or if `force` and
