@@ -121,10 +121,11 @@ impl Flood {
     }
 }
 
-struct PacketSocket(i32);
+/// An AF_PACKET socket bound to an interface, for sending hand-built frames.
+pub struct PacketSocket(i32);
 
 impl PacketSocket {
-    fn bind(interface: &str) -> PacketSocket {
+    pub fn bind(interface: &str) -> PacketSocket {
         let name = std::ffi::CString::new(interface).expect("name");
         // SAFETY: plain socket calls with valid arguments.
         unsafe {
@@ -153,7 +154,7 @@ impl PacketSocket {
         }
     }
 
-    fn send(&self, frame: &[u8]) -> bool {
+    pub fn send(&self, frame: &[u8]) -> bool {
         // SAFETY: sending a buffer we own on our socket.
         unsafe { libc::send(self.0, frame.as_ptr().cast(), frame.len(), 0) >= 0 }
     }

@@ -315,7 +315,8 @@ impl Remote {
         self.hosts.push(host);
     }
 
-    /// Runs `xlb decap` on every host for the VIP (dsr's backend side).
+    /// Runs `xlb decap` on every host for the VIP (dsr's backend side), and for VIP6 too in
+    /// a dual-stack Remote.
     pub fn decap_on_hosts(&self) {
         for host in &self.hosts {
             let xlb = binary("xlb");
@@ -323,10 +324,16 @@ impl Remote {
             let pins = self.decap_pin_path(host);
             args.extend(decap_args(&pins));
             // Only the LB nodes may send encapsulated packets: their front addresses, and
-            // the hosts' segment for a back NIC (`add_back_nic`).
-            let from: Vec<String> = self.lbs.iter().map(|lb| lb.addr.clone()).collect();
-            for source in from.iter().map(String::as_str).chain(["10.99.4.0/24"]) {
-                args.extend(["--from", source]);
+            // the hosts' segment for a back NIC (`add_back_nic`), in each family served.
+            let mut from: Vec<String> = self.lbs.iter().map(|lb| lb.addr.clone()).collect();
+            from.push("10.99.4.0/24".into());
+            if self.dual_stack {
+                args.extend(["--vip", VIP6]);
+                from.extend(self.lbs.iter().filter_map(|lb| lb.addr6.clone()));
+                from.push("fd99:4::/64".into());
+            }
+            for source in &from {
+                args.extend(["--from", source.as_str()]);
             }
             let out = host.ns.exec(&args);
             assert!(out.contains("decapsulating for"), "xlb decap: {out}");

@@ -4,7 +4,6 @@
 //! (10.99.1.0/24), with permanent neighbours.
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use aya::{EbpfLoader, maps::PerCpuArray, programs::Xdp};
 use lb_common::{DecapCounter, GUE_PORT, Reason};
 use xlb_tests::testrun::*;
 
@@ -17,6 +16,9 @@ const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 99, 1, 2), 4000
 const IPV4_HLEN: usize = 20;
 const ETH_HLEN: usize = 14;
 
+#[path = "support/decap.rs"]
+mod decap;
+use decap::Decap;
 #[path = "support/routed.rs"]
 mod routed;
 use routed::{HOSTS, LB_BACK, routed_namespace};
@@ -294,60 +296,10 @@ fn dsr_answers_what_would_not_fit_the_egress_mtu_with_icmp() {
     );
 }
 
-/// The decap program loaded on its own, serving `vips`.
-struct Decap {
-    ebpf: aya::Ebpf,
-    pin: std::path::PathBuf,
-}
-
-impl Decap {
-    /// Accepting encapsulated packets from any source (no `--from`).
-    fn new(vips: &[Ipv4Addr]) -> Decap {
-        Decap::from(vips, &[])
-    }
-
-    /// Accepting them only from `sources`, as `xlb decap --from` does.
-    fn from(vips: &[Ipv4Addr], sources: &[ipnet::Ipv4Net]) -> Decap {
-        let pin = std::path::PathBuf::from(format!(
-            "/sys/fs/bpf/xlb-test-{}-decap",
-            xlb_tests::netns::unique_prefix()
-        ));
-        std::fs::create_dir_all(&pin).expect("pin dir");
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&pin)
-            .load(xlb::decap::DECAP_OBJECT)
-            .expect("load decap");
-        let prog: &mut Xdp = ebpf.program_mut("xlb_decap").unwrap().try_into().unwrap();
-        prog.load().expect("verify decap");
-        xlb::decap::set_vips(&mut ebpf, vips).expect("VIPs");
-        xlb::decap::set_sources(&mut ebpf, sources).expect("sources");
-        Decap { ebpf, pin }
-    }
-
-    /// A decap counter summed over CPUs.
-    fn counter(&self, counter: lb_common::DecapCounter) -> u64 {
-        let map: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(self.ebpf.map("XLB_DECAP_STATS_V2").unwrap()).unwrap();
-        map.get(&(counter as u32), 0).unwrap().iter().sum()
-    }
-
-    fn run(&self, input: &[u8]) -> (u32, Vec<u8>) {
-        let prog: &Xdp = self.ebpf.program("xlb_decap").unwrap().try_into().unwrap();
-        let out = xdp_once(prog, "xlb_decap", input);
-        (out.action, out.data)
-    }
-}
-
-impl Drop for Decap {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.pin);
-    }
-}
-
 #[test]
 fn decap_restores_the_client_packet_for_served_vips_only() {
     let _ns = routed_namespace();
-    let decap = Decap::new(&[VIP]);
+    let decap = Decap::new(&[VIP.into()]);
     for gue in [false, true] {
         let (original, encapsulated) = encapsulated(gue);
         let (action, out) = decap.run(&encapsulated);
@@ -362,7 +314,7 @@ fn decap_restores_the_client_packet_for_served_vips_only() {
         verify_checksums(&out, ETH_HLEN, "decapsulated");
     }
     // A host that serves other VIPs leaves the packet alone.
-    let other = Decap::new(&[Ipv4Addr::new(10, 99, 100, 9)]);
+    let other = Decap::new(&[Ipv4Addr::new(10, 99, 100, 9).into()]);
     let (_, encapsulated) = encapsulated(false);
     let (action, out) = other.run(&encapsulated);
     assert_eq!(action, XDP_PASS);
@@ -375,8 +327,8 @@ fn decap_restores_the_client_packet_for_served_vips_only() {
 #[test]
 fn decap_from_accepts_encapsulated_packets_only_from_the_lb() {
     let _ns = routed_namespace();
-    let lb: ipnet::Ipv4Net = LB_BACK.into();
-    let decap = Decap::from(&[VIP], &[lb]);
+    let lb = ipnet::IpNet::from(std::net::IpAddr::from(LB_BACK));
+    let decap = Decap::from(&[VIP.into()], &[lb]);
     for gue in [false, true] {
         let (original, encapsulated) = encapsulated(gue);
         let (action, out) = decap.run(&encapsulated);
@@ -397,7 +349,7 @@ fn decap_from_accepts_encapsulated_packets_only_from_the_lb() {
     assert_eq!(decap.counter(DecapCounter::Decapsulated), 2);
     assert_eq!(decap.counter(DecapCounter::RefusedSource), 2);
     // A prefix works as well as an address.
-    let wide = Decap::from(&[VIP], &["10.99.0.0/16".parse().unwrap()]);
+    let wide = Decap::from(&[VIP.into()], &["10.99.0.0/16".parse().unwrap()]);
     let (_, encapsulated) = encapsulated(false);
     assert_eq!(wide.run(&encapsulated).0, XDP_PASS);
     assert_eq!(wide.counter(DecapCounter::Decapsulated), 1);
