@@ -133,7 +133,7 @@ enum Command {
         #[arg(long = "vip", required_unless_present_any = ["detach", "status"])]
         vips: Vec<std::net::IpAddr>,
         /// Accept encapsulated packets only from these outer sources (IPv4 or IPv6 CIDR or
-        /// address; the LB nodes; repeat for several). A family none is given for is refused.
+        /// address; the LB nodes; repeat for several); a family with no prefix here is refused.
         /// Without it, from any source of both families (a warning): anyone who reaches this
         /// host could inject packets with a forged client address.
         #[arg(long = "from", value_name = "CIDR", value_parser = xlb::decap::parse_source)]
