@@ -1,7 +1,8 @@
 //! `xlb decap`: the backend-host side of mode dsr. Strips the IPIP, IPv6-in-IPv6 or GUE
 //! header the balancer added, for packets to a VIP this host serves, so the kernel needs no
-//! ipip or ip6_tunnel module. The host then answers the client directly from the VIP (on lo). A separate
-//! object from the balancer, so a backend host loads only this and two small maps.
+//! ipip or ip6_tunnel module. The host then answers the client directly from the VIP (on
+//! lo). A separate object from the balancer, so a backend host loads only this and a few
+//! small maps.
 #![no_std]
 #![no_main]
 

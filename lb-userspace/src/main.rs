@@ -122,9 +122,9 @@ enum Command {
         force: bool,
     },
     /// On a backend host of a dsr service: decapsulate the balancer's IPIP, IPv6-in-IPv6 and
-    /// GUE (over IPv4 or IPv6) packets for these VIPs and put the VIPs on lo. Stays attached after exit: the pin path must be on
-    /// the host's bpffs, so under `ip netns exec` (which remounts /sys) it refuses; use
-    /// `nsenter --net=/run/netns/NS xlb decap ...` there.
+    /// GUE (over IPv4 or IPv6) packets for these VIPs and put the VIPs on lo. Stays attached
+    /// after exit: the pin path must be on the host's bpffs, so under `ip netns exec` (which
+    /// remounts /sys) it refuses; use `nsenter --net=/run/netns/NS xlb decap ...` there.
     Decap {
         /// Interfaces where encapsulated packets arrive (repeat for several).
         #[arg(long = "interface", short, required_unless_present_any = ["detach", "status"])]
