@@ -3,7 +3,7 @@
 //! right after). The backend decapsulates it (`xlb decap`) and answers the client directly
 //! from the VIP.
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
-use lb_common::{GUE_PORT, PROTO_IPIP, PROTO_UDP};
+use lb_common::{GUE_PORT, PROTO_IPIP, PROTO_IPV6, PROTO_UDP};
 
 use crate::{
     csum,
@@ -11,9 +11,6 @@ use crate::{
     parse6::{Addr6, IPV6_HLEN, Ipv6Hdr, copy_addr},
     route,
 };
-
-/// IPv6-in-IPv6 (RFC 2473).
-const NEXT_IPV6: u8 = 41;
 
 const UDP_HLEN: usize = size_of::<UdpHdr>();
 const DEFAULT_TTL: u8 = 64;
@@ -133,7 +130,7 @@ pub fn encap_v6(
         let first = (0x6000_0000 | class | (hash & 0x000f_ffff)).to_be();
         core::ptr::write_unaligned(&raw mut (*outer).version_class_flow, first);
         core::ptr::write_unaligned(&raw mut (*outer).payload_len, payload.to_be());
-        (*outer).next_header = if gue { PROTO_UDP } else { NEXT_IPV6 };
+        (*outer).next_header = if gue { PROTO_UDP } else { PROTO_IPV6 };
         (*outer).hop_limit = DEFAULT_TTL;
         copy_addr(&mut (*outer).saddr, outer_src);
         copy_addr(&mut (*outer).daddr, outer_dst);

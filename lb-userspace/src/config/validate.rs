@@ -8,7 +8,7 @@ use lb_common::sizes::{
     MAX_SERVICES, MIN_FLOW_TABLE_SIZE, RING_BLOCK, RING_HALVES, ring_blocks,
 };
 
-use super::{ApiListen, Config, HealthConfig, HealthKind, Mode, claims, modes, parse_control};
+use super::{ApiListen, Config, HealthConfig, HealthKind, claims, modes, parse_control};
 
 impl Config {
     /// Semantic checks: (field path, reason) for each problem.
