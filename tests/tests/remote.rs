@@ -12,7 +12,7 @@ use xlb_tests::{
     client::{LineConn, LoadLoop, failures, tcp_name},
     process::{raise_fd_limit, wait_for},
     remote::{ANNOUNCE_TABLE, Remote},
-    topology::{CLIENT_ADDR, FRONT, VIP, VIP6},
+    topology::{CLIENT_ADDR, CLIENT_ADDR6, FRONT, VIP, VIP6},
 };
 
 fn vip(port: u16) -> SocketAddr {
@@ -267,6 +267,51 @@ fn dsr_keeps_the_client_address_and_replies_skip_the_lb() {
         "replies passed the LB:\n{counter}"
     );
     assert!(reason(&agent, "tx") > 0, "{}", agent.status());
+}
+
+/// The same over IPv6: IPv6-in-IPv6 and GUE over v6 to the hosts' v6 addresses, which
+/// decapsulate (`xlb decap` with VIP6) and answer the client from VIP6 themselves.
+#[test]
+fn dsr_over_v6_keeps_the_client_address_and_replies_skip_the_lb() {
+    let remote = Remote::dual_stack(1, 3);
+    let lb = &remote.lbs[0];
+    remote.decap_on_hosts();
+    let agent = remote.serve6(
+        0,
+        &[
+            ("ipip6", 80, 80, "mode = \"dsr\""),
+            ("gue6", 83, 83, "mode = \"dsr\"\nencap = \"gue\""),
+        ],
+    );
+    lb.ns.exec(&[
+        "nft",
+        &format!(
+            "add table ip6 t; add chain ip6 t pre {{ type filter hook prerouting priority -300; }}; \
+             add rule ip6 t pre ip6 saddr {VIP6} counter"
+        ),
+    ]);
+    for port in [80, 83] {
+        let addr: SocketAddr = format!("[{VIP6}]:{port}").parse().expect("addr");
+        let counts = ask_many(&remote, addr, 150);
+        assert_eq!(
+            counts.len(),
+            3,
+            "port {port}: every host answers: {counts:?}"
+        );
+    }
+    for host in &remote.hosts {
+        let peers = Remote::peers_seen(host);
+        let from_client = peers
+            .iter()
+            .filter(|p| p.starts_with(&format!("[{CLIENT_ADDR6}]:")));
+        assert!(from_client.count() >= 30, "{}: {peers:?}", host.name);
+    }
+    let counter = lb.ns.exec(&["nft", "list", "table", "ip6", "t"]);
+    assert!(
+        counter.contains("packets 0 bytes 0"),
+        "replies passed the LB:\n{counter}"
+    );
+    assert_eq!(reason(&agent, "drop_no_route"), 0, "{}", agent.status());
 }
 
 #[test]
