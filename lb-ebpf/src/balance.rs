@@ -314,7 +314,8 @@ fn decide<H: Hook, P: FlowPacket>(ctx: &H, slow: &Slow<P>, out: &mut Decided) ->
             // Only established flows are cached: new ones (a SYN flood, UDP one-shots)
             // would only push out the flows worth keeping, and their next packets must reach
             // the promotion.
-            if known.table == Table::Main || known.promote {
+            // Nor closing ones: a flow that closes may reopen with another target.
+            if (known.table == Table::Main || known.promote) && !pkt.closing() {
                 flowcache::remember(flow, hash, out, now);
             }
         }
@@ -345,6 +346,9 @@ fn decide<H: Hook, P: FlowPacket>(ctx: &H, slow: &Slow<P>, out: &mut Decided) ->
                 }
             }
             out.backend_id = backend_id;
+            // A flow decided anew (reopened, re-hashed, its port lost) must not be sent by
+            // this CPU's cache to its old target.
+            flowcache::forget(flow, hash);
             conntrack::insert_new(
                 flow,
                 pkt,

@@ -112,8 +112,12 @@ pub fn lookup<P: Segment>(
             );
         }
     }
-    let promote =
-        table == Table::New && !pkt.syn() && (svc.mode == MODE_DSR || state & FLOW_REPLIED != 0);
+    // Not by an RST: a client resets a handshake the backend answered with a stale ACK (a
+    // TIME_WAIT of an earlier flow on the same SNAT port), then retries it.
+    let promote = table == Table::New
+        && !pkt.syn()
+        && !pkt.rst()
+        && (svc.mode == MODE_DSR || state & FLOW_REPLIED != 0);
     Some(Known {
         table,
         backend_id: flow.backend_id.into(),

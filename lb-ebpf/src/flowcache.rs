@@ -75,3 +75,17 @@ pub fn remember(key: &FlowKey, hash: u32, target: &Decided, now: u64) {
         }
     }
 }
+
+/// Empties this CPU's slot if it holds `key`: the flow was decided anew, and its cached
+/// target (a backend, a SNAT port) may be stale. Other CPUs' copies expire within
+/// FLOW_REFRESH_NS; a closing packet, after which a flow may reopen, caches none.
+#[inline(always)]
+pub fn forget(key: &FlowKey, hash: u32) {
+    if let Some(entry) = FLOW_CACHE.get_ptr_mut(slot(hash)) {
+        unsafe {
+            if (*entry).key == *key {
+                (*entry).checked_ns = 0;
+            }
+        }
+    }
+}

@@ -410,3 +410,48 @@ fn new_flows_need_no_reply_mapping_unless_their_backend_serves_two_services() {
     }
     assert!(established(&dp) >= 60);
 }
+
+/// A client resets a handshake the backend answered with a stale ACK (a TIME_WAIT on the
+/// SNAT port from an earlier agent's flow) and retries it: the retry takes another port, and
+/// every later packet of the flow leaves from that one. The RST neither promotes the flow
+/// nor leaves it in the per-CPU flow cache with the old port (the backend would reset the
+/// handshake's ACK on a port with no socket).
+#[test]
+fn a_reset_handshake_retried_on_another_port_keeps_to_the_new_one() {
+    // One CPU: the flow cache is per CPU.
+    let mut cpus: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(0, &mut cpus) };
+    assert_eq!(
+        unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &cpus) },
+        0
+    );
+    let (_ns, dp) = fullnat_few_ports(4);
+    let c = client(7);
+    let from_lb = |flags: u8| {
+        let pkt = Packet::tcp(c, WEB).with_tcp_flags(flags);
+        let out = dp.xdp_unmarked(&pkt.build());
+        assert_ne!(out.action, XDP_DROP, "flags {flags:#x}");
+        let l3 = pkt.l3_off();
+        (
+            SocketAddrV4::new(ipv4_at(&out.data, l3 + IP_DADDR), be16(&out.data, l3 + 22)),
+            SocketAddrV4::new(ipv4_at(&out.data, l3 + IP_SADDR), be16(&out.data, l3 + 20)),
+        )
+    };
+    let (backend, first) = from_lb(TCP_SYN);
+    // The stale ACK comes back through the LB, and the client resets it.
+    dp.xdp(&Packet::tcp(backend, first).build());
+    dp.xdp(&Packet::tcp(c, WEB).with_tcp_flags(TCP_RST).build());
+    let (_, retry) = from_lb(TCP_SYN);
+    assert_ne!(
+        retry, first,
+        "the answered port is held: the retry takes another"
+    );
+    dp.xdp(
+        &Packet::tcp(backend, retry)
+            .with_tcp_flags(TCP_SYN | TCP_ACK)
+            .build(),
+    );
+    for flags in [TCP_ACK, TCP_ACK | TCP_PSH, TCP_ACK] {
+        assert_eq!(from_lb(flags).1, retry, "flags {flags:#x}");
+    }
+}

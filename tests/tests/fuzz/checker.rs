@@ -245,7 +245,8 @@ impl Tracker {
                 } else {
                     flow.fin_client |= fin;
                     flow.rst |= rst;
-                    if !flow.established && flow.replied && !h.syn() {
+                    // An RST does not promote (conntrack.rs: a reset handshake is retried).
+                    if !flow.established && flow.replied && !h.syn() && !rst {
                         flow.established = true;
                         self.verdicts[Reason::Promoted as usize] += 1;
                     }
