@@ -27,6 +27,7 @@ pub mod netdev;
 pub mod privilege;
 pub mod reconcile;
 pub mod replyendpoints;
+pub mod snatheld;
 pub mod snatports;
 pub mod state;
 pub mod status;

@@ -13,7 +13,7 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{SchedClassifier, Xdp, links::PinnedLink},
 };
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{config::XdpMode, datapath::Datapath, layout::Layout};
 
@@ -213,6 +213,10 @@ pub fn detach(pin_path: &Path) -> Result<Detached> {
         if dir.exists() {
             crate::bpffs::require(&dir)?;
         }
+    }
+    // Before the tables go: the next agent must not hand out ports still in TIME_WAIT.
+    if let Err(e) = crate::snatheld::save(pin_path) {
+        warn!("could not keep the fullnat ports still held for the next agent: {e:#}");
     }
     for link in pinned_links(&layout)? {
         crate::bpffs::require(&link)?;

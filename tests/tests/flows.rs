@@ -455,3 +455,45 @@ fn a_reset_handshake_retried_on_another_port_keeps_to_the_new_one() {
         assert_eq!(from_lb(flags).1, retry, "flags {flags:#x}");
     }
 }
+
+/// The ports of answered fullnat flows are held for the backends' TIME_WAIT also across a
+/// detach (`xlb::snatheld`): a new agent with new tables gets them back and hands them to
+/// no new flow.
+#[test]
+fn fullnat_ports_still_held_outlive_a_detach() {
+    let file = std::env::temp_dir().join(format!("xlb-snat-held-{}", std::process::id()));
+    let (_ns, dp) = fullnat_few_ports(2);
+    for n in 0..2 {
+        let syn = Packet::tcp(client(n), WEB).with_tcp_flags(TCP_SYN);
+        let out = dp.xdp_unmarked(&syn.build());
+        assert_ne!(out.action, XDP_DROP, "client {n}");
+        let l3 = syn.l3_off();
+        let backend =
+            SocketAddrV4::new(ipv4_at(&out.data, l3 + IP_DADDR), be16(&out.data, l3 + 22));
+        let snat = SocketAddrV4::new(ipv4_at(&out.data, l3 + IP_SADDR), be16(&out.data, l3 + 20));
+        let answer = Packet::tcp(backend, snat).with_tcp_flags(TCP_SYN | TCP_ACK);
+        dp.xdp(&answer.build());
+    }
+    assert_eq!(xlb::snatheld::save_to(&file, dp.pin_path()).unwrap(), 2);
+    drop(dp);
+
+    let (_ns2, fresh) = fullnat_few_ports(2);
+    assert_eq!(
+        xlb::snatheld::restore_from(&file, fresh.pin_path()).unwrap(),
+        2
+    );
+    assert!(!file.exists(), "read once");
+    let before = fresh.reasons();
+    let syn = Packet::tcp(client(5), WEB).with_tcp_flags(TCP_SYN);
+    assert_eq!(fresh.xdp(&syn.build()).action, XDP_DROP);
+    fresh.reasons().assert_moved(
+        &before,
+        &[(Reason::DropSnatExhausted, 1)],
+        "both ports held",
+    );
+    // Without the file the next agent starts with every port free.
+    assert_eq!(
+        xlb::snatheld::restore_from(&file, fresh.pin_path()).unwrap(),
+        0
+    );
+}

@@ -122,6 +122,10 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let mut ebpf = loader::load_sized(&pin_path, &layout)?;
     // Before any new program is attached (the first apply moves the reply links).
     resize.copy()?;
+    // Also before: the ports an earlier agent's flows left in their backends' TIME_WAIT.
+    if let Err(e) = crate::snatheld::restore(&pin_path) {
+        warn!("could not restore the fullnat ports the last agent held: {e:#}");
+    }
     let datapath = loader::datapath(&mut ebpf)?;
     let reconciler = Reconciler::adopt(&datapath)?;
     let reconciled = reconciler.snapshot();
