@@ -208,10 +208,56 @@ fn holds_10k_connections(remote: &Remote, agent: &Agent, addr: SocketAddr, lb_so
     assert_eq!(reason(agent, "drop_snat_exhausted"), 0);
 }
 
+/// Asks the dsr services on ports 80 and 83 of `vip` 150 times each: every host answers and
+/// sees the client's address. Returns the check that no reply passed the LB (anything its
+/// stack receives from the VIP would be one), counted from now by an nft rule of `family`.
+fn dsr_hosts_answer_the_client_directly<'a>(
+    remote: &'a Remote,
+    vip: &str,
+    client: &str,
+    family: &'static str,
+) -> impl Fn() + 'a {
+    let lb = &remote.lbs[0];
+    lb.ns.exec(&[
+        "nft",
+        &format!(
+            "add table {family} t; add chain {family} t pre {{ type filter hook prerouting \
+             priority -300; }}; add rule {family} t pre {family} saddr {vip} counter"
+        ),
+    ]);
+    let host_part = if vip.contains(':') {
+        format!("[{vip}]")
+    } else {
+        vip.to_string()
+    };
+    for port in [80, 83] {
+        let addr: SocketAddr = format!("{host_part}:{port}").parse().expect("addr");
+        let counts = ask_many(remote, addr, 150);
+        assert_eq!(counts.len(), 3, "{addr}: every host answers: {counts:?}");
+    }
+    let client = if client.contains(':') {
+        format!("[{client}]:")
+    } else {
+        format!("{client}:")
+    };
+    for host in &remote.hosts {
+        let peers = Remote::peers_seen(host);
+        // Health checks come from the LB; every client connection shows the client.
+        let from_client = peers.iter().filter(|p| p.starts_with(&client));
+        assert!(from_client.count() >= 30, "{}: {peers:?}", host.name);
+    }
+    move || {
+        let counter = lb.ns.exec(&["nft", "list", "table", family, "t"]);
+        assert!(
+            counter.contains("packets 0 bytes 0"),
+            "replies passed the LB:\n{counter}"
+        );
+    }
+}
+
 #[test]
 fn dsr_keeps_the_client_address_and_replies_skip_the_lb() {
     let remote = Remote::new(1, 3);
-    let lb = &remote.lbs[0];
     remote.decap_on_hosts();
     let agent = remote.serve(
         0,
@@ -220,31 +266,8 @@ fn dsr_keeps_the_client_address_and_replies_skip_the_lb() {
             ("gue", 83, 83, "mode = \"dsr\"\nencap = \"gue\""),
         ],
     );
-    // Anything the LB's stack receives from the VIP would be a reply through the LB.
-    lb.ns.exec(&[
-        "nft",
-        &format!(
-            "add table ip t; add chain ip t pre {{ type filter hook prerouting priority -300; }}; \
-             add rule ip t pre ip saddr {VIP} counter"
-        ),
-    ]);
-
-    for port in [80, 83] {
-        let counts = ask_many(&remote, vip(port), 150);
-        assert_eq!(
-            counts.len(),
-            3,
-            "port {port}: every host answers: {counts:?}"
-        );
-    }
-    for host in &remote.hosts {
-        let peers = Remote::peers_seen(host);
-        let from_client = peers
-            .iter()
-            .filter(|p| p.starts_with(&format!("{CLIENT_ADDR}:")));
-        // Health checks come from the LB; every client connection shows the client.
-        assert!(from_client.count() >= 30, "{}: {peers:?}", host.name);
-    }
+    let assert_no_reply_passed_the_lb =
+        dsr_hosts_answer_the_client_directly(&remote, VIP, CLIENT_ADDR, "ip");
     // Each host decapsulated its share (`xlb decap --status`).
     for host in &remote.hosts {
         let status = host.ns.exec(&[
@@ -261,11 +284,7 @@ fn dsr_keeps_the_client_address_and_replies_skip_the_lb() {
             .unwrap_or(0);
         assert!(decapsulated > 0, "{}: {status}", host.name);
     }
-    let counter = lb.ns.exec(&["nft", "list", "table", "ip", "t"]);
-    assert!(
-        counter.contains("packets 0 bytes 0"),
-        "replies passed the LB:\n{counter}"
-    );
+    assert_no_reply_passed_the_lb();
     assert!(reason(&agent, "tx") > 0, "{}", agent.status());
 }
 
@@ -274,7 +293,6 @@ fn dsr_keeps_the_client_address_and_replies_skip_the_lb() {
 #[test]
 fn dsr_over_v6_keeps_the_client_address_and_replies_skip_the_lb() {
     let remote = Remote::dual_stack(1, 3);
-    let lb = &remote.lbs[0];
     remote.decap_on_hosts();
     let agent = remote.serve6(
         0,
@@ -283,34 +301,9 @@ fn dsr_over_v6_keeps_the_client_address_and_replies_skip_the_lb() {
             ("gue6", 83, 83, "mode = \"dsr\"\nencap = \"gue\""),
         ],
     );
-    lb.ns.exec(&[
-        "nft",
-        &format!(
-            "add table ip6 t; add chain ip6 t pre {{ type filter hook prerouting priority -300; }}; \
-             add rule ip6 t pre ip6 saddr {VIP6} counter"
-        ),
-    ]);
-    for port in [80, 83] {
-        let addr: SocketAddr = format!("[{VIP6}]:{port}").parse().expect("addr");
-        let counts = ask_many(&remote, addr, 150);
-        assert_eq!(
-            counts.len(),
-            3,
-            "port {port}: every host answers: {counts:?}"
-        );
-    }
-    for host in &remote.hosts {
-        let peers = Remote::peers_seen(host);
-        let from_client = peers
-            .iter()
-            .filter(|p| p.starts_with(&format!("[{CLIENT_ADDR6}]:")));
-        assert!(from_client.count() >= 30, "{}: {peers:?}", host.name);
-    }
-    let counter = lb.ns.exec(&["nft", "list", "table", "ip6", "t"]);
-    assert!(
-        counter.contains("packets 0 bytes 0"),
-        "replies passed the LB:\n{counter}"
-    );
+    let assert_no_reply_passed_the_lb =
+        dsr_hosts_answer_the_client_directly(&remote, VIP6, CLIENT_ADDR6, "ip6");
+    assert_no_reply_passed_the_lb();
     assert_eq!(reason(&agent, "drop_no_route"), 0, "{}", agent.status());
 }
 
