@@ -310,22 +310,41 @@ fn dsr_over_v6_keeps_the_client_address_and_replies_skip_the_lb() {
 #[test]
 fn dsr_path_mtu_discovery_shrinks_the_clients_segments() {
     let remote = Remote::new(1, 3);
-    let lb = &remote.lbs[0];
     // No room for the encapsulation on the LB's link: full-size client segments do not fit.
-    lb.ns.ip(&["link", "set", "front", "mtu", "1500"]);
+    remote.lbs[0]
+        .ns
+        .ip(&["link", "set", "front", "mtu", "1500"]);
     remote.decap_on_hosts();
     let agent = remote.serve(0, &[("web", 80, 80, "mode = \"dsr\"")]);
+    sends_20_kb_through_dsr(&remote, &agent, vip(80));
+}
 
-    let answer = remote.client.run(|| {
-        let mut conn = LineConn::connect(vip(80))?;
+/// The same over IPv6: Packet Too Big from VIP6 shrinks the client's segments.
+#[test]
+fn dsr_over_v6_path_mtu_discovery_shrinks_the_clients_segments() {
+    let remote = Remote::dual_stack(1, 3);
+    remote.lbs[0]
+        .ns
+        .ip(&["link", "set", "front", "mtu", "1500"]);
+    remote.decap_on_hosts();
+    let agent = remote.serve6(0, &[("web", 80, 80, "mode = \"dsr\"")]);
+    let addr: SocketAddr = format!("[{VIP6}]:80").parse().expect("addr");
+    sends_20_kb_through_dsr(&remote, &agent, addr);
+}
+
+/// A 20 kB request to `addr` gets its answer, after the LB answered full-size segments
+/// with "too big" (none dropped for it).
+fn sends_20_kb_through_dsr(remote: &Remote, agent: &Agent, addr: SocketAddr) {
+    let answer = remote.client.run(move || {
+        let mut conn = LineConn::connect(addr)?;
         let mut line = vec![b'x'; 20_000];
         line.push(b'\n');
         conn.ask_with(&line)
     });
     let name = answer.expect("a 20 kB request through dsr");
     assert!(name.starts_with("host"), "{name}");
-    assert!(reason(&agent, "frag_needed") > 0, "{}", agent.status());
-    assert_eq!(reason(&agent, "drop_too_big"), 0);
+    assert!(reason(agent, "frag_needed") > 0, "{}", agent.status());
+    assert_eq!(reason(agent, "drop_too_big"), 0);
 }
 
 #[test]
