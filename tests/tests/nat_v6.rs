@@ -180,19 +180,10 @@ fn v6_traffic_not_for_a_vip_routes_and_ndp_works() {
     );
 }
 
+/// A service's VIP and backends are one family (a dual-stack service lists a VIP of each).
 #[test]
-fn v6_config_refuses_what_is_not_built_yet() {
+fn v6_config_refuses_a_vip_and_backends_of_two_families() {
     let topo = Topology::dual_stack(1);
-    let text = config(&topo, "").replacen(
-        "port = 53\nprotocol = \"udp\"\n",
-        "port = 53\nprotocol = \"udp\"\nmode = \"dsr\"\n",
-        1,
-    );
-    let refused = Agent::start_refused(&topo, &text);
-    assert!(
-        refused.contains("service[1].mode") && refused.contains("IPv6"),
-        "{refused}"
-    );
     let mixed = config(&topo, "").replace(
         &format!("vip = \"{VIP6}\"\nport = 53"),
         &format!("vip = \"{VIP}\"\nport = 53"),

@@ -379,7 +379,7 @@ fn hash_is_flow_by_default_and_source_on_request() {
 }
 
 #[test]
-fn ipv6_services_take_modes_nat_and_fullnat_and_backends_of_their_family() {
+fn ipv6_services_take_every_mode_and_backends_of_their_family() {
     let v6 = MINIMAL.replace("10.99.100.1", "fd99:100::1");
     let ok = format!("{v6}  [[service.backend]]\n  address = \"fd99:2::11\"\n  port = 8080\n");
     assert!(parse(&ok).is_ok(), "{:?}", parse(&ok).err());
