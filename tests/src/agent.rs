@@ -542,5 +542,7 @@ impl Drop for Agent {
             p.stop(Duration::from_secs(5));
         }
         let _ = xlb::loader::detach(&self.pin_path);
+        // The ports detach kept for a next agent on this pin path, which never comes.
+        let _ = std::fs::remove_file(xlb::snatheld::held_path(&self.pin_path));
     }
 }

@@ -127,7 +127,10 @@ struct PinDir(PathBuf);
 
 impl Drop for PinDir {
     fn drop(&mut self) {
-        if let Err(e) = loader::detach(&self.0) {
+        let detached = loader::detach(&self.0);
+        // The ports detach kept for a next agent on this pin path, which never comes.
+        let _ = std::fs::remove_file(xlb::snatheld::held_path(&self.0));
+        if let Err(e) = detached {
             if std::thread::panicking() {
                 eprintln!("removing {}: {e:#}", self.0.display());
             } else {

@@ -624,3 +624,42 @@ fn fullnat_keeps_the_hosts_own_connections_off_its_ports() {
     let counts = ask_many(&remote, vip(81), 30);
     assert_eq!(counts.values().sum::<usize>(), 30, "{counts:?}");
 }
+
+/// `xlb detach` and a start with the tables made anew: the ports the first agent's closed
+/// flows hold for the backends' TIME_WAIT go to the next agent, which hands them to no new
+/// flow until the hold ends (snatheld.rs), and serves on.
+#[test]
+fn fullnat_ports_held_for_time_wait_outlive_a_detach() {
+    let remote = Remote::new(1, 3);
+    let mut agent = remote.serve(0, &[("web", 81, 8080, "mode = \"fullnat\"")]);
+    let counts = ask_many(&remote, vip(81), 40);
+    assert_eq!(counts.values().sum::<usize>(), 40);
+    agent.stop();
+    let pin_path = std::path::PathBuf::from(remote.lbs[0].pin_path());
+    let held = xlb::snatheld::held_path(&pin_path);
+    xlb::loader::detach(&pin_path).expect("detach");
+    assert!(
+        held.exists(),
+        "detach kept the held ports in {}",
+        held.display()
+    );
+    agent.launch();
+    agent.wait_up("web", 3, Duration::from_secs(10));
+    let log = agent.log_text();
+    let restored: usize = log
+        .lines()
+        .filter(|l| l.contains("fullnat ports of the last agent held"))
+        .find_map(|l| {
+            l.split("ports=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no ports restored:\n{log}"));
+    assert!(restored >= 40, "{restored} of 40 flows' ports:\n{log}");
+    assert!(!held.exists(), "read once");
+    let counts = ask_many(&remote, vip(81), 20);
+    assert_eq!(counts.values().sum::<usize>(), 20, "{counts:?}");
+}
