@@ -13,7 +13,7 @@ use anyhow::{Result, bail};
 use aya::maps::{Array, MapData, RingBuf};
 use ipnet::IpNet;
 use lb_common::{
-    MODE_DSR, MODE_FULLNAT, PROTO_TCP, Reason, addr_words,
+    FAMILY_V6, MODE_DSR, MODE_FULLNAT, PROTO_TCP, Reason, addr_words,
     trace::{TRACE_ANY_SERVICE, TraceFilter, TraceRecord},
     words_addr,
 };
@@ -162,7 +162,14 @@ impl Line {
                 let snat = sock(r.family, r.snat_addr, r.snat_port);
                 format!("{snat} -> {to}")
             }
-            Some(to) if r.mode == MODE_DSR => format!("{client} -> {vip} in IPIP/GUE to {to}"),
+            Some(to) if r.mode == MODE_DSR => {
+                let tunnel = if r.family == FAMILY_V6 {
+                    "IPv6/GUE"
+                } else {
+                    "IPIP/GUE"
+                };
+                format!("{client} -> {vip} in {tunnel} to {to}")
+            }
             Some(to) => format!("{client} -> {to}"),
         };
         let time = SystemTime::UNIX_EPOCH + boot_offset + Duration::from_nanos(r.time_ns);
@@ -293,5 +300,12 @@ mod tests {
         r.snat_port = 1234u16.to_be();
         let line = Line::from_record(&r, "web.v6", Duration::ZERO);
         assert_eq!(line.rewrite, "[fd99:5::2]:1234 -> [fd99:2::11]:8080");
+        // In dsr the client's packet goes unchanged inside IPv6 to the backend's host.
+        r.mode = MODE_DSR;
+        let line = Line::from_record(&r, "web.v6", Duration::ZERO);
+        assert_eq!(
+            line.rewrite,
+            "[fd99:1::2]:40000 -> [fd99:100::1]:80 in IPv6/GUE to [fd99:2::11]:8080"
+        );
     }
 }
