@@ -7,6 +7,8 @@
 //! A restart that keeps the pins needs none of this: the tables survive it.
 use std::{
     fs,
+    io::Write as _,
+    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
 };
 
@@ -123,7 +125,16 @@ pub fn save_to(file: &Path, pin_path: &Path) -> Result<usize> {
     if let Some(dir) = file.parent() {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    fs::write(file, encode(&boot_id()?, &held))
+    // Root's alone: it names recent clients, and what it holds steers the next agent.
+    let mut out = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(file)
+        .with_context(|| format!("writing {}", file.display()))?;
+    out.set_permissions(fs::Permissions::from_mode(0o600))?;
+    out.write_all(&encode(&boot_id()?, &held))
         .with_context(|| format!("writing {}", file.display()))?;
     Ok(held.len())
 }
@@ -137,7 +148,17 @@ pub fn restore_from(file: &Path, pin_path: &Path) -> Result<usize> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(e).with_context(|| format!("reading {}", file.display())),
     };
+    let meta = fs::metadata(file).with_context(|| format!("reading {}", file.display()))?;
     fs::remove_file(file).with_context(|| format!("removing {}", file.display()))?;
+    // Only what this agent's user wrote, and no one else could change, steers its tables.
+    use std::os::unix::fs::MetadataExt as _;
+    // SAFETY: geteuid has no preconditions.
+    if meta.uid() != unsafe { libc::geteuid() } || meta.mode() & 0o022 != 0 {
+        bail!(
+            "{}: not written by this user alone; ignored",
+            file.display()
+        );
+    }
     let Some((boot, entries)) = decode(&bytes) else {
         bail!("{}: not a file of held SNAT ports", file.display());
     };
@@ -239,6 +260,18 @@ mod tests {
         }
         assert!(decode(&bytes[..bytes.len() - 1]).is_none(), "cut short");
         assert!(decode(b"something else entirely, long enough to pass").is_none());
+    }
+
+    #[test]
+    fn a_file_others_could_write_is_refused_and_removed() {
+        let file = std::env::temp_dir().join(format!("xlb-snatheld-{}", std::process::id()));
+        fs::write(&file, encode(&boot_id().unwrap(), &[entry(1, 5, 0)])).unwrap();
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o666)).unwrap();
+        let err = restore_from(&file, Path::new("/nonexistent")).unwrap_err();
+        assert!(err.to_string().contains("ignored"), "{err:#}");
+        assert!(!file.exists());
+        // No file: nothing to restore, and no error.
+        assert_eq!(restore_from(&file, Path::new("/nonexistent")).unwrap(), 0);
     }
 
     #[test]
