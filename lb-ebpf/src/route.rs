@@ -54,11 +54,7 @@ impl NextHop {
     /// The address the LB sends from on this route.
     #[inline(always)]
     pub fn source(&self) -> Option<u32> {
-        (matches!(
-            self.rc,
-            BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH
-        ) && self.src != 0)
-            .then_some(self.src)
+        (self.routed() && self.src != 0).then_some(self.src)
     }
 
     /// The FIB found a route (the neighbour may be unresolved yet).
@@ -218,7 +214,7 @@ pub fn source6(ctx: &XdpContext, daddr: &Addr6, out: &mut Addr6) -> bool {
         params.family = AF_INET6;
         params.__bindgen_anon_4.ipv6_dst = *daddr;
     });
-    if !matches!(hop.rc, BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH) {
+    if !hop.routed() {
         return false;
     }
     let Some(params) = FIB_PARAMS.get_ptr(0) else {
